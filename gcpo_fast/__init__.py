@@ -1,0 +1,1 @@
+"""gcpo_fast: GCPO-style RL post-training around one fused linear policy-loss op."""

@@ -1,0 +1,1 @@
+"""Fused linear log-prob and packed policy-loss ops (imported as gcpo_fast.kernels)."""
