@@ -1,0 +1,135 @@
+"""`linear_policy_loss`: linear_logprobs and policy_loss composed, the op the trainer calls.
+
+    loss, stats = linear_policy_loss(hidden [N, d], weight [V, d], targets [N], old_logp [N] | None,
+                                     advantages [B], cu_seqlens [B+1], loss_type="gcpo", ...)
+
+`old_logp=None` means on-policy: ratios are 1 in value and carry the gradient. Every option of
+`policy_loss` is accepted. The backward never forms [N, V]; two ways to get there:
+
+- gradient in the forward (torch backend, 6NVd): when d loss / d logp_t is known as soon as the
+  log-probs of the chunk holding token t are (on-policy, token-level ratios, GPG, or sequence-level
+  rows that each fit in one chunk), dX and dW are computed in the forward chunk by chunk and the
+  backward only scales them by the incoming gradient, as Liger's fused linear cross-entropy does.
+- recompute (8NVd): otherwise (sequence-level off-policy with a row longer than a chunk, and always
+  on the triton backend), the forward keeps O(N) state and the backward recomputes the logits.
+`stats` holds TRL's clip metrics, `ratio_mean`, `kl` (beta > 0), `entropy` (compute_entropy=True)
+and `num_tokens`, as 0-d tensors computed in the same pass.
+"""
+from __future__ import annotations
+
+import torch
+
+from gcpo_fast.kernels.checks import check_finite_lse, check_linear_inputs, check_policy_inputs
+from gcpo_fast.kernels.linear_logprobs import select_backend
+from gcpo_fast.kernels.logprob_torch import WORKSPACE_BYTES
+from gcpo_fast.kernels.policy_loss import (STAT_NAMES, PolicyLossConfig, batch_layout, finalize_stats,
+                                             policy_terms)
+
+
+def plan_chunks(cu_seqlens, n_tokens: int, chunk_tokens: int, rows_must_stay_whole: bool):
+    """Token chunks for the gradient-in-forward sweep, or None when some row cannot fit in one.
+
+    Where a row's gradient needs the whole row (sequence-level, off-policy), chunks end on row
+    boundaries, packing rows greedily up to `chunk_tokens`.
+    """
+    if not rows_must_stay_whole:
+        return [(n0, min(n0 + chunk_tokens, n_tokens)) for n0 in range(0, n_tokens, chunk_tokens)]
+    bounds = cu_seqlens.tolist()
+    if any(b - a > chunk_tokens for a, b in zip(bounds[:-1], bounds[1:])):
+        return None
+    chunks, start, prev = [], 0, 0
+    for end in bounds[1:]:
+        if end - start > chunk_tokens:
+            chunks.append((start, prev))
+            start = prev
+        prev = end
+    if n_tokens > start:
+        chunks.append((start, n_tokens))
+    return chunks
+
+
+class LinearPolicyLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, old_logp, ref_logp, advantages, cu_seqlens, cfg, opts):
+        temperature, ignore_index, normalizer, compute_entropy, engine, workspace_bytes = opts
+        needs = ctx.needs_input_grad[:3]
+        needs_dx, needs_dw, needs_db = needs[0], needs[1], bias is not None and needs[2]
+        mask = targets != ignore_index
+        rows, weight_tok, row_len, row_weight = batch_layout(mask, cu_seqlens, cfg, normalizer)
+        n, v = hidden.shape[0], weight.shape[0]
+        chunks = None
+        if any(needs) and engine.__name__.endswith("logprob_torch"):
+            whole_rows = (cfg.loss_type != "gpg" and cfg.importance_sampling_level == "sequence"
+                          and old_logp is not None)
+            chunks = plan_chunks(cu_seqlens, n, max(1, workspace_bytes // (4 * v)), whole_rows)
+
+        def terms(n0, n1, logp):
+            return policy_terms(logp, None if old_logp is None else old_logp[n0:n1],
+                                None if ref_logp is None else ref_logp[n0:n1], advantages, weight_tok[n0:n1],
+                                mask[n0:n1], rows[n0:n1], row_len, row_weight, cfg)
+
+        if chunks is not None:
+            acc = {"loss": torch.zeros((), device=hidden.device),
+                   "stats": torch.zeros(len(STAT_NAMES), device=hidden.device)}
+
+            def grad_fn(n0, n1, logp):
+                loss, grad, stat_sums = terms(n0, n1, logp)
+                acc["loss"] += loss
+                acc["stats"] = acc["stats"] + stat_sums
+                return grad
+
+            logp, lse, ent, dx, dw, db = engine.linear_logprob_forward_backward(
+                hidden, weight, bias, targets, temperature, ignore_index, compute_entropy, chunks, grad_fn,
+                needs_dx, needs_dw, needs_db)
+            check_finite_lse(lse, hidden, weight, bias)
+            loss, stat_sums = acc["loss"], acc["stats"]
+            ctx.save_for_backward(dx, dw, db)
+        else:
+            logp, lse, ent = engine.linear_logprob_forward(hidden, weight, bias, targets, temperature, ignore_index,
+                                                           compute_entropy, workspace_bytes=workspace_bytes)
+            check_finite_lse(lse, hidden, weight, bias)
+            loss, grad, stat_sums = terms(0, n, logp)
+            ctx.save_for_backward(hidden, weight, bias, targets, lse, grad)
+            ctx.recompute = (temperature, ignore_index, engine, workspace_bytes, needs_dx, needs_dw, needs_db)
+        ctx.fused = chunks is not None
+        n_tok = mask.float().sum()
+        stats = finalize_stats(stat_sums, n_tok, cfg)
+        if compute_entropy:
+            stats["entropy"] = (ent * mask).sum() / n_tok.clamp(min=1.0)
+        ctx.mark_non_differentiable(*stats.values())
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        if ctx.fused:
+            dx, dw, db = (None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+        else:
+            hidden, weight, bias, targets, lse, grad = ctx.saved_tensors
+            temperature, ignore_index, engine, workspace_bytes, needs_dx, needs_dw, needs_db = ctx.recompute
+            dx, dw, db = engine.linear_logprob_backward(
+                hidden, weight, bias, targets, lse, None, grad * grad_loss, None, temperature, ignore_index,
+                needs_dx, needs_dw, needs_db, workspace_bytes)
+        return dx, dw, db, None, None, None, None, None, None, None
+
+
+def linear_policy_loss(hidden, weight, targets, old_logp, advantages, cu_seqlens, *, bias=None, temperature=1.0,
+                       ignore_index=-100, loss_type="gcpo", importance_sampling_level=None, epsilon_low=None,
+                       epsilon_high=None, loss_agg_mode=None, delta=None, clip_ratio_c=None, beta=0.0,
+                       ref_logp=None, normalizer=None, max_completion_length=None, compute_entropy=False,
+                       backend=None, workspace_bytes=WORKSPACE_BYTES):
+    """Fused clipped policy loss of packed completions from hidden states; returns (loss, stats).
+
+    hidden [N, d] are the states that predict targets [N] (the completion tokens of B rows packed by
+    cu_seqlens [B+1]); weight [V, d] is the lm_head (tied embeddings: the embedding matrix).
+    Tokens whose target is ignore_index do not count. Options as in `policy_loss`.
+    """
+    check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index)
+    cfg = PolicyLossConfig.resolve(loss_type, importance_sampling_level, epsilon_low, epsilon_high,
+                                   loss_agg_mode, delta, clip_ratio_c, beta, max_completion_length)
+    fake_logp = torch.empty(hidden.shape[0], device=hidden.device)
+    check_policy_inputs(fake_logp, old_logp, ref_logp, advantages, cu_seqlens, None, cfg.beta)
+    engine = select_backend(backend, hidden.device)
+    opts = (float(temperature), int(ignore_index), normalizer, bool(compute_entropy), engine, int(workspace_bytes))
+    return LinearPolicyLossFunction.apply(
+        hidden, weight, bias, targets, None if old_logp is None else old_logp.detach(),
+        None if ref_logp is None else ref_logp.detach(), advantages.detach(), cu_seqlens, cfg, opts)

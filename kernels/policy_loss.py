@@ -1,0 +1,254 @@
+"""Clipped policy losses of the GRPO family on packed rows: GCPO, GSPO, GRPO, DAPO, Dr. GRPO, BNPO, GPG.
+
+This is the O(N) half of the fused op (the O(NVd) half is `linear_logprobs`). Its math is
+`shared/ALGORITHMS.md`; in short, for token t of row i (mask m_t = 1 for tokens that count):
+
+    lr_t  = lp_t - old_t                                  (old = None: on-policy, lr_t = 0 in value)
+    rho_t = exp(clamp(lr_t, -20, 20))                     importance_sampling_level = "token"
+    rho_t = exp(clamp(sum_{t' in i} m lr / |o_i|, -20, 20))   importance_sampling_level = "sequence"
+    l_t   = -min(min(rho_t, delta) * A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) * A_i)
+    l_t   = min(l_t, -A_i * clip_ratio_c)  where A_i < 0   (dual clip, optional)
+    l_t   = -A_i * lp_t                                   loss_type = "gpg" (no ratio, no clip)
+    l_t  += beta * (exp(ref_t - lp_t) - (ref_t - lp_t) - 1)   (k3 KL, only when beta > 0)
+    loss  = sum_t w_t m_t l_t           w_t from the aggregation mode (below) and `normalizer`
+
+Aggregation modes (verl's `loss_agg_mode` names) and what `normalizer` replaces:
+    token-mean               w = 1 / normalizer      default: number of unmasked tokens here
+    seq-mean-token-mean      w = 1 / (normalizer |o_i|)   default normalizer: rows B
+    seq-mean-token-sum       w = 1 / normalizer      default: rows B
+    seq-mean-token-sum-norm  w = 1 / normalizer      default: max_completion_length (Dr. GRPO's L)
+A trainer that splits one optimizer step over micro-batches and ranks passes the step's global
+count (divided by the world size under DDP, which averages gradients) so the weighting does not
+depend on the split.
+
+The gradient is closed-form (no autograd graph over N): d loss / d lp_t =
+    token level:    w_t * (-A_i) * rho_t            if token t is not clipped, else 0
+    sequence level: W_i * (-A_i) * rho_i / |o_i|    if row i is not clipped, else 0  (W_i = sum_t w_t m_t)
+    gpg:            w_t * (-A_i)
+    + w_t * beta * (1 - exp(ref_t - lp_t))
+Where the two branches of the min tie (on-policy rows, ratios inside the clip box) their slopes
+are averaged as torch.minimum does; inside the box they are equal anyway.
+
+Shapes: logp, old_logp, ref_logp, mask [N] (the completion tokens of B rows, concatenated),
+advantages [B], cu_seqlens int32 [B+1] (starts at 0, non-decreasing, ends at N).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gcpo_fast.kernels.checks import check_policy_inputs
+
+LOG_RATIO_CLAMP = 20.0
+
+# Each method's paper defaults: ratio level, clip box, aggregation (ALGORITHMS.md, "The methods").
+LOSS_RECIPES = {
+    "gcpo": dict(importance_sampling_level="sequence", epsilon_low=3e-4, epsilon_high=4e-4,
+                 loss_agg_mode="seq-mean-token-mean"),
+    "gspo": dict(importance_sampling_level="sequence", epsilon_low=3e-4, epsilon_high=4e-4,
+                 loss_agg_mode="seq-mean-token-mean"),
+    "grpo": dict(importance_sampling_level="token", epsilon_low=0.2, epsilon_high=0.2,
+                 loss_agg_mode="seq-mean-token-mean"),
+    "dapo": dict(importance_sampling_level="token", epsilon_low=0.2, epsilon_high=0.28,
+                 loss_agg_mode="token-mean"),
+    "dr_grpo": dict(importance_sampling_level="token", epsilon_low=0.2, epsilon_high=0.2,
+                    loss_agg_mode="seq-mean-token-sum-norm"),
+    "bnpo": dict(importance_sampling_level="token", epsilon_low=0.2, epsilon_high=0.2,
+                 loss_agg_mode="token-mean"),
+    "gpg": dict(importance_sampling_level="token", epsilon_low=0.0, epsilon_high=0.0,
+                loss_agg_mode="token-mean"),
+}
+LOSS_TYPES = tuple(LOSS_RECIPES)
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+STAT_NAMES = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "ratio_mean", "kl")
+
+
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """The loss options after the loss_type's recipe has filled what the caller left as None."""
+    loss_type: str = "gcpo"
+    importance_sampling_level: str = "sequence"
+    epsilon_low: float = 3e-4
+    epsilon_high: float = 4e-4
+    loss_agg_mode: str = "seq-mean-token-mean"
+    delta: float | None = None
+    clip_ratio_c: float | None = None
+    beta: float = 0.0
+    max_completion_length: int | None = None
+
+    @classmethod
+    def resolve(cls, loss_type="gcpo", importance_sampling_level=None, epsilon_low=None,
+                epsilon_high=None, loss_agg_mode=None, delta=None, clip_ratio_c=None, beta=0.0,
+                max_completion_length=None) -> "PolicyLossConfig":
+        if loss_type not in LOSS_RECIPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        recipe = LOSS_RECIPES[loss_type]
+        level = importance_sampling_level or recipe["importance_sampling_level"]
+        if level not in ("token", "sequence"):
+            raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {level!r}")
+        agg = loss_agg_mode or recipe["loss_agg_mode"]
+        if agg not in AGG_MODES:
+            raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {agg!r}")
+        eps_low = recipe["epsilon_low"] if epsilon_low is None else float(epsilon_low)
+        # TRL: epsilon_high defaults to epsilon (the low side) when only that one is given.
+        eps_high = (recipe["epsilon_high"] if epsilon_low is None else eps_low) if epsilon_high is None \
+            else float(epsilon_high)
+        if eps_low < 0 or eps_high < 0:
+            raise ValueError(f"epsilon_low and epsilon_high must be >= 0, got {eps_low}, {eps_high}")
+        if delta is not None and delta <= 1.0 + eps_high:
+            raise ValueError(f"delta must exceed 1 + epsilon_high = {1 + eps_high}, got {delta}")
+        if clip_ratio_c is not None and clip_ratio_c <= 1.0:
+            raise ValueError(f"clip_ratio_c must be > 1, got {clip_ratio_c}")
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        return cls(loss_type, level, eps_low, eps_high, agg, delta, clip_ratio_c, float(beta),
+                   max_completion_length)
+
+
+def row_index(cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """[N] int64: the row each packed token belongs to."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    rows = torch.arange(lengths.numel(), device=cu_seqlens.device)
+    return torch.repeat_interleave(rows, lengths, output_size=n_tokens)
+
+
+def token_weights(mask, rows, row_len, cfg: PolicyLossConfig, normalizer=None) -> torch.Tensor:
+    """[N] fp32 aggregation weight w_t * m_t of every token (see the module docstring)."""
+    m = mask.float()
+    if cfg.loss_agg_mode == "token-mean":
+        denom = m.sum().clamp(min=1.0) if normalizer is None else normalizer
+        return m / denom
+    if cfg.loss_agg_mode == "seq-mean-token-sum-norm":
+        if normalizer is None and cfg.max_completion_length is None:
+            raise ValueError("loss_agg_mode 'seq-mean-token-sum-norm' (dr_grpo) needs max_completion_length "
+                             "or an explicit normalizer")
+        return m / (cfg.max_completion_length if normalizer is None else normalizer)
+    denom = float(max(row_len.numel(), 1)) if normalizer is None else normalizer
+    if cfg.loss_agg_mode == "seq-mean-token-sum":
+        return m / denom
+    return m / (denom * row_len[rows])
+
+
+def _clamped_exp(x):
+    """exp(clamp(x)) and the clamp's slope (1 inside, 0 outside), as torch.clamp's autograd has it."""
+    inside = (x >= -LOG_RATIO_CLAMP) & (x <= LOG_RATIO_CLAMP)
+    return torch.exp(x.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)), inside.float()
+
+
+def _surrogate(rho, A, cfg: PolicyLossConfig):
+    """Elementwise clipped surrogate: (l, d l / d rho, clipped-low flag, clipped-high flag)."""
+    unclipped = rho if cfg.delta is None else rho.clamp(max=cfg.delta)
+    d_unclipped = torch.ones_like(rho) if cfg.delta is None else (rho <= cfg.delta).float()
+    lo, hi = 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high
+    d_clipped = ((rho >= lo) & (rho <= hi)).float()
+    u, c = unclipped * A, rho.clamp(lo, hi) * A
+    slope = torch.where(u < c, d_unclipped, torch.where(u > c, d_clipped, 0.5 * (d_unclipped + d_clipped)))
+    loss, g_rho = -torch.minimum(u, c), -A * slope
+    if cfg.clip_ratio_c is not None:
+        cap = -A * cfg.clip_ratio_c
+        capped = (A < 0) & (loss > cap)
+        loss = torch.where(capped, cap, loss)
+        g_rho = torch.where(capped, torch.zeros_like(g_rho), g_rho)
+    return loss, g_rho, (rho < lo) & (A < 0), (rho > hi) & (A > 0)
+
+
+def row_sums(values, rows, num_rows):
+    return torch.zeros(num_rows, device=values.device, dtype=values.dtype).index_add_(0, rows, values)
+
+
+def policy_terms(logp, old_logp, ref_logp, advantages, weight, mask, rows, row_len, row_weight,
+                 cfg: PolicyLossConfig):
+    """Loss, d loss / d logp and summed stats for a range of packed tokens.
+
+    `weight`, `mask`, `rows` cover the range; `advantages`, `row_len` (unmasked tokens per row,
+    >= 1) and `row_weight` (sum of the weights of each row's tokens) cover every row of the batch.
+    A range may cut a row only where the ratio is per token or on-policy (then a row's partial sum
+    of log-ratios is 0 like its whole); the fused linear op calls this chunk by chunk. Returns
+    (loss: 0-d fp32, grad_logp: [n] fp32, stat_sums: [len(STAT_NAMES)] fp32 sums over masked tokens).
+    """
+    lp, m = logp.float(), mask.float()
+    A_tok = advantages.float()[rows]
+    lr = torch.zeros_like(lp) if old_logp is None else (lp - old_logp.float()) * m
+    stats = torch.zeros(len(STAT_NAMES), device=lp.device)
+
+    if cfg.loss_type == "gpg":
+        per_tok, grad = -A_tok * lp, -A_tok * weight
+        stats[3] = (torch.exp(lr.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)) * m).sum()
+    elif cfg.importance_sampling_level == "token":
+        rho, slope = _clamped_exp(lr)
+        per_tok, g_rho, low, high = _surrogate(rho, A_tok, cfg)
+        grad = weight * g_rho * rho * slope
+    else:
+        # Every token of row i carries the same l_i(s_i): d loss / d lp_t = W_i * dl_i/ds_i * ds_i/dlp_t,
+        # with ds_i/dlp_t = s_i / |o_i| for every token of the row.
+        s, slope = _clamped_exp(row_sums(lr, rows, row_len.numel()) / row_len)
+        loss_row, g_row, low_row, high_row = _surrogate(s, advantages.float(), cfg)
+        rho, per_tok, low, high = s[rows], loss_row[rows], low_row[rows], high_row[rows]
+        grad = (row_weight * g_row * s * slope / row_len)[rows]
+    if cfg.loss_type != "gpg":
+        stats[0] = (low.float() * m).sum()
+        stats[1] = (high.float() * m).sum()
+        stats[2] = ((low | high).float() * m).sum()
+        stats[3] = (rho * m).sum()
+
+    if cfg.beta > 0:
+        diff = (ref_logp.float() - lp) * m
+        e, slope = _clamped_exp(diff)
+        k3 = e - diff - 1.0
+        per_tok = per_tok + cfg.beta * k3
+        grad = grad + weight * cfg.beta * (1.0 - e * slope)
+        stats[4] = (k3 * m).sum()
+    loss = (per_tok * weight).sum()
+    return loss, grad * m, stats
+
+
+def batch_layout(mask, cu_seqlens, cfg: PolicyLossConfig, normalizer=None):
+    """Per-batch quantities policy_terms needs: (rows [N], weight [N], row_len [B], row_weight [B])."""
+    n, num_rows = mask.shape[0], cu_seqlens.numel() - 1
+    rows = row_index(cu_seqlens, n)
+    row_len = row_sums(mask.float(), rows, num_rows).clamp(min=1.0)
+    weight = token_weights(mask, rows, row_len, cfg, normalizer)
+    return rows, weight, row_len, row_sums(weight, rows, num_rows)
+
+
+def finalize_stats(stat_sums: torch.Tensor, n_tokens: torch.Tensor, cfg: PolicyLossConfig) -> dict:
+    """Token means of the summed stats (0-d fp32 tensors: no host sync), TRL's metric names."""
+    means = stat_sums / n_tokens.clamp(min=1.0)
+    out = {name: means[k] for k, name in enumerate(STAT_NAMES) if name != "kl" or cfg.beta > 0}
+    out["num_tokens"] = n_tokens
+    return out
+
+
+class _PolicyLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg, normalizer):
+        rows, weight, row_len, row_weight = batch_layout(mask, cu_seqlens, cfg, normalizer)
+        loss, grad, stat_sums = policy_terms(logp, old_logp, ref_logp, advantages, weight, mask, rows,
+                                             row_len, row_weight, cfg)
+        ctx.save_for_backward(grad)
+        stats = finalize_stats(stat_sums, mask.float().sum(), cfg)
+        ctx.mark_non_differentiable(*stats.values())
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None, None, None, None, None, None, None
+
+
+def policy_loss(logp, old_logp, advantages, cu_seqlens, *, loss_type="gcpo", importance_sampling_level=None,
+                epsilon_low=None, epsilon_high=None, loss_agg_mode=None, delta=None, clip_ratio_c=None,
+                beta=0.0, ref_logp=None, normalizer=None, max_completion_length=None, mask=None):
+    """The clipped surrogate on packed rows; returns (loss 0-d fp32, stats dict of 0-d tensors).
+
+    logp [N] (differentiable), old_logp [N] or None (on-policy), advantages [B], cu_seqlens int32 [B+1],
+    mask [N] bool or None (all tokens count). Options left as None take loss_type's recipe
+    (`LOSS_RECIPES`). Only logp receives a gradient.
+    """
+    cfg = PolicyLossConfig.resolve(loss_type, importance_sampling_level, epsilon_low, epsilon_high,
+                                   loss_agg_mode, delta, clip_ratio_c, beta, max_completion_length)
+    mask = check_policy_inputs(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg.beta)
+    old = None if old_logp is None else old_logp.detach()
+    ref = None if ref_logp is None else ref_logp.detach()
+    return _PolicyLoss.apply(logp, old, ref, advantages.detach(), cu_seqlens, mask, cfg, normalizer)

@@ -1,0 +1,236 @@
+"""linear_logprobs and linear_policy_loss, both backends, against fp64 references on materialised logits.
+
+The triton backend runs under the Triton interpreter on the CPU (conftest sets TRITON_INTERPRET=1)
+and compiled on a CUDA GPU; the torch backend runs wherever the tensors are.
+"""
+import itertools
+
+import pytest
+import torch
+
+from gcpo_fast.kernels import LOSS_RECIPES, linear_logprobs, linear_policy_loss
+from gcpo_fast.kernels.linear_policy_loss import plan_chunks
+from gcpo_fast.kernels.policy_loss import AGG_MODES
+from test_policy_loss import reference_policy_loss
+
+IGNORE = -100
+
+
+def reference_logprobs(h, W, b, t, T):
+    """fp64 log-probs and entropies from the full [N, V] logits."""
+    z = h.double() @ W.double().T
+    if b is not None:
+        z = z + b.double()
+    logq = torch.log_softmax(z / T, dim=-1)
+    valid = t != IGNORE
+    logp = logq.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1) * valid
+    ent = -(logq.exp() * logq).sum(-1) * valid
+    return logp, ent
+
+
+def make_inputs(n, d, v, lengths=None, seed=0, dtype=torch.float32, device="cpu", bias=True, ignore_frac=0.1):
+    """Peaked logits (entropy ~0.3-2 nats) with targets drawn from the softmax, as in real rollouts."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(v, d, generator=g) / d ** 0.5
+    h = torch.randn(n, d, generator=g) * 2.5
+    b = torch.randn(v, generator=g) * 0.1 if bias else None
+    probs = torch.softmax(h @ W.T + (0 if b is None else b), -1)
+    t = torch.multinomial(probs, 1, generator=g).squeeze(1) if n else torch.zeros(0, dtype=torch.long)
+    t[torch.rand(n, generator=g) < ignore_frac] = IGNORE
+    lengths = lengths or [n]
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
+    adv = torch.randn(len(lengths), generator=g)
+    to = dict(device=device)
+    return (h.to(dtype=dtype, **to), W.to(dtype=dtype, **to), None if b is None else b.to(dtype=dtype, **to),
+            t.to(**to), adv.to(**to), cu.to(**to))
+
+
+TOL = {torch.float32: dict(rtol=2e-4, atol=2e-5), torch.float16: dict(rtol=2e-2, atol=5e-3),
+       torch.bfloat16: dict(rtol=5e-2, atol=2e-2)}
+
+
+def dtypes_for(backend, device):
+    # The Triton interpreter's tl.dot on bf16 is broken (triton #11584): bf16 triton runs on a GPU only.
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if backend == "torch" or device == "cuda" else [])
+
+
+def _close(actual, expected, dtype, scale=1.0):
+    tol = TOL[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("n, d, v", [(37, 24, 203), (1, 40, 130), (0, 16, 64)])
+def test_linear_logprobs_values_and_grads(backend, device, n, d, v):
+    for dtype in dtypes_for(backend, device):
+        h, W, b, t, _, _ = make_inputs(n, d, v, dtype=dtype, device=device)
+        h.requires_grad_(), W.requires_grad_(), b.requires_grad_()
+        logp, ent = linear_logprobs(h, W, t, temperature=0.7, bias=b, return_entropy=True, backend=backend,
+                                    workspace_bytes=4 * 16 * 50)  # several token and vocabulary tiles
+        ref_lp, ref_ent = reference_logprobs(h.detach(), W.detach(), b.detach(), t, 0.7)
+        _close(logp, ref_lp, dtype)
+        _close(ent, ref_ent, dtype)
+        g_lp, g_ent = torch.randn(n, device=device), torch.randn(n, device=device)
+        (logp * g_lp + ent * g_ent).sum().backward()
+        h64, W64, b64 = (x.detach().double().requires_grad_() for x in (h, W, b))
+        rl, re = reference_logprobs(h64, W64, b64, t, 0.7)
+        (rl * g_lp.double() + re * g_ent.double()).sum().backward()
+        for got, want in ((h.grad, h64.grad), (W.grad, W64.grad), (b.grad, b64.grad)):
+            _close(got, want, dtype, scale=10)
+        assert torch.all(h.grad[t == IGNORE] == 0)
+
+
+def test_forward_only_under_no_grad_is_one_pass_with_o_n_outputs():
+    h, W, b, t, _, _ = make_inputs(29, 16, 97)
+    with torch.no_grad():
+        lp = linear_logprobs(h, W, t, bias=b)
+    assert lp.shape == (29,) and lp.dtype == torch.float32 and not lp.requires_grad
+
+
+def _policy_case(backend, device, loss_type, level, agg, dtype=torch.float32, old="off", workspace=4 * 64 * 7,
+                 lengths=(6, 0, 9, 1, 13, 8), seed=0, **kw):
+    n = sum(lengths)
+    h, W, b, t, adv, cu = make_inputs(n, 24, 211, list(lengths), seed=seed, dtype=dtype, device=device)
+    t[7:16] = IGNORE  # row 2 fully ignored
+    h.requires_grad_(), W.requires_grad_(), b.requires_grad_()
+    ref_lp, _ = reference_logprobs(h.detach(), W.detach(), b.detach(), t, 0.8)
+    g = torch.Generator().manual_seed(seed + 1)
+    old_logp = None if old == "on" else (ref_lp + (torch.rand(n, generator=g).to(device) - 0.5) * 0.4).float()
+    ref_logp = (ref_lp + 0.1).float() if kw.get("beta") else None
+    opts = dict(loss_type=loss_type, importance_sampling_level=level, loss_agg_mode=agg, epsilon_low=0.1,
+                epsilon_high=0.12, max_completion_length=16, **kw)
+    loss, stats = linear_policy_loss(h, W, t, old_logp, adv, cu, bias=b, temperature=0.8, ref_logp=ref_logp,
+                                     backend=backend, workspace_bytes=workspace, compute_entropy=True, **opts)
+    loss.backward()
+    h64, W64, b64 = (x.detach().double().requires_grad_() for x in (h, W, b))
+    lp64, ent64 = reference_logprobs(h64, W64, b64, t, 0.8)
+    expected = reference_policy_loss(
+        lp64, None if old_logp is None else old_logp.double(), None if ref_logp is None else ref_logp.double(),
+        adv.double(), cu, loss_type=loss_type, level=level, eps_low=0.1, eps_high=0.12, agg=agg,
+        delta=kw.get("delta"), clip_c=kw.get("clip_ratio_c"), beta=kw.get("beta", 0.0), max_len=16,
+        normalizer=kw.get("normalizer"), mask=t != IGNORE)
+    expected.backward()
+    _close(loss, expected, dtype)
+    for got, want in ((h.grad, h64.grad), (W.grad, W64.grad), (b.grad, b64.grad)):
+        _close(got, want, dtype, scale=10)
+    mask = t != IGNORE
+    _close(stats["entropy"], (ent64 * mask).sum() / mask.sum(), dtype)
+    return stats
+
+
+@pytest.mark.parametrize("loss_type", list(LOSS_RECIPES))
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("old", ["on", "off"])
+def test_linear_policy_loss_torch_every_combination(device, loss_type, level, agg, old):
+    # workspace 4*64*7 bytes: chunks of 2 tokens for the gradient-in-forward sweep, so sequence-level
+    # off-policy rows do not fit and take the recompute path; the rest take the 6NVd sweep.
+    _policy_case("torch", device, loss_type, level, agg, old=old)
+
+
+@pytest.mark.parametrize("loss_type", list(LOSS_RECIPES))
+@pytest.mark.parametrize("old", ["on", "off"])
+def test_linear_policy_loss_triton_each_method(device, loss_type, old):
+    recipe = LOSS_RECIPES[loss_type]
+    _policy_case("triton", device, loss_type, recipe["importance_sampling_level"], recipe["loss_agg_mode"], old=old)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("option", [dict(beta=0.05), dict(delta=1.5, clip_ratio_c=1.05), dict(normalizer=11.0)])
+def test_linear_policy_loss_options(backend, device, option):
+    for level in ("token", "sequence"):
+        _policy_case(backend, device, "grpo", level, "token-mean", **option)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_policy_loss_half_precision_and_tiny_batches(backend, device):
+    for dtype in dtypes_for(backend, device)[1:]:
+        _policy_case(backend, device, "gcpo", "sequence", "seq-mean-token-mean", dtype=dtype)
+    _policy_case(backend, device, "dapo", "token", "token-mean", lengths=(1,))
+    _policy_case(backend, device, "gcpo", "sequence", "seq-mean-token-mean", lengths=(17,))
+
+
+def test_sequence_rows_within_chunks_take_the_sweep_and_match_recompute(device):
+    """Sequence-level off-policy: rows that fit a chunk use the 6NVd sweep; results equal the recompute path."""
+    lengths = (3, 5, 2, 4)
+    assert plan_chunks(torch.tensor([0, 3, 8, 10, 14]), 14, 6, True) == [(0, 3), (3, 8), (8, 14)]
+    assert plan_chunks(torch.tensor([0, 3, 8, 10, 14]), 14, 4, True) is None
+    fused = _policy_case("torch", device, "gcpo", "sequence", "seq-mean-token-mean", lengths=lengths,
+                         workspace=4 * 211 * 8)
+    recompute = _policy_case("torch", device, "gcpo", "sequence", "seq-mean-token-mean", lengths=lengths,
+                             workspace=4 * 211 * 2)
+    torch.testing.assert_close(fused["clip_ratio/region_mean"], recompute["clip_ratio/region_mean"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_two_identical_calls_are_bitwise_equal(backend, device):
+    results = []
+    for _ in range(2):
+        h, W, b, t, adv, cu = make_inputs(31, 24, 150, [10, 21], seed=4, device=device)
+        h.requires_grad_(), W.requires_grad_()
+        old = torch.zeros(31, device=device) - 1.0
+        loss, stats = linear_policy_loss(h, W, t, old, adv, cu, bias=b, loss_type="gcpo", backend=backend,
+                                         workspace_bytes=4 * 32 * 40)
+        loss.backward()
+        results.append((loss.detach(), h.grad, W.grad, stats["ratio_mean"]))
+    for a, b_ in zip(*results):
+        assert torch.equal(a, b_)
+
+
+def test_custom_normalizer_makes_micro_batches_add_up(device):
+    """token-mean with the step's global token count: two half-batches sum to the whole batch."""
+    h, W, b, t, adv, cu = make_inputs(20, 16, 90, [6, 4, 10], seed=2, device=device, ignore_frac=0.0)
+    W.requires_grad_()
+    whole, _ = linear_policy_loss(h, W, t, None, adv, cu, loss_type="dapo", normalizer=20.0)
+    whole.backward()
+    g_whole = W.grad.clone()
+    W.grad = None
+    first, _ = linear_policy_loss(h[:10], W, t[:10], None, adv[:2], cu[:3], loss_type="dapo", normalizer=20.0)
+    second, _ = linear_policy_loss(h[10:], W, t[10:], None, adv[2:], cu[2:] - 10, loss_type="dapo", normalizer=20.0)
+    (first + second).backward()
+    torch.testing.assert_close(first + second, whole)
+    torch.testing.assert_close(W.grad, g_whole)
+
+
+def _args(**over):
+    h, W, b, t, adv, cu = make_inputs(9, 8, 30, [4, 5], seed=1)
+    args = dict(hidden=h, weight=W, targets=t, old_logp=None, advantages=adv, cu_seqlens=cu, bias=b)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over, err, match", [
+    (dict(hidden=torch.zeros(9, 7)), ValueError, "disagree on d"),
+    (dict(targets=torch.zeros(8, dtype=torch.long)), ValueError, r"targets must be \[N\] = \[9\]"),
+    (dict(targets=torch.full((9,), 30)), ValueError, r"targets\[0\] = 30 is outside \[0, V=30\)"),
+    (dict(targets=torch.full((9,), -1)), ValueError, "is outside"),
+    (dict(targets=torch.zeros(9)), TypeError, "targets must be int64"),
+    (dict(hidden=torch.zeros(9, 8, dtype=torch.float64)), TypeError, "fp32/fp16/bf16"),
+    (dict(hidden=torch.zeros(9, 8, dtype=torch.float16)), TypeError, "share a dtype"),
+    (dict(bias=torch.zeros(29)), ValueError, r"bias must be \[V\] = \[30\]"),
+    (dict(weight=torch.zeros(30, 8, device="meta")), ValueError, "one device"),
+    (dict(cu_seqlens=torch.tensor([0, 5, 4, 9], dtype=torch.int32)), ValueError, "non-decreasing"),
+    (dict(cu_seqlens=torch.tensor([0, 4, 12], dtype=torch.int32)), ValueError, "end at N=9"),
+    (dict(advantages=torch.zeros(3)), ValueError, r"advantages must be \[B\] = \[2\]"),
+    (dict(old_logp=torch.zeros(10)), ValueError, "old_logp must match"),
+    (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+])
+def test_bad_input_gets_a_clear_error(over, err, match):
+    args = _args(**over)
+    with pytest.raises(err, match=match):
+        linear_policy_loss(**args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_non_finite_hidden_is_detected(backend, device):
+    h, W, b, t, adv, cu = make_inputs(9, 8, 30, [4, 5], seed=1, device=device)
+    h[6, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match="hidden has non-finite values .first at token 6"):
+        linear_policy_loss(h, W, t, None, adv, cu, backend=backend)
+    h[6, 3] = float("inf")
+    with pytest.raises(FloatingPointError, match="hidden"):
+        linear_logprobs(h, W, t, backend=backend)
+    h[6, 3] = 0.0
+    W[2, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="weight has non-finite"):
+        linear_logprobs(h, W, t, backend=backend)

@@ -1,0 +1,186 @@
+"""policy_loss against a row-by-row fp64 autograd reference written here, for every method option."""
+import itertools
+
+import pytest
+import torch
+
+from gcpo_fast.kernels import LOSS_RECIPES, policy_loss
+from gcpo_fast.kernels.policy_loss import AGG_MODES
+
+
+def reference_policy_loss(lp, old, ref, adv, cu, *, loss_type, level, eps_low, eps_high, agg, delta=None,
+                          clip_c=None, beta=0.0, max_len=None, normalizer=None, mask=None):
+    """Straight from ALGORITHMS.md, one row at a time, differentiated by autograd."""
+    mask = torch.ones_like(lp, dtype=torch.bool) if mask is None else mask
+    old = lp.detach() if old is None else old
+    B = cu.numel() - 1
+    n_tok = mask.sum().clamp(min=1)
+    total = lp.new_zeros(())
+    for i in range(B):
+        a, b = int(cu[i]), int(cu[i + 1])
+        m = mask[a:b].to(lp.dtype)
+        L = m.sum().clamp(min=1)
+        A = adv[i]
+        lr = (lp[a:b] - old[a:b]) * m
+        if loss_type == "gpg":
+            l = -A * lp[a:b]
+        else:
+            if level == "sequence":
+                rho = torch.exp(torch.clamp(lr.sum() / L, -20, 20)).expand(b - a)
+            else:
+                rho = torch.exp(torch.clamp(lr, -20, 20))
+            coef1 = rho if delta is None else torch.clamp(rho, max=delta)
+            coef2 = torch.clamp(rho, 1 - eps_low, 1 + eps_high)
+            l = -torch.minimum(coef1 * A, coef2 * A)
+            if clip_c is not None and A < 0:
+                l = torch.minimum(l, -A * clip_c)
+        if beta > 0:
+            diff = (ref[a:b] - lp[a:b]) * m
+            l = l + beta * (torch.exp(torch.clamp(diff, -20, 20)) - diff - 1)
+        s = (l * m).sum()
+        if agg == "token-mean":
+            total = total + s / (n_tok if normalizer is None else normalizer)
+        elif agg == "seq-mean-token-mean":
+            total = total + s / L / (B if normalizer is None else normalizer)
+        elif agg == "seq-mean-token-sum":
+            total = total + s / (B if normalizer is None else normalizer)
+        else:
+            total = total + s / (max_len if normalizer is None else normalizer)
+    return total
+
+
+def make_batch(lengths, seed, spread=0.3, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
+    n = int(cu[-1])
+    lp = -torch.rand(n, generator=g, dtype=dtype) * 3
+    # old log-probs off by up to +-spread per token plus a per-row offset: ratios on both sides of the box
+    row_shift = (torch.rand(len(lengths), generator=g, dtype=dtype) - 0.5) * spread
+    rows = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    old = lp - row_shift[rows] - (torch.rand(n, generator=g, dtype=dtype) - 0.5) * spread
+    ref = lp + (torch.rand(n, generator=g, dtype=dtype) - 0.5) * 0.4
+    adv = torch.randn(len(lengths), generator=g, dtype=dtype)
+    return lp, old, ref, adv, cu
+
+
+LENGTHS = [5, 0, 13, 1, 7, 22]  # an empty row, a one-token row, odd sizes
+
+
+def _check(lengths, loss_type, level, agg, on_policy, seed=0, eps=(0.1, 0.15), **kw):
+    lp, old, ref, adv, cu = make_batch(lengths, seed)
+    mask = kw.pop("mask", None)
+    lp32 = lp.float().requires_grad_()
+    loss, stats = policy_loss(lp32, None if on_policy else old.float(), adv.float(), cu, loss_type=loss_type,
+                              importance_sampling_level=level, epsilon_low=eps[0], epsilon_high=eps[1],
+                              loss_agg_mode=agg, ref_logp=ref.float(), max_completion_length=30, mask=mask, **kw)
+    loss.backward()
+    lp64 = lp.clone().requires_grad_()
+    expected = reference_policy_loss(lp64, None if on_policy else old, ref, adv, cu, loss_type=loss_type, level=level,
+                                     eps_low=eps[0], eps_high=eps[1], agg=agg, delta=kw.get("delta"),
+                                     clip_c=kw.get("clip_ratio_c"), beta=kw.get("beta", 0.0), max_len=30,
+                                     normalizer=kw.get("normalizer"), mask=mask)
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lp32.grad.double(), lp64.grad, rtol=1e-4, atol=1e-6)
+    return stats
+
+
+@pytest.mark.parametrize("loss_type", list(LOSS_RECIPES))
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("on_policy", [False, True])
+def test_matches_reference_every_combination(loss_type, level, agg, on_policy):
+    _check(LENGTHS, loss_type, level, agg, on_policy)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("option", [dict(delta=1.3), dict(clip_ratio_c=1.1), dict(beta=0.04), dict(normalizer=17.0),
+                                    dict(delta=1.3, clip_ratio_c=1.2, beta=0.1)])
+def test_options(level, option):
+    for seed in range(3):
+        _check(LENGTHS, "grpo", level, "token-mean", False, seed=seed, eps=(0.05, 0.08), **option)
+
+
+def test_mask_fully_ignored_row_and_single_token_batch():
+    mask = torch.ones(sum(LENGTHS), dtype=torch.bool)
+    mask[5:18] = False  # the whole third row
+    mask[-3:] = False
+    for level in ("token", "sequence"):
+        _check(LENGTHS, "gcpo", level, "seq-mean-token-mean", False, mask=mask, eps=(0.05, 0.05))
+    _check([1], "dapo", "token", "token-mean", False)
+
+
+def test_paper_defaults_per_loss_type():
+    lp = torch.zeros(4, requires_grad=True)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    # GSPO/GCPO default box is 3e-4 / 4e-4: a sequence ratio of exp(1e-3) is clipped for A > 0.
+    _, stats = policy_loss(lp, torch.full((4,), -1e-3), torch.ones(1), cu, loss_type="gcpo")
+    assert float(stats["clip_ratio/high_mean"]) == 1.0
+    _, stats = policy_loss(lp, torch.full((4,), -1e-3), torch.ones(1), cu, loss_type="grpo")
+    assert float(stats["clip_ratio/high_mean"]) == 0.0
+    # DAPO's clip-higher: 1.25 lies inside (0.8, 1.28) but outside GRPO's (0.8, 1.2).
+    old = torch.full((4,), -torch.log(torch.tensor(1.25)).item())
+    _, s_dapo = policy_loss(lp, old, torch.ones(1), cu, loss_type="dapo")
+    _, s_grpo = policy_loss(lp, old, torch.ones(1), cu, loss_type="grpo")
+    assert float(s_dapo["clip_ratio/high_mean"]) == 0.0 and float(s_grpo["clip_ratio/high_mean"]) == 1.0
+
+
+def test_sequence_gradient_formula_and_clipped_rows():
+    """d loss / d lp_t = -W_i A_i s_i / |o_i| on unclipped rows, exactly 0 on clipped ones."""
+    lengths = [4, 6, 3, 5]
+    cu = torch.tensor([0, 4, 10, 13, 18], dtype=torch.int32)
+    lp = torch.zeros(18, requires_grad=True)
+    log_s = torch.tensor([0.05, 0.05, -0.05, -0.05])  # row log-ratios
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    rows = torch.repeat_interleave(torch.arange(4), torch.tensor(lengths))
+    old = -log_s[rows]
+    loss, stats = policy_loss(lp, old, adv, cu, loss_type="gcpo", epsilon_low=0.02, epsilon_high=0.02)
+    loss.backward()
+    W = 1.0 / 4  # seq-mean-token-mean: each row's weights sum to 1/B
+    s = torch.exp(log_s)
+    clipped = torch.tensor([True, False, False, True])  # A>0 above the box; A<0 below it
+    expected = torch.where(clipped, torch.zeros(4), -W * adv * s / torch.tensor(lengths, dtype=torch.float))[rows]
+    torch.testing.assert_close(lp.grad, expected)
+    assert abs(float(stats["clip_ratio/region_mean"]) - (4 + 5) / 18) < 1e-6
+
+
+def test_on_policy_ratio_is_one_and_carries_gradient():
+    lp = (-torch.rand(9)).requires_grad_()
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    loss, stats = policy_loss(lp, None, torch.tensor([2.0, -1.0]), cu, loss_type="grpo")
+    loss.backward()
+    assert float(stats["ratio_mean"]) == 1.0
+    expected = torch.cat([torch.full((4,), -2.0 / (2 * 4)), torch.full((5,), 1.0 / (2 * 5))])
+    torch.testing.assert_close(lp.grad, expected)
+
+
+def test_deterministic():
+    lp, old, ref, adv, cu = make_batch(LENGTHS, 3)
+    outs = []
+    for _ in range(2):
+        x = lp.float().requires_grad_()
+        loss, _ = policy_loss(x, old.float(), adv.float(), cu, loss_type="dapo", beta=0.1, ref_logp=ref.float())
+        loss.backward()
+        outs.append((loss.detach(), x.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(cu=torch.tensor([0, 5, 3, 9], dtype=torch.int32)), "non-decreasing"),
+    (dict(cu=torch.tensor([0, 4, 8], dtype=torch.int32)), "end at N=9"),
+    (dict(cu=torch.tensor([1, 4, 9], dtype=torch.int32)), "start at 0"),
+    (dict(adv=torch.ones(3)), "advantages must be"),
+    (dict(old=torch.zeros(8)), "old_logp must match"),
+    (dict(adv=torch.ones(2, dtype=torch.int64)), "advantages must be a float"),
+    (dict(cu=torch.tensor([0, 4, 9], dtype=torch.float32)), "cu_seqlens must be int32"),
+    (dict(loss_type="ppo"), "loss_type must be one of"),
+    (dict(beta=0.1), "needs ref_logp"),
+    (dict(loss_type="dr_grpo"), "max_completion_length"),
+    (dict(importance_sampling_level="row"), "importance_sampling_level"),
+])
+def test_bad_input_names_the_problem(bad, match):
+    args = dict(lp=torch.zeros(9), old=None, adv=torch.ones(2), cu=torch.tensor([0, 4, 9], dtype=torch.int32))
+    opts = {k: bad.pop(k) for k in list(bad) if k not in args}
+    args.update(bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        policy_loss(args["lp"], args["old"], args["adv"], args["cu"], **opts)
