@@ -29,7 +29,7 @@ setup(
         "pyyaml>=6.0",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "pyarrow>=15"],
         "gpu": ["flash-attn>=2.6"],
         "bench": ["matplotlib>=3.8", "liger-kernel>=0.5", "cut-cross-entropy>=25.1"],
         "data": ["pyarrow>=15"],

@@ -1,0 +1,223 @@
+"""Prompt datasets: local JSONL / Parquet files in TRL's or verl's layout, and a resumable sampler.
+
+    from gcpo_fast.data import load_prompts, PromptSampler
+
+    records = load_prompts("data/train.jsonl")           # a .jsonl or .parquet file, or a directory of them
+    records = load_prompts("gsm8k/", prompt_column="question", golden_column="answer", require_golden=True)
+    sampler = PromptSampler(records, batch_size=8, seed=0)
+    batch = next(sampler)                                # a list of 8 records
+    state = sampler.state_dict()                         # save with the checkpoint; later:
+    sampler.load_state_dict(state)                       # the next batch is the one that would have come
+
+Every record is a plain dict:
+    {"prompt": str | [{"role": ..., "content": ...}, ...], "golden": str | None, "answer": str, **other columns}
+- TRL layout: `prompt` (text or chat messages) and `solution`, the worked answer. `golden` is the solution;
+  `answer`, the ground truth the reward checks, is extracted from it (its last \\boxed{}, else GSM8K's
+  `#### x`, else what math-verify extracts).
+- verl layout: `prompt` (chat messages), `reward_model` = {"ground_truth": ..., "style": ...}, `extra_info`
+  = {...}. `answer` is reward_model.ground_truth; `golden` is the row's golden column, else
+  extra_info[golden column] (pass golden_column="extra_info.answer" for verl's GSM8K files), else None.
+Column names are arguments (prompt_column, golden_column, answer_column); a dotted name reads a nested
+field. The row's other columns are kept (TRL reward functions receive them); the keys "prompt",
+"golden" and "answer" are ours and replace columns of the same name.
+
+Bad data raises ValueError naming the file, the line (JSONL, counted from 1) or row (Parquet, counted
+from 0), and the column. Parquet needs pyarrow (`pip install pyarrow`, or the `data` extra).
+"""
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from gcpo_fast.rewards import extract_answer
+
+SUFFIXES = (".jsonl", ".parquet")
+_MISSING = object()
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES)
+        if not files:
+            raise ValueError(f"{path}: directory holds no {' or '.join(SUFFIXES)} files")
+        return files
+    if not path.exists():
+        raise ValueError(f"{path}: no such file or directory")
+    if path.suffix not in SUFFIXES:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use {' or '.join(SUFFIXES)})")
+    return [path]
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield where, row
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    for i, row in enumerate(pq.read_table(path).to_pylist()):
+        yield f"{path}, row {i}", row
+
+
+def _lookup(row: dict, column: str):
+    """row[column], or for a dotted name absent at the top level the nested field; _MISSING if absent."""
+    if column in row:
+        return row[column]
+    value = row
+    for part in column.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
+def _text(value, where: str, column: str) -> str:
+    # numbers are common as ground truths (GSM8K-style "72" stored as an int)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: column {column!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{where}: column {column!r} is empty")
+    return value
+
+
+def _prompt(row: dict, where: str, column: str) -> str | list[dict]:
+    value = _lookup(row, column)
+    if value is _MISSING:
+        raise ValueError(f"{where}: missing prompt column {column!r} (columns: {', '.join(row)})")
+    if isinstance(value, list):
+        for j, m in enumerate(value):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise ValueError(f"{where}: column {column!r}, message {j}: expected {{'role': str, 'content': str}}")
+        if not value:
+            raise ValueError(f"{where}: column {column!r} is an empty message list")
+        return value
+    return _text(value, where, column)
+
+
+def _golden(row: dict, where: str, column: str, require: bool) -> str | None:
+    value = _lookup(row, column)
+    if value is _MISSING and isinstance(row.get("extra_info"), dict):
+        value = row["extra_info"].get(column, _MISSING)
+    if value is _MISSING or value is None:
+        if require:
+            raise ValueError(f"{where}: missing golden column {column!r} (required: require_golden=True)")
+        return None
+    return _text(value, where, column)
+
+
+def _answer(row: dict, where: str, answer_column: str | None, golden_column: str, golden: str | None) -> str:
+    if answer_column is not None:
+        value = _lookup(row, answer_column)
+        if value is _MISSING or value is None:
+            raise ValueError(f"{where}: missing answer column {answer_column!r}")
+        return _text(value, where, answer_column)
+    reward_model = row.get("reward_model")
+    if isinstance(reward_model, dict) and reward_model.get("ground_truth") is not None:
+        return _text(reward_model["ground_truth"], where, "reward_model.ground_truth")
+    if golden is None:
+        raise ValueError(
+            f"{where}: no ground-truth answer: column {golden_column!r} and reward_model.ground_truth are "
+            "both missing (pass answer_column=...)"
+        )
+    answer = extract_answer(golden)
+    if answer is None:
+        raise ValueError(
+            f"{where}: column {golden_column!r}: no final answer found (no \\boxed{{}}, no '####', nothing "
+            "math-verify can parse); pass answer_column=..."
+        )
+    return answer
+
+
+def load_prompts(
+    path: str | Path,
+    *,
+    prompt_column: str = "prompt",
+    golden_column: str = "solution",
+    answer_column: str | None = None,
+    require_golden: bool = False,
+) -> list[dict]:
+    """Read every row of a .jsonl / .parquet file (or of the sorted files of a directory) as a record."""
+    records = []
+    files = _files(Path(path))
+    for file in files:
+        rows = _read_parquet(file) if file.suffix == ".parquet" else _read_jsonl(file)
+        for where, row in rows:
+            prompt = _prompt(row, where, prompt_column)
+            golden = _golden(row, where, golden_column, require_golden)
+            answer = _answer(row, where, answer_column, golden_column, golden)
+            others = {k: v for k, v in row.items() if k != prompt_column}
+            records.append({**others, "prompt": prompt, "golden": golden, "answer": answer})
+    if not records:
+        raise ValueError(f"{', '.join(map(str, files))}: empty dataset (no rows)")
+    return records
+
+
+class PromptSampler:
+    """Endless batches of `batch_size` prompt records with a seeded shuffle per epoch and a resumable cursor.
+
+    Epoch e visits the records in the order torch.randperm(n) drawn from a generator seeded with
+    seed + e (the global RNG is never touched); an epoch's last partial batch is skipped, so every
+    batch holds distinct prompts. With world_size > 1 all ranks walk the same order in global
+    batches of batch_size * world_size and rank r takes its r-th slice: disjoint prompts, one cursor.
+    """
+
+    def __init__(self, records: list[dict], batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"PromptSampler: rank {rank} is not in [0, world_size={world_size})")
+        if batch_size < 1 or batch_size * world_size > len(records):
+            raise ValueError(
+                f"PromptSampler: a global batch of {batch_size} x {world_size} ranks needs at least that many "
+                f"prompts; the dataset has {len(records)}"
+            )
+        self.records, self.batch_size, self.seed, self.shuffle = records, batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.index = 0, 0  # the cursor: next global batch starts at order[index] of this epoch
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(len(self.records))
+        return torch.randperm(len(self.records), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+
+    def __iter__(self) -> "PromptSampler":
+        return self
+
+    def __next__(self) -> list[dict]:
+        global_batch = self.batch_size * self.world_size
+        if self.index + global_batch > len(self.records):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self._epoch_order()
+        start = self.index + self.rank * self.batch_size
+        batch = [self.records[i] for i in self._order[start : start + self.batch_size].tolist()]
+        self.index += global_batch
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "num_records": len(self.records)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where `state` was taken; its seed wins (the cursor only means something under it)."""
+        if state["num_records"] != len(self.records):
+            raise ValueError(
+                f"PromptSampler: the checkpoint's dataset had {state['num_records']} prompts, this one has "
+                f"{len(self.records)}: cannot resume the data cursor"
+            )
+        self.epoch, self.index, self.seed = state["epoch"], state["index"], state["seed"]
+        self._order = self._epoch_order()

@@ -1,0 +1,206 @@
+"""Rewards: math answer checking with math-verify, user reward functions, DAPO's overlong shaping.
+
+    from gcpo_fast.rewards import math_reward, load_reward_function, compute_rewards, overlong_penalty
+
+    math_reward([r"... so \\boxed{1/2}", "it is 3"], ["0.5", "0.5"])          # -> [1.0, 0.0]
+
+    funcs = [load_reward_function("accuracy_reward"),                       # built in
+             load_reward_function("my_pkg.rewards:format_reward")]         # or my_pkg.rewards.format_reward
+    rewards, per_func = compute_rewards(funcs, prompts, completions, records, reward_weights=[1.0, 0.1])
+    # rewards [N] float32, per_func [N, F] (NaN where a function returned None)
+
+    rewards += torch.tensor(overlong_penalty(lengths, max_completion_length=1024, overlong_buffer_len=256))
+
+User reward functions follow TRL's signature: `f(prompts, completions, **columns) -> list[float | None]`,
+where `columns` holds every key of the prompt records (one value per completion: `answer`, `golden`,
+`solution`, ...) plus any extra keyword the caller passes (e.g. `completion_ids`). Prompts and
+completions are strings, or lists of chat messages for conversational data. `None` means "does not
+apply to this sample": as in TRL it becomes NaN and drops out of the weighted sum (`torch.nansum`),
+so a sample where every function returns None gets reward 0 (with a warning).
+
+math-verify bounds each parse/verify with SIGALRM, which only works on the main thread. Off the main
+thread (rollout or reward workers) we pass `None` to its timeouts, math-verify's own switch for
+running without signals; such calls then have no time limit, so run untrusted completions from the
+main thread or in a process pool when a pathological expression could hang sympy.
+"""
+import importlib
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from math_verify import parse, verify
+
+# Seconds math-verify may spend parsing or comparing one expression (its own default).
+MATH_VERIFY_TIMEOUT_S = 5
+
+
+def math_verify_timeout() -> int | None:
+    """math-verify's timeout for this thread: its SIGALRM timer on the main thread, None (off) elsewhere."""
+    return MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` in text, braces matched; None if there is none or it is unclosed."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i = start + len("\\boxed{")
+    depth = 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def extract_answer(solution: str) -> str | None:
+    """The final answer of a worked solution: its last `\\boxed{}`, else what follows GSM8K's `####`,
+    else the string math-verify extracts from it; None when nothing can be extracted."""
+    boxed = _last_boxed(solution)
+    if boxed is not None and boxed.strip():
+        return boxed.strip()
+    if "####" in solution:
+        tail = solution.rsplit("####", 1)[1].strip()
+        if tail:
+            return tail
+    parsed = parse(solution, parsing_timeout=math_verify_timeout())
+    # parse returns [sympy object, extracted string] on success
+    return parsed[-1] if len(parsed) == 2 and isinstance(parsed[-1], str) and parsed[-1].strip() else None
+
+
+def _completion_text(completion) -> str:
+    """A completion as text: strings pass through, chat messages give the last message's content."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    raise TypeError(f"a completion must be a string or a list of chat messages, got {type(completion).__name__}")
+
+
+def _parse_gold(answer: str, timeout: int | None) -> list:
+    # A bare answer such as "\sqrt{2}" or "(1, 2)" has no LaTeX delimiters, and math-verify's
+    # anchor-free parsing then misses it or reads only part of it ("(1, 2)" -> 2): box it (as verl does).
+    if "\\boxed" not in answer and "$" not in answer:
+        gold = parse("\\boxed{" + answer + "}", parsing_timeout=timeout)
+        if gold:
+            return gold
+    return parse(answer, parsing_timeout=timeout)
+
+
+def math_reward(completions: Sequence, answers: Sequence[str]) -> list[float]:
+    """1.0 where the completion's final answer equals the ground-truth answer per math-verify, else 0.0.
+
+    answers are final answers ("0.5", "\\frac{1}{2}", "\\boxed{(1, 2)}") or texts holding one; the gold is
+    parsed first (once per distinct answer), then the completion, then `verify(gold, completion)`.
+    An unparseable gold answer makes every completion for it score 0.0.
+    """
+    if len(completions) != len(answers):
+        raise ValueError(f"math_reward: {len(completions)} completions but {len(answers)} answers")
+    timeout = math_verify_timeout()
+    gold_cache: dict[str, list] = {}
+    rewards = []
+    for completion, answer in zip(completions, answers):
+        answer = str(answer)
+        if answer not in gold_cache:
+            gold_cache[answer] = _parse_gold(answer, timeout)
+        gold = gold_cache[answer]
+        if not gold:
+            rewards.append(0.0)
+            continue
+        predicted = parse(_completion_text(completion), parsing_timeout=timeout)
+        rewards.append(1.0 if predicted and verify(gold, predicted, timeout_seconds=timeout) else 0.0)
+    return rewards
+
+
+def accuracy_reward(prompts, completions, answer, **columns) -> list[float]:
+    """TRL-signature wrapper of math_reward over the records' `answer` column (built-in name "accuracy_reward")."""
+    return math_reward(completions, answer)
+
+
+BUILTIN_REWARDS = {"accuracy_reward": accuracy_reward}
+
+
+def load_reward_function(spec: str | Callable) -> Callable:
+    """A reward function from a built-in name, `package.module:function` or `package.module.function`."""
+    if callable(spec):
+        return spec
+    if spec in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[spec]
+    module_name, sep, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
+    if not sep or not module_name or not attr:
+        raise ValueError(
+            f"reward function {spec!r}: expected a built-in name ({', '.join(BUILTIN_REWARDS)}), "
+            "'package.module:function' or 'package.module.function'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"reward function {spec!r}: cannot import module {module_name!r}: {e}") from e
+    func = getattr(module, attr, None)
+    if not callable(func):
+        raise ValueError(f"reward function {spec!r}: module {module_name!r} has no callable {attr!r}")
+    return func
+
+
+def reward_function_name(func: Callable) -> str:
+    """The name used in metrics (`rewards/{name}/mean`), as TRL derives it."""
+    return getattr(func, "__name__", type(func).__name__)
+
+
+def compute_rewards(
+    reward_funcs: Sequence[Callable],
+    prompts: Sequence,
+    completions: Sequence,
+    records: Sequence[dict],
+    reward_weights: Sequence[float] | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted sum of several reward functions, TRL-style.
+
+    records: one prompt record per completion (the record repeated G times for its G completions);
+    every key except "prompt" becomes a keyword column. Returns (rewards [N], per_func [N, F]), both
+    float32 on the CPU; per_func holds NaN where a function returned None.
+    """
+    n = len(completions)
+    if len(prompts) != n or len(records) != n:
+        raise ValueError(f"compute_rewards: {len(prompts)} prompts, {n} completions, {len(records)} records")
+    weights = torch.ones(len(reward_funcs)) if reward_weights is None else torch.tensor(reward_weights, dtype=torch.float32)
+    if weights.numel() != len(reward_funcs):
+        raise ValueError(f"compute_rewards: {len(reward_funcs)} reward functions but {weights.numel()} reward_weights")
+    keys = dict.fromkeys(k for r in records for k in r if k != "prompt")  # union, in first-seen order
+    columns = {k: [r.get(k) for r in records] for k in keys}
+    per_func = torch.full((n, len(reward_funcs)), float("nan"))
+    for j, func in enumerate(reward_funcs):
+        out = func(prompts=prompts, completions=completions, **columns, **kwargs)
+        if len(out) != n:
+            raise ValueError(f"reward function {reward_function_name(func)!r} returned {len(out)} values for {n} completions")
+        per_func[:, j] = torch.tensor([float("nan") if r is None else float(r) for r in out])
+    missing = torch.isnan(per_func).all(dim=1)
+    if len(reward_funcs) and missing.any():
+        warnings.warn(
+            f"every reward function returned None for completion {int(missing.nonzero()[0])} "
+            f"({int(missing.sum())} such completions in all); they get reward 0"
+        )
+    rewards = (per_func * weights.unsqueeze(0)).nansum(dim=1)
+    return rewards, per_func
+
+
+def overlong_penalty(
+    lengths: Sequence[int],
+    max_completion_length: int,
+    overlong_buffer_len: int,
+    penalty_factor: float = 1.0,
+) -> list[float]:
+    """DAPO's soft overlong punishment, added to the reward of each completion of length |o|.
+
+    With Lmax = max_completion_length and Lc = overlong_buffer_len: 0 if |o| <= Lmax - Lc,
+    ((Lmax - Lc) - |o|) / Lc inside the buffer (linear from 0 down to -1 at |o| = Lmax), -1 beyond;
+    all times penalty_factor.
+    """
+    if not 0 < overlong_buffer_len <= max_completion_length:
+        raise ValueError(
+            f"overlong_buffer_len must be in (0, max_completion_length={max_completion_length}], got {overlong_buffer_len}"
+        )
+    expected = max_completion_length - overlong_buffer_len
+    return [penalty_factor * max(min(0.0, (expected - int(n)) / overlong_buffer_len), -1.0) for n in lengths]

@@ -1,0 +1,120 @@
+"""math_reward (forms of the same answer, worker threads), reward loading/weighting, DAPO overlong shaping."""
+import math
+import threading
+
+import pytest
+import torch
+
+from gcpo_fast.rewards import (
+    compute_rewards,
+    extract_answer,
+    load_reward_function,
+    math_reward,
+    math_verify_timeout,
+    overlong_penalty,
+)
+
+CASES = [  # (completion, answer, reward)
+    (r"Half of one is \boxed{1/2}.", "0.5", 1.0),
+    (r"So the result is \boxed{0.5}", r"\frac{1}{2}", 1.0),
+    ("The answer is 0.5", r"\boxed{\dfrac{1}{2}}", 1.0),
+    (r"\boxed{\frac{2}{4}}", "1/2", 1.0),
+    (r"\boxed{\sqrt{2}}", r"\sqrt{2}", 1.0),
+    (r"\boxed{(1,2)}", "(1, 2)", 1.0),
+    (r"\boxed{2}", "(1, 2)", 0.0),  # unboxed, math-verify would read the gold "(1, 2)" as 2
+    (r"\boxed{1/3}", "0.5", 0.0),
+    ("I do not know.", "0.5", 0.0),
+    (r"\boxed{72}", "72", 1.0),
+    (r"\boxed{71}", "72", 0.0),
+    ([{"role": "assistant", "content": r"\boxed{72}"}], "72", 1.0),  # conversational completion
+]
+
+
+def test_math_reward_forms_of_the_same_answer():
+    completions, answers, expected = zip(*CASES)
+    assert math_reward(list(completions), list(answers)) == list(expected)
+    with pytest.raises(ValueError, match="2 completions but 1 answers"):
+        math_reward(["a", "b"], ["1"])
+
+
+def test_math_reward_from_worker_thread():
+    completions, answers, expected = zip(*CASES)
+    out, timeouts, errors = [], [], []
+
+    def work():
+        try:
+            timeouts.append(math_verify_timeout())
+            out.append(math_reward(list(completions), list(answers)))
+        except Exception as e:  # surfaced below: a signal-based timeout raises ValueError off the main thread
+            errors.append(e)
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert not errors, errors
+    assert timeouts == [None] and math_verify_timeout() == 5
+    assert out == [list(expected)]
+
+
+def test_extract_answer():
+    assert extract_answer(r"so $\boxed{\frac{1}{2}}$ and done") == r"\frac{1}{2}"
+    assert extract_answer(r"\boxed{1} then \boxed{ {2}+3 }") == "{2}+3"
+    assert extract_answer("24 + 48 = 72\n#### 72") == "72"
+    assert extract_answer("Adding gives 41 apples in all") == "41"  # math-verify's extraction
+    assert extract_answer("no idea") is None
+    assert extract_answer(r"unclosed \boxed{3 but the sum is 7") == "7"  # falls through to math-verify
+    assert extract_answer(r"\boxed{}  x = 5") == "5"  # an empty box does not count
+
+
+def fmt_reward(prompts, completions, **kwargs):
+    return [1.0 if c.startswith("<think>") else 0.0 for c in completions]
+
+
+def test_load_reward_function(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text("def length(prompts, completions, **kw):\n    return [len(c) for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for spec in ("my_rewards:length", "my_rewards.length"):
+        assert load_reward_function(spec)(prompts=["p"], completions=["abc"]) == [3]
+    acc = load_reward_function("accuracy_reward")
+    assert acc(prompts=["p", "p"], completions=[r"\boxed{3}", "4"], answer=["3", "3"]) == [1.0, 0.0]
+    assert load_reward_function(fmt_reward) is fmt_reward
+    with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):
+        load_reward_function("no_such_module:f")
+    with pytest.raises(ValueError, match="has no callable 'nothing'"):
+        load_reward_function("my_rewards:nothing")
+    with pytest.raises(ValueError, match="expected a built-in name"):
+        load_reward_function("accuracy")
+
+
+def test_compute_rewards_weighted_nansum():
+    def maybe(prompts, completions, answer, **kw):  # applies only where answer != "skip"
+        return [None if a == "skip" else 2.0 for a in answer]
+
+    def sees_columns(prompts, completions, answer, golden, extra, **kw):
+        return [float(len(golden[i] or "")) + extra[i] for i in range(len(completions))]
+
+    records = [{"prompt": "p", "answer": "1", "golden": "ab", "extra": 0.5},
+               {"prompt": "p", "answer": "skip", "golden": None, "extra": 1.0}]
+    rewards, per_func = compute_rewards([maybe, sees_columns], ["p", "p"], ["x", "y"], records, reward_weights=[0.5, 2.0])
+    assert torch.isnan(per_func[1, 0]) and per_func[0].tolist() == [2.0, 2.5]
+    assert rewards.tolist() == [0.5 * 2.0 + 2.0 * 2.5, 2.0 * 1.0]  # NaN drops out of the sum
+    with pytest.warns(UserWarning, match="every reward function returned None for completion 1"):
+        rewards, _ = compute_rewards([maybe], ["p", "p"], ["x", "y"], records)
+    assert rewards.tolist() == [2.0, 0.0]
+    def short(**kw):
+        return [1.0]
+
+    with pytest.raises(ValueError, match="'short' returned 1 values for 2 completions"):
+        compute_rewards([fmt_reward, short], ["p"] * 2, ["a", "b"], records[:1] * 2)
+    with pytest.raises(ValueError, match="1 reward functions but 2 reward_weights"):
+        compute_rewards([fmt_reward], ["p"], ["a"], records[:1], reward_weights=[1.0, 1.0])
+
+
+def test_overlong_penalty():
+    # Lmax = 10, Lc = 4: no penalty up to 6, linear to -1 at 10, -1 beyond
+    assert overlong_penalty([0, 3, 6, 7, 8, 9, 10, 12], 10, 4) == [0, 0, 0, -0.25, -0.5, -0.75, -1.0, -1.0]
+    doubled = overlong_penalty([7, 12], 10, 4, penalty_factor=2.0)
+    assert doubled == [-0.5, -2.0]
+    assert all(math.isfinite(x) for x in overlong_penalty(range(20), 16, 16))
+    with pytest.raises(ValueError, match="overlong_buffer_len must be in"):
+        overlong_penalty([1], 10, 0)
