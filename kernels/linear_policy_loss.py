@@ -22,8 +22,8 @@ import torch
 from gcpo_fast.kernels.checks import check_finite_lse, check_linear_inputs, check_policy_inputs
 from gcpo_fast.kernels.linear_logprobs import select_backend
 from gcpo_fast.kernels.logprob_torch import WORKSPACE_BYTES
-from gcpo_fast.kernels.policy_loss import (STAT_NAMES, PolicyLossConfig, batch_layout, finalize_stats,
-                                             policy_terms)
+from gcpo_fast.kernels.policy_loss import (STAT_NAMES, PolicyLossConfig, batch_layout, batch_policy_terms,
+                                             finalize_stats, policy_terms)
 
 
 def plan_chunks(cu_seqlens, n_tokens: int, chunk_tokens: int, rows_must_stay_whole: bool):
@@ -55,25 +55,23 @@ class LinearPolicyLossFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         needs_dx, needs_dw, needs_db = needs[0], needs[1], bias is not None and needs[2]
         mask = targets != ignore_index
-        rows, weight_tok, row_len, row_weight = batch_layout(mask, cu_seqlens, cfg, normalizer)
         n, v = hidden.shape[0], weight.shape[0]
+        on_triton = engine.__name__.endswith("logprob_triton")
         chunks = None
-        if any(needs) and engine.__name__.endswith("logprob_torch"):
+        if any(needs) and not on_triton:
             whole_rows = (cfg.loss_type != "gpg" and cfg.importance_sampling_level == "sequence"
                           and old_logp is not None)
             chunks = plan_chunks(cu_seqlens, n, max(1, workspace_bytes // (4 * v)), whole_rows)
 
-        def terms(n0, n1, logp):
-            return policy_terms(logp, None if old_logp is None else old_logp[n0:n1],
-                                None if ref_logp is None else ref_logp[n0:n1], advantages, weight_tok[n0:n1],
-                                mask[n0:n1], rows[n0:n1], row_len, row_weight, cfg)
-
         if chunks is not None:
+            rows, weight_tok, row_len, row_weight = batch_layout(mask, cu_seqlens, cfg, normalizer)
             acc = {"loss": torch.zeros((), device=hidden.device),
                    "stats": torch.zeros(len(STAT_NAMES), device=hidden.device)}
 
             def grad_fn(n0, n1, logp):
-                loss, grad, stat_sums = terms(n0, n1, logp)
+                loss, grad, stat_sums = policy_terms(
+                    logp, None if old_logp is None else old_logp[n0:n1], None if ref_logp is None else ref_logp[n0:n1],
+                    advantages, weight_tok[n0:n1], mask[n0:n1], rows[n0:n1], row_len, row_weight, cfg)
                 acc["loss"] += loss
                 acc["stats"] = acc["stats"] + stat_sums
                 return grad
@@ -88,7 +86,8 @@ class LinearPolicyLossFunction(torch.autograd.Function):
             logp, lse, ent = engine.linear_logprob_forward(hidden, weight, bias, targets, temperature, ignore_index,
                                                            compute_entropy, workspace_bytes=workspace_bytes)
             check_finite_lse(lse, hidden, weight, bias)
-            loss, grad, stat_sums = terms(0, n, logp)
+            loss, grad, stat_sums = batch_policy_terms(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg,
+                                                       normalizer, use_triton=on_triton)
             ctx.save_for_backward(hidden, weight, bias, targets, lse, grad)
             ctx.recompute = (temperature, ignore_index, engine, workspace_bytes, needs_dx, needs_dw, needs_db)
         ctx.fused = chunks is not None

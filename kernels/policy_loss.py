@@ -113,21 +113,24 @@ def row_index(cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:
     return torch.repeat_interleave(rows, lengths, output_size=n_tokens)
 
 
-def token_weights(mask, rows, row_len, cfg: PolicyLossConfig, normalizer=None) -> torch.Tensor:
-    """[N] fp32 aggregation weight w_t * m_t of every token (see the module docstring)."""
-    m = mask.float()
+def aggregation_denominator(mask, num_rows: int, cfg: PolicyLossConfig, normalizer=None):
+    """The aggregation's denominator: the caller's normalizer, else N_tok, max_completion_length or B."""
+    if normalizer is not None:
+        return torch.as_tensor(normalizer, dtype=torch.float32, device=mask.device)
     if cfg.loss_agg_mode == "token-mean":
-        denom = m.sum().clamp(min=1.0) if normalizer is None else normalizer
-        return m / denom
+        return mask.float().sum().clamp(min=1.0)
     if cfg.loss_agg_mode == "seq-mean-token-sum-norm":
-        if normalizer is None and cfg.max_completion_length is None:
+        if cfg.max_completion_length is None:
             raise ValueError("loss_agg_mode 'seq-mean-token-sum-norm' (dr_grpo) needs max_completion_length "
                              "or an explicit normalizer")
-        return m / (cfg.max_completion_length if normalizer is None else normalizer)
-    denom = float(max(row_len.numel(), 1)) if normalizer is None else normalizer
-    if cfg.loss_agg_mode == "seq-mean-token-sum":
-        return m / denom
-    return m / (denom * row_len[rows])
+        return torch.tensor(float(cfg.max_completion_length), device=mask.device)
+    return torch.tensor(float(max(num_rows, 1)), device=mask.device)
+
+
+def token_weights(mask, rows, row_len, cfg: PolicyLossConfig, normalizer=None) -> torch.Tensor:
+    """[N] fp32 aggregation weight w_t * m_t of every token (see the module docstring)."""
+    w = mask.float() / aggregation_denominator(mask, row_len.numel(), cfg, normalizer)
+    return w / row_len[rows] if cfg.loss_agg_mode == "seq-mean-token-mean" else w
 
 
 def _clamped_exp(x):
@@ -220,12 +223,21 @@ def finalize_stats(stat_sums: torch.Tensor, n_tokens: torch.Tensor, cfg: PolicyL
     return out
 
 
+def batch_policy_terms(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg: PolicyLossConfig,
+                       normalizer=None, use_triton=False):
+    """policy_terms over a whole batch: (loss, grad_logp, stat_sums), by the Triton row kernel or in torch."""
+    if use_triton:
+        from gcpo_fast.kernels.policy_loss_triton import policy_loss_triton
+        return policy_loss_triton(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg, normalizer)
+    rows, weight, row_len, row_weight = batch_layout(mask, cu_seqlens, cfg, normalizer)
+    return policy_terms(logp, old_logp, ref_logp, advantages, weight, mask, rows, row_len, row_weight, cfg)
+
+
 class _PolicyLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg, normalizer):
-        rows, weight, row_len, row_weight = batch_layout(mask, cu_seqlens, cfg, normalizer)
-        loss, grad, stat_sums = policy_terms(logp, old_logp, ref_logp, advantages, weight, mask, rows,
-                                             row_len, row_weight, cfg)
+    def forward(ctx, logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg, normalizer, use_triton):
+        loss, grad, stat_sums = batch_policy_terms(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg,
+                                                   normalizer, use_triton)
         ctx.save_for_backward(grad)
         stats = finalize_stats(stat_sums, mask.float().sum(), cfg)
         ctx.mark_non_differentiable(*stats.values())
@@ -234,21 +246,25 @@ class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None, None, None, None
+        return grad * grad_loss, None, None, None, None, None, None, None, None
 
 
 def policy_loss(logp, old_logp, advantages, cu_seqlens, *, loss_type="gcpo", importance_sampling_level=None,
                 epsilon_low=None, epsilon_high=None, loss_agg_mode=None, delta=None, clip_ratio_c=None,
-                beta=0.0, ref_logp=None, normalizer=None, max_completion_length=None, mask=None):
+                beta=0.0, ref_logp=None, normalizer=None, max_completion_length=None, mask=None, backend=None):
     """The clipped surrogate on packed rows; returns (loss 0-d fp32, stats dict of 0-d tensors).
 
     logp [N] (differentiable), old_logp [N] or None (on-policy), advantages [B], cu_seqlens int32 [B+1],
     mask [N] bool or None (all tokens count). Options left as None take loss_type's recipe
-    (`LOSS_RECIPES`). Only logp receives a gradient.
+    (`LOSS_RECIPES`). Only logp receives a gradient. backend: "triton" (the CUDA default: one
+    row-parallel kernel) or "torch".
     """
+    if backend not in (None, "triton", "torch"):
+        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    use_triton = backend == "triton" or (backend is None and logp.is_cuda)
     cfg = PolicyLossConfig.resolve(loss_type, importance_sampling_level, epsilon_low, epsilon_high,
                                    loss_agg_mode, delta, clip_ratio_c, beta, max_completion_length)
     mask = check_policy_inputs(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg.beta)
     old = None if old_logp is None else old_logp.detach()
     ref = None if ref_logp is None else ref_logp.detach()
-    return _PolicyLoss.apply(logp, old, ref, advantages.detach(), cu_seqlens, mask, cfg, normalizer)
+    return _PolicyLoss.apply(logp, old, ref, advantages.detach(), cu_seqlens, mask, cfg, normalizer, use_triton)

@@ -66,13 +66,16 @@ def make_batch(lengths, seed, spread=0.3, dtype=torch.float64):
 LENGTHS = [5, 0, 13, 1, 7, 22]  # an empty row, a one-token row, odd sizes
 
 
-def _check(lengths, loss_type, level, agg, on_policy, seed=0, eps=(0.1, 0.15), **kw):
+def _check(lengths, loss_type, level, agg, on_policy, seed=0, eps=(0.1, 0.15), backend="torch", device="cpu", **kw):
     lp, old, ref, adv, cu = make_batch(lengths, seed)
     mask = kw.pop("mask", None)
-    lp32 = lp.float().requires_grad_()
-    loss, stats = policy_loss(lp32, None if on_policy else old.float(), adv.float(), cu, loss_type=loss_type,
-                              importance_sampling_level=level, epsilon_low=eps[0], epsilon_high=eps[1],
-                              loss_agg_mode=agg, ref_logp=ref.float(), max_completion_length=30, mask=mask, **kw)
+    lp32 = lp.float().to(device).requires_grad_()
+    on = dict(device=device)
+    loss, stats = policy_loss(lp32, None if on_policy else old.float().to(**on), adv.float().to(**on), cu.to(**on),
+                              loss_type=loss_type, importance_sampling_level=level, epsilon_low=eps[0],
+                              epsilon_high=eps[1], loss_agg_mode=agg, ref_logp=ref.float().to(**on),
+                              max_completion_length=30, mask=None if mask is None else mask.to(**on), backend=backend,
+                              **kw)
     loss.backward()
     lp64 = lp.clone().requires_grad_()
     expected = reference_policy_loss(lp64, None if on_policy else old, ref, adv, cu, loss_type=loss_type, level=level,
@@ -80,34 +83,57 @@ def _check(lengths, loss_type, level, agg, on_policy, seed=0, eps=(0.1, 0.15), *
                                      clip_c=kw.get("clip_ratio_c"), beta=kw.get("beta", 0.0), max_len=30,
                                      normalizer=kw.get("normalizer"), mask=mask)
     expected.backward()
-    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(lp32.grad.double(), lp64.grad, rtol=1e-4, atol=1e-6)
-    return stats
+    torch.testing.assert_close(loss.double().cpu(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lp32.grad.double().cpu(), lp64.grad, rtol=1e-4, atol=1e-6)
+    return {k: v.cpu() for k, v in stats.items()}
 
 
 @pytest.mark.parametrize("loss_type", list(LOSS_RECIPES))
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("agg", AGG_MODES)
 @pytest.mark.parametrize("on_policy", [False, True])
-def test_matches_reference_every_combination(loss_type, level, agg, on_policy):
-    _check(LENGTHS, loss_type, level, agg, on_policy)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_matches_reference_every_combination(loss_type, level, agg, on_policy, backend, device):
+    _check(LENGTHS, loss_type, level, agg, on_policy, backend=backend, device=device)
 
 
+def test_triton_row_kernel_stats_match_torch(device):
+    """The Triton row kernel's stats (not only loss and gradient) equal the torch path's."""
+    for level in ("token", "sequence"):
+        clipped = 0.0
+        for seed in range(3):
+            kw = dict(eps=(0.05, 0.05), beta=0.1, seed=seed)
+            torch_stats = _check(LENGTHS, "grpo", level, "seq-mean-token-mean", False, **kw)
+            triton_stats = _check(LENGTHS, "grpo", level, "seq-mean-token-mean", False, backend="triton",
+                                  device=device, **kw)
+            assert torch_stats.keys() == triton_stats.keys()
+            for k in torch_stats:
+                torch.testing.assert_close(triton_stats[k], torch_stats[k], rtol=1e-5, atol=1e-6)
+            clipped += float(torch_stats["clip_ratio/region_mean"])
+        assert clipped > 0  # the cases do clip
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("option", [dict(delta=1.3), dict(clip_ratio_c=1.1), dict(beta=0.04), dict(normalizer=17.0),
                                     dict(delta=1.3, clip_ratio_c=1.2, beta=0.1)])
-def test_options(level, option):
+def test_options(backend, device, level, option):
     for seed in range(3):
-        _check(LENGTHS, "grpo", level, "token-mean", False, seed=seed, eps=(0.05, 0.08), **option)
+        _check(LENGTHS, "grpo", level, "token-mean", False, seed=seed, eps=(0.05, 0.08), backend=backend,
+               device=device, **option)
 
 
-def test_mask_fully_ignored_row_and_single_token_batch():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mask_fully_ignored_row_and_single_token_batch(backend, device):
     mask = torch.ones(sum(LENGTHS), dtype=torch.bool)
     mask[5:18] = False  # the whole third row
     mask[-3:] = False
+    long_row = [600, 3]  # longer than the Triton kernel's token block
     for level in ("token", "sequence"):
-        _check(LENGTHS, "gcpo", level, "seq-mean-token-mean", False, mask=mask, eps=(0.05, 0.05))
-    _check([1], "dapo", "token", "token-mean", False)
+        _check(LENGTHS, "gcpo", level, "seq-mean-token-mean", False, mask=mask, eps=(0.05, 0.05), backend=backend,
+               device=device)
+        _check(long_row, "gcpo", level, "seq-mean-token-mean", False, backend=backend, device=device)
+    _check([1], "dapo", "token", "token-mean", False, backend=backend, device=device)
 
 
 def test_paper_defaults_per_loss_type():
