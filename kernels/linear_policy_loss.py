@@ -81,7 +81,9 @@ class LinearPolicyLossFunction(torch.autograd.Function):
                 needs_dx, needs_dw, needs_db)
             check_finite_lse(lse, hidden, weight, bias)
             loss, stat_sums = acc["loss"], acc["stats"]
-            ctx.save_for_backward(dx, dw, db)
+            # Kept on ctx (not save_for_backward) so the backward can scale them in place: one copy
+            # of dW at the peak, as in Liger. The price: one backward per forward.
+            ctx.grads = (dx, dw, db)
         else:
             logp, lse, ent = engine.linear_logprob_forward(hidden, weight, bias, targets, temperature, ignore_index,
                                                            compute_entropy, workspace_bytes=workspace_bytes)
@@ -101,7 +103,11 @@ class LinearPolicyLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         if ctx.fused:
-            dx, dw, db = (None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+            if ctx.grads is None:
+                raise RuntimeError("linear_policy_loss: the gradient-in-forward path supports one backward per "
+                                   "forward (retain_graph is not supported there)")
+            dx, dw, db = (None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads)
+            ctx.grads = None
         else:
             hidden, weight, bias, targets, lse, grad = ctx.saved_tensors
             temperature, ignore_index, engine, workspace_bytes, needs_dx, needs_dw, needs_db = ctx.recompute

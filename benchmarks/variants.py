@@ -1,0 +1,296 @@
+"""Inputs and variants of the loss benchmark (`python -m benchmarks.bench_loss`).
+
+`make_inputs` builds one realistic batch (peaked logits, targets sampled from the softmax, packed
+rows of mixed lengths). Each `build_<variant>(inp, case, ...)` returns a `Built`: a fwd+bwd
+callable (loss.backward(), leaving gradients on its leaves), a forward-only callable (per-token
+log-probs, as for old log-probs) and a `grads()` that reads dX (packed [N, d]) and dW back.
+A variant that cannot run here raises `Skip(reason)`; one with a fallback (a peer's other
+implementation) names it in `Built.fallback`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from gcpo_fast.kernels import PolicyLossConfig, linear_logprobs, linear_policy_loss, policy_loss
+from gcpo_fast.kernels.linear_policy_loss import plan_chunks
+from gcpo_fast.kernels.policy_loss import batch_layout
+
+MODELS = {  # (d, V) of the lm_head
+    "qwen0.5b": (896, 151936), "qwen1.5b": (1536, 151936), "qwen7b": (3584, 152064), "llama8b": (4096, 128256),
+}
+# The two cases: our loss_type, whether old log-probs are given, and the Liger options that match it.
+CASES = {
+    "onpolicy-token": dict(loss_type="dapo", off_policy=False, liger_loss_type="dapo"),
+    "offpolicy-seq": dict(loss_type="gcpo", off_policy=True, liger_loss_type="grpo"),
+}
+VARIANTS = ("naive", "torch", "triton", "liger", "cce", "gemm-floor")
+
+
+class Skip(Exception):
+    """The variant cannot run here; the message says why."""
+
+
+@dataclass
+class Built:
+    fwd_bwd: Callable[[], torch.Tensor]
+    fwd: Callable[[], torch.Tensor]
+    grads: Callable[[], tuple]
+    leaves: list
+    path: str
+    notes: list = field(default_factory=list)
+    tokens: int = 0                                  # tokens the variant computes logits for
+    fallback: Callable[[str], "Built"] | None = None
+
+
+# ---------------------------------------------------------------------------------------- inputs
+
+def _lengths(n: int, rows: int, min_long: int, gen) -> list[int]:
+    """Mixed row lengths summing to n (log-normal shares); when min_long < n / 2 the longest row is
+    made longer than min_long (the others shrink in proportion)."""
+    share = torch.exp(0.6 * torch.randn(rows, generator=gen))
+    share = share / share.sum()
+    big = int(share.argmax())
+    if rows > 1 and share[big] * n <= min_long < n // 2:
+        long_share = (min_long + 1) / n
+        share = share * (1 - long_share) / (1 - share[big])
+        share[big] = long_share
+    lengths = [max(1, int(x)) for x in (share * n).tolist()]
+    lengths[big] += n - sum(lengths)
+    while sum(lengths) > n:   # rounding short rows up to 1 overshot: take from the longest
+        lengths[lengths.index(max(lengths))] -= 1
+    return lengths
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits, -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def make_inputs(n, d, v, rows, dtype, device, temperature, target_entropy, old_noise, chunk_tokens, seed=0):
+    """One batch: hidden [N, d] and weight [V, d] (dtype) scaled so the mean per-token entropy of
+    softmax(hidden @ weight.T / T) is target_entropy nats; targets sampled from that softmax;
+    old log-probs = true log-probs + N(0, old_noise); advantages ~ N(0, 1) per row."""
+    gen = torch.Generator().manual_seed(seed)
+    w = (0.02 * torch.randn(v, d, generator=gen)).to(device)
+    h0 = torch.randn(n, d, generator=gen).to(device)
+    spread = torch.exp(0.5 * torch.randn(n, 1, generator=gen)).to(device)  # per-token confidence varies
+    h0 = h0 * spread
+    sample = torch.randperm(n, generator=gen)[: min(n, 128)].to(device)
+    base = h0[sample] @ w.T / temperature          # logits scale linearly with the hidden states
+    lo, hi = math.log(1e-3), math.log(1e4)         # bisect log(scale): entropy falls as the scale grows
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if _entropy(base * math.exp(mid)).mean() > target_entropy else (lo, mid)
+    hidden32 = h0 * math.exp(0.5 * (lo + hi))
+    hidden, weight = hidden32.to(dtype), w.to(dtype)
+    targets = torch.empty(n, dtype=torch.long, device=device)
+    true_logp = torch.empty(n, device=device)
+    for n0 in range(0, n, 256):                    # sample targets from the softmax, 256 rows at a time
+        logp = torch.log_softmax((hidden[n0:n0 + 256].float() @ weight.float().T) / temperature, -1)
+        targets[n0:n0 + 256] = torch.multinomial(logp.exp().cpu(), 1, generator=gen).squeeze(1).to(device)
+        true_logp[n0:n0 + 256] = logp.gather(1, targets[n0:n0 + 256, None]).squeeze(1)
+    check = torch.randperm(n, generator=gen)[: min(n, 256)].to(device)  # entropy of the final inputs
+    ent = _entropy((hidden[check].float() @ weight.float().T) / temperature).cpu()
+    lengths = _lengths(n, rows, chunk_tokens, gen)
+    cu = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
+    return dict(
+        hidden=hidden.cpu(), weight=weight.cpu(), targets=targets.cpu(), cu_seqlens=cu,
+        advantages=torch.randn(rows, generator=gen),
+        old_logp=(true_logp.cpu() + old_noise * torch.randn(n, generator=gen)),
+        temperature=temperature, lengths=lengths,
+        entropy=dict(mean=ent.mean().item(), p10=ent.quantile(0.1).item(), p50=ent.median().item(),
+                     p90=ent.quantile(0.9).item(), rows_sampled=len(check)))
+
+
+def torch_path(inp, case, workspace_bytes) -> str:
+    """Which path our torch backend takes for this case (the plan linear_policy_loss makes)."""
+    n, v = inp["hidden"].shape[0], inp["weight"].shape[0]
+    chunk = max(1, workspace_bytes // (4 * v))
+    cfg = PolicyLossConfig.resolve(CASES[case]["loss_type"])
+    whole_rows = cfg.importance_sampling_level == "sequence" and CASES[case]["off_policy"]
+    if plan_chunks(inp["cu_seqlens"], n, chunk, whole_rows) is None:
+        return f"recompute 8NVd (a row > chunk of {chunk} tokens)"
+    return f"grad-in-forward 6NVd (chunks of {chunk} tokens)"
+
+
+def to_device(inp, device):
+    return {k: (t.to(device) if isinstance(t, torch.Tensor) else t) for k, t in inp.items()}
+
+
+def _leaves(inp):
+    return inp["hidden"].requires_grad_(True), inp["weight"].requires_grad_(True)
+
+
+def _old(inp, case):
+    return inp["old_logp"] if CASES[case]["off_policy"] else None
+
+
+def ce_coefficients(inp, case):
+    """c_t = w_t * A_row: sum_t c_t * CE_t is the policy gradient without ratios (loss_type 'gpg') with
+    the case's aggregation weights w_t; on-policy its gradient equals the token-level loss's."""
+    cfg = PolicyLossConfig.resolve(CASES[case]["loss_type"])
+    mask = torch.ones_like(inp["targets"], dtype=torch.bool)
+    rows, weight, _, _ = batch_layout(mask, inp["cu_seqlens"], cfg)
+    return weight * inp["advantages"][rows]
+
+
+# -------------------------------------------------------------------------------------- variants
+
+def naive_logp(hidden, weight, targets, temperature):
+    logits = (hidden @ weight.T).float() / temperature
+    return torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
+
+
+def build_naive(inp, case, objective="policy", **_):
+    """Materialised [N, V] logits; `objective='ce'` is the advantage-weighted CE (CCE's reference)."""
+    x, w = _leaves(inp)
+    t, temp = inp["targets"], inp["temperature"]
+    coef = ce_coefficients(inp, case) if objective == "ce" else None
+
+    def fwd_bwd():
+        logp = naive_logp(x, w, t, temp)
+        if coef is not None:
+            loss = -(coef * logp).sum()
+        else:
+            loss = policy_loss(logp, _old(inp, case), inp["advantages"], inp["cu_seqlens"],
+                               loss_type=CASES[case]["loss_type"])[0]
+        loss.backward()
+        return loss
+
+    return Built(fwd_bwd, lambda: naive_logp(x, w, t, temp), lambda: (x.grad, w.grad), [x, w],
+                 "materialised logits", tokens=x.shape[0])
+
+
+def _build_ours(inp, case, backend, workspace_bytes):
+    x, w = _leaves(inp)
+    kw = dict(temperature=inp["temperature"], backend=backend, workspace_bytes=workspace_bytes)
+
+    def fwd_bwd():
+        loss = linear_policy_loss(x, w, inp["targets"], _old(inp, case), inp["advantages"], inp["cu_seqlens"],
+                                  loss_type=CASES[case]["loss_type"], **kw)[0]
+        loss.backward()
+        return loss
+
+    path = torch_path(inp, case, workspace_bytes) if backend == "torch" else "recompute 8NVd (triton backend)"
+    return Built(fwd_bwd, lambda: linear_logprobs(x, w, inp["targets"], **kw), lambda: (x.grad, w.grad),
+                 [x, w], path, tokens=x.shape[0])
+
+
+def build_torch(inp, case, workspace_bytes, **_):
+    return _build_ours(inp, case, "torch", workspace_bytes)
+
+
+def build_triton(inp, case, workspace_bytes, **_):
+    if not torch.cuda.is_available() or inp["hidden"].device.type != "cuda":
+        raise Skip("backend='triton' needs a CUDA device (none here)")
+    return _build_ours(inp, case, "triton", workspace_bytes)
+
+
+def build_liger(inp, case, compiled=True, **_):
+    """Liger's LigerFusedLinearGRPOLoss on the padded [B, T_max, d] layout it takes."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+        from liger_kernel.chunked_loss.fused_linear_ppo import LigerFusedLinearPPOBase
+    except ImportError as e:
+        raise Skip(f"liger_kernel not importable: {e}")
+    cu, dev = inp["cu_seqlens"].long(), inp["hidden"].device
+    lengths = (cu[1:] - cu[:-1])
+    b, t_max, d = lengths.numel(), int(lengths.max()), inp["hidden"].shape[1]
+    row = torch.repeat_interleave(torch.arange(b, device=dev), lengths)
+    pos = torch.arange(cu[-1].item(), device=dev) - cu[:-1][row]
+    xp = torch.zeros(b, t_max, d, dtype=inp["hidden"].dtype, device=dev)
+    xp[row, pos] = inp["hidden"]
+    xp.requires_grad_(True)
+    w = inp["weight"].requires_grad_(True)
+    inp["hidden"] = None                            # the padded copy is the input now
+    ids = torch.zeros(b, t_max, dtype=torch.long, device=dev)
+    ids[row, pos] = inp["targets"]
+    mask = torch.zeros(b, t_max, device=dev)
+    mask[row, pos] = 1.0
+    old = None
+    if CASES[case]["off_policy"]:
+        old = torch.zeros(b, t_max, device=dev)
+        old[row, pos] = inp["old_logp"]
+    ours = PolicyLossConfig.resolve(CASES[case]["loss_type"])
+    opts = dict(beta=0.0, use_ref_model=False, chunk_size=1, temperature=inp["temperature"],
+                loss_type=CASES[case]["liger_loss_type"], importance_sampling_level=ours.importance_sampling_level,
+                epsilon_low=ours.epsilon_low, epsilon_high=ours.epsilon_high)
+    loss_fn = LigerFusedLinearGRPOLoss(compiled=compiled, **opts)
+
+    def fwd_bwd():
+        loss = loss_fn(xp, w, ids, mask, inp["advantages"], old_per_token_logps=old)[0]
+        loss.backward()
+        return loss
+
+    notes = [f"Liger options: {opts}, compiled={compiled} (ours: loss_type={ours.loss_type}, "
+             f"{ours.importance_sampling_level}-level, eps {ours.epsilon_low}/{ours.epsilon_high}, "
+             f"{ours.loss_agg_mode}, no KL)",
+             f"padded layout [B={b}, T_max={t_max}]: logits for {b * t_max} token slots vs N={len(row)} packed; "
+             "forward-only = LigerFusedLinearPPOBase.chunk_forward (its selective log-prob)"]
+    built = Built(fwd_bwd, lambda: LigerFusedLinearPPOBase.chunk_forward(xp, w, ids, temperature=inp["temperature"])
+                  [row, pos], lambda: (None if xp.grad is None else xp.grad[row, pos], w.grad), [xp, w],
+                  "per row chunk: fwd + autograd.grad in the forward (8NVd, recompute)", notes, b * t_max)
+    if compiled:
+        def fallback(reason):
+            inp["hidden"] = xp.detach()[row, pos]
+            again = build_liger(inp, case, compiled=False)
+            again.notes.insert(0, f"compiled=True failed ({reason}); ran with compiled=False")
+            return again
+        built.fallback = fallback
+    return built
+
+
+def build_cce(inp, case, impl=None, **_):
+    """Cut Cross-Entropy as the linear cross-entropy floor: sum_t c_t CE_t with c_t = w_t A_row."""
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError as e:
+        raise Skip(f"cut_cross_entropy not importable: {e}")
+    impl = impl or "cce"
+    x, w = _leaves(inp)
+    coef, t, temp = ce_coefficients(inp, case), inp["targets"], inp["temperature"]
+
+    def nll():
+        return linear_cross_entropy(x if temp == 1.0 else x / temp, w, t, reduction="none", impl=impl)
+
+    def fwd_bwd():
+        loss = (coef * nll()).sum()
+        loss.backward()
+        return loss
+
+    notes = [f"CCE impl={impl!r}" + (", filter_eps='high' (its default gradient filter)" if impl == "cce" else "")
+             + ": it computes a cross-entropy, not a policy loss; objective sum_t w_t A_row "
+             "CE_t (= loss_type 'gpg' with this case's aggregation), checked against naive on that objective"]
+    if impl == "torch_compile":
+        notes.append("impl='torch_compile' is torch.compile of (e @ c.T -> cross_entropy): it materialises [N, V]")
+    built = Built(fwd_bwd, lambda: -nll(), lambda: (x.grad, w.grad), [x, w], f"linear CE ({impl})", notes,
+                  x.shape[0])
+    if impl == "cce":
+        def fallback(reason):
+            again = build_cce(inp, case, impl="torch_compile")
+            again.notes.insert(0, f"impl='cce' failed ({reason}); fell back to impl='torch_compile'")
+            return again
+        built.fallback = fallback
+    return built
+
+
+def build_gemm_floor(inp, case, **_):
+    """The bare GEMM triplet X W^T, dZ W, dZ^T X (torch.matmul): 6NVd, the floor of any fused loss."""
+    x, w = inp["hidden"], inp["weight"]
+    dz = torch.randn(x.shape[0], w.shape[0], device=x.device).to(x.dtype) * 1e-3
+
+    def fwd_bwd():
+        z = x @ w.T
+        del z
+        return (dz @ w, dz.T @ x)
+
+    return Built(fwd_bwd, lambda: x @ w.T, lambda: (None, None), [], "3 GEMMs, no softmax", tokens=x.shape[0],
+                 notes=["gemm-floor: its dZ [N, V] is one of its inputs; its memory includes the [N, V] product"])
+
+
+BUILDERS = {"naive": build_naive, "torch": build_torch, "triton": build_triton, "liger": build_liger,
+            "cce": build_cce, "gemm-floor": build_gemm_floor}
