@@ -1,0 +1,151 @@
+"""Checkpoints that a crash cannot break and that resume a run exactly.
+
+    from gcpo_fast.checkpoint import save_checkpoint, load_checkpoint, find_checkpoint
+
+    save_checkpoint("runs/x", step, model, tokenizer, state, rank_state, config=cfg.to_dict(), save_total_limit=3)
+    path = find_checkpoint("runs/x", "latest")        # or a given checkpoint folder; raises if there is none
+    state, rank_state = load_checkpoint(path)          # also restores this rank's RNG states
+
+    AutoModelForCausalLM.from_pretrained("runs/x/checkpoint-100")   # a checkpoint is a Hugging Face folder
+
+Layout of output_dir/checkpoint-<step>/:
+    config.json, generation_config.json, model.safetensors, tokenizer files   the model, as save_pretrained writes it
+    trainer_state.pt      optimizer, scheduler, data-sampler cursor, step, counters (what all ranks share)
+    rank_<rank>.pt        each rank's own: python, numpy, torch and CUDA RNG states, the unfinished rollout buffer
+    train_config.yaml     the run's options, for the record
+
+Atomicity: everything is written into output_dir/.tmp-checkpoint-<step>, every file and the folder are
+fsynced, and only then is the folder renamed to checkpoint-<step> (a rename within one file system is
+atomic). A crash mid-write leaves a .tmp- folder, never a checkpoint-<step> that is incomplete, so
+"latest" is always loadable; stale .tmp- folders are removed by the next save. Old checkpoints beyond
+save_total_limit are renamed away before they are deleted, for the same reason.
+"""
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+STATE_FILE = "trainer_state.pt"
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders holding them
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict:
+    """This process's RNG states, in types torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(output_dir) -> list[Path]:
+    """The complete checkpoints of output_dir, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir()
+             if (m := CHECKPOINT_RE.fullmatch(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def find_checkpoint(output_dir, resume: str) -> Path:
+    """The checkpoint --resume names: "latest" (the newest in output_dir) or a checkpoint folder."""
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume: no checkpoint-<step> folder with {STATE_FILE} in {output_dir}")
+        return found[-1]
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE})")
+    return path
+
+
+def save_checkpoint(output_dir, step: int, model, tokenizer, state: dict, rank_state: dict, *, config: dict,
+                    save_total_limit: int | None = None) -> Path:
+    """Write checkpoint-<step> atomically (see the module docstring). Every rank calls it and writes its
+    rank_state and RNG states; rank 0 writes the model and `state`, which all ranks share."""
+    rank, world = _dist()
+    output_dir = Path(output_dir)
+    tmp, final = output_dir / f".tmp-checkpoint-{step}", output_dir / f"checkpoint-{step}"
+    if rank == 0:
+        for stale in output_dir.glob(".tmp-checkpoint-*"):
+            shutil.rmtree(stale)
+        tmp.mkdir(parents=True)
+    _barrier()
+    torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank_{rank}.pt")
+    _barrier()
+    if rank == 0:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save({**state, "world_size": world}, tmp / STATE_FILE)
+        (tmp / "train_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        _fsync_tree(tmp)
+        if final.exists():  # the same step saved before (a resumed run): move the old one out of the way first
+            old = output_dir / f".tmp-old-checkpoint-{step}"
+            os.replace(final, old)
+            shutil.rmtree(old)
+        os.replace(tmp, final)
+        _fsync_dir(output_dir)
+        if save_total_limit is not None:
+            for path in list_checkpoints(output_dir)[:-save_total_limit]:
+                doomed = output_dir / f".tmp-{path.name}"
+                os.replace(path, doomed)
+                shutil.rmtree(doomed)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path) -> tuple[dict, dict]:
+    """(shared state, this rank's state) of a checkpoint; restores this rank's RNG states as a side effect."""
+    path = Path(path)
+    rank, world = _dist()
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    if state["world_size"] != world:
+        raise ValueError(f"{path} was written by {state['world_size']} processes; resuming it with {world} would not "
+                         "continue the same run (each rank's data and RNG differ)")
+    rank_state = torch.load(path / f"rank_{rank}.pt", map_location="cpu", weights_only=True)
+    set_rng_state(rank_state.pop("rng"))
+    return state, rank_state

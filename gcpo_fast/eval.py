@@ -1,0 +1,103 @@
+"""Accuracy on held-out problems: mean@k and pass@k.
+
+    python -m gcpo_fast.eval                                                   # shipped model, builtin held-out split
+    python -m gcpo_fast.eval --model runs/gcpo/checkpoint-200 --num_samples 8  # 8 samples per problem
+    python -m gcpo_fast.eval --model DIR --dataset test.jsonl --num_problems 500 --output eval.json
+
+With k = num_samples completions per problem (greedy decoding when k = 1, else sampling at
+--temperature), c of them correct (math-verify against the record's answer):
+    mean@k = mean over problems of c / k
+    pass@j = mean over problems of 1 - C(k - c, j) / C(k, j)   for j = 1, 2, 4, ..., k
+the unbiased estimator of Chen et al. (2021) of the chance that j samples hold a correct one
+(pass@1 = mean@k; pass@k = the share of problems with at least one correct sample).
+The trainer calls `evaluate` every --eval_steps and logs eval/mean@k and eval/pass@j.
+"""
+import argparse
+import json
+import math
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gcpo_fast.config import DEFAULT_MODEL, TrainConfig
+from gcpo_fast.rewards import math_reward
+from gcpo_fast.rollout import encode_prompts, generate
+from gcpo_fast.sources import load_records
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def summarize(correct: list[int], num_samples: int) -> dict[str, float]:
+    """eval/mean@k and eval/pass@j (j = 1, 2, 4, ..., k) from per-problem correct counts."""
+    ks = sorted({2 ** i for i in range(num_samples.bit_length()) if 2 ** i <= num_samples} | {num_samples})
+    out = {f"eval/mean@{num_samples}": sum(correct) / (num_samples * len(correct))}
+    for k in ks:
+        out[f"eval/pass@{k}"] = sum(pass_at_k(num_samples, c, k) for c in correct) / len(correct)
+    return out
+
+
+def count_correct(model, tokenizer, records: list[dict], *, num_samples: int = 1, max_prompt_length: int = 256,
+                  max_completion_length: int = 128, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                  batch_size: int = 32, seed: int = 0) -> list[int]:
+    """How many of num_samples completions of each record are correct. The global RNG is left as it was
+    (a training run that evaluates draws the same samples as one that does not)."""
+    correct = []
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for start in range(0, len(records), batch_size):
+            batch = records[start : start + batch_size]
+            prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in batch], max_prompt_length)
+            out = generate(model, tokenizer, prompt_ids, num_samples, max_completion_length=max_completion_length,
+                           temperature=temperature, top_p=top_p, top_k=top_k, greedy=num_samples == 1)
+            rewards = math_reward(out.texts, [r["answer"] for r in batch for _ in range(num_samples)])
+            correct += [int(sum(rewards[i * num_samples : (i + 1) * num_samples])) for i in range(len(batch))]
+    return correct
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m gcpo_fast.eval", description="mean@k and pass@k on held-out problems")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face model folder (default: the shipped model)")
+    ap.add_argument("--dataset", default="builtin", help="'builtin' (its held-out split) or a .jsonl/.parquet file")
+    ap.add_argument("--num_problems", type=int, default=200, help="problems to evaluate (the first ones of a file)")
+    ap.add_argument("--num_samples", type=int, default=1, help="completions per problem, k (1: greedy)")
+    ap.add_argument("--max_prompt_length", type=int, default=TrainConfig.max_prompt_length)
+    ap.add_argument("--max_completion_length", type=int, default=TrainConfig.max_completion_length)
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature when k > 1")
+    ap.add_argument("--top_p", type=float, default=1.0)
+    ap.add_argument("--top_k", type=int, default=0)
+    ap.add_argument("--batch_size", type=int, default=32, help="problems per generate call")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompt_column", default="prompt")
+    ap.add_argument("--answer_column", default=None, help="default: extracted from --golden_column")
+    ap.add_argument("--golden_column", default="solution")
+    ap.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    args = ap.parse_args(argv)
+    if args.num_samples < 1 or args.num_problems < 1:
+        ap.error("--num_samples and --num_problems must be >= 1")
+    try:
+        records = load_records(args.dataset, split="test", num_problems=args.num_problems, prompt_column=args.prompt_column,
+                               golden_column=args.golden_column, answer_column=args.answer_column)[: args.num_problems]
+    except ValueError as e:
+        ap.error(str(e))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
+    correct = count_correct(model, tokenizer, records, num_samples=args.num_samples,
+                            max_prompt_length=args.max_prompt_length, max_completion_length=args.max_completion_length,
+                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            batch_size=args.batch_size, seed=args.seed)
+    metrics = {"num_problems": len(records), **summarize(correct, args.num_samples)}
+    print(json.dumps(metrics, indent=2))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

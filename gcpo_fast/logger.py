@@ -1,0 +1,73 @@
+"""Run logging: one JSON line per step in metrics.jsonl, sample rollouts in samples.jsonl, optional
+TensorBoard / W&B, and a compact console line every logging_steps.
+
+    from gcpo_fast.logger import RunLogger
+
+    log = RunLogger("runs/x", report_to=["tensorboard"], config=cfg.to_dict(), logging_steps=10, resume_step=None)
+    log.metrics(step, {"reward": 0.4, "loss": 0.01, ...})
+    log.samples(step, [{"prompt": ..., "completion": ..., "reward": 1.0, "golden": False}, ...])
+    log.close()
+
+Only rank 0 logs (the trainer creates a RunLogger there only). On resume, lines of steps after the
+checkpoint (written before the run stopped) are dropped from both files, so each step appears once.
+TensorBoard needs the `tensorboard` package and W&B the `wandb` package; the config check asks for them
+before the run starts (W&B reads WANDB_PROJECT etc. from the environment as usual).
+"""
+import json
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+CONSOLE_KEYS = ("reward", "reward_std", "gcpo/golden_rows", "completions/mean_length", "loss", "grad_norm", "entropy",
+                "step_time")
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+             if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(lines), encoding="utf-8")
+
+
+class RunLogger:
+    def __init__(self, output_dir, *, report_to: list[str], config: dict, logging_steps: int, resume_step: int | None):
+        self.dir, self.logging_steps = Path(output_dir), logging_steps
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            if resume_step is None:
+                (self.dir / name).unlink(missing_ok=True)
+            else:
+                _truncate_after(self.dir / name, resume_step)
+        self.tensorboard = self.wandb = None
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(self.dir / "tensorboard"))
+        if "wandb" in report_to:
+            import wandb
+
+            self.wandb = wandb.init(config=config, dir=str(self.dir), resume="allow")
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if step % self.logging_steps:
+            return
+        shown = [k for k in CONSOLE_KEYS if k in values] + [k for k in values if k.startswith("eval/")]
+        tqdm.write(f"step {step}: " + "  ".join(f"{k} {values[k]:.4g}" for k in shown))
+        if self.tensorboard is not None:
+            for k, v in values.items():
+                self.tensorboard.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def samples(self, step: int, rows: list[dict]) -> None:
+        with open(self.dir / "samples.jsonl", "a", encoding="utf-8") as f:
+            f.writelines(json.dumps({"step": step, **row}) + "\n" for row in rows)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()

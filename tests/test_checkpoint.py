@@ -1,0 +1,132 @@
+"""Checkpoints: Hugging Face folders with trainer state, written atomically, pruned, and a resumed run that
+ends with exactly the weights of the uninterrupted one."""
+import json
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gcpo_fast.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from gcpo_fast.config import parse_config
+from gcpo_fast.train import train
+from tiny_model import make_tiny_model, one_thread, write_jsonl  # noqa: F401 (one_thread: fixture)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    path = make_tiny_model(tmp_path / "model")
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def save(out, step, tiny, limit=None, **state):
+    model, tokenizer = tiny
+    return save_checkpoint(out, step, model, tokenizer, {"step": step, **state}, {"buffer": []}, config={"seed": 1},
+                           save_total_limit=limit)
+
+
+def test_round_trip(tmp_path, tiny):
+    model, _ = tiny
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    optimizer.step()
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    path = save(tmp_path / "run", 7, tiny, optimizer=optimizer.state_dict())
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+
+    state, rank_state = load_checkpoint(path)
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(3), expected[2])
+    assert state["step"] == 7 and rank_state == {"buffer": []}
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    fresh.load_state_dict(state["optimizer"])
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert (path / "model.safetensors").is_file() and (path / "train_config.yaml").is_file()
+    AutoTokenizer.from_pretrained(path)
+
+
+def test_a_crash_mid_write_leaves_the_previous_checkpoint_latest(tmp_path, tiny, monkeypatch):
+    out = tmp_path / "run"
+    first = save(out, 1, tiny)
+    monkeypatch.setattr(tiny[1], "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        save(out, 2, tiny)
+    assert (out / ".tmp-checkpoint-2").is_dir() and not (out / "checkpoint-2").exists()
+    assert find_checkpoint(out, "latest") == first
+    monkeypatch.undo()
+    assert save(out, 2, tiny) == find_checkpoint(out, "latest") and not (out / ".tmp-checkpoint-2").exists()
+
+
+def test_save_total_limit_and_resave(tmp_path, tiny):
+    out = tmp_path / "run"
+    for step in (1, 2, 3, 10):
+        save(out, step, tiny, limit=2)
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-3", "checkpoint-10"]  # numeric order, not text
+    save(out, 10, tiny, limit=2, marker=1)  # the same step again (a resumed run) replaces it
+    assert torch.load(out / "checkpoint-10" / "trainer_state.pt", weights_only=True)["marker"] == 1
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_find_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint-<step> folder"):
+        find_checkpoint(tmp_path, "latest")
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        find_checkpoint(tmp_path, str(tmp_path))
+
+
+def run_config(tmp_path, output_dir, *extra):
+    data = tmp_path / "train.jsonl"
+    if not data.exists():
+        write_jsonl(data, n=12)
+        make_tiny_model(tmp_path / "model")
+    # steps_per_generation 3 > gradient_accumulation_steps 1: a generation round covers 3 optimizer steps, so
+    # the checkpoint at step 2 falls in the middle of a round (its buffer and old log-probs must survive),
+    # and dapo's dynamic sampling is off but its overlong shaping and token-level clipping are on.
+    return parse_config(["--model", str(tmp_path / "model"), "--dataset", str(data), "--output_dir", str(output_dir),
+                         "--num_generations", "2", "--per_device_train_batch_size", "4", "--steps_per_generation", "3",
+                         "--max_completion_length", "8", "--max_steps", "4", "--save_steps", "2",
+                         "--learning_rate", "1e-2", "--eval_steps", "0", "--lr_scheduler_type", "cosine",
+                         "--warmup_ratio", "0.25", *extra])
+
+
+@pytest.mark.parametrize("extra", [
+    ["--loss_type", "gcpo", "--reward_funcs", "tiny_model:zero_reward"],
+    ["--loss_type", "dapo", "--dynamic_sampling", "false", "--num_iterations", "2"],
+])
+def test_resume_gives_the_uninterrupted_weights(tmp_path, one_thread, extra):
+    whole = tmp_path / "whole"
+    train(run_config(tmp_path, whole, *extra))  # 4 steps, checkpoints at 2 and 4
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    train(run_config(tmp_path, resumed, *extra, "--resume"))  # steps 3 and 4 from the copy of checkpoint-2
+
+    a, b = load_file(whole / "checkpoint-4" / "model.safetensors"), load_file(resumed / "checkpoint-4" / "model.safetensors")
+    b2 = load_file(whole / "checkpoint-2" / "model.safetensors")
+    assert any(not torch.equal(a[k], b2[k]) for k in a)  # steps 3-4 did change the weights
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert metrics(whole)[2:] == metrics(resumed)  # the same steps 3 and 4, logged once
+
+
+def metrics(run):
+    """metrics.jsonl lines without the timings"""
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in m.items() if k not in ("step_time", "tokens_per_second")} for m in lines]
+
+
+def test_resumed_logs_drop_the_steps_after_the_checkpoint(tmp_path):
+    from gcpo_fast.logger import RunLogger
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": s}) + "\n" for s in range(5)))
+    log = RunLogger(tmp_path, report_to=[], config={}, logging_steps=1, resume_step=2)
+    log.metrics(3, {"loss": 9.0})
+    assert [(m["step"], m["loss"]) for m in metrics(tmp_path)] == [(0, 0), (1, 1), (2, 2), (3, 9.0)]
+    RunLogger(tmp_path, report_to=[], config={}, logging_steps=1, resume_step=None)  # a fresh run starts over
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -1,0 +1,66 @@
+"""Evaluation: the unbiased pass@k estimator by hand, mean@k / pass@k summaries, and the CLI on a tiny model."""
+import json
+import math
+
+import pytest
+import torch
+
+from gcpo_fast.eval import count_correct, main, pass_at_k, summarize
+from tiny_model import make_tiny_model, one_thread, write_jsonl  # noqa: F401 (one_thread: fixture)
+
+
+def test_pass_at_k_by_hand():
+    # n = 5 samples, c = 2 correct: pass@1 = 2/5; pass@2 = 1 - C(3,2)/C(5,2) = 1 - 3/10;
+    # pass@3 = 1 - C(3,3)/C(5,3) = 1 - 1/10; pass@4 = 1 (any 4 of 5 hold a correct one).
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert pass_at_k(5, 2, 2) == pytest.approx(0.7)
+    assert pass_at_k(5, 2, 3) == pytest.approx(0.9)
+    assert pass_at_k(5, 2, 4) == 1.0
+    assert pass_at_k(5, 0, 5) == 0.0 and pass_at_k(1, 1, 1) == 1.0
+    with pytest.raises(ValueError):
+        pass_at_k(5, 6, 1)
+
+
+def test_pass_at_k_is_the_chance_that_k_draws_hold_a_correct_one():
+    # brute force over all k-subsets of n samples of which the first c are correct
+    from itertools import combinations
+
+    n, c, k = 6, 2, 3
+    subsets = list(combinations(range(n), k))
+    assert pass_at_k(n, c, k) == pytest.approx(sum(any(i < c for i in s) for s in subsets) / len(subsets))
+
+
+def test_summarize():
+    out = summarize([0, 2, 4], num_samples=4)
+    assert out["eval/mean@4"] == pytest.approx(6 / 12)
+    assert out["eval/pass@1"] == pytest.approx(6 / 12)
+    assert out["eval/pass@2"] == pytest.approx((0 + (1 - math.comb(2, 2) / math.comb(4, 2)) + 1) / 3)
+    assert out["eval/pass@4"] == pytest.approx(2 / 3)
+    assert set(summarize([1], num_samples=1)) == {"eval/mean@1", "eval/pass@1"}
+    assert set(summarize([1], num_samples=6)) == {"eval/mean@6", "eval/pass@1", "eval/pass@2", "eval/pass@4", "eval/pass@6"}
+
+
+def test_count_correct_leaves_the_global_rng_alone(tmp_path, one_thread):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = make_tiny_model(tmp_path / "model")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    records = [{"prompt": "What is 1 + 2?", "answer": "3"}, {"prompt": "What is 2 + 2?", "answer": "4"}]
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    a = count_correct(model, tokenizer, records, num_samples=3, max_completion_length=4, seed=5)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert a == count_correct(model, tokenizer, records, num_samples=3, max_completion_length=4, seed=5)
+    assert len(a) == 2 and all(0 <= c <= 3 for c in a)
+
+
+def test_cli(tmp_path, capsys, one_thread):
+    path = make_tiny_model(tmp_path / "model")
+    data = write_jsonl(tmp_path / "test.jsonl", n=5)
+    main(["--model", str(path), "--dataset", str(data), "--num_samples", "2", "--max_completion_length", "4",
+          "--output", str(tmp_path / "eval.json")])
+    metrics = json.loads((tmp_path / "eval.json").read_text())
+    assert metrics["num_problems"] == 5
+    assert set(metrics) == {"num_problems", "eval/mean@2", "eval/pass@1", "eval/pass@2"}
+    assert metrics["eval/pass@1"] == pytest.approx(metrics["eval/mean@2"])
+    assert '"eval/mean@2"' in capsys.readouterr().out

@@ -1,0 +1,87 @@
+"""A tiny causal LM and tokenizer built from nothing, for the trainer's tests (a helper module, not conftest).
+
+    from tiny_model import make_tiny_model, write_jsonl, one_thread   # one_thread: a fixture
+    model_dir = make_tiny_model(tmp_path / "model")          # Qwen2, hidden 32, 2 layers; byte-level BPE tokenizer
+    data = write_jsonl(tmp_path / "train.jsonl", n=16)       # TRL layout: prompt + solution ending in \\boxed{}
+
+Nothing is downloaded: the tokenizer is a byte-level BPE trained on a few lines with the `tokenizers`
+library (exact round trip of any text), wrapped in PreTrainedTokenizerFast with <eos>/<pad> and an
+optional chat template; the model is randomly initialised from a seed. Both are saved with
+save_pretrained, so the folder loads like any Hugging Face model.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIAL = ["<pad>", "<eos>", "<|user|>", "<|assistant|>", "<|system|>"]
+
+
+def problem(i: int) -> dict:
+    a, b = i % 7 + 1, i % 5 + 2
+    return {"prompt": f"What is {a} + {b}?", "solution": f"{a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}."}
+
+
+def make_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    lines = [problem(i)["prompt"] + " " + problem(i)["solution"] for i in range(40)]
+    tok.train_from_iterator(lines, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_model(path, *, chat_template: bool = True, tied: bool = True, seed: int = 0) -> Path:
+    """Save a random tiny Qwen2 causal LM and its tokenizer to `path`; returns the path."""
+    path = Path(path)
+    tokenizer = make_tokenizer(chat_template)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         tie_word_embeddings=tied, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path, n: int = 16, rows=None) -> Path:
+    """A TRL-layout JSONL file of n tiny addition problems (or the given rows)."""
+    path = Path(path)
+    rows = [problem(i) for i in range(n)] if rows is None else rows
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def zero_reward(prompts, completions, **columns):
+    """A reward function that says every completion is wrong (so every group gets a golden row)."""
+    return [0.0] * len(completions)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread while the test runs. Tiny matmuls gain nothing from a thread pool, and on a busy
+    machine the pool's synchronisation stalls them (seen here: 17 ms per [20, 32] x [32, 64] matmul with
+    2 threads under load, 3 us with 1)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def even_answer_reward(prompts, completions, answer, **columns):
+    """Varied rewards (1, 0, 1, 0, ...) for prompts whose answer is even, all 0 for odd ones: half the groups
+    carry a signal (for DAPO's dynamic sampling and GPG's valid-row counting)."""
+    return [float(k % 2 == 0 and int(a) % 2 == 0) for k, a in enumerate(answer)]
