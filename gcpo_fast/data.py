@@ -221,3 +221,29 @@ class PromptSampler:
             )
         self.epoch, self.index, self.seed = state["epoch"], state["index"], state["seed"]
         self._order = self._epoch_order()
+
+
+def main(argv=None) -> None:
+    """`python -m gcpo_fast.data --export DIR`: write the shipped math task (gcpo_fast.tasks) as DIR/train.jsonl
+    and DIR/test.jsonl in TRL's layout (prompt, solution; plus answer and level), readable by load_prompts."""
+    import argparse
+
+    from gcpo_fast.tasks import heldout_split, train_split
+
+    ap = argparse.ArgumentParser(prog="python -m gcpo_fast.data", description=main.__doc__.split("\n")[0])
+    ap.add_argument("--export", type=Path, required=True, metavar="DIR", help="folder to write train.jsonl, test.jsonl")
+    ap.add_argument("--train-size", type=int, default=4096)
+    ap.add_argument("--test-size", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    args.export.mkdir(parents=True, exist_ok=True)
+    for name, records in (("train", train_split(args.train_size, seed=args.seed)),
+                          ("test", heldout_split(args.test_size, seed=args.seed))):
+        path = args.export / f"{name}.jsonl"
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        print(f"wrote {len(records)} {name} problems to {path}")
+
+
+if __name__ == "__main__":
+    main()

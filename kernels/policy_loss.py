@@ -16,7 +16,8 @@ Aggregation modes (verl's `loss_agg_mode` names) and what `normalizer` replaces:
     token-mean               w = 1 / normalizer      default: number of unmasked tokens here
     seq-mean-token-mean      w = 1 / (normalizer |o_i|)   default normalizer: rows B
     seq-mean-token-sum       w = 1 / normalizer      default: rows B
-    seq-mean-token-sum-norm  w = 1 / normalizer      default: max_completion_length (Dr. GRPO's L)
+    seq-mean-token-sum-norm  w = 1 / normalizer      default: max_completion_length (Dr. GRPO's L, as
+                                                     verl; TRL and the trainer divide by B * L: pass that)
 A trainer that splits one optimizer step over micro-batches and ranks passes the step's global
 count (divided by the world size under DDP, which averages gradients) so the weighting does not
 depend on the split.
