@@ -72,16 +72,19 @@ def _exp_and_weighted_sum(zc):
     return zc.sum(1), wsum
 
 
+def _forward_setup(hidden, weight, targets, ignore_index, with_entropy):
+    """Contiguous inputs, int64 targets, the valid-token mask and the [N] fp32 outputs."""
+    n, dev = hidden.shape[0], hidden.device
+    t = targets.long()
+    ent = torch.zeros(n, device=dev) if with_entropy else None
+    return (hidden.contiguous(), weight.contiguous(), t, t != ignore_index, torch.zeros(n, device=dev),
+            torch.empty(n, device=dev), ent)
+
+
 def linear_logprob_forward(hidden, weight, bias, targets, temperature, ignore_index, with_entropy,
                            workspace_bytes=WORKSPACE_BYTES):
-    n, v = hidden.shape[0], weight.shape[0]
-    dev = hidden.device
-    x, w = hidden.contiguous(), weight.contiguous()
-    t = targets.long()
-    valid = t != ignore_index
-    inv_t = 1.0 / temperature
-    logp, lse = torch.zeros(n, device=dev), torch.empty(n, device=dev)
-    ent = torch.zeros(n, device=dev) if with_entropy else None
+    n, v, dev, inv_t = hidden.shape[0], weight.shape[0], hidden.device, 1.0 / temperature
+    x, w, t, valid, logp, lse, ent = _forward_setup(hidden, weight, targets, ignore_index, with_entropy)
     tn, tv = _tile_shape(n, v, workspace_bytes)
     buf = torch.empty(tn * tv, device=dev)
     for n0 in range(0, n, tn):
@@ -188,14 +191,8 @@ def linear_logprob_forward_backward(hidden, weight, bias, targets, temperature, 
     (and entropy) -> g = grad_fn(n0, n1, logp_chunk) -> dZ -> dX, dW, db. The chunks cover [0, N) in
     order; their size bounds the workspace (chunk x V fp32). Returns (logp, lse, entropy, dX, dW, db).
     """
-    n, v = hidden.shape[0], weight.shape[0]
-    dev = hidden.device
-    x, w = hidden.contiguous(), weight.contiguous()
-    t = targets.long()
-    valid = t != ignore_index
-    inv_t = 1.0 / temperature
-    logp, lse = torch.zeros(n, device=dev), torch.empty(n, device=dev)
-    ent = torch.zeros(n, device=dev) if with_entropy else None
+    n, v, dev, inv_t = hidden.shape[0], weight.shape[0], hidden.device, 1.0 / temperature
+    x, w, t, valid, logp, lse, ent = _forward_setup(hidden, weight, targets, ignore_index, with_entropy)
     dx32, dw32, db32 = _grad_buffers(hidden, weight, needs_dx, needs_dw, needs_db)
     buf = torch.empty(max((n1 - n0 for n0, n1 in chunks), default=0) * v, device=dev)
     for n0, n1 in chunks:
