@@ -17,6 +17,7 @@ setup(
     python_requires=">=3.10",
     packages=["gcpo_fast", "gcpo_fast.kernels"],
     package_dir={"gcpo_fast": "gcpo_fast", "gcpo_fast.kernels": "kernels"},
+    package_data={"gcpo_fast": ["assets/default_model/*"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.1",

@@ -1,0 +1,67 @@
+"""The shipped default model (gcpo_fast/assets/default_model): loads with Auto classes, tokenizes, generates, stops."""
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gcpo_fast.make_default_model import DEFAULT_OUT
+from gcpo_fast.rewards import math_reward
+from gcpo_fast.tasks import generate_problems, heldout_split
+
+pytestmark = pytest.mark.skipif(not (DEFAULT_OUT / "model.safetensors").exists(), reason="default model not built")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_OUT)
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_OUT).eval()
+    return model, tokenizer
+
+
+def test_files_and_size():
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "chat_template.jinja", "README.md"):
+        assert (DEFAULT_OUT / name).exists(), name
+    assert (DEFAULT_OUT / "model.safetensors").stat().st_size < 8.5e6
+    config = json.loads((DEFAULT_OUT / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True
+
+
+def test_tokenizer(shipped):
+    model, tok = shipped
+    # transformers 5 loads a qwen2 model's tokenizer as Qwen2Tokenizer, rebuilt from vocab + merges with its own
+    # pre-tokenizer: the ids must still be those of tokenizer.json, which the model was trained on
+    raw = Tokenizer.from_file(str(DEFAULT_OUT / "tokenizer.json"))
+    for r in generate_problems(300, seed=3):
+        text = r["prompt"] + r["solution"]
+        assert tok(text)["input_ids"] == raw.encode(text).ids, text
+    assert len(tok) == model.config.vocab_size
+    assert tok.eos_token_id == model.config.eos_token_id == model.generation_config.eos_token_id
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    for r in heldout_split(50, seed=0):
+        p = tok(r["prompt"])["input_ids"]
+        s = tok(r["solution"], add_special_tokens=False)["input_ids"]
+        assert tok(r["prompt"] + r["solution"])["input_ids"] == p + s  # no merge across the boundary
+        assert tok.decode(s) == r["solution"] and len(s) < 48
+        assert p == tok(r["prompt"], add_special_tokens=False)["input_ids"]  # no special tokens added
+    # the identity chat template: a prompt wrapped as a user message renders as itself
+    msgs = [{"role": "user", "content": "Q: 2+3=?\n"}]
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == "Q: 2+3=?\n"
+
+
+def test_generates_and_stops_at_eos(shipped):
+    model, tok = shipped
+    records = heldout_split(6, seed=1, levels=[1, 2, 3])
+    enc = tok([r["prompt"] for r in records], return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=False, max_new_tokens=64)
+    new = out[:, enc["input_ids"].shape[1]:]
+    assert new.shape[1] > 0
+    for row in new.tolist():
+        assert tok.eos_token_id in row, "generation did not stop"  # stopped before the token budget
+        assert all(t == tok.pad_token_id for t in row[row.index(tok.eos_token_id) + 1:])
+    texts = tok.batch_decode(new, skip_special_tokens=True)
+    assert all("\\boxed{" in t for t in texts)
+    assert sum(math_reward(texts, [r["answer"] for r in records])) >= 1  # easy levels: mostly right
