@@ -224,6 +224,13 @@ def _check_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: 
         raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
 
 
+def _prepare(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor):
+    """Checked, contiguous kernel inputs with int64 targets."""
+    _check_inputs(hidden, weight, bias, targets)
+    return (hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+            targets.contiguous().to(torch.int64))
+
+
 def linear_logprob_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                            temperature: float, ignore_index: int, with_entropy: bool,
                            workspace_bytes: int = 256 * 2**20, *, config: Config | None = None,
@@ -236,13 +243,8 @@ def linear_logprob_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, 
     The only extra memory is a [4, SPLIT_V, N] fp32 workspace (`workspace_bytes` is accepted for
     signature parity with the torch backend; nothing here is O(V)).
     `config` / `split_v` override the table entry and the vocabulary split (tests use them)."""
-    _check_inputs(hidden, weight, bias, targets)
-    hidden, weight = hidden.contiguous(), weight.contiguous()
-    targets = targets.contiguous().to(torch.int64)
-    bias = bias.contiguous() if bias is not None else None
-    N, D = hidden.shape
-    V = weight.shape[0]
-    dev = hidden.device
+    hidden, weight, bias, targets = _prepare(hidden, weight, bias, targets)
+    (N, D), V, dev = hidden.shape, weight.shape[0], hidden.device
     if N == 0:
         empty = hidden.new_empty(0, dtype=torch.float32)
         return empty, empty.clone(), (empty.clone() if with_entropy else None)
@@ -307,14 +309,9 @@ def linear_logprob_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None,
     dX = dZ @ W  (hidden.dtype), dW = dZ^T @ X accumulated in fp32 then cast to weight.dtype,
     db = dZ.sum(0) (fp32 accumulation, bias.dtype). Returns None for what is not needed.
     The dZ slab holds max(1, workspace_bytes // (V * itemsize)) rows (at least one row)."""
-    _check_inputs(hidden, weight, bias, targets)
     needs_db = needs_db and bias is not None
-    hidden, weight = hidden.contiguous(), weight.contiguous()
-    targets = targets.contiguous().to(torch.int64)
-    bias = bias.contiguous() if bias is not None else None
-    N, D = hidden.shape
-    V = weight.shape[0]
-    dev = hidden.device
+    hidden, weight, bias, targets = _prepare(hidden, weight, bias, targets)
+    (N, D), V, dev = hidden.shape, weight.shape[0], hidden.device
     dx = torch.empty_like(hidden) if needs_dx else None
     dw32 = torch.zeros(V, D, device=dev, dtype=torch.float32) if needs_dw else None
     db32 = torch.zeros(V, device=dev, dtype=torch.float32) if needs_db else None
