@@ -33,6 +33,7 @@ from gcpo_fast.kernels import LOSS_RECIPES
 from gcpo_fast.kernels.policy_loss import AGG_MODES
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent / "assets" / "default_model")
+SHIPPED_MODEL_LR = 3e-4  # tuned on the shipped model and task (README, "The shipped default")
 SCHEDULERS = ("constant", "cosine", "linear")
 REPORTERS = ("none", "tensorboard", "wandb")
 
@@ -76,7 +77,8 @@ class TrainConfig:
     golden_column: str = opt("solution", "dataset column with the worked golden solution (GCPO's golden answer)", DATA)
     answer_column: str | None = opt(None, "column with the final answer the reward checks; default: extracted from the golden column, or verl's reward_model.ground_truth", DATA)
     builtin_num_problems: int = opt(5000, "number of training problems generated for --dataset builtin", DATA)
-    eval_dataset: str | None = opt(None, "held-out problems for evaluation; default: the builtin held-out split when --dataset builtin, else no evaluation", DATA)
+    builtin_levels: list[int] = opt([3, 4, 5], "difficulty levels (gcpo_fast/tasks.py) of the builtin problems, for training and held-out evaluation; repeat a level to draw it more often", DATA)
+    eval_dataset: str | None = opt(None, "held-out problems for evaluation; default: the builtin held-out split (of --builtin_levels) when --dataset builtin, else no evaluation", DATA)
     reward_funcs: list[str] = opt(["accuracy_reward"], "reward functions: built-in names or 'package.module:function' (TRL signature)", DATA)
     reward_weights: list[float] | None = opt(None, "one weight per reward function (default: all 1)", DATA)
     correct_reward: float = opt(1.0, "the reward of a correct answer: a prompt is all-wrong when no rollout reaches it, and golden rows get it", DATA)
@@ -94,7 +96,7 @@ class TrainConfig:
     steps_per_generation: int | None = opt(None, "micro-batches per generation round (default: gradient_accumulation_steps; more means several optimizer steps per round)", BATCH)
     num_iterations: int = opt(1, "optimizer passes over each generation round (TRL's mu)", BATCH)
     # optimizer
-    learning_rate: float = opt(1e-5, "AdamW learning rate", OPTIM)
+    learning_rate: float | None = opt(None, "AdamW learning rate (default: 3e-4 for the shipped 1M-parameter model, 1e-6 for any other --model, as TRL)", OPTIM)
     lr_scheduler_type: str = opt("linear", "learning-rate schedule after warm-up", OPTIM, choices=SCHEDULERS)
     warmup_ratio: float = opt(0.0, "fraction of max_steps spent warming the learning rate up from 0", OPTIM)
     weight_decay: float = opt(0.0, "AdamW weight decay", OPTIM)
@@ -102,7 +104,7 @@ class TrainConfig:
     adam_beta2: float = opt(0.999, "AdamW beta2", OPTIM)
     adam_epsilon: float = opt(1e-8, "AdamW epsilon", OPTIM)
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (<= 0: no clipping)", OPTIM)
-    max_steps: int = opt(200, "optimizer steps to train", OPTIM)
+    max_steps: int = opt(300, "optimizer steps to train", OPTIM)
     seed: int = opt(42, "seed of the data order, sampling and everything random", OPTIM)
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward to save memory", OPTIM)
     bf16: bool = opt(True, "bf16 autocast on CUDA (weights and optimizer stay fp32); ignored on the CPU", OPTIM)
@@ -128,7 +130,7 @@ class TrainConfig:
     save_steps: int = opt(100, "checkpoint every this many steps, and at the end (0: only at the end)", LOGS)
     save_total_limit: int | None = opt(None, "keep only the newest this-many checkpoints (default: all)", LOGS)
     eval_steps: int = opt(50, "evaluate on the held-out problems every this many steps, at the start and at the end (0: never)", LOGS)
-    eval_num_problems: int = opt(100, "held-out problems per evaluation", LOGS)
+    eval_num_problems: int = opt(500, "held-out problems per evaluation", LOGS)
     eval_num_samples: int = opt(1, "completions per held-out problem: mean@k and pass@k (1: greedy)", LOGS)
     sample_steps: int = opt(10, "write a few rollouts to samples.jsonl every this many steps (0: never)", LOGS)
     num_samples_to_log: int = opt(4, "groups written each time (their first rollout, and golden row if any)", LOGS)
@@ -243,6 +245,8 @@ def resolve(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
         default(name, method[name])
     default("overlong_buffer_len", max(1, cfg.max_completion_length // 5) if method["overlong"] else 0)
     default("steps_per_generation", cfg.gradient_accumulation_steps)
+    # a 1M-parameter model needs a far larger step than the billion-parameter models TRL's 1e-6 is for
+    default("learning_rate", SHIPPED_MODEL_LR if Path(cfg.model).resolve() == Path(DEFAULT_MODEL) else 1e-6)
     cfg = dataclasses.replace(cfg, **values)
     check(cfg)
     return cfg
@@ -287,6 +291,8 @@ def check(cfg: TrainConfig) -> None:
     need(0 <= cfg.min_inverse_alpha <= 1, f"min_inverse_alpha must be in [0, 1], got {cfg.min_inverse_alpha}")
     need(cfg.loss_type != "gpg" or cfg.scale_rewards in ("none", "group"),
          f"loss_type gpg divides advantages by 1 or the group std: scale_rewards must be none or group, got {cfg.scale_rewards!r}")
+    need(bool(cfg.builtin_levels) and set(cfg.builtin_levels) <= set(range(1, 9)),
+         f"builtin_levels must be levels 1 to 8 of gcpo_fast/tasks.py, got {cfg.builtin_levels}")
     need(bool(cfg.reward_funcs), "reward_funcs must name at least one reward function")
     need(cfg.reward_weights is None or len(cfg.reward_weights) == len(cfg.reward_funcs),
          f"reward_weights has {len(cfg.reward_weights or [])} values for {len(cfg.reward_funcs)} reward_funcs")

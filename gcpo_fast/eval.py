@@ -1,6 +1,7 @@
 """Accuracy on held-out problems: mean@k and pass@k.
 
     python -m gcpo_fast.eval                                                   # shipped model, builtin held-out split
+    python -m gcpo_fast.eval --model runs/gcpo/checkpoint-300 --levels 3 4 5   # the levels the default run trains on
     python -m gcpo_fast.eval --model runs/gcpo/checkpoint-200 --num_samples 8  # 8 samples per problem
     python -m gcpo_fast.eval --model DIR --dataset test.jsonl --num_problems 500 --output eval.json
 
@@ -10,7 +11,9 @@ With k = num_samples completions per problem (greedy decoding when k = 1, else s
     pass@j = mean over problems of 1 - C(k - c, j) / C(k, j)   for j = 1, 2, 4, ..., k
 the unbiased estimator of Chen et al. (2021) of the chance that j samples hold a correct one
 (pass@1 = mean@k; pass@k = the share of problems with at least one correct sample).
-The trainer calls `evaluate` every --eval_steps and logs eval/mean@k and eval/pass@j.
+When every record has a `level` (the builtin task's difficulty, or a dataset's own column such as
+MATH's), mean@k is also given per level, as eval/level_<level>/mean@k with eval/level_<level>/num_problems.
+The trainer logs the same metrics every --eval_steps.
 """
 import argparse
 import json
@@ -41,6 +44,21 @@ def summarize(correct: list[int], num_samples: int) -> dict[str, float]:
     return out
 
 
+def level_summary(records: list[dict], correct: list[int], num_samples: int) -> dict[str, float]:
+    """eval/level_<level>/mean@k and .../num_problems per value of the records' `level`; {} unless all have one."""
+    if not records or any(r.get("level") is None for r in records):
+        return {}
+    by_level: dict[str, list[int]] = {}
+    for record, c in zip(records, correct, strict=True):
+        by_level.setdefault(str(record["level"]).replace(" ", "_"), []).append(c)
+    out = {}
+    for level in sorted(by_level, key=lambda v: (len(v), v)):  # 2 before 10
+        counts = by_level[level]
+        out[f"eval/level_{level}/mean@{num_samples}"] = sum(counts) / (num_samples * len(counts))
+        out[f"eval/level_{level}/num_problems"] = len(counts)
+    return out
+
+
 def count_correct(model, tokenizer, records: list[dict], *, num_samples: int = 1, max_prompt_length: int = 256,
                   max_completion_length: int = 128, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                   batch_size: int = 32, seed: int = 0) -> list[int]:
@@ -64,7 +82,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m gcpo_fast.eval", description="mean@k and pass@k on held-out problems")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face model folder (default: the shipped model)")
     ap.add_argument("--dataset", default="builtin", help="'builtin' (its held-out split) or a .jsonl/.parquet file")
-    ap.add_argument("--num_problems", type=int, default=200, help="problems to evaluate (the first ones of a file)")
+    ap.add_argument("--num_problems", type=int, default=500, help="problems to evaluate (the first ones of a file)")
+    ap.add_argument("--levels", type=int, nargs="+", default=None, help="builtin only: the difficulty levels to draw (default: all)")
     ap.add_argument("--num_samples", type=int, default=1, help="completions per problem, k (1: greedy)")
     ap.add_argument("--max_prompt_length", type=int, default=TrainConfig.max_prompt_length)
     ap.add_argument("--max_completion_length", type=int, default=TrainConfig.max_completion_length)
@@ -81,7 +100,8 @@ def main(argv=None) -> None:
     if args.num_samples < 1 or args.num_problems < 1:
         ap.error("--num_samples and --num_problems must be >= 1")
     try:
-        records = load_records(args.dataset, split="test", num_problems=args.num_problems, prompt_column=args.prompt_column,
+        records = load_records(args.dataset, split="test", num_problems=args.num_problems, levels=args.levels,
+                               prompt_column=args.prompt_column,
                                golden_column=args.golden_column, answer_column=args.answer_column)[: args.num_problems]
     except ValueError as e:
         ap.error(str(e))
@@ -92,7 +112,8 @@ def main(argv=None) -> None:
                             max_prompt_length=args.max_prompt_length, max_completion_length=args.max_completion_length,
                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             batch_size=args.batch_size, seed=args.seed)
-    metrics = {"num_problems": len(records), **summarize(correct, args.num_samples)}
+    metrics = {"num_problems": len(records), **summarize(correct, args.num_samples),
+               **level_summary(records, correct, args.num_samples)}
     print(json.dumps(metrics, indent=2))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:

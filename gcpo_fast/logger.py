@@ -7,6 +7,7 @@ TensorBoard / W&B, and a compact console line every logging_steps.
     log.metrics(step, {"reward": 0.4, "loss": 0.01, ...})
     log.samples(step, [{"prompt": ..., "completion": ..., "reward": 1.0, "golden": False}, ...])
     log.close()
+    print(log.summary())           # held-out accuracy at the first and last evaluation, where the files are
 
 Only rank 0 logs (the trainer creates a RunLogger there only). On resume, lines of steps after the
 checkpoint (written before the run stopped) are dropped from both files, so each step appears once.
@@ -54,7 +55,8 @@ class RunLogger:
             f.write(json.dumps({"step": step, **values}) + "\n")
         if step % self.logging_steps:
             return
-        shown = [k for k in CONSOLE_KEYS if k in values] + [k for k in values if k.startswith("eval/")]
+        shown = [k for k in CONSOLE_KEYS if k in values] + [k for k in values if k.startswith("eval/")
+                                                             and not k.startswith("eval/level_")]
         tqdm.write(f"step {step}: " + "  ".join(f"{k} {values[k]:.4g}" for k in shown))
         if self.tensorboard is not None:
             for k, v in values.items():
@@ -71,3 +73,28 @@ class RunLogger:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+    def summary(self) -> str:
+        """Where the run's files are, and the held-out accuracy of its first and last evaluation (read back
+        from metrics.jsonl, so a resumed run still reports the accuracy it started from)."""
+        lines = [json.loads(line) for line in (self.dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+                 if line.strip()]
+        evals = [line for line in lines if any(k.startswith("eval/") for k in line)]
+        out = [f"metrics: {self.dir / 'metrics.jsonl'}   rollouts: {self.dir / 'samples.jsonl'}"]
+        checkpoints = sorted(self.dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        if checkpoints:
+            out.append(f"model: {checkpoints[-1]}")
+        if not evals:
+            return "\n".join(out)
+        first, last = evals[0], evals[-1]
+        mean = next(k for k in first if k.startswith("eval/mean@"))
+        levels = [k for k in first if k.startswith("eval/level_") and k.endswith(mean[len("eval/"):])]
+        count = f" on {int(first['eval/num_problems'])} problems" if "eval/num_problems" in first else ""
+        out.append(f"held-out {mean[len('eval/'):]}{count}: {first[mean]:.3f} at step {first['step']} -> "
+                   f"{last.get(mean, float('nan')):.3f} at step {last['step']}")
+        for key in levels:
+            name = key[len("eval/"):].split("/")[0]
+            count = first.get(f"eval/{name}/num_problems")
+            out.append(f"  {name:<12} {first[key]:.3f} -> {last.get(key, float('nan')):.3f}"
+                       + (f"   ({int(count)} problems)" if count is not None else ""))
+        return "\n".join(out)

@@ -20,9 +20,11 @@ One optimizer step (DESIGN.md, "The trainer: data flow of one step"):
    token (or row) count, gradient clipping, AdamW, scheduler (update.py).
 3. Metrics to metrics.jsonl (TRL's names), rollouts to samples.jsonl, evaluation, checkpoint.
 
-Metrics are means over ranks. Rollout statistics (reward*, frac_reward_zero_std, completions/*) count every
-sampled rollout of the round and never a golden row; gcpo/* count the golden rows; the update's (loss,
-entropy, clip_ratio/*) cover the rows trained on, golden rows included.
+Metrics are means over ranks. Rollout statistics (reward*, frac_reward_zero_std, frac_reward_all_wrong,
+completions/*) count every sampled rollout of the round and never a golden row; gcpo/* count the golden
+rows of the groups kept; the update's (loss, entropy, clip_ratio/*) cover the rows trained on, golden rows
+included. At the end, the held-out accuracy of the first and last evaluation (overall and per level) and
+the paths of metrics.jsonl, samples.jsonl and the final checkpoint are printed.
 """
 import itertools
 import os
@@ -40,7 +42,7 @@ from gcpo_fast import groups
 from gcpo_fast.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from gcpo_fast.config import DEFAULT_MODEL, ConfigError, TrainConfig, parse_config
 from gcpo_fast.data import PromptSampler
-from gcpo_fast.eval import count_correct, summarize
+from gcpo_fast.eval import count_correct, level_summary, summarize
 from gcpo_fast.logger import RunLogger
 from gcpo_fast.packing import default_attn_implementation
 from gcpo_fast.rewards import compute_rewards, load_reward_function, overlong_penalty, reward_function_name
@@ -89,11 +91,14 @@ def prepare(cfg: TrainConfig) -> dict:
     golden = cfg.golden_answer != "off"
     columns = dict(prompt_column=cfg.prompt_column, golden_column=cfg.golden_column, answer_column=cfg.answer_column)
     records = load_records(cfg.dataset, split="train", num_problems=cfg.builtin_num_problems, seed=cfg.seed,
+                           levels=cfg.builtin_levels,
                            require_golden=golden, **columns)
     eval_dataset = cfg.eval_dataset or ("builtin" if cfg.dataset == "builtin" else None)
     eval_records = None
     if cfg.eval_steps and eval_dataset:
-        eval_records = load_records(eval_dataset, split="test", num_problems=cfg.eval_num_problems, **columns)
+        # the builtin held-out split covers the levels trained on (python -m gcpo_fast.eval scores any level)
+        eval_records = load_records(eval_dataset, split="test", num_problems=cfg.eval_num_problems,
+                                    levels=sorted(set(cfg.builtin_levels)), **columns)
         eval_records = eval_records[: cfg.eval_num_problems]
     funcs = [load_reward_function(spec) for spec in cfg.reward_funcs]
     resume = find_checkpoint(cfg.output_dir, cfg.resume) if cfg.resume else None
@@ -167,6 +172,8 @@ def sample_groups(cfg: TrainConfig, model, tokenizer, sampler, reward_funcs) -> 
         "completions/max_length": lengths.max().item(),
         "completions/clipped_ratio": sum(seen["truncated"]) / len(seen["truncated"]),
         "num_gen_batches": num_batches,
+        # every sampled group, kept or not (gcpo/frac_all_wrong counts the kept ones: none under DAPO's filter)
+        "frac_reward_all_wrong": (grid < cfg.correct_reward).all(dim=1).float().mean().item(),
         **{f"rewards/{reward_function_name(f)}/mean": per_func[:, j].nanmean().nan_to_num().item()
            for j, f in enumerate(reward_funcs)},
     }
@@ -228,7 +235,8 @@ def split_steps(cfg: TrainConfig, rows: dict, model, ref_model) -> list[list[dic
 # ---- the loop --------------------------------------------------------------------------------------------
 
 def evaluate(cfg: TrainConfig, model, tokenizer, records: list[dict]) -> dict[str, float]:
-    """eval/mean@k and eval/pass@j on the held-out records, each rank scoring its share."""
+    """eval/mean@k, eval/pass@j (and per level, when records have one) on the held-out records, each rank
+    scoring its share."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     with autocast(cfg, model.device):
         correct = count_correct(model, tokenizer, records[rank::world], num_samples=cfg.eval_num_samples,
@@ -238,7 +246,9 @@ def evaluate(cfg: TrainConfig, model, tokenizer, records: list[dict]) -> dict[st
         gathered = [None] * world
         dist.all_gather_object(gathered, correct)
         correct = [c for part in gathered for c in part]
-    return summarize(correct, cfg.eval_num_samples)
+        records = [r for i in range(world) for r in records[i::world]]  # the gathered order
+    return {**summarize(correct, cfg.eval_num_samples), "eval/num_problems": len(correct),
+            **level_summary(records, correct, cfg.eval_num_samples)}
 
 
 def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
@@ -313,6 +323,7 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
     bar.close()
     if log:
         log.close()
+        print(log.summary(), flush=True)
     return Path(cfg.output_dir)
 
 

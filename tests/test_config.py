@@ -1,10 +1,11 @@
 """TrainConfig: loss_type recipes, explicit options over recipes, --config files, and clear errors before any
 work (bad options, bad data, missing golden column), checked through `python -m gcpo_fast.train`'s main."""
 import json
+import os
 
 import pytest
 
-from gcpo_fast.config import ConfigError, TrainConfig, build_parser, parse_config
+from gcpo_fast.config import DEFAULT_MODEL, SHIPPED_MODEL_LR, ConfigError, TrainConfig, build_parser, parse_config
 from gcpo_fast.train import main
 from tiny_model import write_jsonl
 
@@ -35,6 +36,19 @@ def test_explicit_options_override_the_recipe():
     assert (cfg.epsilon, cfg.epsilon_high, cfg.importance_sampling_level) == (0.1, 0.1, "sequence")
     # an option equal to the default but set explicitly still wins over the recipe
     assert parse_config(["--loss_type", "gpg", "--scale_rewards", "group"]).scale_rewards == "group"
+
+
+def test_learning_rate_default_depends_on_the_model(tmp_path):
+    assert parse_config([]).learning_rate == SHIPPED_MODEL_LR  # the shipped model, however its path is written
+    assert parse_config(["--model", os.path.relpath(DEFAULT_MODEL)]).learning_rate == SHIPPED_MODEL_LR
+    assert parse_config(["--model", str(tmp_path)]).learning_rate == 1e-6  # any other model: TRL's default
+    assert parse_config(["--learning_rate", "2e-5"]).learning_rate == 2e-5
+
+
+def test_builtin_levels_are_checked():
+    assert parse_config(["--builtin_levels", "3", "5", "5"]).builtin_levels == [3, 5, 5]
+    with pytest.raises(ConfigError, match="builtin_levels must be levels 1 to 8"):
+        parse_config(["--builtin_levels", "0", "9"])
 
 
 def test_config_file_then_flags(tmp_path):

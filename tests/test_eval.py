@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from gcpo_fast.eval import count_correct, main, pass_at_k, summarize
+from gcpo_fast.eval import count_correct, level_summary, main, pass_at_k, summarize
 from tiny_model import make_tiny_model, one_thread, write_jsonl  # noqa: F401 (one_thread: fixture)
 
 
@@ -38,6 +38,20 @@ def test_summarize():
     assert out["eval/pass@4"] == pytest.approx(2 / 3)
     assert set(summarize([1], num_samples=1)) == {"eval/mean@1", "eval/pass@1"}
     assert set(summarize([1], num_samples=6)) == {"eval/mean@6", "eval/pass@1", "eval/pass@2", "eval/pass@4", "eval/pass@6"}
+
+
+def test_level_summary():
+    records = [{"level": 2}, {"level": 10}, {"level": 2}, {"level": 1}]
+    out = level_summary(records, [1, 0, 3, 2], num_samples=4)
+    assert list(out) == ["eval/level_1/mean@4", "eval/level_1/num_problems", "eval/level_2/mean@4",
+                         "eval/level_2/num_problems", "eval/level_10/mean@4", "eval/level_10/num_problems"]
+    assert out["eval/level_2/mean@4"] == pytest.approx(4 / 8) and out["eval/level_2/num_problems"] == 2
+    assert out["eval/level_1/mean@4"] == pytest.approx(2 / 4) and out["eval/level_10/mean@4"] == 0
+    assert level_summary([{"level": "Level 5"}], [1], num_samples=1) == {"eval/level_Level_5/mean@1": 1.0,
+                                                                         "eval/level_Level_5/num_problems": 1}
+    assert level_summary([{"level": 1}, {"prompt": "no level"}], [1, 1], num_samples=1) == {}
+    with pytest.raises(ValueError):
+        level_summary(records, [1, 0], num_samples=1)
 
 
 def test_count_correct_leaves_the_global_rng_alone(tmp_path, one_thread):

@@ -114,6 +114,7 @@ def test_builtin_dataset():
     train = load_records("builtin", split="train", num_problems=50, seed=1)
     test = load_records("builtin", split="test", num_problems=50)
     assert len(train) == len(test) == 50
+    assert len({r["prompt"] for r in test}) == 50  # evaluation never counts a problem twice
     assert all(r["golden"] == r["solution"] and r["golden"].endswith(f"\\boxed{{{r['answer']}}}") for r in train)
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
 
@@ -281,8 +282,9 @@ def test_command_line_run(tmp_path, files):
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [0, 1, 2, 3]
-    assert set(lines[0]) == {"step", "eval/mean@1", "eval/pass@1"}
-    for name in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
+    assert set(lines[0]) == {"step", "eval/mean@1", "eval/pass@1", "eval/num_problems"}
+    assert lines[0]["eval/num_problems"] == 3
+    for name in ("reward", "reward_std", "frac_reward_zero_std", "frac_reward_all_wrong", "completions/mean_length", "completions/clipped_ratio",
                  "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "loss", "grad_norm",
                  "learning_rate", "step_time", "tokens_per_second", "rewards/accuracy_reward/mean", "gcpo/golden_rows",
                  "gcpo/frac_all_wrong"):
@@ -293,6 +295,10 @@ def test_command_line_run(tmp_path, files):
     assert [p.name for p in out.iterdir() if p.name.startswith("checkpoint-")] == ["checkpoint-3"]
     model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-3")
     assert model.num_parameters() > 0
+    # the closing summary: where the files went and held-out accuracy at the first and last evaluation
+    assert str(out / "metrics.jsonl") in done.stdout and str(out / "checkpoint-3") in done.stdout
+    first, last = lines[0]["eval/mean@1"], lines[3]["eval/mean@1"]
+    assert f"held-out mean@1 on 3 problems: {first:.3f} at step 0 -> {last:.3f} at step 3" in done.stdout
     AutoTokenizer.from_pretrained(out / "checkpoint-3")
 
     bad = subprocess.run(cmd[:3] + ["--model", "/nonexistent", "--dataset", str(tmp_path / "none.jsonl")], env=env,

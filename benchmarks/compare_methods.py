@@ -1,0 +1,211 @@
+"""GCPO against DAPO, GRPO, GSPO and GPG on the shipped model and task: same start, seeds and step budget.
+
+    python -m benchmarks.compare_methods                                   # 5 methods x 3 seeds, defaults of the trainer
+    python -m benchmarks.compare_methods --methods gcpo,dapo --seeds 0 1 --max_steps 50 --jobs 2
+    python -m benchmarks.compare_methods --report_only                     # table and plot from the finished runs
+
+Each (method, seed) is one `python -m gcpo_fast.train --loss_type METHOD --seed SEED` run in its own process
+(OMP_NUM_THREADS=--threads, --jobs at a time) with every other option at the trainer's default, so each
+method runs with its paper's recipe (config.RECIPES and the kernel's LOSS_RECIPES). Every run starts from
+the same shipped model, sees the same prompts in the same order for a given seed and evaluates on the same
+held-out problems. The budget is optimizer steps, not rollouts: DAPO's dynamic sampling draws extra prompt
+batches to fill a step (its `num_gen_batches`), so it generates more per step; the table shows that as
+rollouts and wall time.
+
+Writes to --out (default benchmarks/results/):
+    compare_methods.csv          one row per run: held-out accuracy before/after (all, per level), reward,
+                                 fraction of all-wrong groups, rollouts, wall time
+    compare_methods.md           the per-method table (mean and spread over seeds) that the README shows
+    compare_methods_curves.csv   per step: reward, frac_reward_all_wrong, eval/mean@1 of every run
+    compare_methods.png          reward and held-out accuracy against step, mean over seeds per method
+The runs themselves (metrics.jsonl, samples.jsonl, final checkpoint) go to --runs_dir.
+"""
+import argparse
+import csv
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+METHODS = ("gcpo", "dapo", "grpo", "gspo", "gpg")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def run_one(method: str, seed: int, args) -> dict:
+    """Train one (method, seed) in a subprocess; returns its wall time. Skips a run that already finished."""
+    out = Path(args.runs_dir) / f"{method}_seed{seed}"
+    done = out / "wall_time.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    if out.exists():  # a run cut short earlier: start it again from scratch
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+    cmd = [sys.executable, "-m", "gcpo_fast.train", "--loss_type", method, "--seed", str(seed), "--output_dir", str(out),
+           "--save_steps", "0", "--logging_steps", "50", *args.train_args]
+    if args.max_steps:
+        cmd += ["--max_steps", str(args.max_steps)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1")
+    start = time.perf_counter()
+    out.mkdir(parents=True)
+    with open(out / "train.log", "w") as log:
+        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}: see {out / 'train.log'}")
+    result = {"wall_time_s": time.perf_counter() - start}
+    done.write_text(json.dumps(result))
+    print(f"{method} seed {seed}: {result['wall_time_s']:.0f} s", flush=True)
+    return result
+
+
+def read_run(method: str, seed: int, args) -> dict:
+    """The figures of one finished run, from its metrics.jsonl."""
+    out = Path(args.runs_dir) / f"{method}_seed{seed}"
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [line for line in lines if "reward" in line]
+    evals = [line for line in lines if "eval/mean@1" in line]
+    if not steps or len(evals) < 2:
+        raise RuntimeError(f"{out}: expected training steps and two evaluations in metrics.jsonl")
+    first, last = evals[0], evals[-1]
+    levels = sorted({k.split("/")[1] for k in first if k.startswith("eval/level_")}, key=lambda v: (len(v), v))
+    row = {
+        "method": method, "seed": seed, "steps": steps[-1]["step"],
+        "eval_before": first["eval/mean@1"], "eval_after": last["eval/mean@1"],
+        "eval_problems": int(first.get("eval/num_problems", 0)),
+        **{f"{lv}_before": first[f"eval/{lv}/mean@1"] for lv in levels},
+        **{f"{lv}_after": last[f"eval/{lv}/mean@1"] for lv in levels},
+        **{f"{lv}_problems": int(first[f"eval/{lv}/num_problems"]) for lv in levels},
+        "reward_first_20": statistics.mean(s["reward"] for s in steps[:20]),
+        "reward_last_20": statistics.mean(s["reward"] for s in steps[-20:]),
+        "frac_all_wrong_first_20": statistics.mean(s["frac_reward_all_wrong"] for s in steps[:20]),
+        "frac_all_wrong_last_20": statistics.mean(s["frac_reward_all_wrong"] for s in steps[-20:]),
+        "golden_rows": sum(s.get("gcpo/golden_rows", 0) for s in steps),
+        "prompt_batches_per_step": statistics.mean(s["num_gen_batches"] for s in steps),
+        "wall_time_s": json.loads((out / "wall_time.json").read_text())["wall_time_s"],
+    }
+    curves = [{"method": method, "seed": seed, "step": s["step"], "reward": s["reward"],
+               "frac_reward_all_wrong": s["frac_reward_all_wrong"], "eval_mean@1": s.get("eval/mean@1", "")}
+              for s in steps]
+    curves.insert(0, {"method": method, "seed": seed, "step": 0, "reward": "", "frac_reward_all_wrong": "",
+                      "eval_mean@1": first["eval/mean@1"]})
+    return {"row": row, "curves": curves}
+
+
+def mean_spread(values: list[float]) -> str:
+    """'mean ± sample std' over seeds (just the value for one seed)."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def table(rows: list[dict]) -> str:
+    """The per-method markdown table: mean ± std over seeds."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    levels = [k[: -len("_before")] for k in rows[0] if k.startswith("level_") and k.endswith("_before")]
+    head = ["method", "seeds", "held-out before", "held-out after", "change", *[f"{lv} after" for lv in levels],
+            "reward (first 20 steps)", "reward (last 20)", "all-wrong groups (first 20)", "all-wrong (last 20)",
+            "golden rows", "prompt batches / step", "wall time (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        rs = [r for r in rows if r["method"] == m]
+        col = lambda key: mean_spread([r[key] for r in rs])  # noqa: E731
+        change = mean_spread([r["eval_after"] - r["eval_before"] for r in rs])
+        cells = [m, str(len(rs)), col("eval_before"), col("eval_after"), change,
+                 *[col(f"{lv}_after") for lv in levels], col("reward_first_20"), col("reward_last_20"),
+                 col("frac_all_wrong_first_20"), col("frac_all_wrong_last_20"),
+                 f"{statistics.mean(r['golden_rows'] for r in rs):.0f}", col("prompt_batches_per_step"),
+                 f"{statistics.mean(r['wall_time_s'] for r in rs):.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    problems = rows[0]["eval_problems"]
+    levels_n = ", ".join(f"{lv.split('_')[1]}: {rows[0][f'{lv}_problems']}" for lv in levels if f"{lv}_problems" in rows[0])
+    note = f"Held-out: greedy mean@1 on {problems} distinct held-out problems" + (f" (per level {levels_n})" if levels_n else "")
+    return "\n".join(lines) + "\n\n" + note + "; mean ± std over seeds.\n"
+
+
+def plot(curves: list[dict], path: Path, smooth: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_reward, ax_wrong, ax_eval) = plt.subplots(1, 3, figsize=(16, 4.5))
+    for method in dict.fromkeys(c["method"] for c in curves):
+        runs = {}
+        for c in curves:
+            if c["method"] == method:
+                runs.setdefault(c["seed"], []).append(c)
+        for ax, key in ((ax_reward, "reward"), (ax_wrong, "frac_reward_all_wrong"), (ax_eval, "eval_mean@1")):
+            per_step: dict[int, list[float]] = {}
+            for run in runs.values():
+                points = [(c["step"], c[key]) for c in run if c[key] != ""]
+                if key != "eval_mean@1":  # trailing moving average of the noisy per-step rollout statistics
+                    values = [v for _, v in points]
+                    points = [(s, statistics.mean(values[max(0, i - smooth + 1) : i + 1])) for i, (s, _) in enumerate(points)]
+                for s, v in points:
+                    per_step.setdefault(s, []).append(v)
+            steps = sorted(per_step)
+            ax.plot(steps, [statistics.mean(per_step[s]) for s in steps], label=method,
+                    marker="o" if key == "eval_mean@1" else None)
+    ax_reward.set(title=f"training reward (moving mean of {smooth} steps)", xlabel="step")
+    ax_wrong.set(title=f"all-wrong groups (moving mean of {smooth} steps)", xlabel="step")
+    ax_eval.set(title="held-out accuracy (greedy mean@1)", xlabel="step")
+    for ax in (ax_reward, ax_wrong, ax_eval):
+        ax.grid(alpha=0.3)
+    ax_eval.legend()
+    fig.suptitle(f"mean over {len({c['seed'] for c in curves})} seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.compare_methods", description=__doc__.split("\n")[0],
+                                 epilog="Anything after -- goes to every gcpo_fast.train run, e.g. -- --learning_rate 1e-4")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated loss types (default: %(default)s)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
+    ap.add_argument("--max_steps", type=int, default=0, help="optimizer steps per run (default: the trainer's)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (default: 2, one per core here)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default: 1)")
+    ap.add_argument("--runs_dir", default="runs/compare_methods", help="where the runs go (default: %(default)s)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="where the table and plot go (default: benchmarks/results)")
+    ap.add_argument("--smooth", type=int, default=20, help="moving-average window of the plotted curves (default: 20)")
+    ap.add_argument("--report_only", action="store_true", help="only rebuild the table and plot from finished runs")
+    argv = sys.argv[1:] if argv is None else argv
+    args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args.train_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    runs = [(m, s) for s in args.seeds for m in methods]
+    if not args.report_only:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda ms: run_one(*ms, args), runs))
+    finished = [(m, s) for m, s in runs if (Path(args.runs_dir) / f"{m}_seed{s}" / "wall_time.json").exists()]
+    for m, s in sorted(set(runs) - set(finished)):  # only with --report_only: a run that did not finish is left out
+        print(f"left out: {m} seed {s} (not finished in {args.runs_dir})")
+    results = [read_run(m, s, args) for m, s in finished]
+    rows = sorted((r["row"] for r in results), key=lambda r: (methods.index(r["method"]), r["seed"]))
+    curves = [c for r in results for c in r["curves"]]
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, data in (("compare_methods.csv", rows), ("compare_methods_curves.csv", curves)):
+        with open(args.out / name, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(data[0]))
+            writer.writeheader()
+            writer.writerows(data)
+    text = table(rows)
+    (args.out / "compare_methods.md").write_text(text)
+    written = ["compare_methods.csv", "compare_methods.md", "compare_methods_curves.csv"]
+    if importlib.util.find_spec("matplotlib") is None:
+        print("no plot: matplotlib is not installed (pip install -e '.[bench]')")
+    else:
+        plot(curves, args.out / "compare_methods.png", args.smooth)
+        written.append("compare_methods.png")
+    print(text)
+    print("wrote " + ", ".join(str(args.out / name) for name in written))
+
+
+if __name__ == "__main__":
+    main()
