@@ -8,13 +8,13 @@ Each (method, seed) is one `python -m gcpo_fast.train --loss_type METHOD --seed 
 (OMP_NUM_THREADS=--threads, --jobs at a time) with every other option at the trainer's default, so each
 method runs with its paper's recipe (config.RECIPES and the kernel's LOSS_RECIPES). Every run starts from
 the same shipped model, sees the same prompts in the same order for a given seed and evaluates on the same
-held-out problems. The budget is optimizer steps, not rollouts: DAPO's dynamic sampling draws extra prompt
-batches to fill a step (its `num_gen_batches`), so it generates more per step; the table shows that as
-rollouts and wall time.
+held-out problems; DAPO alone also gets --max_num_gen_batches 0 (METHOD_ARGS). The budget is optimizer
+steps, not rollouts: DAPO's dynamic sampling draws extra prompt batches to fill a step (its
+`num_gen_batches`), so it generates more per step; the table shows that as batches per step and wall time.
 
 Writes to --out (default benchmarks/results/):
     compare_methods.csv          one row per run: held-out accuracy before/after (all, per level), reward,
-                                 fraction of all-wrong groups, rollouts, wall time
+                                 fraction of all-wrong groups, golden rows, prompt batches per step, wall time
     compare_methods.md           the per-method table (mean and spread over seeds) that the README shows
     compare_methods_curves.csv   per step: reward, frac_reward_all_wrong, eval/mean@1 of every run
     compare_methods.png          reward and held-out accuracy against step, mean over seeds per method
@@ -33,6 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 METHODS = ("gcpo", "dapo", "grpo", "gspo", "gpg")
+# DAPO's dynamic sampling with the trainer's default cap of 10 prompt batches per step stops the run once too
+# few groups have varied rewards (verl does the same); here it may sample as many batches as it needs
+METHOD_ARGS = {"dapo": ["--max_num_gen_batches", "0"]}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -45,7 +48,7 @@ def run_one(method: str, seed: int, args) -> dict:
     if out.exists():  # a run cut short earlier: start it again from scratch
         subprocess.run(["rm", "-rf", str(out)], check=True)
     cmd = [sys.executable, "-m", "gcpo_fast.train", "--loss_type", method, "--seed", str(seed), "--output_dir", str(out),
-           "--save_steps", "0", "--logging_steps", "50", *args.train_args]
+           "--save_steps", "0", "--logging_steps", "50", *METHOD_ARGS.get(method, []), *args.train_args]
     if args.max_steps:
         cmd += ["--max_steps", str(args.max_steps)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1")

@@ -235,10 +235,12 @@ def main(argv=None) -> None:
     ap.add_argument("--train-size", type=int, default=4096)
     ap.add_argument("--test-size", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--levels", type=int, nargs="+", default=None, help="difficulty levels to draw (default: all)")
     args = ap.parse_args(argv)
     args.export.mkdir(parents=True, exist_ok=True)
-    for name, records in (("train", train_split(args.train_size, seed=args.seed)),
-                          ("test", heldout_split(args.test_size, seed=args.seed))):
+    # test problems are distinct, as in a real benchmark; training problems may repeat (small levels)
+    for name, records in (("train", train_split(args.train_size, seed=args.seed, levels=args.levels)),
+                          ("test", heldout_split(args.test_size, seed=args.seed, levels=args.levels, distinct=True))):
         path = args.export / f"{name}.jsonl"
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)

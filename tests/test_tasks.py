@@ -70,3 +70,10 @@ def test_export_reads_back_with_load_prompts(tmp_path, capsys):
     for r in train + test:
         assert r["golden"] == r["solution"] and r["answer"] == extract_answer(r["solution"])
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert len({r["prompt"] for r in test}) == 16  # a benchmark never repeats a problem
+
+
+def test_export_of_chosen_levels(tmp_path):
+    data_main(["--export", str(tmp_path), "--train-size", "40", "--test-size", "30", "--levels", "3", "5"])
+    records = load_prompts(tmp_path / "train.jsonl") + load_prompts(tmp_path / "test.jsonl")
+    assert {r["level"] for r in records} == {3, 5}
