@@ -25,6 +25,7 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,14 +40,19 @@ METHOD_ARGS = {"dapo": ["--max_num_gen_batches", "0"]}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def run_dir(args, method: str, seed: int) -> Path:
+    """The run folder of (method, seed); it holds wall_time.json once the run has finished."""
+    return Path(args.runs_dir) / f"{method}_seed{seed}"
+
+
 def run_one(method: str, seed: int, args) -> dict:
     """Train one (method, seed) in a subprocess; returns its wall time. Skips a run that already finished."""
-    out = Path(args.runs_dir) / f"{method}_seed{seed}"
+    out = run_dir(args, method, seed)
     done = out / "wall_time.json"
     if done.exists():
         return json.loads(done.read_text())
     if out.exists():  # a run cut short earlier: start it again from scratch
-        subprocess.run(["rm", "-rf", str(out)], check=True)
+        shutil.rmtree(out)
     cmd = [sys.executable, "-m", "gcpo_fast.train", "--loss_type", method, "--seed", str(seed), "--output_dir", str(out),
            "--save_steps", "0", "--logging_steps", "50", *METHOD_ARGS.get(method, []), *args.train_args]
     if args.max_steps:
@@ -66,7 +72,7 @@ def run_one(method: str, seed: int, args) -> dict:
 
 def read_run(method: str, seed: int, args) -> dict:
     """The figures of one finished run, from its metrics.jsonl."""
-    out = Path(args.runs_dir) / f"{method}_seed{seed}"
+    out = run_dir(args, method, seed)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [line for line in lines if "reward" in line]
     evals = [line for line in lines if "eval/mean@1" in line]
@@ -186,7 +192,7 @@ def main(argv=None) -> None:
     if not args.report_only:
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda ms: run_one(*ms, args), runs))
-    finished = [(m, s) for m, s in runs if (Path(args.runs_dir) / f"{m}_seed{s}" / "wall_time.json").exists()]
+    finished = [(m, s) for m, s in runs if (run_dir(args, m, s) / "wall_time.json").exists()]
     for m, s in sorted(set(runs) - set(finished)):  # only with --report_only: a run that did not finish is left out
         print(f"left out: {m} seed {s} (not finished in {args.runs_dir})")
     results = [read_run(m, s, args) for m, s in finished]

@@ -54,6 +54,11 @@ class Groups:
     golden_prompts: torch.Tensor  # [P] bool, the prompts that received a golden row
 
 
+def all_wrong_groups(rewards: torch.Tensor, threshold: float) -> torch.Tensor:
+    """[P] bool from [P, G] rewards: no rollout of the prompt reaches threshold (where GCPO adds a golden row)."""
+    return (rewards < threshold).all(dim=1)
+
+
 def add_golden_rows(
     rewards: torch.Tensor,
     has_golden: torch.Tensor | list[bool],
@@ -71,7 +76,7 @@ def add_golden_rows(
     device = rewards.device
     rewards = rewards.float()
     threshold = correct_reward if correct_threshold is None else correct_threshold
-    all_wrong = (rewards < threshold).all(dim=1)
+    all_wrong = all_wrong_groups(rewards, threshold)
     golden = all_wrong & has_golden & (mode != "off")
     flat = rewards.flatten()
     if mode == "append":

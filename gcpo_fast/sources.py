@@ -7,14 +7,15 @@
     train = load_records("data/train.jsonl", golden_column="solution", require_golden=True)
 
 Records have gcpo_fast.data's shape: {"prompt", "golden", "answer", **other columns}. `builtin` is
-gcpo_fast.tasks (train_split / heldout_split, which never share a prompt; test problems are distinct); a file or folder goes to
-gcpo_fast.data.load_prompts, which raises ValueError naming the file, line and column of a bad row.
+gcpo_fast.tasks (train_split / heldout_split, which never share a prompt; test problems are distinct); a
+file or folder goes to gcpo_fast.data.load_prompts, which raises ValueError naming the file, line and column of a bad row.
 """
 from gcpo_fast.data import load_prompts
 
 
 def load_records(dataset: str, *, split: str = "train", num_problems: int = 5000, seed: int = 0,
-                 levels: list[int] | None = None, prompt_column: str = "prompt", golden_column: str = "solution", answer_column: str | None = None,
+                 levels: list[int] | None = None, prompt_column: str = "prompt", golden_column: str = "solution",
+                 answer_column: str | None = None,
                  require_golden: bool = False) -> list[dict]:
     if dataset != "builtin":
         return load_prompts(dataset, prompt_column=prompt_column, golden_column=golden_column,

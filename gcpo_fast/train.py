@@ -173,7 +173,7 @@ def sample_groups(cfg: TrainConfig, model, tokenizer, sampler, reward_funcs) -> 
         "completions/clipped_ratio": sum(seen["truncated"]) / len(seen["truncated"]),
         "num_gen_batches": num_batches,
         # every sampled group, kept or not (gcpo/frac_all_wrong counts the kept ones: none under DAPO's filter)
-        "frac_reward_all_wrong": (grid < cfg.correct_reward).all(dim=1).float().mean().item(),
+        "frac_reward_all_wrong": groups.all_wrong_groups(grid, cfg.correct_reward).float().mean().item(),
         **{f"rewards/{reward_function_name(f)}/mean": per_func[:, j].nanmean().nan_to_num().item()
            for j, f in enumerate(reward_funcs)},
     }
