@@ -2,7 +2,8 @@
 
     from gcpo_fast.checkpoint import save_checkpoint, load_checkpoint, find_checkpoint
 
-    save_checkpoint("runs/x", step, model, tokenizer, state, rank_state, config=cfg.to_dict(), save_total_limit=3)
+    save_checkpoint("runs/x", step, model, tokenizer, state, rank_state, config=cfg.to_dict(), save_total_limit=3,
+                    model_state=policy.full_state_dict())   # every rank calls it (gcpo_fast/parallel.py)
     path = find_checkpoint("runs/x", "latest")        # or a given checkpoint folder; raises if there is none
     state, rank_state = load_checkpoint(path)          # also restores this rank's RNG states
 
@@ -30,19 +31,10 @@ import numpy as np
 import torch
 import yaml
 
+from gcpo_fast.parallel import barrier, rank_and_world
+
 STATE_FILE = "trainer_state.pt"
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
-
-
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -104,21 +96,22 @@ def find_checkpoint(output_dir, resume: str) -> Path:
 
 
 def save_checkpoint(output_dir, step: int, model, tokenizer, state: dict, rank_state: dict, *, config: dict,
-                    save_total_limit: int | None = None) -> Path:
+                    save_total_limit: int | None = None, model_state: dict | None = None) -> Path:
     """Write checkpoint-<step> atomically (see the module docstring). Every rank calls it and writes its
-    rank_state and RNG states; rank 0 writes the model and `state`, which all ranks share."""
-    rank, world = _dist()
+    rank_state and RNG states; rank 0 writes the model (model_state: its full state dict, default the model's
+    own) and `state`, which all ranks share."""
+    rank, world = rank_and_world()
     output_dir = Path(output_dir)
     tmp, final = output_dir / f".tmp-checkpoint-{step}", output_dir / f"checkpoint-{step}"
     if rank == 0:
         for stale in output_dir.glob(".tmp-checkpoint-*"):
             shutil.rmtree(stale)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank_{rank}.pt")
-    _barrier()
+    barrier()
     if rank == 0:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=model_state)
         tokenizer.save_pretrained(tmp)
         torch.save({**state, "world_size": world}, tmp / STATE_FILE)
         (tmp / "train_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
@@ -134,14 +127,14 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, state: dict, rank_s
                 doomed = output_dir / f".tmp-{path.name}"
                 os.replace(path, doomed)
                 shutil.rmtree(doomed)
-    _barrier()
+    barrier()
     return final
 
 
 def load_checkpoint(path) -> tuple[dict, dict]:
     """(shared state, this rank's state) of a checkpoint; restores this rank's RNG states as a side effect."""
     path = Path(path)
-    rank, world = _dist()
+    rank, world = rank_and_world()
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     if state["world_size"] != world:
         raise ValueError(f"{path} was written by {state['world_size']} processes; resuming it with {world} would not "

@@ -14,8 +14,9 @@ each). GCPO's golden rows come on top of these counts (they join the micro-batch
 
 `--loss_type` picks a whole method with its paper's defaults (RECIPES below, and the kernel's
 LOSS_RECIPES for the ratio level, clip box and aggregation); every option the user sets explicitly,
-on the command line or in the --config file, wins over the recipe. A bad option raises ConfigError
-here, before any data or model is loaded.
+on the command line or in the --config file, wins over the recipe. The loss options are resolved and
+checked once, by the kernel's `PolicyLossConfig.resolve`, and `cfg.loss_config()` hands the result to
+the update. A bad option raises ConfigError here, before any data or model is loaded.
 """
 import argparse
 import dataclasses
@@ -29,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from gcpo_fast.groups import GOLDEN_MODES, SCALE_REWARDS
-from gcpo_fast.kernels import LOSS_RECIPES
+from gcpo_fast.kernels import LOSS_RECIPES, PolicyLossConfig
 from gcpo_fast.kernels.policy_loss import AGG_MODES
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent / "assets" / "default_model")
@@ -38,7 +39,7 @@ SCHEDULERS = ("constant", "cosine", "linear")
 REPORTERS = ("none", "tensorboard", "wandb")
 
 # The trainer's half of each method (the loss half is the kernel's LOSS_RECIPES): golden rows, reward
-# scaling, DAPO's dynamic sampling and overlong shaping, GPG's resampling threshold (ALGORITHMS.md).
+# scaling, DAPO's dynamic sampling and overlong shaping, GPG's resampling threshold (docs/algorithms.md).
 RECIPES = {
     "gcpo": dict(golden_answer="append", scale_rewards="group", dynamic_sampling=False, overlong=False, min_inverse_alpha=0.0),
     "gspo": dict(golden_answer="off", scale_rewards="group", dynamic_sampling=False, overlong=False, min_inverse_alpha=0.0),
@@ -140,6 +141,16 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def prompts_per_round(self) -> int:
+        """Prompts each rank samples per generation round: its completions over G."""
+        return self.per_device_train_batch_size * self.steps_per_generation // self.num_generations
+
+    def loss_config(self) -> PolicyLossConfig:
+        """The fused loss's options, as resolve() settled them."""
+        return PolicyLossConfig(self.loss_type, self.importance_sampling_level, self.epsilon, self.epsilon_high,
+                                self.loss_agg_mode, self.delta, None, self.beta, self.max_completion_length)
+
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -229,18 +240,21 @@ def resolve(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     """Fill the options the user did not set from cfg.loss_type's recipe, then check everything."""
     if cfg.loss_type not in LOSS_RECIPES:
         raise ConfigError(f"loss_type must be one of {', '.join(LOSS_RECIPES)}, got {cfg.loss_type!r}")
-    loss, method = LOSS_RECIPES[cfg.loss_type], RECIPES[cfg.loss_type]
-    values = {}
+    method = RECIPES[cfg.loss_type]
+    given = lambda name: getattr(cfg, name) if name in explicit else None  # noqa: E731
+    try:  # the kernel fills the loss options from LOSS_RECIPES (epsilon_high follows epsilon, as TRL) and checks them
+        loss = PolicyLossConfig.resolve(cfg.loss_type, given("importance_sampling_level"), given("epsilon"),
+                                        given("epsilon_high"), given("loss_agg_mode"), cfg.delta, None, cfg.beta,
+                                        cfg.max_completion_length)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("epsilon_low", "epsilon")) from None
+    values = dict(importance_sampling_level=loss.importance_sampling_level, loss_agg_mode=loss.loss_agg_mode,
+                  epsilon=loss.epsilon_low, epsilon_high=loss.epsilon_high)
 
     def default(name, value):
         if name not in explicit or getattr(cfg, name) is None:
             values[name] = value
 
-    default("importance_sampling_level", loss["importance_sampling_level"])
-    default("loss_agg_mode", loss["loss_agg_mode"])
-    default("epsilon", loss["epsilon_low"])
-    # TRL: epsilon_high follows epsilon when only epsilon is given
-    default("epsilon_high", cfg.epsilon if "epsilon" in explicit and cfg.epsilon is not None else loss["epsilon_high"])
     for name in ("golden_answer", "scale_rewards", "dynamic_sampling", "min_inverse_alpha"):
         default(name, method[name])
     default("overlong_buffer_len", max(1, cfg.max_completion_length // 5) if method["overlong"] else 0)
@@ -282,10 +296,6 @@ def check(cfg: TrainConfig) -> None:
     need(0 < cfg.top_p <= 1, f"top_p must be in (0, 1], got {cfg.top_p}")
     need(cfg.learning_rate >= 0, f"learning_rate must be >= 0, got {cfg.learning_rate}")
     need(0 <= cfg.warmup_ratio <= 1, f"warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}")
-    need(cfg.epsilon >= 0 and cfg.epsilon_high >= 0, f"epsilon and epsilon_high must be >= 0, got {cfg.epsilon}, {cfg.epsilon_high}")
-    need(cfg.delta is None or cfg.delta > 1 + cfg.epsilon_high,
-         f"delta must exceed 1 + epsilon_high = {1 + cfg.epsilon_high}, got {cfg.delta}")
-    need(cfg.beta >= 0, f"beta must be >= 0, got {cfg.beta}")
     need(cfg.overlong_buffer_len <= cfg.max_completion_length,
          f"overlong_buffer_len={cfg.overlong_buffer_len} must not exceed max_completion_length={cfg.max_completion_length}")
     need(0 <= cfg.min_inverse_alpha <= 1, f"min_inverse_alpha must be in [0, 1], got {cfg.min_inverse_alpha}")

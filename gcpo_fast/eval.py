@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gcpo_fast.config import DEFAULT_MODEL, TrainConfig
 from gcpo_fast.rewards import math_reward
-from gcpo_fast.rollout import encode_prompts, generate
+from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts
 from gcpo_fast.sources import load_records
 
 
@@ -59,11 +59,11 @@ def level_summary(records: list[dict], correct: list[int], num_samples: int) -> 
     return out
 
 
-def count_correct(model, tokenizer, records: list[dict], *, num_samples: int = 1, max_prompt_length: int = 256,
-                  max_completion_length: int = 128, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                  batch_size: int = 32, seed: int = 0) -> list[int]:
-    """How many of num_samples completions of each record are correct. The global RNG is left as it was
-    (a training run that evaluates draws the same samples as one that does not)."""
+def count_correct(engine, tokenizer, records: list[dict], sampling: Sampling, *, num_samples: int = 1,
+                  max_prompt_length: int = 256, batch_size: int = 32, seed: int = 0) -> list[int]:
+    """How many of num_samples completions of each record (from the rollout engine, gcpo_fast/rollout.py)
+    are correct. The global RNG is left as it was (a training run that evaluates draws the same samples
+    as one that does not)."""
     correct = []
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
@@ -71,8 +71,7 @@ def count_correct(model, tokenizer, records: list[dict], *, num_samples: int = 1
         for start in range(0, len(records), batch_size):
             batch = records[start : start + batch_size]
             prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in batch], max_prompt_length)
-            out = generate(model, tokenizer, prompt_ids, num_samples, max_completion_length=max_completion_length,
-                           temperature=temperature, top_p=top_p, top_k=top_k, greedy=num_samples == 1)
+            out = engine.generate(prompt_ids, num_samples, sampling)
             rewards = math_reward(out.texts, [r["answer"] for r in batch for _ in range(num_samples)])
             correct += [int(sum(rewards[i * num_samples : (i + 1) * num_samples])) for i in range(len(batch))]
     return correct
@@ -108,10 +107,10 @@ def main(argv=None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
-    correct = count_correct(model, tokenizer, records, num_samples=args.num_samples,
-                            max_prompt_length=args.max_prompt_length, max_completion_length=args.max_completion_length,
-                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            batch_size=args.batch_size, seed=args.seed)
+    sampling = Sampling(args.max_completion_length, args.temperature, args.top_p, args.top_k,
+                        greedy=args.num_samples == 1)
+    correct = count_correct(HFEngine(model, tokenizer), tokenizer, records, sampling, num_samples=args.num_samples,
+                            max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, seed=args.seed)
     metrics = {"num_problems": len(records), **summarize(correct, args.num_samples),
                **level_summary(records, correct, args.num_samples)}
     print(json.dumps(metrics, indent=2))

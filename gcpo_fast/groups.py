@@ -1,13 +1,13 @@
 """Group logic on reward tensors: GCPO's golden rows, advantages (GRPO / Dr. GRPO / GPG), DAPO's filter.
 
-    from gcpo_fast import groups as G
+    from gcpo_fast import groups
 
-    rewards = torch.tensor(...)                       # [P, G]: P prompts x G rollouts
-    g = G.add_golden_rows(rewards, has_golden, mode="append", correct_reward=1.0)
-    adv = G.group_advantages(g.rewards, g.group_index, scale_rewards="group")     # [N] per row
-    adv, alpha = G.gpg_advantages(g.rewards, g.group_index)                      # GPG instead
-    metrics = G.group_metrics(rewards, g)
-    keep = G.dapo_filter(rewards)                     # [P] bool: DAPO dynamic sampling
+    rewards = torch.tensor(...)                                  # [P, G]: P prompts x G rollouts
+    g = groups.add_golden_rows(rewards, has_golden, mode="append", correct_reward=1.0)
+    adv = groups.group_advantages(g.rewards, g.group_index, scale_rewards="group")   # [N] per row
+    adv, alpha = groups.gpg_advantages(g.rewards, g.group_index)                    # GPG instead
+    metrics = groups.group_metrics(rewards, g)
+    keep = groups.dapo_filter(rewards)                           # [P] bool: DAPO dynamic sampling
 
 Rows are flat: row k belongs to group (prompt) g.group_index[k]; a group's rows are contiguous, its
 rollouts in order, then its golden row when there is one. g.rollout_index[k] is the row's index in

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from gcpo_fast.rewards import math_reward
+from gcpo_fast.rollout import HFEngine, Sampling
 from gcpo_fast.tasks import LEVELS, generate_problems, heldout_split, train_split
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "assets" / "default_model"
@@ -174,14 +175,17 @@ def train(model, tokenizer, seed: int, steps: int, batch_size: int, lr: float, m
     return losses
 
 
-@torch.no_grad()
+def prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """The raw "Q: ...\n" prompts as ids (no chat template: the warm start never saw one)."""
+    return [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+
+
 def greedy_completions(model, tokenizer, prompts: list[str], batch_size: int = 100,
                        max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
+    engine, greedy = HFEngine(model, tokenizer), Sampling(max_new_tokens, greedy=True)
     out = []
     for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="left")
-        gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens)
-        out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        out += engine.generate(prompt_ids(tokenizer, prompts[i : i + batch_size]), 1, greedy).texts
     return out
 
 
@@ -198,19 +202,16 @@ def evaluate(model, tokenizer, seed: int, per_level: int = EVAL_PER_LEVEL) -> di
     return results
 
 
-@torch.no_grad()
 def rollout_stats(model, tokenizer, seed: int, per_level: int = 24, group: int = 8) -> dict[int, dict]:
     """What RL will see: per level, `group` samples (temperature 1, no top-k/top-p) for each of per_level
     train_split prompts: mean reward, and the fractions of groups all wrong (golden answer injected by
     GCPO) and all right (no signal)."""
     torch.manual_seed(seed)
+    engine, sampling = HFEngine(model, tokenizer), Sampling(MAX_NEW_TOKENS, temperature=1.0)
     stats = {}
     for level in tqdm(LEVELS, desc="rollout stats"):
         records = train_split(per_level, seed=seed + 1, levels=[level])
-        enc = tokenizer([r["prompt"] for r in records for _ in range(group)], return_tensors="pt",
-                        padding=True, padding_side="left")
-        out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=MAX_NEW_TOKENS)
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = engine.generate(prompt_ids(tokenizer, [r["prompt"] for r in records]), group, sampling).texts
         rewards = torch.tensor(math_reward(texts, [r["answer"] for r in records for _ in range(group)])).view(-1, group)
         stats[level] = {"prompts": per_level, "group": group, "mean_reward": round(rewards.mean().item(), 3),
                         "all_wrong": round((rewards.sum(1) == 0).float().mean().item(), 3),

@@ -1,16 +1,23 @@
-"""Rollouts: prompts to token ids, G sampled completions per prompt with Hugging Face `generate`, golden rows.
+"""Rollouts: prompts to token ids, and the rollout engine that samples G completions per prompt.
 
-    from gcpo_fast.rollout import encode_prompts, generate, encode_completion, eos_token_ids
+    from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts, encode_completion
 
+    engine = HFEngine(model, tokenizer, bf16=True)          # generates with the training model itself
     prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in batch], max_prompt_length=512)
-    out = generate(model, tokenizer, prompt_ids, num_generations=8, max_completion_length=256,
-                   temperature=1.0, top_p=1.0, top_k=0)
+    out = engine.generate(prompt_ids, 8, Sampling(max_completion_length=256, temperature=1.0))
     out.prompt_ids[k], out.completion_ids[k], out.truncated[k], out.texts[k]   # row k = prompt k // 8
+    engine.sync_weights(policy.named_parameters())          # after each optimizer step (a no-op here)
     ids, truncated = encode_completion(tokenizer, golden_text, 256)             # a golden answer as a completion
+
+A rollout engine is any object with `eos_ids`, `generate(prompt_ids, n, sampling) -> Rollouts` and
+`sync_weights(named_tensors)`: the trainer, the evaluation and the model builder call nothing else, so a
+second engine (vLLM) is one more class, not branches in the loop. `HFEngine` runs Hugging Face `generate`
+on the training model; its weights are the trainer's, so its sync does nothing. An engine that samples
+elsewhere also returns the per-token log-probs it sampled with (`Rollouts.logprobs`).
 
 Prompts go through the tokenizer's chat template when it has one (a plain-text prompt becomes one user
 message), else they are tokenised as plain text; either way, too-long prompts keep their last
-max_prompt_length tokens. Generation is one batched `generate` over all prompts x G rows with the KV
+max_prompt_length tokens. HFEngine generates all prompts x n rows in one batched `generate` with the KV
 cache and left padding. The trainer keeps the generated token ids as they are (never re-tokenised
 text): a completion is cut after its first EOS (kept, so the model learns to stop), and a completion
 with no EOS within the budget is "truncated".
@@ -20,6 +27,18 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
+from gcpo_fast.update import autocast
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How an engine samples: greedy decoding, or temperature with optional top-p / top-k (0: off)."""
+    max_completion_length: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+
 
 @dataclass
 class Rollouts:
@@ -27,6 +46,17 @@ class Rollouts:
     completion_ids: list[list[int]]  # per row, up to and including the first EOS
     truncated: list[bool]  # per row: no EOS within max_completion_length
     texts: list[str]  # per row: the completion decoded without special tokens
+    logprobs: list[list[float]] | None = None  # per row and completion token: the engine's sampling log-prob
+
+    def __add__(self, other: "Rollouts") -> "Rollouts":
+        logprobs = None if self.logprobs is None or other.logprobs is None else self.logprobs + other.logprobs
+        return Rollouts(self.prompt_ids + other.prompt_ids, self.completion_ids + other.completion_ids,
+                        self.truncated + other.truncated, self.texts + other.texts, logprobs)
+
+    def select(self, rows: list[int]) -> "Rollouts":
+        pick = lambda values: None if values is None else [values[i] for i in rows]  # noqa: E731
+        return Rollouts(pick(self.prompt_ids), pick(self.completion_ids), pick(self.truncated), pick(self.texts),
+                        pick(self.logprobs))
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -76,37 +106,45 @@ def cut_at_eos(ids: list[int], eos: set[int]) -> tuple[list[int], bool]:
     return ids, True
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompt_ids: list[list[int]], num_generations: int, *, max_completion_length: int,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, greedy: bool = False) -> Rollouts:
-    """num_generations sampled completions of every prompt (greedy decoding if greedy=True), prompt-major rows.
+class HFEngine:
+    """Rollouts from Hugging Face `generate` on the training model itself (bf16 autocast on CUDA when asked)."""
 
-    Call it on the bare model (not a DDP wrapper); it runs in eval mode and restores the previous mode.
-    """
-    eos = eos_token_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    rows = [ids for ids in prompt_ids for _ in range(num_generations)]
-    width = max(len(ids) for ids in rows)
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in rows], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rows], device=device)
-    # A full GenerationConfig, so that sampling settings saved with the model (repetition penalty,
-    # its own temperature) never leak into the rollouts: the loss assumes exactly these. top_k must be
-    # 0, not None, to be off: transformers fills None with 50.
-    sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=top_k)
-    config = GenerationConfig(max_new_tokens=max_completion_length, do_sample=not greedy, eos_token_id=eos,
-                              pad_token_id=pad, use_cache=True, **sampling)
-    was_training = model.training
-    model.eval()
-    try:
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-    finally:
-        model.train(was_training)
-    eos_set = set(eos)
-    completions, truncated = [], []
-    for ids in out[:, width:].tolist():
-        ids, cut = cut_at_eos(ids, eos_set)
-        completions.append(ids)
-        truncated.append(cut)
-    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    return Rollouts(rows, completions, truncated, texts)
+    def __init__(self, model, tokenizer, *, bf16: bool = False):
+        self.model, self.tokenizer, self.bf16 = model, tokenizer, bf16
+        self.eos_ids = eos_token_ids(model, tokenizer)  # fails now, not after a round, if nothing ends a completion
+
+    def sync_weights(self, named_tensors) -> None:
+        """Nothing to do: this engine samples with the trainer's own weights."""
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling) -> Rollouts:
+        """n completions of every prompt, prompt-major rows. Runs the model in eval mode and restores its mode."""
+        model, tokenizer, eos = self.model, self.tokenizer, self.eos_ids
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+        rows = [ids for ids in prompt_ids for _ in range(n)]
+        width = max(len(ids) for ids in rows)
+        device = next(model.parameters()).device
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in rows], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rows], device=device)
+        # A full GenerationConfig, so that sampling settings saved with the model (repetition penalty,
+        # its own temperature) never leak into the rollouts: the loss assumes exactly these. top_k must be
+        # 0, not None, to be off: transformers fills None with 50.
+        options = {} if sampling.greedy else dict(temperature=sampling.temperature, top_p=sampling.top_p,
+                                                  top_k=sampling.top_k)
+        config = GenerationConfig(max_new_tokens=sampling.max_completion_length, do_sample=not sampling.greedy,
+                                  eos_token_id=eos, pad_token_id=pad, use_cache=True, **options)
+        was_training = model.training
+        model.eval()
+        try:
+            with autocast(self.bf16, device):
+                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        finally:
+            model.train(was_training)
+        eos_set = set(eos)
+        completions, truncated = [], []
+        for ids in out[:, width:].tolist():
+            ids, cut = cut_at_eos(ids, eos_set)
+            completions.append(ids)
+            truncated.append(cut)
+        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+        return Rollouts(rows, completions, truncated, texts)

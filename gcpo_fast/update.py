@@ -1,48 +1,74 @@
 """The update: packed micro-batches -> hidden states -> fused policy loss -> backward -> one optimizer step.
 
-    from gcpo_fast.update import PolicyLoss, behaviour_logprobs, build_optimizer, optimizer_step
+    from gcpo_fast.update import ModelWithLoss, Rows, completion_logprobs, build_optimizer, optimizer_step
 
-    module = PolicyLoss(model, cfg)                  # wrap this one in DDP under torchrun
+    policy = parallel.parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.temperature))
     optimizer, scheduler = build_optimizer(model, cfg)
-    mb["old_logp"] = behaviour_logprobs(model, mb, cfg)   # only when a rollout batch is reused
-    metrics = optimizer_step(module, optimizer, scheduler, micro_batches, cfg)
+    mb.old_logp = completion_logprobs(model, mb, cfg)          # only when a rollout batch is reused
+    metrics = optimizer_step(policy, optimizer, scheduler, micro_batches, cfg)
 
-A micro-batch is a dict of rows: prompt_ids and completion_ids (lists of token-id lists), truncated
-(list of bool), advantages ([B] tensor), old_logp and ref_logp ([N] tensors over its completion
-tokens, or None). Rows are packed into one stream without padding (gcpo_fast.packing); the model
-runs to its last hidden states only, and `linear_policy_loss` takes the states that predict
-completion tokens together with the lm_head weight, so [N, V] logits never exist.
+A micro-batch is `Rows`: prompt_ids and completion_ids (lists of token-id lists), truncated (list of
+bool), advantages ([B] tensor), old_logp and ref_logp ([N] tensors over its completion tokens, or None).
+Rows are packed into one stream without padding (gcpo_fast.packing); the model runs to its last hidden
+states only, and `linear_policy_loss` takes the states that predict completion tokens together with the
+lm_head weight, so [N, V] logits never exist.
 
 The aggregation's denominator is the whole optimizer step's, summed over micro-batches and ranks
-(ALGORITHMS.md): token-mean divides by the step's unmasked completion tokens, seq-mean-* by its rows
-(seq-mean-token-sum-norm, Dr. GRPO, by rows x max_completion_length, as TRL does), each divided by the
-world size because DDP averages gradients. So a step's gradient does not depend on how it was split.
+(docs/algorithms.md, "Aggregation"): token-mean divides by the step's unmasked completion tokens, seq-mean-*
+by its rows (seq-mean-token-sum-norm, Dr. GRPO, by rows x max_completion_length, as TRL does), each divided
+by the world size because DDP averages gradients. So a step's gradient does not depend on how it was split.
 """
+import dataclasses
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from transformers import get_scheduler
 
-from gcpo_fast.kernels import linear_logprobs, linear_policy_loss
+from gcpo_fast.kernels import PolicyLossConfig, linear_logprobs, linear_policy_loss
 from gcpo_fast.packing import PackedBatch, forward_hidden, lm_head_weight, pack_rows
+from gcpo_fast.parallel import all_reduce, rank_and_world
 
 IGNORE_INDEX = -100
 SCHEDULER_NAMES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
 
-def autocast(cfg, device: torch.device):
-    """bf16 autocast on CUDA when cfg.bf16 (weights and optimizer state stay fp32); nothing on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda" else nullcontext()
+@dataclass
+class Rows:
+    """Rows to train on, a generation round's or one micro-batch's: each a prompt and a completion."""
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    truncated: list[bool]  # no EOS within the budget (masked out of the loss with mask_truncated_completions)
+    advantages: torch.Tensor  # [B]
+    old_logp: torch.Tensor | None = None  # [N] behaviour log-probs of the completion tokens; None: on-policy
+    ref_logp: torch.Tensor | None = None  # [N] reference model's, when beta > 0
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    def select(self, index: torch.Tensor) -> "Rows":
+        """The rows at index (a [k] long tensor), in that order, without old/ref log-probs."""
+        idx = index.tolist()
+        return Rows([self.prompt_ids[i] for i in idx], [self.completion_ids[i] for i in idx],
+                    [self.truncated[i] for i in idx], self.advantages[index])
 
 
-def pack(mb: dict, mask_truncated: bool, device) -> PackedBatch:
+# Rollout buffers (lists of Rows) are saved in checkpoints and read back with torch.load(weights_only=True).
+torch.serialization.add_safe_globals([Rows])
+
+
+def autocast(bf16: bool, device: torch.device):
+    """bf16 autocast on CUDA when asked (weights and optimizer state stay fp32); nothing on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda" else nullcontext()
+
+
+def pack(mb: Rows, mask_truncated: bool, device) -> PackedBatch:
     """The micro-batch's rows as one packed stream; truncated rows' targets ignored if mask_truncated."""
-    packed = pack_rows(mb["prompt_ids"], mb["completion_ids"], device=device)
-    if mask_truncated and any(mb["truncated"]):
-        lengths = torch.tensor([len(c) for c in mb["completion_ids"]])
-        drop = torch.repeat_interleave(torch.tensor(mb["truncated"]), lengths).to(device)
+    packed = pack_rows(mb.prompt_ids, mb.completion_ids, device=device)
+    if mask_truncated and any(mb.truncated):
+        lengths = torch.tensor([len(c) for c in mb.completion_ids])
+        drop = torch.repeat_interleave(torch.tensor(mb.truncated), lengths).to(device)
         packed.targets = packed.targets.masked_fill(drop, IGNORE_INDEX)
     return packed
 
@@ -54,17 +80,14 @@ def _head(model, dtype):
     return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
-class PolicyLoss(torch.nn.Module):
-    """The model and the fused loss as one module, so that DDP's hooks see the whole forward
+class ModelWithLoss(torch.nn.Module):
+    """The model and the fused loss as one module, so that a parallel wrapper's hooks see the whole forward
     (gcpo_fast.packing: call forward_hidden from inside the wrapped module's forward)."""
 
-    def __init__(self, model, cfg):
+    def __init__(self, model, loss_config: PolicyLossConfig, temperature: float):
         super().__init__()
         self.model = model
-        self.options = dict(loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
-                            epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta, beta=cfg.beta,
-                            loss_agg_mode=cfg.loss_agg_mode, temperature=cfg.temperature,
-                            max_completion_length=cfg.max_completion_length)
+        self.options = dict(dataclasses.asdict(loss_config), temperature=temperature)
 
     def forward(self, packed: PackedBatch, advantages, old_logp, ref_logp, normalizer):
         hidden = forward_hidden(self.model, packed)[packed.completion_index]
@@ -75,30 +98,25 @@ class PolicyLoss(torch.nn.Module):
 
 
 @torch.no_grad()
-def behaviour_logprobs(model, mb: dict, cfg) -> torch.Tensor:
+def completion_logprobs(model, mb: Rows, cfg) -> torch.Tensor:
     """Per-token log-probs [N] of the micro-batch's completions under `model` as it is now: one forward-only
-    fused pass (old log-probs of a reused batch, golden rows included, or the reference model's)."""
+    fused pass (the policy's old log-probs of a reused batch, golden rows included, or the reference model's)."""
     device = next(model.parameters()).device
     packed = pack(mb, cfg.mask_truncated_completions, device)
-    with autocast(cfg, device):
+    with autocast(cfg.bf16, device):
         hidden = forward_hidden(model, packed)[packed.completion_index]
         weight, bias = _head(model, hidden.dtype)
         return linear_logprobs(hidden, weight, packed.targets, temperature=cfg.temperature, bias=bias,
                                ignore_index=IGNORE_INDEX)
 
 
-def step_normalizer(micro_batches: list[dict], cfg) -> float:
+def step_normalizer(micro_batches: list[Rows], cfg) -> float:
     """The aggregation denominator of one optimizer step, global over ranks (see the module docstring)."""
-    tokens = sum(len(c) for mb in micro_batches for c, cut in zip(mb["completion_ids"], mb["truncated"])
+    tokens = sum(len(c) for mb in micro_batches for c, cut in zip(mb.completion_ids, mb.truncated)
                  if not (cut and cfg.mask_truncated_completions))
-    rows = sum(len(mb["completion_ids"]) for mb in micro_batches)
-    world = 1
-    if torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
-        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-        counts = torch.tensor([tokens, rows], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(counts)
-        tokens, rows = counts.tolist()
+    rows = sum(len(mb) for mb in micro_batches)
+    world = rank_and_world()[1]
+    tokens, rows = all_reduce([tokens, rows])
     if cfg.loss_agg_mode == "token-mean":
         return max(tokens, 1) / world
     if cfg.loss_agg_mode == "seq-mean-token-sum-norm":
@@ -119,21 +137,20 @@ def build_optimizer(model, cfg):
     return optimizer, scheduler
 
 
-def optimizer_step(module, optimizer, scheduler, micro_batches: list[dict], cfg) -> dict[str, float]:
+def optimizer_step(policy, optimizer, scheduler, micro_batches: list[Rows], cfg) -> dict[str, float]:
     """Forward + backward of every micro-batch (gradients synced once, on the last), clip, AdamW step.
-    Returns this rank's metrics: loss, grad_norm, learning_rate, entropy, clip ratios (token means)."""
-    model = module.module.model if isinstance(module, DistributedDataParallel) else module.model
+    policy: gcpo_fast.parallel.Policy. Returns this rank's metrics: loss, grad_norm, learning_rate, entropy,
+    clip ratios (token means)."""
+    model = policy.model
     device = next(model.parameters()).device
     normalizer = step_normalizer(micro_batches, cfg)
     loss_sum, tokens, stat_sums = 0.0, 0.0, {}
     for i, mb in enumerate(micro_batches):
         packed = pack(mb, cfg.mask_truncated_completions, device)
-        last = i == len(micro_batches) - 1
-        no_sync = module.no_sync() if isinstance(module, DistributedDataParallel) and not last else nullcontext()
-        old, ref = (None if mb[k] is None else mb[k].to(device) for k in ("old_logp", "ref_logp"))
-        with no_sync:
-            with autocast(cfg, device):
-                loss, stats = module(packed, mb["advantages"].to(device), old, ref, normalizer)
+        old, ref = (None if t is None else t.to(device) for t in (mb.old_logp, mb.ref_logp))
+        with policy.no_sync(last=i == len(micro_batches) - 1):
+            with autocast(cfg.bf16, device):
+                loss, stats = policy.module(packed, mb.advantages.to(device), old, ref, normalizer)
             loss.backward()
         n = stats.pop("num_tokens").item()
         loss_sum, tokens = loss_sum + loss.item(), tokens + n

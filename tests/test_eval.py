@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gcpo_fast.eval import count_correct, level_summary, main, pass_at_k, summarize
+from gcpo_fast.rollout import HFEngine, Sampling
 from tiny_model import make_tiny_model, one_thread, write_jsonl  # noqa: F401 (one_thread: fixture)
 
 
@@ -62,9 +63,10 @@ def test_count_correct_leaves_the_global_rng_alone(tmp_path, one_thread):
     records = [{"prompt": "What is 1 + 2?", "answer": "3"}, {"prompt": "What is 2 + 2?", "answer": "4"}]
     torch.manual_seed(1)
     before = torch.get_rng_state()
-    a = count_correct(model, tokenizer, records, num_samples=3, max_completion_length=4, seed=5)
+    engine, sampling = HFEngine(model, tokenizer), Sampling(max_completion_length=4)
+    a = count_correct(engine, tokenizer, records, sampling, num_samples=3, seed=5)
     assert torch.equal(torch.get_rng_state(), before)
-    assert a == count_correct(model, tokenizer, records, num_samples=3, max_completion_length=4, seed=5)
+    assert a == count_correct(engine, tokenizer, records, sampling, num_samples=3, seed=5)
     assert len(a) == 2 and all(0 <= c <= 3 for c in a)
 
 

@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from gcpo_fast import groups as G
+from gcpo_fast import groups as grp
 
 EPS = 1e-4
 
@@ -32,7 +32,7 @@ def golden_advantage_append(g):
 
 def test_append_one_golden_row_exact_advantage():
     rewards = torch.tensor([[0.0] * 8, [1, 0, 0, 1, 0, 0, 0, 0], [0.0] * 8])
-    g = G.add_golden_rows(rewards, has_golden=[True, True, False], mode="append")
+    g = grp.add_golden_rows(rewards, has_golden=[True, True, False], mode="append")
     # prompt 0 gets exactly one golden row (row 8); prompt 1 is not all wrong; prompt 2 has no golden answer
     assert g.rewards.numel() == 25 and g.is_golden.nonzero().flatten().tolist() == [8]
     assert torch.bincount(g.group_index).tolist() == [9, 8, 8]
@@ -40,7 +40,7 @@ def test_append_one_golden_row_exact_advantage():
     assert g.rollout_index.tolist() == list(range(8)) + [-1] + list(range(8, 24))
     assert g.rewards[8] == 1.0 and torch.equal(g.rewards[g.rollout_index >= 0], rewards.flatten())
 
-    adv = G.group_advantages(g.rewards, g.group_index, "group")
+    adv = grp.group_advantages(g.rewards, g.group_index, "group")
     assert adv[8].item() == pytest.approx(golden_advantage_append(8), rel=1e-6)
     assert adv[8].item() == pytest.approx(8 / 3, abs=1e-3)  # G / sqrt(G+1) for G = 8
     assert adv[:8].tolist() == pytest.approx([-(1 / 9) / (1 / 3 + EPS)] * 8, rel=1e-6)  # -1/sqrt(G+1)
@@ -51,8 +51,8 @@ def test_append_one_golden_row_exact_advantage():
 
 @pytest.mark.parametrize("num_rollouts", [2, 4, 16])
 def test_append_golden_advantage_formula(num_rollouts):
-    g = G.add_golden_rows(torch.zeros(1, num_rollouts), torch.tensor([True]), mode="append")
-    adv = G.group_advantages(g.rewards, g.group_index)
+    g = grp.add_golden_rows(torch.zeros(1, num_rollouts), torch.tensor([True]), mode="append")
+    adv = grp.group_advantages(g.rewards, g.group_index)
     assert adv[-1].item() == pytest.approx(golden_advantage_append(num_rollouts), rel=1e-6)
     assert adv[-1].item() == pytest.approx(num_rollouts / math.sqrt(num_rollouts + 1), rel=1e-3)
 
@@ -60,27 +60,27 @@ def test_append_golden_advantage_formula(num_rollouts):
 def test_replace_and_off():
     rewards = torch.tensor([[0.0, 0, 0, 0], [0, 1, 0, 0]])
     has = torch.tensor([True, True])
-    r = G.add_golden_rows(rewards, has, mode="replace")
+    r = grp.add_golden_rows(rewards, has, mode="replace")
     assert r.rewards.tolist() == [0, 0, 0, 1, 0, 1, 0, 0]  # last rollout of prompt 0 overwritten
     assert r.is_golden.nonzero().flatten().tolist() == [3] and r.rollout_index.tolist() == [0, 1, 2, -1, 4, 5, 6, 7]
-    adv = G.group_advantages(r.rewards, r.group_index)
+    adv = grp.group_advantages(r.rewards, r.group_index)
     assert adv[3].item() == pytest.approx((3 / 4) / (1 / 2 + EPS), rel=1e-6)  # (G-1)/sqrt(G) for G = 4
-    off = G.add_golden_rows(rewards, has, mode="off")
+    off = grp.add_golden_rows(rewards, has, mode="off")
     assert not off.is_golden.any() and off.golden_prompts.tolist() == [False, False]
     assert off.all_wrong.tolist() == [True, False] and torch.equal(off.rewards, rewards.flatten())
-    assert G.group_advantages(off.rewards, off.group_index)[:4].abs().max() == 0
+    assert grp.group_advantages(off.rewards, off.group_index)[:4].abs().max() == 0
     with pytest.raises(ValueError, match="golden_answer mode"):
-        G.add_golden_rows(rewards, has, mode="prepend")
+        grp.add_golden_rows(rewards, has, mode="prepend")
 
 
 def test_correct_threshold_and_signed_rewards():
     partial = torch.tensor([[0.0, 0.5, 0.5], [0.0, 0.0, 0.0]])
     has = torch.tensor([True, True])
     # default threshold = correct_reward = 1: partial credit is still "wrong"
-    assert G.add_golden_rows(partial, has).golden_prompts.tolist() == [True, True]
-    assert G.add_golden_rows(partial, has, correct_threshold=0.5).golden_prompts.tolist() == [False, True]
+    assert grp.add_golden_rows(partial, has).golden_prompts.tolist() == [True, True]
+    assert grp.add_golden_rows(partial, has, correct_threshold=0.5).golden_prompts.tolist() == [False, True]
     # DAPO-style +1/-1 rewards
-    signed = G.add_golden_rows(torch.tensor([[-1.0, -1.0]]), torch.tensor([True]), correct_reward=1.0)
+    signed = grp.add_golden_rows(torch.tensor([[-1.0, -1.0]]), torch.tensor([True]), correct_reward=1.0)
     assert signed.rewards.tolist() == [-1.0, -1.0, 1.0]
 
 
@@ -89,42 +89,42 @@ def test_batch_and_none_scaling():
     index = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])  # unequal groups
     groups = [[1.0, 0, 0], [1.0, 1], [1.0, 0.5, 0, 2]]
     for scale in ("group", "batch", "none"):
-        got = G.group_advantages(rewards, index, scale).tolist()
+        got = grp.group_advantages(rewards, index, scale).tolist()
         assert got == pytest.approx(reference_advantages(groups, scale), rel=1e-5, abs=1e-7), scale
-    assert G.group_advantages(torch.tensor([3.0]), torch.tensor([0])).tolist() == [0.0]  # one-row group
+    assert grp.group_advantages(torch.tensor([3.0]), torch.tensor([0])).tolist() == [0.0]  # one-row group
     with pytest.raises(ValueError, match="scale_rewards"):
-        G.group_advantages(rewards, index, "std")
+        grp.group_advantages(rewards, index, "std")
 
 
 def test_gpg_alpha_and_advantages():
     rewards = torch.tensor([[1.0, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 1, 0]])
-    index = G.grid_group_index(4, 4)
+    index = grp.grid_group_index(4, 4)
     # B = 16 rows, M = 8 rows in zero-variance groups -> alpha = 16 / 8 = 2
-    assert G.gpg_alpha(rewards.flatten(), index) == 2.0
-    adv, alpha = G.gpg_advantages(rewards.flatten(), index)
+    assert grp.gpg_alpha(rewards.flatten(), index) == 2.0
+    adv, alpha = grp.gpg_advantages(rewards.flatten(), index)
     assert alpha == 2.0
     assert adv.tolist() == [1.5, -0.5, -0.5, -0.5] + [0.0] * 8 + [1.0, -1.0, 1.0, -1.0]
-    adv_std, _ = G.gpg_advantages(rewards.flatten(), index, scale_rewards="group")
+    adv_std, _ = grp.gpg_advantages(rewards.flatten(), index, scale_rewards="group")
     assert adv_std[0].item() == pytest.approx(2 * 0.75 / (0.5 + EPS), rel=1e-6)  # stdev([1,0,0,0]) = 0.5
-    assert G.gpg_alpha(torch.zeros(6), G.grid_group_index(2, 3)) == 1.0  # nothing valid: all A are 0 anyway
-    assert G.gpg_sampling_done(8, 16, 0.5) and not G.gpg_sampling_done(7, 16, 0.5)
+    assert grp.gpg_alpha(torch.zeros(6), grp.grid_group_index(2, 3)) == 1.0  # nothing valid: all A are 0 anyway
+    assert grp.gpg_sampling_done(8, 16, 0.5) and not grp.gpg_sampling_done(7, 16, 0.5)
     with pytest.raises(ValueError, match="GPG scale_rewards"):
-        G.gpg_advantages(rewards.flatten(), index, scale_rewards="batch")
+        grp.gpg_advantages(rewards.flatten(), index, scale_rewards="batch")
 
 
 def test_dapo_filter_and_sampling_done():
     rewards = torch.tensor([[1.0, 1, 1], [1, -1, 1], [-1, -1, -1], [-1, 1, -1]])
-    assert G.dapo_filter(rewards).tolist() == [False, True, False, True]
-    assert G.dapo_filter(torch.tensor([[1.0], [0.0]])).tolist() == [True, True]
-    assert G.dapo_sampling_done(8, 8, num_gen_batches=1) and not G.dapo_sampling_done(7, 8, num_gen_batches=3)
+    assert grp.dapo_filter(rewards).tolist() == [False, True, False, True]
+    assert grp.dapo_filter(torch.tensor([[1.0], [0.0]])).tolist() == [True, True]
+    assert grp.dapo_sampling_done(8, 8, num_gen_batches=1) and not grp.dapo_sampling_done(7, 8, num_gen_batches=3)
     with pytest.raises(RuntimeError, match="only 7 of 8 groups"):
-        G.dapo_sampling_done(7, 8, num_gen_batches=3, max_num_gen_batches=3)
+        grp.dapo_sampling_done(7, 8, num_gen_batches=3, max_num_gen_batches=3)
 
 
 def test_metrics_use_rollouts_only():
     rewards = torch.tensor([[0.0, 0, 0, 0], [1, 0, 1, 1], [1, 1, 1, 1]])
-    g = G.add_golden_rows(rewards, torch.tensor([True, True, True]), mode="append")
-    m = G.group_metrics(rewards, g)
+    g = grp.add_golden_rows(rewards, torch.tensor([True, True, True]), mode="append")
+    m = grp.group_metrics(rewards, g)
     # prompt 0's group gains variance from its golden row, but the metric sees its rollouts: zero std
     assert m["frac_reward_zero_std"] == pytest.approx(2 / 3)
     assert m["gcpo/golden_rows"] == 1 and m["gcpo/frac_all_wrong"] == pytest.approx(1 / 3)

@@ -13,10 +13,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from gcpo_fast.config import parse_config
 from gcpo_fast.data import PromptSampler
 from gcpo_fast.rewards import load_reward_function
-from gcpo_fast.rollout import encode_completion, encode_prompts, generate
+from gcpo_fast.parallel import parallelize
+from gcpo_fast.rollout import HFEngine, Sampling, encode_completion, encode_prompts
+from gcpo_fast.rounds import build_rows, sample_groups, split_steps
 from gcpo_fast.sources import load_records
-from gcpo_fast.train import build_rows, sample_groups, split_steps
-from gcpo_fast.update import PolicyLoss, behaviour_logprobs, build_optimizer, optimizer_step, pack, step_normalizer
+from gcpo_fast.update import ModelWithLoss, Rows, build_optimizer, completion_logprobs, optimizer_step, pack, step_normalizer
 from tiny_model import make_tiny_model, one_thread, write_jsonl  # noqa: F401 (one_thread: fixture)
 
 TESTS = Path(__file__).resolve().parent
@@ -36,8 +37,7 @@ def setup(files, *argv):
     torch.manual_seed(0)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
     records = load_records(cfg.dataset, require_golden=cfg.golden_answer != "off")
-    sampler = PromptSampler(records, cfg.per_device_train_batch_size * cfg.steps_per_generation // cfg.num_generations,
-                            seed=cfg.seed)
+    sampler = PromptSampler(records, cfg.prompts_per_round, seed=cfg.seed)
     return cfg, model, tokenizer, sampler, [load_reward_function(f) for f in cfg.reward_funcs]
 
 
@@ -48,8 +48,12 @@ def sgd(model):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
+def policy_of(model, cfg):
+    return parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.temperature))
+
+
 def one_round(cfg, model, tokenizer, sampler, funcs):
-    sampled, metrics = sample_groups(cfg, model, tokenizer, sampler, funcs)
+    sampled, metrics = sample_groups(cfg, HFEngine(model, tokenizer), tokenizer, sampler, funcs)
     rows, samples = build_rows(cfg, tokenizer, sampled, metrics)
     return sampled, rows, metrics, samples
 
@@ -58,12 +62,13 @@ def test_generate_left_pads_cuts_at_eos_and_keeps_ids(files, one_thread):
     _, model, tokenizer, _, _ = setup(files)
     prompts = encode_prompts(tokenizer, ["What is 1 + 2?", "What is 12 + 7 and then some more words?"], 64)
     assert tokenizer.decode(prompts[0]) == "<|user|>What is 1 + 2?\n<|assistant|>"  # the chat template
-    batched = generate(model, tokenizer, prompts, 2, max_completion_length=6, greedy=True)
-    alone = [generate(model, tokenizer, [p], 1, max_completion_length=6, greedy=True).completion_ids[0] for p in prompts]
+    engine, greedy = HFEngine(model, tokenizer), Sampling(max_completion_length=6, greedy=True)
+    batched = engine.generate(prompts, 2, greedy)
+    alone = [engine.generate([p], 1, greedy).completion_ids[0] for p in prompts]
     assert batched.completion_ids == [alone[0], alone[0], alone[1], alone[1]]  # padding changes nothing
     assert batched.prompt_ids == [prompts[0], prompts[0], prompts[1], prompts[1]]
     torch.manual_seed(0)
-    out = generate(model, tokenizer, prompts, 8, max_completion_length=6)
+    out = engine.generate(prompts, 8, Sampling(max_completion_length=6))
     eos = tokenizer.eos_token_id
     for ids, cut, text in zip(out.completion_ids, out.truncated, out.texts):
         assert (eos not in ids and len(ids) == 6) if cut else (ids[-1] == eos and eos not in ids[:-1])
@@ -85,16 +90,16 @@ def test_golden_rows_for_all_wrong_groups(files, one_thread, mode):
     sampled, rows, metrics, samples = one_round(cfg, model, tokenizer, sampler, funcs)
     P, G = 2, 4
     size = G + 1 if mode == "append" else G
-    assert len(rows["completion_ids"]) == P * size
+    assert len(rows.completion_ids) == P * size
     assert metrics["gcpo/golden_rows"] == P and metrics["gcpo/frac_all_wrong"] == 1.0
     assert metrics["reward"] == 0.0  # golden rows stay out of the rollout statistics
-    for p, record in enumerate(sampled["records"]):
-        golden = rows["completion_ids"][p * size + size - 1]
+    for p, record in enumerate(sampled.records):
+        golden = rows.completion_ids[p * size + size - 1]
         ids, _ = encode_completion(tokenizer, record["golden"], cfg.max_completion_length)
         assert golden == ids == tokenizer(record["golden"], add_special_tokens=False).input_ids[:8]  # cut to the budget
-        assert rows["prompt_ids"][p * size + size - 1] == sampled["prompt_ids"][p]  # the rollouts' own prompt ids
-        assert rows["completion_ids"][p * size] == sampled["completion_ids"][p * G]
-        adv = rows["advantages"][p * size : (p + 1) * size]
+        assert rows.prompt_ids[p * size + size - 1] == sampled.rollouts.prompt_ids[p * G]  # the rollouts' own prompt ids
+        assert rows.completion_ids[p * size] == sampled.rollouts.completion_ids[p * G]
+        adv = rows.advantages[p * size : (p + 1) * size]
         assert adv[-1] > 0 and (adv[:-1] < 0).all()
     assert [s["golden"] for s in samples] == [False, True, False, True]
     short = encode_completion(tokenizer, "\\boxed{2}", 64)
@@ -106,7 +111,7 @@ def test_conversational_prompts(tmp_path, files, one_thread):
              "solution": f"\\boxed{{{i + 1}}}"} for i in range(4)]
     cfg, model, tokenizer, sampler, funcs = setup((files[0], write_jsonl(tmp_path / "chat.jsonl", rows=rows)))
     sampled, rows, metrics, samples = one_round(cfg, model, tokenizer, sampler, funcs)
-    assert tokenizer.decode(sampled["prompt_ids"][0]).startswith("<|system|>Add.\n<|user|>What is ")
+    assert tokenizer.decode(sampled.rollouts.prompt_ids[0]).startswith("<|system|>Add.\n<|user|>What is ")
     assert samples[0]["prompt"].startswith("What is ") and metrics["rewards/accuracy_reward/mean"] >= 0
 
 
@@ -120,22 +125,21 @@ def test_builtin_dataset():
 
 
 def golden_logprob(model, tokenizer, cfg, record):
-    mb = {"prompt_ids": encode_prompts(tokenizer, [record["prompt"]], cfg.max_prompt_length),
-          "completion_ids": [encode_completion(tokenizer, record["golden"], cfg.max_completion_length)[0]],
-          "truncated": [False]}
-    return behaviour_logprobs(model, mb, cfg).sum().item()
+    mb = Rows(encode_prompts(tokenizer, [record["prompt"]], cfg.max_prompt_length),
+              [encode_completion(tokenizer, record["golden"], cfg.max_completion_length)[0]], [False], torch.zeros(1))
+    return completion_logprobs(model, mb, cfg).sum().item()
 
 
 @pytest.mark.parametrize("golden", ["append", "replace", "off"])
 def test_a_step_raises_the_golden_answers_logprob(files, one_thread, golden):
     cfg, model, tokenizer, sampler, funcs = setup(files, "--reward_funcs", "tiny_model:zero_reward", "--golden_answer", golden)
     sampled, rows, _, _ = one_round(cfg, model, tokenizer, sampler, funcs)
-    records = sampled["records"]
+    records = sampled.records
     before = [golden_logprob(model, tokenizer, cfg, r) for r in records]
     weights = [p.detach().clone() for p in model.parameters()]
     optimizer, scheduler = build_optimizer(model, cfg)
     (micro_batches,) = split_steps(cfg, rows, model, None)
-    metrics = optimizer_step(PolicyLoss(model, cfg), optimizer, scheduler, micro_batches, cfg)
+    metrics = optimizer_step(policy_of(model, cfg), optimizer, scheduler, micro_batches, cfg)
     after = [golden_logprob(model, tokenizer, cfg, r) for r in records]
     if golden == "off":  # every group all wrong, no golden row: no signal, no change
         assert metrics["grad_norm"] == 0.0
@@ -151,11 +155,11 @@ def test_untied_lm_head_is_trained(tmp_path, files, one_thread):
     head, embed = model.get_output_embeddings().weight.detach().clone(), model.get_input_embeddings().weight
     assert embed.data_ptr() != model.get_output_embeddings().weight.data_ptr()
     sampled, rows, _, _ = one_round(cfg, model, tokenizer, sampler, funcs)
-    before = golden_logprob(model, tokenizer, cfg, sampled["records"][0])
+    before = golden_logprob(model, tokenizer, cfg, sampled.records[0])
     optimizer, scheduler = build_optimizer(model, cfg)
-    optimizer_step(PolicyLoss(model, cfg), optimizer, scheduler, split_steps(cfg, rows, model, None)[0], cfg)
+    optimizer_step(policy_of(model, cfg), optimizer, scheduler, split_steps(cfg, rows, model, None)[0], cfg)
     assert not torch.equal(head, model.get_output_embeddings().weight)
-    assert golden_logprob(model, tokenizer, cfg, sampled["records"][0]) > before
+    assert golden_logprob(model, tokenizer, cfg, sampled.records[0]) > before
 
 
 def test_micro_batch_split_does_not_change_the_step(files, one_thread):
@@ -168,16 +172,16 @@ def test_micro_batch_split_does_not_change_the_step(files, one_thread):
             "--per_device_train_batch_size", str(8 // int(gas)), "--gradient_accumulation_steps", gas)
         torch.manual_seed(1)
         _, rows, _, _ = one_round(cfg, model, tokenizer, sampler, funcs)
-        rows["advantages"] = torch.linspace(-1, 1, len(rows["advantages"]))
-        rows["truncated"] = [i == 0 for i in range(len(rows["truncated"]))]  # one row masked out
+        rows.advantages = torch.linspace(-1, 1, len(rows.advantages))
+        rows.truncated = [i == 0 for i in range(len(rows.truncated))]  # one row masked out
         torch.manual_seed(2)
         (micro_batches,) = split_steps(cfg, rows, model, None)
         assert len(micro_batches) == int(gas)
-        tokens = sum(len(c) for c, t in zip(rows["completion_ids"], rows["truncated"]) if not t)
+        tokens = sum(len(c) for c, t in zip(rows.completion_ids, rows.truncated) if not t)
         assert step_normalizer(micro_batches, cfg) == tokens
         initial = [p.detach().clone() for p in model.parameters()]
         optimizer, scheduler = sgd(model)
-        optimizer_step(PolicyLoss(model, cfg), optimizer, scheduler, micro_batches, cfg)
+        optimizer_step(policy_of(model, cfg), optimizer, scheduler, micro_batches, cfg)
         results.append([p.detach().clone() for p in model.parameters()])
         assert any(not torch.equal(a, b) for a, b in zip(initial, results[-1]))
     for a, b in zip(*results):
@@ -190,7 +194,7 @@ def naive_loss(model, micro_batches, cfg):
     aggregation over every row of the step at once."""
     terms, lengths = [], []
     for p, c, a in ((p, c, a) for mb in micro_batches
-                    for p, c, a in zip(mb["prompt_ids"], mb["completion_ids"], mb["advantages"])):
+                    for p, c, a in zip(mb.prompt_ids, mb.completion_ids, mb.advantages)):
         logits = model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1] / cfg.temperature
         lp = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(c)[:, None])[:, 0]
         if cfg.importance_sampling_level == "sequence":
@@ -211,7 +215,7 @@ def test_update_matches_a_naive_reference(files, one_thread, loss_type):
                                                   "--reward_funcs", "tiny_model:zero_reward", "--temperature", "0.7",
                                                   "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "4")
     _, rows, _, _ = one_round(cfg, model, tokenizer, sampler, funcs)
-    rows["advantages"] = torch.randn(len(rows["advantages"]))
+    rows.advantages = torch.randn(len(rows.advantages))
     (micro_batches,) = split_steps(cfg, rows, model, None)
     assert len(micro_batches) == 2
     naive_loss(model, micro_batches, cfg).backward()
@@ -219,13 +223,13 @@ def test_update_matches_a_naive_reference(files, one_thread, loss_type):
     before = [p.detach().clone() for p in model.parameters()]
     model.zero_grad()
     optimizer, scheduler = sgd(model)  # lr 1: the step is minus the gradient
-    optimizer_step(PolicyLoss(model, cfg), optimizer, scheduler, micro_batches, cfg)
+    optimizer_step(policy_of(model, cfg), optimizer, scheduler, micro_batches, cfg)
     for b, a, g in zip(before, model.parameters(), expected):
         torch.testing.assert_close(b - a.detach(), g, rtol=1e-4, atol=1e-6)
 
 
 def test_masked_truncated_rows_have_no_targets():
-    mb = {"prompt_ids": [[1, 2], [3]], "completion_ids": [[4, 5, 6], [7, 8]], "truncated": [True, False]}
+    mb = Rows([[1, 2], [3]], [[4, 5, 6], [7, 8]], [True, False], torch.zeros(2))
     assert pack(mb, True, "cpu").targets.tolist() == [-100, -100, -100, 7, 8]
     assert pack(mb, False, "cpu").targets.tolist() == [4, 5, 6, 7, 8]
 
@@ -233,14 +237,14 @@ def test_masked_truncated_rows_have_no_targets():
 def test_old_logprobs_only_when_a_round_is_reused(files, one_thread):
     cfg, model, tokenizer, sampler, funcs = setup(files)
     _, rows, _, _ = one_round(cfg, model, tokenizer, sampler, funcs)
-    assert all(mb["old_logp"] is None for step in split_steps(cfg, rows, model, None) for mb in step)
+    assert all(mb.old_logp is None for step in split_steps(cfg, rows, model, None) for mb in step)
     cfg, model, tokenizer, sampler, funcs = setup(files, "--per_device_train_batch_size", "4", "--steps_per_generation", "2")
     _, rows, _, _ = one_round(cfg, model, tokenizer, sampler, funcs)
     steps = split_steps(cfg, rows, model, None)
     assert len(steps) == 2 and all(len(s) == 1 for s in steps)
     for (mb,) in steps:  # teacher-forced log-probs of the behaviour policy, golden rows included
-        assert mb["old_logp"].shape == (sum(len(c) for c in mb["completion_ids"]),)
-        torch.testing.assert_close(mb["old_logp"], behaviour_logprobs(model, mb, cfg))
+        assert mb.old_logp.shape == (sum(len(c) for c in mb.completion_ids),)
+        torch.testing.assert_close(mb.old_logp, completion_logprobs(model, mb, cfg))
     assert len(split_steps(parse_config(["--num_iterations", "3"]), rows, model, None)) == 3
 
 
@@ -248,11 +252,11 @@ def test_dapo_dynamic_sampling_keeps_groups_with_varied_rewards(files, one_threa
     cfg, model, tokenizer, sampler, funcs = setup(files, "--loss_type", "dapo", "--reward_funcs", "tiny_model:even_answer_reward",
                                                   "--overlong_buffer_len", "0")
     sampled, rows, metrics, _ = one_round(cfg, model, tokenizer, sampler, funcs)
-    even = [int(r["answer"]) % 2 == 0 for r in sampled["records"]]
-    assert sampled["keep"].tolist() == [p for p, e in enumerate(even) if e][:2]  # the first two with a signal
+    even = [int(r["answer"]) % 2 == 0 for r in sampled.records]
+    assert sampled.keep.tolist() == [p for p, e in enumerate(even) if e][:2]  # the first two with a signal
     assert sum(even[:-2]) < 2 <= sum(even)  # no more batches than needed (2 prompts per batch)
     assert metrics["num_gen_batches"] == len(even) // 2
-    assert len(rows["completion_ids"]) == 8 and rows["advantages"].abs().min() > 0
+    assert len(rows.completion_ids) == 8 and rows.advantages.abs().min() > 0
     cfg, model, tokenizer, sampler, funcs = setup(files, "--loss_type", "dapo", "--reward_funcs", "tiny_model:zero_reward",
                                                   "--max_num_gen_batches", "3")
     with pytest.raises(RuntimeError, match="after 3 generation batches"):
@@ -263,10 +267,10 @@ def test_gpg_samples_more_until_enough_rows_are_valid(files, one_thread):
     cfg, model, tokenizer, sampler, funcs = setup(files, "--loss_type", "gpg", "--reward_funcs", "tiny_model:even_answer_reward",
                                                   "--min_inverse_alpha", "0.99", "--max_num_gen_batches", "2")
     sampled, rows, metrics, _ = one_round(cfg, model, tokenizer, sampler, funcs)
-    even = [int(r["answer"]) % 2 == 0 for r in sampled["records"]]
+    even = [int(r["answer"]) % 2 == 0 for r in sampled.records]
     # stops when every group is valid or after 2 batches; keeps every group (2 prompts x 4 rows per batch)
     assert metrics["num_gen_batches"] == (1 if all(even[:2]) else 2) == len(even) // 2
-    assert len(rows["completion_ids"]) == 4 * len(even)
+    assert len(rows.completion_ids) == 4 * len(even)
     assert metrics["gpg/alpha"] == pytest.approx(len(even) / sum(even))  # B / (B - M) in rows
 
 
@@ -310,20 +314,21 @@ def _ddp_worker(rank, world, port, files, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from gcpo_fast.train import init_distributed, train
+    from gcpo_fast.parallel import init_distributed
+    from gcpo_fast.train import train
 
     init_distributed()
     try:
         # 1. one step of two ranks equals one step of one process over both ranks' rows (token-mean normaliser)
         cfg, model, _, _, _ = setup(files, "--loss_type", "dapo", "--dynamic_sampling", "false")
         g = torch.Generator().manual_seed(rank)
-        mb = {"prompt_ids": [[1, 2, 3]] * (rank + 2), "completion_ids": [torch.randint(5, 50, (n,), generator=g).tolist()
-                                                                          for n in range(3 + rank, 5 + 2 * rank)],
-              "truncated": [False] * (rank + 2), "advantages": torch.randn(rank + 2, generator=g),
-              "old_logp": None, "ref_logp": None}
-        module = torch.nn.parallel.DistributedDataParallel(PolicyLoss(model, cfg))
+        mb = Rows([[1, 2, 3]] * (rank + 2), [torch.randint(5, 50, (n,), generator=g).tolist()
+                                             for n in range(3 + rank, 5 + 2 * rank)],
+                  [False] * (rank + 2), torch.randn(rank + 2, generator=g))
+        policy = policy_of(model, cfg)
+        assert isinstance(policy.module, torch.nn.parallel.DistributedDataParallel)
         optimizer, scheduler = sgd(model)
-        optimizer_step(module, optimizer, scheduler, [mb], cfg)
+        optimizer_step(policy, optimizer, scheduler, [mb], cfg)
         torch.save({"mb": mb, "weights": [p.detach() for p in model.parameters()]}, out.parent / f"step_rank{rank}.pt")
         # 2. a short training run: each rank its prompts, rank 0 writes
         cfg = parse_config(["--model", str(files[0]), "--dataset", str(files[1]), "--output_dir", str(out),
@@ -348,7 +353,7 @@ def test_two_cpu_processes(tmp_path, files, one_thread):
     cfg, model, _, _, _ = setup(files, "--loss_type", "dapo", "--dynamic_sampling", "false", "--gradient_accumulation_steps", "2",
                                 "--per_device_train_batch_size", "4")
     optimizer, scheduler = sgd(model)
-    optimizer_step(PolicyLoss(model, cfg), optimizer, scheduler, [ranks[0]["mb"], ranks[1]["mb"]], cfg)
+    optimizer_step(policy_of(model, cfg), optimizer, scheduler, [ranks[0]["mb"], ranks[1]["mb"]], cfg)
     for a, b, c in zip(ranks[0]["weights"], ranks[1]["weights"], model.parameters()):
         assert torch.equal(a, b)  # DDP kept the ranks in step
         torch.testing.assert_close(a, c.detach(), rtol=0, atol=1e-6)
