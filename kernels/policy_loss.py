@@ -1,7 +1,8 @@
 """Clipped policy losses of the GRPO family on packed rows: GCPO, GSPO, GRPO, DAPO, Dr. GRPO, BNPO, GPG.
 
-This is the O(N) half of the fused op (the O(NVd) half is `linear_logprobs`). Its math is
-`shared/ALGORITHMS.md`; in short, for token t of row i (mask m_t = 1 for tokens that count):
+This is the O(N) half of the fused op (the O(NVd) half is `linear_logprobs`). Its math, with the
+gradients and normalisers, is docs/algorithms.md; in short, for token t of row i (mask m_t = 1 for
+tokens that count):
 
     lr_t  = lp_t - old_t                                  (old = None: on-policy, lr_t = 0 in value)
     rho_t = exp(clamp(lr_t, -20, 20))                     importance_sampling_level = "token"
@@ -43,7 +44,7 @@ from gcpo_fast.kernels.checks import check_policy_inputs
 
 LOG_RATIO_CLAMP = 20.0
 
-# Each method's paper defaults: ratio level, clip box, aggregation (ALGORITHMS.md, "The methods").
+# Each method's paper defaults: ratio level, clip box, aggregation (docs/algorithms.md, "The methods").
 LOSS_RECIPES = {
     "gcpo": dict(importance_sampling_level="sequence", epsilon_low=3e-4, epsilon_high=4e-4,
                  loss_agg_mode="seq-mean-token-mean"),

@@ -10,7 +10,7 @@ from gcpo_fast.kernels.policy_loss import AGG_MODES
 
 def reference_policy_loss(lp, old, ref, adv, cu, *, loss_type, level, eps_low, eps_high, agg, delta=None,
                           clip_c=None, beta=0.0, max_len=None, normalizer=None, mask=None):
-    """Straight from ALGORITHMS.md, one row at a time, differentiated by autograd."""
+    """Straight from docs/algorithms.md, one row at a time, differentiated by autograd."""
     mask = torch.ones_like(lp, dtype=torch.bool) if mask is None else mask
     old = lp.detach() if old is None else old
     B = cu.numel() - 1

@@ -189,7 +189,7 @@ def test_micro_batch_split_does_not_change_the_step(files, one_thread):
 
 
 def naive_loss(model, micro_batches, cfg):
-    """The loss of one optimizer step the plain way (ALGORITHMS.md): each row through the full model, [L, V]
+    """The loss of one optimizer step the plain way (docs/algorithms.md): each row through the full model, [L, V]
     logits, on-policy ratios exp(lp - lp.detach()) (1 in value, carrying the gradient), no clipping, the
     aggregation over every row of the step at once."""
     terms, lengths = [], []
