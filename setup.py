@@ -3,7 +3,7 @@
 CPU install (CI, laptops):   pip install torch==2.13.0 && pip install -e ".[test]"
 GPU install (CUDA 12.x):     pip install torch triton && pip install -e ".[gpu]"
 
-`kernels/` sits at the top level of the repo (the design card's layout) but is installed as
+`kernels/` sits at the top level of the repo (docs/design.md, "Layout") but is installed as
 `gcpo_fast.kernels`: the bare name `kernels` belongs to the Hugging Face `kernels` package.
 """
 from setuptools import setup

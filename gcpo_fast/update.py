@@ -14,7 +14,7 @@ states only, and `linear_policy_loss` takes the states that predict completion t
 lm_head weight, so [N, V] logits never exist.
 
 The aggregation's denominator is the whole optimizer step's, summed over micro-batches and ranks
-(docs/algorithms.md, "Aggregation"): token-mean divides by the step's unmasked completion tokens, seq-mean-*
+(docs/algorithms.md, "Aggregation and the normaliser"): token-mean divides by the step's unmasked completion tokens, seq-mean-*
 by its rows (seq-mean-token-sum-norm, Dr. GRPO, by rows x max_completion_length, as TRL does), each divided
 by the world size because DDP averages gradients. So a step's gradient does not depend on how it was split.
 """
