@@ -4,7 +4,7 @@
 
     save_checkpoint("runs/x", step, model, tokenizer, state, rank_state, config=cfg.to_dict(), save_total_limit=3,
                     model_state=policy.full_state_dict())   # every rank calls it (gcpo_fast/parallel.py)
-    path = find_checkpoint("runs/x", "latest")        # or a given checkpoint folder; raises if there is none
+    path = find_checkpoint("runs/x", "latest")        # the newest complete one, or a given checkpoint folder
     state, rank_state = load_checkpoint(path)          # also restores this rank's RNG states
 
     AutoModelForCausalLM.from_pretrained("runs/x/checkpoint-100")   # a checkpoint is a Hugging Face folder
@@ -14,26 +14,38 @@ Layout of output_dir/checkpoint-<step>/:
     trainer_state.pt      optimizer, scheduler, data-sampler cursor, step, counters (what all ranks share)
     rank_<rank>.pt        each rank's own: python, numpy, torch and CUDA RNG states, the unfinished rollout buffer
     train_config.yaml     the run's options, for the record
+    checkpoint.json       written last: the step, the number of ranks, and every file's size in bytes
 
 Atomicity: everything is written into output_dir/.tmp-checkpoint-<step>, every file and the folder are
 fsynced, and only then is the folder renamed to checkpoint-<step> (a rename within one file system is
 atomic). A crash mid-write leaves a .tmp- folder, never a checkpoint-<step> that is incomplete, so
 "latest" is always loadable; stale .tmp- folders are removed by the next save. Old checkpoints beyond
 save_total_limit are renamed away before they are deleted, for the same reason.
+
+Validation: a disk can still lose or cut a file after the rename (a full disk on a network file system,
+a copy that stopped, a hand edit). `find_checkpoint` checks a checkpoint before it is used: every file of
+checkpoint.json present with its size, config.json readable, the safetensors headers and the .pt
+archives whole. "latest" skips a damaged checkpoint for the newest complete one, saying which it skipped
+and why; a checkpoint named explicitly must be whole or it is an error.
 """
+import json
 import os
 import random
 import re
 import shutil
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
+from safetensors import safe_open
 
 from gcpo_fast.parallel import barrier, rank_and_world
 
 STATE_FILE = "trainer_state.pt"
+MANIFEST = "checkpoint.json"
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 
 
@@ -73,26 +85,94 @@ def set_rng_state(state: dict) -> None:
 
 
 def list_checkpoints(output_dir) -> list[Path]:
-    """The complete checkpoints of output_dir, oldest first."""
+    """The checkpoint-<step> folders of output_dir, oldest first (whole or not: see check_checkpoint)."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir()
-             if (m := CHECKPOINT_RE.fullmatch(p.name)) and (p / STATE_FILE).is_file()]
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_RE.fullmatch(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_step(path) -> int | None:
+    """The step a checkpoint was written at (from checkpoint.json, else the folder name), if known."""
+    path = Path(path)
+    try:
+        return int(json.loads((path / MANIFEST).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        m = CHECKPOINT_RE.fullmatch(path.name)
+        return int(m.group(1)) if m else None
+
+
+def check_checkpoint(path) -> str | None:
+    """What is wrong with a checkpoint folder, or None when it looks whole (cheap: sizes and headers only)."""
+    path = Path(path)
+    if not path.is_dir():
+        return "not a folder"
+    if (path / MANIFEST).exists():
+        try:
+            files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{MANIFEST} is damaged"
+        for name, size in files.items():
+            if not (path / name).is_file():
+                return f"{name} is missing"
+            if (path / name).stat().st_size != size:
+                return f"{name} is {(path / name).stat().st_size} bytes, {size} were written"
+    for name in ("config.json", STATE_FILE, "rank_0.pt"):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    try:
+        json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "config.json is not valid JSON"
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        return "no model weights (*.safetensors)"
+    for file in weights:
+        try:
+            with safe_open(file, framework="pt"):  # reads the header; a cut file fails here
+                pass
+        except Exception as e:  # safetensors raises its own error types
+            return f"{file.name} is damaged ({e})"
+    for file in sorted(path.glob("*.pt")):
+        try:
+            with zipfile.ZipFile(file):  # torch.save's archive: a cut file has no central directory
+                pass
+        except (OSError, zipfile.BadZipFile):
+            return f"{file.name} is damaged (not a whole torch.save archive)"
+    return None
+
+
 def find_checkpoint(output_dir, resume: str) -> Path:
-    """The checkpoint --resume names: "latest" (the newest in output_dir) or a checkpoint folder."""
+    """The checkpoint --resume names: "latest" (the newest whole one in output_dir; damaged ones are skipped
+    with a note on stderr) or a checkpoint folder (an error if it is damaged)."""
     if resume == "latest":
         found = list_checkpoints(output_dir)
         if not found:
             raise FileNotFoundError(f"--resume: no checkpoint-<step> folder with {STATE_FILE} in {output_dir}")
-        return found[-1]
+        skipped = []
+        for path in reversed(found):
+            problem = check_checkpoint(path)
+            if problem is None:
+                for name, why in skipped:
+                    print(f"--resume: skipped {name}: {why}", file=sys.stderr)
+                return path
+            skipped.append((path.name, problem))
+        raise FileNotFoundError(f"--resume: no whole checkpoint in {output_dir}: "
+                                + "; ".join(f"{name}: {why}" for name, why in skipped))
     path = Path(resume)
-    if not (path / STATE_FILE).is_file():
+    if not (path / STATE_FILE).is_file() and not (path / MANIFEST).is_file():
         raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE})")
+    problem = check_checkpoint(path)
+    if problem is not None:
+        raise ValueError(f"--resume {resume}: the checkpoint is damaged: {problem}")
     return path
+
+
+def _write_manifest(folder: Path, step: int, world: int) -> None:
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    text = json.dumps({"step": step, "world_size": world, "files": files}, indent=1)
+    (folder / MANIFEST).write_text(text, encoding="utf-8")
 
 
 def save_checkpoint(output_dir, step: int, model, tokenizer, state: dict, rank_state: dict, *, config: dict,
@@ -115,6 +195,7 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, state: dict, rank_s
         tokenizer.save_pretrained(tmp)
         torch.save({**state, "world_size": world}, tmp / STATE_FILE)
         (tmp / "train_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        _write_manifest(tmp, step, world)
         _fsync_tree(tmp)
         if final.exists():  # the same step saved before (a resumed run): move the old one out of the way first
             old = output_dir / f".tmp-old-checkpoint-{step}"

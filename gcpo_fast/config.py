@@ -107,6 +107,7 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (<= 0: no clipping)", OPTIM)
     max_steps: int = opt(300, "optimizer steps to train", OPTIM)
     seed: int = opt(42, "seed of the data order, sampling and everything random", OPTIM)
+    max_skipped_steps: int = opt(3, "stop the run when this many optimizer steps in a row are skipped for a non-finite loss or gradient norm", OPTIM)
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward to save memory", OPTIM)
     bf16: bool = opt(True, "bf16 autocast on CUDA (weights and optimizer stay fp32); ignored on the CPU", OPTIM)
     # loss
@@ -280,7 +281,7 @@ def check(cfg: TrainConfig) -> None:
     G = cfg.num_generations
     need(G >= 2, f"num_generations must be >= 2 (group advantages need at least two completions), got {G}")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation", "num_iterations",
-                 "max_steps", "max_prompt_length", "max_completion_length", "logging_steps", "eval_num_problems",
+                 "max_steps", "max_prompt_length", "max_completion_length", "logging_steps", "eval_num_problems", "max_skipped_steps",
                  "eval_num_samples", "num_samples_to_log"):
         need(getattr(cfg, name) >= 1, f"{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("save_steps", "eval_steps", "sample_steps", "builtin_num_problems", "overlong_buffer_len", "top_k"):

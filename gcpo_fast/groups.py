@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gcpo_fast.errors import TrainingError
+
 SCALE_REWARDS = ("group", "batch", "none")
 GOLDEN_MODES = ("append", "replace", "off")
 EPS = 1e-4
@@ -173,10 +175,10 @@ def dapo_sampling_done(num_kept_groups: int, batch_size: int, num_gen_batches: i
     if num_kept_groups >= batch_size:
         return True
     if 0 < max_num_gen_batches <= num_gen_batches:
-        raise RuntimeError(
+        raise TrainingError(
             f"DAPO dynamic sampling: only {num_kept_groups} of {batch_size} groups with varied rewards after "
             f"{num_gen_batches} generation batches (max_num_gen_batches={max_num_gen_batches}); the data is "
-            "too easy or too hard for the model"
+            "too easy or too hard for the model (raise --max_num_gen_batches, <= 0 for no limit)"
         )
     return False
 

@@ -15,9 +15,12 @@ TensorBoard needs the `tensorboard` package and W&B the `wandb` package; the con
 before the run starts (W&B reads WANDB_PROJECT etc. from the environment as usual).
 """
 import json
+import statistics
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from gcpo_fast.checkpoint import list_checkpoints
 
 CONSOLE_KEYS = ("reward", "reward_std", "gcpo/golden_rows", "completions/mean_length", "loss", "grad_norm", "entropy",
                 "step_time")
@@ -29,6 +32,24 @@ def _truncate_after(path: Path, step: int) -> None:
     lines = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
              if line.strip() and json.loads(line)["step"] <= step]
     path.write_text("".join(lines), encoding="utf-8")
+
+
+def _time_summary(steps: list[dict]) -> list[str]:
+    """Each phase's share of the time spent in phases (timing/*), and the first step against the median one
+    (the first carries the warm-up: compilation, allocator, caches)."""
+    if not steps:
+        return []
+    totals: dict[str, float] = {}
+    for line in steps:
+        for key, value in line.items():
+            if key.startswith("timing/"):
+                totals[key[len("timing/"):]] = totals.get(key[len("timing/"):], 0.0) + value
+    whole = sum(totals.values()) or 1.0
+    shares = ", ".join(f"{name} {100 * t / whole:.0f}%" for name, t in sorted(totals.items(), key=lambda kv: -kv[1]))
+    median = statistics.median(line["step_time"] for line in steps)
+    return [f"time: {whole:.1f} s in phases: {shares}",
+            f"step {steps[0]['step']} took {steps[0]['step_time']:.2f} s (warm-up included), the median step "
+            f"{median:.2f} s"]
 
 
 class RunLogger:
@@ -80,10 +101,12 @@ class RunLogger:
         lines = [json.loads(line) for line in (self.dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
                  if line.strip()]
         evals = [line for line in lines if any(k.startswith("eval/") for k in line)]
-        out = [f"metrics: {self.dir / 'metrics.jsonl'}   rollouts: {self.dir / 'samples.jsonl'}"]
-        checkpoints = sorted(self.dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        samples = self.dir / "samples.jsonl"
+        out = [f"metrics: {self.dir / 'metrics.jsonl'}" + (f"   rollouts: {samples}" if samples.exists() else "")]
+        checkpoints = list_checkpoints(self.dir)  # checkpoint-<step> folders only (not a stray checkpoint-best/)
         if checkpoints:
             out.append(f"model: {checkpoints[-1]}")
+        out += _time_summary([line for line in lines if "step_time" in line])
         if not evals:
             return "\n".join(out)
         first, last = evals[0], evals[-1]

@@ -138,6 +138,11 @@ class HFEngine:
         try:
             with autocast(self.bf16, device):
                 out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        except RuntimeError as e:
+            if "probability tensor contains" not in str(e):  # torch.multinomial's words for NaN/inf probabilities
+                raise
+            raise FloatingPointError("sampling: the model's next-token probabilities are NaN or inf (its weights or "
+                                     "activations overflowed)") from None
         finally:
             model.train(was_training)
         eos_set = set(eos)

@@ -10,13 +10,16 @@
    (+ DAPO's overlong penalty). DAPO's dynamic sampling or GPG's threshold may sample more prompt batches;
    every rank draws as many batches as the others.
 2. build_rows, over the kept groups: GCPO gives a group whose G rewards are all wrong its golden answer as a
-   row (append or replace), tokenised after the same prompt ids; advantages per group over the rows.
+   row (append or replace), tokenised after the same prompt ids; advantages per group over the rows. A golden
+   answer longer than max_completion_length is not used: cut, it would lose its final answer yet still be
+   trained on as correct. Such groups are counted (gcpo/golden_truncated) and warned about once.
 3. split_steps: the rows shuffled into steps_per_generation micro-batches, gradient_accumulation_steps per
    optimizer step, the whole repeated num_iterations times. When the round is reused (more than one
    optimizer step or iteration) each micro-batch gets its old log-probs from one forward-only fused pass
    now, golden rows included; otherwise old_logp is None (on-policy).
 """
 import itertools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +28,7 @@ from gcpo_fast import groups
 from gcpo_fast.parallel import all_reduce
 from gcpo_fast.rewards import compute_rewards, overlong_penalty, reward_function_name
 from gcpo_fast.rollout import Rollouts, Sampling, encode_completion, encode_prompts
+from gcpo_fast.timing import PhaseTimer
 from gcpo_fast.update import Rows, completion_logprobs
 
 
@@ -44,25 +48,31 @@ class SampledGroups:
                              torch.arange(len(keep)))
 
 
-def sample_groups(cfg, engine, tokenizer, sampler, reward_funcs) -> tuple[SampledGroups, dict]:
+def sample_groups(cfg, engine, tokenizer, sampler, reward_funcs, timer: PhaseTimer | None = None
+                  ) -> tuple[SampledGroups, dict]:
     """Generate and score groups until the round is full; returns (the groups, rollout metrics).
     DAPO keeps only groups with varied rewards until it has a round's worth; GPG samples whole extra
-    batches until valid rows / rows >= min_inverse_alpha."""
+    batches until valid rows / rows >= min_inverse_alpha. timer: charged with generate and reward."""
     G, P = cfg.num_generations, cfg.prompts_per_round
+    timer = timer or PhaseTimer()
     sampling = Sampling(cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k)
     records, rollouts, rewards_seen, per_func_seen = [], None, [], []
     for num_batches in itertools.count(1):
         batch = next(sampler)
-        out = engine.generate(encode_prompts(tokenizer, [r["prompt"] for r in batch], cfg.max_prompt_length), G, sampling)
+        with timer("generate"):
+            out = engine.generate(encode_prompts(tokenizer, [r["prompt"] for r in batch], cfg.max_prompt_length), G,
+                                  sampling)
         rows = [r for r in batch for _ in range(G)]
         # TRL: conversational prompts get their completions as assistant messages
         completions = [t if isinstance(r["prompt"], str) else [{"role": "assistant", "content": t}]
                        for r, t in zip(rows, out.texts)]
-        rewards, per_func = compute_rewards(reward_funcs, [r["prompt"] for r in rows], completions, rows,
-                                            cfg.reward_weights, completion_ids=out.completion_ids)
-        if cfg.overlong_buffer_len:
-            rewards += torch.tensor(overlong_penalty([len(c) for c in out.completion_ids], cfg.max_completion_length,
-                                                     cfg.overlong_buffer_len, cfg.overlong_penalty_factor))
+        with timer("reward"):
+            rewards, per_func = compute_rewards(reward_funcs, [r["prompt"] for r in rows], completions, rows,
+                                                cfg.reward_weights, completion_ids=out.completion_ids)
+            if cfg.overlong_buffer_len:
+                rewards += torch.tensor(overlong_penalty([len(c) for c in out.completion_ids],
+                                                         cfg.max_completion_length, cfg.overlong_buffer_len,
+                                                         cfg.overlong_penalty_factor))
         records += batch
         rollouts = out if rollouts is None else rollouts + out
         rewards_seen.append(rewards.view(-1, G))
@@ -101,22 +111,29 @@ def build_rows(cfg, tokenizer, sampled: SampledGroups, metrics: dict) -> tuple[R
     """Golden rows and advantages over the kept groups, group by group: (rows, a few samples for samples.jsonl).
     Adds the reward and gcpo/* metrics to `metrics`."""
     kept = sampled.kept()
-    g = groups.add_golden_rows(kept.rewards, [r["golden"] is not None for r in kept.records], mode=cfg.golden_answer,
-                               correct_reward=cfg.correct_reward)
+    golden_ids = {p: encode_completion(tokenizer, r["golden"], cfg.max_completion_length)
+                  for p, r in enumerate(kept.records) if r["golden"] is not None and cfg.golden_answer != "off"}
+    fits = [p in golden_ids and not golden_ids[p][1] for p in range(len(kept.records))]
+    g = groups.add_golden_rows(kept.rewards, fits, mode=cfg.golden_answer, correct_reward=cfg.correct_reward)
     if cfg.loss_type == "gpg":
         advantages, alpha = groups.gpg_advantages(g.rewards, g.group_index, cfg.scale_rewards)
         metrics["gpg/alpha"] = alpha
     else:
         advantages = groups.group_advantages(g.rewards, g.group_index, cfg.scale_rewards)
     metrics.update(groups.group_metrics(sampled.rewards, g))  # reward stats: every sampled rollout; gcpo/*: kept
+    too_long = sum(1 for p, (_, cut) in golden_ids.items() if cut and g.all_wrong[p])
+    metrics["gcpo/golden_truncated"] = too_long
+    if too_long:  # the same text from the same line: Python's default filter shows it once
+        warnings.warn(f"golden answers longer than max_completion_length={cfg.max_completion_length} tokens are not "
+                      "used (cut, they would lose their final answer); gcpo/golden_truncated counts the groups left "
+                      "without one: raise --max_completion_length to use them")
     rows = Rows([], [], [], advantages)
     samples = []
     G, out = cfg.num_generations, kept.rollouts
     for k, (p, r) in enumerate(zip(g.group_index.tolist(), g.rollout_index.tolist())):
         record = kept.records[p]
         if g.is_golden[k]:
-            ids, cut = encode_completion(tokenizer, record["golden"], cfg.max_completion_length)
-            text = record["golden"]
+            (ids, cut), text = golden_ids[p], record["golden"]
         else:
             ids, cut, text = out.completion_ids[r], out.truncated[r], out.texts[r]
         rows.prompt_ids.append(out.prompt_ids[p * G])
@@ -129,17 +146,19 @@ def build_rows(cfg, tokenizer, sampled: SampledGroups, metrics: dict) -> tuple[R
     return rows, samples
 
 
-def split_steps(cfg, rows: Rows, model, ref_model) -> list[list[Rows]]:
+def split_steps(cfg, rows: Rows, model, ref_model, timer: PhaseTimer | None = None) -> list[list[Rows]]:
     """Shuffle the rows into steps_per_generation micro-batches, gradient_accumulation_steps per optimizer step,
     with old log-probs when the round is reused and reference log-probs when beta > 0; repeated
-    num_iterations times."""
+    num_iterations times. timer: charged with old_logp."""
     reused = cfg.steps_per_generation > cfg.gradient_accumulation_steps or cfg.num_iterations > 1
     order = torch.randperm(len(rows))
     micro_batches = []
+    timer = timer or PhaseTimer()
     for index in torch.tensor_split(order, cfg.steps_per_generation):
         mb = rows.select(index)
-        mb.old_logp = completion_logprobs(model, mb, cfg).cpu() if reused else None
-        mb.ref_logp = completion_logprobs(ref_model, mb, cfg).cpu() if ref_model is not None else None
+        with timer("old_logp"):
+            mb.old_logp = completion_logprobs(model, mb, cfg).cpu() if reused else None
+            mb.ref_logp = completion_logprobs(ref_model, mb, cfg).cpu() if ref_model is not None else None
         micro_batches.append(mb)
     gas = cfg.gradient_accumulation_steps
     steps = [micro_batches[i : i + gas] for i in range(0, len(micro_batches), gas)]

@@ -34,9 +34,11 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from gcpo_fast import parallel
-from gcpo_fast.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from gcpo_fast.checkpoint import (check_checkpoint, checkpoint_step, find_checkpoint, list_checkpoints, load_checkpoint,
+                                  save_checkpoint)
 from gcpo_fast.config import DEFAULT_MODEL, ConfigError, TrainConfig, parse_config
 from gcpo_fast.data import PromptSampler
+from gcpo_fast.errors import TrainingError
 from gcpo_fast.eval import count_correct, level_summary, summarize
 from gcpo_fast.logger import RunLogger
 from gcpo_fast.packing import default_attn_implementation
@@ -44,7 +46,8 @@ from gcpo_fast.rewards import load_reward_function
 from gcpo_fast.rollout import HFEngine, Sampling
 from gcpo_fast.rounds import build_rows, sample_groups, split_steps
 from gcpo_fast.sources import load_records
-from gcpo_fast.update import ModelWithLoss, build_optimizer, optimizer_step
+from gcpo_fast.timing import PhaseTimer
+from gcpo_fast.update import ModelWithLoss, build_optimizer, optimizer_step, weights_finite
 
 
 # ---- setup -----------------------------------------------------------------------------------------------
@@ -55,6 +58,7 @@ def prepare(cfg: TrainConfig) -> dict:
     if cfg.model == DEFAULT_MODEL and not Path(DEFAULT_MODEL).is_dir():
         raise ValueError(f"the shipped model is missing from {DEFAULT_MODEL}: build it with "
                          "`python -m gcpo_fast.make_default_model`, or pass --model")
+    check_output_dir(cfg.output_dir)
     golden = cfg.golden_answer != "off"
     columns = dict(prompt_column=cfg.prompt_column, golden_column=cfg.golden_column, answer_column=cfg.answer_column)
     records = load_records(cfg.dataset, split="train", num_problems=cfg.builtin_num_problems, seed=cfg.seed,
@@ -72,12 +76,33 @@ def prepare(cfg: TrainConfig) -> dict:
     if resume is None and list_checkpoints(cfg.output_dir):
         raise ValueError(f"output_dir {cfg.output_dir} already holds checkpoints: pass --resume to continue that "
                          "run, or choose another output_dir")
+    if resume is not None:
+        # Rewinding: continuing an older checkpoint beside newer ones would interleave two histories (and a
+        # later --resume would pick the newer, abandoned one), so that is refused, not guessed at.
+        newer = [p.name for p in list_checkpoints(cfg.output_dir)
+                 if (checkpoint_step(p) or 0) > (checkpoint_step(resume) or 0) and check_checkpoint(p) is None]
+        if newer:
+            raise ValueError(f"--resume {resume}: {cfg.output_dir} holds newer checkpoints ({', '.join(newer)}) of the "
+                             "run that went on; resume into a new --output_dir (the checkpoint is read from where it "
+                             "is), or move the newer checkpoints away")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     prompts = cfg.prompts_per_round
     if prompts * world > len(records):
         raise ValueError(f"a generation round takes {prompts} prompts x {world} processes, but the dataset has only "
                          f"{len(records)}")
     return dict(records=records, eval_records=eval_records, reward_funcs=funcs, resume=resume)
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Fail now, not after the model has loaded, if the run directory cannot be created or written."""
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"output_dir {output_dir}: cannot write there ({e.strerror or e})") from None
 
 
 def load_model(path, device, cfg: TrainConfig):
@@ -121,25 +146,34 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
     optimizer, scheduler = build_optimizer(model, cfg)
     sampler = PromptSampler(prepared["records"], cfg.prompts_per_round, seed=cfg.seed, rank=rank, world_size=world)
     step, num_tokens, buffer, round_metrics, samples = 0, 0.0, [], {}, []
+    skipped_steps, skipped_in_a_row = 0, 0
     if resume:
         state, rank_state = load_checkpoint(resume)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         step, num_tokens = state["step"], state["num_tokens"]
+        skipped_steps, skipped_in_a_row = state.get("skipped_steps", 0), state.get("skipped_in_a_row", 0)
         buffer, round_metrics = rank_state["buffer"], rank_state["round_metrics"]
     log = RunLogger(cfg.output_dir, report_to=cfg.report_to, config=cfg.to_dict(), logging_steps=cfg.logging_steps,
                     resume_step=step if resume else None) if rank == 0 else None
     eval_records = prepared["eval_records"]
+    timer = PhaseTimer(cuda=dist.device.type == "cuda")
     if eval_records and step == 0:
-        eval_metrics = evaluate(cfg, engine, tokenizer, eval_records)
+        with timer("eval"):
+            eval_metrics = evaluate(cfg, engine, tokenizer, eval_records)
+        eval_metrics.update(timer.pop())  # on every rank, so that no phase leaks into step 1's reduction
         if log:
             log.metrics(0, eval_metrics)
 
     def checkpoint():
+        if not weights_finite(model):  # never replace good checkpoints with poisoned weights
+            raise TrainingError(f"step {step}: the weights hold NaN or inf, so no checkpoint was written; the newest "
+                                f"good one is {find_checkpoint(cfg.output_dir, 'latest') if list_checkpoints(cfg.output_dir) else 'none'}")
         save_checkpoint(cfg.output_dir, step, model, tokenizer,
                         dict(step=step, num_tokens=num_tokens, optimizer=optimizer.state_dict(),
-                             scheduler=scheduler.state_dict(), sampler=sampler.state_dict()),
+                             scheduler=scheduler.state_dict(), sampler=sampler.state_dict(),
+                             skipped_steps=skipped_steps, skipped_in_a_row=skipped_in_a_row),
                         dict(buffer=buffer, round_metrics=round_metrics), config=cfg.to_dict(),
                         save_total_limit=cfg.save_total_limit, model_state=policy.full_state_dict())
 
@@ -148,21 +182,41 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
     while step < cfg.max_steps:
         start = time.perf_counter()
         if not buffer:
-            sampled, round_metrics = sample_groups(cfg, engine, tokenizer, sampler, prepared["reward_funcs"])
+            sampled, round_metrics = sample_groups(cfg, engine, tokenizer, sampler, prepared["reward_funcs"], timer)
             rows, samples = build_rows(cfg, tokenizer, sampled, round_metrics)
-            buffer = split_steps(cfg, rows, model, ref_model)
+            buffer = split_steps(cfg, rows, model, ref_model, timer)
         micro_batches = buffer.pop(0)
-        metrics = optimizer_step(policy, optimizer, scheduler, micro_batches, cfg)
-        engine.sync_weights(policy.named_parameters())
+        with timer("update"):
+            metrics = optimizer_step(policy, optimizer, scheduler, micro_batches, cfg)
+        with timer("weight_sync"):
+            engine.sync_weights(policy.named_parameters())
         step += 1
+        skipped = metrics.pop("step_skipped") > 0  # the same on every rank
+        skipped_steps, skipped_in_a_row = skipped_steps + skipped, skipped_in_a_row + 1 if skipped else 0
         tokens = sum(len(p) + len(c) for mb in micro_batches for p, c in zip(mb.prompt_ids, mb.completion_ids))
-        metrics = parallel.mean_over_ranks({**round_metrics, **metrics, "tokens": tokens})
+        metrics = parallel.mean_over_ranks({**round_metrics, **metrics, **timer.pop(), "tokens": tokens})
         metrics["step_time"] = time.perf_counter() - start
         num_tokens += metrics["tokens"] * world
         metrics["tokens_per_second"] = metrics.pop("tokens") * world / metrics["step_time"]
         metrics["num_tokens"] = num_tokens
+        metrics["skipped_steps"] = skipped_steps
+        if skipped and rank == 0:
+            tqdm.write(f"warning: step {step}: loss {metrics['loss']:.4g}, grad_norm {metrics['grad_norm']:.4g}: not "
+                       f"finite, the step was skipped (no optimizer or scheduler step; {skipped_in_a_row} in a row)",
+                       file=sys.stderr)
+        if skipped_in_a_row >= cfg.max_skipped_steps:
+            if log:
+                log.metrics(step, metrics)
+            raise TrainingError(f"step {step}: {skipped_in_a_row} steps in a row had a non-finite loss or gradient "
+                                "norm (--max_skipped_steps); stopped with the weights of the last good step. Look for "
+                                "a reward of inf, a learning rate too large, or fp16 overflow")
         if eval_records and (step % cfg.eval_steps == 0 or step == cfg.max_steps):
-            metrics.update(evaluate(cfg, engine, tokenizer, eval_records))
+            with timer("eval"):
+                metrics.update(evaluate(cfg, engine, tokenizer, eval_records))
+        if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
+            with timer("checkpoint"):
+                checkpoint()
+        metrics.update(timer.pop())  # this rank's eval and checkpoint time (the same work on every rank)
         if log:
             log.metrics(step, metrics)
             if cfg.sample_steps and step % cfg.sample_steps == 0 and samples:
@@ -170,8 +224,6 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
                 samples = []
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.4f}")
-        if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
-            checkpoint()
     bar.close()
     if log:
         log.close()
@@ -180,14 +232,20 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
 
 
 def main(argv=None) -> None:
+    """The command line: a user's mistake (options, data, checkpoints, a run that cannot go on) is one line on
+    stderr, exit status 2 for options and 1 for the rest; anything else keeps its traceback."""
     try:
         cfg = parse_config(argv)
-        prepared = prepare(cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except ConfigError as e:
+        print(f"python -m gcpo_fast.train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        train(cfg, prepare(cfg))
+    except (TrainingError, FloatingPointError, ValueError, FileNotFoundError) as e:
         sys.exit(f"python -m gcpo_fast.train: error: {e}")
-    train(cfg, prepared)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -140,7 +140,8 @@ def build_optimizer(model, cfg):
 def optimizer_step(policy, optimizer, scheduler, micro_batches: list[Rows], cfg) -> dict[str, float]:
     """Forward + backward of every micro-batch (gradients synced once, on the last), clip, AdamW step.
     policy: gcpo_fast.parallel.Policy. Returns this rank's metrics: loss, grad_norm, learning_rate, entropy,
-    clip ratios (token means)."""
+    clip ratios (token means), and step_skipped (1.0 when the loss or the gradient norm was not finite on
+    some rank: then neither the optimizer nor the scheduler stepped and the gradients are dropped)."""
     model = policy.model
     device = next(model.parameters()).device
     normalizer = step_normalizer(micro_batches, cfg)
@@ -148,10 +149,17 @@ def optimizer_step(policy, optimizer, scheduler, micro_batches: list[Rows], cfg)
     for i, mb in enumerate(micro_batches):
         packed = pack(mb, cfg.mask_truncated_completions, device)
         old, ref = (None if t is None else t.to(device) for t in (mb.old_logp, mb.ref_logp))
-        with policy.no_sync(last=i == len(micro_batches) - 1):
-            with autocast(cfg.bf16, device):
-                loss, stats = policy.module(packed, mb.advantages.to(device), old, ref, normalizer)
-            loss.backward()
+        try:
+            with policy.no_sync(last=i == len(micro_batches) - 1):
+                with autocast(cfg.bf16, device):
+                    loss, stats = policy.module(packed, mb.advantages.to(device), old, ref, normalizer)
+                loss.backward()
+        except FloatingPointError:
+            # The fused op found non-finite logits (weights or activations overflowed): a non-finite step.
+            # Under DDP this is safe when every rank fails alike (non-finite weights are the same everywhere);
+            # an overflow on one rank's data alone would leave the others waiting in the gradient all-reduce.
+            loss_sum = math.nan
+            break
         n = stats.pop("num_tokens").item()
         loss_sum, tokens = loss_sum + loss.item(), tokens + n
         for name, value in stats.items():
@@ -159,9 +167,19 @@ def optimizer_step(policy, optimizer, scheduler, micro_batches: list[Rows], cfg)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
     learning_rate = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
+    # A non-finite loss or gradient (a reward of inf, an overflow) would poison every weight: skip the
+    # step on every rank (the loss differs per rank, so they agree on the worst), and let the caller count it.
+    finite = all_reduce([float(math.isfinite(loss_sum) and math.isfinite(grad_norm))], "min")[0] == 1.0
+    if finite:
+        optimizer.step()
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    metrics = {"loss": loss_sum, "grad_norm": grad_norm, "learning_rate": learning_rate}
+    metrics = {"loss": loss_sum, "grad_norm": grad_norm, "learning_rate": learning_rate, "step_skipped": float(not finite)}
     metrics.update({name: total / max(tokens, 1.0) for name, total in stat_sums.items() if name != "ratio_mean"})
     return metrics
+
+
+def weights_finite(model) -> bool:
+    """Whether every parameter of the model (this rank's, agreed over ranks) is finite: checked before a save."""
+    local = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    return all_reduce([float(local)], "min")[0] == 1.0

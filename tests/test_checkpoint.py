@@ -90,7 +90,7 @@ def run_config(tmp_path, output_dir, *extra):
     # and dapo's dynamic sampling is off but its overlong shaping and token-level clipping are on.
     return parse_config(["--model", str(tmp_path / "model"), "--dataset", str(data), "--output_dir", str(output_dir),
                          "--num_generations", "2", "--per_device_train_batch_size", "4", "--steps_per_generation", "3",
-                         "--max_completion_length", "8", "--max_steps", "4", "--save_steps", "2",
+                         "--max_completion_length", "24", "--max_steps", "4", "--save_steps", "2",
                          "--learning_rate", "1e-2", "--eval_steps", "0", "--lr_scheduler_type", "cosine",
                          "--warmup_ratio", "0.25", *extra])
 
@@ -118,7 +118,8 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path, one_thread, extra):
 def metrics(run):
     """metrics.jsonl lines without the timings"""
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in m.items() if k not in ("step_time", "tokens_per_second")} for m in lines]
+    return [{k: v for k, v in m.items() if k not in ("step_time", "tokens_per_second") and not k.startswith("timing/")}
+            for m in lines]
 
 
 def test_resumed_logs_drop_the_steps_after_the_checkpoint(tmp_path):
@@ -130,3 +131,43 @@ def test_resumed_logs_drop_the_steps_after_the_checkpoint(tmp_path):
     assert [(m["step"], m["loss"]) for m in metrics(tmp_path)] == [(0, 0), (1, 1), (2, 2), (3, 9.0)]
     RunLogger(tmp_path, report_to=[], config={}, logging_steps=1, resume_step=None)  # a fresh run starts over
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {
+    "truncated model.safetensors": (lambda c: _truncate(c / "model.safetensors"), "model.safetensors is"),
+    "empty model.safetensors": (lambda c: (c / "model.safetensors").write_bytes(b""), "model.safetensors is"),
+    "truncated trainer_state.pt": (lambda c: _truncate(c / "trainer_state.pt"), "trainer_state.pt is"),
+    "missing rank file": (lambda c: (c / "rank_0.pt").unlink(), "rank_0.pt is missing"),
+    "truncated rank file": (lambda c: _truncate(c / "rank_0.pt"), "rank_0.pt is"),
+    "missing config.json": (lambda c: (c / "config.json").unlink(), "config.json is missing"),
+    "damaged checkpoint.json": (lambda c: (c / "checkpoint.json").write_text("{"), "checkpoint.json is damaged"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_newest_checkpoint_is_skipped(tmp_path, tiny, capsys, damage):
+    """--resume (latest) falls back to the newest whole checkpoint and says why; a damaged checkpoint named
+    explicitly is an error. The manifest's sizes also catch what the structural checks alone would miss."""
+    out = tmp_path / "run"
+    good, bad = save(out, 1, tiny), save(out, 2, tiny)
+    harm, reason = DAMAGE[damage]
+    harm(bad)
+    assert find_checkpoint(out, "latest") == good
+    assert f"--resume: skipped checkpoint-2: {reason}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=f"--resume {bad}: the checkpoint is damaged: {reason}"):
+        find_checkpoint(out, str(bad))
+    # without the manifest, the structural checks still catch the cut or missing files
+    (bad / "checkpoint.json").unlink(missing_ok=True)
+    if damage != "damaged checkpoint.json":
+        assert find_checkpoint(out, "latest") == good
+
+
+def test_no_whole_checkpoint_left_is_one_error(tmp_path, tiny):
+    out = tmp_path / "run"
+    _truncate(save(out, 1, tiny) / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="no whole checkpoint in .*checkpoint-1: model.safetensors is"):
+        find_checkpoint(out, "latest")

@@ -32,7 +32,7 @@ def files(tmp_path_factory):
 def setup(files, *argv):
     model_dir, data = files
     cfg = parse_config(["--model", str(model_dir), "--dataset", str(data), "--num_generations", "4",
-                        "--per_device_train_batch_size", "8", "--max_completion_length", "8", "--learning_rate", "1e-2",
+                        "--per_device_train_batch_size", "8", "--max_completion_length", "24", "--learning_rate", "1e-2",
                         "--lr_scheduler_type", "constant", "--max_grad_norm", "0", *argv])
     torch.manual_seed(0)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
@@ -96,14 +96,26 @@ def test_golden_rows_for_all_wrong_groups(files, one_thread, mode):
     for p, record in enumerate(sampled.records):
         golden = rows.completion_ids[p * size + size - 1]
         ids, _ = encode_completion(tokenizer, record["golden"], cfg.max_completion_length)
-        assert golden == ids == tokenizer(record["golden"], add_special_tokens=False).input_ids[:8]  # cut to the budget
+        assert golden == ids == tokenizer(record["golden"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         assert rows.prompt_ids[p * size + size - 1] == sampled.rollouts.prompt_ids[p * G]  # the rollouts' own prompt ids
         assert rows.completion_ids[p * size] == sampled.rollouts.completion_ids[p * G]
         adv = rows.advantages[p * size : (p + 1) * size]
         assert adv[-1] > 0 and (adv[:-1] < 0).all()
     assert [s["golden"] for s in samples] == [False, True, False, True]
+    assert metrics["gcpo/golden_truncated"] == 0
     short = encode_completion(tokenizer, "\\boxed{2}", 64)
     assert short == (tokenizer("\\boxed{2}", add_special_tokens=False).input_ids + [tokenizer.eos_token_id], False)
+
+
+def test_golden_answers_that_do_not_fit_are_not_used(files, one_thread):
+    """A golden answer cut to the budget would lose its \\boxed{} answer yet train as correct: it is dropped,
+    counted and warned about, and samples.jsonl never shows a golden row that was not trained on."""
+    cfg, model, tokenizer, sampler, funcs = setup(files, "--reward_funcs", "tiny_model:zero_reward",
+                                                  "--max_completion_length", "8")
+    with pytest.warns(UserWarning, match="golden answers longer than max_completion_length=8"):
+        sampled, rows, metrics, samples = one_round(cfg, model, tokenizer, sampler, funcs)
+    assert len(rows) == 2 * 4 and metrics["gcpo/golden_rows"] == 0 and metrics["gcpo/golden_truncated"] == 2
+    assert not any(s["golden"] for s in samples) and rows.advantages.abs().max() == 0
 
 
 def test_conversational_prompts(tmp_path, files, one_thread):
@@ -286,13 +298,17 @@ def test_command_line_run(tmp_path, files):
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [0, 1, 2, 3]
-    assert set(lines[0]) == {"step", "eval/mean@1", "eval/pass@1", "eval/num_problems"}
+    assert set(lines[0]) == {"step", "eval/mean@1", "eval/pass@1", "eval/num_problems", "timing/eval"}
     assert lines[0]["eval/num_problems"] == 3
     for name in ("reward", "reward_std", "frac_reward_zero_std", "frac_reward_all_wrong", "completions/mean_length", "completions/clipped_ratio",
                  "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "loss", "grad_norm",
                  "learning_rate", "step_time", "tokens_per_second", "rewards/accuracy_reward/mean", "gcpo/golden_rows",
-                 "gcpo/frac_all_wrong"):
+                 "gcpo/frac_all_wrong", "gcpo/golden_truncated", "skipped_steps", "timing/generate", "timing/reward",
+                 "timing/update", "timing/weight_sync"):
         assert all(name in m for m in lines[1:]), name
+    # per-phase wall times: eval and checkpoint only where they ran, the first step's own (warm-up included)
+    assert [("timing/eval" in m, "timing/checkpoint" in m) for m in lines[1:]] == [(False, False), (True, False), (True, True)]
+    assert all(0 < m["timing/update"] < m["step_time"] for m in lines[1:])
     assert "eval/mean@1" in lines[2] and "eval/mean@1" in lines[3] and "eval/mean@1" not in lines[1]
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert samples and {s["step"] for s in samples} == {2}
@@ -303,6 +319,7 @@ def test_command_line_run(tmp_path, files):
     assert str(out / "metrics.jsonl") in done.stdout and str(out / "checkpoint-3") in done.stdout
     first, last = lines[0]["eval/mean@1"], lines[3]["eval/mean@1"]
     assert f"held-out mean@1 on 3 problems: {first:.3f} at step 0 -> {last:.3f} at step 3" in done.stdout
+    assert "s in phases: " in done.stdout and f"step 1 took {lines[1]['step_time']:.2f} s (warm-up included)" in done.stdout
     AutoTokenizer.from_pretrained(out / "checkpoint-3")
 
     bad = subprocess.run(cmd[:3] + ["--model", "/nonexistent", "--dataset", str(tmp_path / "none.jsonl")], env=env,
