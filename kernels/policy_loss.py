@@ -236,15 +236,17 @@ def policy_terms(logp, old_logp, ref_logp, advantages, weight, mask, rows, row_l
         stats[1] = (high.float() * m).sum()
         stats[2] = ((low | high).float() * m).sum()
         stats[3] = (rho * m).sum()
-    loss = (per_tok * policy_weight).sum()
+    if sampling_weight is not None:
+        per_tok = per_tok * sampling_weight.float()
 
     if cfg.beta > 0:
         diff = (ref_logp.float() - lp) * m
         e, slope = _clamped_exp(diff)
         k3 = e - diff - 1.0
-        loss = loss + cfg.beta * (k3 * weight).sum()
+        per_tok = per_tok + cfg.beta * k3
         grad = grad + weight * cfg.beta * (1.0 - e * slope)
         stats[4] = (k3 * m).sum()
+    loss = (per_tok * weight).sum()
     return loss, grad * m, stats
 
 
