@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from gcpo_fast.kernels.checks import check_finite_lse, check_linear_inputs
+from gcpo_fast.kernels.checks import check_finite_lse, check_linear_inputs, settle
 from gcpo_fast.kernels.logprob_torch import WORKSPACE_BYTES
 
 BACKENDS = ("triton", "torch")
@@ -65,7 +65,7 @@ def linear_logprobs(hidden, weight, targets, temperature=1.0, bias=None, ignore_
     Ignored targets (== ignore_index) give logp 0, entropy 0 and no gradient.
     `workspace_bytes` bounds the only O(V) memory (one logits tile or chunk).
     """
-    check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index)
+    settle(check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index))
     engine = select_backend(backend, hidden.device)
     logp, ent = LinearLogprobsFunction.apply(hidden, weight, bias, targets, float(temperature), int(ignore_index),
                                              bool(return_entropy), engine, int(workspace_bytes))

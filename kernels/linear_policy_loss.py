@@ -4,7 +4,8 @@
                                      advantages [B], cu_seqlens [B+1], loss_type="gcpo", ...)
 
 `old_logp=None` means on-policy: ratios are 1 in value and carry the gradient. Every option of
-`policy_loss` is accepted. The backward never forms [N, V]; two ways to get there:
+`policy_loss` is accepted, `sampling_weight=` and `config=` included. The backward never forms
+[N, V]; two ways to get there:
 
 - gradient in the forward (torch backend, 6NVd): when d loss / d logp_t is known as soon as the
   log-probs of the chunk holding token t are (on-policy, token-level ratios, GPG, or sequence-level
@@ -19,11 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from gcpo_fast.kernels.checks import check_finite_lse, check_linear_inputs, check_policy_inputs
+from gcpo_fast.kernels.checks import check_finite_lse, check_linear_inputs, check_policy_inputs, settle
 from gcpo_fast.kernels.linear_logprobs import select_backend
 from gcpo_fast.kernels.logprob_torch import WORKSPACE_BYTES
-from gcpo_fast.kernels.policy_loss import (STAT_NAMES, PolicyLossConfig, batch_layout, batch_policy_terms,
-                                             finalize_stats, policy_terms)
+from gcpo_fast.kernels.policy_loss import (STAT_NAMES, batch_layout, batch_policy_terms, detached, finalize_stats,
+                                             options_config, policy_terms)
 
 
 def plan_chunks(cu_seqlens, n_tokens: int, chunk_tokens: int, rows_must_stay_whole: bool):
@@ -50,7 +51,8 @@ def plan_chunks(cu_seqlens, n_tokens: int, chunk_tokens: int, rows_must_stay_who
 
 class LinearPolicyLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, old_logp, ref_logp, advantages, cu_seqlens, cfg, opts):
+    def forward(ctx, hidden, weight, bias, targets, old_logp, ref_logp, advantages, sampling_weight, cu_seqlens, cfg,
+                opts):
         temperature, ignore_index, normalizer, compute_entropy, engine, workspace_bytes = opts
         needs = ctx.needs_input_grad[:3]
         needs_dx, needs_dw, needs_db = needs[0], needs[1], bias is not None and needs[2]
@@ -64,14 +66,16 @@ class LinearPolicyLossFunction(torch.autograd.Function):
             chunks = plan_chunks(cu_seqlens, n, max(1, workspace_bytes // (4 * v)), whole_rows)
 
         if chunks is not None:
-            rows, weight_tok, row_len, row_weight = batch_layout(mask, cu_seqlens, cfg, normalizer)
+            rows, weight_tok, row_len, row_weight = batch_layout(mask, cu_seqlens, cfg, normalizer, sampling_weight)
             acc = {"loss": torch.zeros((), device=hidden.device),
                    "stats": torch.zeros(len(STAT_NAMES), device=hidden.device)}
 
             def grad_fn(n0, n1, logp):
+                def cut(t):
+                    return None if t is None else t[n0:n1]
                 loss, grad, stat_sums = policy_terms(
-                    logp, None if old_logp is None else old_logp[n0:n1], None if ref_logp is None else ref_logp[n0:n1],
-                    advantages, weight_tok[n0:n1], mask[n0:n1], rows[n0:n1], row_len, row_weight, cfg)
+                    logp, cut(old_logp), cut(ref_logp), advantages, weight_tok[n0:n1], mask[n0:n1], rows[n0:n1],
+                    row_len, row_weight, cfg, cut(sampling_weight))
                 acc["loss"] += loss
                 acc["stats"] = acc["stats"] + stat_sums
                 return grad
@@ -89,7 +93,7 @@ class LinearPolicyLossFunction(torch.autograd.Function):
                                                            compute_entropy, workspace_bytes=workspace_bytes)
             check_finite_lse(lse, hidden, weight, bias)
             loss, grad, stat_sums = batch_policy_terms(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg,
-                                                       normalizer, use_triton=on_triton)
+                                                       normalizer, on_triton, sampling_weight)
             ctx.save_for_backward(hidden, weight, bias, targets, lse, grad)
             ctx.recompute = (temperature, ignore_index, engine, workspace_bytes, needs_dx, needs_dw, needs_db)
         ctx.fused = chunks is not None
@@ -114,27 +118,30 @@ class LinearPolicyLossFunction(torch.autograd.Function):
             dx, dw, db = engine.linear_logprob_backward(
                 hidden, weight, bias, targets, lse, None, grad * grad_loss, None, temperature, ignore_index,
                 needs_dx, needs_dw, needs_db, workspace_bytes)
-        return dx, dw, db, None, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None, None
 
 
 def linear_policy_loss(hidden, weight, targets, old_logp, advantages, cu_seqlens, *, bias=None, temperature=1.0,
-                       ignore_index=-100, loss_type="gcpo", importance_sampling_level=None, epsilon_low=None,
-                       epsilon_high=None, loss_agg_mode=None, delta=None, clip_ratio_c=None, beta=0.0,
-                       ref_logp=None, normalizer=None, max_completion_length=None, compute_entropy=False,
-                       backend=None, workspace_bytes=WORKSPACE_BYTES):
+                       ignore_index=-100, loss_type=None, importance_sampling_level=None, epsilon_low=None,
+                       epsilon_high=None, loss_agg_mode=None, delta=None, clip_ratio_c=None, beta=None,
+                       ref_logp=None, normalizer=None, max_completion_length=None, sampling_weight=None, config=None,
+                       compute_entropy=False, backend=None, workspace_bytes=WORKSPACE_BYTES):
     """Fused clipped policy loss of packed completions from hidden states; returns (loss, stats).
 
     hidden [N, d] are the states that predict targets [N] (the completion tokens of B rows packed by
     cu_seqlens [B+1]); weight [V, d] is the lm_head (tied embeddings: the embedding matrix).
     Tokens whose target is ignore_index do not count. Options as in `policy_loss`.
     """
-    check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index)
-    cfg = PolicyLossConfig.resolve(loss_type, importance_sampling_level, epsilon_low, epsilon_high,
-                                   loss_agg_mode, delta, clip_ratio_c, beta, max_completion_length)
+    pending = check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index)
+    cfg = options_config(config, dict(
+        loss_type=loss_type, importance_sampling_level=importance_sampling_level, epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high, loss_agg_mode=loss_agg_mode, delta=delta, clip_ratio_c=clip_ratio_c, beta=beta,
+        max_completion_length=max_completion_length))
     fake_logp = torch.empty(hidden.shape[0], device=hidden.device)
-    check_policy_inputs(fake_logp, old_logp, ref_logp, advantages, cu_seqlens, None, cfg.beta)
+    pending += check_policy_inputs(fake_logp, old_logp, ref_logp, advantages, cu_seqlens, None, cfg.beta,
+                                   sampling_weight, normalizer)[1]
+    settle(pending)
     engine = select_backend(backend, hidden.device)
     opts = (float(temperature), int(ignore_index), normalizer, bool(compute_entropy), engine, int(workspace_bytes))
-    return LinearPolicyLossFunction.apply(
-        hidden, weight, bias, targets, None if old_logp is None else old_logp.detach(),
-        None if ref_logp is None else ref_logp.detach(), advantages.detach(), cu_seqlens, cfg, opts)
+    return LinearPolicyLossFunction.apply(hidden, weight, bias, targets, detached(old_logp), detached(ref_logp),
+                                          advantages.detach(), detached(sampling_weight), cu_seqlens, cfg, opts)

@@ -10,8 +10,14 @@ tokens that count):
     l_t   = -min(min(rho_t, delta) * A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) * A_i)
     l_t   = min(l_t, -A_i * clip_ratio_c)  where A_i < 0   (dual clip, optional)
     l_t   = -A_i * lp_t                                   loss_type = "gpg" (no ratio, no clip)
-    l_t  += beta * (exp(ref_t - lp_t) - (ref_t - lp_t) - 1)   (k3 KL, only when beta > 0)
-    loss  = sum_t w_t m_t l_t           w_t from the aggregation mode (below) and `normalizer`
+    k_t   = exp(ref_t - lp_t) - (ref_t - lp_t) - 1        (k3 KL, only when beta > 0)
+    loss  = sum_t w_t m_t (c_t l_t + beta k_t)   w_t from the aggregation mode (below) and `normalizer`
+
+c_t is the optional `sampling_weight` [N] (1 when None): a detached per-token factor, the
+sampling-mismatch correction of rows sampled by another engine (TRL's
+`vllm_importance_sampling_correction`, Liger's `vllm_is_ratio`; `sampling_correction.py` builds it).
+As in TRL 1.16's `_compute_loss`, it multiplies the policy term only: the KL term is added after
+the product, unweighted; and the stats (clip fractions, ratio_mean, kl) do not see it.
 
 Aggregation modes (verl's `loss_agg_mode` names) and what `normalizer` replaces:
     token-mean               w = 1 / normalizer      default: number of unmasked tokens here
@@ -23,24 +29,27 @@ A trainer that splits one optimizer step over micro-batches and ranks passes the
 count (divided by the world size under DDP, which averages gradients) so the weighting does not
 depend on the split.
 
-The gradient is closed-form (no autograd graph over N): d loss / d lp_t =
-    token level:    w_t * (-A_i) * rho_t            if token t is not clipped, else 0
-    sequence level: W_i * (-A_i) * rho_i / |o_i|    if row i is not clipped, else 0  (W_i = sum_t w_t m_t)
-    gpg:            w_t * (-A_i)
+The gradient is closed-form (no autograd graph over N; c_t has none): d loss / d lp_t =
+    token level:    w_t c_t * (-A_i) * rho_t        if token t is not clipped, else 0
+    sequence level: W_i * (-A_i) * rho_i / |o_i|    if row i is not clipped, else 0
+                    (W_i = sum_t w_t c_t m_t: row i's loss is l_i times W_i, and d rho_i / d lp_t = rho_i / |o_i|)
+    gpg:            w_t c_t * (-A_i)
     + w_t * beta * (1 - exp(ref_t - lp_t))
 Where the two branches of the min tie (on-policy rows, ratios inside the clip box) their slopes
 are averaged as torch.minimum does; inside the box they are equal anyway.
 
-Shapes: logp, old_logp, ref_logp, mask [N] (the completion tokens of B rows, concatenated),
-advantages [B], cu_seqlens int32 [B+1] (starts at 0, non-decreasing, ends at N).
+Shapes: logp, old_logp, ref_logp, sampling_weight, mask [N] (the completion tokens of B rows,
+concatenated), advantages [B], cu_seqlens int32 [B+1] (starts at 0, non-decreasing, ends at N).
+Bad options and non-finite inputs are errors (`PolicyLossConfig`, `checks.py`: which checks sync).
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
 
-from gcpo_fast.kernels.checks import check_policy_inputs
+from gcpo_fast.kernels.checks import check_number, check_policy_inputs, settle
 
 LOG_RATIO_CLAMP = 20.0
 
@@ -68,7 +77,11 @@ STAT_NAMES = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_
 
 @dataclass(frozen=True)
 class PolicyLossConfig:
-    """The loss options after the loss_type's recipe has filled what the caller left as None."""
+    """The loss options after the loss_type's recipe has filled what the caller left as None.
+
+    Build it with `resolve` (recipe defaults) or directly; either way every option is checked here,
+    on the host, once: a trainer builds one and passes it as `config=` to every call.
+    """
     loss_type: str = "gcpo"
     importance_sampling_level: str = "sequence"
     epsilon_low: float = 3e-4
@@ -79,33 +92,58 @@ class PolicyLossConfig:
     beta: float = 0.0
     max_completion_length: int | None = None
 
+    def __post_init__(self):
+        if self.loss_type not in LOSS_RECIPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', "
+                             f"got {self.importance_sampling_level!r}")
+        if self.loss_agg_mode not in AGG_MODES:
+            raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {self.loss_agg_mode!r}")
+        # Stored as floats (the Triton kernel takes them as fp32 arguments). The clip box
+        # [1 - eps_low, 1 + eps_high] must contain 1 and keep its lower end > 0.
+        def number(name, ok, rule):
+            object.__setattr__(self, name, check_number(name, getattr(self, name), ok, rule))
+
+        number("epsilon_low", lambda e: 0 <= e < 1, "in [0, 1)")
+        number("epsilon_high", lambda e: e >= 0, ">= 0")
+        if self.delta is not None:
+            number("delta", lambda d: d > 1 + self.epsilon_high, f"> 1 + epsilon_high = {1 + self.epsilon_high}")
+        if self.clip_ratio_c is not None:
+            number("clip_ratio_c", lambda c: c > 1, "> 1")
+        number("beta", lambda b: b >= 0, ">= 0")
+        if self.max_completion_length is not None and (
+                not isinstance(self.max_completion_length, numbers.Integral) or self.max_completion_length < 1):
+            raise ValueError(f"max_completion_length must be an int >= 1, got {self.max_completion_length!r}")
+
     @classmethod
-    def resolve(cls, loss_type="gcpo", importance_sampling_level=None, epsilon_low=None,
-                epsilon_high=None, loss_agg_mode=None, delta=None, clip_ratio_c=None, beta=0.0,
+    def resolve(cls, loss_type=None, importance_sampling_level=None, epsilon_low=None,
+                epsilon_high=None, loss_agg_mode=None, delta=None, clip_ratio_c=None, beta=None,
                 max_completion_length=None) -> "PolicyLossConfig":
+        """The config of `loss_type` (default "gcpo") with its recipe filling the options left as None."""
+        loss_type = "gcpo" if loss_type is None else loss_type
         if loss_type not in LOSS_RECIPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
         recipe = LOSS_RECIPES[loss_type]
-        level = importance_sampling_level or recipe["importance_sampling_level"]
-        if level not in ("token", "sequence"):
-            raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {level!r}")
-        agg = loss_agg_mode or recipe["loss_agg_mode"]
-        if agg not in AGG_MODES:
-            raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {agg!r}")
-        eps_low = recipe["epsilon_low"] if epsilon_low is None else float(epsilon_low)
+        eps_low = recipe["epsilon_low"] if epsilon_low is None else epsilon_low
         # TRL: epsilon_high defaults to epsilon (the low side) when only that one is given.
         eps_high = (recipe["epsilon_high"] if epsilon_low is None else eps_low) if epsilon_high is None \
-            else float(epsilon_high)
-        if eps_low < 0 or eps_high < 0:
-            raise ValueError(f"epsilon_low and epsilon_high must be >= 0, got {eps_low}, {eps_high}")
-        if delta is not None and delta <= 1.0 + eps_high:
-            raise ValueError(f"delta must exceed 1 + epsilon_high = {1 + eps_high}, got {delta}")
-        if clip_ratio_c is not None and clip_ratio_c <= 1.0:
-            raise ValueError(f"clip_ratio_c must be > 1, got {clip_ratio_c}")
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
-        return cls(loss_type, level, eps_low, eps_high, agg, delta, clip_ratio_c, float(beta),
+            else epsilon_high
+        return cls(loss_type, importance_sampling_level or recipe["importance_sampling_level"], eps_low, eps_high,
+                   loss_agg_mode or recipe["loss_agg_mode"], delta, clip_ratio_c, 0.0 if beta is None else beta,
                    max_completion_length)
+
+
+def options_config(config, options: dict) -> PolicyLossConfig:
+    """`config` as given, or one resolved from the loose options; both at once is an error."""
+    if config is None:
+        return PolicyLossConfig.resolve(**options)
+    if not isinstance(config, PolicyLossConfig):
+        raise TypeError(f"config must be a PolicyLossConfig, got {type(config).__name__}")
+    given = [name for name, value in options.items() if value is not None]
+    if given:
+        raise ValueError(f"pass either config= or the loss options, not both (got config and {', '.join(given)})")
+    return config
 
 
 def row_index(cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:
@@ -163,27 +201,30 @@ def row_sums(values, rows, num_rows):
 
 
 def policy_terms(logp, old_logp, ref_logp, advantages, weight, mask, rows, row_len, row_weight,
-                 cfg: PolicyLossConfig):
+                 cfg: PolicyLossConfig, sampling_weight=None):
     """Loss, d loss / d logp and summed stats for a range of packed tokens.
 
-    `weight`, `mask`, `rows` cover the range; `advantages`, `row_len` (unmasked tokens per row,
-    >= 1) and `row_weight` (sum of the weights of each row's tokens) cover every row of the batch.
-    A range may cut a row only where the ratio is per token or on-policy (then a row's partial sum
-    of log-ratios is 0 like its whole); the fused linear op calls this chunk by chunk. Returns
-    (loss: 0-d fp32, grad_logp: [n] fp32, stat_sums: [len(STAT_NAMES)] fp32 sums over masked tokens).
+    `weight`, `mask`, `rows`, `sampling_weight` (or None) cover the range; `advantages`, `row_len`
+    (unmasked tokens per row, >= 1) and `row_weight` (W_i = sum_t w_t c_t m_t over each row's tokens)
+    cover every row of the batch. A range may cut a row only where the ratio is per token or
+    on-policy (then a row's partial sum of log-ratios is 0 like its whole); the fused linear op calls
+    this chunk by chunk. Returns (loss: 0-d fp32, grad_logp: [n] fp32, stat_sums: [len(STAT_NAMES)]
+    fp32 sums over masked tokens).
     """
     lp, m = logp.float(), mask.float()
     A_tok = advantages.float()[rows]
     lr = torch.zeros_like(lp) if old_logp is None else (lp - old_logp.float()) * m
+    # The policy term's weight w_t c_t; the KL term keeps w_t (module docstring).
+    policy_weight = weight if sampling_weight is None else weight * sampling_weight.float()
     stats = torch.zeros(len(STAT_NAMES), device=lp.device)
 
     if cfg.loss_type == "gpg":
-        per_tok, grad = -A_tok * lp, -A_tok * weight
+        per_tok, grad = -A_tok * lp, -A_tok * policy_weight
         stats[3] = (torch.exp(lr.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)) * m).sum()
     elif cfg.importance_sampling_level == "token":
         rho, slope = _clamped_exp(lr)
         per_tok, g_rho, low, high = _surrogate(rho, A_tok, cfg)
-        grad = weight * g_rho * rho * slope
+        grad = policy_weight * g_rho * rho * slope
     else:
         # Every token of row i carries the same l_i(s_i): d loss / d lp_t = W_i * dl_i/ds_i * ds_i/dlp_t,
         # with ds_i/dlp_t = s_i / |o_i| for every token of the row.
@@ -196,6 +237,8 @@ def policy_terms(logp, old_logp, ref_logp, advantages, weight, mask, rows, row_l
         stats[1] = (high.float() * m).sum()
         stats[2] = ((low | high).float() * m).sum()
         stats[3] = (rho * m).sum()
+    if sampling_weight is not None:
+        per_tok = per_tok * sampling_weight.float()
 
     if cfg.beta > 0:
         diff = (ref_logp.float() - lp) * m
@@ -208,13 +251,14 @@ def policy_terms(logp, old_logp, ref_logp, advantages, weight, mask, rows, row_l
     return loss, grad * m, stats
 
 
-def batch_layout(mask, cu_seqlens, cfg: PolicyLossConfig, normalizer=None):
+def batch_layout(mask, cu_seqlens, cfg: PolicyLossConfig, normalizer=None, sampling_weight=None):
     """Per-batch quantities policy_terms needs: (rows [N], weight [N], row_len [B], row_weight [B])."""
     n, num_rows = mask.shape[0], cu_seqlens.numel() - 1
     rows = row_index(cu_seqlens, n)
     row_len = row_sums(mask.float(), rows, num_rows).clamp(min=1.0)
     weight = token_weights(mask, rows, row_len, cfg, normalizer)
-    return rows, weight, row_len, row_sums(weight, rows, num_rows)
+    policy_weight = weight if sampling_weight is None else weight * sampling_weight.float()
+    return rows, weight, row_len, row_sums(policy_weight, rows, num_rows)
 
 
 def finalize_stats(stat_sums: torch.Tensor, n_tokens: torch.Tensor, cfg: PolicyLossConfig) -> dict:
@@ -226,20 +270,23 @@ def finalize_stats(stat_sums: torch.Tensor, n_tokens: torch.Tensor, cfg: PolicyL
 
 
 def batch_policy_terms(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg: PolicyLossConfig,
-                       normalizer=None, use_triton=False):
+                       normalizer=None, use_triton=False, sampling_weight=None):
     """policy_terms over a whole batch: (loss, grad_logp, stat_sums), by the Triton row kernel or in torch."""
     if use_triton:
         from gcpo_fast.kernels.policy_loss_triton import policy_loss_triton
-        return policy_loss_triton(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg, normalizer)
-    rows, weight, row_len, row_weight = batch_layout(mask, cu_seqlens, cfg, normalizer)
-    return policy_terms(logp, old_logp, ref_logp, advantages, weight, mask, rows, row_len, row_weight, cfg)
+        return policy_loss_triton(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg, normalizer,
+                                  sampling_weight)
+    rows, weight, row_len, row_weight = batch_layout(mask, cu_seqlens, cfg, normalizer, sampling_weight)
+    return policy_terms(logp, old_logp, ref_logp, advantages, weight, mask, rows, row_len, row_weight, cfg,
+                        sampling_weight)
 
 
 class _PolicyLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg, normalizer, use_triton):
+    def forward(ctx, logp, old_logp, ref_logp, advantages, sampling_weight, cu_seqlens, mask, cfg, normalizer,
+                use_triton):
         loss, grad, stat_sums = batch_policy_terms(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg,
-                                                   normalizer, use_triton)
+                                                   normalizer, use_triton, sampling_weight)
         ctx.save_for_backward(grad)
         stats = finalize_stats(stat_sums, mask.float().sum(), cfg)
         ctx.mark_non_differentiable(*stats.values())
@@ -248,25 +295,35 @@ class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None, None, None, None, None
+        return grad * grad_loss, None, None, None, None, None, None, None, None, None
 
 
-def policy_loss(logp, old_logp, advantages, cu_seqlens, *, loss_type="gcpo", importance_sampling_level=None,
+def detached(t):
+    return None if t is None else t.detach()
+
+
+def policy_loss(logp, old_logp, advantages, cu_seqlens, *, loss_type=None, importance_sampling_level=None,
                 epsilon_low=None, epsilon_high=None, loss_agg_mode=None, delta=None, clip_ratio_c=None,
-                beta=0.0, ref_logp=None, normalizer=None, max_completion_length=None, mask=None, backend=None):
+                beta=None, ref_logp=None, normalizer=None, max_completion_length=None, mask=None,
+                sampling_weight=None, config=None, backend=None):
     """The clipped surrogate on packed rows; returns (loss 0-d fp32, stats dict of 0-d tensors).
 
     logp [N] (differentiable), old_logp [N] or None (on-policy), advantages [B], cu_seqlens int32 [B+1],
-    mask [N] bool or None (all tokens count). Options left as None take loss_type's recipe
-    (`LOSS_RECIPES`). Only logp receives a gradient. backend: "triton" (the CUDA default: one
-    row-parallel kernel) or "torch".
+    mask [N] bool or None (all tokens count), sampling_weight [N] float >= 0 or None (the factor c_t
+    of the module docstring). Options left as None take loss_type's recipe (`LOSS_RECIPES`;
+    loss_type defaults to "gcpo", beta to 0); or pass `config=` a ready PolicyLossConfig instead of
+    them. Only logp receives a gradient. backend: "triton" (the CUDA default: one row-parallel
+    kernel) or "torch".
     """
     if backend not in (None, "triton", "torch"):
         raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
     use_triton = backend == "triton" or (backend is None and logp.is_cuda)
-    cfg = PolicyLossConfig.resolve(loss_type, importance_sampling_level, epsilon_low, epsilon_high,
-                                   loss_agg_mode, delta, clip_ratio_c, beta, max_completion_length)
-    mask = check_policy_inputs(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg.beta)
-    old = None if old_logp is None else old_logp.detach()
-    ref = None if ref_logp is None else ref_logp.detach()
-    return _PolicyLoss.apply(logp, old, ref, advantages.detach(), cu_seqlens, mask, cfg, normalizer, use_triton)
+    cfg = options_config(config, dict(
+        loss_type=loss_type, importance_sampling_level=importance_sampling_level, epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high, loss_agg_mode=loss_agg_mode, delta=delta, clip_ratio_c=clip_ratio_c, beta=beta,
+        max_completion_length=max_completion_length))
+    mask, pending = check_policy_inputs(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg.beta,
+                                        sampling_weight, normalizer)
+    settle(pending)
+    return _PolicyLoss.apply(logp, detached(old_logp), detached(ref_logp), advantages.detach(),
+                             detached(sampling_weight), cu_seqlens, mask, cfg, normalizer, use_triton)

@@ -3,16 +3,17 @@
 Same math as `policy_loss.policy_terms` (see the docstring of `policy_loss.py`); one program per
 row of the packed batch (cu_seqlens [B+1]):
 
-    pass 1 (sequence level only): |o_i| = sum_t m_t and sum_t m_t (lp_t - old_t) over the row
+    pass 1: |o_i| = sum_t m_t; at sequence level also sum_t m_t (lp_t - old_t) and sum_t m_t c_t
     row   : s_i = exp(clamp(sum / |o_i|)), the row's clipped surrogate l_i and dl_i/ds_i
     pass 2: per token the weight w_t (from loss_agg_mode, the normalizer and |o_i|), the token's
-            surrogate (token level) or l_i (sequence level), the k3 KL term, and the gradient
-                token level:    w_t * dl_t/drho_t * rho_t
-                sequence level: W_i * dl_i/ds_i * s_i / |o_i|,   W_i = sum_t w_t m_t
+            surrogate (token level) or l_i (sequence level) times c_t, the k3 KL term, and the gradient
+                token level:    w_t c_t * dl_t/drho_t * rho_t
+                sequence level: W_i * dl_i/ds_i * s_i / |o_i|,   W_i = sum_t w_t c_t m_t
             written to grad [N]; the row's loss and stat sums go to out [B, 6] fp32.
+c_t is the sampling weight (1 without one).
 
 The row partials are summed by torch afterwards in a fixed order: no atomics, bitwise repeatable.
-Inputs: logp, old_logp, ref_logp [N] fp32, mask [N] int8, advantages [B] fp32, cu_seqlens [B+1]
+Inputs: logp, old_logp, ref_logp, sampling weight [N] fp32, mask [N] int8, advantages [B] fp32, cu_seqlens [B+1]
 int32, norm [1] fp32 (the aggregation's denominator). Output: grad [N] fp32, out [B, 6] fp32
 (loss, clipped-low, clipped-high, clipped-region, ratio sum, k3 sum).
 """
@@ -65,9 +66,9 @@ def _surrogate(rho, A, eps_low, eps_high, delta, clip_c, HAS_DELTA: tl.constexpr
 
 @triton.jit
 def _policy_loss_row_kernel(
-    LP, OLD, REF, MASK, ADV, CU, NORM, GRAD, OUT,
+    LP, OLD, REF, SW, MASK, ADV, CU, NORM, GRAD, OUT,
     eps_low, eps_high, delta, clip_c, beta,
-    HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, SEQ_LEVEL: tl.constexpr, GPG: tl.constexpr,
+    HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, HAS_SW: tl.constexpr, SEQ_LEVEL: tl.constexpr, GPG: tl.constexpr,
     PER_ROW_MEAN: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_CLIP_C: tl.constexpr,
     CLAMP: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -78,9 +79,10 @@ def _policy_loss_row_kernel(
     norm = tl.load(NORM)
     offs = tl.arange(0, BLOCK)
 
-    # pass 1: the row's unmasked length and summed log-ratio
+    # pass 1: the row's unmasked length, summed log-ratio and summed sampling weight
     length = 0.0
     lr_sum = 0.0
+    c_sum = 0.0
     for off in range(start, end, BLOCK):
         idx = off + offs
         inb = idx < end
@@ -90,12 +92,16 @@ def _policy_loss_row_kernel(
             lp = tl.load(LP + idx, mask=inb, other=0.0)
             old = tl.load(OLD + idx, mask=inb, other=0.0)
             lr_sum += tl.sum((lp - old) * m, axis=0)
+        if SEQ_LEVEL and HAS_SW:
+            c_sum += tl.sum(tl.load(SW + idx, mask=inb, other=0.0) * m, axis=0)
     length_c = tl.maximum(length, 1.0)
     w = 1.0 / (norm * length_c) if PER_ROW_MEAN else 1.0 / norm
+    if not HAS_SW:
+        c_sum = length
 
     s, s_slope = _clamped_exp(lr_sum / length_c, CLAMP)
     row_loss, row_g, row_low, row_high = _surrogate(s, A, eps_low, eps_high, delta, clip_c, HAS_DELTA, HAS_CLIP_C)
-    row_coef = (w * length) * row_g * s * s_slope / length_c  # W_i dl_i/ds_i ds_i/dlp_t
+    row_coef = (w * c_sum) * row_g * s * s_slope / length_c  # W_i dl_i/ds_i ds_i/dlp_t
 
     # pass 2: per-token loss, gradient and stats
     acc_loss = 0.0
@@ -133,6 +139,11 @@ def _policy_loss_row_kernel(
             acc_high += tl.sum(high * m, axis=0)
             acc_region += tl.sum(tl.maximum(low, high) * m, axis=0)
         acc_ratio += tl.sum(rho * m, axis=0)
+        if HAS_SW:
+            c = tl.load(SW + idx, mask=inb, other=0.0)
+            loss = loss * c
+            if GPG or not SEQ_LEVEL:  # at sequence level c is already inside W_i (row_coef)
+                grad = grad * c
         if HAS_KL:
             diff = (tl.load(REF + idx, mask=inb, other=0.0) - lp) * m
             e, e_slope = _clamped_exp(diff, CLAMP)
@@ -152,21 +163,23 @@ def _policy_loss_row_kernel(
 
 
 def policy_loss_triton(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg: PolicyLossConfig,
-                       normalizer=None):
+                       normalizer=None, sampling_weight=None):
     """(loss 0-d fp32, grad_logp [N] fp32, stat_sums [len(STAT_NAMES)] fp32), like policy_terms on a batch."""
     n, num_rows = logp.shape[0], cu_seqlens.numel() - 1
     lp = logp.float().contiguous()
     old = lp if old_logp is None else old_logp.float().contiguous()
     ref = lp if ref_logp is None else ref_logp.float().contiguous()
+    sw = lp if sampling_weight is None else sampling_weight.float().contiguous()
     grad = torch.empty(n, device=lp.device)
     out = torch.zeros(num_rows, 6, device=lp.device)
     if num_rows > 0:
         _policy_loss_row_kernel[(num_rows,)](
-            lp, old, ref, mask.to(torch.int8).contiguous(), advantages.float().contiguous(),
+            lp, old, ref, sw, mask.to(torch.int8).contiguous(), advantages.float().contiguous(),
             cu_seqlens.to(torch.int32).contiguous(),
             aggregation_denominator(mask, num_rows, cfg, normalizer).float().reshape(1), grad, out,
             cfg.epsilon_low, cfg.epsilon_high, cfg.delta or 0.0, cfg.clip_ratio_c or 0.0, cfg.beta,
-            HAS_OLD=old_logp is not None, HAS_KL=cfg.beta > 0, SEQ_LEVEL=cfg.importance_sampling_level == "sequence",
+            HAS_OLD=old_logp is not None, HAS_KL=cfg.beta > 0, HAS_SW=sampling_weight is not None,
+            SEQ_LEVEL=cfg.importance_sampling_level == "sequence",
             GPG=cfg.loss_type == "gpg", PER_ROW_MEAN=cfg.loss_agg_mode == "seq-mean-token-mean",
             HAS_DELTA=cfg.delta is not None, HAS_CLIP_C=cfg.clip_ratio_c is not None, CLAMP=LOG_RATIO_CLAMP,
             BLOCK=BLOCK_TOKENS, num_warps=NUM_WARPS)

@@ -8,10 +8,10 @@ import itertools
 import pytest
 import torch
 
-from gcpo_fast.kernels import LOSS_RECIPES, linear_logprobs, linear_policy_loss
+from gcpo_fast.kernels import LOSS_RECIPES, PolicyLossConfig, linear_logprobs, linear_policy_loss
 from gcpo_fast.kernels.linear_policy_loss import plan_chunks
 from gcpo_fast.kernels.policy_loss import AGG_MODES
-from test_policy_loss import reference_policy_loss
+from test_policy_loss import random_sampling_weight, reference_policy_loss
 
 IGNORE = -100
 
@@ -88,7 +88,7 @@ def test_forward_only_under_no_grad_is_one_pass_with_o_n_outputs():
 
 
 def _policy_case(backend, device, loss_type, level, agg, dtype=torch.float32, old="off", workspace=4 * 64 * 7,
-                 lengths=(6, 0, 9, 1, 13, 8), seed=0, **kw):
+                 lengths=(6, 0, 9, 1, 13, 8), seed=0, weighted=False, **kw):
     n = sum(lengths)
     h, W, b, t, adv, cu = make_inputs(n, 24, 211, list(lengths), seed=seed, dtype=dtype, device=device)
     t[7:16] = IGNORE  # row 2 fully ignored
@@ -97,10 +97,12 @@ def _policy_case(backend, device, loss_type, level, agg, dtype=torch.float32, ol
     g = torch.Generator().manual_seed(seed + 1)
     old_logp = None if old == "on" else (ref_lp + (torch.rand(n, generator=g).to(device) - 0.5) * 0.4).float()
     ref_logp = (ref_lp + 0.1).float() if kw.get("beta") else None
+    sw = random_sampling_weight(n, seed).float().to(device) if weighted else None
     opts = dict(loss_type=loss_type, importance_sampling_level=level, loss_agg_mode=agg, epsilon_low=0.1,
                 epsilon_high=0.12, max_completion_length=16, **kw)
     loss, stats = linear_policy_loss(h, W, t, old_logp, adv, cu, bias=b, temperature=0.8, ref_logp=ref_logp,
-                                     backend=backend, workspace_bytes=workspace, compute_entropy=True, **opts)
+                                     backend=backend, workspace_bytes=workspace, compute_entropy=True,
+                                     sampling_weight=sw, **opts)
     loss.backward()
     h64, W64, b64 = (x.detach().double().requires_grad_() for x in (h, W, b))
     lp64, ent64 = reference_logprobs(h64, W64, b64, t, 0.8)
@@ -108,7 +110,7 @@ def _policy_case(backend, device, loss_type, level, agg, dtype=torch.float32, ol
         lp64, None if old_logp is None else old_logp.double(), None if ref_logp is None else ref_logp.double(),
         adv.double(), cu, loss_type=loss_type, level=level, eps_low=0.1, eps_high=0.12, agg=agg,
         delta=kw.get("delta"), clip_c=kw.get("clip_ratio_c"), beta=kw.get("beta", 0.0), max_len=16,
-        normalizer=kw.get("normalizer"), mask=t != IGNORE)
+        normalizer=kw.get("normalizer"), mask=t != IGNORE, sampling_weight=None if sw is None else sw.double())
     expected.backward()
     _close(loss, expected, dtype)
     for got, want in ((h.grad, h64.grad), (W.grad, W64.grad), (b.grad, b64.grad)):
@@ -122,24 +124,36 @@ def _policy_case(backend, device, loss_type, level, agg, dtype=torch.float32, ol
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("agg", AGG_MODES)
 @pytest.mark.parametrize("old", ["on", "off"])
-def test_linear_policy_loss_torch_every_combination(device, loss_type, level, agg, old):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_linear_policy_loss_torch_every_combination(device, loss_type, level, agg, old, weighted):
     # workspace 4*64*7 bytes: chunks of 2 tokens for the gradient-in-forward sweep, so sequence-level
     # off-policy rows do not fit and take the recompute path; the rest take the 6NVd sweep.
-    _policy_case("torch", device, loss_type, level, agg, old=old)
+    _policy_case("torch", device, loss_type, level, agg, old=old, weighted=weighted)
 
 
 @pytest.mark.parametrize("loss_type", list(LOSS_RECIPES))
 @pytest.mark.parametrize("old", ["on", "off"])
-def test_linear_policy_loss_triton_each_method(device, loss_type, old):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_linear_policy_loss_triton_each_method(device, loss_type, old, weighted):
     recipe = LOSS_RECIPES[loss_type]
-    _policy_case("triton", device, loss_type, recipe["importance_sampling_level"], recipe["loss_agg_mode"], old=old)
+    _policy_case("triton", device, loss_type, recipe["importance_sampling_level"], recipe["loss_agg_mode"], old=old,
+                 weighted=weighted)
+
+
+@pytest.mark.parametrize("loss_type", list(LOSS_RECIPES))
+def test_linear_policy_loss_triton_sampling_weight_other_level(device, loss_type):
+    """The triton backend, weighted, at the ratio level that is not the recipe's."""
+    recipe = LOSS_RECIPES[loss_type]
+    level = "token" if recipe["importance_sampling_level"] == "sequence" else "sequence"
+    _policy_case("triton", device, loss_type, level, recipe["loss_agg_mode"], weighted=True)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("option", [dict(beta=0.05), dict(delta=1.5, clip_ratio_c=1.05), dict(normalizer=11.0)])
-def test_linear_policy_loss_options(backend, device, option):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_linear_policy_loss_options(backend, device, option, weighted):
     for level in ("token", "sequence"):
-        _policy_case(backend, device, "grpo", level, "token-mean", **option)
+        _policy_case(backend, device, "grpo", level, "token-mean", weighted=weighted, **option)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -160,6 +174,9 @@ def test_sequence_rows_within_chunks_take_the_sweep_and_match_recompute(device):
     recompute = _policy_case("torch", device, "gcpo", "sequence", "seq-mean-token-mean", lengths=lengths,
                              workspace=4 * 211 * 2)
     torch.testing.assert_close(fused["clip_ratio/region_mean"], recompute["clip_ratio/region_mean"])
+    for workspace in (4 * 211 * 8, 4 * 211 * 2):  # both paths with a sampling weight
+        _policy_case("torch", device, "gcpo", "sequence", "seq-mean-token-mean", lengths=lengths, workspace=workspace,
+                     weighted=True)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -209,11 +226,30 @@ def _args(**over):
     (dict(hidden=torch.zeros(9, 8, dtype=torch.float16)), TypeError, "share a dtype"),
     (dict(bias=torch.zeros(29)), ValueError, r"bias must be \[V\] = \[30\]"),
     (dict(weight=torch.zeros(30, 8, device="meta")), ValueError, "one device"),
-    (dict(cu_seqlens=torch.tensor([0, 5, 4, 9], dtype=torch.int32)), ValueError, "non-decreasing"),
+    (dict(cu_seqlens=torch.tensor([0, 5, 4, 9], dtype=torch.int32), advantages=torch.zeros(3)), ValueError,
+     "non-decreasing"),
     (dict(cu_seqlens=torch.tensor([0, 4, 12], dtype=torch.int32)), ValueError, "end at N=9"),
     (dict(advantages=torch.zeros(3)), ValueError, r"advantages must be \[B\] = \[2\]"),
     (dict(old_logp=torch.zeros(10)), ValueError, "old_logp must match"),
-    (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+    (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
+    (dict(temperature=float("nan")), ValueError, "temperature must be a finite number > 0, got nan"),
+    # the probes of non-finite and out-of-range inputs: each was a silent NaN / inf / sign flip, or a traceback
+    (dict(weight=torch.zeros(0, 8), bias=None, targets=torch.full((9,), IGNORE)), ValueError,
+     r"weight must have at least one row \(V >= 1\)"),
+    (dict(old_logp=torch.tensor([0.0] * 5 + [float("nan")] * 4)), ValueError,
+     r"old_logp has 4 non-finite value\(s\), the first at token 5"),
+    (dict(advantages=torch.tensor([float("inf"), 0.0])), ValueError, "advantages has 1 non-finite .* token 0"),
+    (dict(ref_logp=torch.full((9,), float("nan")), beta=0.1), ValueError, "ref_logp has 9 non-finite"),
+    (dict(normalizer=-1.0), ValueError, "normalizer must be a finite number > 0, got -1.0"),
+    (dict(normalizer=0), ValueError, "normalizer must be a finite number > 0, got 0"),
+    (dict(beta=float("nan")), ValueError, "beta must be a finite number >= 0, got nan"),
+    (dict(epsilon_low=float("nan")), ValueError, r"epsilon_low must be a finite number in \[0, 1\), got nan"),
+    (dict(epsilon_low=2), ValueError, r"epsilon_low must be a finite number in \[0, 1\), got 2"),
+    (dict(sampling_weight=torch.ones(10)), ValueError, r"sampling_weight must match logp's shape \(9,\)"),
+    (dict(sampling_weight=torch.ones(9, dtype=torch.bool)), TypeError, "sampling_weight must be a float tensor"),
+    (dict(sampling_weight=torch.full((9,), -1.0)), ValueError, "sampling_weight has 9 negative or non-finite"),
+    (dict(config=PolicyLossConfig.resolve("grpo"), loss_type="grpo"), ValueError,
+     "either config= or the loss options, not both"),
 ])
 def test_bad_input_gets_a_clear_error(over, err, match):
     args = _args(**over)
@@ -235,3 +271,44 @@ def test_non_finite_hidden_is_detected(backend, device):
     W[2, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="weight has non-finite"):
         linear_logprobs(h, W, t, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ready_config_and_sampling_weight_of_ones(backend, device):
+    """config= gives the loose options' result; a weight of ones gives the unweighted one, bitwise."""
+    h, W, b, t, adv, cu = make_inputs(23, 16, 70, [9, 8, 6], seed=3, device=device)
+    old = torch.zeros(23, device=device) - 1.5
+    opts = dict(loss_type="gspo", epsilon_low=0.1, epsilon_high=0.2)
+    results = []
+    ones = torch.ones(23, device=device)
+    for kw in (opts, dict(config=PolicyLossConfig.resolve(**opts)), dict(opts, sampling_weight=ones)):
+        Wg = W.clone().requires_grad_()
+        loss, _ = linear_policy_loss(h, Wg, t, old, adv, cu, bias=b, backend=backend, workspace_bytes=4 * 70 * 9, **kw)
+        loss.backward()
+        results.append((loss.detach(), Wg.grad))
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+def test_input_checks_read_the_device_once(monkeypatch):
+    """All content checks (targets, cu_seqlens, finite inputs, sampling weight, tensor normalizer) cost one
+    read-back: policy_loss reads the device once, linear_policy_loss twice (+ the LSE check after the forward),
+    and once more where the torch backend keeps sequence-level off-policy rows whole in its chunks."""
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k: reads.append(_n) or
+                            _f(self, *a, **k))
+    from gcpo_fast.kernels import policy_loss
+    h, W, b, t, adv, cu = make_inputs(20, 8, 30, [7, 13], seed=5, ignore_frac=0.0)
+    old, ref, sw = torch.randn(20), torch.randn(20), torch.rand(20)
+    for backend in ("torch", "triton"):
+        reads.clear()
+        policy_loss(torch.randn(20, requires_grad=True), old, adv, cu, loss_type="grpo", beta=0.1, ref_logp=ref,
+                    sampling_weight=sw, normalizer=torch.tensor(3.0), backend=backend)
+        assert reads == ["tolist"], (backend, reads)
+    for backend, loss_type, expected in (("triton", "gspo", 2), ("torch", "grpo", 2), ("torch", "gspo", 3)):
+        reads.clear()
+        linear_policy_loss(h, W.requires_grad_(), t, old, adv, cu, loss_type=loss_type, beta=0.1, ref_logp=ref,
+                           sampling_weight=sw, backend=backend)
+        assert len(reads) == expected, (backend, loss_type, reads)

@@ -4,13 +4,15 @@ import itertools
 import pytest
 import torch
 
-from gcpo_fast.kernels import LOSS_RECIPES, policy_loss
+from gcpo_fast.kernels import LOSS_RECIPES, PolicyLossConfig, policy_loss
 from gcpo_fast.kernels.policy_loss import AGG_MODES
 
 
 def reference_policy_loss(lp, old, ref, adv, cu, *, loss_type, level, eps_low, eps_high, agg, delta=None,
-                          clip_c=None, beta=0.0, max_len=None, normalizer=None, mask=None):
-    """Straight from docs/algorithms.md, one row at a time, differentiated by autograd."""
+                          clip_c=None, beta=0.0, max_len=None, normalizer=None, mask=None, sampling_weight=None):
+    """Straight from docs/algorithms.md, one row at a time, differentiated by autograd.
+
+    sampling_weight multiplies the policy term before the KL term is added (TRL 1.16's order)."""
     mask = torch.ones_like(lp, dtype=torch.bool) if mask is None else mask
     old = lp.detach() if old is None else old
     B = cu.numel() - 1
@@ -34,6 +36,8 @@ def reference_policy_loss(lp, old, ref, adv, cu, *, loss_type, level, eps_low, e
             l = -torch.minimum(coef1 * A, coef2 * A)
             if clip_c is not None and A < 0:
                 l = torch.minimum(l, -A * clip_c)
+        if sampling_weight is not None:
+            l = l * sampling_weight[a:b]
         if beta > 0:
             diff = (ref[a:b] - lp[a:b]) * m
             l = l + beta * (torch.exp(torch.clamp(diff, -20, 20)) - diff - 1)
@@ -66,22 +70,31 @@ def make_batch(lengths, seed, spread=0.3, dtype=torch.float64):
 LENGTHS = [5, 0, 13, 1, 7, 22]  # an empty row, a one-token row, odd sizes
 
 
+def random_sampling_weight(n, seed):
+    """Ratios around 1 with some exact zeros (masked by a *_mask mode), fp64."""
+    g = torch.Generator().manual_seed(seed + 100)
+    w = torch.exp((torch.rand(n, generator=g, dtype=torch.float64) - 0.5) * 1.5)
+    return torch.where(torch.rand(n, generator=g, dtype=torch.float64) < 0.15, 0.0, w)
+
+
 def _check(lengths, loss_type, level, agg, on_policy, seed=0, eps=(0.1, 0.15), backend="torch", device="cpu", **kw):
     lp, old, ref, adv, cu = make_batch(lengths, seed)
     mask = kw.pop("mask", None)
+    sw = kw.pop("sampling_weight", None)
     lp32 = lp.float().to(device).requires_grad_()
     on = dict(device=device)
     loss, stats = policy_loss(lp32, None if on_policy else old.float().to(**on), adv.float().to(**on), cu.to(**on),
                               loss_type=loss_type, importance_sampling_level=level, epsilon_low=eps[0],
                               epsilon_high=eps[1], loss_agg_mode=agg, ref_logp=ref.float().to(**on),
                               max_completion_length=30, mask=None if mask is None else mask.to(**on), backend=backend,
-                              **kw)
+                              sampling_weight=None if sw is None else sw.float().to(**on), **kw)
     loss.backward()
     lp64 = lp.clone().requires_grad_()
     expected = reference_policy_loss(lp64, None if on_policy else old, ref, adv, cu, loss_type=loss_type, level=level,
                                      eps_low=eps[0], eps_high=eps[1], agg=agg, delta=kw.get("delta"),
                                      clip_c=kw.get("clip_ratio_c"), beta=kw.get("beta", 0.0), max_len=30,
-                                     normalizer=kw.get("normalizer"), mask=mask)
+                                     normalizer=kw.get("normalizer"), mask=mask,
+                                     sampling_weight=None if sw is None else sw.float().double())
     expected.backward()
     torch.testing.assert_close(loss.double().cpu(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lp32.grad.double().cpu(), lp64.grad, rtol=1e-4, atol=1e-6)
@@ -93,8 +106,10 @@ def _check(lengths, loss_type, level, agg, on_policy, seed=0, eps=(0.1, 0.15), b
 @pytest.mark.parametrize("agg", AGG_MODES)
 @pytest.mark.parametrize("on_policy", [False, True])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_matches_reference_every_combination(loss_type, level, agg, on_policy, backend, device):
-    _check(LENGTHS, loss_type, level, agg, on_policy, backend=backend, device=device)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_matches_reference_every_combination(loss_type, level, agg, on_policy, backend, weighted, device):
+    sw = random_sampling_weight(sum(LENGTHS), 0) if weighted else None
+    _check(LENGTHS, loss_type, level, agg, on_policy, backend=backend, device=device, sampling_weight=sw)
 
 
 def test_triton_row_kernel_stats_match_torch(device):
@@ -192,7 +207,7 @@ def test_deterministic():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(cu=torch.tensor([0, 5, 3, 9], dtype=torch.int32)), "non-decreasing"),
+    (dict(cu=torch.tensor([0, 5, 3, 9], dtype=torch.int32), adv=torch.ones(3)), "non-decreasing"),
     (dict(cu=torch.tensor([0, 4, 8], dtype=torch.int32)), "end at N=9"),
     (dict(cu=torch.tensor([1, 4, 9], dtype=torch.int32)), "start at 0"),
     (dict(adv=torch.ones(3)), "advantages must be"),
@@ -210,3 +225,142 @@ def test_bad_input_names_the_problem(bad, match):
     args.update(bad)
     with pytest.raises((ValueError, TypeError), match=match):
         policy_loss(args["lp"], args["old"], args["adv"], args["cu"], **opts)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_sampling_weight_with_options_masks_and_long_rows(backend, level, device):
+    n = sum(LENGTHS)
+    for seed in range(2):
+        _check(LENGTHS, "grpo", level, "token-mean", False, seed=seed, eps=(0.05, 0.08), backend=backend,
+               device=device, sampling_weight=random_sampling_weight(n, seed), delta=1.3, clip_ratio_c=1.2, beta=0.1,
+               normalizer=17.0)
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[5:18] = False
+    mask[-3:] = False
+    _check(LENGTHS, "gcpo", level, "seq-mean-token-mean", False, mask=mask, eps=(0.05, 0.05), backend=backend,
+           device=device, sampling_weight=random_sampling_weight(n, 3))
+    _check([600, 3], "gcpo", level, "seq-mean-token-mean", False, backend=backend, device=device,
+           sampling_weight=random_sampling_weight(603, 4))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sampling_weight_of_ones_equals_none_and_leaves_the_stats(backend, device):
+    lp, old, ref, adv, cu = make_batch(LENGTHS, 5)
+    n, on = sum(LENGTHS), dict(device=device)
+    weights = (None, torch.ones(n), random_sampling_weight(n, 5).float())
+    for loss_type in LOSS_RECIPES:
+        for level in ("token", "sequence"):
+            outs = []
+            for sw in weights:
+                x = lp.float().to(**on).requires_grad_()
+                loss, stats = policy_loss(x, old.float().to(**on), adv.float().to(**on), cu.to(**on),
+                                          loss_type=loss_type, importance_sampling_level=level, beta=0.1,
+                                          ref_logp=ref.float().to(**on), max_completion_length=30, backend=backend,
+                                          sampling_weight=None if sw is None else sw.to(**on))
+                loss.backward()
+                outs.append((loss.detach(), x.grad, stats))
+            (plain, g_plain, s_plain), (ones, g_ones, _), (weighted, g_weighted, s_weighted) = outs
+            assert torch.equal(plain, ones) and torch.equal(g_plain, g_ones)
+            assert not torch.equal(plain, weighted) and not torch.equal(g_plain, g_weighted)
+            # TRL: the weight does not enter the clip statistics, the ratio mean or the KL.
+            assert s_plain.keys() == s_weighted.keys()
+            for k in s_plain:
+                assert torch.equal(s_plain[k], s_weighted[k]), k
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sampling_weight_leaves_the_kl_term_unweighted(backend, device):
+    """A zero weight removes the policy term only: token-mean loss = beta * mean k3, gradient = the KL's."""
+    lp, old, ref, adv, cu = make_batch(LENGTHS, 6)
+    n, on = sum(LENGTHS), dict(device=device)
+    x = lp.float().to(**on).requires_grad_()
+    loss, stats = policy_loss(x, old.float().to(**on), adv.float().to(**on), cu.to(**on), loss_type="dapo",
+                              beta=0.3, ref_logp=ref.float().to(**on), sampling_weight=torch.zeros(n, **on),
+                              backend=backend)
+    loss.backward()
+    torch.testing.assert_close(loss, 0.3 * stats["kl"])
+    diff = (ref - lp).float().to(**on)
+    torch.testing.assert_close(x.grad, 0.3 * (1 - torch.exp(diff)) / n)
+
+
+@pytest.mark.parametrize("sw, err, match", [
+    (torch.ones(8), ValueError, r"sampling_weight must match logp's shape \(9,\)"),
+    (torch.ones(9, dtype=torch.int64), TypeError, "sampling_weight must be a float tensor"),
+    (torch.ones(9, device="meta"), ValueError, "one device"),
+    (torch.tensor([1.0] * 8 + [-0.5]), ValueError, "sampling_weight has 1 negative or non-finite value.*token 8"),
+    (torch.tensor([1.0] * 3 + [float("nan")] * 6), ValueError,
+     "sampling_weight has 6 negative or non-finite .*token 3"),
+    (torch.tensor([float("inf")] + [1.0] * 8), ValueError, "sampling_weight has 1 negative or non-finite .*token 0"),
+])
+def test_bad_sampling_weight_names_the_problem(sw, err, match):
+    with pytest.raises(err, match=match):
+        policy_loss(torch.zeros(9), None, torch.ones(2), torch.tensor([0, 4, 9], dtype=torch.int32), sampling_weight=sw)
+
+
+def test_sampling_weight_gets_no_gradient():
+    sw = torch.rand(9, requires_grad=True)
+    lp = torch.zeros(9, requires_grad=True)
+    loss, _ = policy_loss(lp, None, torch.ones(2), torch.tensor([0, 4, 9], dtype=torch.int32), sampling_weight=sw)
+    loss.backward()
+    assert sw.grad is None and lp.grad is not None
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("probe, match", [
+    (dict(old=torch.tensor([0.0, 0, 0, NAN, 0, 0, 0, 0, 0])),
+     r"old_logp has 1 non-finite value\(s\), the first at token 3"),
+    (dict(old=torch.tensor([0.0] * 8 + [float("-inf")])), "old_logp has 1 non-finite .* token 8"),
+    (dict(adv=torch.tensor([1.0, NAN])), "advantages has 1 non-finite .* token 1"),
+    (dict(ref_logp=torch.tensor([NAN] * 9), beta=0.1), "ref_logp has 9 non-finite .* token 0"),
+    (dict(normalizer=-1), "normalizer must be a finite number > 0, got -1"),
+    (dict(normalizer=0), "normalizer must be a finite number > 0, got 0"),
+    (dict(normalizer=NAN), "normalizer must be a finite number > 0, got nan"),
+    (dict(normalizer=torch.tensor(0.0)), "normalizer must be a finite number > 0, got 0"),
+    (dict(normalizer=torch.tensor([NAN])), "normalizer must be a finite number > 0, got nan"),
+    (dict(normalizer=torch.ones(2)), "normalizer must be a number or a one-element float tensor"),
+    (dict(normalizer="9"), "normalizer must be a number"),
+    (dict(beta=NAN), "beta must be a finite number >= 0, got nan"),
+    (dict(beta=-0.1), "beta must be a finite number >= 0"),
+    (dict(epsilon_low=NAN), r"epsilon_low must be a finite number in \[0, 1\), got nan"),
+    (dict(epsilon_low=2), r"epsilon_low must be a finite number in \[0, 1\), got 2"),
+    (dict(epsilon_low=1.0), r"epsilon_low must be a finite number in \[0, 1\)"),
+    (dict(epsilon_high=float("inf")), "epsilon_high must be a finite number >= 0, got inf"),
+    (dict(delta=NAN), "delta must be a finite number > 1 \\+ epsilon_high"),
+    (dict(clip_ratio_c=NAN), "clip_ratio_c must be a finite number > 1"),
+    (dict(loss_type="dr_grpo", max_completion_length=0), "max_completion_length must be an int >= 1"),
+])
+def test_non_finite_and_out_of_range_inputs_are_errors(probe, match):
+    """Each probe gave a NaN, inf or sign-flipped loss without a word before these checks."""
+    args = dict(lp=torch.zeros(9), old=torch.zeros(9), adv=torch.tensor([1.0, -1.0]),
+                cu=torch.tensor([0, 4, 9], dtype=torch.int32))
+    opts = {k: probe.pop(k) for k in list(probe) if k not in args}
+    args.update(probe)
+    with pytest.raises(ValueError, match=match):
+        policy_loss(args["lp"], args["old"], args["adv"], args["cu"], **opts)
+
+
+def test_valid_tensor_normalizer_equals_the_number():
+    lp, old, ref, adv, cu = make_batch(LENGTHS, 7)
+    a, _ = policy_loss(lp.float(), old.float(), adv.float(), cu, loss_type="dapo", normalizer=17.0)
+    b, _ = policy_loss(lp.float(), old.float(), adv.float(), cu, loss_type="dapo", normalizer=torch.tensor([17.0]))
+    assert torch.equal(a, b)
+
+
+def test_ready_config_equals_loose_options_and_both_is_an_error():
+    lp, old, ref, adv, cu = make_batch(LENGTHS, 8)
+    opts = dict(loss_type="grpo", epsilon_low=0.05, delta=1.5, beta=0.1)
+    config = PolicyLossConfig.resolve(**opts)
+    loose, _ = policy_loss(lp.float(), old.float(), adv.float(), cu, ref_logp=ref.float(), **opts)
+    ready, _ = policy_loss(lp.float(), old.float(), adv.float(), cu, ref_logp=ref.float(), config=config)
+    assert torch.equal(loose, ready)
+    with pytest.raises(ValueError, match="either config= or the loss options, not both .got config and beta"):
+        policy_loss(lp.float(), old.float(), adv.float(), cu, ref_logp=ref.float(), config=config, beta=0.1)
+    with pytest.raises(TypeError, match="config must be a PolicyLossConfig, got dict"):
+        policy_loss(lp.float(), old.float(), adv.float(), cu, config=opts)
+    # A config built directly, without resolve, is checked as well.
+    with pytest.raises(ValueError, match=r"epsilon_low must be a finite number in \[0, 1\)"):
+        PolicyLossConfig(loss_type="grpo", epsilon_low=2.0)
+    assert PolicyLossConfig(epsilon_low=0).epsilon_low == 0.0 and isinstance(config.beta, float)
