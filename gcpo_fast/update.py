@@ -18,7 +18,6 @@ The aggregation's denominator is the whole optimizer step's, summed over micro-b
 by its rows (seq-mean-token-sum-norm, Dr. GRPO, by rows x max_completion_length, as TRL does), each divided
 by the world size because DDP averages gradients. So a step's gradient does not depend on how it was split.
 """
-import dataclasses
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -86,15 +85,14 @@ class ModelWithLoss(torch.nn.Module):
 
     def __init__(self, model, loss_config: PolicyLossConfig, temperature: float):
         super().__init__()
-        self.model = model
-        self.options = dict(dataclasses.asdict(loss_config), temperature=temperature)
+        self.model, self.loss_config, self.temperature = model, loss_config, temperature
 
     def forward(self, packed: PackedBatch, advantages, old_logp, ref_logp, normalizer):
         hidden = forward_hidden(self.model, packed)[packed.completion_index]
         weight, bias = _head(self.model, hidden.dtype)
         return linear_policy_loss(hidden, weight, packed.targets, old_logp, advantages, packed.completion_cu_seqlens,
                                   bias=bias, ref_logp=ref_logp, normalizer=normalizer, compute_entropy=True,
-                                  **self.options)
+                                  temperature=self.temperature, config=self.loss_config)
 
 
 @torch.no_grad()
