@@ -22,15 +22,19 @@ field. The row's other columns are kept (TRL reward functions receive them); the
 "golden" and "answer" are ours and replace columns of the same name.
 
 Bad data raises ValueError naming the file, the line (JSONL, counted from 1) or row (Parquet, counted
-from 0), and the column. Parquet needs pyarrow (`pip install pyarrow`, or the `data` extra).
+from 0), and the column. Answers the accuracy reward can never verify as meant (math-verify cannot parse
+them, or reads a word as a product of variables: rewards.unverifiable_reason) are reported when the data
+loads, with their count and first examples, as a warning: a dataset may hold some, and a custom reward
+function may not use the answer at all. Parquet needs pyarrow (`pip install pyarrow`, or the `data` extra).
 """
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from gcpo_fast.rewards import extract_answer
+from gcpo_fast.rewards import extract_answer, unverifiable_reason
 
 SUFFIXES = (".jsonl", ".parquet")
 _MISSING = object()
@@ -153,7 +157,7 @@ def load_prompts(
     require_golden: bool = False,
 ) -> list[dict]:
     """Read every row of a .jsonl / .parquet file (or of the sorted files of a directory) as a record."""
-    records = []
+    records, wheres = [], []
     files = _files(Path(path))
     for file in files:
         rows = _read_parquet(file) if file.suffix == ".parquet" else _read_jsonl(file)
@@ -163,9 +167,28 @@ def load_prompts(
             answer = _answer(row, where, answer_column, golden_column, golden)
             others = {k: v for k, v in row.items() if k != prompt_column}
             records.append({**others, "prompt": prompt, "golden": golden, "answer": answer})
+            wheres.append(where)
     if not records:
         raise ValueError(f"{', '.join(map(str, files))}: empty dataset (no rows)")
+    warn_unverifiable([r["answer"] for r in records], wheres)
     return records
+
+
+def warn_unverifiable(answers: list[str], wheres: list[str], shown: int = 3) -> int:
+    """Warn once, with the count and the first `shown` examples, about answers the accuracy reward can
+    never verify as meant; returns their count. math-verify parses each distinct answer once."""
+    reasons: dict[str, str | None] = {}
+    bad = []
+    for answer, where in zip(answers, wheres, strict=True):
+        if answer not in reasons:
+            reasons[answer] = unverifiable_reason(answer)
+        if reasons[answer]:
+            bad.append(f"{where}: {answer[:60]!r} ({reasons[answer]})")
+    if bad:
+        warnings.warn(f"{len(bad)} of {len(answers)} answers can never be verified by the accuracy reward (their "
+                      f"rollouts would all score 0): {'; '.join(bad[:shown])}{'; ...' if len(bad) > shown else ''}. "
+                      "Check answer_column; write text answers as \\text{...}", stacklevel=2)
+    return len(bad)
 
 
 class PromptSampler:

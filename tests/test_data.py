@@ -154,3 +154,25 @@ def test_sampler_ranks_are_disjoint():
         assert a + b == ids(next(whole))
     with pytest.raises(ValueError, match="needs at least that many prompts"):
         PromptSampler(make_records(5), batch_size=3, world_size=2)
+
+
+def test_unverifiable_answers_are_reported_when_the_data_loads(tmp_path):
+    # an answer column of words ("foo") scored every rollout 0 for the whole run, silently
+    rows = [{"prompt": f"q{i}", "solution": "s", "label": a} for i, a in
+            enumerate(["72", "foo", r"\$5", "1/2", "foo", "bar", "baz"])]
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.warns(UserWarning) as caught:
+        records = load_prompts(f, answer_column="label")
+    [message] = [str(w.message) for w in caught]
+    assert message.startswith("5 of 7 answers can never be verified by the accuracy reward")
+    assert r"d.jsonl, line 2: 'foo' (math-verify reads 'foo' as a product of one-letter variables" in message
+    assert r"d.jsonl, line 3: '\\$5' (math-verify cannot parse it)" in message
+    assert "line 6" not in message and message.count("line ") == 3  # the first three examples
+    assert len(records) == 7  # reported, not dropped: a custom reward function may not use the answer
+
+
+def test_verifiable_answers_load_without_a_warning(tmp_path, recwarn):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "solution": r"so \boxed{\frac{1}{2}}"},
+                                           {"prompt": "q", "solution": "#### 72"}])
+    load_prompts(f)
+    assert not [w for w in recwarn if "verified" in str(w.message)]
