@@ -116,8 +116,8 @@ def load_tokenizer(path):
 
 
 def load_causal_lm(path, *, device, dtype=torch.float32, attn_implementation=None, gradient_checkpointing=False):
-    """The causal LM of the model folder at `path` (checked first) in `dtype` on `device`; attn_implementation
-    None leaves transformers' default. ValueError if its weights cannot be read or do not cover every parameter."""
+    """The causal LM of the model folder at `path` (checked first) in `dtype` ("auto": as saved) on `device`;
+    attn_implementation None leaves transformers' default. ValueError if its weights cannot be read or do not cover every parameter."""
     folder = check_model_folder(path)
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     try:
