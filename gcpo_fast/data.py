@@ -251,11 +251,10 @@ def main(argv=None) -> None:
     and DIR/test.jsonl in TRL's layout (prompt, solution; plus answer and level), readable by load_prompts.
     Existing files are replaced only with --overwrite. A usage error (bad sizes or levels, DIR a file,
     files in the way) is one line on stderr and exit status 2; a failure to write is one line and status 1."""
-    import argparse
-
+    from gcpo_fast.cli import ArgumentParser
     from gcpo_fast.tasks import heldout_split, train_split
 
-    ap = argparse.ArgumentParser(prog="python -m gcpo_fast.data", description=main.__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m gcpo_fast.data", description=main.__doc__.split("\n")[0])
     ap.add_argument("--export", type=Path, required=True, metavar="DIR", help="folder to write train.jsonl, test.jsonl")
     ap.add_argument("--train-size", type=int, default=4096)
     ap.add_argument("--test-size", type=int, default=512)
@@ -263,25 +262,21 @@ def main(argv=None) -> None:
     ap.add_argument("--levels", type=int, nargs="+", default=None, help="difficulty levels to draw (default: all)")
     ap.add_argument("--overwrite", action="store_true", help="replace train.jsonl / test.jsonl if DIR holds them")
     args = ap.parse_args(argv)
-
-    def fail(message: str, status: int):
-        ap.exit(status, f"{ap.prog}: error: {message}\n")
-
     for name in ("train_size", "test_size"):
         if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", 2)
+            ap.fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.export.exists() and not args.export.is_dir():
-        fail(f"--export {args.export} is a file, not a folder", 2)
+        ap.fail(f"--export {args.export} is a file, not a folder")
     paths = {name: args.export / f"{name}.jsonl" for name in ("train", "test")}
     existing = [str(p) for p in paths.values() if p.exists()]
     if existing and not args.overwrite:
-        fail(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: pass --overwrite to replace", 2)
+        ap.fail(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: pass --overwrite to replace")
     try:
         # test problems are distinct, as in a real benchmark; training problems may repeat (small levels)
         splits = {"train": train_split(args.train_size, seed=args.seed, levels=args.levels),
                   "test": heldout_split(args.test_size, seed=args.seed, levels=args.levels, distinct=True)}
     except ValueError as e:
-        fail(str(e), 2)
+        ap.fail(str(e))
     try:
         args.export.mkdir(parents=True, exist_ok=True)
         for name, records in splits.items():
@@ -289,7 +284,7 @@ def main(argv=None) -> None:
                 f.writelines(json.dumps(r) + "\n" for r in records)
             print(f"wrote {len(records)} {name} problems to {paths[name]}")
     except OSError as e:
-        fail(f"--export {args.export}: {e.strerror}: {e.filename}", 1)
+        ap.fail(f"--export {args.export}: {e.strerror}: {e.filename}", status=1)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ The command line is checked before anything loads (option ranges, --model with g
 check_model_folder, the --output folder, the dataset): a usage error is one line on stderr and exit
 status 2; a failure while loading or generating is one line and exit status 1.
 """
-import argparse
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from gcpo_fast.cli import ArgumentParser
 from gcpo_fast.config import DEFAULT_MODEL, TrainConfig
 from gcpo_fast.models import check_model_folder, load_causal_lm, load_tokenizer
 from gcpo_fast.rewards import math_reward
@@ -115,7 +115,7 @@ def check_args(args) -> str | None:
 def main(argv=None) -> None:
     """Usage errors (bad options, --model, --dataset) exit with status 2 and runtime errors with status 1, each
     as one line on stderr, before the model loads where the problem is in the arguments."""
-    ap = argparse.ArgumentParser(prog="python -m gcpo_fast.eval", description="mean@k and pass@k on held-out problems")
+    ap = ArgumentParser(prog="python -m gcpo_fast.eval", description="mean@k and pass@k on held-out problems")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="local Hugging Face causal LM folder, or the hub id of one in "
                     "the local Hugging Face cache (default: the shipped model)")
     ap.add_argument("--dataset", default="builtin", help="'builtin' (its held-out split) or a .jsonl/.parquet file")
@@ -134,20 +134,16 @@ def main(argv=None) -> None:
     ap.add_argument("--golden_column", default="solution")
     ap.add_argument("--output", default=None, help="also write the metrics to this JSON file (its folder must exist)")
     args = ap.parse_args(argv)
-
-    def fail(message: str, status: int):
-        ap.exit(status, f"{ap.prog}: error: {message}\n")
-
     try:
         problem = check_args(args)
         if problem:
-            fail(problem, 2)
+            ap.fail(problem)
         check_model_folder(args.model)
         records = load_records(args.dataset, split="test", num_problems=args.num_problems, levels=args.levels,
                                prompt_column=args.prompt_column,
                                golden_column=args.golden_column, answer_column=args.answer_column)[: args.num_problems]
     except ValueError as e:
-        fail(str(e), 2)
+        ap.fail(str(e))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         tokenizer = load_tokenizer(args.model)
@@ -157,7 +153,7 @@ def main(argv=None) -> None:
                                 max_completion_length=args.max_completion_length, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, batch_size=args.batch_size, seed=args.seed)
     except ValueError as e:
-        fail(str(e), 1)
+        ap.fail(str(e), status=1)
     metrics = {"num_problems": len(records), **summarize(correct, args.num_samples),
                **level_summary(records, correct, args.num_samples)}
     print(json.dumps(metrics, indent=2))
@@ -165,7 +161,7 @@ def main(argv=None) -> None:
         try:
             Path(args.output).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         except OSError as e:
-            fail(f"--output {args.output}: {e.strerror}", 1)
+            ap.fail(f"--output {args.output}: {e.strerror}", status=1)
 
 
 if __name__ == "__main__":

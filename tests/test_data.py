@@ -204,6 +204,7 @@ def test_export_refuses_to_overwrite_without_overwrite(tmp_path, capsys):
     (["--train-size", "0"], "--train-size must be >= 1, got 0"),  # used to write an empty file and exit 0
     (["--test-size", "-3"], "--test-size must be >= 1, got -3"),
     (["--levels", "9"], "levels must be a non-empty subset of"),
+    (["--train-size", "x"], "argument --train-size: invalid int value: 'x' (see --help)"),
 ])
 def test_export_usage_errors(tmp_path, capsys, argv, message):
     status, err = export(["--export", str(tmp_path / "out"), *argv], capsys)

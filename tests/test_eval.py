@@ -95,6 +95,7 @@ def tiny(tmp_path_factory):
     (["--model", "{root}/absent"], "model folder {root}/absent does not exist"),
     (["--output", "{root}/absent/eval.json"], "--output {root}/absent/eval.json: folder {root}/absent does not exist"),
     (["--dataset", "builtin", "--levels", "1"], "could not draw 500 distinct heldout problems from levels [1]"),
+    (["--batch_size", "x"], "argument --batch_size: invalid int value: 'x' (see --help)"),  # argparse's own, one line too
 ])
 def test_cli_usage_errors_come_before_anything_runs(tiny, capsys, argv, message):
     model, data, root = tiny
