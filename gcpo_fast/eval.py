@@ -159,7 +159,7 @@ def main(argv=None) -> None:
     print(json.dumps(metrics, indent=2))
     if args.output:
         try:
-            Path(args.output).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+            Path(args.output).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
         except OSError as e:
             ap.fail(f"--output {args.output}: {e.strerror}", status=1)
 

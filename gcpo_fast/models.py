@@ -98,8 +98,7 @@ def check_model_folder(path) -> Path:
         raise ValueError(f"model {path}: transformers has no causal-LM class for model_type {kind!r}")
     if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
         raise ValueError(f"model {path} is an encoder ({kind}): as {MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[kind]} it would "
-                         "attend to future tokens and train an untrained head (its config does not set is_decoder); "
-                         "use a causal decoder-only LM")
+                         "attend to future tokens (its config does not set is_decoder); use a causal decoder-only LM")
     return folder
 
 
