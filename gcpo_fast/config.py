@@ -334,8 +334,8 @@ GPG_FIXED = {"importance_sampling_level": LOSS_RECIPES["gpg"]["importance_sampli
 def check_ignored_options(cfg: TrainConfig, explicit: set[str]) -> None:
     """Refuse an option the user set (explicit: the names given on the command line or in the --config file)
     that the chosen loss_type would silently ignore, as TRL's GRPOConfig refuses options that cannot take
-    effect together. Only GPG ignores options: its clip options. A value equal to what GPG does anyway
-    (`--epsilon 0`, `--importance_sampling_level token`) is accepted."""
+    effect together. The case: GPG's loss has no ratio, so it ignores the clip options. A value equal to what
+    GPG does anyway (`--epsilon 0`, `--importance_sampling_level token`) is accepted."""
     if cfg.loss_type != "gpg":
         return
     for name, fixed in GPG_FIXED.items():
