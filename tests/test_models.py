@@ -121,3 +121,8 @@ def test_a_good_folder_loads_as_transformers_loads_it(good, one_thread):
     ids = load_tokenizer(good)("What is 1 + 2?", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(model.eval()(ids).logits, reference.eval()(ids).logits)
+
+
+def test_the_missing_shipped_model_says_how_to_build_it(tmp_path, monkeypatch):
+    monkeypatch.setattr("gcpo_fast.models.DEFAULT_MODEL", str(tmp_path / "default_model"))
+    refused(tmp_path / "default_model", "the shipped model is missing from .*: build it with `python -m gcpo_fast.make_default_model`")
