@@ -58,7 +58,8 @@ def _cached_hub_model(path: str) -> Path | None:
 
 def _missing(path: str) -> str:
     if Path(path).resolve() == Path(DEFAULT_MODEL):
-        return f"the shipped model is missing from {DEFAULT_MODEL}: build it with `python -m gcpo_fast.make_default_model`"
+        return (f"the shipped model is missing from {DEFAULT_MODEL}: build it with "
+                "`python -m gcpo_fast.make_default_model`")
     try:
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -78,7 +79,8 @@ def check_model_folder(path) -> Path:
         if folder is None:
             raise ValueError(_missing(str(path)))
     if not folder.is_dir():
-        raise ValueError(f"model {path} is a file; expected a Hugging Face model folder (config.json, weights, tokenizer)")
+        raise ValueError(f"model {path} is a file; expected a Hugging Face model folder (config.json, weights, "
+                         "tokenizer)")
     if not any(folder.iterdir()):
         raise ValueError(f"model folder {path} is empty")
     if not (folder / "config.json").is_file():
@@ -116,7 +118,8 @@ def load_tokenizer(path):
 
 def load_causal_lm(path, *, device, dtype=torch.float32, attn_implementation=None, gradient_checkpointing=False):
     """The causal LM of the model folder at `path` (checked first) in `dtype` ("auto": as saved) on `device`;
-    attn_implementation None leaves transformers' default. ValueError if its weights cannot be read or do not cover every parameter."""
+    attn_implementation None leaves transformers' default. ValueError if its weights cannot be read or do not
+    cover every parameter."""
     folder = check_model_folder(path)
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     try:

@@ -210,7 +210,8 @@ def compute_rewards(
                              f"expected a list of {n} rewards")
         if len(out) != n:
             raise ValueError(f"reward function {reward_function_name(func)!r} returned {len(out)} values for {n} completions")
-        per_func[:, j] = torch.tensor([float("nan") if r is None else _reward_value(r, func, i) for i, r in enumerate(out)])
+        per_func[:, j] = torch.tensor([float("nan") if r is None else _reward_value(r, func, i)
+                                       for i, r in enumerate(out)])
     missing = torch.isnan(per_func).all(dim=1)
     if len(reward_funcs) and missing.any():
         warnings.warn(

@@ -125,4 +125,5 @@ def test_a_good_folder_loads_as_transformers_loads_it(good, one_thread):
 
 def test_the_missing_shipped_model_says_how_to_build_it(tmp_path, monkeypatch):
     monkeypatch.setattr("gcpo_fast.models.DEFAULT_MODEL", str(tmp_path / "default_model"))
-    refused(tmp_path / "default_model", "the shipped model is missing from .*: build it with `python -m gcpo_fast.make_default_model`")
+    refused(tmp_path / "default_model",
+            "the shipped model is missing from .*: build it with `python -m gcpo_fast.make_default_model`")
