@@ -25,6 +25,8 @@ import pickle
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
@@ -43,16 +45,22 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _is_hub_id(path: str) -> bool:
+    try:
+        validate_repo_id(path)
+        return True
+    except HFValidationError:
+        return False
+
+
 def _cached_hub_model(path: str) -> Path | None:
     """The local snapshot folder of hub id `path` in the Hugging Face cache; None if it is not a hub id or
     not cached. Never touches the network."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
+    if not _is_hub_id(path):
+        return None
     try:
-        validate_repo_id(path)
         return Path(snapshot_download(path, local_files_only=True))
-    except (HFValidationError, OSError):  # LocalEntryNotFoundError is an OSError
+    except OSError:  # LocalEntryNotFoundError: not in the cache
         return None
 
 
@@ -60,11 +68,7 @@ def _missing(path: str) -> str:
     if Path(path).resolve() == Path(DEFAULT_MODEL):
         return (f"the shipped model is missing from {DEFAULT_MODEL}: build it with "
                 "`python -m gcpo_fast.make_default_model`")
-    try:
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-        validate_repo_id(path)
-    except HFValidationError:
+    if not _is_hub_id(path):
         return f"model folder {path} does not exist"
     return (f"model folder {path} does not exist, nor is {path} a model in the local Hugging Face cache (nothing is "
             f"downloaded at run time: `hf download {path}` first, or pass the model's folder)")
