@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -264,6 +265,9 @@ def resolve(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     default("learning_rate", SHIPPED_MODEL_LR if Path(cfg.model).resolve() == Path(DEFAULT_MODEL) else 1e-6)
     cfg = dataclasses.replace(cfg, **values)
     check(cfg)
+
+    # ---- options the chosen loss_type would silently ignore (needs to know what the user set) ----
+    check_ignored_options(cfg, explicit)
     return cfg
 
 
@@ -273,6 +277,7 @@ def check(cfg: TrainConfig) -> None:
         if not ok:
             raise ConfigError(message)
 
+    check_finite(cfg)
     for name, f in FIELDS.items():
         choices, value = f.metadata["choices"], getattr(cfg, name)
         for v in value if isinstance(value, list) else [value]:
@@ -296,6 +301,11 @@ def check(cfg: TrainConfig) -> None:
     need(cfg.temperature > 0, f"temperature must be > 0 for training (sampling), got {cfg.temperature}")
     need(0 < cfg.top_p <= 1, f"top_p must be in (0, 1], got {cfg.top_p}")
     need(cfg.learning_rate >= 0, f"learning_rate must be >= 0, got {cfg.learning_rate}")
+    # torch.optim.AdamW's own checks, here so that they fail before the model loads
+    for name in ("adam_beta1", "adam_beta2"):
+        need(0 <= getattr(cfg, name) < 1, f"{name} must be in [0, 1), got {getattr(cfg, name)}")
+    for name in ("adam_epsilon", "weight_decay", "overlong_penalty_factor"):
+        need(getattr(cfg, name) >= 0, f"{name} must be >= 0, got {getattr(cfg, name)}")
     need(0 <= cfg.warmup_ratio <= 1, f"warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}")
     need(cfg.overlong_buffer_len <= cfg.max_completion_length,
          f"overlong_buffer_len={cfg.overlong_buffer_len} must not exceed max_completion_length={cfg.max_completion_length}")
@@ -310,6 +320,40 @@ def check(cfg: TrainConfig) -> None:
     need(cfg.save_total_limit is None or cfg.save_total_limit >= 1, f"save_total_limit must be >= 1, got {cfg.save_total_limit}")
     for reporter in set(cfg.report_to) - {"none"}:
         need(importlib.util.find_spec(reporter) is not None, f"report_to {reporter}: the {reporter} package is not installed")
+
+
+def check_finite(cfg: TrainConfig) -> None:
+    """Every float option (lists included) must be a finite number: argparse, YAML (.nan, .inf) and JSON
+    (NaN, Infinity) all read non-finite values, and a NaN passes every `x >= 0`-style range check
+    unnoticed (`--correct_reward nan` would turn golden answers off, `--reward_weights nan` zero every reward)."""
+    for name, f in FIELDS.items():
+        if _base_type(f.type)[0] is not float:
+            continue
+        value = getattr(cfg, name)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and not math.isfinite(v):
+                raise ConfigError(f"{name} must be a finite number, got {v}")
+
+
+# What GPG does instead of the options it has no use for: it has no importance ratio (loss -A * logp), so
+# no clip box, no two-sided cap and no sequence-level ratio (kernels/policy_loss.py).
+GPG_FIXED = {"importance_sampling_level": LOSS_RECIPES["gpg"]["importance_sampling_level"],
+             "epsilon": LOSS_RECIPES["gpg"]["epsilon_low"], "epsilon_high": LOSS_RECIPES["gpg"]["epsilon_high"],
+             "delta": None}
+
+
+def check_ignored_options(cfg: TrainConfig, explicit: set[str]) -> None:
+    """Refuse an option the user set (explicit: the names given on the command line or in the --config file)
+    that the chosen loss_type would silently ignore, as TRL's GRPOConfig refuses options that cannot take
+    effect together. The case: GPG's loss has no ratio, so it ignores the clip options. A value equal to what
+    GPG does anyway (`--epsilon 0`, `--importance_sampling_level token`) is accepted."""
+    if cfg.loss_type != "gpg":
+        return
+    for name, fixed in GPG_FIXED.items():
+        if name in explicit and getattr(cfg, name) != fixed:
+            raise ConfigError(f"{name}={getattr(cfg, name)} has no effect with loss_type gpg, which has no importance "
+                              f"ratio to clip (its loss is -advantage * log-prob): leave {name} out, or choose "
+                              "another loss_type")
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:

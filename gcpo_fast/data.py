@@ -22,15 +22,19 @@ field. The row's other columns are kept (TRL reward functions receive them); the
 "golden" and "answer" are ours and replace columns of the same name.
 
 Bad data raises ValueError naming the file, the line (JSONL, counted from 1) or row (Parquet, counted
-from 0), and the column. Parquet needs pyarrow (`pip install pyarrow`, or the `data` extra).
+from 0), and the column. Answers the accuracy reward can never verify as meant (math-verify cannot parse
+them, or reads a word as a product of variables: rewards.unverifiable_reason) are reported when the data
+loads, with their count and first examples, as a warning: a dataset may hold some, and a custom reward
+function may not use the answer at all. Parquet needs pyarrow (`pip install pyarrow`, or the `data` extra).
 """
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from gcpo_fast.rewards import extract_answer
+from gcpo_fast.rewards import extract_answer, unverifiable_reason
 
 SUFFIXES = (".jsonl", ".parquet")
 _MISSING = object()
@@ -153,7 +157,7 @@ def load_prompts(
     require_golden: bool = False,
 ) -> list[dict]:
     """Read every row of a .jsonl / .parquet file (or of the sorted files of a directory) as a record."""
-    records = []
+    records, wheres = [], []
     files = _files(Path(path))
     for file in files:
         rows = _read_parquet(file) if file.suffix == ".parquet" else _read_jsonl(file)
@@ -163,9 +167,28 @@ def load_prompts(
             answer = _answer(row, where, answer_column, golden_column, golden)
             others = {k: v for k, v in row.items() if k != prompt_column}
             records.append({**others, "prompt": prompt, "golden": golden, "answer": answer})
+            wheres.append(where)
     if not records:
         raise ValueError(f"{', '.join(map(str, files))}: empty dataset (no rows)")
+    warn_unverifiable([r["answer"] for r in records], wheres)
     return records
+
+
+def warn_unverifiable(answers: list[str], wheres: list[str], shown: int = 3) -> int:
+    """Warn once, with the count and the first `shown` examples, about answers the accuracy reward can
+    never verify as meant; returns their count. math-verify parses each distinct answer once."""
+    reasons: dict[str, str | None] = {}
+    bad = []
+    for answer, where in zip(answers, wheres, strict=True):
+        if answer not in reasons:
+            reasons[answer] = unverifiable_reason(answer)
+        if reasons[answer]:
+            bad.append(f"{where}: {answer[:60]!r} ({reasons[answer]})")
+    if bad:
+        warnings.warn(f"{len(bad)} of {len(answers)} answers can never be verified by the accuracy reward (their "
+                      f"rollouts would all score 0): {'; '.join(bad[:shown])}{'; ...' if len(bad) > shown else ''}. "
+                      "Check answer_column; write text answers as \\text{...}", stacklevel=2)
+    return len(bad)
 
 
 class PromptSampler:
@@ -225,26 +248,43 @@ class PromptSampler:
 
 def main(argv=None) -> None:
     """`python -m gcpo_fast.data --export DIR`: write the shipped math task (gcpo_fast.tasks) as DIR/train.jsonl
-    and DIR/test.jsonl in TRL's layout (prompt, solution; plus answer and level), readable by load_prompts."""
-    import argparse
-
+    and DIR/test.jsonl in TRL's layout (prompt, solution; plus answer and level), readable by load_prompts.
+    Existing files are replaced only with --overwrite. A usage error (bad sizes or levels, DIR a file,
+    files in the way) is one line on stderr and exit status 2; a failure to write is one line and status 1."""
+    from gcpo_fast.cli import ArgumentParser
     from gcpo_fast.tasks import heldout_split, train_split
 
-    ap = argparse.ArgumentParser(prog="python -m gcpo_fast.data", description=main.__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m gcpo_fast.data", description=main.__doc__.split("\n")[0])
     ap.add_argument("--export", type=Path, required=True, metavar="DIR", help="folder to write train.jsonl, test.jsonl")
     ap.add_argument("--train-size", type=int, default=4096)
     ap.add_argument("--test-size", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--levels", type=int, nargs="+", default=None, help="difficulty levels to draw (default: all)")
+    ap.add_argument("--overwrite", action="store_true", help="replace train.jsonl / test.jsonl if DIR holds them")
     args = ap.parse_args(argv)
-    args.export.mkdir(parents=True, exist_ok=True)
-    # test problems are distinct, as in a real benchmark; training problems may repeat (small levels)
-    for name, records in (("train", train_split(args.train_size, seed=args.seed, levels=args.levels)),
-                          ("test", heldout_split(args.test_size, seed=args.seed, levels=args.levels, distinct=True))):
-        path = args.export / f"{name}.jsonl"
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        print(f"wrote {len(records)} {name} problems to {path}")
+    for name in ("train_size", "test_size"):
+        if getattr(args, name) < 1:
+            ap.fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.export.exists() and not args.export.is_dir():
+        ap.fail(f"--export {args.export} is a file, not a folder")
+    paths = {name: args.export / f"{name}.jsonl" for name in ("train", "test")}
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not args.overwrite:
+        ap.fail(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: pass --overwrite to replace")
+    try:
+        # test problems are distinct, as in a real benchmark; training problems may repeat (small levels)
+        splits = {"train": train_split(args.train_size, seed=args.seed, levels=args.levels),
+                  "test": heldout_split(args.test_size, seed=args.seed, levels=args.levels, distinct=True)}
+    except ValueError as e:
+        ap.fail(str(e))
+    try:
+        args.export.mkdir(parents=True, exist_ok=True)
+        for name, records in splits.items():
+            with open(paths[name], "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+            print(f"wrote {len(records)} {name} problems to {paths[name]}")
+    except OSError as e:
+        ap.fail(f"--export {args.export}: {e.strerror}: {e.filename}", status=1)
 
 
 if __name__ == "__main__":

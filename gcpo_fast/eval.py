@@ -14,15 +14,21 @@ the unbiased estimator of Chen et al. (2021) of the chance that j samples hold a
 When every record has a `level` (the builtin task's difficulty, or a dataset's own column such as
 MATH's), mean@k is also given per level, as eval/level_<level>/mean@k with eval/level_<level>/num_problems.
 The trainer logs the same metrics every --eval_steps.
+
+The command line is checked before anything loads (option ranges, --model with gcpo_fast.models'
+check_model_folder, the --output folder, the dataset): a usage error is one line on stderr and exit
+status 2; a failure while loading or generating is one line and exit status 1.
 """
-import argparse
 import json
 import math
+import os
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from gcpo_fast.cli import ArgumentParser
 from gcpo_fast.config import DEFAULT_MODEL, TrainConfig
+from gcpo_fast.models import check_model_folder, load_causal_lm, load_tokenizer
 from gcpo_fast.rewards import math_reward
 from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts
 from gcpo_fast.sources import load_records
@@ -77,9 +83,40 @@ def count_correct(engine, tokenizer, records: list[dict], sampling: Sampling, *,
     return correct
 
 
+def check_args(args) -> str | None:
+    """What is wrong with the command line, before anything loads; None if nothing."""
+    for name in ("num_problems", "num_samples", "batch_size", "max_prompt_length", "max_completion_length"):
+        if getattr(args, name) < 1:
+            return f"--{name} must be >= 1, got {getattr(args, name)}"
+    for name in ("temperature", "top_p"):
+        if not math.isfinite(getattr(args, name)):
+            return f"--{name} must be a finite number, got {getattr(args, name)}"
+    if args.num_samples > 1 and args.temperature <= 0:
+        return (f"--temperature must be > 0 to sample --num_samples {args.num_samples} completions, got "
+                f"{args.temperature} (--num_samples 1 decodes greedily)")
+    if not 0 < args.top_p <= 1:
+        return f"--top_p must be in (0, 1], got {args.top_p}"
+    if args.top_k < 0:
+        return f"--top_k must be >= 0 (0: off), got {args.top_k}"
+    if args.levels is not None and args.dataset != "builtin":
+        return "--levels picks levels of --dataset builtin; a file is evaluated as it is"
+    if args.output is not None:
+        output = Path(args.output)
+        if output.is_dir():
+            return f"--output {output} is a folder; expected a file name"
+        if not output.parent.is_dir():
+            return f"--output {output}: folder {output.parent} does not exist"
+        if not os.access(output.parent, os.W_OK):
+            return f"--output {output}: folder {output.parent} is not writable"
+    return None
+
+
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m gcpo_fast.eval", description="mean@k and pass@k on held-out problems")
-    ap.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face model folder (default: the shipped model)")
+    """Usage errors (bad options, --model, --dataset) exit with status 2 and runtime errors with status 1, each
+    as one line on stderr, before the model loads where the problem is in the arguments."""
+    ap = ArgumentParser(prog="python -m gcpo_fast.eval", description="mean@k and pass@k on held-out problems")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="local Hugging Face causal LM folder, or the hub id of one in "
+                    "the local Hugging Face cache (default: the shipped model)")
     ap.add_argument("--dataset", default="builtin", help="'builtin' (its held-out split) or a .jsonl/.parquet file")
     ap.add_argument("--num_problems", type=int, default=500, help="problems to evaluate (the first ones of a file)")
     ap.add_argument("--levels", type=int, nargs="+", default=None, help="builtin only: the difficulty levels to draw (default: all)")
@@ -94,29 +131,36 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt_column", default="prompt")
     ap.add_argument("--answer_column", default=None, help="default: extracted from --golden_column")
     ap.add_argument("--golden_column", default="solution")
-    ap.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    ap.add_argument("--output", default=None, help="also write the metrics to this JSON file (its folder must exist)")
     args = ap.parse_args(argv)
-    if args.num_samples < 1 or args.num_problems < 1:
-        ap.error("--num_samples and --num_problems must be >= 1")
     try:
+        problem = check_args(args)
+        if problem:
+            ap.fail(problem)
+        check_model_folder(args.model)
         records = load_records(args.dataset, split="test", num_problems=args.num_problems, levels=args.levels,
                                prompt_column=args.prompt_column,
                                golden_column=args.golden_column, answer_column=args.answer_column)[: args.num_problems]
     except ValueError as e:
-        ap.error(str(e))
+        ap.fail(str(e))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
-    sampling = Sampling(args.max_completion_length, args.temperature, args.top_p, args.top_k,
-                        greedy=args.num_samples == 1)
-    correct = count_correct(HFEngine(model, tokenizer), tokenizer, records, sampling, num_samples=args.num_samples,
-                            max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, seed=args.seed)
+    try:
+        tokenizer = load_tokenizer(args.model)
+        model = load_causal_lm(args.model, device=device, dtype="auto")  # the dtype the model was saved in
+        sampling = Sampling(args.max_completion_length, args.temperature, args.top_p, args.top_k,
+                            greedy=args.num_samples == 1)
+        correct = count_correct(HFEngine(model, tokenizer), tokenizer, records, sampling, num_samples=args.num_samples,
+                                max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, seed=args.seed)
+    except ValueError as e:
+        ap.fail(str(e), status=1)
     metrics = {"num_problems": len(records), **summarize(correct, args.num_samples),
                **level_summary(records, correct, args.num_samples)}
     print(json.dumps(metrics, indent=2))
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=2)
+        try:
+            Path(args.output).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        except OSError as e:
+            ap.fail(f"--output {args.output}: {e.strerror}", status=1)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ TensorBoard / W&B, and a compact console line every logging_steps.
     print(log.summary())           # held-out accuracy at the first and last evaluation, where the files are
 
 Only rank 0 logs (the trainer creates a RunLogger there only). On resume, lines of steps after the
-checkpoint (written before the run stopped) are dropped from both files, so each step appears once.
+checkpoint (written before the run stopped) are dropped from both files, so each step appears once, and
+a last line cut short by a crash mid-write is dropped with a warning (the files are valid JSONL again).
 TensorBoard needs the `tensorboard` package and W&B the `wandb` package; the config check asks for them
 before the run starts (W&B reads WANDB_PROJECT etc. from the environment as usual).
 """
 import json
 import statistics
+import warnings
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -27,11 +29,24 @@ CONSOLE_KEYS = ("reward", "reward_std", "gcpo/golden_rows", "completions/mean_le
 
 
 def _truncate_after(path: Path, step: int) -> None:
+    """Keep the lines of steps <= step. A last line cut short by a crash mid-write is dropped with a
+    warning; a malformed line anywhere else is damage we do not guess about (ValueError naming it)."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-             if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(lines), encoding="utf-8")
+    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1) if line.strip()]
+    kept = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}, line {n}: malformed JSON ({e.msg} at column {e.colno}); only a cut-off last "
+                                 "line is dropped on resume") from None
+            warnings.warn(f"{path}, line {n}: dropped a partial last line (the run stopped while writing it)")
+            continue
+        if row["step"] <= step:
+            kept.append(line + "\n")
+    path.write_text("".join(kept), encoding="utf-8")
 
 
 def _time_summary(steps: list[dict]) -> list[str]:

@@ -16,7 +16,15 @@ where `columns` holds every key of the prompt records (one value per completion:
 `solution`, ...) plus any extra keyword the caller passes (e.g. `completion_ids`). Prompts and
 completions are strings, or lists of chat messages for conversational data. `None` means "does not
 apply to this sample": as in TRL it becomes NaN and drops out of the weighted sum (`torch.nansum`),
-so a sample where every function returns None gets reward 0 (with a warning).
+so a sample where every function returns None gets reward 0 (with a warning). Any other value must be a
+finite real number (int, float, bool, a NumPy scalar or a one-element tensor): NaN, inf or anything else
+is a bug in the function and raises ValueError naming it (TRL would silently drop a NaN like a None,
+quietly turning a broken reward into 0).
+
+`unverifiable_reason(answer)` says why math_reward can never score a completion correct against a
+ground-truth answer as it is meant: math-verify cannot parse it at all (e.g. "\\$5"), or it reads a plain
+word as a product of one-letter variables ("yes" -> E*s*y, "sin(x)" -> i*s*n(x); \\text{yes} and \\sin(x)
+are read as meant). The data loader reports such answers when the dataset loads (gcpo_fast/data.py).
 
 math-verify bounds each parse/verify with SIGALRM, which only works on the main thread. Off the main
 thread (rollout or reward workers) we pass `None` to its timeouts, math-verify's own switch for
@@ -24,6 +32,9 @@ running without signals; such calls then have no time limit, so run untrusted co
 main thread or in a process pool when a pathological expression could hang sympy.
 """
 import importlib
+import math
+import numbers
+import re
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -113,6 +124,25 @@ def math_reward(completions: Sequence, answers: Sequence[str]) -> list[float]:
     return rewards
 
 
+# A word of three or more letters that is not a LaTeX command (\\frac) nor its argument (\\text{odd}, \\begin{pmatrix}).
+_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
+_COMMAND_ARGUMENT = re.compile(r"\\[A-Za-z]+\{[^{}]*\}")
+
+
+def unverifiable_reason(answer: str) -> str | None:
+    """Why math_reward can never score a completion correct against this ground-truth answer as it is
+    meant, or None when math-verify reads it as mathematics. Parses the way math_reward does."""
+    gold = _parse_gold(str(answer), math_verify_timeout())
+    if not gold:
+        return "math-verify cannot parse it"
+    # math-verify strips units and joins ("10 meters" -> 10, "1 and 2" -> {1, 2}); a word still in the
+    # string it extracted was read as variables
+    word = _WORD.search(_COMMAND_ARGUMENT.sub("", str(gold[-1])))
+    if word:
+        return f"math-verify reads {word.group()!r} as a product of one-letter variables ({gold[0]})"
+    return None
+
+
 def accuracy_reward(prompts, completions, answer, **columns) -> list[float]:
     """TRL-signature wrapper of math_reward over the records' `answer` column (built-in name "accuracy_reward")."""
     return math_reward(completions, answer)
@@ -168,14 +198,20 @@ def compute_rewards(
     weights = torch.ones(len(reward_funcs)) if reward_weights is None else torch.tensor(reward_weights, dtype=torch.float32)
     if weights.numel() != len(reward_funcs):
         raise ValueError(f"compute_rewards: {len(reward_funcs)} reward functions but {weights.numel()} reward_weights")
+    if not torch.isfinite(weights).all():
+        raise ValueError(f"compute_rewards: reward_weights must be finite, got {weights.tolist()}")
     keys = dict.fromkeys(k for r in records for k in r if k != "prompt")  # union, in first-seen order
     columns = {k: [r.get(k) for r in records] for k in keys}
     per_func = torch.full((n, len(reward_funcs)), float("nan"))
     for j, func in enumerate(reward_funcs):
         out = func(prompts=prompts, completions=completions, **columns, **kwargs)
+        if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__len__"):
+            raise ValueError(f"reward function {reward_function_name(func)!r} returned {type(out).__name__}, "
+                             f"expected a list of {n} rewards")
         if len(out) != n:
             raise ValueError(f"reward function {reward_function_name(func)!r} returned {len(out)} values for {n} completions")
-        per_func[:, j] = torch.tensor([float("nan") if r is None else float(r) for r in out])
+        per_func[:, j] = torch.tensor([float("nan") if r is None else _reward_value(r, func, i)
+                                       for i, r in enumerate(out)])
     missing = torch.isnan(per_func).all(dim=1)
     if len(reward_funcs) and missing.any():
         warnings.warn(
@@ -184,6 +220,17 @@ def compute_rewards(
         )
     rewards = (per_func * weights.unsqueeze(0)).nansum(dim=1)
     return rewards, per_func
+
+
+def _reward_value(value, func: Callable, index: int) -> float:
+    """A reward function's value as a float; ValueError naming the function unless it is a finite number."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, numbers.Real) and math.isfinite(value):
+        return float(value)
+    shown = repr(value) if isinstance(value, numbers.Real) else f"{type(value).__name__} {value!r:.40}"
+    raise ValueError(f"reward function {reward_function_name(func)!r} returned {shown} for completion {index}: a reward "
+                     "must be a finite number, or None where the function does not apply")
 
 
 def overlong_penalty(

@@ -209,7 +209,8 @@ def _sample(n: int, stream: str, seed: int, levels, keep: Callable[[dict], bool]
         if attempts > 100 * n + 1000:
             raise ValueError(
                 f"could not draw {n} {'distinct ' if distinct else ''}{stream} problems from levels {list(levels)} "
-                f"(got {len(out)}): the small levels hold only ~100 problems; ask for fewer or set distinct=False"
+                f"(found {len(out)}): the small levels hold only ~100 problems (1 and 2: fewer than 30 held out); ask "
+                "for fewer problems or more levels"
             )
         record = _GENERATORS[rng.choice(levels)](rng)
         if not keep(record) or (distinct and record["prompt"] in seen):

@@ -31,16 +31,17 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import set_seed
 
 from gcpo_fast import parallel
 from gcpo_fast.checkpoint import (check_checkpoint, checkpoint_step, find_checkpoint, list_checkpoints, load_checkpoint,
                                   save_checkpoint)
-from gcpo_fast.config import DEFAULT_MODEL, ConfigError, TrainConfig, parse_config
+from gcpo_fast.config import ConfigError, TrainConfig, parse_config
 from gcpo_fast.data import PromptSampler
 from gcpo_fast.errors import TrainingError
 from gcpo_fast.eval import count_correct, level_summary, summarize
 from gcpo_fast.logger import RunLogger
+from gcpo_fast.models import check_model_folder, load_causal_lm, load_tokenizer
 from gcpo_fast.packing import default_attn_implementation
 from gcpo_fast.rewards import load_reward_function
 from gcpo_fast.rollout import HFEngine, Sampling
@@ -55,9 +56,6 @@ from gcpo_fast.update import ModelWithLoss, build_optimizer, optimizer_step, wei
 def prepare(cfg: TrainConfig) -> dict:
     """Everything that can fail on bad input, before any model is loaded: the data, the reward functions,
     the run directory and the checkpoint to resume. Raises ValueError / FileNotFoundError."""
-    if cfg.model == DEFAULT_MODEL and not Path(DEFAULT_MODEL).is_dir():
-        raise ValueError(f"the shipped model is missing from {DEFAULT_MODEL}: build it with "
-                         "`python -m gcpo_fast.make_default_model`, or pass --model")
     check_output_dir(cfg.output_dir)
     golden = cfg.golden_answer != "off"
     columns = dict(prompt_column=cfg.prompt_column, golden_column=cfg.golden_column, answer_column=cfg.answer_column)
@@ -72,6 +70,7 @@ def prepare(cfg: TrainConfig) -> dict:
                                     levels=sorted(set(cfg.builtin_levels)), **columns)
         eval_records = eval_records[: cfg.eval_num_problems]
     funcs = [load_reward_function(spec) for spec in cfg.reward_funcs]
+    check_model_folder(cfg.model)  # a causal decoder with weights and a tokenizer, or one line saying why not
     resume = find_checkpoint(cfg.output_dir, cfg.resume) if cfg.resume else None
     if resume is None and list_checkpoints(cfg.output_dir):
         raise ValueError(f"output_dir {cfg.output_dir} already holds checkpoints: pass --resume to continue that "
@@ -106,11 +105,8 @@ def check_output_dir(output_dir: str) -> None:
 
 
 def load_model(path, device, cfg: TrainConfig):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                 attn_implementation=default_attn_implementation()).to(device)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+    return load_causal_lm(path, device=device, attn_implementation=default_attn_implementation(),
+                          gradient_checkpointing=cfg.gradient_checkpointing)
 
 
 # ---- the loop --------------------------------------------------------------------------------------------
@@ -137,7 +133,7 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
     resume = prepared["resume"]
     set_seed(cfg.seed + rank)
     model_path = resume or cfg.model
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, dist.device, cfg)
     engine = HFEngine(model, tokenizer, bf16=cfg.bf16)
     # beta > 0: the reference is the initial policy, also when resuming

@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from gcpo_fast.config import DEFAULT_MODEL, SHIPPED_MODEL_LR, ConfigError, TrainConfig, build_parser, parse_config
+from gcpo_fast.config import (DEFAULT_MODEL, FIELDS, SHIPPED_MODEL_LR, ConfigError, TrainConfig, _base_type, build_parser,
+                              parse_config)
 from gcpo_fast.train import main
 from tiny_model import write_jsonl
 
@@ -73,6 +74,8 @@ def test_config_file_then_flags(tmp_path):
     (["--reward_funcs", "a", "b", "--reward_weights", "1"], "reward_weights has 1 values for 2"),
     (["--loss_type", "gspo", "--delta", "1.0001"], "delta must exceed"),
     (["--top_p", "0"], "top_p must be in"),
+    (["--adam_beta2", "1"], r"adam_beta2 must be in \[0, 1\)"),  # AdamW would refuse it after the model loaded
+    (["--weight_decay", "-0.1"], "weight_decay must be >= 0"),
 ])
 def test_bad_options(argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -155,3 +158,46 @@ def test_too_few_prompts_and_existing_run_fail_early(tmp_path):
                         "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "run")])
     with pytest.raises(ValueError, match="already holds checkpoints: pass --resume"):
         prepare(cfg)
+
+
+FLOAT_OPTIONS = [name for name, f in FIELDS.items() if _base_type(f.type)[0] is float]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", FLOAT_OPTIONS)
+def test_non_finite_float_options_are_config_errors(name, value):
+    # NaN passes range checks such as `temperature > 0` unnoticed: --correct_reward nan turned golden
+    # answers off, --reward_weights nan zeroed every reward, --learning_rate inf destroyed the weights
+    with pytest.raises(ConfigError, match=f"^{name} must be a finite number, got {value}$"):
+        parse_config([f"--{name}={value}"])
+
+
+def test_non_finite_values_from_a_config_file(tmp_path):
+    (tmp_path / "run.yaml").write_text("max_grad_norm: .nan\n")
+    with pytest.raises(ConfigError, match="max_grad_norm must be a finite number, got nan"):
+        parse_config(["--config", str(tmp_path / "run.yaml")])
+    (tmp_path / "run.json").write_text('{"reward_weights": [1.0, Infinity], "reward_funcs": ["a", "b"]}')
+    with pytest.raises(ConfigError, match="reward_weights must be a finite number, got inf"):
+        parse_config(["--config", str(tmp_path / "run.json")])
+
+
+@pytest.mark.parametrize("argv, name", [
+    (["--epsilon", "0.2"], "epsilon"),
+    (["--epsilon_high", "0.28"], "epsilon_high"),
+    (["--delta", "2"], "delta"),
+    (["--importance_sampling_level", "sequence"], "importance_sampling_level"),
+])
+def test_gpg_refuses_the_clip_options_it_ignores(tmp_path, argv, name):
+    # GPG's loss is -A * logp: no ratio, so a clip option would be accepted and do nothing (TRL's config
+    # refuses options that cannot take effect); from a --config file too
+    with pytest.raises(ConfigError, match=f"^{name}=.* has no effect with loss_type gpg"):
+        parse_config(["--loss_type", "gpg"] + argv)
+    (tmp_path / "run.yaml").write_text(f"loss_type: gpg\n{argv[0][2:]}: {argv[1]}\n")
+    with pytest.raises(ConfigError, match=f"^{name}=.* has no effect with loss_type gpg"):
+        parse_config(["--config", str(tmp_path / "run.yaml")])
+    parse_config(["--loss_type", "grpo"] + argv)  # the other methods use them
+
+
+def test_gpg_accepts_what_it_does_anyway():
+    cfg = parse_config(["--loss_type", "gpg", "--epsilon", "0", "--importance_sampling_level", "token"])
+    assert (cfg.epsilon, cfg.epsilon_high, cfg.delta, cfg.importance_sampling_level) == (0.0, 0.0, None, "token")

@@ -154,3 +154,65 @@ def test_sampler_ranks_are_disjoint():
         assert a + b == ids(next(whole))
     with pytest.raises(ValueError, match="needs at least that many prompts"):
         PromptSampler(make_records(5), batch_size=3, world_size=2)
+
+
+def test_unverifiable_answers_are_reported_when_the_data_loads(tmp_path):
+    # an answer column of words ("foo") scored every rollout 0 for the whole run, silently
+    rows = [{"prompt": f"q{i}", "solution": "s", "label": a} for i, a in
+            enumerate(["72", "foo", r"\$5", "1/2", "foo", "bar", "baz"])]
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.warns(UserWarning) as caught:
+        records = load_prompts(f, answer_column="label")
+    [message] = [str(w.message) for w in caught]
+    assert message.startswith("5 of 7 answers can never be verified by the accuracy reward")
+    assert r"d.jsonl, line 2: 'foo' (math-verify reads 'foo' as a product of one-letter variables" in message
+    assert r"d.jsonl, line 3: '\\$5' (math-verify cannot parse it)" in message
+    assert "line 6" not in message and message.count("line ") == 3  # the first three examples
+    assert len(records) == 7  # reported, not dropped: a custom reward function may not use the answer
+
+
+def test_verifiable_answers_load_without_a_warning(tmp_path, recwarn):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "solution": r"so \boxed{\frac{1}{2}}"},
+                                           {"prompt": "q", "solution": "#### 72"}])
+    load_prompts(f)
+    assert not [w for w in recwarn if "verified" in str(w.message)]
+
+
+def export(argv, capsys):
+    from gcpo_fast.data import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith("python -m gcpo_fast.data: error: ")
+    return e.value.code, err
+
+
+def test_export_refuses_to_overwrite_without_overwrite(tmp_path, capsys):
+    from gcpo_fast.data import main
+
+    main(["--export", str(tmp_path), "--train-size", "8", "--test-size", "4"])
+    before = (tmp_path / "train.jsonl").read_text()
+    status, err = export(["--export", str(tmp_path), "--train-size", "8", "--test-size", "4", "--seed", "1"], capsys)
+    assert status == 2 and "train.jsonl and" in err and "already exist: pass --overwrite" in err
+    assert (tmp_path / "train.jsonl").read_text() == before  # untouched
+    main(["--export", str(tmp_path), "--train-size", "8", "--test-size", "4", "--seed", "1", "--overwrite"])
+    assert (tmp_path / "train.jsonl").read_text() != before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train-size", "0"], "--train-size must be >= 1, got 0"),  # used to write an empty file and exit 0
+    (["--test-size", "-3"], "--test-size must be >= 1, got -3"),
+    (["--levels", "9"], "levels must be a non-empty subset of"),
+    (["--train-size", "x"], "argument --train-size: invalid int value: 'x' (see --help)"),
+])
+def test_export_usage_errors(tmp_path, capsys, argv, message):
+    status, err = export(["--export", str(tmp_path / "out"), *argv], capsys)
+    assert status == 2 and message in err and not (tmp_path / "out").exists()
+
+
+def test_export_into_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    status, err = export(["--export", str(tmp_path / "f")], capsys)
+    assert status == 2 and f"--export {tmp_path / 'f'} is a file, not a folder" in err
+    assert (tmp_path / "f").read_text() == "x"

@@ -80,3 +80,43 @@ def test_cli(tmp_path, capsys, one_thread):
     assert set(metrics) == {"num_problems", "eval/mean@2", "eval/pass@1", "eval/pass@2"}
     assert metrics["eval/pass@1"] == pytest.approx(metrics["eval/mean@2"])
     assert '"eval/mean@2"' in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_cli")
+    return make_tiny_model(root / "model"), write_jsonl(root / "test.jsonl", n=3), root
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+    (["--max_completion_length", "0"], "--max_completion_length must be >= 1, got 0"),
+    (["--num_samples", "2", "--temperature", "0"], "--temperature must be > 0 to sample --num_samples 2 completions"),
+    (["--temperature", "nan"], "--temperature must be a finite number, got nan"),
+    (["--top_k", "-1"], "--top_k must be >= 0 (0: off), got -1"),
+    (["--model", "{root}/absent"], "model folder {root}/absent does not exist"),
+    (["--output", "{root}/absent/eval.json"], "--output {root}/absent/eval.json: folder {root}/absent does not exist"),
+    (["--dataset", "builtin", "--levels", "1"], "could not draw 500 distinct heldout problems from levels [1]"),
+    (["--batch_size", "x"], "argument --batch_size: invalid int value: 'x' (see --help)"),  # argparse's own, one line too
+])
+def test_cli_usage_errors_come_before_anything_runs(tiny, capsys, argv, message):
+    model, data, root = tiny
+    argv = [a.format(root=root) for a in ["--model", str(model), "--dataset", str(data), *argv]]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == ""  # nothing evaluated: the metrics used to be printed, then not saved
+    assert err.startswith(f"python -m gcpo_fast.eval: error: {message.format(root=root)}") and err.count("\n") == 1
+    assert "distinct=False" not in err  # not an option of this command
+
+
+def test_cli_damaged_model_is_a_runtime_error(tiny, tmp_path, capsys):
+    import shutil
+
+    model, data, _ = tiny
+    shutil.copytree(model, tmp_path / "model")
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / "model"), "--dataset", str(data)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and "cannot load the weights" in err

@@ -1,5 +1,6 @@
 """math_reward (forms of the same answer, worker threads), reward loading/weighting, DAPO overlong shaping."""
 import math
+import re
 import threading
 
 import pytest
@@ -12,6 +13,7 @@ from gcpo_fast.rewards import (
     math_reward,
     math_verify_timeout,
     overlong_penalty,
+    unverifiable_reason,
 )
 
 CASES = [  # (completion, answer, reward)
@@ -118,3 +120,64 @@ def test_overlong_penalty():
     assert all(math.isfinite(x) for x in overlong_penalty(range(20), 16, 16))
     with pytest.raises(ValueError, match="overlong_buffer_len must be in"):
         overlong_penalty([1], 10, 0)
+
+
+@pytest.mark.parametrize("bad, shown", [
+    (float("nan"), "returned nan for completion 1"),
+    (float("inf"), "returned inf for completion 1"),
+    (-math.inf, "returned -inf for completion 1"),
+    ("1.0", "returned str '1.0' for completion 1"),
+    ([1.0], "returned list [1.0] for completion 1"),
+    (torch.tensor(float("nan")), "returned nan for completion 1"),
+])
+def test_a_non_finite_or_non_numeric_reward_names_the_function(bad, shown):
+    # NaN used to be taken for None ("does not apply") and silently became reward 0
+    def flaky_reward(prompts, completions, **kw):
+        return [1.0, bad]
+
+    records = [{"prompt": "p", "answer": "1"}] * 2
+    with pytest.raises(ValueError, match=r"^reward function 'flaky_reward' " + re.escape(shown)):
+        compute_rewards([flaky_reward], ["p", "p"], ["a", "b"], records)
+
+
+def test_reward_values_that_are_numbers():
+    import numpy as np
+
+    def typed(prompts, completions, **kw):
+        return [True, np.float32(0.5), torch.tensor(2.0), None]
+
+    def as_array(prompts, completions, **kw):
+        return np.array([1.0, 2.0, 3.0, 4.0])
+
+    records = [{"prompt": "p", "answer": "1"}] * 4
+    rewards, per_func = compute_rewards([typed, as_array], ["p"] * 4, ["a"] * 4, records)
+    assert rewards.tolist() == [2.0, 2.5, 5.0, 4.0]
+    def scalar(**kw):
+        return 0.5
+
+    with pytest.raises(ValueError, match="'scalar' returned float, expected a list of 1 rewards"):
+        compute_rewards([scalar], ["p"], ["a"], records[:1])
+    with pytest.raises(ValueError, match=r"reward_weights must be finite, got \[nan\]"):
+        compute_rewards([typed], ["p"] * 4, ["a"] * 4, records, reward_weights=[float("nan")])
+
+
+@pytest.mark.parametrize("answer, reason", [
+    ("foo", "reads 'foo' as a product of one-letter variables"),  # a word is read as f*o*o
+    ("yes", "reads 'yes' as a product of one-letter variables"),
+    ("sin(x)", "reads 'sin' as a product of one-letter variables"),
+    (r"\$5", "cannot parse it"),
+])
+def test_unverifiable_answers(answer, reason):
+    assert reason in unverifiable_reason(answer)
+    # math_reward agrees: the answer as it is meant, boxed, does not score (or scores by accident for a
+    # permutation of the letters); the cannot-parse kind never scores at all
+    if "cannot parse" in reason:
+        assert math_reward([rf"\boxed{{{answer}}}", answer], [answer, answer]) == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("answer", ["72", r"\frac{1}{2}", "(1, 2)", r"\sqrt{2}", "10 meters", "1 and 2", "x=3 or x=5",
+                                    r"\text{yes}", r"\text{(C)}", "C", "2xy", r"(-\infty, 3]", "infinity",
+                                    r"\begin{pmatrix}1\\2\end{pmatrix}", r"y = \frac{1}{2}x + 3", "2+3i"])
+def test_verifiable_answers(answer):
+    assert unverifiable_reason(answer) is None
+    assert math_reward([rf"\boxed{{{answer}}}"], [answer]) == [1.0]

@@ -1,0 +1,143 @@
+"""Loading the policy (a causal decoder) and its tokenizer from a local folder, refusing what cannot train.
+
+    from gcpo_fast.models import check_model_folder, load_causal_lm, load_tokenizer
+
+    folder = check_model_folder("runs/gcpo/checkpoint-300")      # one-line ValueError before anything loads
+    tokenizer = load_tokenizer(folder)
+    model = load_causal_lm(folder, device="cuda", attn_implementation="sdpa", gradient_checkpointing=True)
+
+Nothing is downloaded at run time: a model is a local Hugging Face folder, or the hub id of a model already
+in the local Hugging Face cache (`hf download Qwen/Qwen2.5-0.5B` puts it there). Each of these is refused
+with a one-line ValueError naming the path, before any weights load:
+- a path that does not exist (and is not a cached hub id), a file, an empty folder;
+- no config.json, a config.json that is not JSON or names no model_type transformers knows;
+- no weights (model.safetensors, pytorch_model.bin or their sharded index); no tokenizer files;
+- a model that is not a causal decoder: an encoder-decoder (T5, BART; config.is_encoder_decoder), a
+  model type with no causal-LM class, or an encoder (BERT, RoBERTa, ...: transformers also gives the type a
+  masked-LM head) whose config does not set is_decoder, without which its causal-LM class (BertLMHeadModel)
+  attends to the whole sequence, future tokens included.
+When loading: weights transformers cannot read (a truncated file), parameters the folder has no weights
+for (they would be random), and a tokenizer without a vocabulary (transformers builds an empty one from a
+folder without tokenizer files) are refused too.
+"""
+import json
+import pickle
+from pathlib import Path
+
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors import SafetensorError
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+from gcpo_fast.config import DEFAULT_MODEL
+
+WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+# tokenizers' own file, the config every saved tokenizer has, and the vocabulary files of slow tokenizers
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _is_hub_id(path: str) -> bool:
+    try:
+        validate_repo_id(path)
+        return True
+    except HFValidationError:
+        return False
+
+
+def _cached_hub_model(path: str) -> Path | None:
+    """The local snapshot folder of hub id `path` in the Hugging Face cache; None if it is not a hub id or
+    not cached. Never touches the network."""
+    if not _is_hub_id(path):
+        return None
+    try:
+        return Path(snapshot_download(path, local_files_only=True))
+    except OSError:  # LocalEntryNotFoundError: not in the cache
+        return None
+
+
+def _missing(path: str) -> str:
+    if Path(path).resolve() == Path(DEFAULT_MODEL):
+        return (f"the shipped model is missing from {DEFAULT_MODEL}: build it with "
+                "`python -m gcpo_fast.make_default_model`")
+    if not _is_hub_id(path):
+        return f"model folder {path} does not exist"
+    return (f"model folder {path} does not exist, nor is {path} a model in the local Hugging Face cache (nothing is "
+            f"downloaded at run time: `hf download {path}` first, or pass the model's folder)")
+
+
+def check_model_folder(path) -> Path:
+    """The folder of a loadable causal decoder at `path` (a folder, or a hub id in the local cache);
+    ValueError naming the path and the problem otherwise. Reads config.json only, no weights."""
+    folder = Path(path)
+    if not folder.exists():
+        folder = _cached_hub_model(str(path))
+        if folder is None:
+            raise ValueError(_missing(str(path)))
+    if not folder.is_dir():
+        raise ValueError(f"model {path} is a file; expected a Hugging Face model folder (config.json, weights, "
+                         "tokenizer)")
+    if not any(folder.iterdir()):
+        raise ValueError(f"model folder {path} is empty")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise ValueError(f"model folder {path} has no weights (none of {', '.join(WEIGHT_FILES)})")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"model folder {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"model folder {path}: cannot read config.json: {_first_line(e)}") from None
+    kind = config.model_type
+    if config.is_encoder_decoder:
+        raise ValueError(f"model {path} ({kind}) is an encoder-decoder, not a causal decoder-only LM")
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"model {path}: transformers has no causal-LM class for model_type {kind!r}")
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        raise ValueError(f"model {path} is an encoder ({kind}): as {MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[kind]} it would "
+                         "attend to future tokens (its config does not set is_decoder); use a causal decoder-only LM")
+    return folder
+
+
+def load_tokenizer(path):
+    """The tokenizer of the model folder at `path` (checked first); ValueError if it cannot be used."""
+    folder = check_model_folder(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"model folder {path}: cannot load the tokenizer: {_first_line(e)}") from None
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise ValueError(f"model folder {path}: the tokenizer has no vocabulary ({len(tokenizer)} tokens, all special)")
+    return tokenizer
+
+
+def load_causal_lm(path, *, device, dtype=torch.float32, attn_implementation=None, gradient_checkpointing=False):
+    """The causal LM of the model folder at `path` (checked first) in `dtype` ("auto": as saved) on `device`;
+    attn_implementation None leaves transformers' default. ValueError if its weights cannot be read or do not
+    cover every parameter."""
+    folder = check_model_folder(path)
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    # what unreadable or mismatched weight files raise (safetensors, torch.load, transformers' shape checks)
+    except (OSError, ValueError, KeyError, EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:
+        raise ValueError(f"model folder {path}: cannot load the weights: {_first_line(e)}") from None
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"model folder {path}: the weights lack {len(missing)} of the model's parameters "
+                         f"(e.g. {missing[0]}), which would start random")
+    model = model.to(device)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
