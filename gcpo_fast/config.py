@@ -242,6 +242,7 @@ def resolve(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     """Fill the options the user did not set from cfg.loss_type's recipe, then check everything."""
     if cfg.loss_type not in LOSS_RECIPES:
         raise ConfigError(f"loss_type must be one of {', '.join(LOSS_RECIPES)}, got {cfg.loss_type!r}")
+    check_finite(cfg)  # before the kernel sees the loss options: one message for every float option
     method = RECIPES[cfg.loss_type]
     given = lambda name: getattr(cfg, name) if name in explicit else None  # noqa: E731
     try:  # the kernel fills the loss options from LOSS_RECIPES (epsilon_high follows epsilon, as TRL) and checks them

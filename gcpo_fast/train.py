@@ -70,7 +70,6 @@ def prepare(cfg: TrainConfig) -> dict:
                                     levels=sorted(set(cfg.builtin_levels)), **columns)
         eval_records = eval_records[: cfg.eval_num_problems]
     funcs = [load_reward_function(spec) for spec in cfg.reward_funcs]
-    check_model_folder(cfg.model)  # a causal decoder with weights and a tokenizer, or one line saying why not
     resume = find_checkpoint(cfg.output_dir, cfg.resume) if cfg.resume else None
     if resume is None and list_checkpoints(cfg.output_dir):
         raise ValueError(f"output_dir {cfg.output_dir} already holds checkpoints: pass --resume to continue that "
@@ -89,6 +88,7 @@ def prepare(cfg: TrainConfig) -> dict:
     if prompts * world > len(records):
         raise ValueError(f"a generation round takes {prompts} prompts x {world} processes, but the dataset has only "
                          f"{len(records)}")
+    check_model_folder(cfg.model)  # a causal decoder with weights and a tokenizer, or one line saying why not
     return dict(records=records, eval_records=eval_records, reward_funcs=funcs, resume=resume)
 
 

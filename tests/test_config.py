@@ -72,7 +72,7 @@ def test_config_file_then_flags(tmp_path):
     (["--steps_per_generation", "3", "--gradient_accumulation_steps", "2"], "must be a multiple of gradient_accumulation_steps"),
     (["--temperature", "0"], "temperature must be > 0"),
     (["--reward_funcs", "a", "b", "--reward_weights", "1"], "reward_weights has 1 values for 2"),
-    (["--loss_type", "gspo", "--delta", "1.0001"], "delta must exceed"),
+    (["--loss_type", "gspo", "--delta", "1.0001"], "delta must be a finite number > 1 \\+ epsilon_high = 1.0004"),
     (["--top_p", "0"], "top_p must be in"),
     (["--adam_beta2", "1"], r"adam_beta2 must be in \[0, 1\)"),  # AdamW would refuse it after the model loaded
     (["--weight_decay", "-0.1"], "weight_decay must be >= 0"),
@@ -129,7 +129,7 @@ def test_golden_column_is_optional_without_golden_answers(tmp_path):
     from gcpo_fast.train import prepare
 
     path = write_jsonl(tmp_path / "train.jsonl", rows=[{"prompt": "1+1?", "answer": "2"}] * 2)
-    cfg = parse_config(["--model", "unused", "--dataset", str(path), "--answer_column", "answer", "--loss_type", "grpo",
+    cfg = parse_config(["--model", DEFAULT_MODEL, "--dataset", str(path), "--answer_column", "answer", "--loss_type", "grpo",
                         "--num_generations", "2", "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path)])
     assert prepare(cfg)["records"][0]["golden"] is None
 
@@ -137,7 +137,7 @@ def test_golden_column_is_optional_without_golden_answers(tmp_path):
 def test_missing_shipped_model_is_named(tmp_path, monkeypatch):
     from gcpo_fast.train import prepare
 
-    monkeypatch.setattr("gcpo_fast.train.DEFAULT_MODEL", str(tmp_path / "absent"))
+    monkeypatch.setattr("gcpo_fast.models.DEFAULT_MODEL", str(tmp_path / "absent"))
     cfg = parse_config(["--dataset", str(write_jsonl(tmp_path / "train.jsonl")), "--output_dir", str(tmp_path)])
     cfg.model = str(tmp_path / "absent")
     with pytest.raises(ValueError, match="python -m gcpo_fast.make_default_model"):
@@ -148,13 +148,13 @@ def test_too_few_prompts_and_existing_run_fail_early(tmp_path):
     from gcpo_fast.train import prepare
 
     path = write_jsonl(tmp_path / "train.jsonl", n=3)
-    cfg = parse_config(["--model", "unused", "--dataset", str(path), "--num_generations", "2", "--per_device_train_batch_size", "8",
+    cfg = parse_config(["--model", DEFAULT_MODEL, "--dataset", str(path), "--num_generations", "2", "--per_device_train_batch_size", "8",
                         "--output_dir", str(tmp_path / "run")])
     with pytest.raises(ValueError, match="takes 4 prompts x 1 processes, but the dataset has only 3"):
         prepare(cfg)
     (tmp_path / "run" / "checkpoint-5").mkdir(parents=True)
     (tmp_path / "run" / "checkpoint-5" / "trainer_state.pt").write_bytes(b"")
-    cfg = parse_config(["--model", "unused", "--dataset", str(path), "--num_generations", "2",
+    cfg = parse_config(["--model", DEFAULT_MODEL, "--dataset", str(path), "--num_generations", "2",
                         "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "run")])
     with pytest.raises(ValueError, match="already holds checkpoints: pass --resume"):
         prepare(cfg)
