@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from gcpo_fast.groups import GOLDEN_MODES, SCALE_REWARDS
-from gcpo_fast.kernels import LOSS_RECIPES, PolicyLossConfig
+from gcpo_fast.kernels import LOSS_RECIPES, SAMPLING_MODES, PolicyLossConfig
 from gcpo_fast.kernels.policy_loss import AGG_MODES
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent / "assets" / "default_model")
@@ -66,8 +66,8 @@ def opt(default, help: str, group: str, *, choices=None, shown=None):
 
 
 # --help sections
-DATA, GEN, BATCH, OPTIM, LOSS, EXTRAS, LOGS = ("model and data", "generation", "batch", "optimizer", "loss",
-                                               "method extras", "logging and checkpoints")
+DATA, GEN, ENGINE, BATCH, OPTIM, LOSS, EXTRAS, LOGS = ("model and data", "generation", "rollout engine", "batch",
+                                                       "optimizer", "loss", "method extras", "logging and checkpoints")
 
 
 @dataclass
@@ -92,6 +92,16 @@ class TrainConfig:
     top_p: float = opt(1.0, "nucleus sampling threshold (1: off)", GEN)
     top_k: int = opt(0, "top-k sampling (0: off)", GEN)
     mask_truncated_completions: bool = opt(False, "completions cut by the budget (no EOS) take no part in the loss", GEN)
+    # rollout engine
+    use_vllm: bool = opt(False, "sample rollouts (and the held-out evaluation) with a vLLM engine in each training process instead of Hugging Face generate (pip install -e '.[vllm]')", ENGINE)
+    vllm_mode: str = opt("colocate", "where the vLLM engine runs: colocate (in each training process; the only mode for now)", ENGINE, choices=("colocate", "server"))
+    vllm_gpu_memory_utilization: float = opt(0.3, "fraction of the accelerator's memory vLLM reserves for weights and KV cache (on the CPU: of host memory)", ENGINE)
+    vllm_enable_sleep_mode: bool = opt(False, "free vLLM's memory while the trainer updates (where the platform supports it; ignored on the CPU)", ENGINE)
+    vllm_max_model_length: int | None = opt(None, "vLLM's context length (default: max_prompt_length + max_completion_length)", ENGINE)
+    vllm_importance_sampling_correction: bool = opt(True, "weight each sampled token's loss by the detached ratio of the trainer's to vLLM's log-prob (TRL's correction)", ENGINE)
+    vllm_importance_sampling_mode: str = opt("sequence_mask", "per token or per sequence; truncate (cap) or mask (zero) ratios outside the bounds", ENGINE, choices=SAMPLING_MODES)
+    vllm_importance_sampling_clip_min: float | None = opt(None, "lower bound of the correction's ratio (none: no lower bound)", ENGINE)
+    vllm_importance_sampling_clip_max: float | None = opt(3.0, "upper bound of the correction's ratio (none: no upper bound)", ENGINE)
     # batch
     per_device_train_batch_size: int = opt(64, "completions per device per micro-batch, as in TRL (golden rows come on top)", BATCH)
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step", BATCH)
@@ -177,6 +187,15 @@ def _parse_bool(text) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _float_or_none(text: str) -> float | None:
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or none, got {text!r}") from None
+
+
 def _convert(name: str, value):
     """A value from a --config file to the field's type (YAML reads 1e-6 as a string, JSON has no tuples)."""
     scalar, is_list = _base_type(FIELDS[name].type)
@@ -213,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
         elif scalar is bool:
             kw.update(type=_parse_bool, nargs="?", const=True, metavar="true|false")
         else:
-            kw.update(type=scalar, nargs="+" if is_list else None)
+            optional = type(None) in typing.get_args(f.type) and scalar is float  # "none" unsets a bound
+            kw.update(type=_float_or_none if optional else scalar, nargs="+" if is_list else None)
             if meta["choices"] is None:
                 kw["metavar"] = {str: "TEXT", int: "N", float: "X"}[scalar]
         group.add_argument(f"--{f.name}", **kw)
@@ -316,6 +336,18 @@ def check(cfg: TrainConfig) -> None:
     need(bool(cfg.builtin_levels) and set(cfg.builtin_levels) <= set(range(1, 9)),
          f"builtin_levels must be levels 1 to 8 of gcpo_fast/tasks.py, got {cfg.builtin_levels}")
     need(bool(cfg.reward_funcs), "reward_funcs must name at least one reward function")
+    need(cfg.vllm_mode == "colocate", f"vllm_mode {cfg.vllm_mode} is not supported yet: use colocate (an engine in "
+                                      "each training process)")
+    need(0 < cfg.vllm_gpu_memory_utilization <= 1,
+         f"vllm_gpu_memory_utilization must be in (0, 1], got {cfg.vllm_gpu_memory_utilization}")
+    need(cfg.vllm_max_model_length is None or cfg.vllm_max_model_length >= cfg.max_prompt_length + cfg.max_completion_length,
+         f"vllm_max_model_length={cfg.vllm_max_model_length} must hold max_prompt_length + max_completion_length = "
+         f"{cfg.max_prompt_length + cfg.max_completion_length}")
+    low, high = cfg.vllm_importance_sampling_clip_min, cfg.vllm_importance_sampling_clip_max
+    need((low is None or low >= 0) and (high is None or high > 0) and (low is None or high is None or low <= high),
+         f"vllm_importance_sampling_clip_min/_max must satisfy 0 <= min <= max and max > 0, got {low}, {high}")
+    need(not cfg.use_vllm or importlib.util.find_spec("vllm") is not None,
+         "--use_vllm: vLLM is not installed (pip install -e \".[vllm]\" on a GPU machine; see the README)")
     need(cfg.reward_weights is None or len(cfg.reward_weights) == len(cfg.reward_funcs),
          f"reward_weights has {len(cfg.reward_weights or [])} values for {len(cfg.reward_funcs)} reward_funcs")
     need(cfg.save_total_limit is None or cfg.save_total_limit >= 1, f"save_total_limit must be >= 1, got {cfg.save_total_limit}")

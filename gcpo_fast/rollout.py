@@ -2,7 +2,7 @@
 
     from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts, encode_completion
 
-    engine = HFEngine(model, tokenizer, bf16=True)          # generates with the training model itself
+    engine = make_engine(cfg, model, tokenizer, model_path, rank)   # HFEngine, or VLLMEngine with --use_vllm
     prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in batch], max_prompt_length=512)
     out = engine.generate(prompt_ids, 8, Sampling(max_completion_length=256, temperature=1.0))
     out.prompt_ids[k], out.completion_ids[k], out.truncated[k], out.texts[k]   # row k = prompt k // 8
@@ -153,3 +153,17 @@ class HFEngine:
             truncated.append(cut)
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
         return Rollouts(rows, completions, truncated, texts)
+
+
+def make_engine(cfg, model, tokenizer, model_path, rank: int = 0):
+    """The run's rollout engine: Hugging Face generate on the training model, or with cfg.use_vllm a vLLM
+    engine in this process (gcpo_fast/vllm_engine.py, imported only then), seeded per rank and loaded from
+    model_path (the checkpoint when resuming), so that its first weights are the trainer's."""
+    if not cfg.use_vllm:
+        return HFEngine(model, tokenizer, bf16=cfg.bf16)
+    from gcpo_fast.vllm_engine import VLLMEngine
+
+    return VLLMEngine(model_path, tokenizer, seed=cfg.seed + rank, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                      max_model_len=cfg.vllm_max_model_length or cfg.max_prompt_length + cfg.max_completion_length,
+                      enable_sleep_mode=cfg.vllm_enable_sleep_mode, dtype="bfloat16" if cfg.bf16 and
+                      torch.cuda.is_available() else "float32")

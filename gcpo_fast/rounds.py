@@ -16,7 +16,9 @@
 3. split_steps: the rows shuffled into steps_per_generation micro-batches, gradient_accumulation_steps per
    optimizer step, the whole repeated num_iterations times. When the round is reused (more than one
    optimizer step or iteration) each micro-batch gets its old log-probs from one forward-only fused pass
-   now, golden rows included; otherwise old_logp is None (on-policy).
+   now, golden rows included; otherwise old_logp is None (on-policy). Rows from an engine that samples
+   elsewhere (vLLM) get the sampling-mismatch weight exp(old - engine log-prob) in TRL's modes (the
+   trainer computes old itself for that); golden rows, never sampled, weight 1.
 """
 import itertools
 import warnings
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from gcpo_fast import groups
+from gcpo_fast.kernels import sampling_weights
 from gcpo_fast.parallel import all_reduce
 from gcpo_fast.rewards import compute_rewards, overlong_penalty, reward_function_name
 from gcpo_fast.rollout import Rollouts, Sampling, encode_completion, encode_prompts
@@ -127,9 +130,9 @@ def build_rows(cfg, tokenizer, sampled: SampledGroups, metrics: dict) -> tuple[R
         warnings.warn(f"golden answers longer than max_completion_length={cfg.max_completion_length} tokens are not "
                       "used (cut, they would lose their final answer); gcpo/golden_truncated counts the groups left "
                       "without one: raise --max_completion_length to use them")
-    rows = Rows([], [], [], advantages)
-    samples = []
     G, out = cfg.num_generations, kept.rollouts
+    rows = Rows([], [], [], advantages, sampling_logp=None if out.logprobs is None else [])
+    samples = []
     for k, (p, r) in enumerate(zip(g.group_index.tolist(), g.rollout_index.tolist())):
         record = kept.records[p]
         if g.is_golden[k]:
@@ -139,6 +142,8 @@ def build_rows(cfg, tokenizer, sampled: SampledGroups, metrics: dict) -> tuple[R
         rows.prompt_ids.append(out.prompt_ids[p * G])
         rows.completion_ids.append(ids)
         rows.truncated.append(cut)
+        if rows.sampling_logp is not None:  # a golden row was never sampled: it has no engine log-probs
+            rows.sampling_logp.append(None if g.is_golden[k] else out.logprobs[r])
         if p < cfg.num_samples_to_log and (g.is_golden[k] or r % G == 0):  # first rollout + golden row per group
             prompt = record["prompt"] if isinstance(record["prompt"], str) else record["prompt"][-1]["content"]
             samples.append(dict(prompt=prompt, completion=text, answer=record["answer"], golden=bool(g.is_golden[k]),
@@ -146,20 +151,48 @@ def build_rows(cfg, tokenizer, sampled: SampledGroups, metrics: dict) -> tuple[R
     return rows, samples
 
 
-def split_steps(cfg, rows: Rows, model, ref_model, timer: PhaseTimer | None = None) -> list[list[Rows]]:
+def split_steps(cfg, rows: Rows, model, ref_model, timer: PhaseTimer | None = None,
+                metrics: dict | None = None) -> list[list[Rows]]:
     """Shuffle the rows into steps_per_generation micro-batches, gradient_accumulation_steps per optimizer step,
     with old log-probs when the round is reused and reference log-probs when beta > 0; repeated
-    num_iterations times. timer: charged with old_logp."""
+    num_iterations times. Rows sampled by another engine (with sampling log-probs) also get the
+    sampling-mismatch weight, from the trainer's own old log-probs, and its sampling/* metrics go into
+    `metrics`. timer: charged with old_logp."""
     reused = cfg.steps_per_generation > cfg.gradient_accumulation_steps or cfg.num_iterations > 1
+    correct = rows.sampling_logp is not None and cfg.vllm_importance_sampling_correction
     order = torch.randperm(len(rows))
-    micro_batches = []
+    micro_batches, weight_metrics = [], []
     timer = timer or PhaseTimer()
     for index in torch.tensor_split(order, cfg.steps_per_generation):
         mb = rows.select(index)
         with timer("old_logp"):
-            mb.old_logp = completion_logprobs(model, mb, cfg).cpu() if reused else None
+            old = completion_logprobs(model, mb, cfg).cpu() if reused or correct else None
+            mb.old_logp = old if reused else None  # on-policy: ratios of 1 that carry the gradient
             mb.ref_logp = completion_logprobs(ref_model, mb, cfg).cpu() if ref_model is not None else None
+            if correct:
+                mb.sampling_weight, found = sampling_correction(cfg, mb, old)
+                weight_metrics.append(found)
         micro_batches.append(mb)
+    if weight_metrics and metrics is not None:
+        for name in weight_metrics[0]:
+            values = [m[name] for m in weight_metrics]
+            reduce = min if name.endswith("/min") else max if name.endswith("/max") else lambda v: sum(v) / len(v)
+            metrics[name] = reduce(values)
     gas = cfg.gradient_accumulation_steps
     steps = [micro_batches[i : i + gas] for i in range(0, len(micro_batches), gas)]
     return steps * cfg.num_iterations
+
+
+def sampling_correction(cfg, mb: Rows, old_logp: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """TRL's vLLM importance-sampling weight [N] of a micro-batch and its sampling/* metrics; golden rows 1."""
+    lengths = torch.tensor([len(c) for c in mb.completion_ids])
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    golden = torch.tensor([v is None for v in mb.sampling_logp])
+    engine_logp = torch.tensor([x for v, n in zip(mb.sampling_logp, lengths.tolist()) for x in (v or [0.0] * n)])
+    mask = None
+    if cfg.mask_truncated_completions:
+        mask = ~torch.repeat_interleave(torch.tensor(mb.truncated), lengths)
+    weight, found = sampling_weights(old_logp, engine_logp, cu_seqlens, mask, mode=cfg.vllm_importance_sampling_mode,
+                                     clip_min=cfg.vllm_importance_sampling_clip_min,
+                                     clip_max=cfg.vllm_importance_sampling_clip_max, not_sampled=golden)
+    return weight, {name: float(v) for name, v in found.items()}

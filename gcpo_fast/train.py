@@ -44,7 +44,7 @@ from gcpo_fast.logger import RunLogger
 from gcpo_fast.models import check_model_folder, load_causal_lm, load_tokenizer
 from gcpo_fast.packing import default_attn_implementation
 from gcpo_fast.rewards import load_reward_function
-from gcpo_fast.rollout import HFEngine, Sampling
+from gcpo_fast.rollout import Sampling, make_engine
 from gcpo_fast.rounds import build_rows, sample_groups, split_steps
 from gcpo_fast.sources import load_records
 from gcpo_fast.timing import PhaseTimer
@@ -135,7 +135,7 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
     model_path = resume or cfg.model
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, dist.device, cfg)
-    engine = HFEngine(model, tokenizer, bf16=cfg.bf16)
+    engine = make_engine(cfg, model, tokenizer, model_path, rank)
     # beta > 0: the reference is the initial policy, also when resuming
     ref_model = load_model(cfg.model, dist.device, cfg).eval().requires_grad_(False) if cfg.beta > 0 else None
     policy = parallel.parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.temperature))
@@ -155,6 +155,15 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
                     resume_step=step if resume else None) if rank == 0 else None
     eval_records = prepared["eval_records"]
     timer = PhaseTimer(cuda=dist.device.type == "cuda")
+    stale = False  # whether the engine's weights lag the trainer's (synced before it next samples)
+
+    def synced_engine():
+        nonlocal stale
+        if stale:
+            with timer("weight_sync"):
+                engine.sync_weights(policy.named_parameters())
+            stale = False
+        return engine
     if eval_records and step == 0:
         with timer("eval"):
             eval_metrics = evaluate(cfg, engine, tokenizer, eval_records)
@@ -178,14 +187,14 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
     while step < cfg.max_steps:
         start = time.perf_counter()
         if not buffer:
-            sampled, round_metrics = sample_groups(cfg, engine, tokenizer, sampler, prepared["reward_funcs"], timer)
+            sampled, round_metrics = sample_groups(cfg, synced_engine(), tokenizer, sampler, prepared["reward_funcs"],
+                                                   timer)
             rows, samples = build_rows(cfg, tokenizer, sampled, round_metrics)
-            buffer = split_steps(cfg, rows, model, ref_model, timer)
+            buffer = split_steps(cfg, rows, model, ref_model, timer, round_metrics)
         micro_batches = buffer.pop(0)
         with timer("update"):
             metrics = optimizer_step(policy, optimizer, scheduler, micro_batches, cfg)
-        with timer("weight_sync"):
-            engine.sync_weights(policy.named_parameters())
+        stale = True
         step += 1
         skipped = metrics.pop("step_skipped") > 0  # the same on every rank
         skipped_steps, skipped_in_a_row = skipped_steps + skipped, skipped_in_a_row + 1 if skipped else 0
@@ -207,6 +216,7 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
                                 "norm (--max_skipped_steps); stopped with the weights of the last good step. Look for "
                                 "a reward of inf, a learning rate too large, or fp16 overflow")
         if eval_records and (step % cfg.eval_steps == 0 or step == cfg.max_steps):
+            synced_engine()
             with timer("eval"):
                 metrics.update(evaluate(cfg, engine, tokenizer, eval_records))
         if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:

@@ -42,15 +42,19 @@ class Rows:
     advantages: torch.Tensor  # [B]
     old_logp: torch.Tensor | None = None  # [N] behaviour log-probs of the completion tokens; None: on-policy
     ref_logp: torch.Tensor | None = None  # [N] reference model's, when beta > 0
+    # per row: the engine's log-probs of its sampled tokens (None for a golden row), when it reports them
+    sampling_logp: list[list[float] | None] | None = None
+    sampling_weight: torch.Tensor | None = None  # [N] the sampling-mismatch correction (docs/algorithms.md)
 
     def __len__(self) -> int:
         return len(self.completion_ids)
 
     def select(self, index: torch.Tensor) -> "Rows":
-        """The rows at index (a [k] long tensor), in that order, without old/ref log-probs."""
+        """The rows at index (a [k] long tensor), in that order, without old/ref log-probs and weights."""
         idx = index.tolist()
         return Rows([self.prompt_ids[i] for i in idx], [self.completion_ids[i] for i in idx],
-                    [self.truncated[i] for i in idx], self.advantages[index])
+                    [self.truncated[i] for i in idx], self.advantages[index],
+                    sampling_logp=None if self.sampling_logp is None else [self.sampling_logp[i] for i in idx])
 
 
 # Rollout buffers (lists of Rows) are saved in checkpoints and read back with torch.load(weights_only=True).
@@ -87,12 +91,12 @@ class ModelWithLoss(torch.nn.Module):
         super().__init__()
         self.model, self.loss_config, self.temperature = model, loss_config, temperature
 
-    def forward(self, packed: PackedBatch, advantages, old_logp, ref_logp, normalizer):
+    def forward(self, packed: PackedBatch, advantages, old_logp, ref_logp, normalizer, sampling_weight=None):
         hidden = forward_hidden(self.model, packed)[packed.completion_index]
         weight, bias = _head(self.model, hidden.dtype)
         return linear_policy_loss(hidden, weight, packed.targets, old_logp, advantages, packed.completion_cu_seqlens,
                                   bias=bias, ref_logp=ref_logp, normalizer=normalizer, compute_entropy=True,
-                                  temperature=self.temperature, config=self.loss_config)
+                                  temperature=self.temperature, sampling_weight=sampling_weight, config=self.loss_config)
 
 
 @torch.no_grad()
@@ -146,11 +150,11 @@ def optimizer_step(policy, optimizer, scheduler, micro_batches: list[Rows], cfg)
     loss_sum, tokens, stat_sums = 0.0, 0.0, {}
     for i, mb in enumerate(micro_batches):
         packed = pack(mb, cfg.mask_truncated_completions, device)
-        old, ref = (None if t is None else t.to(device) for t in (mb.old_logp, mb.ref_logp))
+        old, ref, weight = (None if t is None else t.to(device) for t in (mb.old_logp, mb.ref_logp, mb.sampling_weight))
         try:
             with policy.no_sync(last=i == len(micro_batches) - 1):
                 with autocast(cfg.bf16, device):
-                    loss, stats = policy.module(packed, mb.advantages.to(device), old, ref, normalizer)
+                    loss, stats = policy.module(packed, mb.advantages.to(device), old, ref, normalizer, weight)
                 loss.backward()
         except FloatingPointError:
             # The fused op found non-finite logits (weights or activations overflowed): a non-finite step.
