@@ -3,7 +3,8 @@
     from gcpo_fast.kernels import linear_logprobs, policy_loss, linear_policy_loss
 
 `linear_logprobs` gives per-token log-probs (and entropy) of hidden @ weight.T without an [N, V]
-tensor; `policy_loss` is the clipped surrogate of the GRPO family on packed rows; and
+tensor; `policy_loss` is the clipped surrogate of the GRPO family on packed rows (golden rows may take
+LUFFY's shaped term instead: `golden_objective="shaped"`, `golden_rows=`); and
 `linear_policy_loss` composes the two with a backward that never forms [N, V] either;
 `sampling_weights` gives their `sampling_weight` for rows sampled by another engine (vLLM).
 Backends: `triton` (CUDA) and `torch` (CPU default and reference), same semantics.

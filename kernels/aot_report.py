@@ -109,11 +109,12 @@ def _policy_loss_entries() -> list[KernelEntry]:
 
     def signature(dtype: str, cfg):
         sig = {"LP": "*fp32", "OLD": "*fp32", "REF": "*fp32", "SW": "*fp32", "MASK": "*i8", "ADV": "*fp32",
-               "CU": "*i32",
+               "SHP": "*i8", "CU": "*i32",
                "NORM": "*fp32", "GRAD": "*fp32", "OUT": "*fp32", "eps_low": "fp32", "eps_high": "fp32",
-               "delta": "fp32", "clip_c": "fp32", "beta": "fp32"}
+               "delta": "fp32", "clip_c": "fp32", "beta": "fp32", "log_gamma": "fp32"}
         const = {"HAS_OLD": True, "HAS_KL": True, "HAS_SW": True, "SEQ_LEVEL": cfg.seq_level, "GPG": False,
-                 "PER_ROW_MEAN": True, "HAS_DELTA": True, "HAS_CLIP_C": True, "CLAMP": pt.LOG_RATIO_CLAMP,
+                 "SHAPED": True, "PER_ROW_MEAN": True, "HAS_DELTA": True, "HAS_CLIP_C": True,
+                 "CLAMP": pt.LOG_RATIO_CLAMP,
                  "BLOCK": pt.BLOCK_TOKENS}
         return sig, const, {k for k, v in sig.items() if v.startswith("*")}
 

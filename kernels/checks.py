@@ -3,8 +3,9 @@
 What syncs with the host and what does not (a sync stalls the CPU until the GPU catches up):
 
 - Python scalars (temperature, normalizer as a number, and every option of PolicyLossConfig:
-  loss_type, epsilons, delta, clip_ratio_c, beta, max_completion_length, checked when the config
-  is built) and tensor shapes, dtypes and devices: checked eagerly on the host, no sync.
+  loss_type, epsilons, delta, clip_ratio_c, beta, max_completion_length, golden_objective,
+  golden_shaping_gamma, checked when the config is built) and tensor shapes, dtypes and devices
+  (golden_rows: bool [B]; required by golden_objective "shaped"): checked eagerly on the host, no sync.
 - Tensor contents (targets inside [0, V), cu_seqlens starting at 0, ending at N and non-decreasing,
   finite old_logp / ref_logp / advantages, a finite non-negative sampling_weight, a finite positive
   normalizer given as a tensor): each check is a 0-d device flag; `settle` stacks them all and
@@ -144,8 +145,23 @@ def check_normalizer(normalizer, device) -> list[Pending]:
     return [(bad, lambda: f"normalizer must be a finite number > 0, got {normalizer.item()}")]
 
 
+def check_golden_rows(golden_rows, num_rows: int, golden_objective: str) -> None:
+    """golden_rows: None or a bool [B] tensor; golden_objective "shaped" needs it (else no row would be)."""
+    if golden_rows is None:
+        if golden_objective == "shaped":
+            raise ValueError("golden_objective='shaped' needs golden_rows (a bool [B] tensor: True for the "
+                             "golden rows, which take the shaped term)")
+        return
+    if not isinstance(golden_rows, torch.Tensor) or golden_rows.shape != (num_rows,):
+        got = tuple(golden_rows.shape) if isinstance(golden_rows, torch.Tensor) else type(golden_rows).__name__
+        raise ValueError(f"golden_rows must be [B] = [{num_rows}] (one per row of cu_seqlens), got {got}")
+    if golden_rows.dtype != torch.bool:
+        raise TypeError(f"golden_rows must be a bool tensor, got {golden_rows.dtype}")
+
+
 def check_policy_inputs(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, beta,
-                        sampling_weight=None, normalizer=None) -> tuple[torch.Tensor, list[Pending]]:
+                        sampling_weight=None, normalizer=None, golden_rows=None,
+                        golden_objective="policy_ratio") -> tuple[torch.Tensor, list[Pending]]:
     """Validates the O(N) inputs of policy_loss: shapes eagerly, contents as pending checks (see the
     module docstring). Returns (the mask, all True when None; the pending checks)."""
     if logp.dim() != 1:
@@ -167,8 +183,10 @@ def check_policy_inputs(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, 
         raise TypeError(f"advantages must be a float tensor, got {advantages.dtype}")
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp (the reference model's log-probs)")
+    check_golden_rows(golden_rows, advantages.shape[0], golden_objective)
     _same_device({"logp": logp, "old_logp": old_logp, "ref_logp": ref_logp, "advantages": advantages,
-                  "cu_seqlens": cu_seqlens, "mask": mask, "sampling_weight": sampling_weight})
+                  "cu_seqlens": cu_seqlens, "mask": mask, "sampling_weight": sampling_weight,
+                  "golden_rows": golden_rows})
     # Values must be finite everywhere, masked tokens included (a NaN times a 0 mask is still NaN).
     for name, t in (("old_logp", old_logp), ("advantages", advantages), ("ref_logp", ref_logp if beta > 0 else None)):
         if t is not None:

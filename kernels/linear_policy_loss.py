@@ -4,12 +4,13 @@
                                      advantages [B], cu_seqlens [B+1], loss_type="gcpo", ...)
 
 `old_logp=None` means on-policy: ratios are 1 in value and carry the gradient. Every option of
-`policy_loss` is accepted, `sampling_weight=` and `config=` included. The backward never forms
+`policy_loss` is accepted, `sampling_weight=`, `golden_rows=` (with golden_objective="shaped",
+LUFFY's shaped term on those rows) and `config=` included. The backward never forms
 [N, V]; two ways to get there:
 
 - gradient in the forward (torch backend, 6NVd): when d loss / d logp_t is known as soon as the
-  log-probs of the chunk holding token t are (on-policy, token-level ratios, GPG, or sequence-level
-  rows that each fit in one chunk), dX and dW are computed in the forward chunk by chunk and the
+  log-probs of the chunk holding token t are (on-policy, token-level ratios, GPG, shaped rows, or
+  sequence-level rows that each fit in one chunk), dX and dW are computed in the forward chunk by chunk and the
   backward only scales them by the incoming gradient, as Liger's fused linear cross-entropy does.
 - recompute (8NVd): otherwise (sequence-level off-policy with a row longer than a chunk, and always
   on the triton backend), the forward keeps O(N) state and the backward recomputes the logits.
@@ -24,7 +25,7 @@ from gcpo_fast.kernels.checks import check_finite_lse, check_linear_inputs, chec
 from gcpo_fast.kernels.linear_logprobs import select_backend
 from gcpo_fast.kernels.logprob_torch import WORKSPACE_BYTES
 from gcpo_fast.kernels.policy_loss import (STAT_NAMES, batch_layout, batch_policy_terms, detached, finalize_stats,
-                                             options_config, policy_terms)
+                                             options_config, policy_terms, shaped_rows_of)
 
 
 def plan_chunks(cu_seqlens, n_tokens: int, chunk_tokens: int, rows_must_stay_whole: bool):
@@ -51,8 +52,8 @@ def plan_chunks(cu_seqlens, n_tokens: int, chunk_tokens: int, rows_must_stay_who
 
 class LinearPolicyLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, old_logp, ref_logp, advantages, sampling_weight, cu_seqlens, cfg,
-                opts):
+    def forward(ctx, hidden, weight, bias, targets, old_logp, ref_logp, advantages, sampling_weight, shaped_rows,
+                cu_seqlens, cfg, opts):
         temperature, ignore_index, normalizer, compute_entropy, engine, workspace_bytes = opts
         needs = ctx.needs_input_grad[:3]
         needs_dx, needs_dw, needs_db = needs[0], needs[1], bias is not None and needs[2]
@@ -75,7 +76,7 @@ class LinearPolicyLossFunction(torch.autograd.Function):
                     return None if t is None else t[n0:n1]
                 loss, grad, stat_sums = policy_terms(
                     logp, cut(old_logp), cut(ref_logp), advantages, weight_tok[n0:n1], mask[n0:n1], rows[n0:n1],
-                    row_len, row_weight, cfg, cut(sampling_weight))
+                    row_len, row_weight, cfg, cut(sampling_weight), shaped_rows)
                 acc["loss"] += loss
                 acc["stats"] = acc["stats"] + stat_sums
                 return grad
@@ -93,7 +94,7 @@ class LinearPolicyLossFunction(torch.autograd.Function):
                                                            compute_entropy, workspace_bytes=workspace_bytes)
             check_finite_lse(lse, hidden, weight, bias)
             loss, grad, stat_sums = batch_policy_terms(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg,
-                                                       normalizer, on_triton, sampling_weight)
+                                                       normalizer, on_triton, sampling_weight, shaped_rows)
             ctx.save_for_backward(hidden, weight, bias, targets, lse, grad)
             ctx.recompute = (temperature, ignore_index, engine, workspace_bytes, needs_dx, needs_dw, needs_db)
         ctx.fused = chunks is not None
@@ -118,13 +119,14 @@ class LinearPolicyLossFunction(torch.autograd.Function):
             dx, dw, db = engine.linear_logprob_backward(
                 hidden, weight, bias, targets, lse, None, grad * grad_loss, None, temperature, ignore_index,
                 needs_dx, needs_dw, needs_db, workspace_bytes)
-        return dx, dw, db, None, None, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None, None, None
 
 
 def linear_policy_loss(hidden, weight, targets, old_logp, advantages, cu_seqlens, *, bias=None, temperature=1.0,
                        ignore_index=-100, loss_type=None, importance_sampling_level=None, epsilon_low=None,
                        epsilon_high=None, loss_agg_mode=None, delta=None, clip_ratio_c=None, beta=None,
-                       ref_logp=None, normalizer=None, max_completion_length=None, sampling_weight=None, config=None,
+                       ref_logp=None, normalizer=None, max_completion_length=None, sampling_weight=None,
+                       golden_rows=None, golden_objective=None, golden_shaping_gamma=None, config=None,
                        compute_entropy=False, backend=None, workspace_bytes=WORKSPACE_BYTES):
     """Fused clipped policy loss of packed completions from hidden states; returns (loss, stats).
 
@@ -136,12 +138,14 @@ def linear_policy_loss(hidden, weight, targets, old_logp, advantages, cu_seqlens
     cfg = options_config(config, dict(
         loss_type=loss_type, importance_sampling_level=importance_sampling_level, epsilon_low=epsilon_low,
         epsilon_high=epsilon_high, loss_agg_mode=loss_agg_mode, delta=delta, clip_ratio_c=clip_ratio_c, beta=beta,
-        max_completion_length=max_completion_length))
+        max_completion_length=max_completion_length, golden_objective=golden_objective,
+        golden_shaping_gamma=golden_shaping_gamma))
     fake_logp = torch.empty(hidden.shape[0], device=hidden.device)
     pending += check_policy_inputs(fake_logp, old_logp, ref_logp, advantages, cu_seqlens, None, cfg.beta,
-                                   sampling_weight, normalizer)[1]
+                                   sampling_weight, normalizer, golden_rows, cfg.golden_objective)[1]
     settle(pending)
     engine = select_backend(backend, hidden.device)
     opts = (float(temperature), int(ignore_index), normalizer, bool(compute_entropy), engine, int(workspace_bytes))
     return LinearPolicyLossFunction.apply(hidden, weight, bias, targets, detached(old_logp), detached(ref_logp),
-                                          advantages.detach(), detached(sampling_weight), cu_seqlens, cfg, opts)
+                                          advantages.detach(), detached(sampling_weight),
+                                          shaped_rows_of(golden_rows, cfg), cu_seqlens, cfg, opts)

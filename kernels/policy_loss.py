@@ -16,8 +16,29 @@ tokens that count):
 c_t is the optional `sampling_weight` [N] (1 when None): a detached per-token factor, the
 sampling-mismatch correction of rows sampled by another engine (TRL's
 `vllm_importance_sampling_correction`, Liger's `vllm_is_ratio`; `sampling_correction.py` builds it).
-As in TRL 1.16's `_compute_loss`, it multiplies the policy term only: the KL term is added after
-the product, unweighted; and the stats (clip fractions, ratio_mean, kl) do not see it.
+As in TRL 1.16's `_compute_loss`, it multiplies the policy term (shaped or not) only: the KL
+term is added after the product, unweighted; and the stats (clip fractions, ratio_mean, kl) do not
+see it.
+
+Golden rows under golden_objective = "shaped" (`golden_rows` [B] marks them) take LUFFY's shaped
+term as l_t instead (Yan et al., arXiv 2504.14945, ElliottYan/LUFFY): the behaviour probability of a
+trace the policy never sampled is taken as 1, and the policy's own token probability p = exp(lp_t)
+is shaped, unclipped, per token at either ratio level, on- or off-policy alike (old_t is not read):
+
+    f(p)  = p / (p + gamma) = sigmoid(lp_t - log gamma)     gamma = golden_shaping_gamma (0.1)
+    l_t   = -A_i f(exp(lp_t))       d l_t / d lp_t = -A_i gamma p / (p + gamma)^2 = -A_i f (1 - f)
+
+for every loss_type (GPG's -A_i lp_t is replaced the same way); c_t, the KL term, w_t and the
+normaliser are those of any row. Followed from LUFFY's `compute_token_on_off_policy_loss`
+(off_policy_reshape "p_div_p_0.1", no off_max_clip / off_min_clip): shaped and clipped tokens are
+summed into one loss with the same aggregation. Deviations: LUFFY switches per token by a prefix
+mask (its runs use whole off-policy traces, prefix ratio 1.0) and offers gamma 0.1 / 0.3 / 0.5;
+here whole rows and any gamma > 0. Its paper runs also remove the clip on the on-policy tokens
+(loss_remove_clip); here the other rows keep the clipped surrogate of their loss_type. Stats: a
+shaped token is never clipped, so it adds 0 to the clip fractions (LUFFY's off-policy clipfrac is
+0) and still counts in their token mean; ratio_mean keeps its rho_t against old_t, so the stats do
+not depend on golden_objective. golden_objective = "policy_ratio" (the default) treats golden rows
+like every other row: golden_rows is then ignored.
 
 Aggregation modes (verl's `loss_agg_mode` names) and what `normalizer` replaces:
     token-mean               w = 1 / normalizer      default: number of unmasked tokens here
@@ -34,16 +55,19 @@ The gradient is closed-form (no autograd graph over N; c_t has none): d loss / d
     sequence level: W_i * (-A_i) * rho_i / |o_i|    if row i is not clipped, else 0
                     (W_i = sum_t w_t c_t m_t: row i's loss is l_i times W_i, and d rho_i / d lp_t = rho_i / |o_i|)
     gpg:            w_t c_t * (-A_i)
+    shaped row:     w_t c_t * (-A_i) * f (1 - f)            (any level, any loss_type)
     + w_t * beta * (1 - exp(ref_t - lp_t))
 Where the two branches of the min tie (on-policy rows, ratios inside the clip box) their slopes
 are averaged as torch.minimum does; inside the box they are equal anyway.
 
 Shapes: logp, old_logp, ref_logp, sampling_weight, mask [N] (the completion tokens of B rows,
-concatenated), advantages [B], cu_seqlens int32 [B+1] (starts at 0, non-decreasing, ends at N).
+concatenated), advantages [B], golden_rows bool [B], cu_seqlens int32 [B+1] (starts at 0,
+non-decreasing, ends at N).
 Bad options and non-finite inputs are errors (`PolicyLossConfig`, `checks.py`: which checks sync).
 """
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -72,6 +96,7 @@ LOSS_RECIPES = {
 }
 LOSS_TYPES = tuple(LOSS_RECIPES)
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+GOLDEN_OBJECTIVES = ("policy_ratio", "shaped")
 STAT_NAMES = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "ratio_mean", "kl")
 
 
@@ -91,6 +116,8 @@ class PolicyLossConfig:
     clip_ratio_c: float | None = None
     beta: float = 0.0
     max_completion_length: int | None = None
+    golden_objective: str = "policy_ratio"
+    golden_shaping_gamma: float = 0.1
 
     def __post_init__(self):
         if self.loss_type not in LOSS_RECIPES:
@@ -115,11 +142,14 @@ class PolicyLossConfig:
         if self.max_completion_length is not None and (
                 not isinstance(self.max_completion_length, numbers.Integral) or self.max_completion_length < 1):
             raise ValueError(f"max_completion_length must be an int >= 1, got {self.max_completion_length!r}")
+        if self.golden_objective not in GOLDEN_OBJECTIVES:
+            raise ValueError(f"golden_objective must be one of {GOLDEN_OBJECTIVES}, got {self.golden_objective!r}")
+        number("golden_shaping_gamma", lambda g: g > 0, "> 0")
 
     @classmethod
     def resolve(cls, loss_type=None, importance_sampling_level=None, epsilon_low=None,
                 epsilon_high=None, loss_agg_mode=None, delta=None, clip_ratio_c=None, beta=None,
-                max_completion_length=None) -> "PolicyLossConfig":
+                max_completion_length=None, golden_objective=None, golden_shaping_gamma=None) -> "PolicyLossConfig":
         """The config of `loss_type` (default "gcpo") with its recipe filling the options left as None."""
         loss_type = "gcpo" if loss_type is None else loss_type
         if loss_type not in LOSS_RECIPES:
@@ -131,7 +161,8 @@ class PolicyLossConfig:
             else epsilon_high
         return cls(loss_type, importance_sampling_level or recipe["importance_sampling_level"], eps_low, eps_high,
                    loss_agg_mode or recipe["loss_agg_mode"], delta, clip_ratio_c, 0.0 if beta is None else beta,
-                   max_completion_length)
+                   max_completion_length, golden_objective or "policy_ratio",
+                   0.1 if golden_shaping_gamma is None else golden_shaping_gamma)
 
 
 def options_config(config, options: dict) -> PolicyLossConfig:
@@ -196,18 +227,27 @@ def _surrogate(rho, A, cfg: PolicyLossConfig):
     return loss, g_rho, (rho < lo) & (A < 0), (rho > hi) & (A > 0)
 
 
+def shaped_term(lp, cfg: PolicyLossConfig):
+    """LUFFY's f(exp(lp)) = p / (p + gamma) and its slope d f / d lp = f (1 - f), written as sigmoids
+    of lp - log(gamma) so that they stay finite for any lp (exp(lp) alone could overflow)."""
+    x = lp - math.log(cfg.golden_shaping_gamma)
+    f = torch.sigmoid(x)
+    return f, f * torch.sigmoid(-x)
+
+
 def row_sums(values, rows, num_rows):
     return torch.zeros(num_rows, device=values.device, dtype=values.dtype).index_add_(0, rows, values)
 
 
 def policy_terms(logp, old_logp, ref_logp, advantages, weight, mask, rows, row_len, row_weight,
-                 cfg: PolicyLossConfig, sampling_weight=None):
+                 cfg: PolicyLossConfig, sampling_weight=None, shaped_rows=None):
     """Loss, d loss / d logp and summed stats for a range of packed tokens.
 
     `weight`, `mask`, `rows`, `sampling_weight` (or None) cover the range; `advantages`, `row_len`
-    (unmasked tokens per row, >= 1) and `row_weight` (W_i = sum_t w_t c_t m_t over each row's tokens)
-    cover every row of the batch. A range may cut a row only where the ratio is per token or
-    on-policy (then a row's partial sum of log-ratios is 0 like its whole); the fused linear op calls
+    (unmasked tokens per row, >= 1), `row_weight` (W_i = sum_t w_t c_t m_t over each row's tokens)
+    and `shaped_rows` (bool: the rows that take the shaped term; None: none does) cover every row of
+    the batch. A range may cut a row only where the ratio is per token or on-policy (then a row's
+    partial sum of log-ratios is 0 like its whole) or the row is shaped; the fused linear op calls
     this chunk by chunk. Returns (loss: 0-d fp32, grad_logp: [n] fp32, stat_sums: [len(STAT_NAMES)]
     fp32 sums over masked tokens).
     """
@@ -232,6 +272,14 @@ def policy_terms(logp, old_logp, ref_logp, advantages, weight, mask, rows, row_l
         loss_row, g_row, low_row, high_row = _surrogate(s, advantages.float(), cfg)
         rho, per_tok, low, high = s[rows], loss_row[rows], low_row[rows], high_row[rows]
         grad = (row_weight * g_row * s * slope / row_len)[rows]
+    if shaped_rows is not None:
+        # Shaped rows replace the term per token (module docstring); they are never clipped.
+        shaped = shaped_rows[rows]
+        f, df = shaped_term(lp, cfg)
+        per_tok = torch.where(shaped, -A_tok * f, per_tok)
+        grad = torch.where(shaped, -A_tok * policy_weight * df, grad)
+        if cfg.loss_type != "gpg":
+            low, high = low & ~shaped, high & ~shaped
     if cfg.loss_type != "gpg":
         stats[0] = (low.float() * m).sum()
         stats[1] = (high.float() * m).sum()
@@ -270,23 +318,23 @@ def finalize_stats(stat_sums: torch.Tensor, n_tokens: torch.Tensor, cfg: PolicyL
 
 
 def batch_policy_terms(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg: PolicyLossConfig,
-                       normalizer=None, use_triton=False, sampling_weight=None):
+                       normalizer=None, use_triton=False, sampling_weight=None, shaped_rows=None):
     """policy_terms over a whole batch: (loss, grad_logp, stat_sums), by the Triton row kernel or in torch."""
     if use_triton:
         from gcpo_fast.kernels.policy_loss_triton import policy_loss_triton
         return policy_loss_triton(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg, normalizer,
-                                  sampling_weight)
+                                  sampling_weight, shaped_rows)
     rows, weight, row_len, row_weight = batch_layout(mask, cu_seqlens, cfg, normalizer, sampling_weight)
     return policy_terms(logp, old_logp, ref_logp, advantages, weight, mask, rows, row_len, row_weight, cfg,
-                        sampling_weight)
+                        sampling_weight, shaped_rows)
 
 
 class _PolicyLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old_logp, ref_logp, advantages, sampling_weight, cu_seqlens, mask, cfg, normalizer,
-                use_triton):
+    def forward(ctx, logp, old_logp, ref_logp, advantages, sampling_weight, shaped_rows, cu_seqlens, mask, cfg,
+                normalizer, use_triton):
         loss, grad, stat_sums = batch_policy_terms(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg,
-                                                   normalizer, use_triton, sampling_weight)
+                                                   normalizer, use_triton, sampling_weight, shaped_rows)
         ctx.save_for_backward(grad)
         stats = finalize_stats(stat_sums, mask.float().sum(), cfg)
         ctx.mark_non_differentiable(*stats.values())
@@ -295,25 +343,33 @@ class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None, None, None, None, None, None
+        return grad * grad_loss, None, None, None, None, None, None, None, None, None, None
 
 
 def detached(t):
     return None if t is None else t.detach()
 
 
+def shaped_rows_of(golden_rows, cfg: PolicyLossConfig):
+    """The rows that take the shaped term: the golden rows under golden_objective "shaped", else none."""
+    return golden_rows if cfg.golden_objective == "shaped" else None
+
+
 def policy_loss(logp, old_logp, advantages, cu_seqlens, *, loss_type=None, importance_sampling_level=None,
                 epsilon_low=None, epsilon_high=None, loss_agg_mode=None, delta=None, clip_ratio_c=None,
                 beta=None, ref_logp=None, normalizer=None, max_completion_length=None, mask=None,
-                sampling_weight=None, config=None, backend=None):
+                sampling_weight=None, golden_rows=None, golden_objective=None, golden_shaping_gamma=None,
+                config=None, backend=None):
     """The clipped surrogate on packed rows; returns (loss 0-d fp32, stats dict of 0-d tensors).
 
     logp [N] (differentiable), old_logp [N] or None (on-policy), advantages [B], cu_seqlens int32 [B+1],
     mask [N] bool or None (all tokens count), sampling_weight [N] float >= 0 or None (the factor c_t
-    of the module docstring). Options left as None take loss_type's recipe (`LOSS_RECIPES`;
-    loss_type defaults to "gcpo", beta to 0); or pass `config=` a ready PolicyLossConfig instead of
-    them. Only logp receives a gradient. backend: "triton" (the CUDA default: one row-parallel
-    kernel) or "torch".
+    of the module docstring), golden_rows [B] bool or None (the golden rows: with golden_objective
+    "shaped" they take the shaped term, and golden_rows is required; with "policy_ratio" it is
+    ignored). Options left as None take loss_type's recipe (`LOSS_RECIPES`; loss_type defaults to
+    "gcpo", beta to 0, golden_objective to "policy_ratio", golden_shaping_gamma to 0.1); or pass
+    `config=` a ready PolicyLossConfig instead of them. Only logp receives a gradient. backend:
+    "triton" (the CUDA default: one row-parallel kernel) or "torch".
     """
     if backend not in (None, "triton", "torch"):
         raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
@@ -321,9 +377,11 @@ def policy_loss(logp, old_logp, advantages, cu_seqlens, *, loss_type=None, impor
     cfg = options_config(config, dict(
         loss_type=loss_type, importance_sampling_level=importance_sampling_level, epsilon_low=epsilon_low,
         epsilon_high=epsilon_high, loss_agg_mode=loss_agg_mode, delta=delta, clip_ratio_c=clip_ratio_c, beta=beta,
-        max_completion_length=max_completion_length))
+        max_completion_length=max_completion_length, golden_objective=golden_objective,
+        golden_shaping_gamma=golden_shaping_gamma))
     mask, pending = check_policy_inputs(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg.beta,
-                                        sampling_weight, normalizer)
+                                        sampling_weight, normalizer, golden_rows, cfg.golden_objective)
     settle(pending)
     return _PolicyLoss.apply(logp, detached(old_logp), detached(ref_logp), advantages.detach(),
-                             detached(sampling_weight), cu_seqlens, mask, cfg, normalizer, use_triton)
+                             detached(sampling_weight), shaped_rows_of(golden_rows, cfg), cu_seqlens, mask, cfg,
+                             normalizer, use_triton)

@@ -10,14 +10,19 @@ row of the packed batch (cu_seqlens [B+1]):
                 token level:    w_t c_t * dl_t/drho_t * rho_t
                 sequence level: W_i * dl_i/ds_i * s_i / |o_i|,   W_i = sum_t w_t c_t m_t
             written to grad [N]; the row's loss and stat sums go to out [B, 6] fp32.
+            A shaped row (SHAPED and shaped[i]) takes instead, per token at either level,
+                l_t = -A_i f,  grad = w_t c_t * (-A_i) * f (1 - f),   f = sigmoid(lp_t - log gamma)
+            and adds nothing to the clip sums.
 c_t is the sampling weight (1 without one).
 
 The row partials are summed by torch afterwards in a fixed order: no atomics, bitwise repeatable.
-Inputs: logp, old_logp, ref_logp, sampling weight [N] fp32, mask [N] int8, advantages [B] fp32, cu_seqlens [B+1]
-int32, norm [1] fp32 (the aggregation's denominator). Output: grad [N] fp32, out [B, 6] fp32
+Inputs: logp, old_logp, ref_logp, sampling weight [N] fp32, mask [N] int8, advantages [B] fp32, shaped [B] int8,
+cu_seqlens [B+1] int32, norm [1] fp32 (the aggregation's denominator). Output: grad [N] fp32, out [B, 6] fp32
 (loss, clipped-low, clipped-high, clipped-region, ratio sum, k3 sum).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -66,10 +71,10 @@ def _surrogate(rho, A, eps_low, eps_high, delta, clip_c, HAS_DELTA: tl.constexpr
 
 @triton.jit
 def _policy_loss_row_kernel(
-    LP, OLD, REF, SW, MASK, ADV, CU, NORM, GRAD, OUT,
-    eps_low, eps_high, delta, clip_c, beta,
+    LP, OLD, REF, SW, MASK, ADV, SHP, CU, NORM, GRAD, OUT,
+    eps_low, eps_high, delta, clip_c, beta, log_gamma,
     HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, HAS_SW: tl.constexpr, SEQ_LEVEL: tl.constexpr, GPG: tl.constexpr,
-    PER_ROW_MEAN: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_CLIP_C: tl.constexpr,
+    SHAPED: tl.constexpr, PER_ROW_MEAN: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_CLIP_C: tl.constexpr,
     CLAMP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -102,6 +107,10 @@ def _policy_loss_row_kernel(
     s, s_slope = _clamped_exp(lr_sum / length_c, CLAMP)
     row_loss, row_g, row_low, row_high = _surrogate(s, A, eps_low, eps_high, delta, clip_c, HAS_DELTA, HAS_CLIP_C)
     row_coef = (w * c_sum) * row_g * s * s_slope / length_c  # W_i dl_i/ds_i ds_i/dlp_t
+    if SHAPED:  # a shaped row has no ratio term, so it is never clipped
+        shaped = tl.load(SHP + row).to(tl.float32)
+        row_low = row_low * (1.0 - shaped)
+        row_high = row_high * (1.0 - shaped)
 
     # pass 2: per-token loss, gradient and stats
     acc_loss = 0.0
@@ -135,6 +144,9 @@ def _policy_loss_row_kernel(
             rho, slope = _clamped_exp(lr, CLAMP)
             loss, g_rho, low, high = _surrogate(rho, A, eps_low, eps_high, delta, clip_c, HAS_DELTA, HAS_CLIP_C)
             grad = w * g_rho * rho * slope
+            if SHAPED:
+                low = low * (1.0 - shaped)
+                high = high * (1.0 - shaped)
             acc_low += tl.sum(low * m, axis=0)
             acc_high += tl.sum(high * m, axis=0)
             acc_region += tl.sum(tl.maximum(low, high) * m, axis=0)
@@ -144,6 +156,19 @@ def _policy_loss_row_kernel(
             loss = loss * c
             if GPG or not SEQ_LEVEL:  # at sequence level c is already inside W_i (row_coef)
                 grad = grad * c
+        if SHAPED:
+            # f = sigmoid(x) and 1 - f = sigmoid(-x) from e = exp(-|x|) <= 1: no overflow for any lp
+            x = lp - log_gamma
+            e_abs = tl.exp(-tl.abs(x))
+            f = tl.where(x >= 0, 1.0, e_abs) / (1.0 + e_abs)
+            shaped_loss = -A * f
+            shaped_grad = -A * w * f * (tl.where(x >= 0, e_abs, 1.0) / (1.0 + e_abs))
+            if HAS_SW:
+                shaped_loss = shaped_loss * c
+                shaped_grad = shaped_grad * c
+            is_shaped = (tl.zeros([BLOCK], tl.float32) + shaped) > 0
+            loss = tl.where(is_shaped, shaped_loss, loss)
+            grad = tl.where(is_shaped, shaped_grad, grad)
         if HAS_KL:
             diff = (tl.load(REF + idx, mask=inb, other=0.0) - lp) * m
             e, e_slope = _clamped_exp(diff, CLAMP)
@@ -163,23 +188,25 @@ def _policy_loss_row_kernel(
 
 
 def policy_loss_triton(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg: PolicyLossConfig,
-                       normalizer=None, sampling_weight=None):
+                       normalizer=None, sampling_weight=None, shaped_rows=None):
     """(loss 0-d fp32, grad_logp [N] fp32, stat_sums [len(STAT_NAMES)] fp32), like policy_terms on a batch."""
     n, num_rows = logp.shape[0], cu_seqlens.numel() - 1
     lp = logp.float().contiguous()
     old = lp if old_logp is None else old_logp.float().contiguous()
     ref = lp if ref_logp is None else ref_logp.float().contiguous()
     sw = lp if sampling_weight is None else sampling_weight.float().contiguous()
+    mask_i8 = mask.to(torch.int8).contiguous()
+    shaped = mask_i8 if shaped_rows is None else shaped_rows.to(torch.int8).contiguous()  # unread without shaped rows
     grad = torch.empty(n, device=lp.device)
     out = torch.zeros(num_rows, 6, device=lp.device)
     if num_rows > 0:
         _policy_loss_row_kernel[(num_rows,)](
-            lp, old, ref, sw, mask.to(torch.int8).contiguous(), advantages.float().contiguous(),
-            cu_seqlens.to(torch.int32).contiguous(),
+            lp, old, ref, sw, mask_i8, advantages.float().contiguous(), shaped, cu_seqlens.to(torch.int32).contiguous(),
             aggregation_denominator(mask, num_rows, cfg, normalizer).float().reshape(1), grad, out,
             cfg.epsilon_low, cfg.epsilon_high, cfg.delta or 0.0, cfg.clip_ratio_c or 0.0, cfg.beta,
+            math.log(cfg.golden_shaping_gamma),
             HAS_OLD=old_logp is not None, HAS_KL=cfg.beta > 0, HAS_SW=sampling_weight is not None,
-            SEQ_LEVEL=cfg.importance_sampling_level == "sequence",
+            SHAPED=shaped_rows is not None, SEQ_LEVEL=cfg.importance_sampling_level == "sequence",
             GPG=cfg.loss_type == "gpg", PER_ROW_MEAN=cfg.loss_agg_mode == "seq-mean-token-mean",
             HAS_DELTA=cfg.delta is not None, HAS_CLIP_C=cfg.clip_ratio_c is not None, CLAMP=LOG_RATIO_CLAMP,
             BLOCK=BLOCK_TOKENS, num_warps=NUM_WARPS)

@@ -88,7 +88,8 @@ def test_forward_only_under_no_grad_is_one_pass_with_o_n_outputs():
 
 
 def _policy_case(backend, device, loss_type, level, agg, dtype=torch.float32, old="off", workspace=4 * 64 * 7,
-                 lengths=(6, 0, 9, 1, 13, 8), seed=0, weighted=False, **kw):
+                 lengths=(6, 0, 9, 1, 13, 8), seed=0, weighted=False, golden=None, gamma=0.1, **kw):
+    """golden: the rows (bool [B]) that take the shaped term (golden_objective="shaped"); None: no row."""
     n = sum(lengths)
     h, W, b, t, adv, cu = make_inputs(n, 24, 211, list(lengths), seed=seed, dtype=dtype, device=device)
     t[7:16] = IGNORE  # row 2 fully ignored
@@ -100,6 +101,8 @@ def _policy_case(backend, device, loss_type, level, agg, dtype=torch.float32, ol
     sw = random_sampling_weight(n, seed).float().to(device) if weighted else None
     opts = dict(loss_type=loss_type, importance_sampling_level=level, loss_agg_mode=agg, epsilon_low=0.1,
                 epsilon_high=0.12, max_completion_length=16, **kw)
+    if golden is not None:
+        opts.update(golden_rows=golden.to(device), golden_objective="shaped", golden_shaping_gamma=gamma)
     loss, stats = linear_policy_loss(h, W, t, old_logp, adv, cu, bias=b, temperature=0.8, ref_logp=ref_logp,
                                      backend=backend, workspace_bytes=workspace, compute_entropy=True,
                                      sampling_weight=sw, **opts)
@@ -110,7 +113,8 @@ def _policy_case(backend, device, loss_type, level, agg, dtype=torch.float32, ol
         lp64, None if old_logp is None else old_logp.double(), None if ref_logp is None else ref_logp.double(),
         adv.double(), cu, loss_type=loss_type, level=level, eps_low=0.1, eps_high=0.12, agg=agg,
         delta=kw.get("delta"), clip_c=kw.get("clip_ratio_c"), beta=kw.get("beta", 0.0), max_len=16,
-        normalizer=kw.get("normalizer"), mask=t != IGNORE, sampling_weight=None if sw is None else sw.double())
+        normalizer=kw.get("normalizer"), mask=t != IGNORE, sampling_weight=None if sw is None else sw.double(),
+        shaped_rows=golden, gamma=gamma)
     expected.backward()
     _close(loss, expected, dtype)
     for got, want in ((h.grad, h64.grad), (W.grad, W64.grad), (b.grad, b64.grad)):
@@ -312,3 +316,62 @@ def test_input_checks_read_the_device_once(monkeypatch):
         linear_policy_loss(h, W.requires_grad_(), t, old, adv, cu, loss_type=loss_type, beta=0.1, ref_logp=ref,
                            sampling_weight=sw, backend=backend)
         assert len(reads) == expected, (backend, loss_type, reads)
+
+
+GOLDEN = torch.tensor([True, False, True, False, True, False])  # a 6-, the ignored 9- and the 13-token row
+
+
+@pytest.mark.parametrize("loss_type", list(LOSS_RECIPES))
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("old", ["on", "off"])
+def test_linear_policy_loss_shaped_golden_rows_torch(device, loss_type, level, old):
+    """Shaped golden rows on both torch paths: the default workspace takes the 6NVd sweep except at sequence
+    level off-policy (recompute); a workspace whose chunks hold whole rows takes the sweep there too."""
+    agg = LOSS_RECIPES[loss_type]["loss_agg_mode"]
+    for workspace in (4 * 64 * 7, 4 * 211 * 16):
+        _policy_case("torch", device, loss_type, level, agg, old=old, golden=GOLDEN, workspace=workspace)
+
+
+@pytest.mark.parametrize("loss_type", list(LOSS_RECIPES))
+@pytest.mark.parametrize("old", ["on", "off"])
+def test_linear_policy_loss_shaped_golden_rows_triton(device, loss_type, old):
+    for level in ("token", "sequence"):
+        _policy_case("triton", device, loss_type, level, LOSS_RECIPES[loss_type]["loss_agg_mode"], old=old,
+                     golden=GOLDEN)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_policy_loss_shaped_with_options(backend, device):
+    for level in ("token", "sequence"):
+        _policy_case(backend, device, "grpo", level, "seq-mean-token-sum", golden=GOLDEN, gamma=0.5, weighted=True,
+                     beta=0.05, delta=1.5, clip_ratio_c=1.05, normalizer=11.0)
+    _policy_case(backend, device, "gcpo", "sequence", "seq-mean-token-mean", dtype=torch.float16, golden=GOLDEN)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_policy_loss_policy_ratio_ignores_golden_rows_bitwise(backend, device):
+    h, W, b, t, adv, cu = make_inputs(37, 24, 211, [6, 0, 9, 1, 13, 8], seed=2, device=device)
+    old = torch.zeros(37, device=device) - 2.0
+    results = []
+    for kw in (dict(), dict(golden_rows=GOLDEN.to(device)), dict(golden_rows=GOLDEN.to(device),
+                                                                golden_objective="shaped")):
+        Wg = W.clone().requires_grad_()
+        loss, stats = linear_policy_loss(h, Wg, t, old, adv, cu, bias=b, loss_type="gcpo", backend=backend, **kw)
+        loss.backward()
+        results.append((loss.detach(), Wg.grad, stats))
+    (plain, g_plain, s_plain), (ignored, g_ignored, s_ignored), (shaped, g_shaped, _) = results
+    assert torch.equal(plain, ignored) and torch.equal(g_plain, g_ignored)
+    assert all(torch.equal(s_plain[k], s_ignored[k]) for k in s_plain)
+    assert not torch.equal(plain, shaped) and not torch.equal(g_plain, g_shaped)
+
+
+@pytest.mark.parametrize("over, err, match", [
+    (dict(golden_objective="shaped"), ValueError, "golden_objective='shaped' needs golden_rows"),
+    (dict(golden_rows=torch.ones(3, dtype=torch.bool)), ValueError, r"golden_rows must be \[B\] = \[2\]"),
+    (dict(golden_rows=torch.ones(2, dtype=torch.int64)), TypeError, "golden_rows must be a bool tensor"),
+    (dict(golden_shaping_gamma=0), ValueError, "golden_shaping_gamma must be a finite number > 0, got 0"),
+    (dict(golden_objective="p_div_p"), ValueError, "golden_objective must be one of"),
+])
+def test_bad_golden_options_get_a_clear_error(over, err, match):
+    with pytest.raises(err, match=match):
+        linear_policy_loss(**_args(**over))

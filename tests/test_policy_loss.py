@@ -9,10 +9,12 @@ from gcpo_fast.kernels.policy_loss import AGG_MODES
 
 
 def reference_policy_loss(lp, old, ref, adv, cu, *, loss_type, level, eps_low, eps_high, agg, delta=None,
-                          clip_c=None, beta=0.0, max_len=None, normalizer=None, mask=None, sampling_weight=None):
+                          clip_c=None, beta=0.0, max_len=None, normalizer=None, mask=None, sampling_weight=None,
+                          shaped_rows=None, gamma=0.1):
     """Straight from docs/algorithms.md, one row at a time, differentiated by autograd.
 
-    sampling_weight multiplies the policy term before the KL term is added (TRL 1.16's order)."""
+    sampling_weight multiplies the policy term before the KL term is added (TRL 1.16's order). Rows
+    with shaped_rows[i] take LUFFY's -A p / (p + gamma), p = exp(lp), per token and unclipped."""
     mask = torch.ones_like(lp, dtype=torch.bool) if mask is None else mask
     old = lp.detach() if old is None else old
     B = cu.numel() - 1
@@ -24,7 +26,10 @@ def reference_policy_loss(lp, old, ref, adv, cu, *, loss_type, level, eps_low, e
         L = m.sum().clamp(min=1)
         A = adv[i]
         lr = (lp[a:b] - old[a:b]) * m
-        if loss_type == "gpg":
+        if shaped_rows is not None and shaped_rows[i]:
+            p = torch.exp(lp[a:b])
+            l = -A * p / (p + gamma)
+        elif loss_type == "gpg":
             l = -A * lp[a:b]
         else:
             if level == "sequence":
@@ -81,6 +86,9 @@ def _check(lengths, loss_type, level, agg, on_policy, seed=0, eps=(0.1, 0.15), b
     lp, old, ref, adv, cu = make_batch(lengths, seed)
     mask = kw.pop("mask", None)
     sw = kw.pop("sampling_weight", None)
+    golden, gamma = kw.pop("golden_rows", None), kw.pop("gamma", 0.1)
+    if golden is not None:
+        kw.update(golden_rows=golden.to(device), golden_objective="shaped", golden_shaping_gamma=gamma)
     lp32 = lp.float().to(device).requires_grad_()
     on = dict(device=device)
     loss, stats = policy_loss(lp32, None if on_policy else old.float().to(**on), adv.float().to(**on), cu.to(**on),
@@ -94,7 +102,8 @@ def _check(lengths, loss_type, level, agg, on_policy, seed=0, eps=(0.1, 0.15), b
                                      eps_low=eps[0], eps_high=eps[1], agg=agg, delta=kw.get("delta"),
                                      clip_c=kw.get("clip_ratio_c"), beta=kw.get("beta", 0.0), max_len=30,
                                      normalizer=kw.get("normalizer"), mask=mask,
-                                     sampling_weight=None if sw is None else sw.float().double())
+                                     sampling_weight=None if sw is None else sw.float().double(), shaped_rows=golden,
+                                     gamma=gamma)
     expected.backward()
     torch.testing.assert_close(loss.double().cpu(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lp32.grad.double().cpu(), lp64.grad, rtol=1e-4, atol=1e-6)
@@ -364,3 +373,128 @@ def test_ready_config_equals_loose_options_and_both_is_an_error():
     with pytest.raises(ValueError, match=r"epsilon_low must be a finite number in \[0, 1\)"):
         PolicyLossConfig(loss_type="grpo", epsilon_low=2.0)
     assert PolicyLossConfig(epsilon_low=0).epsilon_low == 0.0 and isinstance(config.beta, float)
+
+
+# The golden rows' shaped objective (LUFFY's p / (p + gamma)): the empty row, a 13-token and a 7-token row.
+GOLDEN = torch.tensor([False, True, True, False, True, False])
+
+
+@pytest.mark.parametrize("loss_type", list(LOSS_RECIPES))
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("on_policy", [False, True])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_shaped_golden_rows_match_reference(loss_type, level, agg, on_policy, backend, device):
+    _check(LENGTHS, loss_type, level, agg, on_policy, eps=(0.05, 0.05), backend=backend, device=device,
+           golden_rows=GOLDEN)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_shaped_with_options_weights_masks_and_long_rows(backend, level, device):
+    n = sum(LENGTHS)
+    _check(LENGTHS, "grpo", level, "token-mean", False, eps=(0.05, 0.08), backend=backend, device=device,
+           golden_rows=GOLDEN, gamma=0.3, sampling_weight=random_sampling_weight(n, 1), delta=1.3, clip_ratio_c=1.2,
+           beta=0.1, normalizer=17.0)
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[8:14] = False  # part of a golden row
+    mask[-3:] = False
+    _check(LENGTHS, "gcpo", level, "seq-mean-token-mean", False, mask=mask, backend=backend, device=device,
+           golden_rows=GOLDEN, gamma=1e-3, sampling_weight=random_sampling_weight(n, 2))
+    # a golden row longer than the Triton kernel's token block, beside a clipped-surrogate row
+    _check([600, 3], "gcpo", level, "seq-mean-token-mean", False, backend=backend, device=device,
+           golden_rows=torch.tensor([True, False]), gamma=5.0)
+
+
+def _run(backend, device, loss_type, level, **kw):
+    lp, old, ref, adv, cu = make_batch(LENGTHS, 0, spread=0.6)  # golden and other rows clip at both levels
+    on = dict(device=device)
+    x = lp.float().to(**on).requires_grad_()
+    loss, stats = policy_loss(x, old.float().to(**on), adv.float().to(**on), cu.to(**on), loss_type=loss_type,
+                              importance_sampling_level=level, epsilon_low=0.02, epsilon_high=0.02, beta=0.1,
+                              ref_logp=ref.float().to(**on), max_completion_length=30, backend=backend, **kw)
+    loss.backward()
+    return loss.detach(), x.grad, stats
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_policy_ratio_objective_is_bit_identical_to_no_golden_rows(backend, device):
+    """golden_objective="policy_ratio" (the default) ignores golden_rows: loss, gradient and stats are
+    bitwise those of a call without them; "shaped" with no golden row is the same too."""
+    golden, none = GOLDEN.to(device), torch.zeros(6, dtype=torch.bool, device=device)
+    for loss_type in LOSS_RECIPES:
+        for level in ("token", "sequence"):
+            plain = _run(backend, device, loss_type, level)
+            variants = [_run(backend, device, loss_type, level, golden_rows=golden),
+                        _run(backend, device, loss_type, level, golden_rows=golden, golden_objective="policy_ratio"),
+                        _run(backend, device, loss_type, level, golden_rows=none, golden_objective="shaped")]
+            for loss, grad, stats in variants:
+                assert torch.equal(loss, plain[0]) and torch.equal(grad, plain[1]), (loss_type, level)
+                assert stats.keys() == plain[2].keys()
+                assert all(torch.equal(stats[k], plain[2][k]) for k in stats), (loss_type, level)
+            shaped = _run(backend, device, loss_type, level, golden_rows=golden, golden_objective="shaped")
+            assert not torch.equal(shaped[0], plain[0]) and not torch.equal(shaped[1], plain[1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_shaped_rows_add_nothing_to_the_clip_fractions(backend, level, device):
+    """Clip sums of "shaped" = policy_ratio's over the other rows only; ratio_mean and kl are unchanged."""
+    n_tok = sum(LENGTHS)
+    others = ~torch.repeat_interleave(GOLDEN, torch.tensor(LENGTHS)).to(device)
+    _, _, ratio = _run(backend, device, "grpo", level)
+    _, _, shaped = _run(backend, device, "grpo", level, golden_rows=GOLDEN.to(device), golden_objective="shaped")
+    _, _, masked = _run(backend, device, "grpo", level, mask=others)
+    for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        torch.testing.assert_close(shaped[k] * n_tok, masked[k] * masked["num_tokens"])
+    assert float(ratio["clip_ratio/region_mean"]) > float(shaped["clip_ratio/region_mean"]) > 0  # both rows clip
+    assert torch.equal(shaped["ratio_mean"], ratio["ratio_mean"]) and torch.equal(shaped["kl"], ratio["kl"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_shaped_gradient_closed_form_and_extreme_logprobs(backend, device):
+    """d loss / d lp = -w A gamma p / (p + gamma)^2; finite where p underflows (lp = -200) or p = 1."""
+    lp = torch.tensor([0.0, -0.1, -2.0, -200.0], device=device, requires_grad=True)
+    cu = torch.tensor([0, 4], dtype=torch.int32, device=device)
+    loss, _ = policy_loss(lp, None, torch.tensor([2.0], device=device), cu, loss_type="dapo", backend=backend,
+                          golden_rows=torch.tensor([True], device=device), golden_objective="shaped")
+    loss.backward()
+    p = torch.exp(lp.detach().double())
+    torch.testing.assert_close(loss.double(), (-2.0 * p / (p + 0.1)).sum() / 4)
+    torch.testing.assert_close(lp.grad.double(), -2.0 / 4 * 0.1 * p / (p + 0.1) ** 2)
+    assert lp.grad[3] == 0 and torch.isfinite(lp.grad).all()
+
+
+@pytest.mark.parametrize("opts, err, match", [
+    (dict(golden_shaping_gamma=0.0), ValueError, "golden_shaping_gamma must be a finite number > 0, got 0.0"),
+    (dict(golden_shaping_gamma=-0.1), ValueError, "golden_shaping_gamma must be a finite number > 0"),
+    (dict(golden_shaping_gamma=NAN), ValueError, "golden_shaping_gamma must be a finite number > 0, got nan"),
+    (dict(golden_shaping_gamma=float("inf")), ValueError, "golden_shaping_gamma must be a finite number > 0"),
+    (dict(golden_shaping_gamma="0.1"), ValueError, "golden_shaping_gamma must be a number"),
+    (dict(golden_objective="luffy"), ValueError, r"golden_objective must be one of \('policy_ratio', 'shaped'\)"),
+    (dict(golden_objective="shaped", golden_rows=None), ValueError, "golden_objective='shaped' needs golden_rows"),
+    (dict(golden_rows=torch.ones(3, dtype=torch.bool)), ValueError, r"golden_rows must be \[B\] = \[2\].*got \(3,\)"),
+    (dict(golden_rows=torch.ones(2, 1, dtype=torch.bool)), ValueError, r"golden_rows must be \[B\] = \[2\]"),
+    (dict(golden_rows=[True, False]), ValueError, r"golden_rows must be \[B\] = \[2\].*got list"),
+    (dict(golden_rows=torch.ones(2)), TypeError, "golden_rows must be a bool tensor, got torch.float32"),
+    (dict(golden_rows=torch.ones(2, dtype=torch.bool, device="meta")), ValueError, "one device"),
+])
+def test_bad_golden_options_name_the_problem(opts, err, match):
+    opts = dict(dict(golden_rows=torch.tensor([True, False]), golden_objective="shaped"), **opts)
+    with pytest.raises(err, match=match):
+        policy_loss(torch.zeros(9), None, torch.ones(2), torch.tensor([0, 4, 9], dtype=torch.int32), **opts)
+
+
+def test_shaped_config_equals_loose_options():
+    lp, old, ref, adv, cu = make_batch(LENGTHS, 10)
+    opts = dict(loss_type="gcpo", golden_objective="shaped", golden_shaping_gamma=0.2)
+    config = PolicyLossConfig.resolve(**opts)
+    assert (config.golden_objective, config.golden_shaping_gamma) == ("shaped", 0.2)
+    assert (PolicyLossConfig.resolve().golden_objective, PolicyLossConfig.resolve().golden_shaping_gamma) == \
+        ("policy_ratio", 0.1)
+    loose, _ = policy_loss(lp.float(), old.float(), adv.float(), cu, golden_rows=GOLDEN, **opts)
+    ready, _ = policy_loss(lp.float(), old.float(), adv.float(), cu, golden_rows=GOLDEN, config=config)
+    assert torch.equal(loose, ready)
+    with pytest.raises(ValueError, match="not both .got config and golden_shaping_gamma"):
+        policy_loss(lp.float(), old.float(), adv.float(), cu, golden_rows=GOLDEN, config=config,
+                    golden_shaping_gamma=0.2)
