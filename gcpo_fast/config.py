@@ -32,6 +32,7 @@ import yaml
 
 from gcpo_fast.groups import GOLDEN_MODES, SCALE_REWARDS
 from gcpo_fast.kernels import LOSS_RECIPES, SAMPLING_MODES, PolicyLossConfig
+from gcpo_fast.kernels.policy_loss import GOLDEN_OBJECTIVES
 from gcpo_fast.kernels.policy_loss import AGG_MODES
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent / "assets" / "default_model")
@@ -132,6 +133,8 @@ class TrainConfig:
     scale_rewards: str | None = opt(None, "divide advantages by the group std, the batch std, or not at all", LOSS, choices=SCALE_REWARDS, shown=RECIPE)
     # method extras
     golden_answer: str | None = opt(None, "GCPO: give all-wrong groups the golden answer as an extra row, instead of a rollout, or not", EXTRAS, choices=GOLDEN_MODES, shown=RECIPE)
+    golden_objective: str = opt("policy_ratio", "GCPO: the golden rows' term: the clipped surrogate with the current policy as the old one (the paper's reading), or LUFFY's shaped p / (p + gamma), no clipping (docs/algorithms.md)", EXTRAS, choices=GOLDEN_OBJECTIVES)
+    golden_shaping_gamma: float = opt(0.1, "gamma of the shaped golden objective (LUFFY: 0.1)", EXTRAS)
     dynamic_sampling: bool | None = opt(None, "DAPO: drop groups whose rewards are all equal and sample more prompts until the batch is full", EXTRAS, shown=RECIPE)
     max_num_gen_batches: int = opt(10, "DAPO/GPG: at most this many prompt batches sampled per generation round (<= 0: no limit); DAPO fails beyond it, GPG trains on what it has", EXTRAS)
     overlong_buffer_len: int | None = opt(None, "DAPO: soft overlong penalty over the last this-many tokens of the budget (0: off; dapo: max_completion_length // 5)", EXTRAS, shown=RECIPE)
@@ -161,7 +164,8 @@ class TrainConfig:
     def loss_config(self) -> PolicyLossConfig:
         """The fused loss's options, as resolve() settled them."""
         return PolicyLossConfig(self.loss_type, self.importance_sampling_level, self.epsilon, self.epsilon_high,
-                                self.loss_agg_mode, self.delta, None, self.beta, self.max_completion_length)
+                                self.loss_agg_mode, self.delta, None, self.beta, self.max_completion_length,
+                                self.golden_objective, self.golden_shaping_gamma)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -268,7 +272,7 @@ def resolve(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     try:  # the kernel fills the loss options from LOSS_RECIPES (epsilon_high follows epsilon, as TRL) and checks them
         loss = PolicyLossConfig.resolve(cfg.loss_type, given("importance_sampling_level"), given("epsilon"),
                                         given("epsilon_high"), given("loss_agg_mode"), cfg.delta, None, cfg.beta,
-                                        cfg.max_completion_length)
+                                        cfg.max_completion_length, cfg.golden_objective, cfg.golden_shaping_gamma)
     except ValueError as e:
         raise ConfigError(str(e).replace("epsilon_low", "epsilon")) from None
     values = dict(importance_sampling_level=loss.importance_sampling_level, loss_agg_mode=loss.loss_agg_mode,

@@ -131,7 +131,7 @@ def build_rows(cfg, tokenizer, sampled: SampledGroups, metrics: dict) -> tuple[R
                       "used (cut, they would lose their final answer); gcpo/golden_truncated counts the groups left "
                       "without one: raise --max_completion_length to use them")
     G, out = cfg.num_generations, kept.rollouts
-    rows = Rows([], [], [], advantages, sampling_logp=None if out.logprobs is None else [])
+    rows = Rows([], [], [], advantages, sampling_logp=None if out.logprobs is None else [], golden=g.is_golden.tolist())
     samples = []
     for k, (p, r) in enumerate(zip(g.group_index.tolist(), g.rollout_index.tolist())):
         record = kept.records[p]

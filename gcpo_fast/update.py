@@ -45,6 +45,7 @@ class Rows:
     # per row: the engine's log-probs of its sampled tokens (None for a golden row), when it reports them
     sampling_logp: list[list[float] | None] | None = None
     sampling_weight: torch.Tensor | None = None  # [N] the sampling-mismatch correction (docs/algorithms.md)
+    golden: list[bool] | None = None  # per row: a golden answer (GCPO), not a rollout; None: none are
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -54,7 +55,8 @@ class Rows:
         idx = index.tolist()
         return Rows([self.prompt_ids[i] for i in idx], [self.completion_ids[i] for i in idx],
                     [self.truncated[i] for i in idx], self.advantages[index],
-                    sampling_logp=None if self.sampling_logp is None else [self.sampling_logp[i] for i in idx])
+                    sampling_logp=None if self.sampling_logp is None else [self.sampling_logp[i] for i in idx],
+                    golden=None if self.golden is None else [self.golden[i] for i in idx])
 
 
 # Rollout buffers (lists of Rows) are saved in checkpoints and read back with torch.load(weights_only=True).
@@ -91,12 +93,14 @@ class ModelWithLoss(torch.nn.Module):
         super().__init__()
         self.model, self.loss_config, self.temperature = model, loss_config, temperature
 
-    def forward(self, packed: PackedBatch, advantages, old_logp, ref_logp, normalizer, sampling_weight=None):
+    def forward(self, packed: PackedBatch, advantages, old_logp, ref_logp, normalizer, sampling_weight=None,
+                golden_rows=None):
         hidden = forward_hidden(self.model, packed)[packed.completion_index]
         weight, bias = _head(self.model, hidden.dtype)
         return linear_policy_loss(hidden, weight, packed.targets, old_logp, advantages, packed.completion_cu_seqlens,
                                   bias=bias, ref_logp=ref_logp, normalizer=normalizer, compute_entropy=True,
-                                  temperature=self.temperature, sampling_weight=sampling_weight, config=self.loss_config)
+                                  temperature=self.temperature, sampling_weight=sampling_weight,
+                                  golden_rows=golden_rows, config=self.loss_config)
 
 
 @torch.no_grad()
@@ -110,6 +114,11 @@ def completion_logprobs(model, mb: Rows, cfg) -> torch.Tensor:
         weight, bias = _head(model, hidden.dtype)
         return linear_logprobs(hidden, weight, packed.targets, temperature=cfg.temperature, bias=bias,
                                ignore_index=IGNORE_INDEX)
+
+
+def golden_rows(mb: Rows, device) -> torch.Tensor:
+    """[B] bool: the micro-batch's golden rows (the fused op gives them the shaped term when asked)."""
+    return torch.tensor(mb.golden or [False] * len(mb), dtype=torch.bool, device=device)
 
 
 def step_normalizer(micro_batches: list[Rows], cfg) -> float:
@@ -154,7 +163,8 @@ def optimizer_step(policy, optimizer, scheduler, micro_batches: list[Rows], cfg)
         try:
             with policy.no_sync(last=i == len(micro_batches) - 1):
                 with autocast(cfg.bf16, device):
-                    loss, stats = policy.module(packed, mb.advantages.to(device), old, ref, normalizer, weight)
+                    loss, stats = policy.module(packed, mb.advantages.to(device), old, ref, normalizer, weight,
+                                                golden_rows(mb, device))
                 loss.backward()
         except FloatingPointError:
             # The fused op found non-finite logits (weights or activations overflowed): a non-finite step.

@@ -205,11 +205,13 @@ def naive_loss(model, micro_batches, cfg):
     logits, on-policy ratios exp(lp - lp.detach()) (1 in value, carrying the gradient), no clipping, the
     aggregation over every row of the step at once."""
     terms, lengths = [], []
-    for p, c, a in ((p, c, a) for mb in micro_batches
-                    for p, c, a in zip(mb.prompt_ids, mb.completion_ids, mb.advantages)):
+    for p, c, a, golden in ((p, c, a, golden) for mb in micro_batches
+                            for p, c, a, golden in zip(mb.prompt_ids, mb.completion_ids, mb.advantages, mb.golden)):
         logits = model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1] / cfg.temperature
         lp = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(c)[:, None])[:, 0]
-        if cfg.importance_sampling_level == "sequence":
+        if golden and cfg.golden_objective == "shaped":  # LUFFY: p / (p + gamma), behaviour probability 1
+            ratio = lp.exp() / (lp.exp() + cfg.golden_shaping_gamma)
+        elif cfg.importance_sampling_level == "sequence":
             ratio = torch.exp((lp - lp.detach()).mean()).expand_as(lp)
         else:
             ratio = torch.exp(lp - lp.detach())
@@ -221,13 +223,17 @@ def naive_loss(model, micro_batches, cfg):
             "seq-mean-token-sum-norm": sum(t.sum() for t in terms) / (B * L)}[cfg.loss_agg_mode]
 
 
-@pytest.mark.parametrize("loss_type", ["gcpo", "grpo", "dapo", "dr_grpo"])
-def test_update_matches_a_naive_reference(files, one_thread, loss_type):
+@pytest.mark.parametrize("loss_type, objective", [("gcpo", "policy_ratio"), ("grpo", "policy_ratio"),
+                                                   ("dapo", "policy_ratio"), ("dr_grpo", "policy_ratio"),
+                                                   ("gcpo", "shaped")])
+def test_update_matches_a_naive_reference(files, one_thread, loss_type, objective):
     cfg, model, tokenizer, sampler, funcs = setup(files, "--loss_type", loss_type, "--dynamic_sampling", "false",
                                                   "--reward_funcs", "tiny_model:zero_reward", "--temperature", "0.7",
-                                                  "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "4")
+                                                  "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "4",
+                                                  "--golden_objective", objective, "--golden_shaping_gamma", "0.3")
     _, rows, _, _ = one_round(cfg, model, tokenizer, sampler, funcs)
     rows.advantages = torch.randn(len(rows.advantages))
+    assert any(rows.golden) == (loss_type == "gcpo")  # every group all wrong: golden rows under GCPO
     (micro_batches,) = split_steps(cfg, rows, model, None)
     assert len(micro_batches) == 2
     naive_loss(model, micro_batches, cfg).backward()
