@@ -6,6 +6,7 @@
     python -m gcpo_fast.train --loss_type dapo --config dapo.yaml     # another method; options from a file
     python -m gcpo_fast.train --output_dir runs/q --resume            # continue from the latest checkpoint, exactly
     torchrun --nproc_per_node 8 -m gcpo_fast.train ...                # one process per GPU (DDP; gloo on CPUs)
+    torchrun --nproc_per_node 8 -m gcpo_fast.train --parallelism fsdp ...   # FSDP2: the model sharded over them
 
 One optimizer step (docs/design.md, "The trainer: data flow of one step"):
 1. When the buffer of prepared steps is empty, a generation round (gcpo_fast/rounds.py): the rollout engine
@@ -17,7 +18,8 @@ One optimizer step (docs/design.md, "The trainer: data flow of one step"):
    the new weights.
 3. Metrics to metrics.jsonl (TRL's names), rollouts to samples.jsonl, evaluation, checkpoint.
 
-The process group, the DDP wrapper and every reduction across ranks live in gcpo_fast/parallel.py.
+The process group, the DDP and FSDP2 wrappers and every reduction across ranks live in gcpo_fast/parallel.py;
+generation, evaluation and the old-logp pass run inside `policy.unsharded()` (FSDP: weights gathered once).
 Metrics are means over ranks. Rollout statistics (reward*, frac_reward_zero_std, frac_reward_all_wrong,
 completions/*) count every sampled rollout of the round and never a golden row; gcpo/* count the golden
 rows of the groups kept; the update's (loss, entropy, clip_ratio/*) cover the rows trained on, golden rows
@@ -106,7 +108,7 @@ def evaluate(cfg: TrainConfig, engine, tokenizer, records: list[dict]) -> dict[s
 
 def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
     """Run training as configured; returns the output directory. prepared: prepare(cfg), if already done."""
-    dist = parallel.init_distributed()
+    dist = parallel.init_distributed(cpu_offload=cfg.fsdp_cpu_offload)
     rank, world = dist.rank, dist.world_size
     prepared = prepared or prepare(cfg)
     resume = prepared["resume"]
@@ -117,40 +119,44 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
     engine = HFEngine(model, tokenizer, bf16=cfg.bf16)
     # beta > 0: the reference is the initial policy, also when resuming
     ref_model = load_model(cfg.model, dist.device, cfg).eval().requires_grad_(False) if cfg.beta > 0 else None
-    policy = parallel.parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.temperature))
+    policy = parallel.parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.temperature), cfg.parallelism,
+                                  cpu_offload=cfg.fsdp_cpu_offload, bf16=cfg.bf16)
     optimizer, scheduler = build_optimizer(model, cfg)
     sampler = PromptSampler(prepared["records"], cfg.prompts_per_round, seed=cfg.seed, rank=rank, world_size=world)
     step, num_tokens, buffer, round_metrics, samples = 0, 0.0, [], {}, []
     if resume:
-        state, rank_state = load_checkpoint(resume)
-        optimizer.load_state_dict(state["optimizer"])
+        state, rank_state = load_checkpoint(resume, reshards=policy.reshards)
+        policy.load_optimizer(optimizer, resume, state)
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         step, num_tokens = state["step"], state["num_tokens"]
-        buffer, round_metrics = rank_state["buffer"], rank_state["round_metrics"]
+        buffer, round_metrics = rank_state.get("buffer", []), rank_state.get("round_metrics", {})
     log = RunLogger(cfg.output_dir, report_to=cfg.report_to, config=cfg.to_dict(), logging_steps=cfg.logging_steps,
                     resume_step=step if resume else None) if rank == 0 else None
     eval_records = prepared["eval_records"]
     if eval_records and step == 0:
-        eval_metrics = evaluate(cfg, engine, tokenizer, eval_records)
+        with policy.unsharded():
+            eval_metrics = evaluate(cfg, engine, tokenizer, eval_records)
         if log:
             log.metrics(0, eval_metrics)
 
     def checkpoint():
         save_checkpoint(cfg.output_dir, step, model, tokenizer,
-                        dict(step=step, num_tokens=num_tokens, optimizer=optimizer.state_dict(),
+                        dict(step=step, num_tokens=num_tokens, **policy.optimizer_state(optimizer),
                              scheduler=scheduler.state_dict(), sampler=sampler.state_dict()),
                         dict(buffer=buffer, round_metrics=round_metrics), config=cfg.to_dict(),
-                        save_total_limit=cfg.save_total_limit, model_state=policy.full_state_dict())
+                        save_total_limit=cfg.save_total_limit, model_state=policy.full_state_dict(),
+                        save_sharded=lambda folder: policy.save_optimizer(optimizer, folder))
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
     model.train()
     while step < cfg.max_steps:
         start = time.perf_counter()
         if not buffer:
-            sampled, round_metrics = sample_groups(cfg, engine, tokenizer, sampler, prepared["reward_funcs"])
-            rows, samples = build_rows(cfg, tokenizer, sampled, round_metrics)
-            buffer = split_steps(cfg, rows, model, ref_model)
+            with policy.unsharded():
+                sampled, round_metrics = sample_groups(cfg, engine, tokenizer, sampler, prepared["reward_funcs"])
+                rows, samples = build_rows(cfg, tokenizer, sampled, round_metrics)
+                buffer = split_steps(cfg, rows, model, ref_model)
         micro_batches = buffer.pop(0)
         metrics = optimizer_step(policy, optimizer, scheduler, micro_batches, cfg)
         engine.sync_weights(policy.named_parameters())
@@ -162,7 +168,8 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
         metrics["tokens_per_second"] = metrics.pop("tokens") * world / metrics["step_time"]
         metrics["num_tokens"] = num_tokens
         if eval_records and (step % cfg.eval_steps == 0 or step == cfg.max_steps):
-            metrics.update(evaluate(cfg, engine, tokenizer, eval_records))
+            with policy.unsharded():
+                metrics.update(evaluate(cfg, engine, tokenizer, eval_records))
         if log:
             log.metrics(step, metrics)
             if cfg.sample_steps and step % cfg.sample_steps == 0 and samples:
