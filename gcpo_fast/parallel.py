@@ -196,9 +196,7 @@ class Policy:
 
     def load_optimizer(self, optimizer, folder, state: dict) -> None:
         """Restore the optimizer from a checkpoint: `state` is its trainer_state.pt."""
-        if "optimizer" not in state:
-            raise ValueError(f"{folder} was written with --parallelism fsdp (its optimizer state is sharded in "
-                             f"{OPTIMIZER_FOLDER}/): resume it with --parallelism fsdp")
+        check_checkpoint(folder, "ddp")
         optimizer.load_state_dict(state["optimizer"])
 
 
@@ -265,13 +263,21 @@ class FSDPPolicy:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+        check_checkpoint(folder, "fsdp")
         path = Path(folder) / OPTIMIZER_FOLDER
-        if not path.is_dir():
-            raise ValueError(f"{folder} has no {OPTIMIZER_FOLDER}/ (FSDP's sharded optimizer state): it was written "
-                             "with --parallelism ddp; resume it with --parallelism ddp")
         target = get_optimizer_state_dict(self.model, optimizer)  # this rank's shards, to be filled in place
         dcp.load(target, checkpoint_id=path)
         set_optimizer_state_dict(self.model, optimizer, target)
+
+
+def check_checkpoint(folder, parallelism: str) -> None:
+    """Raise ValueError unless the checkpoint's optimizer state has the layout `parallelism` reads: sharded in
+    folder/optimizer (fsdp) or inside trainer_state.pt (ddp, one process)."""
+    written = "fsdp" if (Path(folder) / OPTIMIZER_FOLDER).is_dir() else "ddp"
+    if written != parallelism:
+        raise ValueError(f"--resume {folder}: written with --parallelism {written} (optimizer state "
+                         f"{'sharded in ' + OPTIMIZER_FOLDER + '/' if written == 'fsdp' else 'in trainer_state.pt'}); "
+                         f"resume it with --parallelism {written}")
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:

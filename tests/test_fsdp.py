@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gcpo_fast.config import ConfigError, parse_config
-from gcpo_fast.parallel import OPTIMIZER_FOLDER, parallelize
+from gcpo_fast.parallel import OPTIMIZER_FOLDER, check_checkpoint, parallelize
 from gcpo_fast.rollout import HFEngine, Sampling
 from gcpo_fast.update import ModelWithLoss, Rows, completion_logprobs, optimizer_step
 from tiny_model import make_tiny_model, one_thread, write_jsonl  # noqa: F401 (one_thread: fixture)
@@ -237,6 +237,10 @@ def test_configuration_errors(tmp_path, models):
             parse_config(["--parallelism", "fsdp", "--fsdp_cpu_offload"])
     with pytest.raises(SystemExit):
         parse_config(["--parallelism", "tp"])
+    with pytest.raises(ValueError, match="written with --parallelism ddp"):  # no optimizer/: a DDP checkpoint
+        check_checkpoint(tmp_path, "fsdp")
+    (tmp_path / OPTIMIZER_FOLDER).mkdir()
+    check_checkpoint(tmp_path, "fsdp")
     cfg = parse_config(["--model", str(models["tied"])])
     model = AutoModelForCausalLM.from_pretrained(models["tied"])
     policy = parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.temperature))
