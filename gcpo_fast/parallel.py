@@ -3,6 +3,7 @@
     from gcpo_fast import parallel
 
     dist = parallel.init_distributed()                 # Dist(rank, world_size, device); joins torchrun's group
+    parallel.check_checkpoint(folder, "fsdp")          # --resume: the checkpoint's optimizer layout matches
     policy = parallel.parallelize(ModelWithLoss(model, loss_config, temperature), parallelism="fsdp")  # once
     optimizer = torch.optim.AdamW(policy.model.parameters())   # after parallelize: FSDP shards the parameters
     with policy.unsharded(): engine.generate(...)      # generation, evaluation, the old-logp pass: full weights
