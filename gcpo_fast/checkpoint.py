@@ -3,9 +3,11 @@
     from gcpo_fast.checkpoint import save_checkpoint, load_checkpoint, find_checkpoint
 
     save_checkpoint("runs/x", step, model, tokenizer, state, rank_state, config=cfg.to_dict(), save_total_limit=3,
-                    model_state=policy.full_state_dict())   # every rank calls it (gcpo_fast/parallel.py)
+                    model_state=policy.full_state_dict(),   # every rank calls it (gcpo_fast/parallel.py)
+                    save_sharded=lambda folder: policy.save_optimizer(optimizer, folder))
     path = find_checkpoint("runs/x", "latest")        # the newest complete one, or a given checkpoint folder
     state, rank_state = load_checkpoint(path)          # also restores this rank's RNG states
+    state, rank_state = load_checkpoint(path, reshards=True)   # FSDP: another number of ranks is allowed
 
     AutoModelForCausalLM.from_pretrained("runs/x/checkpoint-100")   # a checkpoint is a Hugging Face folder
 
@@ -13,6 +15,8 @@ Layout of output_dir/checkpoint-<step>/:
     config.json, generation_config.json, model.safetensors, tokenizer files   the model, as save_pretrained writes it
     trainer_state.pt      optimizer, scheduler, data-sampler cursor, step, counters (what all ranks share)
     rank_<rank>.pt        each rank's own: python, numpy, torch and CUDA RNG states, the unfinished rollout buffer
+    optimizer/            with --parallelism fsdp: the sharded optimizer state (torch.distributed.checkpoint,
+                          written by every rank through save_sharded; trainer_state.pt then has no optimizer)
     train_config.yaml     the run's options, for the record
     checkpoint.json       written last: the step, the number of ranks, and every file's size in bytes
 
@@ -34,7 +38,9 @@ import random
 import re
 import shutil
 import sys
+import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -176,10 +182,12 @@ def _write_manifest(folder: Path, step: int, world: int) -> None:
 
 
 def save_checkpoint(output_dir, step: int, model, tokenizer, state: dict, rank_state: dict, *, config: dict,
-                    save_total_limit: int | None = None, model_state: dict | None = None) -> Path:
+                    save_total_limit: int | None = None, model_state: dict | None = None,
+                    save_sharded: Callable[[Path], None] | None = None) -> Path:
     """Write checkpoint-<step> atomically (see the module docstring). Every rank calls it and writes its
-    rank_state and RNG states; rank 0 writes the model (model_state: its full state dict, default the model's
-    own) and `state`, which all ranks share."""
+    rank_state and RNG states, then calls save_sharded(folder), if given, to write its shards (FSDP's optimizer
+    state) into the folder being written; rank 0 writes the model (model_state: its full state dict, default
+    the model's own) and `state`, which all ranks share."""
     rank, world = rank_and_world()
     output_dir = Path(output_dir)
     tmp, final = output_dir / f".tmp-checkpoint-{step}", output_dir / f"checkpoint-{step}"
@@ -189,6 +197,8 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, state: dict, rank_s
         tmp.mkdir(parents=True)
     barrier()
     torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank_{rank}.pt")
+    if save_sharded is not None:
+        save_sharded(tmp)
     barrier()
     if rank == 0:
         model.save_pretrained(tmp, state_dict=model_state)
@@ -212,14 +222,26 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, state: dict, rank_s
     return final
 
 
-def load_checkpoint(path) -> tuple[dict, dict]:
-    """(shared state, this rank's state) of a checkpoint; restores this rank's RNG states as a side effect."""
+def load_checkpoint(path, *, reshards: bool = False) -> tuple[dict, dict]:
+    """(shared state, this rank's state) of a checkpoint; restores this rank's RNG states as a side effect.
+    A checkpoint of another number of processes is refused, unless `reshards` (FSDP: the model and optimizer
+    load onto any number of ranks): then, with a warning, this rank's state is {} (the unfinished generation
+    round is dropped, a new one starts at the data cursor) and the RNGs are seeded afresh from rank 0's."""
     path = Path(path)
     rank, world = rank_and_world()
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     if state["world_size"] != world:
-        raise ValueError(f"{path} was written by {state['world_size']} processes; resuming it with {world} would not "
-                         "continue the same run (each rank's data and RNG differ)")
+        if not reshards:
+            raise ValueError(f"{path} was written by {state['world_size']} processes; resuming it with {world} would "
+                             "not continue the same run (each rank's data and RNG differ)")
+        if rank == 0:
+            warnings.warn(f"{path} was written by {state['world_size']} processes and resumes with {world}: the model "
+                          "and optimizer reshard, but the unfinished generation round is dropped, and the batches and "
+                          "random streams from here on differ from those of an uninterrupted run", stacklevel=2)
+        set_rng_state(torch.load(path / "rank_0.pt", map_location="cpu", weights_only=True)["rng"])
+        seed = random.getrandbits(31) + rank
+        random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+        return state, {}
     rank_state = torch.load(path / f"rank_{rank}.pt", map_location="cpu", weights_only=True)
     set_rng_state(rank_state.pop("rng"))
     return state, rank_state

@@ -28,12 +28,14 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from gcpo_fast.groups import GOLDEN_MODES, SCALE_REWARDS
 from gcpo_fast.kernels import LOSS_RECIPES, SAMPLING_MODES, PolicyLossConfig
 from gcpo_fast.kernels.policy_loss import GOLDEN_OBJECTIVES
 from gcpo_fast.kernels.policy_loss import AGG_MODES
+from gcpo_fast.parallel import PARALLELISMS
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent / "assets" / "default_model")
 SHIPPED_MODEL_LR = 3e-4  # tuned on the shipped model and task (README, "The shipped default")
@@ -67,8 +69,9 @@ def opt(default, help: str, group: str, *, choices=None, shown=None):
 
 
 # --help sections
-DATA, GEN, ENGINE, BATCH, OPTIM, LOSS, EXTRAS, LOGS = ("model and data", "generation", "rollout engine", "batch",
-                                                       "optimizer", "loss", "method extras", "logging and checkpoints")
+DATA, GEN, ENGINE, BATCH, OPTIM, PARALLEL, LOSS, EXTRAS, LOGS = (
+    "model and data", "generation", "rollout engine", "batch", "optimizer", "parallelism", "loss", "method extras",
+    "logging and checkpoints")
 
 
 @dataclass
@@ -122,6 +125,9 @@ class TrainConfig:
     max_skipped_steps: int = opt(3, "stop the run when this many optimizer steps in a row are skipped for a non-finite loss or gradient norm", OPTIM)
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward to save memory", OPTIM)
     bf16: bool = opt(True, "bf16 autocast on CUDA (weights and optimizer stay fp32); ignored on the CPU", OPTIM)
+    # parallelism
+    parallelism: str = opt("ddp", "how the processes of torchrun share the model: ddp (each holds all of it and its optimizer; small models) or fsdp (FSDP2: parameters, gradients and optimizer state sharded over the processes; one process is a world of one)", PARALLEL, choices=PARALLELISMS)
+    fsdp_cpu_offload: bool = opt(False, "with --parallelism fsdp on CUDA: keep the parameter shards, gradients and optimizer state in host memory", PARALLEL)
     # loss
     loss_type: str = opt("gcpo", "the method: sets every option below marked 'from --loss_type' to its paper's value", LOSS, choices=tuple(LOSS_RECIPES))
     importance_sampling_level: str | None = opt(None, "ratio per token or per sequence (GSPO/GCPO)", LOSS, choices=("token", "sequence"), shown=RECIPE)
@@ -354,6 +360,10 @@ def check(cfg: TrainConfig) -> None:
          "--use_vllm: vLLM is not installed (pip install -e \".[vllm]\" on a GPU machine; see the README)")
     need(cfg.reward_weights is None or len(cfg.reward_weights) == len(cfg.reward_funcs),
          f"reward_weights has {len(cfg.reward_weights or [])} values for {len(cfg.reward_funcs)} reward_funcs")
+    need(not cfg.fsdp_cpu_offload or cfg.parallelism == "fsdp",
+         f"fsdp_cpu_offload needs --parallelism fsdp, got --parallelism {cfg.parallelism}")
+    need(not cfg.fsdp_cpu_offload or torch.cuda.is_available(),
+         "fsdp_cpu_offload needs CUDA: on the CPU the shards already live in host memory")
     need(cfg.save_total_limit is None or cfg.save_total_limit >= 1, f"save_total_limit must be >= 1, got {cfg.save_total_limit}")
     for reporter in set(cfg.report_to) - {"none"}:
         need(importlib.util.find_spec(reporter) is not None, f"report_to {reporter}: the {reporter} package is not installed")

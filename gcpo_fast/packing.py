@@ -23,6 +23,10 @@ lm_head, with use_cache=False. Two paths, chosen by the model's attention implem
 - anything else (sdpa, eager; the CPU): each row alone, concatenated. Exact by construction, attention
   memory O(max row length^2). (transformers also reads packed position_ids into a block-diagonal mask
   for sdpa/eager, but that mask is T x T: too big for a training batch.)
+- one_call=True without flash attention: one forward over the rows right-padded to [B, max row length]
+  with an attention mask, the pad positions dropped from the output. FSDP needs it: its hooks gather a
+  decoder layer's weights at each call and reduce its gradients after each call's backward, so every
+  rank must call each layer the same number of times, whatever its number of rows.
 
 Under DDP/FSDP call this on the unwrapped model from inside the wrapped module's forward, so that
 the wrapper's forward hooks (gradient sync, unsharding) run.
@@ -109,8 +113,9 @@ def default_attn_implementation() -> str:
     return "sdpa"
 
 
-def forward_hidden(model, packed: PackedBatch) -> torch.Tensor:
-    """Last hidden states [T, d] of the whole packed stream, rows independent (see the module docstring)."""
+def forward_hidden(model, packed: PackedBatch, one_call: bool = False) -> torch.Tensor:
+    """Last hidden states [T, d] of the whole packed stream, rows independent (see the module docstring);
+    one_call: a single decoder call whatever the attention implementation."""
     decoder = model.get_decoder()
     if uses_flash_attention(model) and packed.input_ids.is_cuda:
         out = decoder(
@@ -123,12 +128,27 @@ def forward_hidden(model, packed: PackedBatch) -> torch.Tensor:
             max_length_k=packed.max_seqlen,
         )
         return out.last_hidden_state[0]
+    if one_call:
+        return _padded_forward(decoder, packed)
     bounds = packed.cu_seqlens.tolist()
     hidden = [
         decoder(input_ids=packed.input_ids[:, a:b], position_ids=packed.position_ids[:, a:b], use_cache=False).last_hidden_state[0]
         for a, b in zip(bounds, bounds[1:])
     ]
     return torch.cat(hidden, dim=0)
+
+
+def _padded_forward(decoder, packed: PackedBatch) -> torch.Tensor:
+    """The rows right-padded into one [B, L] batch: each token attends to its own row's earlier tokens, as
+    alone; the valid positions, read row by row, are the packed stream's order."""
+    bounds = packed.cu_seqlens.tolist()
+    lengths = torch.tensor([b - a for a, b in zip(bounds, bounds[1:])], device=packed.input_ids.device)
+    positions = torch.arange(packed.max_seqlen, device=lengths.device)
+    valid = positions[None, :] < lengths[:, None]  # [B, L]
+    input_ids = packed.input_ids.new_zeros(valid.shape).masked_scatter(valid, packed.input_ids[0])
+    out = decoder(input_ids=input_ids, attention_mask=valid.long(), position_ids=positions.expand_as(valid),
+                  use_cache=False)
+    return out.last_hidden_state[valid]
 
 
 def lm_head_weight(model) -> tuple[torch.Tensor, torch.Tensor | None]:

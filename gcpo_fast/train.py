@@ -6,6 +6,7 @@
     python -m gcpo_fast.train --loss_type dapo --config dapo.yaml     # another method; options from a file
     python -m gcpo_fast.train --output_dir runs/q --resume            # continue from the latest checkpoint, exactly
     torchrun --nproc_per_node 8 -m gcpo_fast.train ...                # one process per GPU (DDP; gloo on CPUs)
+    torchrun --nproc_per_node 8 -m gcpo_fast.train --parallelism fsdp ...   # FSDP2: the model sharded over them
 
 One optimizer step (docs/design.md, "The trainer: data flow of one step"):
 1. When the buffer of prepared steps is empty, a generation round (gcpo_fast/rounds.py): the rollout engine
@@ -17,7 +18,8 @@ One optimizer step (docs/design.md, "The trainer: data flow of one step"):
    the new weights.
 3. Metrics to metrics.jsonl (TRL's names), rollouts to samples.jsonl, evaluation, checkpoint.
 
-The process group, the DDP wrapper and every reduction across ranks live in gcpo_fast/parallel.py.
+The process group, the DDP and FSDP2 wrappers and every reduction across ranks live in gcpo_fast/parallel.py;
+generation, evaluation and the old-logp pass run inside `policy.unsharded()` (FSDP: weights gathered once).
 Metrics are means over ranks. Rollout statistics (reward*, frac_reward_zero_std, frac_reward_all_wrong,
 completions/*) count every sampled rollout of the round and never a golden row; gcpo/* count the golden
 rows of the groups kept; the update's (loss, entropy, clip_ratio/*) cover the rows trained on, golden rows
@@ -71,6 +73,8 @@ def prepare(cfg: TrainConfig) -> dict:
         eval_records = eval_records[: cfg.eval_num_problems]
     funcs = [load_reward_function(spec) for spec in cfg.reward_funcs]
     resume = find_checkpoint(cfg.output_dir, cfg.resume) if cfg.resume else None
+    if resume is not None:
+        parallel.check_checkpoint(resume, cfg.parallelism)
     if resume is None and list_checkpoints(cfg.output_dir):
         raise ValueError(f"output_dir {cfg.output_dir} already holds checkpoints: pass --resume to continue that "
                          "run, or choose another output_dir")
@@ -127,7 +131,7 @@ def evaluate(cfg: TrainConfig, engine, tokenizer, records: list[dict]) -> dict[s
 
 def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
     """Run training as configured; returns the output directory. prepared: prepare(cfg), if already done."""
-    dist = parallel.init_distributed()
+    dist = parallel.init_distributed(cpu_offload=cfg.fsdp_cpu_offload)
     rank, world = dist.rank, dist.world_size
     prepared = prepared or prepare(cfg)
     resume = prepared["resume"]
@@ -138,34 +142,34 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
     engine = make_engine(cfg, model, tokenizer, model_path, rank)
     # beta > 0: the reference is the initial policy, also when resuming
     ref_model = load_model(cfg.model, dist.device, cfg).eval().requires_grad_(False) if cfg.beta > 0 else None
-    policy = parallel.parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.temperature))
+    policy = parallel.parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.temperature), cfg.parallelism,
+                                  cpu_offload=cfg.fsdp_cpu_offload, bf16=cfg.bf16)
     optimizer, scheduler = build_optimizer(model, cfg)
     sampler = PromptSampler(prepared["records"], cfg.prompts_per_round, seed=cfg.seed, rank=rank, world_size=world)
     step, num_tokens, buffer, round_metrics, samples = 0, 0.0, [], {}, []
     skipped_steps, skipped_in_a_row = 0, 0
     if resume:
-        state, rank_state = load_checkpoint(resume)
-        optimizer.load_state_dict(state["optimizer"])
+        state, rank_state = load_checkpoint(resume, reshards=policy.reshards)
+        policy.load_optimizer(optimizer, resume, state)
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         step, num_tokens = state["step"], state["num_tokens"]
         skipped_steps, skipped_in_a_row = state.get("skipped_steps", 0), state.get("skipped_in_a_row", 0)
-        buffer, round_metrics = rank_state["buffer"], rank_state["round_metrics"]
+        buffer, round_metrics = rank_state.get("buffer", []), rank_state.get("round_metrics", {})
     log = RunLogger(cfg.output_dir, report_to=cfg.report_to, config=cfg.to_dict(), logging_steps=cfg.logging_steps,
                     resume_step=step if resume else None) if rank == 0 else None
     eval_records = prepared["eval_records"]
     timer = PhaseTimer(cuda=dist.device.type == "cuda")
     stale = False  # whether the engine's weights lag the trainer's (synced before it next samples)
 
-    def synced_engine():
+    def synced_engine():  # under FSDP every rank gathers each parameter in turn: every rank calls this
         nonlocal stale
         if stale:
             with timer("weight_sync"):
                 engine.sync_weights(policy.named_parameters())
             stale = False
-        return engine
     if eval_records and step == 0:
-        with timer("eval"):
+        with timer("eval"), policy.unsharded():
             eval_metrics = evaluate(cfg, engine, tokenizer, eval_records)
         eval_metrics.update(timer.pop())  # on every rank, so that no phase leaks into step 1's reduction
         if log:
@@ -176,21 +180,23 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
             raise TrainingError(f"step {step}: the weights hold NaN or inf, so no checkpoint was written; the newest "
                                 f"good one is {find_checkpoint(cfg.output_dir, 'latest') if list_checkpoints(cfg.output_dir) else 'none'}")
         save_checkpoint(cfg.output_dir, step, model, tokenizer,
-                        dict(step=step, num_tokens=num_tokens, optimizer=optimizer.state_dict(),
+                        dict(step=step, num_tokens=num_tokens, **policy.optimizer_state(optimizer),
                              scheduler=scheduler.state_dict(), sampler=sampler.state_dict(),
                              skipped_steps=skipped_steps, skipped_in_a_row=skipped_in_a_row),
                         dict(buffer=buffer, round_metrics=round_metrics), config=cfg.to_dict(),
-                        save_total_limit=cfg.save_total_limit, model_state=policy.full_state_dict())
+                        save_total_limit=cfg.save_total_limit, model_state=policy.full_state_dict(),
+                        save_sharded=lambda folder: policy.save_optimizer(optimizer, folder))
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
     model.train()
     while step < cfg.max_steps:
         start = time.perf_counter()
         if not buffer:
-            sampled, round_metrics = sample_groups(cfg, synced_engine(), tokenizer, sampler, prepared["reward_funcs"],
-                                                   timer)
-            rows, samples = build_rows(cfg, tokenizer, sampled, round_metrics)
-            buffer = split_steps(cfg, rows, model, ref_model, timer, round_metrics)
+            synced_engine()
+            with policy.unsharded():  # FSDP: gather the layers once for the whole round (a no-op otherwise)
+                sampled, round_metrics = sample_groups(cfg, engine, tokenizer, sampler, prepared["reward_funcs"], timer)
+                rows, samples = build_rows(cfg, tokenizer, sampled, round_metrics)
+                buffer = split_steps(cfg, rows, model, ref_model, timer, round_metrics)
         micro_batches = buffer.pop(0)
         with timer("update"):
             metrics = optimizer_step(policy, optimizer, scheduler, micro_batches, cfg)
@@ -217,7 +223,7 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
                                 "a reward of inf, a learning rate too large, or fp16 overflow")
         if eval_records and (step % cfg.eval_steps == 0 or step == cfg.max_steps):
             synced_engine()
-            with timer("eval"):
+            with timer("eval"), policy.unsharded():
                 metrics.update(evaluate(cfg, engine, tokenizer, eval_records))
         if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
             with timer("checkpoint"):

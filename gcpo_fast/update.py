@@ -16,7 +16,7 @@ lm_head weight, so [N, V] logits never exist.
 The aggregation's denominator is the whole optimizer step's, summed over micro-batches and ranks
 (docs/algorithms.md, "Aggregation and the normaliser"): token-mean divides by the step's unmasked completion tokens, seq-mean-*
 by its rows (seq-mean-token-sum-norm, Dr. GRPO, by rows x max_completion_length, as TRL does), each divided
-by the world size because DDP averages gradients. So a step's gradient does not depend on how it was split.
+by the world size because DDP and FSDP average gradients. So a step's gradient does not depend on how it was split.
 """
 import math
 from contextlib import nullcontext
@@ -92,10 +92,11 @@ class ModelWithLoss(torch.nn.Module):
     def __init__(self, model, loss_config: PolicyLossConfig, temperature: float):
         super().__init__()
         self.model, self.loss_config, self.temperature = model, loss_config, temperature
+        self.one_decoder_call = False  # FSDP sets it (gcpo_fast/parallel.py): see packing.forward_hidden's one_call
 
     def forward(self, packed: PackedBatch, advantages, old_logp, ref_logp, normalizer, sampling_weight=None,
                 golden_rows=None):
-        hidden = forward_hidden(self.model, packed)[packed.completion_index]
+        hidden = forward_hidden(self.model, packed, one_call=self.one_decoder_call)[packed.completion_index]
         weight, bias = _head(self.model, hidden.dtype)
         return linear_policy_loss(hidden, weight, packed.targets, old_logp, advantages, packed.completion_cu_seqlens,
                                   bias=bias, ref_logp=ref_logp, normalizer=normalizer, compute_entropy=True,
@@ -149,12 +150,11 @@ def build_optimizer(model, cfg):
 
 
 def optimizer_step(policy, optimizer, scheduler, micro_batches: list[Rows], cfg) -> dict[str, float]:
-    """Forward + backward of every micro-batch (gradients synced once, on the last), clip, AdamW step.
-    policy: gcpo_fast.parallel.Policy. Returns this rank's metrics: loss, grad_norm, learning_rate, entropy,
-    clip ratios (token means), and step_skipped (1.0 when the loss or the gradient norm was not finite on
+    """Forward + backward of every micro-batch (DDP syncs gradients once, on the last), clip, AdamW step.
+    policy: gcpo_fast.parallel.Policy or FSDPPolicy. Returns this rank's metrics: loss, grad_norm, learning_rate,
+    entropy, clip ratios (token means), and step_skipped (1.0 when the loss or the gradient norm was not finite on
     some rank: then neither the optimizer nor the scheduler stepped and the gradients are dropped)."""
-    model = policy.model
-    device = next(model.parameters()).device
+    device = policy.device  # not the parameters': FSDP's CPU offload keeps them on the host
     normalizer = step_normalizer(micro_batches, cfg)
     loss_sum, tokens, stat_sums = 0.0, 0.0, {}
     for i, mb in enumerate(micro_batches):
@@ -177,7 +177,7 @@ def optimizer_step(policy, optimizer, scheduler, micro_batches: list[Rows], cfg)
         for name, value in stats.items():
             stat_sums[name] = stat_sums.get(name, 0.0) + value.item() * n
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+    grad_norm = policy.clip_grad_norm(max_norm)
     learning_rate = scheduler.get_last_lr()[0]
     # A non-finite loss or gradient (a reward of inf, an overflow) would poison every weight: skip the
     # step on every rank (the loss differs per rank, so they agree on the worst), and let the caller count it.
@@ -193,5 +193,6 @@ def optimizer_step(policy, optimizer, scheduler, micro_batches: list[Rows], cfg)
 
 def weights_finite(model) -> bool:
     """Whether every parameter of the model (this rank's, agreed over ranks) is finite: checked before a save."""
-    local = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    # under FSDP a parameter is a DTensor: check this rank's shard, the reduction covers the rest
+    local = all(bool(torch.isfinite(getattr(p, "to_local", lambda: p)()).all()) for p in model.parameters())
     return all_reduce([float(local)], "min")[0] == 1.0
