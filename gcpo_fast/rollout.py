@@ -27,6 +27,7 @@ class Rollouts:
     completion_ids: list[list[int]]  # per row, up to and including the first EOS
     truncated: list[bool]  # per row: no EOS within max_completion_length
     texts: list[str]  # per row: the completion decoded without special tokens
+    logprobs: list[list[float]] | None = None  # per row, per completion token: its sampling log-prob (vLLM rows)
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
