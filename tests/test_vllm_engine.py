@@ -4,13 +4,17 @@
 
 The shipped model in fp32 on both sides: the references are the Hugging Face model's own logits, in fp64 from
 the log-softmax on. The two engines run different fp32 kernels (vLLM's CPU attention, fused qkv / gate_up
-matmuls): their log-probs agree to ~2e-5 on this model, so LOGP_TOL = 1e-3 leaves 50x headroom while the
-weight change of the sync test moves log-probs by > 0.5.
+matmuls): their log-probs agree to ~2e-5 on this model, so LOGP_TOL = 1e-3 leaves 50x headroom, while the
+AdamW step of the sync test (lr 1e-2) moves them by ~14 (the test asks for > 100 x LOGP_TOL). One engine
+serves the module; the torchrun test starts two more in two processes. ~2 min on a 2-core machine.
 """
 import copy
 import json
+import os
 import shutil
+import subprocess
 import sys
+import textwrap
 import types
 
 import pytest
@@ -48,8 +52,10 @@ def hf():
 def engine(tokenizer):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default reserves a fraction of all host RAM
-        return VLLMEngine(DEFAULT_MODEL, tokenizer, seed=0, gpu_memory_utilization=0.2, max_model_len=384,
-                          enable_sleep_mode=True, dtype="float32")
+        engine = VLLMEngine(DEFAULT_MODEL, tokenizer, seed=0, gpu_memory_utilization=0.2, max_model_len=384,
+                            enable_sleep_mode=True, dtype="float32")
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +91,10 @@ def test_greedy_matches_generate(engine, hf, tokenizer, prompt_ids):
         top2 = logits[-1].topk(2)
         assert set(top2.indices.tolist()) == {a[j], b[j]}, "the two engines picked tokens that are not HF's top two"
         assert top2.values[0] - top2.values[1] < TIE_TOL, f"greedy paths split at a gap of {top2.values.tolist()}"
+    # greedy rows carry the log-probs of the untempered distribution
+    for prompt, ids, logp in list(zip(prompt_ids, ours.completion_ids, ours.logprobs))[:16]:
+        ref, _ = hf_logprobs(hf, prompt, ids)
+        assert (ref - torch.tensor(logp, dtype=torch.float64)).abs().max() < LOGP_TOL
     # the model solves its held-out problems: the completions are answers, not noise
     assert sum("\\boxed{" in t for t in ours.texts) >= 0.9 * len(prompt_ids)
 
@@ -170,7 +180,7 @@ def test_sync_weights_after_an_optimizer_step(engine, hf, prompt_ids):
 
 def test_vllm_missing_is_one_line(tokenizer, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` meets where it is not installed
-    with pytest.raises(ImportError, match=r"vLLM is not installed .*pip install") as e:
+    with pytest.raises(ImportError, match=r"vLLM is not installed .*pip install vllm") as e:
         VLLMEngine(DEFAULT_MODEL, tokenizer, seed=0)
     assert "\n" not in str(e.value)
 
@@ -183,3 +193,69 @@ def test_unloadable_model_is_one_line(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="vLLM cannot load the model .*NoSuchModelForCausalLM") as e:
         VLLMEngine(tmp_path, tokenizer, seed=0, gpu_memory_utilization=0.2, dtype="float32")
     assert "\n" not in str(e.value)
+
+
+TORCHRUN_SCRIPT = textwrap.dedent("""
+    import json, types
+    import torch, torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from gcpo_fast.config import DEFAULT_MODEL
+    from gcpo_fast.rollout import encode_prompts
+    from gcpo_fast.sources import load_records
+    from gcpo_fast.vllm_engine import VLLMEngine
+
+    dist.init_process_group("gloo")  # as gcpo_fast.train does under torchrun, before the engine
+    rank = dist.get_rank()
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    engine = VLLMEngine(DEFAULT_MODEL, tokenizer, seed=rank, gpu_memory_utilization=0.2, max_model_len=128,
+                        dtype="float32")
+    sampling = types.SimpleNamespace(max_completion_length=32, temperature=1.0, top_p=1.0, top_k=0, greedy=False)
+    records = load_records("builtin", split="test", num_problems=8)
+    prompts = encode_prompts(tokenizer, [r["prompt"] for r in records], max_prompt_length=64)
+    sampled = engine.generate(prompts, 2, sampling).completion_ids
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(0.5)  # a visible change, pushed by each rank into its own engine
+
+    def gap():  # the engine's sampling log-probs against the changed model's, on fresh samples
+        out = engine.generate(prompts[:2], 1, sampling)
+        worst = 0.0
+        for p, c, lp in zip(out.prompt_ids, out.completion_ids, out.logprobs):
+            with torch.no_grad():
+                logits = model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1].double()
+            ref = torch.log_softmax(logits, -1).gather(1, torch.tensor(c)[:, None])[:, 0]
+            worst = max(worst, (ref - torch.tensor(lp, dtype=torch.float64)).abs().max().item())
+        return worst
+
+    stale = gap()
+    engine.sync_weights(model.named_parameters())
+    synced = gap()
+    greedy = types.SimpleNamespace(**{**vars(sampling), "greedy": True})
+    completion = engine.generate(prompts[:1], 1, greedy).completion_ids[0]
+    gathered = [None, None]
+    dist.all_gather_object(gathered, sampled)
+    engine.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    print("RESULT", json.dumps(dict(rank=rank, ranks_differ=gathered[0] != gathered[1], completion=completion,
+                                      stale=stale, synced=synced)))
+""")
+
+
+def test_two_ranks_under_torchrun(tmp_path):
+    """One engine per rank on gloo (CPU), seeded per rank: the ranks draw different samples, sync their own
+    engines, and the run exits cleanly."""
+    script = tmp_path / "ranks.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # set by the module's engine
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert all(r["ranks_differ"] for r in results)
+    assert results[0]["completion"] == results[1]["completion"]  # same synced weights, same greedy path
+    assert all(r["synced"] < LOGP_TOL < 100 * LOGP_TOL < r["stale"] for r in results), results
