@@ -196,7 +196,7 @@ def test_unloadable_model_is_one_line(tokenizer, tmp_path):
 
 
 TORCHRUN_SCRIPT = textwrap.dedent("""
-    import json, types
+    import json, sys, types
     import torch, torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from gcpo_fast.config import DEFAULT_MODEL
@@ -237,8 +237,9 @@ TORCHRUN_SCRIPT = textwrap.dedent("""
     engine.close()
     if dist.is_initialized():
         dist.destroy_process_group()
-    print("RESULT", json.dumps(dict(rank=rank, ranks_differ=gathered[0] != gathered[1], completion=completion,
-                                      stale=stale, synced=synced)))
+    result = dict(rank=rank, ranks_differ=gathered[0] != gathered[1], completion=completion, stale=stale, synced=synced)
+    with open(sys.argv[1] + f"/rank{rank}.json", "w") as f:  # a file, not stdout, which both ranks' vLLM logs share
+        json.dump(result, f)
 """)
 
 
@@ -251,10 +252,10 @@ def test_two_ranks_under_torchrun(tmp_path):
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # set by the module's engine
         env.pop(var, None)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script)],
+                           str(script), str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert all(r["ranks_differ"] for r in results)
     assert results[0]["completion"] == results[1]["completion"]  # same synced weights, same greedy path
