@@ -93,8 +93,8 @@ def test_greedy_matches_generate(engine, hf, tokenizer, prompt_ids):
         assert top2.values[0] - top2.values[1] < TIE_TOL, f"greedy paths split at a gap of {top2.values.tolist()}"
     # greedy rows carry the log-probs of the untempered distribution
     for prompt, ids, logp in list(zip(prompt_ids, ours.completion_ids, ours.logprobs))[:16]:
-        ref, _ = hf_logprobs(hf, prompt, ids)
-        assert (ref - torch.tensor(logp, dtype=torch.float64)).abs().max() < LOGP_TOL
+        expected, _ = hf_logprobs(hf, prompt, ids)
+        assert (expected - torch.tensor(logp, dtype=torch.float64)).abs().max() < LOGP_TOL
     # the model solves its held-out problems: the completions are answers, not noise
     assert sum("\\boxed{" in t for t in ours.texts) >= 0.9 * len(prompt_ids)
 
