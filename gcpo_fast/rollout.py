@@ -9,9 +9,10 @@
     engine.sync_weights(policy.named_parameters())          # after each optimizer step (a no-op here)
     ids, truncated = encode_completion(tokenizer, golden_text, 256)             # a golden answer as a completion
 
-A rollout engine is any object with `eos_ids`, `generate(prompt_ids, n, sampling) -> Rollouts` and
-`sync_weights(named_tensors)`: the trainer, the evaluation and the model builder call nothing else, so a
-second engine (vLLM) is one more class, not branches in the loop. `HFEngine` runs Hugging Face `generate`
+A rollout engine is any object with `eos_ids`, `generate(prompt_ids, n, sampling) -> Rollouts`,
+`sync_weights(named_tensors)`, `sleep()` (free its memory while the trainer updates; `asleep` says whether
+it did, and a sync wakes it) and `close()`: the trainer, the evaluation and the model builder call nothing
+else, so a second engine (gcpo_fast/vllm_engine.py) is one more class, not branches in the loop. `HFEngine` runs Hugging Face `generate`
 on the training model; its weights are the trainer's, so its sync does nothing. An engine that samples
 elsewhere also returns the per-token log-probs it sampled with (`Rollouts.logprobs`).
 
@@ -113,8 +114,16 @@ class HFEngine:
         self.model, self.tokenizer, self.bf16 = model, tokenizer, bf16
         self.eos_ids = eos_token_ids(model, tokenizer)  # fails now, not after a round, if nothing ends a completion
 
+    asleep = False  # it never frees anything: the training model is the engine
+
     def sync_weights(self, named_tensors) -> None:
         """Nothing to do: this engine samples with the trainer's own weights."""
+
+    def sleep(self) -> None:
+        """Nothing to free (an engine with memory of its own releases it here while the trainer updates)."""
+
+    def close(self) -> None:
+        """Nothing to shut down."""
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling) -> Rollouts:

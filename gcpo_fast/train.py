@@ -50,7 +50,7 @@ from gcpo_fast.rollout import Sampling, make_engine
 from gcpo_fast.rounds import build_rows, sample_groups, split_steps
 from gcpo_fast.sources import load_records
 from gcpo_fast.timing import PhaseTimer
-from gcpo_fast.update import ModelWithLoss, build_optimizer, optimizer_step, weights_finite
+from gcpo_fast.update import ModelWithLoss, SkippedSteps, build_optimizer, optimizer_step, weights_finite
 
 
 # ---- setup -----------------------------------------------------------------------------------------------
@@ -147,14 +147,14 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
     optimizer, scheduler = build_optimizer(model, cfg)
     sampler = PromptSampler(prepared["records"], cfg.prompts_per_round, seed=cfg.seed, rank=rank, world_size=world)
     step, num_tokens, buffer, round_metrics, samples = 0, 0.0, [], {}, []
-    skipped_steps, skipped_in_a_row = 0, 0
+    skipped = SkippedSteps()
     if resume:
         state, rank_state = load_checkpoint(resume, reshards=policy.reshards)
         policy.load_optimizer(optimizer, resume, state)
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         step, num_tokens = state["step"], state["num_tokens"]
-        skipped_steps, skipped_in_a_row = state.get("skipped_steps", 0), state.get("skipped_in_a_row", 0)
+        skipped = SkippedSteps(**state.get("skipped", {}))
         buffer, round_metrics = rank_state.get("buffer", []), rank_state.get("round_metrics", {})
     log = RunLogger(cfg.output_dir, report_to=cfg.report_to, config=cfg.to_dict(), logging_steps=cfg.logging_steps,
                     resume_step=step if resume else None) if rank == 0 else None
@@ -164,7 +164,7 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
 
     def synced_engine():  # under FSDP every rank gathers each parameter in turn: every rank calls this
         nonlocal stale
-        if stale:
+        if stale or engine.asleep:  # new weights, or none at all (a sleeping engine freed them)
             with timer("weight_sync"):
                 engine.sync_weights(policy.named_parameters())
             stale = False
@@ -176,67 +176,66 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
             log.metrics(0, eval_metrics)
 
     def checkpoint():
-        if not weights_finite(model):  # never replace good checkpoints with poisoned weights
-            raise TrainingError(f"step {step}: the weights hold NaN or inf, so no checkpoint was written; the newest "
-                                f"good one is {find_checkpoint(cfg.output_dir, 'latest') if list_checkpoints(cfg.output_dir) else 'none'}")
+        if not weights_finite(model):  # never replace a good checkpoint with poisoned weights
+            raise TrainingError(f"step {step}: the weights hold NaN or inf; no checkpoint was written (the newest one "
+                                "in the run directory holds the last good weights)")
         save_checkpoint(cfg.output_dir, step, model, tokenizer,
                         dict(step=step, num_tokens=num_tokens, **policy.optimizer_state(optimizer),
                              scheduler=scheduler.state_dict(), sampler=sampler.state_dict(),
-                             skipped_steps=skipped_steps, skipped_in_a_row=skipped_in_a_row),
+                             skipped=vars(skipped)),
                         dict(buffer=buffer, round_metrics=round_metrics), config=cfg.to_dict(),
                         save_total_limit=cfg.save_total_limit, model_state=policy.full_state_dict(),
                         save_sharded=lambda folder: policy.save_optimizer(optimizer, folder))
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
-    model.train()
-    while step < cfg.max_steps:
-        start = time.perf_counter()
-        if not buffer:
-            synced_engine()
-            with policy.unsharded():  # FSDP: gather the layers once for the whole round (a no-op otherwise)
-                sampled, round_metrics = sample_groups(cfg, engine, tokenizer, sampler, prepared["reward_funcs"], timer)
-                rows, samples = build_rows(cfg, tokenizer, sampled, round_metrics)
-                buffer = split_steps(cfg, rows, model, ref_model, timer, round_metrics)
-        micro_batches = buffer.pop(0)
-        with timer("update"):
-            metrics = optimizer_step(policy, optimizer, scheduler, micro_batches, cfg)
-        stale = True
-        step += 1
-        skipped = metrics.pop("step_skipped") > 0  # the same on every rank
-        skipped_steps, skipped_in_a_row = skipped_steps + skipped, skipped_in_a_row + 1 if skipped else 0
-        tokens = sum(len(p) + len(c) for mb in micro_batches for p, c in zip(mb.prompt_ids, mb.completion_ids))
-        metrics = parallel.mean_over_ranks({**round_metrics, **metrics, **timer.pop(), "tokens": tokens})
-        metrics["step_time"] = time.perf_counter() - start
-        num_tokens += metrics["tokens"] * world
-        metrics["tokens_per_second"] = metrics.pop("tokens") * world / metrics["step_time"]
-        metrics["num_tokens"] = num_tokens
-        metrics["skipped_steps"] = skipped_steps
-        if skipped and rank == 0:
-            tqdm.write(f"warning: step {step}: loss {metrics['loss']:.4g}, grad_norm {metrics['grad_norm']:.4g}: not "
-                       f"finite, the step was skipped (no optimizer or scheduler step; {skipped_in_a_row} in a row)",
-                       file=sys.stderr)
-        if skipped_in_a_row >= cfg.max_skipped_steps:
+    try:
+        model.train()
+        while step < cfg.max_steps:
+            start = time.perf_counter()
+            if not buffer:
+                synced_engine()
+                with policy.unsharded():  # FSDP: gather the layers once for the whole round (a no-op otherwise)
+                    sampled, round_metrics = sample_groups(cfg, engine, tokenizer, sampler, prepared["reward_funcs"],
+                                                           timer)
+                    rows, samples = build_rows(cfg, tokenizer, sampled, round_metrics)
+                    buffer = split_steps(cfg, rows, model, ref_model, timer, round_metrics)
+                engine.sleep()  # --vllm_enable_sleep_mode: vLLM's memory is the trainer's until the next sync
+            micro_batches = buffer.pop(0)
+            with timer("update"):
+                metrics = optimizer_step(policy, optimizer, scheduler, micro_batches, cfg)
+            stale = True
+            step += 1
+            tokens = sum(len(p) + len(c) for mb in micro_batches for p, c in zip(mb.prompt_ids, mb.completion_ids))
+            metrics = parallel.mean_over_ranks({**round_metrics, **metrics, **timer.pop(), "tokens": tokens})
+            metrics["step_time"] = time.perf_counter() - start
+            num_tokens += metrics["tokens"] * world
+            metrics["tokens_per_second"] = metrics.pop("tokens") * world / metrics["step_time"]
+            metrics["num_tokens"] = num_tokens
+            try:
+                skipped.record(step, metrics, cfg.max_skipped_steps, warn=rank == 0)
+            except TrainingError:
+                if log:
+                    log.metrics(step, metrics)  # the step that stopped the run is on record
+                raise
+            if eval_records and (step % cfg.eval_steps == 0 or step == cfg.max_steps):
+                synced_engine()
+                with timer("eval"), policy.unsharded():
+                    metrics.update(evaluate(cfg, engine, tokenizer, eval_records))
+                engine.sleep()
+            if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
+                with timer("checkpoint"):
+                    checkpoint()
+            metrics.update(timer.pop())  # this rank's eval and checkpoint time (the same work on every rank)
             if log:
                 log.metrics(step, metrics)
-            raise TrainingError(f"step {step}: {skipped_in_a_row} steps in a row had a non-finite loss or gradient "
-                                "norm (--max_skipped_steps); stopped with the weights of the last good step. Look for "
-                                "a reward of inf, a learning rate too large, or fp16 overflow")
-        if eval_records and (step % cfg.eval_steps == 0 or step == cfg.max_steps):
-            synced_engine()
-            with timer("eval"), policy.unsharded():
-                metrics.update(evaluate(cfg, engine, tokenizer, eval_records))
-        if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
-            with timer("checkpoint"):
-                checkpoint()
-        metrics.update(timer.pop())  # this rank's eval and checkpoint time (the same work on every rank)
-        if log:
-            log.metrics(step, metrics)
-            if cfg.sample_steps and step % cfg.sample_steps == 0 and samples:
-                log.samples(step, samples)  # each round's samples once, at the first sample step since it ran
-                samples = []
-        bar.update(1)
-        bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.4f}")
-    bar.close()
+                if cfg.sample_steps and step % cfg.sample_steps == 0 and samples:
+                    log.samples(step, samples)  # each round's samples once, at the first sample step since it ran
+                    samples = []
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.4f}")
+    finally:  # also on an error: vLLM's own teardown at exit would fail once the process group is gone
+        bar.close()
+        engine.close()
     if log:
         log.close()
         print(log.summary(), flush=True)

@@ -19,12 +19,14 @@ by its rows (seq-mean-token-sum-norm, Dr. GRPO, by rows x max_completion_length,
 by the world size because DDP and FSDP average gradients. So a step's gradient does not depend on how it was split.
 """
 import math
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from transformers import get_scheduler
 
+from gcpo_fast.errors import TrainingError
 from gcpo_fast.kernels import PolicyLossConfig, linear_logprobs, linear_policy_loss
 from gcpo_fast.packing import PackedBatch, forward_hidden, lm_head_weight, pack_rows
 from gcpo_fast.parallel import all_reduce, rank_and_world
@@ -196,3 +198,24 @@ def weights_finite(model) -> bool:
     # under FSDP a parameter is a DTensor: check this rank's shard, the reduction covers the rest
     local = all(bool(torch.isfinite(getattr(p, "to_local", lambda: p)()).all()) for p in model.parameters())
     return all_reduce([float(local)], "min")[0] == 1.0
+
+
+@dataclass
+class SkippedSteps:
+    """The optimizer steps skipped for a non-finite loss or gradient norm: counted (metric skipped_steps),
+    each warned about, and the run stopped after max_in_a_row of them in a row."""
+    total: int = 0
+    in_a_row: int = 0
+
+    def record(self, step: int, metrics: dict, max_in_a_row: int, warn: bool) -> None:
+        """Count step's outcome (metrics["step_skipped"], popped) and add skipped_steps to metrics."""
+        skipped = metrics.pop("step_skipped") > 0  # the same on every rank
+        self.total, self.in_a_row = self.total + skipped, self.in_a_row + 1 if skipped else 0
+        metrics["skipped_steps"] = self.total
+        if skipped and warn:
+            print(f"warning: step {step}: loss {metrics['loss']:.4g}, grad_norm {metrics['grad_norm']:.4g}: not finite, "
+                  f"the step was skipped (no optimizer or scheduler step; {self.in_a_row} in a row)", file=sys.stderr)
+        if self.in_a_row >= max_in_a_row:
+            raise TrainingError(f"step {step}: {self.in_a_row} steps in a row had a non-finite loss or gradient norm "
+                                "(--max_skipped_steps); stopped with the weights of the last good step. Look for a "
+                                "reward of inf, a learning rate too large, or fp16 overflow")
