@@ -71,9 +71,10 @@ class SelfCheckError(RuntimeError):
     """The fused loss and TRL's own loss disagree on the same inputs."""
 
 
-def unsupported_option(args, model) -> str | None:
-    """The first option (as `name=value: why`) this trainer cannot reproduce, or None."""
-    config = model.config.get_text_config()
+def unsupported_option(args, model=None) -> str | None:
+    """The first option (as `name=value: why`) this trainer cannot reproduce, or None. Without a model
+    (before it is loaded) only the GRPOConfig is checked."""
+    config = None if model is None else model.config.get_text_config()
     checks = (
         ("loss_type", args.loss_type, args.loss_type not in SUPPORTED_LOSS_TYPES, f"supported: {SUPPORTED_LOSS_TYPES}"),
         ("beta", args.beta, args.beta != 0.0, "no KL term to a reference model"),
@@ -91,6 +92,8 @@ def unsupported_option(args, model) -> str | None:
     for name, value, bad, why in checks:
         if bad:
             return f"{name}={value!r}: {why}"
+    if model is None:
+        return None
     try:
         lm_head_weight(model)
     except ValueError as err:
@@ -99,6 +102,12 @@ def unsupported_option(args, model) -> str | None:
     if not isinstance(head, torch.nn.Linear):
         return f"lm_head={type(head).__name__}: the fused op needs a plain Linear lm_head (no adapter on it)"
     return None
+
+
+def _raise_if_unsupported(args, model=None) -> None:
+    problem = unsupported_option(args, model)
+    if problem is not None:
+        raise ValueError(f"FusedGRPOTrainer: {problem}")
 
 
 def trl_divisor(loss_type: str, mask, inputs: dict, accumulation_steps: int, num_processes: int,
@@ -135,12 +144,13 @@ class FusedGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args, self_check_every: int | None = None, self_check_tolerance: float | None = None,
                  backend: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        problem = unsupported_option(self.args, self.accelerator.unwrap_model(self.model))
-        if problem is not None:
-            raise ValueError(f"FusedGRPOTrainer: {problem}")
         if self_check_every is not None and self_check_every < 1:
             raise ValueError(f"FusedGRPOTrainer: self_check_every must be >= 1 or None, got {self_check_every}")
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        if config is not None:  # the options first: GRPOTrainer would load a reference model or vLLM for some
+            _raise_if_unsupported(config)
+        super().__init__(*args, **kwargs)
+        _raise_if_unsupported(self.args, self.accelerator.unwrap_model(self.model))
         low_precision = self.args.bf16 or self.args.fp16
         self.self_check_every = self_check_every
         self.self_check_tolerance = self_check_tolerance or (1e-2 if low_precision else 1e-5)
