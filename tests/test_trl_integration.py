@@ -7,6 +7,8 @@ and asserts identical rollouts and equal loss, gradient norm, entropy and clip r
 Nothing is downloaded: the dataset is a list of prompts in memory, the reward a function of the text.
 Skipped when trl is not installed (the "test" extra installs it).
 """
+import os
+
 import pytest
 import torch
 
@@ -83,11 +85,13 @@ def step_logs(trainer):
 
 
 def assert_same_training(stock, fused):
-    assert len(stock.rollouts) == len(fused.rollouts) >= 2
-    for (ids_a, mask_a), (ids_b, mask_b) in zip(stock.rollouts, fused.rollouts):
+    """stock and fused: trainers, or (rollouts, step_logs) pairs of them."""
+    (rollouts_a, logs_a), (rollouts_b, logs_b) = ((t.rollouts, step_logs(t)) if hasattr(t, "rollouts") else t
+                                                  for t in (stock, fused))
+    assert len(rollouts_a) == len(rollouts_b) >= 2
+    for (ids_a, mask_a), (ids_b, mask_b) in zip(rollouts_a, rollouts_b):
         assert torch.equal(ids_a, ids_b) and torch.equal(mask_a, mask_b)
-    logs_a, logs_b = step_logs(stock), step_logs(fused)
-    assert len(logs_a) == len(logs_b) == stock.args.max_steps
+    assert len(logs_a) == len(logs_b) >= 2
     for step, (a, b) in enumerate(zip(logs_a, logs_b)):
         assert a.keys() == b.keys() == set(METRICS), step
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), (step, a, b)
@@ -109,6 +113,50 @@ def test_fused_trainer_matches_stock_trl(tmp_path, one_thread, loss_type, level,
     assert (lengths == 0).any() and len(set(lengths.tolist())) >= 3  # masked truncated rows, unequal lengths
     clipped = sum(log["clip_ratio/region_mean"] for log in step_logs(stock))
     assert clipped == 0 if policy == "on" else clipped > 0  # off-policy: the clip acted
+
+
+def test_gradient_checkpointing_matches_stock_trl(tmp_path, one_thread):
+    options = dict(loss_type="grpo", importance_sampling_level="sequence", gradient_checkpointing=True, **POLICY["off"])
+    stock = train(trl.GRPOTrainer, tmp_path / "stock", **options)
+    fused = train(FusedGRPOTrainer, tmp_path / "fused", **options)
+    assert fused.model.is_gradient_checkpointing
+    assert_same_training(stock, fused)
+
+
+def _ddp_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    try:
+        runs = {}
+        for name, trainer_class in (("stock", trl.GRPOTrainer), ("fused", FusedGRPOTrainer)):
+            trainer = train(trainer_class, out / name, loss_type="dapo", **POLICY["off"])
+            assert trainer.accelerator.num_processes == world
+            runs[name] = dict(rollouts=trainer.rollouts, logs=step_logs(trainer),
+                              weights=[p.detach().clone() for p in trainer.model.parameters()])
+        torch.save(runs, out / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_cpu_processes_under_ddp(tmp_path, one_thread):
+    """dapo divides by num_items_in_batch / world; the fused forward goes through DDP's wrapper, so the
+    ranks' gradients are averaged and their weights stay equal."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, tmp_path), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert not torch.equal(ranks[0]["stock"]["rollouts"][0][0], ranks[1]["stock"]["rollouts"][0][0])  # own prompts
+    for runs in ranks:
+        assert_same_training((runs["stock"]["rollouts"], runs["stock"]["logs"]),
+                             (runs["fused"]["rollouts"], runs["fused"]["logs"]))
+    for a, b in zip(ranks[0]["fused"]["weights"], ranks[1]["fused"]["weights"]):
+        assert torch.equal(a, b)  # DDP kept the ranks in step
 
 
 def test_evaluation_loss_matches_stock_trl(tmp_path, one_thread):

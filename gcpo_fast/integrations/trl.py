@@ -18,19 +18,25 @@ on the first micro-batch of every K-th optimizer step, TRL's own `compute_loss` 
 (no grad) and a `SelfCheckError` is raised if the two losses differ by more than `self_check_tolerance`
 (default 1e-5 in fp32, 1e-2 under bf16/fp16) of the loss scale. The loss of group-normalised advantages
 can be ~0 whatever the divisor, so the check also compares both losses with every advantage set to 1
-(the "probe"), whose size is the divisor's footprint; the probe's magnitude is the scale.
+(the "probe"), whose size is the divisor's footprint; the probe's magnitude is the scale. A check costs
+two forwards of TRL's loss and one of ours, without gradients. Under DDP every rank raises, or none.
 
 Not supported (a ValueError naming the option at construction; use trl.GRPOTrainer for these): beta != 0,
 top_entropy_quantile < 1, entropy_coef / use_adaptive_entropy, off_policy_mask_threshold, vLLM's
 importance-sampling correction (use_vllm with vllm_importance_sampling_correction), loss types cispo,
 sapo, vespo, luspo, MoE router aux loss, lm_heads that are not a plain Linear (a PEFT adapter on it) and
 models that transform their logits (softcapping, logit scale). Vision inputs raise on the first batch.
+The vLLM correction needs a per-token weight on the loss, which the fused op does not take yet.
+The model must accept `output_hidden_states` and `logits_to_keep` (every causal LM in transformers does).
+Tested also with two CPU ranks under DDP (the forward goes through the wrapper, so its gradient hooks
+run) and with gradient checkpointing.
 
 TRL internals this relies on, identical in TRL 1.10.0 to 1.16.0 (SUPPORTED_TRL; checked by diffing
 `_compute_loss` across those releases; tested on 1.10.0 and 1.16.0): the loss lives in `compute_loss`;
 the batch keys prompt_ids / prompt_mask (left-padded), completion_ids / completion_mask (right-padded),
 tool_mask (optional), advantages [B], old_per_token_logps [B, C] (absent: on-policy), num_items_in_batch;
-the divisors of `trl_divisor` (dapo's changed in 1.10.0); `self._metrics[mode]`, the lists TRL logs from.
+the divisors of `trl_divisor` (before 1.10.0 dapo divided by num_items_in_batch / world alone);
+`self._metrics[mode]`, the lists TRL logs from; `current_gradient_accumulation_steps` (transformers' Trainer).
 Other versions are refused at import: a divisor copied from one version silently mis-scales another.
 """
 from __future__ import annotations
@@ -153,7 +159,8 @@ class FusedGRPOTrainer(GRPOTrainer):
         _raise_if_unsupported(self.args, self.accelerator.unwrap_model(self.model))
         low_precision = self.args.bf16 or self.args.fp16
         self.self_check_every = self_check_every
-        self.self_check_tolerance = self_check_tolerance or (1e-2 if low_precision else 1e-5)
+        self.self_check_tolerance = (1e-2 if low_precision else 1e-5) if self_check_tolerance is None \
+            else self_check_tolerance
         self.backend = backend
         # GRPOConfig leaves epsilon_high None when it equals epsilon.
         self.clip_box = (self.args.epsilon, self.args.epsilon if self.args.epsilon_high is None else self.args.epsilon_high)
