@@ -13,7 +13,8 @@ onpolicy-token (dapo, no old log-probs) and offpolicy-seq (grpo with sequence-le
 from the model plus noise). Each (case, trainer) runs in its own process: warm-up (for the fused trainer
 this includes its self-check against TRL's loss on this very batch), the median of --repeats timed
 updates (wall and CPU seconds; the speedup is of CPU seconds, which a busy machine inflates less), then
-the peak memory of one update above what was allocated before it (as bench_loss measures it). The loss
+the peak memory of one update above what was allocated before it (as bench_loss measures it; it includes
+the parameters' gradients, which both trainers keep: printed beside it). The loss
 and the lm_head gradient's norm of the two trainers are compared. Writes bench_trl.json under --out and
 prints the table.
 """
@@ -143,9 +144,10 @@ def worker(a):
     clear()
     _libc().mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD fixed: freed tensors leave the RSS at once
     mem, _, method = peak_above(update, torch.device("cpu"))
+    grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     res = dict(case=case, trainer=trainer_name, update_s=times, update_med=statistics.median(times),
                update_cpu_s=cpu_times, update_cpu_med=statistics.median(cpu_times), loss=loss.item(),
-               lm_head_grad_norm=grad_norm, mem_update=mem, mem_method=method,
+               lm_head_grad_norm=grad_norm, mem_update=mem, mem_grads=grad_bytes, mem_method=method,
                tokens=int(inputs["completion_mask"].sum()), self_checked=trainer_name == "fused" and a.warmup > 0)
     with open(os.path.join(a.worker_dir, f"{case}-{trainer_name}.json"), "w") as f:
         json.dump(res, f)
@@ -177,7 +179,7 @@ def main(argv=None):
                 results.append(json.load(f))
             print(f"  [{case} / {trainer_name}] {results[-1]['update_med']:.2f} s wall, {results[-1]['update_cpu_med']:.2f} s "
                   f"CPU per update ({time.perf_counter() - t0:.0f} s)")
-    print(f"\n{'case':16} {'trainer':8} {'wall s':>8} {'CPU s':>8} {'speedup':>8} {'peak MiB':>9} {'mem ratio':>9} "
+    print(f"\n{'case':16} {'trainer':8} {'wall s':>8} {'CPU s':>8} {'speedup':>8} {'peak MiB':>9} {'grads MiB':>9} {'mem ratio':>9} "
           f"{'tokens':>6} {'loss':>13} {'|dW lm_head|':>13}")
     for case in a.cases:
         stock, fused = (next(r for r in results if r["case"] == case and r["trainer"] == t) for t in TRAINERS)
@@ -187,7 +189,7 @@ def main(argv=None):
         fused["grad_norm_rel_err"] = abs(fused["lm_head_grad_norm"] - stock["lm_head_grad_norm"]) / stock["lm_head_grad_norm"]
         for r in (stock, fused):
             print(f"{case:16} {r['trainer']:8} {r['update_med']:8.2f} {r['update_cpu_med']:8.2f} {r.get('speedup', 1.0):7.2f}x "
-                  f"{r['mem_update'] / 2**20:9.1f} {r.get('mem_ratio', 1.0):9.2f} {r['tokens']:6d} "
+                  f"{r['mem_update'] / 2**20:9.1f} {r['mem_grads'] / 2**20:9.1f} {r.get('mem_ratio', 1.0):9.2f} {r['tokens']:6d} "
                   f"{r['loss']:13.6e} {r['lm_head_grad_norm']:13.6e}")
         print(f"{'':16} fused vs stock: loss rel. error {fused['loss_rel_err']:.1e}, "
               f"lm_head grad norm rel. error {fused['grad_norm_rel_err']:.1e}")
