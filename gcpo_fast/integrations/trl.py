@@ -25,7 +25,8 @@ Not supported (a ValueError naming the option at construction; use trl.GRPOTrain
 top_entropy_quantile < 1, entropy_coef / use_adaptive_entropy, off_policy_mask_threshold, vLLM's
 importance-sampling correction (use_vllm with vllm_importance_sampling_correction), loss types cispo,
 sapo, vespo, luspo, MoE router aux loss, lm_heads that are not a plain Linear (a PEFT adapter on it) and
-models that transform their logits (softcapping, logit scale). Vision inputs raise on the first batch.
+models that transform their logits (softcapping, logit scale). Vision inputs and token types raise on
+the first batch.
 The vLLM correction needs a per-token weight on the loss, which the fused op does not take yet.
 The model must accept `output_hidden_states` and `logits_to_keep` (every causal LM in transformers does).
 Tested also with two CPU ranks under DDP (the forward goes through the wrapper, so its gradient hooks
@@ -56,7 +57,9 @@ from gcpo_fast.packing import lm_head_weight
 
 SUPPORTED_TRL = ((1, 10), (1, 16))  # first and last (major, minor) whose loss layout this module reproduces
 SUPPORTED_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
-VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "spatial_shapes")
+# Batch keys of multimodal models (and token types) that TRL passes to the model; only token ids are passed here.
+UNSUPPORTED_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "spatial_shapes",
+                      "num_tiles", "image_position_ids", "token_type_ids", "mm_token_type_ids")
 
 
 def check_trl_version(version: str) -> None:
@@ -132,7 +135,7 @@ def trl_divisor(loss_type: str, mask, inputs: dict, accumulation_steps: int, num
     if loss_type == "grpo":
         return "seq-mean-token-mean", rows * ga
     if loss_type == "bnpo":
-        return "token-mean", mask.sum().clamp(min=1.0).float() * ga
+        return "token-mean", mask.sum().float().clamp(min=1.0) * ga
     if loss_type == "dr_grpo":
         return "seq-mean-token-sum-norm", rows * max_completion_length * ga
     if loss_type == "dapo":
@@ -190,9 +193,9 @@ class FusedGRPOTrainer(GRPOTrainer):
 
     def fused_loss(self, model, inputs: dict, mode: str):
         """(loss, stats, packed) of one micro-batch: TRL's loss, divided as TRL divides it."""
-        present = [k for k in VISION_KEYS if inputs.get(k) is not None]
+        present = [k for k in UNSUPPORTED_INPUTS if inputs.get(k) is not None]
         if present:
-            raise ValueError(f"FusedGRPOTrainer: vision inputs ({', '.join(present)}) are not supported")
+            raise ValueError(f"FusedGRPOTrainer: model inputs beyond token ids ({', '.join(present)}) are not supported")
         advantages = inputs["advantages"]
         if advantages.dim() != 1:
             raise ValueError(f"FusedGRPOTrainer: advantages must be one per row [B], got shape {tuple(advantages.shape)}")
