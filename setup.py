@@ -15,7 +15,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["gcpo_fast", "gcpo_fast.kernels"],
+    packages=["gcpo_fast", "gcpo_fast.integrations", "gcpo_fast.kernels"],
     package_dir={"gcpo_fast": "gcpo_fast", "gcpo_fast.kernels": "kernels"},
     package_data={"gcpo_fast": ["assets/default_model/*"]},
     install_requires=[
@@ -30,7 +30,7 @@ setup(
         "pyyaml>=6.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "pyarrow>=15"],
+        "test": ["pytest>=8", "pyarrow>=15", "trl>=1.10,<1.17"],  # trl: tests/test_trl_integration.py
         "gpu": ["flash-attn>=2.6"],
         "bench": ["matplotlib>=3.8", "liger-kernel>=0.5", "cut-cross-entropy>=25.1"],
         "data": ["pyarrow>=15"],

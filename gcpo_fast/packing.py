@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 
 # Config attributes that change logits beyond hidden @ W.T + b; the fused op cannot reproduce them.
-_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0,
+                     "output_multiplier": 1.0, "lm_head_multiplier": 1.0}
 
 
 @dataclass

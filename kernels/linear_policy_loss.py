@@ -15,7 +15,8 @@ LUFFY's shaped term on those rows) and `config=` included. The backward never fo
 - recompute (8NVd): otherwise (sequence-level off-policy with a row longer than a chunk, and always
   on the triton backend), the forward keeps O(N) state and the backward recomputes the logits.
 `stats` holds TRL's clip metrics, `ratio_mean`, `kl` (beta > 0), `entropy` (compute_entropy=True)
-and `num_tokens`, as 0-d tensors computed in the same pass.
+and `num_tokens`, as 0-d tensors computed in the same pass; with return_logp=True also `logp`, the
+per-token log-probs [N] (detached fp32), for metrics that need more than token means (per-row ones).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ class LinearPolicyLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, old_logp, ref_logp, advantages, sampling_weight, shaped_rows,
                 cu_seqlens, cfg, opts):
-        temperature, ignore_index, normalizer, compute_entropy, engine, workspace_bytes = opts
+        temperature, ignore_index, normalizer, compute_entropy, engine, workspace_bytes, return_logp = opts
         needs = ctx.needs_input_grad[:3]
         needs_dx, needs_dw, needs_db = needs[0], needs[1], bias is not None and needs[2]
         mask = targets != ignore_index
@@ -102,6 +103,8 @@ class LinearPolicyLossFunction(torch.autograd.Function):
         stats = finalize_stats(stat_sums, n_tok, cfg)
         if compute_entropy:
             stats["entropy"] = (ent * mask).sum() / n_tok.clamp(min=1.0)
+        if return_logp:
+            stats["logp"] = logp.detach()
         ctx.mark_non_differentiable(*stats.values())
         return loss, stats
 
@@ -127,7 +130,7 @@ def linear_policy_loss(hidden, weight, targets, old_logp, advantages, cu_seqlens
                        epsilon_high=None, loss_agg_mode=None, delta=None, clip_ratio_c=None, beta=None,
                        ref_logp=None, normalizer=None, max_completion_length=None, sampling_weight=None,
                        golden_rows=None, golden_objective=None, golden_shaping_gamma=None, config=None,
-                       compute_entropy=False, backend=None, workspace_bytes=WORKSPACE_BYTES):
+                       compute_entropy=False, return_logp=False, backend=None, workspace_bytes=WORKSPACE_BYTES):
     """Fused clipped policy loss of packed completions from hidden states; returns (loss, stats).
 
     hidden [N, d] are the states that predict targets [N] (the completion tokens of B rows packed by
@@ -145,7 +148,8 @@ def linear_policy_loss(hidden, weight, targets, old_logp, advantages, cu_seqlens
                                    sampling_weight, normalizer, golden_rows, cfg.golden_objective)[1]
     settle(pending)
     engine = select_backend(backend, hidden.device)
-    opts = (float(temperature), int(ignore_index), normalizer, bool(compute_entropy), engine, int(workspace_bytes))
+    opts = (float(temperature), int(ignore_index), normalizer, bool(compute_entropy), engine, int(workspace_bytes),
+            bool(return_logp))
     return LinearPolicyLossFunction.apply(hidden, weight, bias, targets, detached(old_logp), detached(ref_logp),
                                           advantages.detach(), detached(sampling_weight),
                                           shaped_rows_of(golden_rows, cfg), cu_seqlens, cfg, opts)

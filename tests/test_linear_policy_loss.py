@@ -213,6 +213,29 @@ def test_custom_normalizer_makes_micro_batches_add_up(device):
     torch.testing.assert_close(W.grad, g_whole)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("path", ["sweep", "recompute", "no_grad"])
+def test_return_logp_gives_the_log_probs_and_changes_nothing_else(backend, device, path):
+    """return_logp=True adds stats["logp"] (the reference log-probs, 0 where ignored) on every path."""
+    h, W, b, t, adv, cu = make_inputs(23, 16, 97, [9, 14], seed=5, device=device)
+    old = None if path == "sweep" else torch.full((23,), -4.0, device=device)
+    kwargs = dict(bias=b, loss_type="gcpo", backend=backend, temperature=0.7, workspace_bytes=4 * 97 * 4)
+    results = []
+    for return_logp in (False, True):
+        W.grad = None
+        W.requires_grad_(path != "no_grad")
+        loss, stats = linear_policy_loss(h, W, t, old, adv, cu, return_logp=return_logp, **kwargs)
+        if path != "no_grad":
+            loss.backward()
+        results.append((loss.detach(), W.grad, stats))
+    (loss0, grad0, stats0), (loss1, grad1, stats1) = results
+    assert "logp" not in stats0 and torch.equal(loss0, loss1)
+    assert grad0 is None if path == "no_grad" else torch.equal(grad0, grad1)
+    assert not stats1["logp"].requires_grad
+    ref, _ = reference_logprobs(h, W, b, t, 0.7)
+    _close(stats1["logp"], ref, torch.float32)
+
+
 def _args(**over):
     h, W, b, t, adv, cu = make_inputs(9, 8, 30, [4, 5], seed=1)
     args = dict(hidden=h, weight=W, targets=t, old_logp=None, advantages=adv, cu_seqlens=cu, bias=b)

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import types
 
 import pytest
 
@@ -25,7 +24,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from gcpo_fast.config import DEFAULT_MODEL  # noqa: E402
-from gcpo_fast.rollout import encode_prompts, generate  # noqa: E402
+from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts  # noqa: E402
 from gcpo_fast.sources import load_records  # noqa: E402
 from gcpo_fast.vllm_engine import VLLMEngine  # noqa: E402
 
@@ -34,8 +33,8 @@ TIE_TOL = 1e-3  # a greedy choice may differ only where HF's top two logits are 
 
 
 def sampling(**overrides):
-    return types.SimpleNamespace(**{**dict(max_completion_length=64, temperature=1.0, top_p=1.0, top_k=0,
-                                           greedy=False), **overrides})
+    return Sampling(**{**dict(max_completion_length=64, temperature=1.0, top_p=1.0, top_k=0, greedy=False),
+                       **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +78,7 @@ def hf_logprobs(model, prompt, completion, temperature=1.0, top_k=0):
 
 def test_greedy_matches_generate(engine, hf, tokenizer, prompt_ids):
     ours = engine.generate(prompt_ids, 1, sampling(greedy=True))
-    ref = generate(hf, tokenizer, prompt_ids, 1, max_completion_length=64, greedy=True)
+    ref = HFEngine(hf, tokenizer).generate(prompt_ids, 1, sampling(greedy=True))
     assert ours.prompt_ids == ref.prompt_ids
     same = sum(a == b for a, b in zip(ours.completion_ids, ref.completion_ids, strict=True))
     assert same >= 0.95 * len(prompt_ids), f"{same}/{len(prompt_ids)} greedy completions agree"
@@ -196,11 +195,11 @@ def test_unloadable_model_is_one_line(tokenizer, tmp_path):
 
 
 TORCHRUN_SCRIPT = textwrap.dedent("""
-    import json, sys, types
+    import json, sys
     import torch, torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from gcpo_fast.config import DEFAULT_MODEL
-    from gcpo_fast.rollout import encode_prompts
+    from gcpo_fast.rollout import Sampling, encode_prompts
     from gcpo_fast.sources import load_records
     from gcpo_fast.vllm_engine import VLLMEngine
 
@@ -209,7 +208,7 @@ TORCHRUN_SCRIPT = textwrap.dedent("""
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
     engine = VLLMEngine(DEFAULT_MODEL, tokenizer, seed=rank, gpu_memory_utilization=0.2, max_model_len=128,
                         dtype="float32")
-    sampling = types.SimpleNamespace(max_completion_length=32, temperature=1.0, top_p=1.0, top_k=0, greedy=False)
+    sampling = Sampling(max_completion_length=32, temperature=1.0, top_p=1.0, top_k=0, greedy=False)
     records = load_records("builtin", split="test", num_problems=8)
     prompts = encode_prompts(tokenizer, [r["prompt"] for r in records], max_prompt_length=64)
     sampled = engine.generate(prompts, 2, sampling).completion_ids
@@ -230,7 +229,7 @@ TORCHRUN_SCRIPT = textwrap.dedent("""
     stale = gap()
     engine.sync_weights(model.named_parameters())
     synced = gap()
-    greedy = types.SimpleNamespace(**{**vars(sampling), "greedy": True})
+    greedy = Sampling(max_completion_length=32, greedy=True)
     completion = engine.generate(prompts[:1], 1, greedy).completion_ids[0]
     gathered = [None, None]
     dist.all_gather_object(gathered, sampled)
