@@ -250,6 +250,8 @@ def main(argv=None) -> None:
                                levels=args.builtin_levels, prompt_column=args.prompt_column,
                                golden_column=args.golden_column, answer_column=args.answer_column)
         funcs = [load_reward_function(spec) for spec in args.reward_funcs]
+        if not Path(args.out).resolve().parent.is_dir():
+            raise ValueError(f"--out {args.out}: its folder does not exist")
         cache = GoldenCache(args.out, teacher_identity(folder))
     except (ValueError, OSError) as e:
         ap.fail(str(e))
