@@ -314,3 +314,33 @@ def test_no_golden_column_and_no_teacher_runs_as_gspo_with_a_warning(tiny, tmp_p
                         "--output_dir", str(tmp_path / "run")])
     with pytest.raises(ValueError, match="8 of 16 records have no golden column 'solution' \\(the first: record 1\\)"):
         prepare(cfg)
+
+
+def _ddp_worker(rank, world, port, tiny, data, run):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from gcpo_fast.parallel import init_distributed
+
+    init_distributed()
+    try:
+        train(run_args(tiny, data, run, "--max_steps", "2"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_share_one_cache(tiny, tmp_path, one_thread):
+    """Each rank asks the teacher for its own prompts; every answer reaches the file once, written by rank 0."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    data, run = answers_only(tmp_path / "answers.jsonl", n=8), tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, tiny, data, run), nprocs=2, join=True)
+    entries = cache_lines(run)
+    assert len(entries) == 8 and len({e["prompt_key"] for e in entries}) == 8  # 2 steps x 2 ranks x 2 prompts
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["gcpo/golden_from_teacher"]) for m in lines] == [(1, 2.0), (2, 2.0)]  # mean over ranks
