@@ -2,7 +2,7 @@
 
     python -m benchmarks.golden_teacher teacher /tmp/gt/teacher          # the teacher (~5 min on one CPU thread)
     python -m benchmarks.golden_teacher data /tmp/gt                      # train.jsonl with and without solutions
-    R="--eval_dataset /tmp/gt/test/test.jsonl --eval_steps 150 --save_steps 0 --max_steps 300"
+    R="--eval_dataset /tmp/gt/test/test.jsonl --eval_steps 150 --save_steps 0 --max_steps 150 --sample_steps 50"
     python -m gcpo_fast.train $R --output_dir /tmp/gt/runs/dataset --dataset /tmp/gt/gold/train.jsonl
     python -m gcpo_fast.train $R --output_dir /tmp/gt/runs/teacher --dataset /tmp/gt/nogold/train.jsonl \\
         --answer_column answer --golden_model /tmp/gt/teacher
