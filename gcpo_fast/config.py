@@ -41,6 +41,7 @@ DEFAULT_MODEL = str(Path(__file__).resolve().parent / "assets" / "default_model"
 SHIPPED_MODEL_LR = 3e-4  # tuned on the shipped model and task (README, "The shipped default")
 SCHEDULERS = ("constant", "cosine", "linear")
 REPORTERS = ("none", "tensorboard", "wandb")
+GOLDEN_SOURCES = ("dataset", "teacher", "dataset_then_teacher")
 
 # The trainer's half of each method (the loss half is the kernel's LOSS_RECIPES): golden rows, reward
 # scaling, DAPO's dynamic sampling and overlong shaping, GPG's resampling threshold (docs/algorithms.md).
@@ -146,6 +147,12 @@ class TrainConfig:
     overlong_buffer_len: int | None = opt(None, "DAPO: soft overlong penalty over the last this-many tokens of the budget (0: off; dapo: max_completion_length // 5)", EXTRAS, shown=RECIPE)
     overlong_penalty_factor: float = opt(1.0, "DAPO: scale of the overlong penalty (it reaches -factor at the budget)", EXTRAS)
     min_inverse_alpha: float | None = opt(None, "GPG: sample more prompts until valid rows / rows reaches this (0: off)", EXTRAS, shown=RECIPE)
+    golden_source: str | None = opt(None, "GCPO: where golden answers come from: the dataset's golden column, a teacher (--golden_model, --golden_cache), or the dataset and, for records without one, the teacher (default: dataset_then_teacher when a teacher or cache is given, else dataset)", EXTRAS, choices=GOLDEN_SOURCES)
+    golden_model: str | None = opt(None, "GCPO: a teacher, a local Hugging Face causal LM folder, that writes golden answers for all-wrong prompts (verified by the reward functions, cached in output_dir/golden_cache.jsonl)", EXTRAS)
+    golden_cache: str | None = opt(None, "GCPO: a golden-answer cache filled offline (python -m gcpo_fast.golden), read at the start; without --golden_model it is the only teacher", EXTRAS)
+    golden_num_candidates: int = opt(4, "GCPO teacher: candidates per all-wrong prompt; the first the reward functions call correct becomes its golden answer", EXTRAS)
+    golden_temperature: float = opt(0.7, "GCPO teacher: sampling temperature of its candidates", EXTRAS)
+    golden_max_completion_length: int | None = opt(None, "GCPO teacher: token budget per candidate, in the teacher's tokens (default: max_completion_length)", EXTRAS)
     # logging and checkpoints
     output_dir: str = opt("runs/gcpo", "run directory: metrics.jsonl, samples.jsonl, checkpoint-<step>/", LOGS)
     logging_steps: int = opt(1, "print and report to TensorBoard/W&B every this many steps (metrics.jsonl gets every step)", LOGS)
@@ -292,6 +299,8 @@ def resolve(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
         default(name, method[name])
     default("overlong_buffer_len", max(1, cfg.max_completion_length // 5) if method["overlong"] else 0)
     default("steps_per_generation", cfg.gradient_accumulation_steps)
+    default("golden_source", "dataset_then_teacher" if cfg.golden_model or cfg.golden_cache else "dataset")
+    default("golden_max_completion_length", cfg.max_completion_length)
     # a 1M-parameter model needs a far larger step than the billion-parameter models TRL's 1e-6 is for
     default("learning_rate", SHIPPED_MODEL_LR if Path(cfg.model).resolve() == Path(DEFAULT_MODEL) else 1e-6)
     cfg = dataclasses.replace(cfg, **values)
@@ -345,6 +354,7 @@ def check(cfg: TrainConfig) -> None:
          f"loss_type gpg divides advantages by 1 or the group std: scale_rewards must be none or group, got {cfg.scale_rewards!r}")
     need(bool(cfg.builtin_levels) and set(cfg.builtin_levels) <= set(range(1, 9)),
          f"builtin_levels must be levels 1 to 8 of gcpo_fast/tasks.py, got {cfg.builtin_levels}")
+    check_golden_source(cfg)
     need(bool(cfg.reward_funcs), "reward_funcs must name at least one reward function")
     need(cfg.vllm_mode == "colocate", f"vllm_mode {cfg.vllm_mode} is not supported yet: use colocate (an engine in "
                                       "each training process)")
@@ -367,6 +377,24 @@ def check(cfg: TrainConfig) -> None:
     need(cfg.save_total_limit is None or cfg.save_total_limit >= 1, f"save_total_limit must be >= 1, got {cfg.save_total_limit}")
     for reporter in set(cfg.report_to) - {"none"}:
         need(importlib.util.find_spec(reporter) is not None, f"report_to {reporter}: the {reporter} package is not installed")
+
+
+def check_golden_source(cfg: TrainConfig) -> None:
+    """A teacher needs golden rows to fill and a golden source that asks it; a teacher source needs a teacher."""
+    teacher = [f"--{name}" for name in ("golden_model", "golden_cache") if getattr(cfg, name)]
+    if cfg.golden_source != "dataset" and not teacher:
+        raise ConfigError(f"golden_source {cfg.golden_source} needs a teacher: --golden_model FOLDER or --golden_cache FILE")
+    if teacher and cfg.golden_source == "dataset":
+        raise ConfigError(f"{' and '.join(teacher)} would never be asked with golden_source dataset: use golden_source "
+                          "teacher or dataset_then_teacher")
+    if teacher and cfg.golden_answer == "off":
+        raise ConfigError(f"{' and '.join(teacher)} would never be asked: golden_answer is off (loss_type "
+                          f"{cfg.loss_type}); use --loss_type gcpo or --golden_answer append")
+    for name in ("golden_num_candidates", "golden_max_completion_length"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if not cfg.golden_temperature > 0:
+        raise ConfigError(f"golden_temperature must be > 0, got {cfg.golden_temperature}")
 
 
 def check_finite(cfg: TrainConfig) -> None:

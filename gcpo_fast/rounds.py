@@ -3,14 +3,15 @@
     from gcpo_fast.rounds import sample_groups, build_rows, split_steps
 
     sampled, metrics = sample_groups(cfg, engine, tokenizer, sampler, reward_funcs)   # SampledGroups
-    rows, samples = build_rows(cfg, tokenizer, sampled, metrics)                       # update.Rows, samples.jsonl
+    rows, samples = build_rows(cfg, tokenizer, sampled, metrics, teacher)              # update.Rows, samples.jsonl
     steps = split_steps(cfg, rows, model, ref_model)   # [optimizer step][micro-batch] of update.Rows
 
 1. sample_groups: the next prompts (per rank its own), G completions each from the rollout engine, rewards
    (+ DAPO's overlong penalty). DAPO's dynamic sampling or GPG's threshold may sample more prompt batches;
    every rank draws as many batches as the others.
 2. build_rows, over the kept groups: GCPO gives a group whose G rewards are all wrong its golden answer as a
-   row (append or replace), tokenised after the same prompt ids; advantages per group over the rows. A golden
+   row (append or replace), tokenised after the same prompt ids; advantages per group over the rows. The
+   golden text comes from the dataset or, by --golden_source, a teacher (gcpo_fast/golden.py). A golden
    answer longer than max_completion_length is not used: cut, it would lose its final answer yet still be
    trained on as correct. Such groups are counted (gcpo/golden_truncated) and warned about once.
 3. split_steps: the rows shuffled into steps_per_generation micro-batches, gradient_accumulation_steps per
@@ -28,6 +29,7 @@ import torch
 
 from gcpo_fast import groups
 from gcpo_fast.kernels import sampling_weights
+from gcpo_fast.golden import Teacher, golden_texts
 from gcpo_fast.parallel import all_reduce
 from gcpo_fast.rewards import compute_rewards, overlong_penalty, reward_function_name
 from gcpo_fast.rollout import Rollouts, Sampling, encode_completion, encode_prompts
@@ -110,12 +112,15 @@ def sample_groups(cfg, engine, tokenizer, sampler, reward_funcs, timer: PhaseTim
     return SampledGroups(records, rollouts, grid, keep), metrics
 
 
-def build_rows(cfg, tokenizer, sampled: SampledGroups, metrics: dict) -> tuple[Rows, list[dict]]:
+def build_rows(cfg, tokenizer, sampled: SampledGroups, metrics: dict, teacher: Teacher | None = None,
+               timer: PhaseTimer | None = None) -> tuple[Rows, list[dict]]:
     """Golden rows and advantages over the kept groups, group by group: (rows, a few samples for samples.jsonl).
-    Adds the reward and gcpo/* metrics to `metrics`."""
+    Adds the reward and gcpo/* metrics to `metrics`. teacher: golden answers for all-wrong prompts by
+    --golden_source (gcpo_fast/golden.py); timer: charged with teacher."""
     kept = sampled.kept()
-    golden_ids = {p: encode_completion(tokenizer, r["golden"], cfg.max_completion_length)
-                  for p, r in enumerate(kept.records) if r["golden"] is not None and cfg.golden_answer != "off"}
+    texts, from_teacher = golden_texts(cfg, kept.records, kept.rewards, teacher, metrics, timer)
+    golden_ids = {p: encode_completion(tokenizer, text, cfg.max_completion_length)
+                  for p, text in enumerate(texts) if text is not None}
     fits = [p in golden_ids and not golden_ids[p][1] for p in range(len(kept.records))]
     g = groups.add_golden_rows(kept.rewards, fits, mode=cfg.golden_answer, correct_reward=cfg.correct_reward)
     if cfg.loss_type == "gpg":
@@ -126,6 +131,8 @@ def build_rows(cfg, tokenizer, sampled: SampledGroups, metrics: dict) -> tuple[R
     metrics.update(groups.group_metrics(sampled.rewards, g))  # reward stats: every sampled rollout; gcpo/*: kept
     too_long = sum(1 for p, (_, cut) in golden_ids.items() if cut and g.all_wrong[p])
     metrics["gcpo/golden_truncated"] = too_long
+    if teacher is not None:
+        metrics["gcpo/golden_from_teacher"] = sum(bool(g.golden_prompts[p]) for p in from_teacher)
     if too_long:  # the same text from the same line: Python's default filter shows it once
         warnings.warn(f"golden answers longer than max_completion_length={cfg.max_completion_length} tokens are not "
                       "used (cut, they would lose their final answer); gcpo/golden_truncated counts the groups left "
@@ -136,7 +143,7 @@ def build_rows(cfg, tokenizer, sampled: SampledGroups, metrics: dict) -> tuple[R
     for k, (p, r) in enumerate(zip(g.group_index.tolist(), g.rollout_index.tolist())):
         record = kept.records[p]
         if g.is_golden[k]:
-            (ids, cut), text = golden_ids[p], record["golden"]
+            (ids, cut), text = golden_ids[p], texts[p]
         else:
             ids, cut, text = out.completion_ids[r], out.truncated[r], out.texts[r]
         rows.prompt_ids.append(out.prompt_ids[p * G])

@@ -11,7 +11,8 @@
 One optimizer step (docs/design.md, "The trainer: data flow of one step"):
 1. When the buffer of prepared steps is empty, a generation round (gcpo_fast/rounds.py): the rollout engine
    (gcpo_fast/rollout.py) samples G completions of the next prompts, rewards score them, GCPO adds golden
-   rows to all-wrong groups, advantages per group, and the rows are cut into micro-batches for the
+   rows to all-wrong groups (the dataset's golden answers, or a teacher's: gcpo_fast/golden.py),
+   advantages per group, and the rows are cut into micro-batches for the
    round's optimizer steps (with old log-probs when the round is reused).
 2. The step: forward + backward of its micro-batches with the fused loss, normalised by the step's global
    token (or row) count, gradient clipping, AdamW, scheduler (gcpo_fast/update.py); then the engine gets
@@ -29,6 +30,7 @@ the paths of metrics.jsonl, samples.jsonl and the final checkpoint are printed.
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,6 +44,7 @@ from gcpo_fast.config import ConfigError, TrainConfig, parse_config
 from gcpo_fast.data import PromptSampler
 from gcpo_fast.errors import TrainingError
 from gcpo_fast.eval import count_correct, level_summary, summarize
+from gcpo_fast.golden import CACHE_NAME, GoldenCache, Teacher, teacher_identity
 from gcpo_fast.logger import RunLogger
 from gcpo_fast.models import check_model_folder, load_causal_lm, load_tokenizer
 from gcpo_fast.packing import default_attn_implementation
@@ -59,11 +62,10 @@ def prepare(cfg: TrainConfig) -> dict:
     """Everything that can fail on bad input, before any model is loaded: the data, the reward functions,
     the run directory and the checkpoint to resume. Raises ValueError / FileNotFoundError."""
     check_output_dir(cfg.output_dir)
-    golden = cfg.golden_answer != "off"
     columns = dict(prompt_column=cfg.prompt_column, golden_column=cfg.golden_column, answer_column=cfg.answer_column)
     records = load_records(cfg.dataset, split="train", num_problems=cfg.builtin_num_problems, seed=cfg.seed,
-                           levels=cfg.builtin_levels,
-                           require_golden=golden, **columns)
+                           levels=cfg.builtin_levels, **columns)
+    check_golden_answers(cfg, records)
     eval_dataset = cfg.eval_dataset or ("builtin" if cfg.dataset == "builtin" else None)
     eval_records = None
     if cfg.eval_steps and eval_dataset:
@@ -87,13 +89,49 @@ def prepare(cfg: TrainConfig) -> dict:
             raise ValueError(f"--resume {resume}: {cfg.output_dir} holds newer checkpoints ({', '.join(newer)}) of the "
                              "run that went on; resume into a new --output_dir (the checkpoint is read from where it "
                              "is), or move the newer checkpoints away")
+    golden_cache = None
+    if cfg.golden_answer != "off" and cfg.golden_source != "dataset":
+        teacher = teacher_identity(check_model_folder(cfg.golden_model)) if cfg.golden_model else None
+        golden_cache = GoldenCache(Path(cfg.output_dir) / CACHE_NAME, teacher,
+                                   prefilled=[cfg.golden_cache] if cfg.golden_cache else [])
     world = int(os.environ.get("WORLD_SIZE", "1"))
     prompts = cfg.prompts_per_round
     if prompts * world > len(records):
         raise ValueError(f"a generation round takes {prompts} prompts x {world} processes, but the dataset has only "
                          f"{len(records)}")
     check_model_folder(cfg.model)  # a causal decoder with weights and a tokenizer, or one line saying why not
-    return dict(records=records, eval_records=eval_records, reward_funcs=funcs, resume=resume)
+    return dict(records=records, eval_records=eval_records, reward_funcs=funcs, resume=resume, golden_cache=golden_cache)
+
+
+def check_golden_answers(cfg: TrainConfig, records: list[dict]) -> None:
+    """With golden answers from the dataset only, every record needs one; with none at all GCPO is GSPO (warned)."""
+    if cfg.golden_answer == "off" or cfg.golden_source != "dataset":
+        return
+    missing = [i for i, r in enumerate(records) if r["golden"] is None]
+    if len(missing) == len(records):
+        warnings.warn(f"--dataset {cfg.dataset} has no golden column {cfg.golden_column!r} and no teacher is given "
+                      f"(--golden_model, --golden_cache): loss_type {cfg.loss_type} has no golden answers and runs as "
+                      "GSPO would", stacklevel=2)
+    elif missing:
+        raise ValueError(f"--dataset {cfg.dataset}: {len(missing)} of {len(records)} records have no golden column "
+                         f"{cfg.golden_column!r} (the first: record {missing[0]}); give them a teacher (--golden_model, "
+                         "--golden_source dataset_then_teacher) or pass --golden_answer off")
+
+
+def load_teacher(cfg: TrainConfig, cache, reward_funcs, device) -> Teacher | None:
+    """The golden-answer teacher of --golden_source: the cache, and the --golden_model engine when given."""
+    if cache is None:
+        return None
+    engine = tokenizer = None
+    if cfg.golden_model:
+        tokenizer = load_tokenizer(cfg.golden_model)
+        dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32
+        model = load_causal_lm(cfg.golden_model, device=device, dtype=dtype).eval().requires_grad_(False)
+        engine = HFEngine(model, tokenizer, bf16=cfg.bf16)
+    return Teacher(cache, reward_funcs, engine=engine, tokenizer=tokenizer, num_candidates=cfg.golden_num_candidates,
+                   sampling=Sampling(cfg.golden_max_completion_length, cfg.golden_temperature),
+                   max_prompt_length=cfg.max_prompt_length, correct_reward=cfg.correct_reward,
+                   reward_weights=cfg.reward_weights, seed=cfg.seed)
 
 
 def check_output_dir(output_dir: str) -> None:
@@ -142,6 +180,7 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
     engine = make_engine(cfg, model, tokenizer, model_path, rank)
     # beta > 0: the reference is the initial policy, also when resuming
     ref_model = load_model(cfg.model, dist.device, cfg).eval().requires_grad_(False) if cfg.beta > 0 else None
+    teacher = load_teacher(cfg, prepared.get("golden_cache"), prepared["reward_funcs"], dist.device)
     policy = parallel.parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.temperature), cfg.parallelism,
                                   cpu_offload=cfg.fsdp_cpu_offload, bf16=cfg.bf16)
     optimizer, scheduler = build_optimizer(model, cfg)
@@ -197,7 +236,7 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
                 with policy.unsharded():  # FSDP: gather the layers once for the whole round (a no-op otherwise)
                     sampled, round_metrics = sample_groups(cfg, engine, tokenizer, sampler, prepared["reward_funcs"],
                                                            timer)
-                    rows, samples = build_rows(cfg, tokenizer, sampled, round_metrics)
+                    rows, samples = build_rows(cfg, tokenizer, sampled, round_metrics, teacher, timer)
                     buffer = split_steps(cfg, rows, model, ref_model, timer, round_metrics)
                 engine.sleep()  # --vllm_enable_sleep_mode: vLLM's memory is the trainer's until the next sync
             micro_batches = buffer.pop(0)

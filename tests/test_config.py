@@ -110,7 +110,7 @@ MISSING_MODEL = ["--model", "/nonexistent/model", "--num_generations", "2", "--p
 
 @pytest.mark.parametrize("rows, message", [
     ("malformed", "line 2: malformed JSON"),
-    ([{"prompt": "1+1?"}], "missing golden column 'solution'"),
+    ([{"prompt": "1+1?"}], "no ground-truth answer: column 'solution'"),
     ([{"question": "1+1?", "solution": "\\boxed{2}"}], "missing prompt column 'prompt'"),
     ([], "empty dataset"),
 ])
