@@ -49,7 +49,7 @@ from gcpo_fast.logger import RunLogger
 from gcpo_fast.models import check_model_folder, load_causal_lm, load_tokenizer
 from gcpo_fast.packing import default_attn_implementation
 from gcpo_fast.rewards import load_reward_function
-from gcpo_fast.rollout import Sampling, make_engine
+from gcpo_fast.rollout import HFEngine, Sampling, make_engine
 from gcpo_fast.rounds import build_rows, sample_groups, split_steps
 from gcpo_fast.sources import load_records
 from gcpo_fast.timing import PhaseTimer

@@ -191,7 +191,7 @@ def linear_logprob_forward_backward(hidden, weight, bias, targets, temperature, 
     (and entropy) -> g = grad_fn(n0, n1, logp_chunk) -> dZ -> dX, dW, db. The chunks cover [0, N) in
     order; their size bounds the workspace (chunk x V fp32). Returns (logp, lse, entropy, dX, dW, db).
     """
-    n, v, dev, inv_t = hidden.shape[0], weight.shape[0], hidden.device, 1.0 / temperature
+    v, dev, inv_t = weight.shape[0], hidden.device, 1.0 / temperature
     x, w, t, valid, logp, lse, ent = _forward_setup(hidden, weight, targets, ignore_index, with_entropy)
     dx32, dw32, db32 = _grad_buffers(hidden, weight, needs_dx, needs_dw, needs_db)
     buf = torch.empty(max((n1 - n0 for n0, n1 in chunks), default=0) * v, device=dev)

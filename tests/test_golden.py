@@ -17,7 +17,7 @@ from gcpo_fast.config import ConfigError, parse_config
 from gcpo_fast.data import PromptSampler
 from gcpo_fast.golden import CACHE_NAME, prompt_key
 from gcpo_fast.rewards import extract_answer, math_reward
-from gcpo_fast.rollout import HFEngine, Sampling, encode_completion, encode_prompts
+from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts
 from gcpo_fast.rounds import build_rows, sample_groups
 from gcpo_fast.train import load_teacher, prepare, train
 from tiny_model import make_tiny_model, one_thread, problem, write_jsonl  # noqa: F401 (one_thread: fixture)
