@@ -201,3 +201,21 @@ def test_gpg_refuses_the_clip_options_it_ignores(tmp_path, argv, name):
 def test_gpg_accepts_what_it_does_anyway():
     cfg = parse_config(["--loss_type", "gpg", "--epsilon", "0", "--importance_sampling_level", "token"])
     assert (cfg.epsilon, cfg.epsilon_high, cfg.delta, cfg.importance_sampling_level) == (0.0, 0.0, None, "token")
+
+
+def test_vllm_options_are_checked_before_anything_loads():
+    import importlib.util
+
+    with pytest.raises(ConfigError, match="vllm_mode server is not supported yet: use colocate"):
+        parse_config(["--vllm_mode", "server"])
+    with pytest.raises(ConfigError, match="vllm_gpu_memory_utilization must be in"):
+        parse_config(["--vllm_gpu_memory_utilization", "1.5"])
+    with pytest.raises(ConfigError, match="vllm_importance_sampling_clip_min/_max"):
+        parse_config(["--vllm_importance_sampling_clip_min", "4", "--vllm_importance_sampling_clip_max", "3"])
+    cfg = parse_config(["--vllm_importance_sampling_clip_max", "none", "--vllm_importance_sampling_mode", "token_mask"])
+    assert (cfg.vllm_importance_sampling_clip_max, cfg.vllm_importance_sampling_mode) == (None, "token_mask")
+    if importlib.util.find_spec("vllm") is None:  # the main environment; CI's vLLM one runs it for real
+        with pytest.raises(ConfigError, match="--use_vllm: vLLM is not installed"):
+            parse_config(["--use_vllm"])
+    else:
+        assert parse_config(["--use_vllm"]).use_vllm
