@@ -125,9 +125,16 @@ def load_teacher(cfg: TrainConfig, cache, reward_funcs, device) -> Teacher | Non
     engine = tokenizer = None
     if cfg.golden_model:
         tokenizer = load_tokenizer(cfg.golden_model)
-        dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32
-        model = load_causal_lm(cfg.golden_model, device=device, dtype=dtype).eval().requires_grad_(False)
-        engine = HFEngine(model, tokenizer, bf16=cfg.bf16)
+        if cfg.use_vllm:  # served by vLLM as well: a second engine in this process, never synced (fixed weights)
+            from gcpo_fast.vllm_engine import VLLMEngine
+
+            engine = VLLMEngine(cfg.golden_model, tokenizer, seed=cfg.seed, dtype="auto",
+                                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                                max_model_len=cfg.max_prompt_length + cfg.golden_max_completion_length)
+        else:
+            dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32
+            model = load_causal_lm(cfg.golden_model, device=device, dtype=dtype).eval().requires_grad_(False)
+            engine = HFEngine(model, tokenizer, bf16=cfg.bf16)
     return Teacher(cache, reward_funcs, engine=engine, tokenizer=tokenizer, num_candidates=cfg.golden_num_candidates,
                    sampling=Sampling(cfg.golden_max_completion_length, cfg.golden_temperature),
                    max_prompt_length=cfg.max_prompt_length, correct_reward=cfg.correct_reward,
@@ -275,6 +282,8 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
     finally:  # also on an error: vLLM's own teardown at exit would fail once the process group is gone
         bar.close()
         engine.close()
+        if teacher is not None and teacher.engine is not None:
+            teacher.engine.close()
     if log:
         log.close()
         print(log.summary(), flush=True)
