@@ -109,6 +109,8 @@ def make_model_folder(folder: Path, layers: int, d: int, v: int, seed: int) -> N
     from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(SHIPPED_TOKENIZER)
+    if v < len(tokenizer):  # prompt ids would index past the embedding
+        raise ValueError(f"--v {v}: the vocabulary must hold the shipped tokenizer's {len(tokenizer)} tokens")
     heads = max(1, d // 32)
     config = Qwen2Config(vocab_size=v, hidden_size=d, intermediate_size=4 * d, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=heads, tie_word_embeddings=True,
@@ -371,7 +373,10 @@ def main(argv=None):
     results = []
     for shape in a.shape_list:
         cfg = shape_config(a, shape)
-        make_model_folder(work / f"{shape}-model", cfg["layers"], cfg["d"], cfg["v"], a.seed)
+        try:
+            make_model_folder(work / f"{shape}-model", cfg["layers"], cfg["d"], cfg["v"], a.seed)
+        except ValueError as e:
+            raise SystemExit(f"bench_train: error: {e}") from None
         for trainer in a.trainer_list:
             t0 = time.perf_counter()
             cmd = [sys.executable, "-m", "benchmarks.bench_train", *(argv if argv is not None else sys.argv[1:]),
