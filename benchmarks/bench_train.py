@@ -318,12 +318,14 @@ def write_report(out: Path, info: dict, results: list[dict]) -> list[dict]:
         w.writerows(rows)
     (out / "bench_train.json").write_text(json.dumps(dict(machine=info, results=results, report=rows), indent=1))
     print(format_table(rows))
-    plot(out / "bench_train.png", rows)
+    where = info.get("gpu") or f"{info.get('cpu')}, {info.get('cpu_count')} cores, {info.get('threads')} thread(s)"
+    load = info.get("loadavg")
+    plot(out / "bench_train.png", rows, where + (f", load average {load[0]:.1f} at the start" if load else ""))
     print(f"\nwrote {out}/bench_train.csv, {out}/bench_train.json")
     return rows
 
 
-def plot(path: Path, rows: list[dict]) -> None:
+def plot(path: Path, rows: list[dict], title: str) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -344,6 +346,7 @@ def plot(path: Path, rows: list[dict]) -> None:
         ax.set_title(f"{shape}: median step by phase")
         ax.set_ylabel("seconds")
     axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     print(f"wrote {path}")
