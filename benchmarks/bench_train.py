@@ -46,14 +46,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from gcpo_fast.timing import PhaseTimer
 
 SHAPES = {"tiny": dict(layers=4, d=128, v=1024, steps=20), "realvocab": dict(layers=2, d=256, v=151936, steps=4)}
 TRAINERS = ("ours", "trl")
 DEFAULT_STEPS = ", ".join(f"{name} {shape['steps']}" for name, shape in SHAPES.items())
 PHASES = ("generate", "reward", "old_logp", "update", "weight_sync", "other")
+CPU_PHASES = ("generate", "update")  # CPU seconds reported for these and for the whole step
 GSPO_TRL = dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4,
                 scale_rewards="group", beta=0.0)  # TRL's spelling of our --loss_type gspo (kernels LOSS_RECIPES)
 SHIPPED_TOKENIZER = Path(__file__).resolve().parents[1] / "gcpo_fast" / "assets" / "default_model"
@@ -144,6 +148,29 @@ def ours_argv(model: str, dataset: str, output_dir: str, steps: int, a) -> list[
 
 # ---- workers ---------------------------------------------------------------------------------------------
 
+class CpuPhaseTimer(PhaseTimer):
+    """The trainer's PhaseTimer that also sums each phase's CPU seconds of this process, popped as cpu/<phase>:
+    on a shared machine a phase's wall time includes waiting for a core, its CPU time much less so."""
+
+    def __init__(self, cuda: bool = False):
+        super().__init__(cuda)
+        self.cpu = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.process_time()
+        try:
+            with super().__call__(phase):
+                yield
+        finally:
+            self.cpu[phase] = self.cpu.get(phase, 0.0) + time.process_time() - start
+
+    def pop(self) -> dict[str, float]:
+        out = {**super().pop(), **{f"cpu/{phase}": seconds for phase, seconds in self.cpu.items()}}
+        self.cpu = {}
+        return out
+
+
 def peak_memory() -> tuple[int, str]:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated(), "cuda max_memory_allocated"
@@ -164,6 +191,9 @@ def ours_steps(metrics: list[dict]) -> list[dict]:
         s["other"] = m["step_time"] - sum(s.values())
         s.update(step_time=m["step_time"], tokens=m["tokens_per_second"] * m["step_time"],
                  completion_length=m.get("completions/mean_length"))
+        if any(k.startswith("cpu/") for k in m):  # logged when the run used CpuPhaseTimer (run_ours)
+            cpu = {p: m.get(f"cpu/{p}", 0.0) for p in PHASES if p != "other"}
+            s.update({f"{p}_cpu": cpu[p] for p in CPU_PHASES}, step_cpu=sum(cpu.values()))
         steps.append(s)
     return steps
 
@@ -171,6 +201,7 @@ def ours_steps(metrics: list[dict]) -> list[dict]:
 def run_ours(a, shape: str, work: Path) -> dict:
     from gcpo_fast import train
 
+    train.PhaseTimer = CpuPhaseTimer  # the same wall times, plus cpu/<phase> in metrics.jsonl
     cfg = shape_config(a, shape)
     out = work / f"{shape}-ours"
     argv = ours_argv(str(work / f"{shape}-model"), str(work / "prompts.jsonl"), str(out), cfg["steps"], a)
@@ -187,10 +218,8 @@ def run_trl(a, shape: str, work: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from gcpo_fast.timing import PhaseTimer
-
     cfg, cuda = shape_config(a, shape), torch.cuda.is_available()
-    timer, steps = PhaseTimer(cuda=cuda), []
+    timer, steps = CpuPhaseTimer(cuda=cuda), []
     positions, completion_lengths = [], []  # per micro-batch, recorded by compute_loss
 
     class TimedGRPOTrainer(GRPOTrainer):  # TRL's own methods, timed; nothing else changes
@@ -220,18 +249,20 @@ def run_trl(a, shape: str, work: Path) -> dict:
     class StepClock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             timer.pop()
-            self.start, self.tokens = time.perf_counter(), state.num_input_tokens_seen
+            self.start, self.cpu, self.tokens = time.perf_counter(), time.process_time(), state.num_input_tokens_seen
 
         def on_step_end(self, args, state, control, **kw):
             if cuda:
                 torch.cuda.synchronize()
-            step_time = time.perf_counter() - self.start
+            step_time, step_cpu = time.perf_counter() - self.start, time.process_time() - self.cpu
             t = timer.pop()
             phase = {p: t.get(f"timing/{p}", 0.0) for p in ("generate", "reward", "old_logp")}
             prepare = t.get("timing/prepare", 0.0)
             steps.append(dict(**phase, update=step_time - prepare, weight_sync=0.0, other=prepare - sum(phase.values()),
                               step_time=step_time, tokens=state.num_input_tokens_seen - self.tokens,
-                              completion_length=completion_lengths[-1], scored_positions=positions[-1]))
+                              completion_length=completion_lengths[-1], scored_positions=positions[-1],
+                              step_cpu=step_cpu, generate_cpu=t.get("cpu/generate", 0.0),
+                              update_cpu=step_cpu - t.get("cpu/prepare", 0.0)))
 
     model_dir = work / f"{shape}-model"
     prompts = [json.loads(line)["prompt"] for line in open(work / "prompts.jsonl")]
@@ -256,6 +287,7 @@ def worker(a) -> None:
     work = Path(a.workdir)
     res = (run_ours if trainer == "ours" else run_trl)(a, shape, work)
     res["peak_mem"], res["mem_method"] = peak_memory()
+    res["torch_threads_at_end"] = torch.get_num_threads()  # a trainer that changed it would not compare fairly
     res.update(shape=shape, trainer=trainer)
     (work / f"{shape}-{trainer}.json").write_text(json.dumps(res))
 
@@ -271,6 +303,9 @@ def summarize(steps: list[dict]) -> dict:
     out = dict(first_step=steps[0]["step_time"], step=med("step_time"), **{p: med(p) for p in PHASES},
                tokens_per_step=med("tokens"), tokens_per_s=statistics.median(s["tokens"] / s["step_time"] for s in rest),
                steps=len(steps))
+    for key in ("step_cpu", *(f"{p}_cpu" for p in CPU_PHASES)):
+        if all(key in s for s in rest):
+            out[key] = med(key)
     if all(s.get("scored_positions") is not None for s in rest):
         out["scored_positions"] = med("scored_positions")
     if all(s.get("completion_length") is not None for s in rest):

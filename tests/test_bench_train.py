@@ -3,6 +3,7 @@ import csv
 import importlib.util
 import json
 import statistics
+import time
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,14 @@ from benchmarks import bench_train as bt
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def ours_metrics(step_times, update=0.25):
+def ours_metrics(step_times, update=0.25, cpu=False):
     """metrics.jsonl lines as gcpo_fast.train writes them: an evaluation line at step 0, then one per step."""
     lines = [{"step": 0, "eval/mean@1": 0.5, "timing/eval": 1.0}]
     for i, t in enumerate(step_times, start=1):
         lines.append({"step": i, "step_time": t, "timing/generate": t / 2, "timing/reward": 0.01, "timing/update": update,
                       "tokens_per_second": 800 / t, "completions/mean_length": 64.0})  # no old_logp / weight_sync
+        if cpu:  # what CpuPhaseTimer adds: CPU seconds of each phase
+            lines[-1].update({"cpu/generate": t / 4, "cpu/reward": 0.01, "cpu/update": update / 2})
     return lines
 
 
@@ -33,6 +36,21 @@ def test_ours_steps_from_metrics():
     assert s["generate"] == 0.5 and s["update"] == 0.25 and s["old_logp"] == 0.0 and s["weight_sync"] == 0.0
     assert s["other"] == pytest.approx(1.0 - 0.5 - 0.01 - 0.25)
     assert s["tokens"] == pytest.approx(800) and s["completion_length"] == 64.0
+    assert "step_cpu" not in s
+    s = bt.ours_steps(ours_metrics([6.0, 1.0, 2.0], cpu=True))[1]
+    assert s["generate_cpu"] == 0.25 and s["update_cpu"] == 0.125 and s["step_cpu"] == pytest.approx(0.25 + 0.01 + 0.125)
+
+
+def test_cpu_phase_timer_counts_cpu_not_waiting():
+    timer = bt.CpuPhaseTimer()
+    with timer("generate"):
+        sum(i * i for i in range(200_000))  # busy
+    with timer("update"):
+        time.sleep(0.2)  # waiting: wall time, next to no CPU time
+    t = timer.pop()
+    assert t["cpu/generate"] > 0 and t["timing/generate"] >= t["cpu/generate"] * 0.5
+    assert t["timing/update"] >= 0.2 and t["cpu/update"] < 0.1
+    assert timer.pop() == {}
 
 
 def test_summary_keeps_the_first_step_apart():
@@ -92,7 +110,9 @@ def test_end_to_end_tiny(tmp_path, monkeypatch):
                     "--v", "400", "--max_completion_length", "8", "--num_generations", "4", "--out", str(tmp_path)])
     by = {r["metric"]: r for r in rows}
     assert by["step"]["ours"] > 0 and by["update"]["ours"] > 0 and by["generate"]["ours"] > 0
+    assert 0 < by["step_cpu"]["ours"] and 0 < by["update_cpu"]["ours"]
     if trainers == "ours,trl":
         assert by["step"]["trl"] > 0 and by["update"]["trl"] > 0 and by["generate"]["trl"] > 0
+        assert 0 < by["update_cpu"]["trl"] < by["step_cpu"]["trl"]
         assert by["tokens_per_step"]["ours"] > 0 and by["tokens_per_step"]["trl"] > 0
     assert (tmp_path / "bench_train.csv").exists()
