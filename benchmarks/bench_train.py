@@ -30,7 +30,9 @@ Each (shape, trainer) runs in its own process, one after the other:
   completion positions on CUDA / XPU): `scored positions` reports that count per step.
 
 Reported per (shape, trainer): the first step alone (warm-up), the median over the other steps of the step
-and of each phase, tokens per step (prompt + completion, no padding) and tokens/s (median of tokens /
+and of each phase, CPU seconds of the step and of generate and update (process time, from the same timers:
+on a shared machine wall time includes waiting for a core; ours sums its phases' CPU time, the rest of its
+step being about a millisecond), tokens per step (prompt + completion, no padding) and tokens/s (median of tokens /
 step_time), peak memory (CPU: the process's peak RSS, VmHWM; CUDA: torch.cuda.max_memory_allocated), and
 per shape the ratio ours / TRL of each (below 1: ours is faster or smaller). Writes bench_train.csv (shape,
 metric, ours, trl, ratio), bench_train.json (machine, configuration, every step of every run) and
