@@ -16,7 +16,8 @@ at lr 1e-6 with a linear schedule, gradient clipping at 1, the same seed, fp32 o
 on CUDA. The reward is `parity_reward` below: cheap, and it varies within a group so advantages are nonzero.
 Random weights rarely sample EOS, so completions mostly fill the budget; tokens per step are reported.
 
-Each (shape, trainer) runs in its own process, one after the other:
+Each (shape, trainer) runs in its own process, one after the other, --rounds times (default 2; the order
+flips every round, so that a load drifting during the invocation favours neither trainer):
 - ours: `python -m gcpo_fast.train --model M --dataset D ...` (run as gcpo_fast.train.main in the worker, so
   the worker can read the peak memory when it returns); per-step phases from its metrics.jsonl:
   timing/generate, timing/reward, timing/old_logp, timing/update (forward + backward + optimizer),
@@ -29,7 +30,8 @@ Each (shape, trainer) runs in its own process, one after the other:
   On the CPU TRL scores every position of its padded [B, P + C] batch, prompt slots included (it keeps only
   completion positions on CUDA / XPU): `scored positions` reports that count per step.
 
-Reported per (shape, trainer): the first step alone (warm-up), the median over the other steps of the step
+Reported per (shape, trainer): the first step alone (warm-up; the median over rounds), the median over the
+other steps of all rounds of the step
 and of each phase, CPU seconds of the step and of generate and update (process time, from the same timers:
 on a shared machine wall time includes waiting for a core; ours sums its phases' CPU time, the rest of its
 step being about a millisecond), tokens per step (prompt + completion, no padding) and tokens/s (median of tokens /
@@ -76,6 +78,8 @@ def parse_args(argv=None):
     ap.add_argument("--trainers", default="ours,trl", help="comma list from ours,trl")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run, the first one reported apart "
                     f"(default per shape: {DEFAULT_STEPS})")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of each trainer per shape, alternating which goes "
+                    "first; steps pooled, each run's first step is warm-up")
     ap.add_argument("--layers", type=int, default=None, help="override the shape's decoder layers")
     ap.add_argument("--d", type=int, default=None, help="override the shape's hidden size")
     ap.add_argument("--v", type=int, default=None, help="override the shape's vocabulary size")
@@ -95,6 +99,8 @@ def parse_args(argv=None):
     for t in a.trainer_list:
         if t not in TRAINERS:
             ap.error(f"--trainers {t!r}: choose from {', '.join(TRAINERS)}")
+    if a.rounds < 1:
+        ap.error(f"--rounds {a.rounds}: at least 1")
     if a.steps is not None and a.steps < 2:
         ap.error(f"--steps {a.steps}: at least 2 (the first step is warm-up, reported apart)")
     return a
@@ -200,12 +206,12 @@ def ours_steps(metrics: list[dict]) -> list[dict]:
     return steps
 
 
-def run_ours(a, shape: str, work: Path) -> dict:
+def run_ours(a, shape: str, work: Path, name: str) -> dict:
     from gcpo_fast import train
 
     train.PhaseTimer = CpuPhaseTimer  # the same wall times, plus cpu/<phase> in metrics.jsonl
     cfg = shape_config(a, shape)
-    out = work / f"{shape}-ours"
+    out = work / name
     argv = ours_argv(str(work / f"{shape}-model"), str(work / "prompts.jsonl"), str(out), cfg["steps"], a)
     print("python -m gcpo_fast.train " + " ".join(argv), flush=True)
     train.main(argv)
@@ -214,7 +220,7 @@ def run_ours(a, shape: str, work: Path) -> dict:
     return dict(steps=steps, command="python -m gcpo_fast.train " + " ".join(argv))
 
 
-def run_trl(a, shape: str, work: Path) -> dict:
+def run_trl(a, shape: str, work: Path, name: str) -> dict:
     import trl
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -269,7 +275,7 @@ def run_trl(a, shape: str, work: Path) -> dict:
     model_dir = work / f"{shape}-model"
     prompts = [json.loads(line)["prompt"] for line in open(work / "prompts.jsonl")]
     g = a.num_generations
-    args = GRPOConfig(output_dir=str(work / f"{shape}-trl"), per_device_train_batch_size=g, num_generations=g,
+    args = GRPOConfig(output_dir=str(work / name), per_device_train_batch_size=g, num_generations=g,
                       gradient_accumulation_steps=1, max_completion_length=a.max_completion_length, temperature=1.0,
                       top_p=1.0, top_k=0, learning_rate=1e-6, lr_scheduler_type="linear", max_grad_norm=1.0,
                       max_steps=cfg["steps"], seed=a.seed, bf16=cuda, use_cpu=not cuda, report_to=[],
@@ -282,29 +288,35 @@ def run_trl(a, shape: str, work: Path) -> dict:
 
 
 def worker(a) -> None:
-    shape, trainer = a.worker.split("/")
+    shape, trainer, rnd = a.worker.split("/")
     torch.set_num_threads(a.threads)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     work = Path(a.workdir)
-    res = (run_ours if trainer == "ours" else run_trl)(a, shape, work)
+    name = f"{shape}-{trainer}-{rnd}"
+    res = (run_ours if trainer == "ours" else run_trl)(a, shape, work, name)
     res["peak_mem"], res["mem_method"] = peak_memory()
     res["torch_threads_at_end"] = torch.get_num_threads()  # a trainer that changed it would not compare fairly
-    res.update(shape=shape, trainer=trainer)
-    (work / f"{shape}-{trainer}.json").write_text(json.dumps(res))
+    res.update(shape=shape, trainer=trainer, round=int(rnd))
+    (work / f"{name}.json").write_text(json.dumps(res))
 
 
 # ---- the report ------------------------------------------------------------------------------------------
 
-def summarize(steps: list[dict]) -> dict:
-    """First step apart (warm-up); medians over the others."""
-    if len(steps) < 2:
-        raise ValueError(f"{len(steps)} step(s) logged: at least 2 are needed (the first one is warm-up)")
-    rest = steps[1:]
+def summarize(runs: list[list[dict]]) -> dict:
+    """One trainer's runs (one per round, each a list of steps): each run's first step apart (warm-up, the
+    median over rounds), medians over all the other steps of all rounds."""
+    for steps in runs:
+        if len(steps) < 2:
+            raise ValueError(f"{len(steps)} step(s) logged: at least 2 are needed (the first one is warm-up)")
+    firsts, rest = [steps[0] for steps in runs], [s for steps in runs for s in steps[1:]]
     med = lambda key: statistics.median(s[key] for s in rest)  # noqa: E731
-    out = dict(first_step=steps[0]["step_time"], step=med("step_time"), **{p: med(p) for p in PHASES},
-               tokens_per_step=med("tokens"), tokens_per_s=statistics.median(s["tokens"] / s["step_time"] for s in rest),
-               steps=len(steps))
+    out = dict(first_step=statistics.median(s["step_time"] for s in firsts), step=med("step_time"),
+               **{p: med(p) for p in PHASES}, tokens_per_step=med("tokens"),
+               tokens_per_s=statistics.median(s["tokens"] / s["step_time"] for s in rest),
+               steps=sum(len(steps) for steps in runs))
+    if all("step_cpu" in s for s in firsts):
+        out["first_step_cpu"] = statistics.median(s["step_cpu"] for s in firsts)
     for key in ("step_cpu", *(f"{p}_cpu" for p in CPU_PHASES)):
         if all(key in s for s in rest):
             out[key] = med(key)
@@ -319,7 +331,10 @@ def build_report(results: list[dict]) -> list[dict]:
     """Rows (shape, metric, ours, trl, ratio = ours / trl) from the runs' results (worker outputs)."""
     rows = []
     for shape in dict.fromkeys(r["shape"] for r in results):
-        by = {r["trainer"]: {**summarize(r["steps"]), "peak_mem": r["peak_mem"]} for r in results if r["shape"] == shape}
+        runs = [r for r in results if r["shape"] == shape]
+        by = {t: {**summarize([r["steps"] for r in runs if r["trainer"] == t]),
+                  "peak_mem": max(r["peak_mem"] for r in runs if r["trainer"] == t)}
+              for t in dict.fromkeys(r["trainer"] for r in runs)}
         metrics = dict.fromkeys(k for s in by.values() for k in s)
         for metric in metrics:
             ours, trl = by.get("ours", {}).get(metric), by.get("trl", {}).get(metric)
@@ -403,7 +418,7 @@ def main(argv=None):
     info = machine_info(device)
     info.update(threads=a.threads, loadavg=os.getloadavg() if hasattr(os, "getloadavg") else None,
                 config=dict(shapes={s: shape_config(a, s) for s in a.shape_list}, num_generations=a.num_generations,
-                            max_completion_length=a.max_completion_length, seed=a.seed))
+                            max_completion_length=a.max_completion_length, seed=a.seed, rounds=a.rounds))
     if "trl" in a.trainer_list:
         import trl
         info["trl"] = trl.__version__
@@ -417,17 +432,20 @@ def main(argv=None):
             make_model_folder(work / f"{shape}-model", cfg["layers"], cfg["d"], cfg["v"], a.seed)
         except ValueError as e:
             raise SystemExit(f"bench_train: error: {e}") from None
-        for trainer in a.trainer_list:
-            t0 = time.perf_counter()
-            cmd = [sys.executable, "-m", "benchmarks.bench_train", *(argv if argv is not None else sys.argv[1:]),
-                   "--worker", f"{shape}/{trainer}", "--workdir", str(work)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            path = work / f"{shape}-{trainer}.json"
-            if proc.returncode != 0 or not path.exists():
-                raise SystemExit(f"bench_train: [{shape} / {trainer}] failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
-            results.append(json.loads(path.read_text()))
-            print(f"  [{shape} / {trainer}] {len(results[-1]['steps'])} steps in {time.perf_counter() - t0:.0f} s "
-                  f"(process wall time, loading included)", flush=True)
+        for rnd in range(a.rounds):
+            # the order flips every round, so that a load that drifts during the invocation favours neither
+            for trainer in a.trainer_list if rnd % 2 == 0 else a.trainer_list[::-1]:
+                t0 = time.perf_counter()
+                cmd = [sys.executable, "-m", "benchmarks.bench_train", *(argv if argv is not None else sys.argv[1:]),
+                       "--worker", f"{shape}/{trainer}/{rnd}", "--workdir", str(work)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                path = work / f"{shape}-{trainer}-{rnd}.json"
+                if proc.returncode != 0 or not path.exists():
+                    raise SystemExit(f"bench_train: [{shape} / {trainer}] failed:\n{proc.stdout[-2000:]}"
+                                     f"{proc.stderr[-3000:]}")
+                results.append(json.loads(path.read_text()))
+                print(f"  [{shape} / {trainer} / round {rnd}] {len(results[-1]['steps'])} steps in "
+                      f"{time.perf_counter() - t0:.0f} s (process wall time, loading included)", flush=True)
     info["loadavg_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return write_report(out, info, results)
 

@@ -36,8 +36,9 @@ def test_ours_steps_from_metrics():
     assert s["generate"] == 0.5 and s["update"] == 0.25 and s["old_logp"] == 0.0 and s["weight_sync"] == 0.0
     assert s["other"] == pytest.approx(1.0 - 0.5 - 0.01 - 0.25)
     assert s["tokens"] == pytest.approx(800) and s["completion_length"] == 64.0
-    assert "step_cpu" not in s
+    assert "step_cpu" not in s and "first_step_cpu" not in bt.summarize([bt.ours_steps(ours_metrics([6.0, 1.0]))])
     s = bt.ours_steps(ours_metrics([6.0, 1.0, 2.0], cpu=True))[1]
+    assert bt.summarize([bt.ours_steps(ours_metrics([6.0, 1.0, 2.0], cpu=True))])["first_step_cpu"] == pytest.approx(1.5 + 0.01 + 0.125)
     assert s["generate_cpu"] == 0.25 and s["update_cpu"] == 0.125 and s["step_cpu"] == pytest.approx(0.25 + 0.01 + 0.125)
 
 
@@ -55,24 +56,29 @@ def test_cpu_phase_timer_counts_cpu_not_waiting():
 
 def test_summary_keeps_the_first_step_apart():
     steps = bt.ours_steps(ours_metrics([6.0, 1.0, 2.0, 4.0]))
-    s = bt.summarize(steps)
+    s = bt.summarize([steps])
     assert s["first_step"] == 6.0 and s["step"] == 2.0  # median of 1, 2, 4: the 6 s warm-up is not in it
     assert s["generate"] == 1.0 and s["steps"] == 4
     assert s["tokens_per_s"] == pytest.approx(statistics.median([800 / 1, 800 / 2, 800 / 4]))
     assert "scored_positions" not in s
     with pytest.raises(ValueError, match="at least 2"):
-        bt.summarize(steps[:1])
+        bt.summarize([steps, steps[:1]])
+    # two rounds: every run's first step is warm-up; the others are pooled
+    s = bt.summarize([steps, bt.ours_steps(ours_metrics([8.0, 3.0, 5.0]))])
+    assert s["first_step"] == 7.0 and s["step"] == 3.0 and s["steps"] == 7  # median of 1, 2, 4, 3, 5
 
 
 def test_report_ratios_and_files(tmp_path, capsys):
     results = [dict(shape="tiny", trainer="ours", steps=bt.ours_steps(ours_metrics([6.0, 1.0, 1.0, 1.0])), peak_mem=2**30),
-               dict(shape="tiny", trainer="trl", steps=trl_steps([0.5, 2.0, 2.0, 2.0]), peak_mem=2**31)]
+               dict(shape="tiny", trainer="trl", steps=trl_steps([0.5, 2.0, 2.0, 2.0]), peak_mem=2**31),
+               dict(shape="tiny", trainer="trl", steps=trl_steps([0.5, 2.0, 2.0]), peak_mem=2**30)]  # a 2nd round
     rows = bt.write_report(tmp_path, {"cpu": "test"}, results)
     by = {r["metric"]: r for r in rows}
     assert by["step"]["ours"] == 1.0 and by["step"]["trl"] == 2.0 and by["step"]["ratio"] == 0.5
     assert by["first_step"]["ratio"] == 12.0
     assert by["update"]["ratio"] == pytest.approx(0.25 / 1.0)
-    assert by["peak_mem"]["ratio"] == 0.5
+    assert by["peak_mem"]["ratio"] == 0.5  # TRL's larger peak of its two rounds
+    assert by["steps"]["trl"] == 7
     assert by["steps"]["ratio"] is None
     assert by["scored_positions"]["ours"] is None and by["scored_positions"]["trl"] == 1024
     with open(tmp_path / "bench_train.csv") as f:
@@ -90,7 +96,7 @@ def test_parity_reward_varies():
 
 
 def test_bad_options_are_one_line(capsys):
-    for argv, word in ((["--shapes", "huge"], "--shapes"), (["--trainers", "verl"], "--trainers"), (["--steps", "1"], "--steps")):
+    for argv, word in ((["--shapes", "huge"], "--shapes"), (["--rounds", "0"], "--rounds"), (["--trainers", "verl"], "--trainers"), (["--steps", "1"], "--steps")):
         with pytest.raises(SystemExit) as e:
             bt.parse_args(argv)
         assert e.value.code == 2 and word in capsys.readouterr().err
@@ -107,7 +113,8 @@ def test_end_to_end_tiny(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     trainers = "ours,trl" if importlib.util.find_spec("trl") else "ours"
     rows = bt.main(["--shapes", "tiny", "--trainers", trainers, "--steps", "2", "--layers", "1", "--d", "32",
-                    "--v", "400", "--max_completion_length", "8", "--num_generations", "4", "--out", str(tmp_path)])
+                    "--v", "400", "--max_completion_length", "8", "--num_generations", "4", "--rounds", "1",
+                    "--out", str(tmp_path)])
     by = {r["metric"]: r for r in rows}
     assert by["step"]["ours"] > 0 and by["update"]["ours"] > 0 and by["generate"]["ours"] > 0
     assert 0 < by["step_cpu"]["ours"] and 0 < by["update_cpu"]["ours"]
