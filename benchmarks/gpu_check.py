@@ -12,7 +12,7 @@ its limit is killed and reported as timed out, and the next stage runs):
 2. bench_loss: Qwen2.5-7B's lm_head (d=3584, V=152064, `--model qwen7b`), N=16384 packed tokens, bf16, both
    cases, variants naive, torch, triton, liger, cce and gemm-floor (bench_loss skips, with the reason, a
    peer that is not installed).
-3. bench_train: both shapes, a few steps, ours against TRL's GRPOTrainer (ours alone without trl).
+3. bench_train: both shapes, 6 steps, one round, ours against TRL's GRPOTrainer (ours alone without trl).
 
 Writes benchmarks/results/gpu_check.md (or --out/gpu_check.md): the machine (GPU, driver, torch, triton and
 the peers' versions), each stage's command, status and wall time, and the tail of its output (pytest's
@@ -55,7 +55,7 @@ def stages(out: Path, all_tests: bool = False, trl: bool = True) -> list[tuple[s
         ("bench_loss", [py, "-m", "benchmarks.bench_loss", "--model", "qwen7b", "--n", "16384", "--dtype", "bf16",
                         "--variants", "naive,torch,triton,liger,cce,gemm-floor", "--repeats", "5", "--warmup", "2",
                         "--out", str(sub)], 200),
-        ("bench_train", [py, "-m", "benchmarks.bench_train", "--steps", "6", "--trainers", "ours,trl" if trl else "ours",
+        ("bench_train", [py, "-m", "benchmarks.bench_train", "--steps", "6", "--rounds", "1", "--trainers", "ours,trl" if trl else "ours",
                          "--out", str(sub)], 140),
     ]
 

@@ -46,7 +46,7 @@ def test_stage_commands_parse(tmp_path):
 
     assert plan["bench_train"][1:3] == ["-m", "benchmarks.bench_train"]
     train = bench_train.parse_args(plan["bench_train"][3:])
-    assert train.steps >= 2 and train.trainer_list == ["ours", "trl"] and train.shape_list == list(bench_train.SHAPES)
+    assert train.steps >= 2 and train.rounds == 1 and train.trainer_list == ["ours", "trl"] and train.shape_list == list(bench_train.SHAPES)
     no_trl = {name: cmd for name, cmd, _ in gpu_check.stages(tmp_path, trl=False)}
     assert bench_train.parse_args(no_trl["bench_train"][3:]).trainer_list == ["ours"]
 
