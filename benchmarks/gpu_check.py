@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import importlib.util
 import os
 import shlex
 import subprocess
@@ -109,12 +110,7 @@ def report(machine_lines: list[str], results: list[tuple[str, list[str], dict]])
 def main(argv=None) -> None:
     a = parse_args(argv)
     out = Path(a.out)
-    try:
-        import trl  # noqa: F401
-        has_trl = True
-    except ImportError:
-        has_trl = False
-    plan = stages(out, a.all_tests, has_trl)
+    plan = stages(out, a.all_tests, trl=importlib.util.find_spec("trl") is not None)
     if a.dry_run:
         for name, cmd, limit in plan:
             print(f"{name} (limit {limit} s): {shlex.join(cmd)}")

@@ -38,7 +38,8 @@ def test_ours_steps_from_metrics():
     assert s["tokens"] == pytest.approx(800) and s["completion_length"] == 64.0
     assert "step_cpu" not in s and "first_step_cpu" not in bt.summarize([bt.ours_steps(ours_metrics([6.0, 1.0]))])
     s = bt.ours_steps(ours_metrics([6.0, 1.0, 2.0], cpu=True))[1]
-    assert bt.summarize([bt.ours_steps(ours_metrics([6.0, 1.0, 2.0], cpu=True))])["first_step_cpu"] == pytest.approx(1.5 + 0.01 + 0.125)
+    first_cpu = bt.summarize([bt.ours_steps(ours_metrics([6.0, 1.0, 2.0], cpu=True))])["first_step_cpu"]
+    assert first_cpu == pytest.approx(1.5 + 0.01 + 0.125)  # cpu/generate 6/4, reward, update 0.25/2
     assert s["generate_cpu"] == 0.25 and s["update_cpu"] == 0.125 and s["step_cpu"] == pytest.approx(0.25 + 0.01 + 0.125)
 
 
@@ -96,7 +97,9 @@ def test_parity_reward_varies():
 
 
 def test_bad_options_are_one_line(capsys):
-    for argv, word in ((["--shapes", "huge"], "--shapes"), (["--rounds", "0"], "--rounds"), (["--trainers", "verl"], "--trainers"), (["--steps", "1"], "--steps")):
+    bad = ((["--shapes", "huge"], "--shapes"), (["--rounds", "0"], "--rounds"), (["--trainers", "verl"], "--trainers"),
+           (["--steps", "1"], "--steps"))
+    for argv, word in bad:
         with pytest.raises(SystemExit) as e:
             bt.parse_args(argv)
         assert e.value.code == 2 and word in capsys.readouterr().err
