@@ -19,7 +19,8 @@ Random weights rarely sample EOS, so completions mostly fill the budget; tokens 
 Each (shape, trainer) runs in its own process, one after the other, --rounds times (default 2; the order
 flips every round, so that a load drifting during the invocation favours neither trainer):
 - ours: `python -m gcpo_fast.train --model M --dataset D ...` (run as gcpo_fast.train.main in the worker, so
-  the worker can read the peak memory when it returns); per-step phases from its metrics.jsonl:
+  the worker can read the peak memory when it returns, with CpuPhaseTimer in place of the trainer's
+  PhaseTimer: the same wall times, plus each phase's CPU seconds); per-step phases from its metrics.jsonl:
   timing/generate, timing/reward, timing/old_logp, timing/update (forward + backward + optimizer),
   timing/weight_sync, and step_time; `other` = step_time minus those phases (advantages, packing, metrics).
 - trl: `trl.GRPOTrainer(...).train()`. TRL 1.16 sends its own profiling timings only to W&B / MLflow, so the
@@ -28,17 +29,16 @@ flips every round, so that a load drifting during the invocation favours neither
   a callback times each optimizer step (on_step_begin to on_step_end) and update = step - `_prepare_inputs`
   (compute_loss + backward + clipping + optimizer + scheduler); `other` = `_prepare_inputs` minus the three.
   On the CPU TRL scores every position of its padded [B, P + C] batch, prompt slots included (it keeps only
-  completion positions on CUDA / XPU): `scored positions` reports that count per step.
+  completion positions on CUDA / XPU): `scored_positions` reports that count per step.
 
-Reported per (shape, trainer): the first step alone (warm-up; the median over rounds), the median over the
-other steps of all rounds of the step
-and of each phase, CPU seconds of the step and of generate and update (process time, from the same timers:
-on a shared machine wall time includes waiting for a core; ours sums its phases' CPU time, the rest of its
-step being about a millisecond), tokens per step (prompt + completion, no padding) and tokens/s (median of tokens /
-step_time), peak memory (CPU: the process's peak RSS, VmHWM; CUDA: torch.cuda.max_memory_allocated), and
-per shape the ratio ours / TRL of each (below 1: ours is faster or smaller). Writes bench_train.csv (shape,
-metric, ours, trl, ratio), bench_train.json (machine, configuration, every step of every run) and
-bench_train.png (matplotlib, when installed) under --out.
+Reported per (shape, trainer): the first step alone (warm-up; the median over rounds); the median over the
+other steps of all rounds of the step and of each phase; CPU seconds (process time) of the first step, the
+step, generate and update (on a shared machine wall time includes waiting for a core; ours sums its phases,
+the rest of its step being about a millisecond); tokens per step (prompt + completion, no padding) and
+tokens/s (median of tokens / step_time); peak memory (CPU: the process's peak RSS, VmHWM; CUDA:
+torch.cuda.max_memory_allocated); and per shape the ratio ours / TRL of each (below 1: ours is faster or
+smaller). Writes bench_train.csv (shape, metric, ours, trl, ratio), bench_train.json (machine, load
+average, configuration, every step of every run) and bench_train.png (matplotlib, when installed) under --out.
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results", help="folder for bench_train.{csv,json,png}")
     ap.add_argument("--report_only", action="store_true", help="rebuild the report from --out/bench_train.json")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: "shape/trainer"
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: "shape/trainer/round"
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     a.shape_list, a.trainer_list = a.shapes.split(","), a.trainers.split(",")
