@@ -404,6 +404,34 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     print(f"wrote {path}")
 
 
+def run_all(a, argv: list[str], work: Path) -> list[dict]:
+    """Every (shape, round, trainer) run, each in its own worker process; their results in run order."""
+    make_dataset(work / "prompts.jsonl", a.seed)
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+    results = []
+    for shape in a.shape_list:
+        cfg = shape_config(a, shape)
+        try:
+            make_model_folder(work / f"{shape}-model", cfg["layers"], cfg["d"], cfg["v"], a.seed)
+        except ValueError as e:
+            raise SystemExit(f"bench_train: error: {e}") from None
+        for rnd in range(a.rounds):
+            # the order flips every round, so that a load that drifts during the invocation favours neither
+            for trainer in a.trainer_list if rnd % 2 == 0 else a.trainer_list[::-1]:
+                t0 = time.perf_counter()
+                cmd = [sys.executable, "-m", "benchmarks.bench_train", *argv, "--worker", f"{shape}/{trainer}/{rnd}",
+                       "--workdir", str(work)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                path = work / f"{shape}-{trainer}-{rnd}.json"
+                if proc.returncode != 0 or not path.exists():
+                    raise SystemExit(f"bench_train: [{shape} / {trainer}] failed:\n{proc.stdout[-2000:]}"
+                                     f"{proc.stderr[-3000:]}")
+                results.append(json.loads(path.read_text()))
+                print(f"  [{shape} / {trainer} / round {rnd}] {len(results[-1]['steps'])} steps in "
+                      f"{time.perf_counter() - t0:.0f} s (process wall time, loading included)", flush=True)
+    return results
+
+
 def main(argv=None):
     a = parse_args(argv)
     if a.worker:
@@ -422,30 +450,8 @@ def main(argv=None):
     if "trl" in a.trainer_list:
         import trl
         info["trl"] = trl.__version__
-    work = Path(tempfile.mkdtemp(prefix="bench_train_"))
-    make_dataset(work / "prompts.jsonl", a.seed)
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
-    results = []
-    for shape in a.shape_list:
-        cfg = shape_config(a, shape)
-        try:
-            make_model_folder(work / f"{shape}-model", cfg["layers"], cfg["d"], cfg["v"], a.seed)
-        except ValueError as e:
-            raise SystemExit(f"bench_train: error: {e}") from None
-        for rnd in range(a.rounds):
-            # the order flips every round, so that a load that drifts during the invocation favours neither
-            for trainer in a.trainer_list if rnd % 2 == 0 else a.trainer_list[::-1]:
-                t0 = time.perf_counter()
-                cmd = [sys.executable, "-m", "benchmarks.bench_train", *(argv if argv is not None else sys.argv[1:]),
-                       "--worker", f"{shape}/{trainer}/{rnd}", "--workdir", str(work)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                path = work / f"{shape}-{trainer}-{rnd}.json"
-                if proc.returncode != 0 or not path.exists():
-                    raise SystemExit(f"bench_train: [{shape} / {trainer}] failed:\n{proc.stdout[-2000:]}"
-                                     f"{proc.stderr[-3000:]}")
-                results.append(json.loads(path.read_text()))
-                print(f"  [{shape} / {trainer} / round {rnd}] {len(results[-1]['steps'])} steps in "
-                      f"{time.perf_counter() - t0:.0f} s (process wall time, loading included)", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:  # model folders, run folders, checkpoints: hundreds of MB
+        results = run_all(a, argv if argv is not None else sys.argv[1:], Path(tmp))
     info["loadavg_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return write_report(out, info, results)
 

@@ -3,6 +3,7 @@ import csv
 import importlib.util
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -114,6 +115,9 @@ def test_vocabulary_smaller_than_the_tokenizer(tmp_path, monkeypatch):
 def test_end_to_end_tiny(tmp_path, monkeypatch):
     """Both trainers for real on a very small model: the same tokens per step, every phase logged."""
     monkeypatch.chdir(ROOT)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where bench_train puts its model folders and runs
     trainers = "ours,trl" if importlib.util.find_spec("trl") else "ours"
     rows = bt.main(["--shapes", "tiny", "--trainers", trainers, "--steps", "2", "--layers", "1", "--d", "32",
                     "--v", "400", "--max_completion_length", "8", "--num_generations", "4", "--rounds", "1",
@@ -126,3 +130,4 @@ def test_end_to_end_tiny(tmp_path, monkeypatch):
         assert 0 < by["update_cpu"]["trl"] < by["step_cpu"]["trl"]
         assert by["tokens_per_step"]["ours"] > 0 and by["tokens_per_step"]["trl"] > 0
     assert (tmp_path / "bench_train.csv").exists()
+    assert list(scratch.iterdir()) == []  # the model folders and runs are removed
