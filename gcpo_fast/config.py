@@ -279,7 +279,7 @@ def resolve(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     """Fill the options the user did not set from cfg.loss_type's recipe, then check everything."""
     if cfg.loss_type not in LOSS_RECIPES:
         raise ConfigError(f"loss_type must be one of {', '.join(LOSS_RECIPES)}, got {cfg.loss_type!r}")
-    check_finite(cfg)  # before the kernel sees the loss options: one message for every float option
+    check_finite(cfg)  # first, before the kernel sees the loss options: one message for every float option
     method = RECIPES[cfg.loss_type]
     given = lambda name: getattr(cfg, name) if name in explicit else None  # noqa: E731
     try:  # the kernel fills the loss options from LOSS_RECIPES (epsilon_high follows epsilon, as TRL) and checks them
@@ -312,12 +312,12 @@ def resolve(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
 
 
 def check(cfg: TrainConfig) -> None:
-    """Raise ConfigError for options that cannot run (each message names the option)."""
+    """Raise ConfigError for options that cannot run (each message names the option); resolve() has already
+    required every float option to be finite (check_finite)."""
     def need(ok: bool, message: str):
         if not ok:
             raise ConfigError(message)
 
-    check_finite(cfg)
     for name, f in FIELDS.items():
         choices, value = f.metadata["choices"], getattr(cfg, name)
         for v in value if isinstance(value, list) else [value]:

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from gcpo_fast import groups, parallel
-from gcpo_fast.rewards import compute_rewards
+from gcpo_fast.rewards import as_completions, compute_rewards
 from gcpo_fast.rollout import Sampling, encode_prompts
 from gcpo_fast.timing import PhaseTimer
 
@@ -117,11 +117,6 @@ class GoldenCache:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write("\n" * self._newline + "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
             self._newline = False
-
-
-def as_completions(records: list[dict], texts: list[str]) -> list:
-    """Completions as the reward functions see them: TRL gives conversational prompts assistant messages."""
-    return [t if isinstance(r["prompt"], str) else [{"role": "assistant", "content": t}] for r, t in zip(records, texts)]
 
 
 class Teacher:

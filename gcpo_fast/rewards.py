@@ -178,6 +178,12 @@ def reward_function_name(func: Callable) -> str:
     return getattr(func, "__name__", type(func).__name__)
 
 
+def as_completions(records: list[dict], texts: list[str]) -> list:
+    """Completions as the reward functions see them: TRL gives conversational prompts assistant messages."""
+    return [t if isinstance(r["prompt"], str) else [{"role": "assistant", "content": t}]
+            for r, t in zip(records, texts)]
+
+
 def compute_rewards(
     reward_funcs: Sequence[Callable],
     prompts: Sequence,

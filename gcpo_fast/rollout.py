@@ -12,9 +12,9 @@
 A rollout engine is any object with `eos_ids`, `generate(prompt_ids, n, sampling) -> Rollouts`,
 `sync_weights(named_tensors)`, `sleep()` (free its memory while the trainer updates; `asleep` says whether
 it did, and a sync wakes it) and `close()`: the trainer, the evaluation and the model builder call nothing
-else, so a second engine (gcpo_fast/vllm_engine.py) is one more class, not branches in the loop. `HFEngine` runs Hugging Face `generate`
-on the training model; its weights are the trainer's, so its sync does nothing. An engine that samples
-elsewhere also returns the per-token log-probs it sampled with (`Rollouts.logprobs`).
+else, so a second engine (gcpo_fast/vllm_engine.py) is one more class, not branches in the loop. `HFEngine`
+runs Hugging Face `generate` on the training model; its weights are the trainer's, so its sync does nothing.
+An engine that samples elsewhere also returns the per-token log-probs it sampled with (`Rollouts.logprobs`).
 
 Prompts go through the tokenizer's chat template when it has one (a plain-text prompt becomes one user
 message), else they are tokenised as plain text; either way, too-long prompts keep their last
@@ -110,11 +110,11 @@ def cut_at_eos(ids: list[int], eos: set[int]) -> tuple[list[int], bool]:
 class HFEngine:
     """Rollouts from Hugging Face `generate` on the training model itself (bf16 autocast on CUDA when asked)."""
 
+    asleep = False  # it never frees anything: the training model is the engine
+
     def __init__(self, model, tokenizer, *, bf16: bool = False):
         self.model, self.tokenizer, self.bf16 = model, tokenizer, bf16
         self.eos_ids = eos_token_ids(model, tokenizer)  # fails now, not after a round, if nothing ends a completion
-
-    asleep = False  # it never frees anything: the training model is the engine
 
     def sync_weights(self, named_tensors) -> None:
         """Nothing to do: this engine samples with the trainer's own weights."""
@@ -172,7 +172,8 @@ def make_engine(cfg, model, tokenizer, model_path, rank: int = 0):
         return HFEngine(model, tokenizer, bf16=cfg.bf16)
     from gcpo_fast.vllm_engine import VLLMEngine
 
-    return VLLMEngine(model_path, tokenizer, seed=cfg.seed + rank, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+    return VLLMEngine(model_path, tokenizer, seed=cfg.seed + rank,
+                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                       max_model_len=cfg.vllm_max_model_length or cfg.max_prompt_length + cfg.max_completion_length,
                       enable_sleep_mode=cfg.vllm_enable_sleep_mode, dtype="bfloat16" if cfg.bf16 and
                       torch.cuda.is_available() else "float32")

@@ -31,10 +31,10 @@ from gcpo_fast import groups
 from gcpo_fast.kernels import sampling_weights
 from gcpo_fast.golden import Teacher, golden_texts
 from gcpo_fast.parallel import all_reduce
-from gcpo_fast.rewards import compute_rewards, overlong_penalty, reward_function_name
+from gcpo_fast.rewards import as_completions, compute_rewards, overlong_penalty, reward_function_name
 from gcpo_fast.rollout import Rollouts, Sampling, encode_completion, encode_prompts
 from gcpo_fast.timing import PhaseTimer
-from gcpo_fast.update import Rows, completion_logprobs
+from gcpo_fast.update import IGNORE_INDEX, Rows, completion_logprobs, pack
 
 
 @dataclass
@@ -68,12 +68,10 @@ def sample_groups(cfg, engine, tokenizer, sampler, reward_funcs, timer: PhaseTim
             out = engine.generate(encode_prompts(tokenizer, [r["prompt"] for r in batch], cfg.max_prompt_length), G,
                                   sampling)
         rows = [r for r in batch for _ in range(G)]
-        # TRL: conversational prompts get their completions as assistant messages
-        completions = [t if isinstance(r["prompt"], str) else [{"role": "assistant", "content": t}]
-                       for r, t in zip(rows, out.texts)]
         with timer("reward"):
-            rewards, per_func = compute_rewards(reward_funcs, [r["prompt"] for r in rows], completions, rows,
-                                                cfg.reward_weights, completion_ids=out.completion_ids)
+            rewards, per_func = compute_rewards(reward_funcs, [r["prompt"] for r in rows],
+                                                as_completions(rows, out.texts), rows, cfg.reward_weights,
+                                                completion_ids=out.completion_ids)
             if cfg.overlong_buffer_len:
                 rewards += torch.tensor(overlong_penalty([len(c) for c in out.completion_ids],
                                                          cfg.max_completion_length, cfg.overlong_buffer_len,
@@ -192,14 +190,11 @@ def split_steps(cfg, rows: Rows, model, ref_model, timer: PhaseTimer | None = No
 
 def sampling_correction(cfg, mb: Rows, old_logp: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """TRL's vLLM importance-sampling weight [N] of a micro-batch and its sampling/* metrics; golden rows 1."""
-    lengths = torch.tensor([len(c) for c in mb.completion_ids])
-    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    packed = pack(mb, cfg.mask_truncated_completions, "cpu")  # the row spans and the tokens the loss counts
     golden = torch.tensor([v is None for v in mb.sampling_logp])
-    engine_logp = torch.tensor([x for v, n in zip(mb.sampling_logp, lengths.tolist()) for x in (v or [0.0] * n)])
-    mask = None
-    if cfg.mask_truncated_completions:
-        mask = ~torch.repeat_interleave(torch.tensor(mb.truncated), lengths)
-    weight, found = sampling_weights(old_logp, engine_logp, cu_seqlens, mask, mode=cfg.vllm_importance_sampling_mode,
+    engine_logp = torch.tensor([x for v, c in zip(mb.sampling_logp, mb.completion_ids) for x in (v or [0.0] * len(c))])
+    weight, found = sampling_weights(old_logp, engine_logp, packed.completion_cu_seqlens,
+                                     packed.targets != IGNORE_INDEX, mode=cfg.vllm_importance_sampling_mode,
                                      clip_min=cfg.vllm_importance_sampling_clip_min,
                                      clip_max=cfg.vllm_importance_sampling_clip_max, not_sampled=golden)
     return weight, {name: float(v) for name, v in found.items()}

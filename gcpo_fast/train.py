@@ -75,12 +75,11 @@ def prepare(cfg: TrainConfig) -> dict:
         eval_records = eval_records[: cfg.eval_num_problems]
     funcs = [load_reward_function(spec) for spec in cfg.reward_funcs]
     resume = find_checkpoint(cfg.output_dir, cfg.resume) if cfg.resume else None
-    if resume is not None:
-        parallel.check_checkpoint(resume, cfg.parallelism)
     if resume is None and list_checkpoints(cfg.output_dir):
         raise ValueError(f"output_dir {cfg.output_dir} already holds checkpoints: pass --resume to continue that "
                          "run, or choose another output_dir")
     if resume is not None:
+        parallel.check_checkpoint(resume, cfg.parallelism)
         # Rewinding: continuing an older checkpoint beside newer ones would interleave two histories (and a
         # later --resume would pick the newer, abandoned one), so that is refused, not guessed at.
         newer = [p.name for p in list_checkpoints(cfg.output_dir)
