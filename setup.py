@@ -6,6 +6,7 @@ GPU install (CUDA 12.x):     pip install torch triton && pip install -e ".[gpu]"
 `kernels/` sits at the top level of the repo (docs/design.md, "Layout") but is installed as
 `gcpo_fast.kernels`: the bare name `kernels` belongs to the Hugging Face `kernels` package.
 """
+
 from setuptools import setup
 
 setup(

@@ -18,6 +18,7 @@ CPU: VmHWM reset through /proc/self/clear_refs, with glibc's mmap threshold fixe
 leaves the RSS), then the loss / dW / dX / logp relative errors against naive's. Writes
 bench_loss.csv, bench_loss.json and bench_loss.png under --out. Protocol: benchmarks/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,9 @@ QUICK = dict(n=512, d=64, v=4096, rows=4, repeats=3, warmup=1, workspace_mib=1.0
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--case", default="both", help="onpolicy-token, offpolicy-seq or both (comma list ok)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list from {','.join(VARIANTS)}")
     ap.add_argument("--model", default="qwen0.5b", choices=sorted(MODELS), help="lm_head shape (d, V) of a real model")
@@ -63,14 +65,18 @@ def parse_args(argv=None):
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature T of the logits")
     ap.add_argument("--target-entropy", type=float, default=1.0, help="mean per-token entropy (nats) of the inputs")
     ap.add_argument("--old-noise", type=float, default=0.05, help="std of old_logp - true logp (offpolicy-seq)")
-    ap.add_argument("--workspace-mib", type=float, default=None,
-                    help=f"workspace bound of our backends (default {WORKSPACE_BYTES >> 20} MiB)")
+    ap.add_argument(
+        "--workspace-mib",
+        type=float,
+        default=None,
+        help=f"workspace bound of our backends (default {WORKSPACE_BYTES >> 20} MiB)",
+    )
     ap.add_argument("--rtol", type=float, default=None, help="agreement tolerance (default 1e-4 fp32, 5e-2 16-bit)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the inputs")
     ap.add_argument("--out", default="benchmarks/results", help="folder for bench_loss.{csv,json,png}")
     ap.add_argument("--quick", action="store_true", help=f"tiny shapes for a smoke run: {QUICK}")
     ap.add_argument("--aot", action="store_true", help="print gcpo_fast.kernels.aot_report's table too")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)        # internal: run one variant
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one variant
     ap.add_argument("--worker-case", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-dir", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -103,6 +109,7 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------------ measuring (worker)
 
+
 def _status(key):
     m = re.search(rf"{key}:\s+(\d+) kB", open("/proc/self/status").read())
     return int(m.group(1)) * 1024
@@ -127,14 +134,14 @@ def peak_above(fn, device):
         out = fn()
         _sync(device)
         return torch.cuda.max_memory_allocated(device) - before, out, "cuda max_memory_allocated"
-    _libc().malloc_trim(0)           # free heap chunks give their pages back: reusing them shows in the RSS
+    _libc().malloc_trim(0)  # free heap chunks give their pages back: reusing them shows in the RSS
     try:
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")            # resets VmHWM to the current RSS
+            f.write("5")  # resets VmHWM to the current RSS
         before = _status("VmRSS")
         out = fn()
         return _status("VmHWM") - before, out, "VmHWM - VmRSS (clear_refs reset)"
-    except OSError:                  # no clear_refs: ru_maxrss is a peak since start, an upper bound
+    except OSError:  # no clear_refs: ru_maxrss is a peak since start, an upper bound
         before = _status("VmRSS")
         out = fn()
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before, out, "ru_maxrss (upper bound)"
@@ -190,13 +197,13 @@ def worker(a):
             return built.fwd()
 
     t0 = time.perf_counter()
-    while True:                      # first call (compiles, if the variant compiles) with fallbacks
+    while True:  # first call (compiles, if the variant compiles) with fallbacks
         try:
             clear()
             call_fb()
             _sync(dev)
             break
-        except Exception as e:       # noqa: BLE001 - a peer failing here is reported, not raised
+        except Exception as e:  # noqa: BLE001 - a peer failing here is reported, not raised
             if built.fallback is None:
                 raise
             built = built.fallback(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
@@ -214,32 +221,46 @@ def worker(a):
     kept["logp"] = None if variant == "gemm-floor" else host(logp)
     del loss, dx, dw, logp
     clear()
-    if dev.type == "cpu":            # fixed mmap threshold: freed tensors leave the RSS at once
+    if dev.type == "cpu":  # fixed mmap threshold: freed tensors leave the RSS at once
         _libc().mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
     mem_fb, out, method = peak_above(call_fb, dev)
-    grads = [leaf.grad for leaf in built.leaves if leaf.grad is not None] or \
-        [t for t in (out if isinstance(out, tuple) else ()) if isinstance(t, torch.Tensor)]
+    grads = [leaf.grad for leaf in built.leaves if leaf.grad is not None] or [
+        t for t in (out if isinstance(out, tuple) else ()) if isinstance(t, torch.Tensor)
+    ]
     grad_bytes = sum(g.numel() * g.element_size() for g in grads)
     del out, grads
     clear()
     mem_f, _, _ = peak_above(call_f, dev)
     n, d, v = a.n, a.d, a.v
-    res.update(path=built.path, notes=built.notes, tokens=built.tokens, fwdbwd_s=fb_times, fwd_s=f_times,
-               fwdbwd_med=statistics.median(fb_times), fwd_med=statistics.median(f_times),
-               tflops_fwdbwd=6 * n * v * d / statistics.median(fb_times) / 1e12,
-               tflops_fwd=2 * n * v * d / statistics.median(f_times) / 1e12,
-               mem_fwdbwd=mem_fb, mem_grads=grad_bytes, mem_workspace=mem_fb - grad_bytes, mem_fwd=mem_f,
-               mem_method=method, loss=None if kept["loss"] is None else kept["loss"].item())
+    res.update(
+        path=built.path,
+        notes=built.notes,
+        tokens=built.tokens,
+        fwdbwd_s=fb_times,
+        fwd_s=f_times,
+        fwdbwd_med=statistics.median(fb_times),
+        fwd_med=statistics.median(f_times),
+        tflops_fwdbwd=6 * n * v * d / statistics.median(fb_times) / 1e12,
+        tflops_fwd=2 * n * v * d / statistics.median(f_times) / 1e12,
+        mem_fwdbwd=mem_fb,
+        mem_grads=grad_bytes,
+        mem_workspace=mem_fb - grad_bytes,
+        mem_fwd=mem_f,
+        mem_method=method,
+        loss=None if kept["loss"] is None else kept["loss"].item(),
+    )
     if variant == "naive":
         torch.save(kept, os.path.join(wdir, f"{case}-ref.pt"))
-        if "cce" in a.variant_list:   # the reference of CCE's objective (advantage-weighted CE)
+        if "cce" in a.variant_list:  # the reference of CCE's objective (advantage-weighted CE)
             ce = BUILDERS["naive"](inp, case, objective="ce")
             for leaf in ce.leaves:
                 leaf.grad = None
             loss = ce.fwd_bwd()
             dx, dw = ce.grads()
-            torch.save(dict(loss=loss.detach().cpu(), dx=dx.float().cpu(), dw=dw.float().cpu(), logp=kept["logp"]),
-                       os.path.join(wdir, f"{case}-ref-ce.pt"))
+            torch.save(
+                dict(loss=loss.detach().cpu(), dx=dx.float().cpu(), dw=dw.float().cpu(), logp=kept["logp"]),
+                os.path.join(wdir, f"{case}-ref-ce.pt"),
+            )
     ref_file = os.path.join(wdir, f"{case}-ref{'-ce' if variant == 'cce' else ''}.pt")
     if variant != "gemm-floor" and os.path.exists(ref_file):
         ref = torch.load(ref_file)
@@ -251,12 +272,19 @@ def worker(a):
 
 # ------------------------------------------------------------------------------- driver and report
 
+
 def machine_info(dev):
     cpu = platform.processor()
     if os.path.exists("/proc/cpuinfo"):
         cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), cpu)
-    info = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), cpu=cpu, cpu_count=os.cpu_count(),
-                torch_threads=torch.get_num_threads(), python=platform.python_version(), platform=platform.platform())
+    info = dict(
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        cpu=cpu,
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        python=platform.python_version(),
+        platform=platform.platform(),
+    )
     for pkg in ("torch", "triton", "liger-kernel", "cut-cross-entropy"):
         try:
             info[pkg] = metadata.version(pkg)
@@ -268,8 +296,18 @@ def machine_info(dev):
 
 
 def run_worker(a, case, variant, wdir):
-    cmd = [sys.executable, "-m", "benchmarks.bench_loss", *a.argv,
-           "--worker", variant, "--worker-case", case, "--worker-dir", wdir]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_loss",
+        *a.argv,
+        "--worker",
+        variant,
+        "--worker-case",
+        case,
+        "--worker-dir",
+        wdir,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     path = os.path.join(wdir, f"{case}-{variant}.json")
     if proc.returncode != 0 or not os.path.exists(path):
@@ -304,21 +342,32 @@ def print_case(case, results, a):
     rows = [r for r in results if r["case"] == case]
     old = "given" if CASES[case]["off_policy"] else "None"
     print(f"\n== {case}: loss_type={CASES[case]['loss_type']}, old_logp={old}")
-    head = (f"{'variant':<11}{'fwd+bwd s':>10}{'xnaive':>8}{'fwd s':>9}{'xnaive':>8}{'TFLOP/s':>8}"
-            f"{'extra MiB':>10}{'grads':>8}{'wkspace':>9}{'fwd MiB':>9}{'err loss':>10}{'err dW':>9}"
-            f"{'err dX':>9}{'err logp':>9}  check")
+    head = (
+        f"{'variant':<11}{'fwd+bwd s':>10}{'xnaive':>8}{'fwd s':>9}{'xnaive':>8}{'TFLOP/s':>8}"
+        f"{'extra MiB':>10}{'grads':>8}{'wkspace':>9}{'fwd MiB':>9}{'err loss':>10}{'err dW':>9}"
+        f"{'err dX':>9}{'err logp':>9}  check"
+    )
     print(head + "\n" + "-" * len(head))
     for r in rows:
         if r["status"] != "ok":
             print(f"{r['variant']:<11}{r['status'].upper()}: {r.get('reason')}")
             continue
-        check = ("reference" if r["variant"] == "naive" else "-" if "ok" not in r
-                 else "ok" if r["ok"] else f"MISMATCH (rtol {a.rtol:g})")
-        print(f"{r['variant']:<11}{r['fwdbwd_med']:>10.4f}{fmt(r.get('speedup_vs_naive'), '>7.2f')}x"
-              f"{r['fwd_med']:>9.4f}{fmt(r.get('fwd_speedup_vs_naive'), '>7.2f')}x{r['tflops_fwdbwd']:>8.3f}"
-              f"{mib(r['mem_fwdbwd']):>10.1f}{mib(r['mem_grads']):>8.1f}{mib(r['mem_workspace']):>9.1f}"
-              f"{mib(r['mem_fwd']):>9.1f}{fmt(r.get('err_loss'), '>10.1e')}{fmt(r.get('err_dw'), '>9.1e')}"
-              f"{fmt(r.get('err_dx'), '>9.1e')}{fmt(r.get('err_logp'), '>9.1e')}  {check}")
+        check = (
+            "reference"
+            if r["variant"] == "naive"
+            else "-"
+            if "ok" not in r
+            else "ok"
+            if r["ok"]
+            else f"MISMATCH (rtol {a.rtol:g})"
+        )
+        print(
+            f"{r['variant']:<11}{r['fwdbwd_med']:>10.4f}{fmt(r.get('speedup_vs_naive'), '>7.2f')}x"
+            f"{r['fwd_med']:>9.4f}{fmt(r.get('fwd_speedup_vs_naive'), '>7.2f')}x{r['tflops_fwdbwd']:>8.3f}"
+            f"{mib(r['mem_fwdbwd']):>10.1f}{mib(r['mem_grads']):>8.1f}{mib(r['mem_workspace']):>9.1f}"
+            f"{mib(r['mem_fwd']):>9.1f}{fmt(r.get('err_loss'), '>10.1e')}{fmt(r.get('err_dw'), '>9.1e')}"
+            f"{fmt(r.get('err_dx'), '>9.1e')}{fmt(r.get('err_logp'), '>9.1e')}  {check}"
+        )
     ok = [r for r in rows if r["status"] == "ok"]
     print("speedup of row over column (fwd+bwd time column / row):")
     print(" " * 11 + "".join(f"{r['variant']:>11}" for r in ok))
@@ -326,22 +375,49 @@ def print_case(case, results, a):
         print(f"{r['variant']:<11}" + "".join(f"{r['speedup_vs'][q['variant']]:>10.2f}x" for q in ok))
     for r in rows:
         if r["status"] == "ok":
-            print(f"  {r['variant']}: path: {r['path']}; first call (incl. any compile) {r['first_call_s']:.2f} s; "
-                  f"tokens {r['tokens']}")
+            print(
+                f"  {r['variant']}: path: {r['path']}; first call (incl. any compile) {r['first_call_s']:.2f} s; "
+                f"tokens {r['tokens']}"
+            )
         for note in r.get("notes", []):
             print(f"    {note}")
 
 
-CSV_FIELDS = ["case", "variant", "status", "reason", "path", "tokens", "fwdbwd_med", "fwd_med", "speedup_vs_naive",
-              "fwd_speedup_vs_naive", "tflops_fwdbwd", "tflops_fwd", "mem_fwdbwd", "mem_grads", "mem_workspace",
-              "mem_fwd", "mem_ratio_vs_naive", "mem_method", "loss", "err_loss", "err_dw", "err_dx", "err_logp", "ok",
-              "first_call_s"]
+CSV_FIELDS = [
+    "case",
+    "variant",
+    "status",
+    "reason",
+    "path",
+    "tokens",
+    "fwdbwd_med",
+    "fwd_med",
+    "speedup_vs_naive",
+    "fwd_speedup_vs_naive",
+    "tflops_fwdbwd",
+    "tflops_fwd",
+    "mem_fwdbwd",
+    "mem_grads",
+    "mem_workspace",
+    "mem_fwd",
+    "mem_ratio_vs_naive",
+    "mem_method",
+    "loss",
+    "err_loss",
+    "err_dw",
+    "err_dx",
+    "err_logp",
+    "ok",
+    "first_call_s",
+]
 
 
 def plot(results, path, title):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     cases = sorted({r["case"] for r in results}, key=list(CASES).index)
     names = [v for v in VARIANTS if any(r["variant"] == v and r["status"] == "ok" for r in results)]
     get = {(r["case"], r["variant"]): r for r in results if r["status"] == "ok"}
@@ -350,13 +426,19 @@ def plot(results, path, title):
     for i, name in enumerate(names):
         xs = [c + (i - (len(names) - 1) / 2) * width for c in range(len(cases))]
         rs = [get.get((case, name)) for case in cases]
-        ax_t.bar(xs, [r["fwdbwd_med"] if r else 0 for r in rs], width, label=name,
-                 hatch="//" if name == "gemm-floor" else None)
+        ax_t.bar(
+            xs,
+            [r["fwdbwd_med"] if r else 0 for r in rs],
+            width,
+            label=name,
+            hatch="//" if name == "gemm-floor" else None,
+        )
         if name != "gemm-floor":
             grads = [mib(r["mem_grads"]) if r else 0 for r in rs]
             ax_m.bar(xs, grads, width, color=f"C{i}", alpha=0.5)
-            ax_m.bar(xs, [mib(r["mem_workspace"]) if r else 0 for r in rs], width, bottom=grads, color=f"C{i}",
-                     label=name)
+            ax_m.bar(
+                xs, [mib(r["mem_workspace"]) if r else 0 for r in rs], width, bottom=grads, color=f"C{i}", label=name
+            )
     for ax, ylabel in ((ax_t, "fwd+bwd time, median (s)"), (ax_m, "peak memory above inputs (MiB)")):
         ax.set_xticks(range(len(cases)), cases)
         ax.set_ylabel(ylabel)
@@ -372,15 +454,20 @@ def main(argv=None):
     if a.worker:
         return worker(a)
     info = machine_info(a.device)
-    print(f"bench_loss: {a.label} d={a.d} V={a.v} N={a.n} rows={a.rows} {a.dtype} on {a.device} "
-          f"({info.get('gpu', info['cpu'])}), repeats={a.repeats} warmup={a.warmup}, "
-          f"workspace={a.workspace_bytes / 2**20:g} MiB, T={a.temperature}")
-    print(f"torch {info['torch']}, triton {info['triton']}, liger-kernel {info['liger-kernel']}, "
-          f"cut-cross-entropy {info['cut-cross-entropy']}, {info['date']}")
+    print(
+        f"bench_loss: {a.label} d={a.d} V={a.v} N={a.n} rows={a.rows} {a.dtype} on {a.device} "
+        f"({info.get('gpu', info['cpu'])}), repeats={a.repeats} warmup={a.warmup}, "
+        f"workspace={a.workspace_bytes / 2**20:g} MiB, T={a.temperature}"
+    )
+    print(
+        f"torch {info['torch']}, triton {info['triton']}, liger-kernel {info['liger-kernel']}, "
+        f"cut-cross-entropy {info['cut-cross-entropy']}, {info['date']}"
+    )
     aot = None
     if a.aot:
         try:
             from gcpo_fast.kernels import aot_report
+
             rows = aot_report.build_report()
             print("\nTriton AOT compile report (registers, spills, shared memory per kernel and config):")
             print(aot_report.format_table(rows))
@@ -393,33 +480,39 @@ def main(argv=None):
     try:
         t0 = time.perf_counter()
         chunk = max(1, a.workspace_bytes // (4 * a.v))
-        inp = make_inputs(a.n, a.d, a.v, a.rows, a.torch_dtype, a.device, a.temperature, a.target_entropy,
-                          a.old_noise, chunk, a.seed)
+        inp = make_inputs(
+            a.n, a.d, a.v, a.rows, a.torch_dtype, a.device, a.temperature, a.target_entropy, a.old_noise, chunk, a.seed
+        )
         ent = inp["entropy"]
-        print(f"inputs ({time.perf_counter() - t0:.1f} s): entropy per token over {ent['rows_sampled']} rows: "
-              f"mean {ent['mean']:.3f} nats (p10 {ent['p10']:.3f}, p50 {ent['p50']:.3f}, p90 {ent['p90']:.3f}); "
-              f"target {a.target_entropy}; row lengths {inp['lengths']}")
+        print(
+            f"inputs ({time.perf_counter() - t0:.1f} s): entropy per token over {ent['rows_sampled']} rows: "
+            f"mean {ent['mean']:.3f} nats (p10 {ent['p10']:.3f}, p50 {ent['p50']:.3f}, p90 {ent['p90']:.3f}); "
+            f"target {a.target_entropy}; row lengths {inp['lengths']}"
+        )
         paths = {case: torch_path(inp, case, a.workspace_bytes) for case in a.cases}
         for case, path in paths.items():
             print(f"  {case}: our torch backend takes: {path}")
             if case == "offpolicy-seq" and not path.startswith("recompute"):
-                print("  WARNING: no row is longer than the chunk, so offpolicy-seq does not exercise the recompute "
-                      "path (raise --n or lower --workspace-mib)")
+                print(
+                    "  WARNING: no row is longer than the chunk, so offpolicy-seq does not exercise the recompute "
+                    "path (raise --n or lower --workspace-mib)"
+                )
         torch.save(inp, os.path.join(wdir, "inputs.pt"))
         lengths, entropy = inp["lengths"], inp["entropy"]
         del inp
         gc.collect()
         results = []
-        order = ["naive"] + [v for v in a.variant_list if v != "naive"] if "naive" in a.variant_list \
-            else a.variant_list
+        order = ["naive"] + [v for v in a.variant_list if v != "naive"] if "naive" in a.variant_list else a.variant_list
         for case in a.cases:
             for variant in order:
                 t1 = time.perf_counter()
                 r = run_worker(a, case, variant, wdir)
                 results.append(r)
                 state = r["status"] if r["status"] != "ok" else f"{r['fwdbwd_med']:.4f} s fwd+bwd"
-                print(f"  [{case} / {variant}] {state} ({time.perf_counter() - t1:.1f} s)"
-                      + (f": {r.get('reason')}" if r["status"] != "ok" else ""))
+                print(
+                    f"  [{case} / {variant}] {state} ({time.perf_counter() - t1:.1f} s)"
+                    + (f": {r.get('reason')}" if r["status"] != "ok" else "")
+                )
     finally:
         shutil.rmtree(wdir, ignore_errors=True)
     add_ratios(results)
@@ -428,18 +521,38 @@ def main(argv=None):
     flagged = [f"{r['case']}/{r['variant']}" for r in results if r.get("ok") is False]
     if flagged:
         print(f"\nDISAGREE WITH NAIVE (rtol {a.rtol:g}): {', '.join(flagged)}")
-    config = dict(model=a.label, n=a.n, d=a.d, v=a.v, rows=a.rows, lengths=lengths, dtype=a.dtype,
-                  device=str(a.device), repeats=a.repeats, warmup=a.warmup, temperature=a.temperature,
-                  workspace_bytes=a.workspace_bytes, rtol=a.rtol, seed=a.seed, entropy=entropy, torch_paths=paths,
-                  cases={c: CASES[c] for c in a.cases}, flops_fwdbwd=6 * a.n * a.v * a.d, flops_fwd=2 * a.n * a.v * a.d)
+    config = dict(
+        model=a.label,
+        n=a.n,
+        d=a.d,
+        v=a.v,
+        rows=a.rows,
+        lengths=lengths,
+        dtype=a.dtype,
+        device=str(a.device),
+        repeats=a.repeats,
+        warmup=a.warmup,
+        temperature=a.temperature,
+        workspace_bytes=a.workspace_bytes,
+        rtol=a.rtol,
+        seed=a.seed,
+        entropy=entropy,
+        torch_paths=paths,
+        cases={c: CASES[c] for c in a.cases},
+        flops_fwdbwd=6 * a.n * a.v * a.d,
+        flops_fwd=2 * a.n * a.v * a.d,
+    )
     with open(os.path.join(out_dir, "bench_loss.json"), "w") as f:
         json.dump(dict(machine=info, config=config, results=results, aot=aot), f, indent=1)
     with open(os.path.join(out_dir, "bench_loss.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         w.writerows(results)
-    plot(results, os.path.join(out_dir, "bench_loss.png"),
-         f"{a.label} d={a.d} V={a.v} N={a.n} {a.dtype} on {info.get('gpu', info['cpu'])} ({info['date']})")
+    plot(
+        results,
+        os.path.join(out_dir, "bench_loss.png"),
+        f"{a.label} d={a.d} V={a.v} N={a.n} {a.dtype} on {info.get('gpu', info['cpu'])} ({info['date']})",
+    )
     print(f"\nwrote {out_dir}/bench_loss.csv, bench_loss.json, bench_loss.png")
 
 

@@ -40,6 +40,7 @@ torch.cuda.max_memory_allocated); and per shape the ratio ours / TRL of each (be
 smaller). Writes bench_train.csv (shape, metric, ours, trl, ratio), bench_train.json (machine, load
 average, configuration, every step of every run) and bench_train.png (matplotlib, when installed) under --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,14 @@ TRAINERS = ("ours", "trl")
 DEFAULT_STEPS = ", ".join(f"{name} {shape['steps']}" for name, shape in SHAPES.items())
 PHASES = ("generate", "reward", "old_logp", "update", "weight_sync", "other")
 CPU_PHASES = ("generate", "update")  # CPU seconds reported for these and for the whole step
-GSPO_TRL = dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4,
-                scale_rewards="group", beta=0.0)  # TRL's spelling of our --loss_type gspo (kernels LOSS_RECIPES)
+GSPO_TRL = dict(
+    loss_type="grpo",
+    importance_sampling_level="sequence",
+    epsilon=3e-4,
+    epsilon_high=4e-4,
+    scale_rewards="group",
+    beta=0.0,
+)  # TRL's spelling of our --loss_type gspo (kernels LOSS_RECIPES)
 SHIPPED_TOKENIZER = Path(__file__).resolve().parents[1] / "gcpo_fast" / "assets" / "default_model"
 
 
@@ -76,10 +83,19 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="tiny,realvocab", help=f"comma list from {','.join(SHAPES)}")
     ap.add_argument("--trainers", default="ours,trl", help="comma list from ours,trl")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run, the first one reported apart "
-                    f"(default per shape: {DEFAULT_STEPS})")
-    ap.add_argument("--rounds", type=int, default=2, help="runs of each trainer per shape, alternating which goes "
-                    "first; steps pooled, each run's first step is warm-up")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"optimizer steps per run, the first one reported apart (default per shape: {DEFAULT_STEPS})",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="runs of each trainer per shape, alternating which goes "
+        "first; steps pooled, each run's first step is warm-up",
+    )
     ap.add_argument("--layers", type=int, default=None, help="override the shape's decoder layers")
     ap.add_argument("--d", type=int, default=None, help="override the shape's hidden size")
     ap.add_argument("--v", type=int, default=None, help="override the shape's vocabulary size")
@@ -116,6 +132,7 @@ def shape_config(a, shape: str) -> dict:
 
 # ---- inputs: one model folder and one dataset per shape, shared by both trainers ------------------------
 
+
 def make_model_folder(folder: Path, layers: int, d: int, v: int, seed: int) -> None:
     """A random Qwen2 (tied embeddings) with the shipped tokenizer: ids the tokenizer lacks decode to nothing."""
     from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
@@ -124,10 +141,19 @@ def make_model_folder(folder: Path, layers: int, d: int, v: int, seed: int) -> N
     if v < len(tokenizer):  # prompt ids would index past the embedding
         raise ValueError(f"--v {v}: the vocabulary must hold the shipped tokenizer's {len(tokenizer)} tokens")
     heads = max(1, d // 32)
-    config = Qwen2Config(vocab_size=v, hidden_size=d, intermediate_size=4 * d, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads, tie_word_embeddings=True,
-                         max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    config = Qwen2Config(
+        vocab_size=v,
+        hidden_size=d,
+        intermediate_size=4 * d,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        tie_word_embeddings=True,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
     torch.manual_seed(seed)
     Qwen2ForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -145,16 +171,52 @@ def make_dataset(path: Path, seed: int, num_problems: int = 256) -> None:
 def ours_argv(model: str, dataset: str, output_dir: str, steps: int, a) -> list[str]:
     """`python -m gcpo_fast.train` options for the shared settings (module docstring)."""
     g = a.num_generations
-    return ["--model", model, "--dataset", dataset, "--output_dir", output_dir, "--loss_type", "gspo",
-            "--reward_funcs", "benchmarks.bench_train:parity_reward", "--num_generations", str(g),
-            "--per_device_train_batch_size", str(g), "--gradient_accumulation_steps", "1",
-            "--max_completion_length", str(a.max_completion_length), "--temperature", "1.0", "--top_p", "1.0",
-            "--top_k", "0", "--learning_rate", "1e-6", "--lr_scheduler_type", "linear", "--max_grad_norm", "1.0",
-            "--max_steps", str(steps), "--seed", str(a.seed), "--eval_steps", "0", "--save_steps", "0",
-            "--sample_steps", "0"]
+    return [
+        "--model",
+        model,
+        "--dataset",
+        dataset,
+        "--output_dir",
+        output_dir,
+        "--loss_type",
+        "gspo",
+        "--reward_funcs",
+        "benchmarks.bench_train:parity_reward",
+        "--num_generations",
+        str(g),
+        "--per_device_train_batch_size",
+        str(g),
+        "--gradient_accumulation_steps",
+        "1",
+        "--max_completion_length",
+        str(a.max_completion_length),
+        "--temperature",
+        "1.0",
+        "--top_p",
+        "1.0",
+        "--top_k",
+        "0",
+        "--learning_rate",
+        "1e-6",
+        "--lr_scheduler_type",
+        "linear",
+        "--max_grad_norm",
+        "1.0",
+        "--max_steps",
+        str(steps),
+        "--seed",
+        str(a.seed),
+        "--eval_steps",
+        "0",
+        "--save_steps",
+        "0",
+        "--sample_steps",
+        "0",
+    ]
 
 
 # ---- workers ---------------------------------------------------------------------------------------------
+
 
 class CpuPhaseTimer(PhaseTimer):
     """The trainer's PhaseTimer that also sums each phase's CPU seconds of this process, popped as cpu/<phase>:
@@ -186,6 +248,7 @@ def peak_memory() -> tuple[int, str]:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024, "peak RSS (VmHWM)"
     import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS (ru_maxrss)"
 
 
@@ -197,8 +260,11 @@ def ours_steps(metrics: list[dict]) -> list[dict]:
             continue
         s = {p: m.get(f"timing/{p}", 0.0) for p in PHASES if p != "other"}
         s["other"] = m["step_time"] - sum(s.values())
-        s.update(step_time=m["step_time"], tokens=m["tokens_per_second"] * m["step_time"],
-                 completion_length=m.get("completions/mean_length"))
+        s.update(
+            step_time=m["step_time"],
+            tokens=m["tokens_per_second"] * m["step_time"],
+            completion_length=m.get("completions/mean_length"),
+        )
         if any(k.startswith("cpu/") for k in m):  # logged when the run used CpuPhaseTimer (run_ours)
             cpu = {p: m.get(f"cpu/{p}", 0.0) for p in PHASES if p != "other"}
             s.update({f"{p}_cpu": cpu[p] for p in CPU_PHASES}, step_cpu=sum(cpu.values()))
@@ -266,23 +332,54 @@ def run_trl(a, shape: str, work: Path, name: str) -> dict:
             t = timer.pop()
             phase = {p: t.get(f"timing/{p}", 0.0) for p in ("generate", "reward", "old_logp")}
             prepare = t.get("timing/prepare", 0.0)
-            steps.append(dict(**phase, update=step_time - prepare, weight_sync=0.0, other=prepare - sum(phase.values()),
-                              step_time=step_time, tokens=state.num_input_tokens_seen - self.tokens,
-                              completion_length=completion_lengths[-1], scored_positions=positions[-1],
-                              step_cpu=step_cpu, generate_cpu=t.get("cpu/generate", 0.0),
-                              update_cpu=step_cpu - t.get("cpu/prepare", 0.0)))
+            steps.append(
+                dict(
+                    **phase,
+                    update=step_time - prepare,
+                    weight_sync=0.0,
+                    other=prepare - sum(phase.values()),
+                    step_time=step_time,
+                    tokens=state.num_input_tokens_seen - self.tokens,
+                    completion_length=completion_lengths[-1],
+                    scored_positions=positions[-1],
+                    step_cpu=step_cpu,
+                    generate_cpu=t.get("cpu/generate", 0.0),
+                    update_cpu=step_cpu - t.get("cpu/prepare", 0.0),
+                )
+            )
 
     model_dir = work / f"{shape}-model"
     prompts = [json.loads(line)["prompt"] for line in open(work / "prompts.jsonl")]
     g = a.num_generations
-    args = GRPOConfig(output_dir=str(work / name), per_device_train_batch_size=g, num_generations=g,
-                      gradient_accumulation_steps=1, max_completion_length=a.max_completion_length, temperature=1.0,
-                      top_p=1.0, top_k=0, learning_rate=1e-6, lr_scheduler_type="linear", max_grad_norm=1.0,
-                      max_steps=cfg["steps"], seed=a.seed, bf16=cuda, use_cpu=not cuda, report_to=[],
-                      save_strategy="no", logging_steps=1, **GSPO_TRL)
-    trainer = TimedGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                               reward_funcs=parity_reward, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
-                               processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[StepClock()])
+    args = GRPOConfig(
+        output_dir=str(work / name),
+        per_device_train_batch_size=g,
+        num_generations=g,
+        gradient_accumulation_steps=1,
+        max_completion_length=a.max_completion_length,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        learning_rate=1e-6,
+        lr_scheduler_type="linear",
+        max_grad_norm=1.0,
+        max_steps=cfg["steps"],
+        seed=a.seed,
+        bf16=cuda,
+        use_cpu=not cuda,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        **GSPO_TRL,
+    )
+    trainer = TimedGRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        reward_funcs=parity_reward,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        callbacks=[StepClock()],
+    )
     trainer.train()
     return dict(steps=steps, trl=trl.__version__, command=f"trl.GRPOTrainer(GRPOConfig(**{GSPO_TRL!r}, ...)).train()")
 
@@ -303,6 +400,7 @@ def worker(a) -> None:
 
 # ---- the report ------------------------------------------------------------------------------------------
 
+
 def summarize(runs: list[list[dict]]) -> dict:
     """One trainer's runs (one per round, each a list of steps): each run's first step apart (warm-up, the
     median over rounds), medians over all the other steps of all rounds."""
@@ -311,10 +409,14 @@ def summarize(runs: list[list[dict]]) -> dict:
             raise ValueError(f"{len(steps)} step(s) logged: at least 2 are needed (the first one is warm-up)")
     firsts, rest = [steps[0] for steps in runs], [s for steps in runs for s in steps[1:]]
     med = lambda key: statistics.median(s[key] for s in rest)  # noqa: E731
-    out = dict(first_step=statistics.median(s["step_time"] for s in firsts), step=med("step_time"),
-               **{p: med(p) for p in PHASES}, tokens_per_step=med("tokens"),
-               tokens_per_s=statistics.median(s["tokens"] / s["step_time"] for s in rest),
-               steps=sum(len(steps) for steps in runs))
+    out = dict(
+        first_step=statistics.median(s["step_time"] for s in firsts),
+        step=med("step_time"),
+        **{p: med(p) for p in PHASES},
+        tokens_per_step=med("tokens"),
+        tokens_per_s=statistics.median(s["tokens"] / s["step_time"] for s in rest),
+        steps=sum(len(steps) for steps in runs),
+    )
     if all("step_cpu" in s for s in firsts):
         out["first_step_cpu"] = statistics.median(s["step_cpu"] for s in firsts)
     for key in ("step_cpu", *(f"{p}_cpu" for p in CPU_PHASES)):
@@ -332,9 +434,13 @@ def build_report(results: list[dict]) -> list[dict]:
     rows = []
     for shape in dict.fromkeys(r["shape"] for r in results):
         runs = [r for r in results if r["shape"] == shape]
-        by = {t: {**summarize([r["steps"] for r in runs if r["trainer"] == t]),
-                  "peak_mem": max(r["peak_mem"] for r in runs if r["trainer"] == t)}
-              for t in dict.fromkeys(r["trainer"] for r in runs)}
+        by = {
+            t: {
+                **summarize([r["steps"] for r in runs if r["trainer"] == t]),
+                "peak_mem": max(r["peak_mem"] for r in runs if r["trainer"] == t),
+            }
+            for t in dict.fromkeys(r["trainer"] for r in runs)
+        }
         metrics = dict.fromkeys(k for s in by.values() for k in s)
         for metric in metrics:
             ours, trl = by.get("ours", {}).get(metric), by.get("trl", {}).get(metric)
@@ -354,8 +460,10 @@ def format_table(rows: list[dict]) -> str:
     lines = [f"{'shape':10} {'metric':18} {'ours':>12} {'trl':>12} {'ours/trl':>9}"]
     for r in rows:
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        lines.append(f"{r['shape']:10} {r['metric']:18} {cell(r['ours'], r['metric']):>12} "
-                     f"{cell(r['trl'], r['metric']):>12} {ratio:>9}")
+        lines.append(
+            f"{r['shape']:10} {r['metric']:18} {cell(r['ours'], r['metric']):>12} "
+            f"{cell(r['trl'], r['metric']):>12} {ratio:>9}"
+        )
     return "\n".join(lines)
 
 
@@ -380,6 +488,7 @@ def write_report(out: Path, info: dict, results: list[dict]) -> list[dict]:
 def plot(path: Path, rows: list[dict], title: str) -> None:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -419,16 +528,28 @@ def run_all(a, argv: list[str], work: Path) -> list[dict]:
             # the order flips every round, so that a load that drifts during the invocation favours neither
             for trainer in a.trainer_list if rnd % 2 == 0 else a.trainer_list[::-1]:
                 t0 = time.perf_counter()
-                cmd = [sys.executable, "-m", "benchmarks.bench_train", *argv, "--worker", f"{shape}/{trainer}/{rnd}",
-                       "--workdir", str(work)]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.bench_train",
+                    *argv,
+                    "--worker",
+                    f"{shape}/{trainer}/{rnd}",
+                    "--workdir",
+                    str(work),
+                ]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 path = work / f"{shape}-{trainer}-{rnd}.json"
                 if proc.returncode != 0 or not path.exists():
-                    raise SystemExit(f"bench_train: [{shape} / {trainer}] failed:\n{proc.stdout[-2000:]}"
-                                     f"{proc.stderr[-3000:]}")
+                    raise SystemExit(
+                        f"bench_train: [{shape} / {trainer}] failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+                    )
                 results.append(json.loads(path.read_text()))
-                print(f"  [{shape} / {trainer} / round {rnd}] {len(results[-1]['steps'])} steps in "
-                      f"{time.perf_counter() - t0:.0f} s (process wall time, loading included)", flush=True)
+                print(
+                    f"  [{shape} / {trainer} / round {rnd}] {len(results[-1]['steps'])} steps in "
+                    f"{time.perf_counter() - t0:.0f} s (process wall time, loading included)",
+                    flush=True,
+                )
     return results
 
 
@@ -444,13 +565,24 @@ def main(argv=None):
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = machine_info(device)
-    info.update(threads=a.threads, loadavg=os.getloadavg() if hasattr(os, "getloadavg") else None,
-                config=dict(shapes={s: shape_config(a, s) for s in a.shape_list}, num_generations=a.num_generations,
-                            max_completion_length=a.max_completion_length, seed=a.seed, rounds=a.rounds))
+    info.update(
+        threads=a.threads,
+        loadavg=os.getloadavg() if hasattr(os, "getloadavg") else None,
+        config=dict(
+            shapes={s: shape_config(a, s) for s in a.shape_list},
+            num_generations=a.num_generations,
+            max_completion_length=a.max_completion_length,
+            seed=a.seed,
+            rounds=a.rounds,
+        ),
+    )
     if "trl" in a.trainer_list:
         import trl
+
         info["trl"] = trl.__version__
-    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:  # model folders, run folders, checkpoints: hundreds of MB
+    with tempfile.TemporaryDirectory(
+        prefix="bench_train_"
+    ) as tmp:  # model folders, run folders, checkpoints: hundreds of MB
         results = run_all(a, argv if argv is not None else sys.argv[1:], Path(tmp))
     info["loadavg_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return write_report(out, info, results)

@@ -18,6 +18,7 @@ the parameters' gradients, which both trainers keep: printed beside it). The los
 and the lm_head gradient's norm of the two trainers are compared. Writes bench_trl.json under --out and
 prints the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,10 @@ import torch
 
 from benchmarks.bench_loss import _libc, machine_info, peak_above, timed
 
-CASES = {"onpolicy-token": dict(loss_type="dapo", importance_sampling_level="token"),
-         "offpolicy-seq": dict(loss_type="grpo", importance_sampling_level="sequence")}
+CASES = {
+    "onpolicy-token": dict(loss_type="dapo", importance_sampling_level="token"),
+    "offpolicy-seq": dict(loss_type="grpo", importance_sampling_level="sequence"),
+}
 TRAINERS = ("stock", "fused")
 QUICK = dict(d=64, v=4096, layers=2, rows=4, prompt=16, completion=64, repeats=2, warmup=1)
 
@@ -77,21 +80,45 @@ def build(a, case: str, trainer_name: str):
     from gcpo_fast.integrations.trl import FusedGRPOTrainer
 
     # GRPOTrainer needs a tokenizer only for padding and decoding; the batch below is made of token ids.
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, "a": 2},
-                                                                                    unk_token="a")),
-                                        pad_token="<pad>", eos_token="<eos>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, "a": 2}, unk_token="a")),
+        pad_token="<pad>",
+        eos_token="<eos>",
+    )
     heads = max(1, a.d // 64)
-    config = Qwen2Config(vocab_size=a.v, hidden_size=a.d, intermediate_size=int(a.d * 5.43), num_hidden_layers=a.layers,
-                         num_attention_heads=heads, num_key_value_heads=max(1, heads // 7), tie_word_embeddings=True,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    config = Qwen2Config(
+        vocab_size=a.v,
+        hidden_size=a.d,
+        intermediate_size=int(a.d * 5.43),
+        num_hidden_layers=a.layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 7),
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
     torch.manual_seed(a.seed)
     model = Qwen2ForCausalLM(config)
-    args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="bench_trl_"), per_device_train_batch_size=a.rows,
-                      num_generations=a.rows, max_completion_length=a.completion, bf16=False, use_cpu=True,
-                      report_to=[], beta=0.0, **CASES[case])
+    args = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench_trl_"),
+        per_device_train_batch_size=a.rows,
+        num_generations=a.rows,
+        max_completion_length=a.completion,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        beta=0.0,
+        **CASES[case],
+    )
     trainer_class = FusedGRPOTrainer if trainer_name == "fused" else GRPOTrainer
-    trainer = trainer_class(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
-                            train_dataset=Dataset.from_dict({"prompt": ["a"] * a.rows}), processing_class=tokenizer)
+    trainer = trainer_class(
+        model=model,
+        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": ["a"] * a.rows}),
+        processing_class=tokenizer,
+    )
     trainer.current_gradient_accumulation_steps = 1  # transformers sets it in its training loop
     model.train()
 
@@ -103,14 +130,22 @@ def build(a, case: str, trainer_name: str):
     lengths = torch.linspace(a.completion // 4, a.completion, a.rows).long()  # mixed completion lengths
     completion_mask = (torch.arange(a.completion) < lengths[:, None]).long()
     completion_ids = torch.randint(2, a.v, (a.rows, a.completion), generator=g) * completion_mask
-    inputs = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                  completion_mask=completion_mask, advantages=torch.randn(a.rows, generator=g),
-                  num_items_in_batch=completion_mask.sum())
+    inputs = dict(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        advantages=torch.randn(a.rows, generator=g),
+        num_items_in_batch=completion_mask.sum(),
+    )
     if case == "offpolicy-seq":
         with torch.no_grad():
             logp = trainer._get_per_token_logps_and_entropies(
-                model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1),
-                a.completion)[0]
+                model,
+                torch.cat([prompt_ids, completion_ids], 1),
+                torch.cat([prompt_mask, completion_mask], 1),
+                a.completion,
+            )[0]
         inputs["old_per_token_logps"] = logp + 0.05 * torch.randn(logp.shape, generator=g)
     return trainer, model, inputs
 
@@ -145,10 +180,21 @@ def worker(a):
     _libc().mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD fixed: freed tensors leave the RSS at once
     mem, _, method = peak_above(update, torch.device("cpu"))
     grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-    res = dict(case=case, trainer=trainer_name, update_s=times, update_med=statistics.median(times),
-               update_cpu_s=cpu_times, update_cpu_med=statistics.median(cpu_times), loss=loss.item(),
-               lm_head_grad_norm=grad_norm, mem_update=mem, mem_grads=grad_bytes, mem_method=method,
-               tokens=int(inputs["completion_mask"].sum()), self_checked=trainer_name == "fused" and a.warmup > 0)
+    res = dict(
+        case=case,
+        trainer=trainer_name,
+        update_s=times,
+        update_med=statistics.median(times),
+        update_cpu_s=cpu_times,
+        update_cpu_med=statistics.median(cpu_times),
+        loss=loss.item(),
+        lm_head_grad_norm=grad_norm,
+        mem_update=mem,
+        mem_grads=grad_bytes,
+        mem_method=method,
+        tokens=int(inputs["completion_mask"].sum()),
+        self_checked=trainer_name == "fused" and a.warmup > 0,
+    )
     with open(os.path.join(a.worker_dir, f"{case}-{trainer_name}.json"), "w") as f:
         json.dump(res, f)
 
@@ -161,41 +207,63 @@ def main(argv=None):
 
     info = machine_info(torch.device("cpu"))
     info.update(trl=trl.__version__, threads=a.threads)
-    print(f"bench_trl: d={a.d} V={a.v} layers={a.layers} rows={a.rows} prompt={a.prompt} completion={a.completion} "
-          f"fp32 on cpu ({info['cpu']}, {a.threads} thread), trl {trl.__version__}, torch {info['torch']}, "
-          f"repeats={a.repeats} warmup={a.warmup}, {info['date']}")
+    print(
+        f"bench_trl: d={a.d} V={a.v} layers={a.layers} rows={a.rows} prompt={a.prompt} completion={a.completion} "
+        f"fp32 on cpu ({info['cpu']}, {a.threads} thread), trl {trl.__version__}, torch {info['torch']}, "
+        f"repeats={a.repeats} warmup={a.warmup}, {info['date']}"
+    )
     wdir = tempfile.mkdtemp(prefix="bench_trl_")
     results = []
     for case in a.cases:
         for trainer_name in TRAINERS:
             t0 = time.perf_counter()
-            cmd = [sys.executable, "-m", "benchmarks.bench_trl", *(argv if argv is not None else sys.argv[1:]),
-                   "--worker", f"{case}/{trainer_name}", "--worker-dir", wdir]
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.bench_trl",
+                *(argv if argv is not None else sys.argv[1:]),
+                "--worker",
+                f"{case}/{trainer_name}",
+                "--worker-dir",
+                wdir,
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             path = os.path.join(wdir, f"{case}-{trainer_name}.json")
             if proc.returncode != 0 or not os.path.exists(path):
                 raise SystemExit(f"[{case} / {trainer_name}] failed:\n{proc.stderr[-3000:]}")
             with open(path) as f:
                 results.append(json.load(f))
-            print(f"  [{case} / {trainer_name}] {results[-1]['update_med']:.2f} s wall, {results[-1]['update_cpu_med']:.2f} s "
-                  f"CPU per update ({time.perf_counter() - t0:.0f} s)")
-    print(f"\n{'case':16} {'trainer':8} {'wall s':>8} {'CPU s':>8} {'speedup':>8} {'peak MiB':>9} {'grads MiB':>9} {'mem ratio':>9} "
-          f"{'tokens':>6} {'loss':>13} {'|dW lm_head|':>13}")
+            print(
+                f"  [{case} / {trainer_name}] {results[-1]['update_med']:.2f} s wall, {results[-1]['update_cpu_med']:.2f} s "
+                f"CPU per update ({time.perf_counter() - t0:.0f} s)"
+            )
+    print(
+        f"\n{'case':16} {'trainer':8} {'wall s':>8} {'CPU s':>8} {'speedup':>8} {'peak MiB':>9} {'grads MiB':>9} {'mem ratio':>9} "
+        f"{'tokens':>6} {'loss':>13} {'|dW lm_head|':>13}"
+    )
     for case in a.cases:
         stock, fused = (next(r for r in results if r["case"] == case and r["trainer"] == t) for t in TRAINERS)
         fused["speedup"] = stock["update_cpu_med"] / fused["update_cpu_med"]
         fused["mem_ratio"] = fused["mem_update"] / max(stock["mem_update"], 1)
         fused["loss_rel_err"] = abs(fused["loss"] - stock["loss"]) / max(abs(stock["loss"]), 1e-12)
-        fused["grad_norm_rel_err"] = abs(fused["lm_head_grad_norm"] - stock["lm_head_grad_norm"]) / stock["lm_head_grad_norm"]
+        fused["grad_norm_rel_err"] = (
+            abs(fused["lm_head_grad_norm"] - stock["lm_head_grad_norm"]) / stock["lm_head_grad_norm"]
+        )
         for r in (stock, fused):
-            print(f"{case:16} {r['trainer']:8} {r['update_med']:8.2f} {r['update_cpu_med']:8.2f} {r.get('speedup', 1.0):7.2f}x "
-                  f"{r['mem_update'] / 2**20:9.1f} {r['mem_grads'] / 2**20:9.1f} {r.get('mem_ratio', 1.0):9.2f} {r['tokens']:6d} "
-                  f"{r['loss']:13.6e} {r['lm_head_grad_norm']:13.6e}")
-        print(f"{'':16} fused vs stock: loss rel. error {fused['loss_rel_err']:.1e}, "
-              f"lm_head grad norm rel. error {fused['grad_norm_rel_err']:.1e}")
+            print(
+                f"{case:16} {r['trainer']:8} {r['update_med']:8.2f} {r['update_cpu_med']:8.2f} {r.get('speedup', 1.0):7.2f}x "
+                f"{r['mem_update'] / 2**20:9.1f} {r['mem_grads'] / 2**20:9.1f} {r.get('mem_ratio', 1.0):9.2f} {r['tokens']:6d} "
+                f"{r['loss']:13.6e} {r['lm_head_grad_norm']:13.6e}"
+            )
+        print(
+            f"{'':16} fused vs stock: loss rel. error {fused['loss_rel_err']:.1e}, "
+            f"lm_head grad norm rel. error {fused['grad_norm_rel_err']:.1e}"
+        )
     os.makedirs(a.out, exist_ok=True)
-    config = {k: getattr(a, k) for k in ("d", "v", "layers", "rows", "prompt", "completion", "repeats", "warmup",
-                                          "threads", "seed", "cases")}
+    config = {
+        k: getattr(a, k)
+        for k in ("d", "v", "layers", "rows", "prompt", "completion", "repeats", "warmup", "threads", "seed", "cases")
+    }
     with open(os.path.join(a.out, "bench_trl.json"), "w") as f:
         json.dump(dict(machine=info, config=config, results=results), f, indent=1)
     print(f"\nwrote {a.out}/bench_trl.json")

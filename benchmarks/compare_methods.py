@@ -20,6 +20,7 @@ Writes to --out (default benchmarks/results/):
     compare_methods.png          reward and held-out accuracy against step, mean over seeds per method
 The runs themselves (metrics.jsonl, samples.jsonl, final checkpoint) go to --runs_dir.
 """
+
 import argparse
 import csv
 import importlib.util
@@ -53,8 +54,23 @@ def run_one(method: str, seed: int, args) -> dict:
         return json.loads(done.read_text())
     if out.exists():  # a run cut short earlier: start it again from scratch
         shutil.rmtree(out)
-    cmd = [sys.executable, "-m", "gcpo_fast.train", "--loss_type", method, "--seed", str(seed), "--output_dir", str(out),
-           "--save_steps", "0", "--logging_steps", "50", *METHOD_ARGS.get(method, []), *args.train_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gcpo_fast.train",
+        "--loss_type",
+        method,
+        "--seed",
+        str(seed),
+        "--output_dir",
+        str(out),
+        "--save_steps",
+        "0",
+        "--logging_steps",
+        "50",
+        *METHOD_ARGS.get(method, []),
+        *args.train_args,
+    ]
     if args.max_steps:
         cmd += ["--max_steps", str(args.max_steps)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1")
@@ -81,8 +97,11 @@ def read_run(method: str, seed: int, args) -> dict:
     first, last = evals[0], evals[-1]
     levels = sorted({k.split("/")[1] for k in first if k.startswith("eval/level_")}, key=lambda v: (len(v), v))
     row = {
-        "method": method, "seed": seed, "steps": steps[-1]["step"],
-        "eval_before": first["eval/mean@1"], "eval_after": last["eval/mean@1"],
+        "method": method,
+        "seed": seed,
+        "steps": steps[-1]["step"],
+        "eval_before": first["eval/mean@1"],
+        "eval_after": last["eval/mean@1"],
         "eval_problems": int(first.get("eval/num_problems", 0)),
         **{f"{lv}_before": first[f"eval/{lv}/mean@1"] for lv in levels},
         **{f"{lv}_after": last[f"eval/{lv}/mean@1"] for lv in levels},
@@ -95,11 +114,28 @@ def read_run(method: str, seed: int, args) -> dict:
         "prompt_batches_per_step": statistics.mean(s["num_gen_batches"] for s in steps),
         "wall_time_s": json.loads((out / "wall_time.json").read_text())["wall_time_s"],
     }
-    curves = [{"method": method, "seed": seed, "step": s["step"], "reward": s["reward"],
-               "frac_reward_all_wrong": s["frac_reward_all_wrong"], "eval_mean@1": s.get("eval/mean@1", "")}
-              for s in steps]
-    curves.insert(0, {"method": method, "seed": seed, "step": 0, "reward": "", "frac_reward_all_wrong": "",
-                      "eval_mean@1": first["eval/mean@1"]})
+    curves = [
+        {
+            "method": method,
+            "seed": seed,
+            "step": s["step"],
+            "reward": s["reward"],
+            "frac_reward_all_wrong": s["frac_reward_all_wrong"],
+            "eval_mean@1": s.get("eval/mean@1", ""),
+        }
+        for s in steps
+    ]
+    curves.insert(
+        0,
+        {
+            "method": method,
+            "seed": seed,
+            "step": 0,
+            "reward": "",
+            "frac_reward_all_wrong": "",
+            "eval_mean@1": first["eval/mean@1"],
+        },
+    )
     return {"row": row, "curves": curves}
 
 
@@ -114,23 +150,49 @@ def table(rows: list[dict]) -> str:
     """The per-method markdown table: mean ± std over seeds."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     levels = [k[: -len("_before")] for k in rows[0] if k.startswith("level_") and k.endswith("_before")]
-    head = ["method", "seeds", "held-out before", "held-out after", "change", *[f"{lv} after" for lv in levels],
-            "reward (first 20 steps)", "reward (last 20)", "all-wrong groups (first 20)", "all-wrong (last 20)",
-            "golden rows", "prompt batches / step", "wall time (s)"]
+    head = [
+        "method",
+        "seeds",
+        "held-out before",
+        "held-out after",
+        "change",
+        *[f"{lv} after" for lv in levels],
+        "reward (first 20 steps)",
+        "reward (last 20)",
+        "all-wrong groups (first 20)",
+        "all-wrong (last 20)",
+        "golden rows",
+        "prompt batches / step",
+        "wall time (s)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         rs = [r for r in rows if r["method"] == m]
         col = lambda key: mean_spread([r[key] for r in rs])  # noqa: E731
         change = mean_spread([r["eval_after"] - r["eval_before"] for r in rs])
-        cells = [m, str(len(rs)), col("eval_before"), col("eval_after"), change,
-                 *[col(f"{lv}_after") for lv in levels], col("reward_first_20"), col("reward_last_20"),
-                 col("frac_all_wrong_first_20"), col("frac_all_wrong_last_20"),
-                 f"{statistics.mean(r['golden_rows'] for r in rs):.0f}", col("prompt_batches_per_step"),
-                 f"{statistics.mean(r['wall_time_s'] for r in rs):.0f}"]
+        cells = [
+            m,
+            str(len(rs)),
+            col("eval_before"),
+            col("eval_after"),
+            change,
+            *[col(f"{lv}_after") for lv in levels],
+            col("reward_first_20"),
+            col("reward_last_20"),
+            col("frac_all_wrong_first_20"),
+            col("frac_all_wrong_last_20"),
+            f"{statistics.mean(r['golden_rows'] for r in rs):.0f}",
+            col("prompt_batches_per_step"),
+            f"{statistics.mean(r['wall_time_s'] for r in rs):.0f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     problems = rows[0]["eval_problems"]
-    levels_n = ", ".join(f"{lv.split('_')[1]}: {rows[0][f'{lv}_problems']}" for lv in levels if f"{lv}_problems" in rows[0])
-    note = f"Held-out: greedy mean@1 on {problems} distinct held-out problems" + (f" (per level {levels_n})" if levels_n else "")
+    levels_n = ", ".join(
+        f"{lv.split('_')[1]}: {rows[0][f'{lv}_problems']}" for lv in levels if f"{lv}_problems" in rows[0]
+    )
+    note = f"Held-out: greedy mean@1 on {problems} distinct held-out problems" + (
+        f" (per level {levels_n})" if levels_n else ""
+    )
     return "\n".join(lines) + "\n\n" + note + "; mean ± std over seeds.\n"
 
 
@@ -152,12 +214,18 @@ def plot(curves: list[dict], path: Path, smooth: int) -> None:
                 points = [(c["step"], c[key]) for c in run if c[key] != ""]
                 if key != "eval_mean@1":  # trailing moving average of the noisy per-step rollout statistics
                     values = [v for _, v in points]
-                    points = [(s, statistics.mean(values[max(0, i - smooth + 1) : i + 1])) for i, (s, _) in enumerate(points)]
+                    points = [
+                        (s, statistics.mean(values[max(0, i - smooth + 1) : i + 1])) for i, (s, _) in enumerate(points)
+                    ]
                 for s, v in points:
                     per_step.setdefault(s, []).append(v)
             steps = sorted(per_step)
-            ax.plot(steps, [statistics.mean(per_step[s]) for s in steps], label=method,
-                    marker="o" if key == "eval_mean@1" else None)
+            ax.plot(
+                steps,
+                [statistics.mean(per_step[s]) for s in steps],
+                label=method,
+                marker="o" if key == "eval_mean@1" else None,
+            )
     ax_reward.set(title=f"training reward (moving mean of {smooth} steps)", xlabel="step")
     ax_wrong.set(title=f"all-wrong groups (moving mean of {smooth} steps)", xlabel="step")
     ax_eval.set(title="held-out accuracy (greedy mean@1)", xlabel="step")
@@ -170,15 +238,20 @@ def plot(curves: list[dict], path: Path, smooth: int) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.compare_methods", description=__doc__.split("\n")[0],
-                                 epilog="Anything after -- goes to every gcpo_fast.train run, e.g. -- --learning_rate 1e-4")
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.compare_methods",
+        description=__doc__.split("\n")[0],
+        epilog="Anything after -- goes to every gcpo_fast.train run, e.g. -- --learning_rate 1e-4",
+    )
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated loss types (default: %(default)s)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
     ap.add_argument("--max_steps", type=int, default=0, help="optimizer steps per run (default: the trainer's)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (default: 2, one per core here)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default: 1)")
     ap.add_argument("--runs_dir", default="runs/compare_methods", help="where the runs go (default: %(default)s)")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="where the table and plot go (default: benchmarks/results)")
+    ap.add_argument(
+        "--out", type=Path, default=RESULTS, help="where the table and plot go (default: benchmarks/results)"
+    )
     ap.add_argument("--smooth", type=int, default=20, help="moving-average window of the plotted curves (default: 20)")
     ap.add_argument("--report_only", action="store_true", help="only rebuild the table and plot from finished runs")
     argv = sys.argv[1:] if argv is None else argv

@@ -18,6 +18,7 @@ the held-out problems are the trainer's builtin evaluation split (500 distinct p
 `report` prints a markdown table from the runs' metrics.jsonl: held-out greedy accuracy at every evaluation
 (all, per level), golden rows and where they came from, the teacher's misses and its time.
 """
+
 import argparse
 import json
 import subprocess
@@ -40,35 +41,70 @@ def build_teacher(out: Path) -> None:
     start = time.time()
     losses = train(model, tokenizer, 7, SFT_STEPS, 32, SFT_LR, SFT_MIX)
     print(f"SFT {SFT_STEPS} steps in {time.time() - start:.0f} s, final loss {sum(losses[-20:]) / 20:.4f}")
-    print("held-out greedy per level:", {k: f"{c}/{n}" for k, (c, n) in evaluate(model, tokenizer, 0, per_level=100).items()})
+    print(
+        "held-out greedy per level:",
+        {k: f"{c}/{n}" for k, (c, n) in evaluate(model, tokenizer, 0, per_level=100).items()},
+    )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 
 def export_data(root: Path) -> None:
     run = lambda *args: subprocess.run([sys.executable, "-m", "gcpo_fast.data", *args], check=True)  # noqa: E731
-    run("--export", str(root / "gold"), "--seed", "42", "--train-size", "5000", "--test-size", "1", "--levels", "3", "4", "5")
-    run("--export", str(root / "test"), "--seed", "0", "--train-size", "1", "--test-size", "500", "--levels", "3", "4", "5")
+    run(
+        "--export",
+        str(root / "gold"),
+        "--seed",
+        "42",
+        "--train-size",
+        "5000",
+        "--test-size",
+        "1",
+        "--levels",
+        "3",
+        "4",
+        "5",
+    )
+    run(
+        "--export",
+        str(root / "test"),
+        "--seed",
+        "0",
+        "--train-size",
+        "1",
+        "--test-size",
+        "500",
+        "--levels",
+        "3",
+        "4",
+        "5",
+    )
     (root / "nogold").mkdir(exist_ok=True)
     rows = [json.loads(line) for line in (root / "gold" / "train.jsonl").read_text().splitlines()]
-    (root / "nogold" / "train.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "solution"}) + "\n"
-                                                         for r in rows))
+    (root / "nogold" / "train.jsonl").write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if k != "solution"}) + "\n" for r in rows)
+    )
 
 
 def report(runs: list[Path]) -> str:
-    lines = ["| run | steps | held-out all | level 3 | level 4 | level 5 | golden rows | from teacher | cache hits "
-             "| teacher: no correct | teacher errors | teacher time (s) | wall time (s) |", "|" + "---|" * 13]
+    lines = [
+        "| run | steps | held-out all | level 3 | level 4 | level 5 | golden rows | from teacher | cache hits "
+        "| teacher: no correct | teacher errors | teacher time (s) | wall time (s) |",
+        "|" + "---|" * 13,
+    ]
     for run in runs:
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         evals = [m for m in metrics if "eval/mean@1" in m]
         steps = [m for m in metrics if "loss" in m]
         arrow = lambda key: " -> ".join(f"{m[key]:.3f}" for m in evals)  # noqa: E731
         total = lambda key: sum(m.get(key, 0) for m in steps)  # noqa: E731
-        lines.append(f"| {run.name} | {len(steps)} | {arrow('eval/mean@1')} | {arrow('eval/level_3/mean@1')} | "
-                     f"{arrow('eval/level_4/mean@1')} | {arrow('eval/level_5/mean@1')} | {total('gcpo/golden_rows'):.0f} | "
-                     f"{total('gcpo/golden_from_teacher'):.0f} | {total('gcpo/golden_cache_hits'):.0f} | "
-                     f"{total('gcpo/teacher_no_correct'):.0f} | {total('gcpo/teacher_errors'):.0f} | "
-                     f"{total('timing/teacher'):.0f} | {total('step_time'):.0f} |")
+        lines.append(
+            f"| {run.name} | {len(steps)} | {arrow('eval/mean@1')} | {arrow('eval/level_3/mean@1')} | "
+            f"{arrow('eval/level_4/mean@1')} | {arrow('eval/level_5/mean@1')} | {total('gcpo/golden_rows'):.0f} | "
+            f"{total('gcpo/golden_from_teacher'):.0f} | {total('gcpo/golden_cache_hits'):.0f} | "
+            f"{total('gcpo/teacher_no_correct'):.0f} | {total('gcpo/teacher_errors'):.0f} | "
+            f"{total('timing/teacher'):.0f} | {total('step_time'):.0f} |"
+        )
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ the peers' versions), each stage's command, status and wall time, and the tail o
 summary and skip reasons, bench_loss's and bench_train's tables); the stages' own CSV/JSON/PNG go to
 --out/gpu_check/. Prints the report's path. Without CUDA it prints one line and exits with status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,15 +34,22 @@ import time
 from pathlib import Path
 
 # Test files whose tests take the GPU path when CUDA is present (the `device` fixture, CUDA-only marks).
-DEVICE_TESTS = ("tests/test_linear_policy_loss.py", "tests/test_logprob_triton.py", "tests/test_policy_loss.py",
-                "tests/test_packing.py", "tests/test_aot_compile.py")
+DEVICE_TESTS = (
+    "tests/test_linear_policy_loss.py",
+    "tests/test_logprob_triton.py",
+    "tests/test_policy_loss.py",
+    "tests/test_packing.py",
+    "tests/test_aot_compile.py",
+)
 PEERS = ("triton", "liger-kernel", "cut-cross-entropy", "flash-attn", "trl", "transformers")
 TAIL_LINES = 60
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="benchmarks/results", help="folder for gpu_check.md (stage outputs: OUT/gpu_check/)")
+    ap.add_argument(
+        "--out", default="benchmarks/results", help="folder for gpu_check.md (stage outputs: OUT/gpu_check/)"
+    )
     ap.add_argument("--all_tests", action="store_true", help="run `pytest tests` (the whole suite) in stage 1")
     ap.add_argument("--dry_run", action="store_true", help="print the stages' commands and exit")
     return ap.parse_args(argv)
@@ -53,11 +61,46 @@ def stages(out: Path, all_tests: bool = False, trl: bool = True) -> list[tuple[s
     tests = ["tests"] if all_tests else list(DEVICE_TESTS)
     return [
         ("tests", [py, "-m", "pytest", *tests, "-q", "-rs", "-p", "no:cacheprovider"], 240),
-        ("bench_loss", [py, "-m", "benchmarks.bench_loss", "--model", "qwen7b", "--n", "16384", "--dtype", "bf16",
-                        "--variants", "naive,torch,triton,liger,cce,gemm-floor", "--repeats", "5", "--warmup", "2",
-                        "--out", str(sub)], 200),
-        ("bench_train", [py, "-m", "benchmarks.bench_train", "--steps", "6", "--rounds", "1", "--trainers", "ours,trl" if trl else "ours",
-                         "--out", str(sub)], 140),
+        (
+            "bench_loss",
+            [
+                py,
+                "-m",
+                "benchmarks.bench_loss",
+                "--model",
+                "qwen7b",
+                "--n",
+                "16384",
+                "--dtype",
+                "bf16",
+                "--variants",
+                "naive,torch,triton,liger,cce,gemm-floor",
+                "--repeats",
+                "5",
+                "--warmup",
+                "2",
+                "--out",
+                str(sub),
+            ],
+            200,
+        ),
+        (
+            "bench_train",
+            [
+                py,
+                "-m",
+                "benchmarks.bench_train",
+                "--steps",
+                "6",
+                "--rounds",
+                "1",
+                "--trainers",
+                "ours,trl" if trl else "ours",
+                "--out",
+                str(sub),
+            ],
+            140,
+        ),
     ]
 
 
@@ -77,15 +120,22 @@ def machine() -> list[str]:
     import torch
 
     props = torch.cuda.get_device_properties(0)
-    lines = [f"- GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB, {torch.cuda.device_count()} visible",
-             f"- torch {torch.__version__} (CUDA {torch.version.cuda}), Python {sys.version.split()[0]}"]
+    lines = [
+        f"- GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB, {torch.cuda.device_count()} visible",
+        f"- torch {torch.__version__} (CUDA {torch.version.cuda}), Python {sys.version.split()[0]}",
+    ]
     for name in PEERS:
         try:
             lines.append(f"- {name} {importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
             lines.append(f"- {name}: not installed")
-    smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                         text=True) if _has("nvidia-smi") else None
+    smi = (
+        subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        )
+        if _has("nvidia-smi")
+        else None
+    )
     if smi is not None and smi.returncode == 0:
         lines.append(f"- driver {smi.stdout.strip()}")
     return lines
@@ -97,13 +147,33 @@ def _has(program: str) -> bool:
 
 def report(machine_lines: list[str], results: list[tuple[str, list[str], dict]]) -> str:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    md = [f"# GPU check, {date}", "", "`python -m benchmarks.gpu_check` (benchmarks/gpu_check.py).", "", *machine_lines,
-          "", "| stage | status | wall s |", "|---|---|---|"]
+    md = [
+        f"# GPU check, {date}",
+        "",
+        "`python -m benchmarks.gpu_check` (benchmarks/gpu_check.py).",
+        "",
+        *machine_lines,
+        "",
+        "| stage | status | wall s |",
+        "|---|---|---|",
+    ]
     md += [f"| {name} | {res['status']} | {res['seconds']:.0f} |" for name, _, res in results]
     for name, cmd, res in results:
         tail = "\n".join(res["output"].rstrip().splitlines()[-TAIL_LINES:])
-        md += ["", f"## {name}: {res['status']}", "", "```", shlex.join(cmd), "```", "",
-               f"Last {TAIL_LINES} lines of its output:", "", "```", tail, "```"]
+        md += [
+            "",
+            f"## {name}: {res['status']}",
+            "",
+            "```",
+            shlex.join(cmd),
+            "```",
+            "",
+            f"Last {TAIL_LINES} lines of its output:",
+            "",
+            "```",
+            tail,
+            "```",
+        ]
     return "\n".join(md) + "\n"
 
 
@@ -118,8 +188,11 @@ def main(argv=None) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        print("gpu_check: no CUDA GPU is visible (torch.cuda.is_available() is False); this check runs only on a GPU "
-              "(--dry_run prints its commands)", file=sys.stderr)
+        print(
+            "gpu_check: no CUDA GPU is visible (torch.cuda.is_available() is False); this check runs only on a GPU "
+            "(--dry_run prints its commands)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     machine_lines = machine()
     results = []

@@ -7,11 +7,12 @@ log-probs, as for old log-probs) and a `grads()` that reads dX (packed [N, d]) a
 A variant that cannot run here raises `Skip(reason)`; one with a fallback (a peer's other
 implementation) names it in `Built.fallback`.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -20,7 +21,10 @@ from gcpo_fast.kernels.linear_policy_loss import plan_chunks
 from gcpo_fast.kernels.policy_loss import batch_layout
 
 MODELS = {  # (d, V) of the lm_head
-    "qwen0.5b": (896, 151936), "qwen1.5b": (1536, 151936), "qwen7b": (3584, 152064), "llama8b": (4096, 128256),
+    "qwen0.5b": (896, 151936),
+    "qwen1.5b": (1536, 151936),
+    "qwen7b": (3584, 152064),
+    "llama8b": (4096, 128256),
 }
 # The two cases: our loss_type, whether old log-probs are given, and the Liger options that match it.
 CASES = {
@@ -42,11 +46,12 @@ class Built:
     leaves: list
     path: str
     notes: list = field(default_factory=list)
-    tokens: int = 0                                  # tokens the variant computes logits for
-    fallback: Callable[[str], "Built"] | None = None
+    tokens: int = 0  # tokens the variant computes logits for
+    fallback: Callable[[str], Built] | None = None
 
 
 # ---------------------------------------------------------------------------------------- inputs
+
 
 def _lengths(n: int, rows: int, min_long: int, gen) -> list[int]:
     """Mixed row lengths summing to n (log-normal shares); when min_long < n / 2 the longest row is
@@ -60,7 +65,7 @@ def _lengths(n: int, rows: int, min_long: int, gen) -> list[int]:
         share[big] = long_share
     lengths = [max(1, int(x)) for x in (share * n).tolist()]
     lengths[big] += n - sum(lengths)
-    while sum(lengths) > n:   # rounding short rows up to 1 overshot: take from the longest
+    while sum(lengths) > n:  # rounding short rows up to 1 overshot: take from the longest
         lengths[lengths.index(max(lengths))] -= 1
     return lengths
 
@@ -80,8 +85,8 @@ def make_inputs(n, d, v, rows, dtype, device, temperature, target_entropy, old_n
     spread = torch.exp(0.5 * torch.randn(n, 1, generator=gen)).to(device)  # per-token confidence varies
     h0 = h0 * spread
     sample = torch.randperm(n, generator=gen)[: min(n, 128)].to(device)
-    base = h0[sample] @ w.T / temperature          # logits scale linearly with the hidden states
-    lo, hi = math.log(1e-3), math.log(1e4)         # bisect log(scale): entropy falls as the scale grows
+    base = h0[sample] @ w.T / temperature  # logits scale linearly with the hidden states
+    lo, hi = math.log(1e-3), math.log(1e4)  # bisect log(scale): entropy falls as the scale grows
     for _ in range(40):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if _entropy(base * math.exp(mid)).mean() > target_entropy else (lo, mid)
@@ -89,21 +94,31 @@ def make_inputs(n, d, v, rows, dtype, device, temperature, target_entropy, old_n
     hidden, weight = hidden32.to(dtype), w.to(dtype)
     targets = torch.empty(n, dtype=torch.long, device=device)
     true_logp = torch.empty(n, device=device)
-    for n0 in range(0, n, 256):                    # sample targets from the softmax, 256 rows at a time
-        logp = torch.log_softmax((hidden[n0:n0 + 256].float() @ weight.float().T) / temperature, -1)
-        targets[n0:n0 + 256] = torch.multinomial(logp.exp().cpu(), 1, generator=gen).squeeze(1).to(device)
-        true_logp[n0:n0 + 256] = logp.gather(1, targets[n0:n0 + 256, None]).squeeze(1)
+    for n0 in range(0, n, 256):  # sample targets from the softmax, 256 rows at a time
+        logp = torch.log_softmax((hidden[n0 : n0 + 256].float() @ weight.float().T) / temperature, -1)
+        targets[n0 : n0 + 256] = torch.multinomial(logp.exp().cpu(), 1, generator=gen).squeeze(1).to(device)
+        true_logp[n0 : n0 + 256] = logp.gather(1, targets[n0 : n0 + 256, None]).squeeze(1)
     check = torch.randperm(n, generator=gen)[: min(n, 256)].to(device)  # entropy of the final inputs
     ent = _entropy((hidden[check].float() @ weight.float().T) / temperature).cpu()
     lengths = _lengths(n, rows, chunk_tokens, gen)
     cu = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
     return dict(
-        hidden=hidden.cpu(), weight=weight.cpu(), targets=targets.cpu(), cu_seqlens=cu,
+        hidden=hidden.cpu(),
+        weight=weight.cpu(),
+        targets=targets.cpu(),
+        cu_seqlens=cu,
         advantages=torch.randn(rows, generator=gen),
         old_logp=(true_logp.cpu() + old_noise * torch.randn(n, generator=gen)),
-        temperature=temperature, lengths=lengths,
-        entropy=dict(mean=ent.mean().item(), p10=ent.quantile(0.1).item(), p50=ent.median().item(),
-                     p90=ent.quantile(0.9).item(), rows_sampled=len(check)))
+        temperature=temperature,
+        lengths=lengths,
+        entropy=dict(
+            mean=ent.mean().item(),
+            p10=ent.quantile(0.1).item(),
+            p50=ent.median().item(),
+            p90=ent.quantile(0.9).item(),
+            rows_sampled=len(check),
+        ),
+    )
 
 
 def torch_path(inp, case, workspace_bytes) -> str:
@@ -140,6 +155,7 @@ def ce_coefficients(inp, case):
 
 # -------------------------------------------------------------------------------------- variants
 
+
 def naive_logp(hidden, weight, targets, temperature):
     logits = (hidden @ weight.T).float() / temperature
     return torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
@@ -156,13 +172,20 @@ def build_naive(inp, case, objective="policy", **_):
         if coef is not None:
             loss = -(coef * logp).sum()
         else:
-            loss = policy_loss(logp, _old(inp, case), inp["advantages"], inp["cu_seqlens"],
-                               loss_type=CASES[case]["loss_type"])[0]
+            loss = policy_loss(
+                logp, _old(inp, case), inp["advantages"], inp["cu_seqlens"], loss_type=CASES[case]["loss_type"]
+            )[0]
         loss.backward()
         return loss
 
-    return Built(fwd_bwd, lambda: naive_logp(x, w, t, temp), lambda: (x.grad, w.grad), [x, w],
-                 "materialised logits", tokens=x.shape[0])
+    return Built(
+        fwd_bwd,
+        lambda: naive_logp(x, w, t, temp),
+        lambda: (x.grad, w.grad),
+        [x, w],
+        "materialised logits",
+        tokens=x.shape[0],
+    )
 
 
 def _build_ours(inp, case, backend, workspace_bytes):
@@ -170,14 +193,28 @@ def _build_ours(inp, case, backend, workspace_bytes):
     kw = dict(temperature=inp["temperature"], backend=backend, workspace_bytes=workspace_bytes)
 
     def fwd_bwd():
-        loss = linear_policy_loss(x, w, inp["targets"], _old(inp, case), inp["advantages"], inp["cu_seqlens"],
-                                  loss_type=CASES[case]["loss_type"], **kw)[0]
+        loss = linear_policy_loss(
+            x,
+            w,
+            inp["targets"],
+            _old(inp, case),
+            inp["advantages"],
+            inp["cu_seqlens"],
+            loss_type=CASES[case]["loss_type"],
+            **kw,
+        )[0]
         loss.backward()
         return loss
 
     path = torch_path(inp, case, workspace_bytes) if backend == "torch" else "recompute 8NVd (triton backend)"
-    return Built(fwd_bwd, lambda: linear_logprobs(x, w, inp["targets"], **kw), lambda: (x.grad, w.grad),
-                 [x, w], path, tokens=x.shape[0])
+    return Built(
+        fwd_bwd,
+        lambda: linear_logprobs(x, w, inp["targets"], **kw),
+        lambda: (x.grad, w.grad),
+        [x, w],
+        path,
+        tokens=x.shape[0],
+    )
 
 
 def build_torch(inp, case, workspace_bytes, **_):
@@ -198,7 +235,7 @@ def build_liger(inp, case, compiled=True, **_):
     except ImportError as e:
         raise Skip(f"liger_kernel not importable: {e}")
     cu, dev = inp["cu_seqlens"].long(), inp["hidden"].device
-    lengths = (cu[1:] - cu[:-1])
+    lengths = cu[1:] - cu[:-1]
     b, t_max, d = lengths.numel(), int(lengths.max()), inp["hidden"].shape[1]
     row = torch.repeat_interleave(torch.arange(b, device=dev), lengths)
     pos = torch.arange(cu[-1].item(), device=dev) - cu[:-1][row]
@@ -206,7 +243,7 @@ def build_liger(inp, case, compiled=True, **_):
     xp[row, pos] = inp["hidden"]
     xp.requires_grad_(True)
     w = inp["weight"].requires_grad_(True)
-    inp["hidden"] = None                            # the padded copy is the input now
+    inp["hidden"] = None  # the padded copy is the input now
     ids = torch.zeros(b, t_max, dtype=torch.long, device=dev)
     ids[row, pos] = inp["targets"]
     mask = torch.zeros(b, t_max, device=dev)
@@ -216,9 +253,16 @@ def build_liger(inp, case, compiled=True, **_):
         old = torch.zeros(b, t_max, device=dev)
         old[row, pos] = inp["old_logp"]
     ours = PolicyLossConfig.resolve(CASES[case]["loss_type"])
-    opts = dict(beta=0.0, use_ref_model=False, chunk_size=1, temperature=inp["temperature"],
-                loss_type=CASES[case]["liger_loss_type"], importance_sampling_level=ours.importance_sampling_level,
-                epsilon_low=ours.epsilon_low, epsilon_high=ours.epsilon_high)
+    opts = dict(
+        beta=0.0,
+        use_ref_model=False,
+        chunk_size=1,
+        temperature=inp["temperature"],
+        loss_type=CASES[case]["liger_loss_type"],
+        importance_sampling_level=ours.importance_sampling_level,
+        epsilon_low=ours.epsilon_low,
+        epsilon_high=ours.epsilon_high,
+    )
     loss_fn = LigerFusedLinearGRPOLoss(compiled=compiled, **opts)
 
     def fwd_bwd():
@@ -226,20 +270,30 @@ def build_liger(inp, case, compiled=True, **_):
         loss.backward()
         return loss
 
-    notes = [f"Liger options: {opts}, compiled={compiled} (ours: loss_type={ours.loss_type}, "
-             f"{ours.importance_sampling_level}-level, eps {ours.epsilon_low}/{ours.epsilon_high}, "
-             f"{ours.loss_agg_mode}, no KL)",
-             f"padded layout [B={b}, T_max={t_max}]: logits for {b * t_max} token slots vs N={len(row)} packed; "
-             "forward-only = LigerFusedLinearPPOBase.chunk_forward (its selective log-prob)"]
-    built = Built(fwd_bwd, lambda: LigerFusedLinearPPOBase.chunk_forward(xp, w, ids, temperature=inp["temperature"])
-                  [row, pos], lambda: (None if xp.grad is None else xp.grad[row, pos], w.grad), [xp, w],
-                  "per row chunk: fwd + autograd.grad in the forward (8NVd, recompute)", notes, b * t_max)
+    notes = [
+        f"Liger options: {opts}, compiled={compiled} (ours: loss_type={ours.loss_type}, "
+        f"{ours.importance_sampling_level}-level, eps {ours.epsilon_low}/{ours.epsilon_high}, "
+        f"{ours.loss_agg_mode}, no KL)",
+        f"padded layout [B={b}, T_max={t_max}]: logits for {b * t_max} token slots vs N={len(row)} packed; "
+        "forward-only = LigerFusedLinearPPOBase.chunk_forward (its selective log-prob)",
+    ]
+    built = Built(
+        fwd_bwd,
+        lambda: LigerFusedLinearPPOBase.chunk_forward(xp, w, ids, temperature=inp["temperature"])[row, pos],
+        lambda: (None if xp.grad is None else xp.grad[row, pos], w.grad),
+        [xp, w],
+        "per row chunk: fwd + autograd.grad in the forward (8NVd, recompute)",
+        notes,
+        b * t_max,
+    )
     if compiled:
+
         def fallback(reason):
             inp["hidden"] = xp.detach()[row, pos]
             again = build_liger(inp, case, compiled=False)
             again.notes.insert(0, f"compiled=True failed ({reason}); ran with compiled=False")
             return again
+
         built.fallback = fallback
     return built
 
@@ -262,18 +316,22 @@ def build_cce(inp, case, impl=None, **_):
         loss.backward()
         return loss
 
-    notes = [f"CCE impl={impl!r}" + (", filter_eps='high' (its default gradient filter)" if impl == "cce" else "")
-             + ": it computes a cross-entropy, not a policy loss; objective sum_t w_t A_row "
-             "CE_t (= loss_type 'gpg' with this case's aggregation), checked against naive on that objective"]
+    notes = [
+        f"CCE impl={impl!r}"
+        + (", filter_eps='high' (its default gradient filter)" if impl == "cce" else "")
+        + ": it computes a cross-entropy, not a policy loss; objective sum_t w_t A_row "
+        "CE_t (= loss_type 'gpg' with this case's aggregation), checked against naive on that objective"
+    ]
     if impl == "torch_compile":
         notes.append("impl='torch_compile' is torch.compile of (e @ c.T -> cross_entropy): it materialises [N, V]")
-    built = Built(fwd_bwd, lambda: -nll(), lambda: (x.grad, w.grad), [x, w], f"linear CE ({impl})", notes,
-                  x.shape[0])
+    built = Built(fwd_bwd, lambda: -nll(), lambda: (x.grad, w.grad), [x, w], f"linear CE ({impl})", notes, x.shape[0])
     if impl == "cce":
+
         def fallback(reason):
             again = build_cce(inp, case, impl="torch_compile")
             again.notes.insert(0, f"impl='cce' failed ({reason}); fell back to impl='torch_compile'")
             return again
+
         built.fallback = fallback
     return built
 
@@ -288,9 +346,22 @@ def build_gemm_floor(inp, case, **_):
         del z
         return (dz @ w, dz.T @ x)
 
-    return Built(fwd_bwd, lambda: x @ w.T, lambda: (None, None), [], "3 GEMMs, no softmax", tokens=x.shape[0],
-                 notes=["gemm-floor: its dZ [N, V] is one of its inputs; its memory includes the [N, V] product"])
+    return Built(
+        fwd_bwd,
+        lambda: x @ w.T,
+        lambda: (None, None),
+        [],
+        "3 GEMMs, no softmax",
+        tokens=x.shape[0],
+        notes=["gemm-floor: its dZ [N, V] is one of its inputs; its memory includes the [N, V] product"],
+    )
 
 
-BUILDERS = {"naive": build_naive, "torch": build_torch, "triton": build_triton, "liger": build_liger,
-            "cce": build_cce, "gemm-floor": build_gemm_floor}
+BUILDERS = {
+    "naive": build_naive,
+    "torch": build_torch,
+    "triton": build_triton,
+    "liger": build_liger,
+    "cce": build_cce,
+    "gemm-floor": build_gemm_floor,
+}

@@ -32,6 +32,7 @@ checkpoint.json present with its size, config.json readable, the safetensors hea
 archives whole. "latest" skips a damaged checkpoint for the newest complete one, saying which it skipped
 and why; a checkpoint named explicitly must be whole or it is an error.
 """
+
 import json
 import os
 import random
@@ -76,9 +77,12 @@ def _fsync_dir(folder: Path) -> None:
 def rng_state() -> dict:
     """This process's RNG states, in types torch.load(weights_only=True) accepts."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -95,7 +99,9 @@ def list_checkpoints(output_dir) -> list[Path]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_RE.fullmatch(p.name)) and p.is_dir()]
+    found = [
+        (int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_RE.fullmatch(p.name)) and p.is_dir()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -164,8 +170,9 @@ def find_checkpoint(output_dir, resume: str) -> Path:
                     print(f"--resume: skipped {name}: {why}", file=sys.stderr)
                 return path
             skipped.append((path.name, problem))
-        raise FileNotFoundError(f"--resume: no whole checkpoint in {output_dir}: "
-                                + "; ".join(f"{name}: {why}" for name, why in skipped))
+        raise FileNotFoundError(
+            f"--resume: no whole checkpoint in {output_dir}: " + "; ".join(f"{name}: {why}" for name, why in skipped)
+        )
     path = Path(resume)
     if not (path / STATE_FILE).is_file() and not (path / MANIFEST).is_file():
         raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE})")
@@ -181,9 +188,19 @@ def _write_manifest(folder: Path, step: int, world: int) -> None:
     (folder / MANIFEST).write_text(text, encoding="utf-8")
 
 
-def save_checkpoint(output_dir, step: int, model, tokenizer, state: dict, rank_state: dict, *, config: dict,
-                    save_total_limit: int | None = None, model_state: dict | None = None,
-                    save_sharded: Callable[[Path], None] | None = None) -> Path:
+def save_checkpoint(
+    output_dir,
+    step: int,
+    model,
+    tokenizer,
+    state: dict,
+    rank_state: dict,
+    *,
+    config: dict,
+    save_total_limit: int | None = None,
+    model_state: dict | None = None,
+    save_sharded: Callable[[Path], None] | None = None,
+) -> Path:
     """Write checkpoint-<step> atomically (see the module docstring). Every rank calls it and writes its
     rank_state and RNG states, then calls save_sharded(folder), if given, to write its shards (FSDP's optimizer
     state) into the folder being written; rank 0 writes the model (model_state: its full state dict, default
@@ -232,12 +249,17 @@ def load_checkpoint(path, *, reshards: bool = False) -> tuple[dict, dict]:
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     if state["world_size"] != world:
         if not reshards:
-            raise ValueError(f"{path} was written by {state['world_size']} processes; resuming it with {world} would "
-                             "not continue the same run (each rank's data and RNG differ)")
+            raise ValueError(
+                f"{path} was written by {state['world_size']} processes; resuming it with {world} would "
+                "not continue the same run (each rank's data and RNG differ)"
+            )
         if rank == 0:
-            warnings.warn(f"{path} was written by {state['world_size']} processes and resumes with {world}: the model "
-                          "and optimizer reshard, but the unfinished generation round is dropped, and the batches and "
-                          "random streams from here on differ from those of an uninterrupted run", stacklevel=2)
+            warnings.warn(
+                f"{path} was written by {state['world_size']} processes and resumes with {world}: the model "
+                "and optimizer reshard, but the unfinished generation round is dropped, and the batches and "
+                "random streams from here on differ from those of an uninterrupted run",
+                stacklevel=2,
+            )
         set_rng_state(torch.load(path / "rank_0.pt", map_location="cpu", weights_only=True)["rng"])
         seed = random.getrandbits(31) + rank
         random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)

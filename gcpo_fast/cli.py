@@ -8,6 +8,7 @@
     ap.fail("--top_k must be >= 0")   # exit 2
     ap.fail("cannot load the weights: ...", status=1)
 """
+
 import argparse
 
 

@@ -27,6 +27,7 @@ them, or reads a word as a product of variables: rewards.unverifiable_reason) ar
 loads, with their count and first examples, as a warning: a dataset may hold some, and a custom reward
 function may not use the answer at all. Parquet needs pyarrow (`pip install pyarrow`, or the `data` extra).
 """
+
 import json
 import warnings
 from collections.abc import Iterator
@@ -185,9 +186,12 @@ def warn_unverifiable(answers: list[str], wheres: list[str], shown: int = 3) -> 
         if reasons[answer]:
             bad.append(f"{where}: {answer[:60]!r} ({reasons[answer]})")
     if bad:
-        warnings.warn(f"{len(bad)} of {len(answers)} answers can never be verified by the accuracy reward (their "
-                      f"rollouts would all score 0): {'; '.join(bad[:shown])}{'; ...' if len(bad) > shown else ''}. "
-                      "Check answer_column; write text answers as \\text{...}", stacklevel=2)
+        warnings.warn(
+            f"{len(bad)} of {len(answers)} answers can never be verified by the accuracy reward (their "
+            f"rollouts would all score 0): {'; '.join(bad[:shown])}{'; ...' if len(bad) > shown else ''}. "
+            "Check answer_column; write text answers as \\text{...}",
+            stacklevel=2,
+        )
     return len(bad)
 
 
@@ -200,8 +204,16 @@ class PromptSampler:
     batches of batch_size * world_size and rank r takes its r-th slice: disjoint prompts, one cursor.
     """
 
-    def __init__(self, records: list[dict], batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        records: list[dict],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"PromptSampler: rank {rank} is not in [0, world_size={world_size})")
         if batch_size < 1 or batch_size * world_size > len(records):
@@ -270,11 +282,15 @@ def main(argv=None) -> None:
     paths = {name: args.export / f"{name}.jsonl" for name in ("train", "test")}
     existing = [str(p) for p in paths.values() if p.exists()]
     if existing and not args.overwrite:
-        ap.fail(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: pass --overwrite to replace")
+        ap.fail(
+            f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: pass --overwrite to replace"
+        )
     try:
         # test problems are distinct, as in a real benchmark; training problems may repeat (small levels)
-        splits = {"train": train_split(args.train_size, seed=args.seed, levels=args.levels),
-                  "test": heldout_split(args.test_size, seed=args.seed, levels=args.levels, distinct=True)}
+        splits = {
+            "train": train_split(args.train_size, seed=args.seed, levels=args.levels),
+            "test": heldout_split(args.test_size, seed=args.seed, levels=args.levels, distinct=True),
+        }
     except ValueError as e:
         ap.fail(str(e))
     try:

@@ -19,6 +19,7 @@ The command line is checked before anything loads (option ranges, --model with g
 check_model_folder, the --output folder, the dataset): a usage error is one line on stderr and exit
 status 2; a failure while loading or generating is one line and exit status 1.
 """
+
 import json
 import math
 import os
@@ -43,7 +44,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def summarize(correct: list[int], num_samples: int) -> dict[str, float]:
     """eval/mean@k and eval/pass@j (j = 1, 2, 4, ..., k) from per-problem correct counts."""
-    ks = sorted({2 ** i for i in range(num_samples.bit_length()) if 2 ** i <= num_samples} | {num_samples})
+    ks = sorted({2**i for i in range(num_samples.bit_length()) if 2**i <= num_samples} | {num_samples})
     out = {f"eval/mean@{num_samples}": sum(correct) / (num_samples * len(correct))}
     for k in ks:
         out[f"eval/pass@{k}"] = sum(pass_at_k(num_samples, c, k) for c in correct) / len(correct)
@@ -65,8 +66,17 @@ def level_summary(records: list[dict], correct: list[int], num_samples: int) -> 
     return out
 
 
-def count_correct(engine, tokenizer, records: list[dict], sampling: Sampling, *, num_samples: int = 1,
-                  max_prompt_length: int = 256, batch_size: int = 32, seed: int = 0) -> list[int]:
+def count_correct(
+    engine,
+    tokenizer,
+    records: list[dict],
+    sampling: Sampling,
+    *,
+    num_samples: int = 1,
+    max_prompt_length: int = 256,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> list[int]:
     """How many of num_samples completions of each record (from the rollout engine, gcpo_fast/rollout.py)
     are correct. The global RNG is left as it was (a training run that evaluates draws the same samples
     as one that does not)."""
@@ -92,8 +102,10 @@ def check_args(args) -> str | None:
         if not math.isfinite(getattr(args, name)):
             return f"--{name} must be a finite number, got {getattr(args, name)}"
     if args.num_samples > 1 and args.temperature <= 0:
-        return (f"--temperature must be > 0 to sample --num_samples {args.num_samples} completions, got "
-                f"{args.temperature} (--num_samples 1 decodes greedily)")
+        return (
+            f"--temperature must be > 0 to sample --num_samples {args.num_samples} completions, got "
+            f"{args.temperature} (--num_samples 1 decodes greedily)"
+        )
     if not 0 < args.top_p <= 1:
         return f"--top_p must be in (0, 1], got {args.top_p}"
     if args.top_k < 0:
@@ -115,11 +127,17 @@ def main(argv=None) -> None:
     """Usage errors (bad options, --model, --dataset) exit with status 2 and runtime errors with status 1, each
     as one line on stderr, before the model loads where the problem is in the arguments."""
     ap = ArgumentParser(prog="python -m gcpo_fast.eval", description="mean@k and pass@k on held-out problems")
-    ap.add_argument("--model", default=DEFAULT_MODEL, help="local Hugging Face causal LM folder, or the hub id of one in "
-                    "the local Hugging Face cache (default: the shipped model)")
+    ap.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="local Hugging Face causal LM folder, or the hub id of one in "
+        "the local Hugging Face cache (default: the shipped model)",
+    )
     ap.add_argument("--dataset", default="builtin", help="'builtin' (its held-out split) or a .jsonl/.parquet file")
     ap.add_argument("--num_problems", type=int, default=500, help="problems to evaluate (the first ones of a file)")
-    ap.add_argument("--levels", type=int, nargs="+", default=None, help="builtin only: the difficulty levels to draw (default: all)")
+    ap.add_argument(
+        "--levels", type=int, nargs="+", default=None, help="builtin only: the difficulty levels to draw (default: all)"
+    )
     ap.add_argument("--num_samples", type=int, default=1, help="completions per problem, k (1: greedy)")
     ap.add_argument("--max_prompt_length", type=int, default=TrainConfig.max_prompt_length)
     ap.add_argument("--max_completion_length", type=int, default=TrainConfig.max_completion_length)
@@ -138,23 +156,41 @@ def main(argv=None) -> None:
         if problem:
             ap.fail(problem)
         check_model_folder(args.model)
-        records = load_records(args.dataset, split="test", num_problems=args.num_problems, levels=args.levels,
-                               prompt_column=args.prompt_column,
-                               golden_column=args.golden_column, answer_column=args.answer_column)[: args.num_problems]
+        records = load_records(
+            args.dataset,
+            split="test",
+            num_problems=args.num_problems,
+            levels=args.levels,
+            prompt_column=args.prompt_column,
+            golden_column=args.golden_column,
+            answer_column=args.answer_column,
+        )[: args.num_problems]
     except ValueError as e:
         ap.fail(str(e))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         tokenizer = load_tokenizer(args.model)
         model = load_causal_lm(args.model, device=device, dtype="auto")  # the dtype the model was saved in
-        sampling = Sampling(args.max_completion_length, args.temperature, args.top_p, args.top_k,
-                            greedy=args.num_samples == 1)
-        correct = count_correct(HFEngine(model, tokenizer), tokenizer, records, sampling, num_samples=args.num_samples,
-                                max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, seed=args.seed)
+        sampling = Sampling(
+            args.max_completion_length, args.temperature, args.top_p, args.top_k, greedy=args.num_samples == 1
+        )
+        correct = count_correct(
+            HFEngine(model, tokenizer),
+            tokenizer,
+            records,
+            sampling,
+            num_samples=args.num_samples,
+            max_prompt_length=args.max_prompt_length,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
     except ValueError as e:
         ap.fail(str(e), status=1)
-    metrics = {"num_problems": len(records), **summarize(correct, args.num_samples),
-               **level_summary(records, correct, args.num_samples)}
+    metrics = {
+        "num_problems": len(records),
+        **summarize(correct, args.num_samples),
+        **level_summary(records, correct, args.num_samples),
+    }
     print(json.dumps(metrics, indent=2))
     if args.output:
         try:

@@ -34,6 +34,7 @@ scored again by the reward functions before use (a changed reward never trains a
 --golden_model, the cache files are the teacher: an answer of any teacher is used. Under torchrun each rank
 asks for its own prompts; the new answers are gathered to every rank and rank 0 alone writes the file.
 """
+
 import hashlib
 import json
 import sys
@@ -48,8 +49,17 @@ from gcpo_fast.rollout import Sampling, encode_prompts
 from gcpo_fast.timing import PhaseTimer
 
 CACHE_NAME = "golden_cache.jsonl"
-IDENTITY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                  "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model")
+IDENTITY_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 MIB = 1 << 20
 
@@ -122,9 +132,20 @@ class GoldenCache:
 class Teacher:
     """Golden answers from the cache, else from k candidates of a teacher engine (engine None: the cache only)."""
 
-    def __init__(self, cache: GoldenCache, reward_funcs, *, engine=None, tokenizer=None, num_candidates: int = 4,
-                 sampling: Sampling | None = None, max_prompt_length: int = 256, correct_reward: float = 1.0,
-                 reward_weights=None, seed: int = 0):
+    def __init__(
+        self,
+        cache: GoldenCache,
+        reward_funcs,
+        *,
+        engine=None,
+        tokenizer=None,
+        num_candidates: int = 4,
+        sampling: Sampling | None = None,
+        max_prompt_length: int = 256,
+        correct_reward: float = 1.0,
+        reward_weights=None,
+        seed: int = 0,
+    ):
         self.cache, self.reward_funcs, self.engine, self.tokenizer = cache, reward_funcs, engine, tokenizer
         self.num_candidates, self.sampling, self.max_prompt_length = num_candidates, sampling, max_prompt_length
         self.correct_reward, self.reward_weights, self.seed = correct_reward, reward_weights, seed
@@ -135,8 +156,14 @@ class Teacher:
         if not texts:
             return []
         ids = {} if completion_ids is None else {"completion_ids": completion_ids}
-        rewards, _ = compute_rewards(self.reward_funcs, [r["prompt"] for r in records], as_completions(records, texts),
-                                     records, self.reward_weights, **ids)
+        rewards, _ = compute_rewards(
+            self.reward_funcs,
+            [r["prompt"] for r in records],
+            as_completions(records, texts),
+            records,
+            self.reward_weights,
+            **ids,
+        )
         return (rewards >= self.correct_reward).tolist()
 
     def candidates(self, prompt):
@@ -171,20 +198,34 @@ class Teacher:
                 texts[p] = self.generate(record)
             except Exception as e:  # noqa: BLE001 -- any failure of the teacher on one prompt costs that prompt only
                 metrics["gcpo/teacher_errors"] += 1
-                warnings.warn(f"the golden-answer teacher failed on a prompt, which gets no golden answer this time "
-                              f"(gcpo/teacher_errors counts them): {type(e).__name__}: {e}")
+                warnings.warn(
+                    f"the golden-answer teacher failed on a prompt, which gets no golden answer this time "
+                    f"(gcpo/teacher_errors counts them): {type(e).__name__}: {e}"
+                )
                 continue
             if texts[p] is None:
                 metrics["gcpo/teacher_no_correct"] += 1
             else:
-                new.append({"prompt_key": prompt_key(record["prompt"]), "teacher": self.cache.teacher,
-                            "golden": texts[p], "prompt": record["prompt"]})
+                new.append(
+                    {
+                        "prompt_key": prompt_key(record["prompt"]),
+                        "teacher": self.cache.teacher,
+                        "golden": texts[p],
+                        "prompt": record["prompt"],
+                    }
+                )
         self.cache.add([e for part in parallel.all_gather_objects(new) for e in part])
         return texts, metrics
 
 
-def golden_texts(cfg, records: list[dict], rewards: torch.Tensor, teacher: Teacher | None, metrics: dict,
-                 timer: PhaseTimer | None = None) -> tuple[list[str | None], set[int]]:
+def golden_texts(
+    cfg,
+    records: list[dict],
+    rewards: torch.Tensor,
+    teacher: Teacher | None,
+    metrics: dict,
+    timer: PhaseTimer | None = None,
+) -> tuple[list[str | None], set[int]]:
     """The golden text of each kept prompt by --golden_source (None: none), and the prompts whose text is the
     teacher's. rewards: [P, G]; the teacher is asked only for all-wrong prompts. Adds the teacher's metrics."""
     if cfg.golden_answer == "off":
@@ -216,15 +257,27 @@ def main(argv=None) -> None:
 
     ap = ArgumentParser(prog="python -m gcpo_fast.golden", description=main.__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="the teacher: a local Hugging Face causal LM folder")
-    ap.add_argument("--dataset", required=True, help="'builtin' (its training split) or a .jsonl/.parquet file or folder")
-    ap.add_argument("--out", required=True, help="the cache file (JSONL; appended to); pass it to the trainer as --golden_cache")
+    ap.add_argument(
+        "--dataset", required=True, help="'builtin' (its training split) or a .jsonl/.parquet file or folder"
+    )
+    ap.add_argument(
+        "--out", required=True, help="the cache file (JSONL; appended to); pass it to the trainer as --golden_cache"
+    )
     ap.add_argument("--num_candidates", type=int, default=TrainConfig.golden_num_candidates)
     ap.add_argument("--temperature", type=float, default=TrainConfig.golden_temperature)
-    ap.add_argument("--max_completion_length", type=int, default=TrainConfig.max_completion_length,
-                    help="the teacher's token budget per candidate")
+    ap.add_argument(
+        "--max_completion_length",
+        type=int,
+        default=TrainConfig.max_completion_length,
+        help="the teacher's token budget per candidate",
+    )
     ap.add_argument("--max_prompt_length", type=int, default=TrainConfig.max_prompt_length)
-    ap.add_argument("--reward_funcs", nargs="+", default=FIELDS["reward_funcs"].default_factory(),
-                    help="the training run's reward functions (built-in names or 'package.module:function')")
+    ap.add_argument(
+        "--reward_funcs",
+        nargs="+",
+        default=FIELDS["reward_funcs"].default_factory(),
+        help="the training run's reward functions (built-in names or 'package.module:function')",
+    )
     ap.add_argument("--reward_weights", type=float, nargs="+", default=None)
     ap.add_argument("--correct_reward", type=float, default=TrainConfig.correct_reward)
     ap.add_argument("--prompt_column", default="prompt")
@@ -232,7 +285,9 @@ def main(argv=None) -> None:
     ap.add_argument("--golden_column", default="solution")
     ap.add_argument("--builtin_num_problems", type=int, default=TrainConfig.builtin_num_problems)
     ap.add_argument("--builtin_levels", type=int, nargs="+", default=FIELDS["builtin_levels"].default_factory())
-    ap.add_argument("--seed", type=int, default=TrainConfig.seed, help="the training run's seed (sampling and builtin data)")
+    ap.add_argument(
+        "--seed", type=int, default=TrainConfig.seed, help="the training run's seed (sampling and builtin data)"
+    )
     args = ap.parse_args(argv)
     for name in ("num_candidates", "max_completion_length", "max_prompt_length"):
         if getattr(args, name) < 1:
@@ -241,9 +296,16 @@ def main(argv=None) -> None:
         ap.fail(f"--temperature must be > 0, got {args.temperature}")
     try:
         folder = check_model_folder(args.model)
-        records = load_records(args.dataset, split="train", num_problems=args.builtin_num_problems, seed=args.seed,
-                               levels=args.builtin_levels, prompt_column=args.prompt_column,
-                               golden_column=args.golden_column, answer_column=args.answer_column)
+        records = load_records(
+            args.dataset,
+            split="train",
+            num_problems=args.builtin_num_problems,
+            seed=args.seed,
+            levels=args.builtin_levels,
+            prompt_column=args.prompt_column,
+            golden_column=args.golden_column,
+            answer_column=args.answer_column,
+        )
         funcs = [load_reward_function(spec) for spec in args.reward_funcs]
         if not Path(args.out).resolve().parent.is_dir():
             raise ValueError(f"--out {args.out}: its folder does not exist")
@@ -256,10 +318,18 @@ def main(argv=None) -> None:
         model = load_causal_lm(folder, device=device, dtype="auto").eval().requires_grad_(False)
     except ValueError as e:
         ap.fail(str(e), status=1)
-    teacher = Teacher(cache, funcs, engine=HFEngine(model, tokenizer), tokenizer=tokenizer,
-                      num_candidates=args.num_candidates, sampling=Sampling(args.max_completion_length, args.temperature),
-                      max_prompt_length=args.max_prompt_length, correct_reward=args.correct_reward,
-                      reward_weights=args.reward_weights, seed=args.seed)
+    teacher = Teacher(
+        cache,
+        funcs,
+        engine=HFEngine(model, tokenizer),
+        tokenizer=tokenizer,
+        num_candidates=args.num_candidates,
+        sampling=Sampling(args.max_completion_length, args.temperature),
+        max_prompt_length=args.max_prompt_length,
+        correct_reward=args.correct_reward,
+        reward_weights=args.reward_weights,
+        seed=args.seed,
+    )
     todo = list({prompt_key(r["prompt"]): r for r in records if cache.get(r["prompt"]) is None}.values())
     totals = {"answered": 0, "gcpo/teacher_no_correct": 0, "gcpo/teacher_errors": 0}
     with warnings.catch_warnings():
@@ -269,9 +339,12 @@ def main(argv=None) -> None:
             totals["answered"] += texts[0] is not None
             for name in ("gcpo/teacher_no_correct", "gcpo/teacher_errors"):
                 totals[name] += metrics[name]
-    print(f"{args.out}: {totals['answered']} new golden answers for {len(todo)} prompts ({len(records) - len(todo)} "
-          f"already cached or repeated); no correct candidate: {totals['gcpo/teacher_no_correct']}, teacher errors: "
-          f"{totals['gcpo/teacher_errors']}", file=sys.stdout)
+    print(
+        f"{args.out}: {totals['answered']} new golden answers for {len(todo)} prompts ({len(records) - len(todo)} "
+        f"already cached or repeated); no correct candidate: {totals['gcpo/teacher_no_correct']}, teacher errors: "
+        f"{totals['gcpo/teacher_errors']}",
+        file=sys.stdout,
+    )
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ differ and generates more until enough groups are kept.
 Rollout statistics (frac_reward_zero_std, reward, reward_std) are taken on the [P, G] rollout rewards,
 before any golden row: golden rows never leak into them.
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +74,9 @@ def add_golden_rows(
         raise ValueError(f"golden_answer mode must be one of {GOLDEN_MODES}, got {mode!r}")
     has_golden = torch.as_tensor(has_golden, dtype=torch.bool, device=rewards.device)
     if rewards.dim() != 2 or has_golden.shape != rewards.shape[:1]:
-        raise ValueError(f"rewards must be [P, G] and has_golden [P]; got {tuple(rewards.shape)} and {tuple(has_golden.shape)}")
+        raise ValueError(
+            f"rewards must be [P, G] and has_golden [P]; got {tuple(rewards.shape)} and {tuple(has_golden.shape)}"
+        )
     P, G = rewards.shape
     device = rewards.device
     rewards = rewards.float()
@@ -169,7 +172,9 @@ def dapo_filter(rewards: torch.Tensor) -> torch.Tensor:
     return ~zero_std_groups(rewards.flatten(), grid_group_index(P, G, rewards.device))
 
 
-def dapo_sampling_done(num_kept_groups: int, batch_size: int, num_gen_batches: int, max_num_gen_batches: int = 0) -> bool:
+def dapo_sampling_done(
+    num_kept_groups: int, batch_size: int, num_gen_batches: int, max_num_gen_batches: int = 0
+) -> bool:
     """True once batch_size groups have been kept (the caller trims the surplus). Raises after
     max_num_gen_batches generation rounds without enough groups (<= 0: no limit), as verl does."""
     if num_kept_groups >= batch_size:

@@ -15,6 +15,7 @@ a last line cut short by a crash mid-write is dropped with a warning (the files 
 TensorBoard needs the `tensorboard` package and W&B the `wandb` package; the config check asks for them
 before the run starts (W&B reads WANDB_PROJECT etc. from the environment as usual).
 """
+
 import json
 import statistics
 import warnings
@@ -24,8 +25,16 @@ from tqdm.auto import tqdm
 
 from gcpo_fast.checkpoint import list_checkpoints
 
-CONSOLE_KEYS = ("reward", "reward_std", "gcpo/golden_rows", "completions/mean_length", "loss", "grad_norm", "entropy",
-                "step_time")
+CONSOLE_KEYS = (
+    "reward",
+    "reward_std",
+    "gcpo/golden_rows",
+    "completions/mean_length",
+    "loss",
+    "grad_norm",
+    "entropy",
+    "step_time",
+)
 
 
 def _truncate_after(path: Path, step: int) -> None:
@@ -40,8 +49,10 @@ def _truncate_after(path: Path, step: int) -> None:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             if i < len(lines) - 1:
-                raise ValueError(f"{path}, line {n}: malformed JSON ({e.msg} at column {e.colno}); only a cut-off last "
-                                 "line is dropped on resume") from None
+                raise ValueError(
+                    f"{path}, line {n}: malformed JSON ({e.msg} at column {e.colno}); only a cut-off last "
+                    "line is dropped on resume"
+                ) from None
             warnings.warn(f"{path}, line {n}: dropped a partial last line (the run stopped while writing it)")
             continue
         if row["step"] <= step:
@@ -58,13 +69,15 @@ def _time_summary(steps: list[dict]) -> list[str]:
     for line in steps:
         for key, value in line.items():
             if key.startswith("timing/"):
-                totals[key[len("timing/"):]] = totals.get(key[len("timing/"):], 0.0) + value
+                totals[key[len("timing/") :]] = totals.get(key[len("timing/") :], 0.0) + value
     whole = sum(totals.values()) or 1.0
     shares = ", ".join(f"{name} {100 * t / whole:.0f}%" for name, t in sorted(totals.items(), key=lambda kv: -kv[1]))
     median = statistics.median(line["step_time"] for line in steps)
-    return [f"time: {whole:.1f} s in phases: {shares}",
-            f"step {steps[0]['step']} took {steps[0]['step_time']:.2f} s (warm-up included), the median step "
-            f"{median:.2f} s"]
+    return [
+        f"time: {whole:.1f} s in phases: {shares}",
+        f"step {steps[0]['step']} took {steps[0]['step_time']:.2f} s (warm-up included), the median step "
+        f"{median:.2f} s",
+    ]
 
 
 class RunLogger:
@@ -91,8 +104,9 @@ class RunLogger:
             f.write(json.dumps({"step": step, **values}) + "\n")
         if step % self.logging_steps:
             return
-        shown = [k for k in CONSOLE_KEYS if k in values] + [k for k in values if k.startswith("eval/")
-                                                             and not k.startswith("eval/level_")]
+        shown = [k for k in CONSOLE_KEYS if k in values] + [
+            k for k in values if k.startswith("eval/") and not k.startswith("eval/level_")
+        ]
         tqdm.write(f"step {step}: " + "  ".join(f"{k} {values[k]:.4g}" for k in shown))
         if self.tensorboard is not None:
             for k, v in values.items():
@@ -113,8 +127,11 @@ class RunLogger:
     def summary(self) -> str:
         """Where the run's files are, and the held-out accuracy of its first and last evaluation (read back
         from metrics.jsonl, so a resumed run still reports the accuracy it started from)."""
-        lines = [json.loads(line) for line in (self.dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-                 if line.strip()]
+        lines = [
+            json.loads(line)
+            for line in (self.dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+            if line.strip()
+        ]
         evals = [line for line in lines if any(k.startswith("eval/") for k in line)]
         samples = self.dir / "samples.jsonl"
         out = [f"metrics: {self.dir / 'metrics.jsonl'}" + (f"   rollouts: {samples}" if samples.exists() else "")]
@@ -126,13 +143,17 @@ class RunLogger:
             return "\n".join(out)
         first, last = evals[0], evals[-1]
         mean = next(k for k in first if k.startswith("eval/mean@"))
-        levels = [k for k in first if k.startswith("eval/level_") and k.endswith(mean[len("eval/"):])]
+        levels = [k for k in first if k.startswith("eval/level_") and k.endswith(mean[len("eval/") :])]
         count = f" on {int(first['eval/num_problems'])} problems" if "eval/num_problems" in first else ""
-        out.append(f"held-out {mean[len('eval/'):]}{count}: {first[mean]:.3f} at step {first['step']} -> "
-                   f"{last.get(mean, float('nan')):.3f} at step {last['step']}")
+        out.append(
+            f"held-out {mean[len('eval/') :]}{count}: {first[mean]:.3f} at step {first['step']} -> "
+            f"{last.get(mean, float('nan')):.3f} at step {last['step']}"
+        )
         for key in levels:
-            name = key[len("eval/"):].split("/")[0]
+            name = key[len("eval/") :].split("/")[0]
             count = first.get(f"eval/{name}/num_problems")
-            out.append(f"  {name:<12} {first[key]:.3f} -> {last.get(key, float('nan')):.3f}"
-                       + (f"   ({int(count)} problems)" if count is not None else ""))
+            out.append(
+                f"  {name:<12} {first[key]:.3f} -> {last.get(key, float('nan')):.3f}"
+                + (f"   ({int(count)} problems)" if count is not None else "")
+            )
         return "\n".join(out)

@@ -36,6 +36,7 @@ Held-out accuracy it starts from (greedy, distinct heldout_split problems; level
 Sampled at temperature 1, 8 rollouts per train_split prompt (24 prompts per level), the groups all wrong,
 where golden answers come in, are 0% at levels 1-4, 75% at 5, 79% at 6, 71% at 7, 100% at 8.
 """
+
 import argparse
 import json
 import math
@@ -59,11 +60,19 @@ VOCAB_SIZE = 384  # an upper bound: BPE stops when no pair is left to merge (the
 # Qwen2's pre-tokenizer, verbatim: transformers 5 loads any "qwen2" model's tokenizer as Qwen2Tokenizer, which
 # rebuilds the pipeline from vocab + merges with this regex, so ours must be the same for the ids to match
 QWEN2_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}"
-                 "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+)
 
-MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-             intermediate_size=512, max_position_embeddings=512, tie_word_embeddings=True)
+MODEL = dict(
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    intermediate_size=512,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+)
 
 # relative weight of each level in the SFT stream: the hard levels are held back so RL has work to do
 SFT_MIX = {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 0.0, 6: 0.1, 7: 0.1, 8: 0.0}
@@ -76,17 +85,30 @@ def build_tokenizer(seed: int) -> PreTrainedTokenizerFast:
     records = generate_problems(20000, seed=seed)
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=[EOS, PAD, BOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=[EOS, PAD, BOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator((r["prompt"] + r["solution"] for r in records), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, bos_token=BOS,
-                                   padding_side="left", model_max_length=MODEL["max_position_embeddings"],
-                                   chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS,
+        pad_token=PAD,
+        bos_token=BOS,
+        padding_side="left",
+        model_max_length=MODEL["max_position_embeddings"],
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
@@ -107,13 +129,21 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
 
 
 def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen2ForCausalLM:
-    config = Qwen2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **MODEL)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **MODEL,
+    )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=MAX_NEW_TOKENS,
     )
     return model
 
@@ -180,8 +210,9 @@ def prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
     return [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
 
 
-def greedy_completions(model, tokenizer, prompts: list[str], batch_size: int = 100,
-                       max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
+def greedy_completions(
+    model, tokenizer, prompts: list[str], batch_size: int = 100, max_new_tokens: int = MAX_NEW_TOKENS
+) -> list[str]:
     engine, greedy = HFEngine(model, tokenizer), Sampling(max_new_tokens, greedy=True)
     out = []
     for i in range(0, len(prompts), batch_size):
@@ -213,9 +244,13 @@ def rollout_stats(model, tokenizer, seed: int, per_level: int = 24, group: int =
         records = train_split(per_level, seed=seed + 1, levels=[level])
         texts = engine.generate(prompt_ids(tokenizer, [r["prompt"] for r in records]), group, sampling).texts
         rewards = torch.tensor(math_reward(texts, [r["answer"] for r in records for _ in range(group)])).view(-1, group)
-        stats[level] = {"prompts": per_level, "group": group, "mean_reward": round(rewards.mean().item(), 3),
-                        "all_wrong": round((rewards.sum(1) == 0).float().mean().item(), 3),
-                        "all_right": round((rewards.sum(1) == group).float().mean().item(), 3)}
+        stats[level] = {
+            "prompts": per_level,
+            "group": group,
+            "mean_reward": round(rewards.mean().item(), 3),
+            "all_wrong": round((rewards.sum(1) == 0).float().mean().item(), 3),
+            "all_right": round((rewards.sum(1) == group).float().mean().item(), 3),
+        }
     return stats
 
 
@@ -285,16 +320,33 @@ word problems), 8 two-digit times two-digit.
 
 def write_readme(out: Path, model, tokenizer, info: dict, results: dict, rollouts: dict) -> None:
     text = README.format(
-        rollouts=rollout_table(rollouts), group=rollouts[1]["group"], prompts=rollouts[1]["prompts"],
-        params=info["parameters"] / 1e6, size_mb=(out / "model.safetensors").stat().st_size / 1e6, vocab=len(tokenizer),
-        seed=info["seed"], eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id, max_new_tokens=MAX_NEW_TOKENS,
-        steps=info["steps"], batch_size=info["batch_size"], lr=info["lr"],
-        mix=", ".join(f"{k}: {v:g}" for k, v in info["sft_mix"].items()), final_loss=info["final_loss"],
+        rollouts=rollout_table(rollouts),
+        group=rollouts[1]["group"],
+        prompts=rollouts[1]["prompts"],
+        params=info["parameters"] / 1e6,
+        size_mb=(out / "model.safetensors").stat().st_size / 1e6,
+        vocab=len(tokenizer),
+        seed=info["seed"],
+        eos=tokenizer.eos_token_id,
+        pad=tokenizer.pad_token_id,
+        max_new_tokens=MAX_NEW_TOKENS,
+        steps=info["steps"],
+        batch_size=info["batch_size"],
+        lr=info["lr"],
+        mix=", ".join(f"{k}: {v:g}" for k, v in info["sft_mix"].items()),
+        final_loss=info["final_loss"],
         unseen=", ".join(str(k) for k, v in info["sft_mix"].items() if v == 0) or "none",
-        build_s=info["build_seconds"], train_s=info["train_seconds"], threads=info["torch_threads"],
-        torch=info["torch"], n1=results[1][1], n2=results[2][1], table=accuracy_table(results),
-        **{k: getattr(model.config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                  "intermediate_size")},
+        build_s=info["build_seconds"],
+        train_s=info["train_seconds"],
+        threads=info["torch_threads"],
+        torch=info["torch"],
+        n1=results[1][1],
+        n2=results[2][1],
+        table=accuracy_table(results),
+        **{
+            k: getattr(model.config, k)
+            for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        },
     )
     (out / "README.md").write_text(text)
 
@@ -309,8 +361,9 @@ def parse_mix(text: str) -> dict[int, float]:
                 raise ValueError
             mix[int(level)] = float(weight)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LEVEL:WEIGHT,... with levels {LEVELS[0]}-{LEVELS[-1]} and "
-                                         f"weights >= 0, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected LEVEL:WEIGHT,... with levels {LEVELS[0]}-{LEVELS[-1]} and weights >= 0, got {text!r}"
+        ) from None
     if not any(mix.values()):
         raise argparse.ArgumentTypeError("--sft-mix gives every level weight 0")
     return mix
@@ -324,12 +377,22 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     ap.add_argument("--lr", type=float, default=LR)
     ap.add_argument("--eval-per-level", type=int, default=EVAL_PER_LEVEL)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (default 1: the same weights whatever the core count, and no "
-                         "thread thrashing on a busy machine)")
-    ap.add_argument("--sft-mix", type=parse_mix, default=SFT_MIX, metavar="LEVEL:WEIGHT,...",
-                    help="relative weight of each level in the warm start (default: "
-                         + ",".join(f"{k}:{v:g}" for k, v in SFT_MIX.items()) + "; levels left out get 0)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: the same weights whatever the core count, and no "
+        "thread thrashing on a busy machine)",
+    )
+    ap.add_argument(
+        "--sft-mix",
+        type=parse_mix,
+        default=SFT_MIX,
+        metavar="LEVEL:WEIGHT,...",
+        help="relative weight of each level in the warm start (default: "
+        + ",".join(f"{k}:{v:g}" for k, v in SFT_MIX.items())
+        + "; levels left out get 0)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -350,10 +413,17 @@ def main(argv=None) -> None:
     model.save_pretrained(args.out)
     save_tokenizer(tokenizer, args.out)
     info = {
-        "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-        "sft_mix": args.sft_mix, "parameters": n_params, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
-        "build_seconds": round(total_s), "train_seconds": round(train_s),
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "seed": args.seed,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "sft_mix": args.sft_mix,
+        "parameters": n_params,
+        "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "build_seconds": round(total_s),
+        "train_seconds": round(train_s),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
         "heldout_accuracy": {str(k): {"correct": c, "problems": n} for k, (c, n) in results.items()},
         "rollout_stats": {str(k): v for k, v in rollouts.items()},
     }

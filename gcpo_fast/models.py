@@ -20,6 +20,7 @@ When loading: weights transformers cannot read (a truncated file), parameters th
 for (they would be random), and a tokenizer without a vocabulary (transformers builds an empty one from a
 folder without tokenizer files) are refused too.
 """
+
 import json
 import pickle
 from pathlib import Path
@@ -36,8 +37,15 @@ from gcpo_fast.config import DEFAULT_MODEL
 
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 # tokenizers' own file, the config every saved tokenizer has, and the vocabulary files of slow tokenizers
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
-                   "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def _first_line(error: Exception) -> str:
@@ -66,12 +74,15 @@ def _cached_hub_model(path: str) -> Path | None:
 
 def _missing(path: str) -> str:
     if Path(path).resolve() == Path(DEFAULT_MODEL):
-        return (f"the shipped model is missing from {DEFAULT_MODEL}: build it with "
-                "`python -m gcpo_fast.make_default_model`")
+        return (
+            f"the shipped model is missing from {DEFAULT_MODEL}: build it with `python -m gcpo_fast.make_default_model`"
+        )
     if not _is_hub_id(path):
         return f"model folder {path} does not exist"
-    return (f"model folder {path} does not exist, nor is {path} a model in the local Hugging Face cache (nothing is "
-            f"downloaded at run time: `hf download {path}` first, or pass the model's folder)")
+    return (
+        f"model folder {path} does not exist, nor is {path} a model in the local Hugging Face cache (nothing is "
+        f"downloaded at run time: `hf download {path}` first, or pass the model's folder)"
+    )
 
 
 def check_model_folder(path) -> Path:
@@ -83,8 +94,9 @@ def check_model_folder(path) -> Path:
         if folder is None:
             raise ValueError(_missing(str(path)))
     if not folder.is_dir():
-        raise ValueError(f"model {path} is a file; expected a Hugging Face model folder (config.json, weights, "
-                         "tokenizer)")
+        raise ValueError(
+            f"model {path} is a file; expected a Hugging Face model folder (config.json, weights, tokenizer)"
+        )
     if not any(folder.iterdir()):
         raise ValueError(f"model folder {path} is empty")
     if not (folder / "config.json").is_file():
@@ -103,8 +115,10 @@ def check_model_folder(path) -> Path:
     if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ValueError(f"model {path}: transformers has no causal-LM class for model_type {kind!r}")
     if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
-        raise ValueError(f"model {path} is an encoder ({kind}): as {MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[kind]} it would "
-                         "attend to future tokens (its config does not set is_decoder); use a causal decoder-only LM")
+        raise ValueError(
+            f"model {path} is an encoder ({kind}): as {MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[kind]} it would "
+            "attend to future tokens (its config does not set is_decoder); use a causal decoder-only LM"
+        )
     return folder
 
 
@@ -135,8 +149,10 @@ def load_causal_lm(path, *, device, dtype=torch.float32, attn_implementation=Non
         raise ValueError(f"model folder {path}: cannot load the weights: {_first_line(e)}") from None
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
-        raise ValueError(f"model folder {path}: the weights lack {len(missing)} of the model's parameters "
-                         f"(e.g. {missing[0]}), which would start random")
+        raise ValueError(
+            f"model folder {path}: the weights lack {len(missing)} of the model's parameters "
+            f"(e.g. {missing[0]}), which would start random"
+        )
     model = model.to(device)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

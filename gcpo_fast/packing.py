@@ -31,13 +31,19 @@ lm_head, with use_cache=False. Two paths, chosen by the model's attention implem
 Under DDP/FSDP call this on the unwrapped model from inside the wrapped module's forward, so that
 the wrapper's forward hooks (gradient sync, unsharding) run.
 """
+
 from dataclasses import dataclass
 
 import torch
 
 # Config attributes that change logits beyond hidden @ W.T + b; the fused op cannot reproduce them.
-_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0,
-                     "output_multiplier": 1.0, "lm_head_multiplier": 1.0}
+_LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": None,
+    "logit_scale": 1.0,
+    "logits_scaling": 1.0,
+    "output_multiplier": 1.0,
+    "lm_head_multiplier": 1.0,
+}
 
 
 @dataclass
@@ -65,12 +71,16 @@ class PackedBatch:
 def pack_rows(prompt_ids: list[list[int]], completion_ids: list[list[int]], device=None) -> PackedBatch:
     """Pack B rows (prompt ids + completion ids, lists of ints) into one stream; see the module docstring."""
     if len(prompt_ids) != len(completion_ids) or not prompt_ids:
-        raise ValueError(f"pack_rows: need B >= 1 rows, got {len(prompt_ids)} prompts and {len(completion_ids)} completions")
+        raise ValueError(
+            f"pack_rows: need B >= 1 rows, got {len(prompt_ids)} prompts and {len(completion_ids)} completions"
+        )
     input_ids, position_ids, completion_index, targets = [], [], [], []
     cu_seqlens, completion_cu_seqlens = [0], [0]
     for b, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
         if len(prompt) == 0:
-            raise ValueError(f"pack_rows: row {b} has an empty prompt; its first completion token would have no predictor")
+            raise ValueError(
+                f"pack_rows: row {b} has an empty prompt; its first completion token would have no predictor"
+            )
         start, length = cu_seqlens[-1], len(prompt) + len(completion)
         input_ids += prompt
         input_ids += completion
@@ -133,7 +143,9 @@ def forward_hidden(model, packed: PackedBatch, one_call: bool = False) -> torch.
         return _padded_forward(decoder, packed)
     bounds = packed.cu_seqlens.tolist()
     hidden = [
-        decoder(input_ids=packed.input_ids[:, a:b], position_ids=packed.position_ids[:, a:b], use_cache=False).last_hidden_state[0]
+        decoder(
+            input_ids=packed.input_ids[:, a:b], position_ids=packed.position_ids[:, a:b], use_cache=False
+        ).last_hidden_state[0]
         for a, b in zip(bounds, bounds[1:])
     ]
     return torch.cat(hidden, dim=0)
@@ -147,8 +159,9 @@ def _padded_forward(decoder, packed: PackedBatch) -> torch.Tensor:
     positions = torch.arange(packed.max_seqlen, device=lengths.device)
     valid = positions[None, :] < lengths[:, None]  # [B, L]
     input_ids = packed.input_ids.new_zeros(valid.shape).masked_scatter(valid, packed.input_ids[0])
-    out = decoder(input_ids=input_ids, attention_mask=valid.long(), position_ids=positions.expand_as(valid),
-                  use_cache=False)
+    out = decoder(
+        input_ids=input_ids, attention_mask=valid.long(), position_ids=positions.expand_as(valid), use_cache=False
+    )
     return out.last_hidden_state[valid]
 
 

@@ -73,6 +73,7 @@ any number of ranks (`load_optimizer`).
 Collectives run on the CPU with gloo and on the GPU with NCCL (with CPU offload, gloo too for the
 CPU-resident gradients' norm): `reduce_device` decides where a reduction's tensors live, once.
 """
+
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -127,13 +128,16 @@ def rank_and_world() -> tuple[int, int]:
 def reduce_device() -> str:
     """Where a collective's tensors must live: NCCL reduces CUDA tensors only."""
     return "cuda" if "nccl" in torch_dist.get_backend_config() else "cpu"
+
+
 def all_reduce(values: list[float], op: str = "sum") -> list[float]:
     """values reduced element-wise over ranks ("sum", "min" or "max"), in float64; unchanged in one process."""
     if not torch_dist.is_initialized():
         return values
     t = torch.tensor(values, dtype=torch.float64, device=reduce_device())
-    torch_dist.all_reduce(t, op={"sum": torch_dist.ReduceOp.SUM, "min": torch_dist.ReduceOp.MIN,
-                                 "max": torch_dist.ReduceOp.MAX}[op])
+    torch_dist.all_reduce(
+        t, op={"sum": torch_dist.ReduceOp.SUM, "min": torch_dist.ReduceOp.MIN, "max": torch_dist.ReduceOp.MAX}[op]
+    )
     return t.tolist()
 
 
@@ -155,7 +159,6 @@ def all_gather_objects(obj) -> list:
 def barrier() -> None:
     if torch_dist.is_initialized():
         torch_dist.barrier()
-
 
 
 class Policy:
@@ -276,9 +279,11 @@ def check_checkpoint(folder, parallelism: str) -> None:
     folder/optimizer (fsdp) or inside trainer_state.pt (ddp, one process)."""
     written = "fsdp" if (Path(folder) / OPTIMIZER_FOLDER).is_dir() else "ddp"
     if written != parallelism:
-        raise ValueError(f"--resume {folder}: written with --parallelism {written} (optimizer state "
-                         f"{'sharded in ' + OPTIMIZER_FOLDER + '/' if written == 'fsdp' else 'in trainer_state.pt'}); "
-                         f"resume it with --parallelism {written}")
+        raise ValueError(
+            f"--resume {folder}: written with --parallelism {written} (optimizer state "
+            f"{'sharded in ' + OPTIMIZER_FOLDER + '/' if written == 'fsdp' else 'in trainer_state.pt'}); "
+            f"resume it with --parallelism {written}"
+        )
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -310,8 +315,10 @@ def _fully_shard(module, device: torch.device, cpu_offload: bool, bf16: bool) ->
     layer_classes = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     if not layers:
-        raise ValueError(f"--parallelism fsdp: {type(model).__name__} names no decoder layer classes "
-                         "(_no_split_modules), so there is nothing to shard layer by layer")
+        raise ValueError(
+            f"--parallelism fsdp: {type(model).__name__} names no decoder layer classes "
+            "(_no_split_modules), so there is nothing to shard layer by layer"
+        )
     if not torch_dist.is_initialized():  # one process: a world of one, on a process group of its own
         torch_dist.init_process_group(_backend(cpu_offload), store=torch_dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh(device.type, (torch_dist.get_world_size(),))
@@ -320,8 +327,9 @@ def _fully_shard(module, device: torch.device, cpu_offload: bool, bf16: bool) ->
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=MixedPrecisionPolicy(**compute), offload_policy=offload)
     # the root's inputs (advantages, old and reference log-probs) stay fp32: see the module docstring
-    fully_shard(module, mesh=mesh, mp_policy=MixedPrecisionPolicy(**compute, cast_forward_inputs=False),
-                offload_policy=offload)
+    fully_shard(
+        module, mesh=mesh, mp_policy=MixedPrecisionPolicy(**compute, cast_forward_inputs=False), offload_policy=offload
+    )
     module.one_decoder_call = True  # every rank calls each layer once per micro-batch (packing.forward_hidden)
     # FSDP picks its root at the first forward it sees; generation calls the bare model (a decoder layer
     # first), so settle the root now. There is no public call for this lazy init in torch 2.13.

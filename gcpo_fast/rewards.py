@@ -31,6 +31,7 @@ thread (rollout or reward workers) we pass `None` to its timeouts, math-verify's
 running without signals; such calls then have no time limit, so run untrusted completions from the
 main thread or in a process pool when a pathological expression could hang sympy.
 """
+
 import importlib
 import math
 import numbers
@@ -180,8 +181,9 @@ def reward_function_name(func: Callable) -> str:
 
 def as_completions(records: list[dict], texts: list[str]) -> list:
     """Completions as the reward functions see them: TRL gives conversational prompts assistant messages."""
-    return [t if isinstance(r["prompt"], str) else [{"role": "assistant", "content": t}]
-            for r, t in zip(records, texts)]
+    return [
+        t if isinstance(r["prompt"], str) else [{"role": "assistant", "content": t}] for r, t in zip(records, texts)
+    ]
 
 
 def compute_rewards(
@@ -201,7 +203,9 @@ def compute_rewards(
     n = len(completions)
     if len(prompts) != n or len(records) != n:
         raise ValueError(f"compute_rewards: {len(prompts)} prompts, {n} completions, {len(records)} records")
-    weights = torch.ones(len(reward_funcs)) if reward_weights is None else torch.tensor(reward_weights, dtype=torch.float32)
+    weights = (
+        torch.ones(len(reward_funcs)) if reward_weights is None else torch.tensor(reward_weights, dtype=torch.float32)
+    )
     if weights.numel() != len(reward_funcs):
         raise ValueError(f"compute_rewards: {len(reward_funcs)} reward functions but {weights.numel()} reward_weights")
     if not torch.isfinite(weights).all():
@@ -212,12 +216,17 @@ def compute_rewards(
     for j, func in enumerate(reward_funcs):
         out = func(prompts=prompts, completions=completions, **columns, **kwargs)
         if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__len__"):
-            raise ValueError(f"reward function {reward_function_name(func)!r} returned {type(out).__name__}, "
-                             f"expected a list of {n} rewards")
+            raise ValueError(
+                f"reward function {reward_function_name(func)!r} returned {type(out).__name__}, "
+                f"expected a list of {n} rewards"
+            )
         if len(out) != n:
-            raise ValueError(f"reward function {reward_function_name(func)!r} returned {len(out)} values for {n} completions")
-        per_func[:, j] = torch.tensor([float("nan") if r is None else _reward_value(r, func, i)
-                                       for i, r in enumerate(out)])
+            raise ValueError(
+                f"reward function {reward_function_name(func)!r} returned {len(out)} values for {n} completions"
+            )
+        per_func[:, j] = torch.tensor(
+            [float("nan") if r is None else _reward_value(r, func, i) for i, r in enumerate(out)]
+        )
     missing = torch.isnan(per_func).all(dim=1)
     if len(reward_funcs) and missing.any():
         warnings.warn(
@@ -235,8 +244,10 @@ def _reward_value(value, func: Callable, index: int) -> float:
     if isinstance(value, numbers.Real) and math.isfinite(value):
         return float(value)
     shown = repr(value) if isinstance(value, numbers.Real) else f"{type(value).__name__} {value!r:.40}"
-    raise ValueError(f"reward function {reward_function_name(func)!r} returned {shown} for completion {index}: a reward "
-                     "must be a finite number, or None where the function does not apply")
+    raise ValueError(
+        f"reward function {reward_function_name(func)!r} returned {shown} for completion {index}: a reward "
+        "must be a finite number, or None where the function does not apply"
+    )
 
 
 def overlong_penalty(

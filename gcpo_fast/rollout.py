@@ -23,6 +23,7 @@ cache and left padding. The trainer keeps the generated token ids as they are (n
 text): a completion is cut after its first EOS (kept, so the model learns to stop), and a completion
 with no EOS within the budget is "truncated".
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ from gcpo_fast.update import autocast
 @dataclass(frozen=True)
 class Sampling:
     """How an engine samples: greedy decoding, or temperature with optional top-p / top-k (0: off)."""
+
     max_completion_length: int
     temperature: float = 1.0
     top_p: float = 1.0
@@ -51,13 +53,23 @@ class Rollouts:
 
     def __add__(self, other: "Rollouts") -> "Rollouts":
         logprobs = None if self.logprobs is None or other.logprobs is None else self.logprobs + other.logprobs
-        return Rollouts(self.prompt_ids + other.prompt_ids, self.completion_ids + other.completion_ids,
-                        self.truncated + other.truncated, self.texts + other.texts, logprobs)
+        return Rollouts(
+            self.prompt_ids + other.prompt_ids,
+            self.completion_ids + other.completion_ids,
+            self.truncated + other.truncated,
+            self.texts + other.texts,
+            logprobs,
+        )
 
     def select(self, rows: list[int]) -> "Rollouts":
         pick = lambda values: None if values is None else [values[i] for i in rows]  # noqa: E731
-        return Rollouts(pick(self.prompt_ids), pick(self.completion_ids), pick(self.truncated), pick(self.texts),
-                        pick(self.logprobs))
+        return Rollouts(
+            pick(self.prompt_ids),
+            pick(self.completion_ids),
+            pick(self.truncated),
+            pick(self.texts),
+            pick(self.logprobs),
+        )
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -68,8 +80,10 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     ids += config_eos if isinstance(config_eos, list) else [config_eos]
     ids = list(dict.fromkeys(i for i in ids if i is not None))
     if not ids:
-        raise ValueError("the tokenizer has no eos_token and the model's generation_config no eos_token_id: "
-                         "completions could never end")
+        raise ValueError(
+            "the tokenizer has no eos_token and the model's generation_config no eos_token_id: "
+            "completions could never end"
+        )
     return ids
 
 
@@ -138,10 +152,19 @@ class HFEngine:
         # A full GenerationConfig, so that sampling settings saved with the model (repetition penalty,
         # its own temperature) never leak into the rollouts: the loss assumes exactly these. top_k must be
         # 0, not None, to be off: transformers fills None with 50.
-        options = {} if sampling.greedy else dict(temperature=sampling.temperature, top_p=sampling.top_p,
-                                                  top_k=sampling.top_k)
-        config = GenerationConfig(max_new_tokens=sampling.max_completion_length, do_sample=not sampling.greedy,
-                                  eos_token_id=eos, pad_token_id=pad, use_cache=True, **options)
+        options = (
+            {}
+            if sampling.greedy
+            else dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        )
+        config = GenerationConfig(
+            max_new_tokens=sampling.max_completion_length,
+            do_sample=not sampling.greedy,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            use_cache=True,
+            **options,
+        )
         was_training = model.training
         model.eval()
         try:
@@ -150,8 +173,9 @@ class HFEngine:
         except RuntimeError as e:
             if "probability tensor contains" not in str(e):  # torch.multinomial's words for NaN/inf probabilities
                 raise
-            raise FloatingPointError("sampling: the model's next-token probabilities are NaN or inf (its weights or "
-                                     "activations overflowed)") from None
+            raise FloatingPointError(
+                "sampling: the model's next-token probabilities are NaN or inf (its weights or activations overflowed)"
+            ) from None
         finally:
             model.train(was_training)
         eos_set = set(eos)
@@ -172,8 +196,12 @@ def make_engine(cfg, model, tokenizer, model_path, rank: int = 0):
         return HFEngine(model, tokenizer, bf16=cfg.bf16)
     from gcpo_fast.vllm_engine import VLLMEngine
 
-    return VLLMEngine(model_path, tokenizer, seed=cfg.seed + rank,
-                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                      max_model_len=cfg.vllm_max_model_length or cfg.max_prompt_length + cfg.max_completion_length,
-                      enable_sleep_mode=cfg.vllm_enable_sleep_mode, dtype="bfloat16" if cfg.bf16 and
-                      torch.cuda.is_available() else "float32")
+    return VLLMEngine(
+        model_path,
+        tokenizer,
+        seed=cfg.seed + rank,
+        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        max_model_len=cfg.vllm_max_model_length or cfg.max_prompt_length + cfg.max_completion_length,
+        enable_sleep_mode=cfg.vllm_enable_sleep_mode,
+        dtype="bfloat16" if cfg.bf16 and torch.cuda.is_available() else "float32",
+    )

@@ -21,6 +21,7 @@
    elsewhere (vLLM) get the sampling-mismatch weight exp(old - engine log-prob) in TRL's modes (the
    trainer computes old itself for that); golden rows, never sampled, weight 1.
 """
+
 import itertools
 import warnings
 from dataclasses import dataclass
@@ -28,8 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from gcpo_fast import groups
-from gcpo_fast.kernels import sampling_weights
 from gcpo_fast.golden import Teacher, golden_texts
+from gcpo_fast.kernels import sampling_weights
 from gcpo_fast.parallel import all_reduce
 from gcpo_fast.rewards import as_completions, compute_rewards, overlong_penalty, reward_function_name
 from gcpo_fast.rollout import Rollouts, Sampling, encode_completion, encode_prompts
@@ -40,6 +41,7 @@ from gcpo_fast.update import IGNORE_INDEX, Rows, completion_logprobs, pack
 @dataclass
 class SampledGroups:
     """The groups of one round: P prompts, G rollouts each (rows prompt-major), and the prompts kept."""
+
     records: list[dict]  # [P] the prompts' dataset records
     rollouts: Rollouts  # [P * G] rows
     rewards: torch.Tensor  # [P, G]
@@ -49,12 +51,17 @@ class SampledGroups:
         G = self.rewards.shape[1]
         keep = self.keep.tolist()
         rows = [p * G + r for p in keep for r in range(G)]
-        return SampledGroups([self.records[p] for p in keep], self.rollouts.select(rows), self.rewards[self.keep],
-                             torch.arange(len(keep)))
+        return SampledGroups(
+            [self.records[p] for p in keep],
+            self.rollouts.select(rows),
+            self.rewards[self.keep],
+            torch.arange(len(keep)),
+        )
 
 
-def sample_groups(cfg, engine, tokenizer, sampler, reward_funcs, timer: PhaseTimer | None = None
-                  ) -> tuple[SampledGroups, dict]:
+def sample_groups(
+    cfg, engine, tokenizer, sampler, reward_funcs, timer: PhaseTimer | None = None
+) -> tuple[SampledGroups, dict]:
     """Generate and score groups until the round is full; returns (the groups, rollout metrics).
     DAPO keeps only groups with varied rewards until it has a round's worth; GPG samples whole extra
     batches until valid rows / rows >= min_inverse_alpha. timer: charged with generate and reward."""
@@ -65,17 +72,28 @@ def sample_groups(cfg, engine, tokenizer, sampler, reward_funcs, timer: PhaseTim
     for num_batches in itertools.count(1):
         batch = next(sampler)
         with timer("generate"):
-            out = engine.generate(encode_prompts(tokenizer, [r["prompt"] for r in batch], cfg.max_prompt_length), G,
-                                  sampling)
+            out = engine.generate(
+                encode_prompts(tokenizer, [r["prompt"] for r in batch], cfg.max_prompt_length), G, sampling
+            )
         rows = [r for r in batch for _ in range(G)]
         with timer("reward"):
-            rewards, per_func = compute_rewards(reward_funcs, [r["prompt"] for r in rows],
-                                                as_completions(rows, out.texts), rows, cfg.reward_weights,
-                                                completion_ids=out.completion_ids)
+            rewards, per_func = compute_rewards(
+                reward_funcs,
+                [r["prompt"] for r in rows],
+                as_completions(rows, out.texts),
+                rows,
+                cfg.reward_weights,
+                completion_ids=out.completion_ids,
+            )
             if cfg.overlong_buffer_len:
-                rewards += torch.tensor(overlong_penalty([len(c) for c in out.completion_ids],
-                                                         cfg.max_completion_length, cfg.overlong_buffer_len,
-                                                         cfg.overlong_penalty_factor))
+                rewards += torch.tensor(
+                    overlong_penalty(
+                        [len(c) for c in out.completion_ids],
+                        cfg.max_completion_length,
+                        cfg.overlong_buffer_len,
+                        cfg.overlong_penalty_factor,
+                    )
+                )
         records += batch
         rollouts = out if rollouts is None else rollouts + out
         rewards_seen.append(rewards.view(-1, G))
@@ -98,27 +116,39 @@ def sample_groups(cfg, engine, tokenizer, sampler, reward_funcs, timer: PhaseTim
     per_func = torch.cat(per_func_seen)
     lengths = torch.tensor([len(c) for c in rollouts.completion_ids], dtype=torch.float)
     metrics = {
-        "completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
+        "completions/mean_length": lengths.mean().item(),
+        "completions/min_length": lengths.min().item(),
         "completions/max_length": lengths.max().item(),
         "completions/clipped_ratio": sum(rollouts.truncated) / len(rollouts.truncated),
         "num_gen_batches": num_batches,
         # every sampled group, kept or not (gcpo/frac_all_wrong counts the kept ones: none under DAPO's filter)
         "frac_reward_all_wrong": groups.all_wrong_groups(grid, cfg.correct_reward).float().mean().item(),
-        **{f"rewards/{reward_function_name(f)}/mean": per_func[:, j].nanmean().nan_to_num().item()
-           for j, f in enumerate(reward_funcs)},
+        **{
+            f"rewards/{reward_function_name(f)}/mean": per_func[:, j].nanmean().nan_to_num().item()
+            for j, f in enumerate(reward_funcs)
+        },
     }
     return SampledGroups(records, rollouts, grid, keep), metrics
 
 
-def build_rows(cfg, tokenizer, sampled: SampledGroups, metrics: dict, teacher: Teacher | None = None,
-               timer: PhaseTimer | None = None) -> tuple[Rows, list[dict]]:
+def build_rows(
+    cfg,
+    tokenizer,
+    sampled: SampledGroups,
+    metrics: dict,
+    teacher: Teacher | None = None,
+    timer: PhaseTimer | None = None,
+) -> tuple[Rows, list[dict]]:
     """Golden rows and advantages over the kept groups, group by group: (rows, a few samples for samples.jsonl).
     Adds the reward and gcpo/* metrics to `metrics`. teacher: golden answers for all-wrong prompts by
     --golden_source (gcpo_fast/golden.py); timer: charged with teacher."""
     kept = sampled.kept()
     texts, from_teacher = golden_texts(cfg, kept.records, kept.rewards, teacher, metrics, timer)
-    golden_ids = {p: encode_completion(tokenizer, text, cfg.max_completion_length)
-                  for p, text in enumerate(texts) if text is not None}
+    golden_ids = {
+        p: encode_completion(tokenizer, text, cfg.max_completion_length)
+        for p, text in enumerate(texts)
+        if text is not None
+    }
     fits = [p in golden_ids and not golden_ids[p][1] for p in range(len(kept.records))]
     g = groups.add_golden_rows(kept.rewards, fits, mode=cfg.golden_answer, correct_reward=cfg.correct_reward)
     if cfg.loss_type == "gpg":
@@ -132,9 +162,11 @@ def build_rows(cfg, tokenizer, sampled: SampledGroups, metrics: dict, teacher: T
     if teacher is not None:
         metrics["gcpo/golden_from_teacher"] = sum(bool(g.golden_prompts[p]) for p in from_teacher)
     if too_long:  # the same text from the same line: Python's default filter shows it once
-        warnings.warn(f"golden answers longer than max_completion_length={cfg.max_completion_length} tokens are not "
-                      "used (cut, they would lose their final answer); gcpo/golden_truncated counts the groups left "
-                      "without one: raise --max_completion_length to use them")
+        warnings.warn(
+            f"golden answers longer than max_completion_length={cfg.max_completion_length} tokens are not "
+            "used (cut, they would lose their final answer); gcpo/golden_truncated counts the groups left "
+            "without one: raise --max_completion_length to use them"
+        )
     G, out = cfg.num_generations, kept.rollouts
     rows = Rows([], [], [], advantages, sampling_logp=None if out.logprobs is None else [], golden=g.is_golden.tolist())
     samples = []
@@ -151,13 +183,23 @@ def build_rows(cfg, tokenizer, sampled: SampledGroups, metrics: dict, teacher: T
             rows.sampling_logp.append(None if g.is_golden[k] else out.logprobs[r])
         if p < cfg.num_samples_to_log and (g.is_golden[k] or r % G == 0):  # first rollout + golden row per group
             prompt = record["prompt"] if isinstance(record["prompt"], str) else record["prompt"][-1]["content"]
-            samples.append(dict(prompt=prompt, completion=text, answer=record["answer"], golden=bool(g.is_golden[k]),
-                                reward=g.rewards[k].item(), advantage=advantages[k].item(), truncated=cut))
+            samples.append(
+                dict(
+                    prompt=prompt,
+                    completion=text,
+                    answer=record["answer"],
+                    golden=bool(g.is_golden[k]),
+                    reward=g.rewards[k].item(),
+                    advantage=advantages[k].item(),
+                    truncated=cut,
+                )
+            )
     return rows, samples
 
 
-def split_steps(cfg, rows: Rows, model, ref_model, timer: PhaseTimer | None = None,
-                metrics: dict | None = None) -> list[list[Rows]]:
+def split_steps(
+    cfg, rows: Rows, model, ref_model, timer: PhaseTimer | None = None, metrics: dict | None = None
+) -> list[list[Rows]]:
     """Shuffle the rows into steps_per_generation micro-batches, gradient_accumulation_steps per optimizer step,
     with old log-probs when the round is reused and reference log-probs when beta > 0; repeated
     num_iterations times. Rows sampled by another engine (with sampling log-probs) also get the
@@ -193,8 +235,14 @@ def sampling_correction(cfg, mb: Rows, old_logp: torch.Tensor) -> tuple[torch.Te
     packed = pack(mb, cfg.mask_truncated_completions, "cpu")  # the row spans and the tokens the loss counts
     golden = torch.tensor([v is None for v in mb.sampling_logp])
     engine_logp = torch.tensor([x for v, c in zip(mb.sampling_logp, mb.completion_ids) for x in (v or [0.0] * len(c))])
-    weight, found = sampling_weights(old_logp, engine_logp, packed.completion_cu_seqlens,
-                                     packed.targets != IGNORE_INDEX, mode=cfg.vllm_importance_sampling_mode,
-                                     clip_min=cfg.vllm_importance_sampling_clip_min,
-                                     clip_max=cfg.vllm_importance_sampling_clip_max, not_sampled=golden)
+    weight, found = sampling_weights(
+        old_logp,
+        engine_logp,
+        packed.completion_cu_seqlens,
+        packed.targets != IGNORE_INDEX,
+        mode=cfg.vllm_importance_sampling_mode,
+        clip_min=cfg.vllm_importance_sampling_clip_min,
+        clip_max=cfg.vllm_importance_sampling_clip_max,
+        not_sampled=golden,
+    )
     return weight, {name: float(v) for name, v in found.items()}

@@ -33,6 +33,7 @@ Splits: a prompt is held out iff a SHA-256 hash of its text falls in the held-ou
 prompts), so `train_split` and `heldout_split` can never share a prompt, whatever their sizes and seeds.
 They share skills (the single-digit facts that are the steps of every level), not problems.
 """
+
 import hashlib
 import random
 from collections.abc import Callable, Iterable
@@ -76,8 +77,11 @@ def _level2(rng: random.Random) -> dict:
 def _level3(rng: random.Random) -> dict:
     x, y = rng.randint(10, 99), rng.randint(10, 99)
     tens, ones = (x // 10 + y // 10) * 10, x % 10 + y % 10
-    steps = [_step(x // 10 * 10, "+", y // 10 * 10, tens), _step(x % 10, "+", y % 10, ones),
-             _step(tens, "+", ones, x + y)]
+    steps = [
+        _step(x // 10 * 10, "+", y // 10 * 10, tens),
+        _step(x % 10, "+", y % 10, ones),
+        _step(tens, "+", ones, x + y),
+    ]
     return _record(f"{x}+{y}=?", steps, x + y, 3)
 
 
@@ -180,7 +184,14 @@ def _level8(rng: random.Random) -> dict:
 
 
 _GENERATORS: dict[int, Callable[[random.Random], dict]] = {
-    1: _level1, 2: _level2, 3: _level3, 4: _level4, 5: _level5, 6: _level6, 7: _level7, 8: _level8,
+    1: _level1,
+    2: _level2,
+    3: _level3,
+    4: _level4,
+    5: _level5,
+    6: _level6,
+    7: _level7,
+    8: _level8,
 }
 
 

@@ -9,6 +9,7 @@ Phases of the trainer: generate, reward, teacher (golden answers from a teacher)
 reference log-probs of a reused round), update (forward + backward + optimizer), weight_sync, eval, checkpoint. On CUDA each phase ends with a
 synchronize, so GPU work is charged to the phase that queued it rather than to the next one that waits.
 """
+
 import time
 from contextlib import contextmanager
 

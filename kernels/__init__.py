@@ -9,10 +9,19 @@ LUFFY's shaped term instead: `golden_objective="shaped"`, `golden_rows=`); and
 `sampling_weights` gives their `sampling_weight` for rows sampled by another engine (vLLM).
 Backends: `triton` (CUDA) and `torch` (CPU default and reference), same semantics.
 """
+
 from gcpo_fast.kernels.linear_logprobs import linear_logprobs
 from gcpo_fast.kernels.linear_policy_loss import linear_policy_loss
 from gcpo_fast.kernels.policy_loss import LOSS_RECIPES, LOSS_TYPES, PolicyLossConfig, policy_loss
 from gcpo_fast.kernels.sampling_correction import SAMPLING_MODES, sampling_weights
 
-__all__ = ["linear_logprobs", "policy_loss", "linear_policy_loss", "LOSS_RECIPES", "LOSS_TYPES", "PolicyLossConfig",
-           "sampling_weights", "SAMPLING_MODES"]
+__all__ = [
+    "linear_logprobs",
+    "policy_loss",
+    "linear_policy_loss",
+    "LOSS_RECIPES",
+    "LOSS_TYPES",
+    "PolicyLossConfig",
+    "sampling_weights",
+    "SAMPLING_MODES",
+]

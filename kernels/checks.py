@@ -21,11 +21,12 @@ all the checks run on O(N) tensors, never on [N, V] ones. The torch backend read
 more where it must keep rows whole in its chunks (sequence level, off-policy: `plan_chunks`).
 tests/test_linear_policy_loss.py counts these read-backs.
 """
+
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -57,6 +58,7 @@ def check_number(name: str, value, ok: Callable[[float], bool], rule: str) -> fl
 def _first_bad(name: str, bad: torch.Tensor, what: str) -> Pending:
     def message():
         return f"{name} has {int(bad.sum())} {what} value(s), the first at token {int(bad.nonzero()[0, 0])}"
+
     return bad.any(), message
 
 
@@ -100,8 +102,11 @@ def check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index
 
     def message():
         idx = int(bad.nonzero()[0, 0])
-        return (f"targets[{idx}] = {int(targets[idx])} is outside [0, V={weight.shape[0]}) "
-                f"and is not ignore_index={ignore_index}")
+        return (
+            f"targets[{idx}] = {int(targets[idx])} is outside [0, V={weight.shape[0]}) "
+            f"and is not ignore_index={ignore_index}"
+        )
+
     return [(bad.any(), message)]
 
 
@@ -112,10 +117,16 @@ def check_finite_lse(lse, hidden, weight, bias) -> None:
         return
     row = int(bad.nonzero()[0, 0])
     if not bool(torch.isfinite(hidden[row]).all()):
-        raise FloatingPointError(f"hidden has non-finite values (first at token {row}); "
-                                 f"{int(bad.sum())} of {lse.numel()} tokens affected")
-    culprit = "weight" if not bool(torch.isfinite(weight).all()) else \
-        "bias" if bias is not None and not bool(torch.isfinite(bias).all()) else "the logits (overflow)"
+        raise FloatingPointError(
+            f"hidden has non-finite values (first at token {row}); {int(bad.sum())} of {lse.numel()} tokens affected"
+        )
+    culprit = (
+        "weight"
+        if not bool(torch.isfinite(weight).all())
+        else "bias"
+        if bias is not None and not bool(torch.isfinite(bias).all())
+        else "the logits (overflow)"
+    )
     raise FloatingPointError(f"non-finite log-sum-exp at token {row}: {culprit} has non-finite values")
 
 
@@ -127,8 +138,11 @@ def check_cu_seqlens(cu_seqlens, n_tokens: int) -> list[Pending]:
 
     def ends():
         return f"cu_seqlens must start at 0 and end at N={n_tokens}, got {int(cu_seqlens[0])} ... {int(cu_seqlens[-1])}"
-    return [((cu_seqlens[0] != 0) | (cu_seqlens[-1] != n_tokens), ends),
-            ((cu_seqlens[1:] < cu_seqlens[:-1]).any(), lambda: "cu_seqlens must be non-decreasing")]
+
+    return [
+        ((cu_seqlens[0] != 0) | (cu_seqlens[-1] != n_tokens), ends),
+        ((cu_seqlens[1:] < cu_seqlens[:-1]).any(), lambda: "cu_seqlens must be non-decreasing"),
+    ]
 
 
 def check_normalizer(normalizer, device) -> list[Pending]:
@@ -139,8 +153,10 @@ def check_normalizer(normalizer, device) -> list[Pending]:
         check_number("normalizer", normalizer, lambda x: x > 0, "> 0")
         return []
     if normalizer.numel() != 1 or not normalizer.is_floating_point() or normalizer.device != device:
-        raise ValueError(f"normalizer must be a number or a one-element float tensor on {device}, got "
-                         f"shape {tuple(normalizer.shape)} {normalizer.dtype} on {normalizer.device}")
+        raise ValueError(
+            f"normalizer must be a number or a one-element float tensor on {device}, got "
+            f"shape {tuple(normalizer.shape)} {normalizer.dtype} on {normalizer.device}"
+        )
     bad = ~(torch.isfinite(normalizer) & (normalizer > 0)).reshape(())
     return [(bad, lambda: f"normalizer must be a finite number > 0, got {normalizer.item()}")]
 
@@ -149,8 +165,10 @@ def check_golden_rows(golden_rows, num_rows: int, golden_objective: str) -> None
     """golden_rows: None or a bool [B] tensor; golden_objective "shaped" needs it (else no row would be)."""
     if golden_rows is None:
         if golden_objective == "shaped":
-            raise ValueError("golden_objective='shaped' needs golden_rows (a bool [B] tensor: True for the "
-                             "golden rows, which take the shaped term)")
+            raise ValueError(
+                "golden_objective='shaped' needs golden_rows (a bool [B] tensor: True for the "
+                "golden rows, which take the shaped term)"
+            )
         return
     if not isinstance(golden_rows, torch.Tensor) or golden_rows.shape != (num_rows,):
         got = tuple(golden_rows.shape) if isinstance(golden_rows, torch.Tensor) else type(golden_rows).__name__
@@ -159,9 +177,19 @@ def check_golden_rows(golden_rows, num_rows: int, golden_objective: str) -> None
         raise TypeError(f"golden_rows must be a bool tensor, got {golden_rows.dtype}")
 
 
-def check_policy_inputs(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, beta,
-                        sampling_weight=None, normalizer=None, golden_rows=None,
-                        golden_objective="policy_ratio") -> tuple[torch.Tensor, list[Pending]]:
+def check_policy_inputs(
+    logp,
+    old_logp,
+    ref_logp,
+    advantages,
+    cu_seqlens,
+    mask,
+    beta,
+    sampling_weight=None,
+    normalizer=None,
+    golden_rows=None,
+    golden_objective="policy_ratio",
+) -> tuple[torch.Tensor, list[Pending]]:
     """Validates the O(N) inputs of policy_loss: shapes eagerly, contents as pending checks (see the
     module docstring). Returns (the mask, all True when None; the pending checks)."""
     if logp.dim() != 1:
@@ -169,30 +197,46 @@ def check_policy_inputs(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, 
     n = logp.shape[0]
     for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("sampling_weight", sampling_weight)):
         if t is not None and (not isinstance(t, torch.Tensor) or t.shape != logp.shape):
-            raise ValueError(f"{name} must match logp's shape {tuple(logp.shape)}, "
-                             f"got {tuple(getattr(t, 'shape', ())) if isinstance(t, torch.Tensor) else type(t)}")
+            raise ValueError(
+                f"{name} must match logp's shape {tuple(logp.shape)}, "
+                f"got {tuple(getattr(t, 'shape', ())) if isinstance(t, torch.Tensor) else type(t)}"
+            )
         if t is not None and not t.is_floating_point():
             raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
     if mask is not None and mask.shape != logp.shape:
         raise ValueError(f"mask must match logp's shape {tuple(logp.shape)}, got {tuple(mask.shape)}")
     pending = check_cu_seqlens(cu_seqlens, n)
     if advantages.dim() != 1 or advantages.shape[0] != cu_seqlens.numel() - 1:
-        raise ValueError(f"advantages must be [B] = [{cu_seqlens.numel() - 1}] (one per row of cu_seqlens), "
-                         f"got shape {tuple(advantages.shape)}")
+        raise ValueError(
+            f"advantages must be [B] = [{cu_seqlens.numel() - 1}] (one per row of cu_seqlens), "
+            f"got shape {tuple(advantages.shape)}"
+        )
     if not advantages.is_floating_point():
         raise TypeError(f"advantages must be a float tensor, got {advantages.dtype}")
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp (the reference model's log-probs)")
     check_golden_rows(golden_rows, advantages.shape[0], golden_objective)
-    _same_device({"logp": logp, "old_logp": old_logp, "ref_logp": ref_logp, "advantages": advantages,
-                  "cu_seqlens": cu_seqlens, "mask": mask, "sampling_weight": sampling_weight,
-                  "golden_rows": golden_rows})
+    _same_device(
+        {
+            "logp": logp,
+            "old_logp": old_logp,
+            "ref_logp": ref_logp,
+            "advantages": advantages,
+            "cu_seqlens": cu_seqlens,
+            "mask": mask,
+            "sampling_weight": sampling_weight,
+            "golden_rows": golden_rows,
+        }
+    )
     # Values must be finite everywhere, masked tokens included (a NaN times a 0 mask is still NaN).
     for name, t in (("old_logp", old_logp), ("advantages", advantages), ("ref_logp", ref_logp if beta > 0 else None)):
         if t is not None:
             pending.append(check_finite_values(name, t))
     if sampling_weight is not None:
-        pending.append(_first_bad("sampling_weight", ~(torch.isfinite(sampling_weight) & (sampling_weight >= 0)),
-                                  "negative or non-finite"))
+        pending.append(
+            _first_bad(
+                "sampling_weight", ~(torch.isfinite(sampling_weight) & (sampling_weight >= 0)), "negative or non-finite"
+            )
+        )
     pending += check_normalizer(normalizer, logp.device)
     return (torch.ones_like(logp, dtype=torch.bool) if mask is None else mask.bool()), pending

@@ -8,6 +8,7 @@ reference log-probs) it costs one forward sweep and O(N) memory. The backend is 
 `triton` on CUDA, `torch` elsewhere; `backend=` overrides (`triton` on CPU tensors runs only under
 the Triton interpreter, TRITON_INTERPRET=1, which the tests use).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -28,18 +29,19 @@ def select_backend(backend, device: torch.device):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend='triton' needs CUDA tensors (got {device}); on the CPU use backend='torch' "
-                         "or set TRITON_INTERPRET=1 before importing triton")
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got {device}); on the CPU use backend='torch' "
+            "or set TRITON_INTERPRET=1 before importing triton"
+        )
     return importlib.import_module(f"gcpo_fast.kernels.logprob_{backend}")
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, return_entropy, engine,
-                workspace_bytes):
-        logp, lse, ent = engine.linear_logprob_forward(hidden, weight, bias, targets, temperature,
-                                                       ignore_index, return_entropy,
-                                                       workspace_bytes=workspace_bytes)
+    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, return_entropy, engine, workspace_bytes):
+        logp, lse, ent = engine.linear_logprob_forward(
+            hidden, weight, bias, targets, temperature, ignore_index, return_entropy, workspace_bytes=workspace_bytes
+        )
         check_finite_lse(lse, hidden, weight, bias)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
         ctx.opts = (temperature, ignore_index, engine, workspace_bytes)
@@ -52,14 +54,35 @@ class LinearLogprobsFunction(torch.autograd.Function):
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
         dx, dw, db = engine.linear_logprob_backward(
-            hidden, weight, bias, targets, lse, ent, grad_logp, grad_ent, temperature, ignore_index,
-            ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2],
-            workspace_bytes)
+            hidden,
+            weight,
+            bias,
+            targets,
+            lse,
+            ent,
+            grad_logp,
+            grad_ent,
+            temperature,
+            ignore_index,
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[2],
+            workspace_bytes,
+        )
         return dx, dw, db, None, None, None, None, None, None
 
 
-def linear_logprobs(hidden, weight, targets, temperature=1.0, bias=None, ignore_index=-100,
-                    return_entropy=False, backend=None, workspace_bytes=WORKSPACE_BYTES):
+def linear_logprobs(
+    hidden,
+    weight,
+    targets,
+    temperature=1.0,
+    bias=None,
+    ignore_index=-100,
+    return_entropy=False,
+    backend=None,
+    workspace_bytes=WORKSPACE_BYTES,
+):
     """log softmax((hidden @ weight.T + bias) / temperature)[targets] as fp32 [N] (and entropy [N]).
 
     Ignored targets (== ignore_index) give logp 0, entropy 0 and no gradient.
@@ -67,6 +90,15 @@ def linear_logprobs(hidden, weight, targets, temperature=1.0, bias=None, ignore_
     """
     settle(check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index))
     engine = select_backend(backend, hidden.device)
-    logp, ent = LinearLogprobsFunction.apply(hidden, weight, bias, targets, float(temperature), int(ignore_index),
-                                             bool(return_entropy), engine, int(workspace_bytes))
+    logp, ent = LinearLogprobsFunction.apply(
+        hidden,
+        weight,
+        bias,
+        targets,
+        float(temperature),
+        int(ignore_index),
+        bool(return_entropy),
+        engine,
+        int(workspace_bytes),
+    )
     return (logp, ent) if return_entropy else logp

@@ -23,13 +23,14 @@ recompute, at the price of thinner GEMMs.
 
 This file is the CPU engine and the reference the Triton kernels (`logprob_triton.py`) match.
 """
+
 from __future__ import annotations
 
 import torch
 
 WORKSPACE_BYTES = 256 * 2**20
-TOKEN_TILE = 1024      # tokens per tile: wide enough that the CPU GEMMs run at full speed
-ROW_BLOCK = 64         # rows per block when a per-row reduction needs a temporary
+TOKEN_TILE = 1024  # tokens per tile: wide enough that the CPU GEMMs run at full speed
+ROW_BLOCK = 64  # rows per block when a per-row reduction needs a temporary
 
 
 def _tile_shape(n: int, v: int, workspace_bytes: int) -> tuple[int, int]:
@@ -66,8 +67,8 @@ def _exp_and_weighted_sum(zc):
     """In place zc -> exp(zc); returns (sum exp(zc), sum exp(zc) * zc) per row, temporaries bounded."""
     wsum = torch.empty(zc.shape[0], device=zc.device)
     for r in range(0, zc.shape[0], ROW_BLOCK):
-        blk = zc[r:r + ROW_BLOCK]
-        wsum[r:r + ROW_BLOCK] = (blk.exp() * blk).sum(1)
+        blk = zc[r : r + ROW_BLOCK]
+        wsum[r : r + ROW_BLOCK] = (blk.exp() * blk).sum(1)
     zc.exp_()
     return zc.sum(1), wsum
 
@@ -77,12 +78,20 @@ def _forward_setup(hidden, weight, targets, ignore_index, with_entropy):
     n, dev = hidden.shape[0], hidden.device
     t = targets.long()
     ent = torch.zeros(n, device=dev) if with_entropy else None
-    return (hidden.contiguous(), weight.contiguous(), t, t != ignore_index, torch.zeros(n, device=dev),
-            torch.empty(n, device=dev), ent)
+    return (
+        hidden.contiguous(),
+        weight.contiguous(),
+        t,
+        t != ignore_index,
+        torch.zeros(n, device=dev),
+        torch.empty(n, device=dev),
+        ent,
+    )
 
 
-def linear_logprob_forward(hidden, weight, bias, targets, temperature, ignore_index, with_entropy,
-                           workspace_bytes=WORKSPACE_BYTES):
+def linear_logprob_forward(
+    hidden, weight, bias, targets, temperature, ignore_index, with_entropy, workspace_bytes=WORKSPACE_BYTES
+):
     n, v, dev, inv_t = hidden.shape[0], weight.shape[0], hidden.device, 1.0 / temperature
     x, w, t, valid, logp, lse, ent = _forward_setup(hidden, weight, targets, ignore_index, with_entropy)
     tn, tv = _tile_shape(n, v, workspace_bytes)
@@ -122,9 +131,9 @@ def _grad_logits_(z, lse, ent, g_lp, g_ent, t, v0, inv_t):
     if g_ent is not None:
         # -g_H p (log p + H) - g_lp p  =  -p (g_lp + g_H (log p + H))
         for r in range(0, z.shape[0], ROW_BLOCK):
-            blk = z[r:r + ROW_BLOCK]
-            coef = (blk + ent[r:r + ROW_BLOCK].unsqueeze(1)).mul_(g_ent[r:r + ROW_BLOCK].unsqueeze(1))
-            blk.exp_().mul_(coef.add_(g_lp[r:r + ROW_BLOCK].unsqueeze(1))).neg_()
+            blk = z[r : r + ROW_BLOCK]
+            coef = (blk + ent[r : r + ROW_BLOCK].unsqueeze(1)).mul_(g_ent[r : r + ROW_BLOCK].unsqueeze(1))
+            blk.exp_().mul_(coef.add_(g_lp[r : r + ROW_BLOCK].unsqueeze(1))).neg_()
     else:
         z.exp_().mul_(-g_lp.unsqueeze(1))
     inside = (t >= v0) & (t < v0 + z.shape[1])
@@ -155,14 +164,29 @@ def _grad_buffers(hidden, weight, needs_dx, needs_dw, needs_db):
 
 
 def _cast_grads(dx32, dw32, db32, hidden, weight, bias):
-    return (None if dx32 is None else dx32.to(hidden.dtype),
-            None if dw32 is None else dw32.to(weight.dtype),
-            None if db32 is None else db32.to(bias.dtype))
+    return (
+        None if dx32 is None else dx32.to(hidden.dtype),
+        None if dw32 is None else dw32.to(weight.dtype),
+        None if db32 is None else db32.to(bias.dtype),
+    )
 
 
-def linear_logprob_backward(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
-                            temperature, ignore_index, needs_dx, needs_dw, needs_db,
-                            workspace_bytes=WORKSPACE_BYTES):
+def linear_logprob_backward(
+    hidden,
+    weight,
+    bias,
+    targets,
+    lse,
+    entropy,
+    grad_logp,
+    grad_entropy,
+    temperature,
+    ignore_index,
+    needs_dx,
+    needs_dw,
+    needs_db,
+    workspace_bytes=WORKSPACE_BYTES,
+):
     n, v = hidden.shape[0], weight.shape[0]
     x, w = hidden.contiguous(), weight.contiguous()
     t = targets.long()
@@ -176,17 +200,48 @@ def linear_logprob_backward(hidden, weight, bias, targets, lse, entropy, grad_lo
         n1 = min(n0 + tn, n)
         for v0 in range(0, v, tv):
             v1 = min(v0 + tv, v)
-            z = _logits(x[n0:n1], w[v0:v1], None if bias is None else bias[v0:v1], 1.0 / temperature,
-                        _view(buf, n1 - n0, v1 - v0))
-            dz = _grad_logits_(z, lse[n0:n1], None if g_ent is None else entropy[n0:n1], g_lp[n0:n1],
-                               None if g_ent is None else g_ent[n0:n1], t[n0:n1], v0, 1.0 / temperature)
-            _accumulate(dz, x[n0:n1], w[v0:v1], None if dx32 is None else dx32[n0:n1],
-                        None if dw32 is None else dw32[v0:v1], None if db32 is None else db32[v0:v1])
+            z = _logits(
+                x[n0:n1],
+                w[v0:v1],
+                None if bias is None else bias[v0:v1],
+                1.0 / temperature,
+                _view(buf, n1 - n0, v1 - v0),
+            )
+            dz = _grad_logits_(
+                z,
+                lse[n0:n1],
+                None if g_ent is None else entropy[n0:n1],
+                g_lp[n0:n1],
+                None if g_ent is None else g_ent[n0:n1],
+                t[n0:n1],
+                v0,
+                1.0 / temperature,
+            )
+            _accumulate(
+                dz,
+                x[n0:n1],
+                w[v0:v1],
+                None if dx32 is None else dx32[n0:n1],
+                None if dw32 is None else dw32[v0:v1],
+                None if db32 is None else db32[v0:v1],
+            )
     return _cast_grads(dx32, dw32, db32, hidden, weight, bias)
 
 
-def linear_logprob_forward_backward(hidden, weight, bias, targets, temperature, ignore_index, with_entropy,
-                                    chunks, grad_fn, needs_dx, needs_dw, needs_db):
+def linear_logprob_forward_backward(
+    hidden,
+    weight,
+    bias,
+    targets,
+    temperature,
+    ignore_index,
+    with_entropy,
+    chunks,
+    grad_fn,
+    needs_dx,
+    needs_dw,
+    needs_db,
+):
     """One sweep, 6NVd: per token chunk (n0, n1) of `chunks`, full-vocabulary logits -> lse, logp
     (and entropy) -> g = grad_fn(n0, n1, logp_chunk) -> dZ -> dX, dW, db. The chunks cover [0, N) in
     order; their size bounds the workspace (chunk x V fp32). Returns (logp, lse, entropy, dX, dW, db).

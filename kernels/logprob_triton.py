@@ -33,6 +33,7 @@ Block sizes come from the explicit tables FWD_CONFIGS / BWD_CONFIGS (no autotuni
 interpreter, TRITON_INTERPRET=1). fp32 inputs use IEEE fp32 dots unless
 torch.backends.cuda.matmul.allow_tf32 is set (then TF32), matching torch.matmul.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,8 +44,12 @@ import triton.language as tl
 from torch import Tensor
 
 __all__ = [
-    "Config", "FWD_CONFIGS", "BWD_CONFIGS", "INTERPRETER_CONFIG",
-    "linear_logprob_forward", "linear_logprob_backward",
+    "Config",
+    "FWD_CONFIGS",
+    "BWD_CONFIGS",
+    "INTERPRETER_CONFIG",
+    "linear_logprob_forward",
+    "linear_logprob_backward",
 ]
 
 
@@ -80,9 +85,24 @@ _DEFAULT_NUM_SMS = 132  # H100 SXM; used when the device cannot be queried (CPU 
 # kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _logits_tile(X, W, BIAS, rows, row_mask, cols, col_mask, D, stride_x, stride_w, inv_temp,
-                 HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+def _logits_tile(
+    X,
+    W,
+    BIAS,
+    rows,
+    row_mask,
+    cols,
+    col_mask,
+    D,
+    stride_x,
+    stride_w,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """z[BLOCK_N, BLOCK_V] = (X[rows] @ W[cols]^T + b[cols]) / T in fp32; -1e30 outside col_mask."""
     offs_d = tl.arange(0, BLOCK_D)
     x_ptrs = X + rows.to(tl.int64)[:, None] * stride_x + offs_d[None, :]
@@ -105,10 +125,27 @@ def _logits_tile(X, W, BIAS, rows, row_mask, cols, col_mask, D, stride_x, stride
 
 @triton.jit
 def _linear_logprob_fwd_kernel(
-    X, W, BIAS, TGT, WS_M, WS_S, WS_A, WS_ZT,
-    N, V, D, stride_x, stride_w, v_per_split, inv_temp,
-    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    X,
+    W,
+    BIAS,
+    TGT,
+    WS_M,
+    WS_S,
+    WS_A,
+    WS_ZT,
+    N,
+    V,
+    D,
+    stride_x,
+    stride_w,
+    v_per_split,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -125,13 +162,29 @@ def _linear_logprob_fwd_kernel(
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_hi
-        z = _logits_tile(X, W, BIAS, rows, row_mask, cols, col_mask, D, stride_x, stride_w,
-                         inv_temp, HAS_BIAS, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
-        m_new = tl.maximum(m, tl.max(z, axis=1))          # finite: every tile has a valid column
-        alpha = tl.exp(m - m_new)                          # 0 on the first tile (m = -inf)
-        p = tl.exp(z - m_new[:, None])                     # 0 on masked columns
+        z = _logits_tile(
+            X,
+            W,
+            BIAS,
+            rows,
+            row_mask,
+            cols,
+            col_mask,
+            D,
+            stride_x,
+            stride_w,
+            inv_temp,
+            HAS_BIAS,
+            DOT_PRECISION,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_D,
+        )
+        m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile has a valid column
+        alpha = tl.exp(m - m_new)  # 0 on the first tile (m = -inf)
+        p = tl.exp(z - m_new[:, None])  # 0 on masked columns
         if WITH_ENTROPY:
-            zc = z - m_new[:, None]                        # p * zc == 0 on masked columns
+            zc = z - m_new[:, None]  # p * zc == 0 on masked columns
             shift = s * tl.where(s > 0, m - m_new, 0.0)  # no 0 * -inf on the first tile
             a = alpha * (a + shift) + tl.sum(p * zc, axis=1)
         s = s * alpha + tl.sum(p, axis=1)
@@ -148,12 +201,31 @@ def _linear_logprob_fwd_kernel(
 
 @triton.jit
 def _linear_logprob_bwd_dz_kernel(
-    X, W, BIAS, TGT, LSE, ENT, GLP, GENT, DZ,
-    N, V, D, stride_x, stride_w, stride_dz, inv_temp, ignore_index,
-    HAS_BIAS: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    X,
+    W,
+    BIAS,
+    TGT,
+    LSE,
+    ENT,
+    GLP,
+    GENT,
+    DZ,
+    N,
+    V,
+    D,
+    stride_x,
+    stride_w,
+    stride_dz,
+    inv_temp,
+    ignore_index,
+    HAS_BIAS: tl.constexpr,
+    HAS_ENT_GRAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)   # token blocks vary fastest: concurrent programs share the W tile
+    pid_n = tl.program_id(0)  # token blocks vary fastest: concurrent programs share the W tile
     pid_v = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -164,9 +236,25 @@ def _linear_logprob_bwd_dz_kernel(
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
     g = tl.load(GLP + rows, mask=valid, other=0.0)
 
-    z = _logits_tile(X, W, BIAS, rows, row_mask, cols, col_mask, D, stride_x, stride_w,
-                     inv_temp, HAS_BIAS, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
-    logp = z - lse[:, None]                                  # ~ -1e30 on masked columns: p = 0
+    z = _logits_tile(
+        X,
+        W,
+        BIAS,
+        rows,
+        row_mask,
+        cols,
+        col_mask,
+        D,
+        stride_x,
+        stride_w,
+        inv_temp,
+        HAS_BIAS,
+        DOT_PRECISION,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_D,
+    )
+    logp = z - lse[:, None]  # ~ -1e30 on masked columns: p = 0
     p = tl.exp(logp)
     dz = tl.where(cols[None, :] == tgt[:, None], g[:, None], 0.0) - g[:, None] * p
     if HAS_ENT_GRAD:
@@ -193,8 +281,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"  # ignored by tl.dot for fp16 / bf16 operands
 
 
-def pick_config(table: dict[str, Config], n_tokens: int, dtype: torch.dtype,
-                device: torch.device) -> Config:
+def pick_config(table: dict[str, Config], n_tokens: int, dtype: torch.dtype, device: torch.device) -> Config:
     """The table entry a launcher uses: interpreter tiles on CPU, "fp32" for fp32 inputs, and for
     16-bit inputs BLOCK_N = 128 once that still gives >= one token block per SM, else 64."""
     if device.type != "cuda":
@@ -212,12 +299,13 @@ def _split_v(n_blocks: int, v_tiles: int, device: torch.device) -> int:
 
 def _check_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"expected hidden [N, d] and weight [V, d], got {tuple(hidden.shape)} "
-                         f"and {tuple(weight.shape)}")
-    if hidden.dtype != weight.dtype or hidden.dtype not in (torch.float32, torch.float16,
-                                                            torch.bfloat16):
-        raise TypeError(f"hidden and weight must share one dtype in fp32/fp16/bf16, got "
-                        f"{hidden.dtype} and {weight.dtype}")
+        raise ValueError(
+            f"expected hidden [N, d] and weight [V, d], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
+    if hidden.dtype != weight.dtype or hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"hidden and weight must share one dtype in fp32/fp16/bf16, got {hidden.dtype} and {weight.dtype}"
+        )
     if targets.shape != (hidden.shape[0],):
         raise ValueError(f"targets must be [N] = [{hidden.shape[0]}], got {tuple(targets.shape)}")
     if bias is not None and bias.shape != (weight.shape[0],):
@@ -227,14 +315,27 @@ def _check_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: 
 def _prepare(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor):
     """Checked, contiguous kernel inputs with int64 targets."""
     _check_inputs(hidden, weight, bias, targets)
-    return (hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-            targets.contiguous().to(torch.int64))
+    return (
+        hidden.contiguous(),
+        weight.contiguous(),
+        None if bias is None else bias.contiguous(),
+        targets.contiguous().to(torch.int64),
+    )
 
 
-def linear_logprob_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                           temperature: float, ignore_index: int, with_entropy: bool,
-                           workspace_bytes: int = 256 * 2**20, *, config: Config | None = None,
-                           split_v: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+def linear_logprob_forward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    temperature: float,
+    ignore_index: int,
+    with_entropy: bool,
+    workspace_bytes: int = 256 * 2**20,
+    *,
+    config: Config | None = None,
+    split_v: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """hidden [N,d], weight [V,d] (same dtype: fp32/fp16/bf16), bias [V] or None, targets [N] int64.
     Returns logp [N] fp32, lse [N] fp32 (logsumexp of z), entropy [N] fp32 or None,
     where z = (hidden @ weight.T + bias) / temperature computed with fp32 accumulation.
@@ -254,18 +355,34 @@ def linear_logprob_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, 
     v_tiles = triton.cdiv(V, cfg.block_v)
     split = min(split_v, v_tiles) if split_v is not None else _split_v(n_blocks, v_tiles, dev)
     tiles_per_split = triton.cdiv(v_tiles, split)
-    split = triton.cdiv(v_tiles, tiles_per_split)       # no empty slice
+    split = triton.cdiv(v_tiles, tiles_per_split)  # no empty slice
     ws = torch.empty(4, split, N, device=dev, dtype=torch.float32)
     ws_m, ws_s, ws_a, ws_zt = ws.unbind(0)
 
     _linear_logprob_fwd_kernel[(n_blocks, split)](
-        hidden, weight, bias if bias is not None else hidden, targets, ws_m, ws_s, ws_a, ws_zt,
-        N, V, D, hidden.stride(0), weight.stride(0), tiles_per_split * cfg.block_v,
+        hidden,
+        weight,
+        bias if bias is not None else hidden,
+        targets,
+        ws_m,
+        ws_s,
+        ws_a,
+        ws_zt,
+        N,
+        V,
+        D,
+        hidden.stride(0),
+        weight.stride(0),
+        tiles_per_split * cfg.block_v,
         1.0 / float(temperature),
-        HAS_BIAS=bias is not None, WITH_ENTROPY=bool(with_entropy),
+        HAS_BIAS=bias is not None,
+        WITH_ENTROPY=bool(with_entropy),
         DOT_PRECISION=_dot_precision(hidden.dtype),
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_N=cfg.block_n,
+        BLOCK_V=cfg.block_v,
+        BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
 
     # deterministic merge of the SPLIT_V partials (fixed-order torch reductions)
@@ -294,15 +411,27 @@ def _accumulate_dw(dw32: Tensor, dz: Tensor, x: Tensor) -> None:
             return
         except (RuntimeError, TypeError):
             pass
-    dw32 += torch.matmul(dz.t(), x).float()   # one rounding per chunk, then fp32 accumulation
+    dw32 += torch.matmul(dz.t(), x).float()  # one rounding per chunk, then fp32 accumulation
 
 
-def linear_logprob_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                            lse: Tensor, entropy: Tensor | None, grad_logp: Tensor,
-                            grad_entropy: Tensor | None, temperature: float, ignore_index: int,
-                            needs_dx: bool, needs_dw: bool, needs_db: bool,
-                            workspace_bytes: int = 256 * 2**20, *, config: Config | None = None,
-                            ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+def linear_logprob_backward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    lse: Tensor,
+    entropy: Tensor | None,
+    grad_logp: Tensor,
+    grad_entropy: Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    needs_dx: bool,
+    needs_dw: bool,
+    needs_db: bool,
+    workspace_bytes: int = 256 * 2**20,
+    *,
+    config: Config | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """grad_logp [N] fp32, grad_entropy [N] fp32 or None (then entropy may be None).
     dZ[n,v] = ( g_lp[n] * (1[v == t_n] - p[n,v]) - g_H[n] * p[n,v] * (z[n,v] - lse[n] + H[n]) ) / T,
     p = exp(z - lse); rows with target == ignore_index contribute nothing.
@@ -321,7 +450,7 @@ def linear_logprob_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None,
         if has_ent and entropy is None:
             raise ValueError("grad_entropy given without the forward entropy")
         lse = lse.contiguous().float()
-        glp = grad_logp.float().contiguous()            # autograd may hand in expanded grads
+        glp = grad_logp.float().contiguous()  # autograd may hand in expanded grads
         ent = entropy.contiguous().float() if has_ent else lse
         gent = grad_entropy.float().contiguous() if has_ent else glp
         cfg = config or pick_config(BWD_CONFIGS, N, hidden.dtype, dev)
@@ -339,14 +468,31 @@ def linear_logprob_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None,
             x = hidden[n0:n1]
             grid = (triton.cdiv(n1 - n0, cfg.block_n), triton.cdiv(V, cfg.block_v))
             _linear_logprob_bwd_dz_kernel[grid](
-                x, weight, bias if bias is not None else hidden, targets[n0:n1], lse[n0:n1],
-                ent[n0:n1], glp[n0:n1], gent[n0:n1], dz,
-                n1 - n0, V, D, x.stride(0), weight.stride(0), dz.stride(0), inv_temp,
+                x,
+                weight,
+                bias if bias is not None else hidden,
+                targets[n0:n1],
+                lse[n0:n1],
+                ent[n0:n1],
+                glp[n0:n1],
+                gent[n0:n1],
+                dz,
+                n1 - n0,
+                V,
+                D,
+                x.stride(0),
+                weight.stride(0),
+                dz.stride(0),
+                inv_temp,
                 int(ignore_index),
-                HAS_BIAS=bias is not None, HAS_ENT_GRAD=has_ent,
+                HAS_BIAS=bias is not None,
+                HAS_ENT_GRAD=has_ent,
                 DOT_PRECISION=_dot_precision(hidden.dtype),
-                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                BLOCK_N=cfg.block_n,
+                BLOCK_V=cfg.block_v,
+                BLOCK_D=cfg.block_d,
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
             )
             if needs_dx:
                 torch.matmul(dz, weight, out=dx[n0:n1])

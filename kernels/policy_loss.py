@@ -65,6 +65,7 @@ concatenated), advantages [B], golden_rows bool [B], cu_seqlens int32 [B+1] (sta
 non-decreasing, ends at N).
 Bad options and non-finite inputs are errors (`PolicyLossConfig`, `checks.py`: which checks sync).
 """
+
 from __future__ import annotations
 
 import math
@@ -79,20 +80,21 @@ LOG_RATIO_CLAMP = 20.0
 
 # Each method's paper defaults: ratio level, clip box, aggregation (docs/algorithms.md, "The methods").
 LOSS_RECIPES = {
-    "gcpo": dict(importance_sampling_level="sequence", epsilon_low=3e-4, epsilon_high=4e-4,
-                 loss_agg_mode="seq-mean-token-mean"),
-    "gspo": dict(importance_sampling_level="sequence", epsilon_low=3e-4, epsilon_high=4e-4,
-                 loss_agg_mode="seq-mean-token-mean"),
-    "grpo": dict(importance_sampling_level="token", epsilon_low=0.2, epsilon_high=0.2,
-                 loss_agg_mode="seq-mean-token-mean"),
-    "dapo": dict(importance_sampling_level="token", epsilon_low=0.2, epsilon_high=0.28,
-                 loss_agg_mode="token-mean"),
-    "dr_grpo": dict(importance_sampling_level="token", epsilon_low=0.2, epsilon_high=0.2,
-                    loss_agg_mode="seq-mean-token-sum-norm"),
-    "bnpo": dict(importance_sampling_level="token", epsilon_low=0.2, epsilon_high=0.2,
-                 loss_agg_mode="token-mean"),
-    "gpg": dict(importance_sampling_level="token", epsilon_low=0.0, epsilon_high=0.0,
-                loss_agg_mode="token-mean"),
+    "gcpo": dict(
+        importance_sampling_level="sequence", epsilon_low=3e-4, epsilon_high=4e-4, loss_agg_mode="seq-mean-token-mean"
+    ),
+    "gspo": dict(
+        importance_sampling_level="sequence", epsilon_low=3e-4, epsilon_high=4e-4, loss_agg_mode="seq-mean-token-mean"
+    ),
+    "grpo": dict(
+        importance_sampling_level="token", epsilon_low=0.2, epsilon_high=0.2, loss_agg_mode="seq-mean-token-mean"
+    ),
+    "dapo": dict(importance_sampling_level="token", epsilon_low=0.2, epsilon_high=0.28, loss_agg_mode="token-mean"),
+    "dr_grpo": dict(
+        importance_sampling_level="token", epsilon_low=0.2, epsilon_high=0.2, loss_agg_mode="seq-mean-token-sum-norm"
+    ),
+    "bnpo": dict(importance_sampling_level="token", epsilon_low=0.2, epsilon_high=0.2, loss_agg_mode="token-mean"),
+    "gpg": dict(importance_sampling_level="token", epsilon_low=0.0, epsilon_high=0.0, loss_agg_mode="token-mean"),
 }
 LOSS_TYPES = tuple(LOSS_RECIPES)
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -107,6 +109,7 @@ class PolicyLossConfig:
     Build it with `resolve` (recipe defaults) or directly; either way every option is checked here,
     on the host, once: a trainer builds one and passes it as `config=` to every call.
     """
+
     loss_type: str = "gcpo"
     importance_sampling_level: str = "sequence"
     epsilon_low: float = 3e-4
@@ -123,10 +126,12 @@ class PolicyLossConfig:
         if self.loss_type not in LOSS_RECIPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.importance_sampling_level not in ("token", "sequence"):
-            raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', "
-                             f"got {self.importance_sampling_level!r}")
+            raise ValueError(
+                f"importance_sampling_level must be 'token' or 'sequence', got {self.importance_sampling_level!r}"
+            )
         if self.loss_agg_mode not in AGG_MODES:
             raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {self.loss_agg_mode!r}")
+
         # Stored as floats (the Triton kernel takes them as fp32 arguments). The clip box
         # [1 - eps_low, 1 + eps_high] must contain 1 and keep its lower end > 0.
         def number(name, ok, rule):
@@ -140,16 +145,28 @@ class PolicyLossConfig:
             number("clip_ratio_c", lambda c: c > 1, "> 1")
         number("beta", lambda b: b >= 0, ">= 0")
         if self.max_completion_length is not None and (
-                not isinstance(self.max_completion_length, numbers.Integral) or self.max_completion_length < 1):
+            not isinstance(self.max_completion_length, numbers.Integral) or self.max_completion_length < 1
+        ):
             raise ValueError(f"max_completion_length must be an int >= 1, got {self.max_completion_length!r}")
         if self.golden_objective not in GOLDEN_OBJECTIVES:
             raise ValueError(f"golden_objective must be one of {GOLDEN_OBJECTIVES}, got {self.golden_objective!r}")
         number("golden_shaping_gamma", lambda g: g > 0, "> 0")
 
     @classmethod
-    def resolve(cls, loss_type=None, importance_sampling_level=None, epsilon_low=None,
-                epsilon_high=None, loss_agg_mode=None, delta=None, clip_ratio_c=None, beta=None,
-                max_completion_length=None, golden_objective=None, golden_shaping_gamma=None) -> "PolicyLossConfig":
+    def resolve(
+        cls,
+        loss_type=None,
+        importance_sampling_level=None,
+        epsilon_low=None,
+        epsilon_high=None,
+        loss_agg_mode=None,
+        delta=None,
+        clip_ratio_c=None,
+        beta=None,
+        max_completion_length=None,
+        golden_objective=None,
+        golden_shaping_gamma=None,
+    ) -> PolicyLossConfig:
         """The config of `loss_type` (default "gcpo") with its recipe filling the options left as None."""
         loss_type = "gcpo" if loss_type is None else loss_type
         if loss_type not in LOSS_RECIPES:
@@ -157,12 +174,22 @@ class PolicyLossConfig:
         recipe = LOSS_RECIPES[loss_type]
         eps_low = recipe["epsilon_low"] if epsilon_low is None else epsilon_low
         # TRL: epsilon_high defaults to epsilon (the low side) when only that one is given.
-        eps_high = (recipe["epsilon_high"] if epsilon_low is None else eps_low) if epsilon_high is None \
-            else epsilon_high
-        return cls(loss_type, importance_sampling_level or recipe["importance_sampling_level"], eps_low, eps_high,
-                   loss_agg_mode or recipe["loss_agg_mode"], delta, clip_ratio_c, 0.0 if beta is None else beta,
-                   max_completion_length, golden_objective or "policy_ratio",
-                   0.1 if golden_shaping_gamma is None else golden_shaping_gamma)
+        eps_high = (
+            (recipe["epsilon_high"] if epsilon_low is None else eps_low) if epsilon_high is None else epsilon_high
+        )
+        return cls(
+            loss_type,
+            importance_sampling_level or recipe["importance_sampling_level"],
+            eps_low,
+            eps_high,
+            loss_agg_mode or recipe["loss_agg_mode"],
+            delta,
+            clip_ratio_c,
+            0.0 if beta is None else beta,
+            max_completion_length,
+            golden_objective or "policy_ratio",
+            0.1 if golden_shaping_gamma is None else golden_shaping_gamma,
+        )
 
 
 def options_config(config, options: dict) -> PolicyLossConfig:
@@ -192,8 +219,10 @@ def aggregation_denominator(mask, num_rows: int, cfg: PolicyLossConfig, normaliz
         return mask.float().sum().clamp(min=1.0)
     if cfg.loss_agg_mode == "seq-mean-token-sum-norm":
         if cfg.max_completion_length is None:
-            raise ValueError("loss_agg_mode 'seq-mean-token-sum-norm' (dr_grpo) needs max_completion_length "
-                             "or an explicit normalizer")
+            raise ValueError(
+                "loss_agg_mode 'seq-mean-token-sum-norm' (dr_grpo) needs max_completion_length "
+                "or an explicit normalizer"
+            )
         return torch.tensor(float(cfg.max_completion_length), device=mask.device)
     return torch.tensor(float(max(num_rows, 1)), device=mask.device)
 
@@ -239,8 +268,20 @@ def row_sums(values, rows, num_rows):
     return torch.zeros(num_rows, device=values.device, dtype=values.dtype).index_add_(0, rows, values)
 
 
-def policy_terms(logp, old_logp, ref_logp, advantages, weight, mask, rows, row_len, row_weight,
-                 cfg: PolicyLossConfig, sampling_weight=None, shaped_rows=None):
+def policy_terms(
+    logp,
+    old_logp,
+    ref_logp,
+    advantages,
+    weight,
+    mask,
+    rows,
+    row_len,
+    row_weight,
+    cfg: PolicyLossConfig,
+    sampling_weight=None,
+    shaped_rows=None,
+):
     """Loss, d loss / d logp and summed stats for a range of packed tokens.
 
     `weight`, `mask`, `rows`, `sampling_weight` (or None) cover the range; `advantages`, `row_len`
@@ -317,24 +358,61 @@ def finalize_stats(stat_sums: torch.Tensor, n_tokens: torch.Tensor, cfg: PolicyL
     return out
 
 
-def batch_policy_terms(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg: PolicyLossConfig,
-                       normalizer=None, use_triton=False, sampling_weight=None, shaped_rows=None):
+def batch_policy_terms(
+    logp,
+    old_logp,
+    ref_logp,
+    advantages,
+    cu_seqlens,
+    mask,
+    cfg: PolicyLossConfig,
+    normalizer=None,
+    use_triton=False,
+    sampling_weight=None,
+    shaped_rows=None,
+):
     """policy_terms over a whole batch: (loss, grad_logp, stat_sums), by the Triton row kernel or in torch."""
     if use_triton:
         from gcpo_fast.kernels.policy_loss_triton import policy_loss_triton
-        return policy_loss_triton(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg, normalizer,
-                                  sampling_weight, shaped_rows)
+
+        return policy_loss_triton(
+            logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg, normalizer, sampling_weight, shaped_rows
+        )
     rows, weight, row_len, row_weight = batch_layout(mask, cu_seqlens, cfg, normalizer, sampling_weight)
-    return policy_terms(logp, old_logp, ref_logp, advantages, weight, mask, rows, row_len, row_weight, cfg,
-                        sampling_weight, shaped_rows)
+    return policy_terms(
+        logp, old_logp, ref_logp, advantages, weight, mask, rows, row_len, row_weight, cfg, sampling_weight, shaped_rows
+    )
 
 
 class _PolicyLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old_logp, ref_logp, advantages, sampling_weight, shaped_rows, cu_seqlens, mask, cfg,
-                normalizer, use_triton):
-        loss, grad, stat_sums = batch_policy_terms(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg,
-                                                   normalizer, use_triton, sampling_weight, shaped_rows)
+    def forward(
+        ctx,
+        logp,
+        old_logp,
+        ref_logp,
+        advantages,
+        sampling_weight,
+        shaped_rows,
+        cu_seqlens,
+        mask,
+        cfg,
+        normalizer,
+        use_triton,
+    ):
+        loss, grad, stat_sums = batch_policy_terms(
+            logp,
+            old_logp,
+            ref_logp,
+            advantages,
+            cu_seqlens,
+            mask,
+            cfg,
+            normalizer,
+            use_triton,
+            sampling_weight,
+            shaped_rows,
+        )
         ctx.save_for_backward(grad)
         stats = finalize_stats(stat_sums, mask.float().sum(), cfg)
         ctx.mark_non_differentiable(*stats.values())
@@ -355,11 +433,31 @@ def shaped_rows_of(golden_rows, cfg: PolicyLossConfig):
     return golden_rows if cfg.golden_objective == "shaped" else None
 
 
-def policy_loss(logp, old_logp, advantages, cu_seqlens, *, loss_type=None, importance_sampling_level=None,
-                epsilon_low=None, epsilon_high=None, loss_agg_mode=None, delta=None, clip_ratio_c=None,
-                beta=None, ref_logp=None, normalizer=None, max_completion_length=None, mask=None,
-                sampling_weight=None, golden_rows=None, golden_objective=None, golden_shaping_gamma=None,
-                config=None, backend=None):
+def policy_loss(
+    logp,
+    old_logp,
+    advantages,
+    cu_seqlens,
+    *,
+    loss_type=None,
+    importance_sampling_level=None,
+    epsilon_low=None,
+    epsilon_high=None,
+    loss_agg_mode=None,
+    delta=None,
+    clip_ratio_c=None,
+    beta=None,
+    ref_logp=None,
+    normalizer=None,
+    max_completion_length=None,
+    mask=None,
+    sampling_weight=None,
+    golden_rows=None,
+    golden_objective=None,
+    golden_shaping_gamma=None,
+    config=None,
+    backend=None,
+):
     """The clipped surrogate on packed rows; returns (loss 0-d fp32, stats dict of 0-d tensors).
 
     logp [N] (differentiable), old_logp [N] or None (on-policy), advantages [B], cu_seqlens int32 [B+1],
@@ -374,14 +472,46 @@ def policy_loss(logp, old_logp, advantages, cu_seqlens, *, loss_type=None, impor
     if backend not in (None, "triton", "torch"):
         raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
     use_triton = backend == "triton" or (backend is None and logp.is_cuda)
-    cfg = options_config(config, dict(
-        loss_type=loss_type, importance_sampling_level=importance_sampling_level, epsilon_low=epsilon_low,
-        epsilon_high=epsilon_high, loss_agg_mode=loss_agg_mode, delta=delta, clip_ratio_c=clip_ratio_c, beta=beta,
-        max_completion_length=max_completion_length, golden_objective=golden_objective,
-        golden_shaping_gamma=golden_shaping_gamma))
-    mask, pending = check_policy_inputs(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg.beta,
-                                        sampling_weight, normalizer, golden_rows, cfg.golden_objective)
+    cfg = options_config(
+        config,
+        dict(
+            loss_type=loss_type,
+            importance_sampling_level=importance_sampling_level,
+            epsilon_low=epsilon_low,
+            epsilon_high=epsilon_high,
+            loss_agg_mode=loss_agg_mode,
+            delta=delta,
+            clip_ratio_c=clip_ratio_c,
+            beta=beta,
+            max_completion_length=max_completion_length,
+            golden_objective=golden_objective,
+            golden_shaping_gamma=golden_shaping_gamma,
+        ),
+    )
+    mask, pending = check_policy_inputs(
+        logp,
+        old_logp,
+        ref_logp,
+        advantages,
+        cu_seqlens,
+        mask,
+        cfg.beta,
+        sampling_weight,
+        normalizer,
+        golden_rows,
+        cfg.golden_objective,
+    )
     settle(pending)
-    return _PolicyLoss.apply(logp, detached(old_logp), detached(ref_logp), advantages.detach(),
-                             detached(sampling_weight), shaped_rows_of(golden_rows, cfg), cu_seqlens, mask, cfg,
-                             normalizer, use_triton)
+    return _PolicyLoss.apply(
+        logp,
+        detached(old_logp),
+        detached(ref_logp),
+        advantages.detach(),
+        detached(sampling_weight),
+        shaped_rows_of(golden_rows, cfg),
+        cu_seqlens,
+        mask,
+        cfg,
+        normalizer,
+        use_triton,
+    )

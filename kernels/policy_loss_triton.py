@@ -20,6 +20,7 @@ Inputs: logp, old_logp, ref_logp, sampling weight [N] fp32, mask [N] int8, advan
 cu_seqlens [B+1] int32, norm [1] fp32 (the aggregation's denominator). Output: grad [N] fp32, out [B, 6] fp32
 (loss, clipped-low, clipped-high, clipped-region, ratio sum, k3 sum).
 """
+
 from __future__ import annotations
 
 import math
@@ -71,11 +72,34 @@ def _surrogate(rho, A, eps_low, eps_high, delta, clip_c, HAS_DELTA: tl.constexpr
 
 @triton.jit
 def _policy_loss_row_kernel(
-    LP, OLD, REF, SW, MASK, ADV, SHP, CU, NORM, GRAD, OUT,
-    eps_low, eps_high, delta, clip_c, beta, log_gamma,
-    HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, HAS_SW: tl.constexpr, SEQ_LEVEL: tl.constexpr, GPG: tl.constexpr,
-    SHAPED: tl.constexpr, PER_ROW_MEAN: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_CLIP_C: tl.constexpr,
-    CLAMP: tl.constexpr, BLOCK: tl.constexpr,
+    LP,
+    OLD,
+    REF,
+    SW,
+    MASK,
+    ADV,
+    SHP,
+    CU,
+    NORM,
+    GRAD,
+    OUT,
+    eps_low,
+    eps_high,
+    delta,
+    clip_c,
+    beta,
+    log_gamma,
+    HAS_OLD: tl.constexpr,
+    HAS_KL: tl.constexpr,
+    HAS_SW: tl.constexpr,
+    SEQ_LEVEL: tl.constexpr,
+    GPG: tl.constexpr,
+    SHAPED: tl.constexpr,
+    PER_ROW_MEAN: tl.constexpr,
+    HAS_DELTA: tl.constexpr,
+    HAS_CLIP_C: tl.constexpr,
+    CLAMP: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
     start = tl.load(CU + row)
@@ -187,8 +211,18 @@ def _policy_loss_row_kernel(
     tl.store(out + 5, acc_kl)
 
 
-def policy_loss_triton(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, cfg: PolicyLossConfig,
-                       normalizer=None, sampling_weight=None, shaped_rows=None):
+def policy_loss_triton(
+    logp,
+    old_logp,
+    ref_logp,
+    advantages,
+    cu_seqlens,
+    mask,
+    cfg: PolicyLossConfig,
+    normalizer=None,
+    sampling_weight=None,
+    shaped_rows=None,
+):
     """(loss 0-d fp32, grad_logp [N] fp32, stat_sums [len(STAT_NAMES)] fp32), like policy_terms on a batch."""
     n, num_rows = logp.shape[0], cu_seqlens.numel() - 1
     lp = logp.float().contiguous()
@@ -201,14 +235,35 @@ def policy_loss_triton(logp, old_logp, ref_logp, advantages, cu_seqlens, mask, c
     out = torch.zeros(num_rows, 6, device=lp.device)
     if num_rows > 0:
         _policy_loss_row_kernel[(num_rows,)](
-            lp, old, ref, sw, mask_i8, advantages.float().contiguous(), shaped, cu_seqlens.to(torch.int32).contiguous(),
-            aggregation_denominator(mask, num_rows, cfg, normalizer).float().reshape(1), grad, out,
-            cfg.epsilon_low, cfg.epsilon_high, cfg.delta or 0.0, cfg.clip_ratio_c or 0.0, cfg.beta,
+            lp,
+            old,
+            ref,
+            sw,
+            mask_i8,
+            advantages.float().contiguous(),
+            shaped,
+            cu_seqlens.to(torch.int32).contiguous(),
+            aggregation_denominator(mask, num_rows, cfg, normalizer).float().reshape(1),
+            grad,
+            out,
+            cfg.epsilon_low,
+            cfg.epsilon_high,
+            cfg.delta or 0.0,
+            cfg.clip_ratio_c or 0.0,
+            cfg.beta,
             math.log(cfg.golden_shaping_gamma),
-            HAS_OLD=old_logp is not None, HAS_KL=cfg.beta > 0, HAS_SW=sampling_weight is not None,
-            SHAPED=shaped_rows is not None, SEQ_LEVEL=cfg.importance_sampling_level == "sequence",
-            GPG=cfg.loss_type == "gpg", PER_ROW_MEAN=cfg.loss_agg_mode == "seq-mean-token-mean",
-            HAS_DELTA=cfg.delta is not None, HAS_CLIP_C=cfg.clip_ratio_c is not None, CLAMP=LOG_RATIO_CLAMP,
-            BLOCK=BLOCK_TOKENS, num_warps=NUM_WARPS)
+            HAS_OLD=old_logp is not None,
+            HAS_KL=cfg.beta > 0,
+            HAS_SW=sampling_weight is not None,
+            SHAPED=shaped_rows is not None,
+            SEQ_LEVEL=cfg.importance_sampling_level == "sequence",
+            GPG=cfg.loss_type == "gpg",
+            PER_ROW_MEAN=cfg.loss_agg_mode == "seq-mean-token-mean",
+            HAS_DELTA=cfg.delta is not None,
+            HAS_CLIP_C=cfg.clip_ratio_c is not None,
+            CLAMP=LOG_RATIO_CLAMP,
+            BLOCK=BLOCK_TOKENS,
+            num_warps=NUM_WARPS,
+        )
     sums = out.sum(0)  # columns 1..5 are the stats in STAT_NAMES order
-    return sums[0], grad, sums[1:1 + len(STAT_NAMES)]
+    return sums[0], grad, sums[1 : 1 + len(STAT_NAMES)]

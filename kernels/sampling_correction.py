@@ -29,6 +29,7 @@ Metrics (0-d fp32 tensors, left on the device; TRL's names and definitions, over
                                                          modes) or over rows (sequence modes)
 Each is 0 when there is nothing to measure, as in TRL.
 """
+
 from __future__ import annotations
 
 import torch
@@ -55,8 +56,9 @@ def _check(old_logp, sampling_logp, cu_seqlens, mask, not_sampled, mode, clip_mi
             raise ValueError(f"{name} must match old_logp's shape ({n},), got {tuple(t.shape)}")
     num_rows = cu_seqlens.numel() - 1 if isinstance(cu_seqlens, torch.Tensor) else -1
     if not_sampled is not None and (not_sampled.shape != (num_rows,) or not_sampled.dtype != torch.bool):
-        raise ValueError(f"not_sampled must be a bool tensor [B] = [{num_rows}], got {tuple(not_sampled.shape)} "
-                         f"{not_sampled.dtype}")
+        raise ValueError(
+            f"not_sampled must be a bool tensor [B] = [{num_rows}], got {tuple(not_sampled.shape)} {not_sampled.dtype}"
+        )
     devices = {t.device for t in (old_logp, sampling_logp, cu_seqlens, mask, not_sampled) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
@@ -75,8 +77,17 @@ def _stats(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return torch.where(empty, zero, low), torch.where(empty, zero, mean), torch.where(empty, zero, high)
 
 
-def sampling_weights(old_logp, sampling_logp, cu_seqlens, mask=None, *, mode="sequence_mask", clip_min=None,
-                     clip_max=3.0, not_sampled=None):
+def sampling_weights(
+    old_logp,
+    sampling_logp,
+    cu_seqlens,
+    mask=None,
+    *,
+    mode="sequence_mask",
+    clip_min=None,
+    clip_max=3.0,
+    not_sampled=None,
+):
     """The per-token weight [N] fp32 (detached) for `sampling_weight=` and its metrics (module docstring).
 
     old_logp [N]: the trainer's log-probs of the sampled tokens (behaviour policy, same temperature);
@@ -108,9 +119,11 @@ def sampling_weights(old_logp, sampling_logp, cu_seqlens, mask=None, *, mode="se
     counted = m & sampled_tok & ~torch.isnan(delta)
     _, delta_mean, delta_max = _stats(delta, counted)
     r_min, r_mean, r_max = _stats(ratio, sampled_row if sequence_level else m & sampled_tok)
-    metrics = {"sampling/sampling_logp_difference/mean": delta_mean,
-               "sampling/sampling_logp_difference/max": delta_max,
-               "sampling/importance_sampling_ratio/min": r_min,
-               "sampling/importance_sampling_ratio/mean": r_mean,
-               "sampling/importance_sampling_ratio/max": r_max}
+    metrics = {
+        "sampling/sampling_logp_difference/mean": delta_mean,
+        "sampling/sampling_logp_difference/max": delta_max,
+        "sampling/importance_sampling_ratio/min": r_min,
+        "sampling/importance_sampling_ratio/mean": r_mean,
+        "sampling/importance_sampling_ratio/max": r_max,
+    }
     return weight, metrics

@@ -4,6 +4,7 @@ Checks what the Triton interpreter cannot: the kernels lower to PTX and a cubin,
 builds of the tl.dot tile kernels use Hopper's wgmma (and sm_80 builds use mma.sync), nothing
 spills to local memory, and shared memory fits the architecture's per-block limit.
 """
+
 import pytest
 
 from gcpo_fast.kernels import aot_report
@@ -28,8 +29,13 @@ def test_registry_covers_every_launcher_config():
 
 
 def test_every_build_compiled(rows):
-    expected = {(e.name, name, dt, f"sm_{a}") for e in aot_report.registry()
-                for name, (_, dtypes) in e.configs.items() for dt in dtypes for a in (80, 90)}
+    expected = {
+        (e.name, name, dt, f"sm_{a}")
+        for e in aot_report.registry()
+        for name, (_, dtypes) in e.configs.items()
+        for dt in dtypes
+        for a in (80, 90)
+    }
     got = {(r.kernel, r.config.split("(")[0], r.dtype, r.arch) for r in rows}
     assert got == expected
     assert all(0 < r.registers <= 255 for r in rows)

@@ -1,4 +1,5 @@
 """benchmarks/bench_train: the report is the first step apart and medians of what each trainer logged."""
+
 import csv
 import importlib.util
 import json
@@ -18,16 +19,38 @@ def ours_metrics(step_times, update=0.25, cpu=False):
     """metrics.jsonl lines as gcpo_fast.train writes them: an evaluation line at step 0, then one per step."""
     lines = [{"step": 0, "eval/mean@1": 0.5, "timing/eval": 1.0}]
     for i, t in enumerate(step_times, start=1):
-        lines.append({"step": i, "step_time": t, "timing/generate": t / 2, "timing/reward": 0.01, "timing/update": update,
-                      "tokens_per_second": 800 / t, "completions/mean_length": 64.0})  # no old_logp / weight_sync
+        lines.append(
+            {
+                "step": i,
+                "step_time": t,
+                "timing/generate": t / 2,
+                "timing/reward": 0.01,
+                "timing/update": update,
+                "tokens_per_second": 800 / t,
+                "completions/mean_length": 64.0,
+            }
+        )  # no old_logp / weight_sync
         if cpu:  # what CpuPhaseTimer adds: CPU seconds of each phase
             lines[-1].update({"cpu/generate": t / 4, "cpu/reward": 0.01, "cpu/update": update / 2})
     return lines
 
 
 def trl_steps(step_times):
-    return [dict(generate=t / 4, reward=0.02, old_logp=0.0, update=t / 2, weight_sync=0.0, other=t / 4 - 0.02,
-                 step_time=t, tokens=800, completion_length=60.0, scored_positions=1024) for t in step_times]
+    return [
+        dict(
+            generate=t / 4,
+            reward=0.02,
+            old_logp=0.0,
+            update=t / 2,
+            weight_sync=0.0,
+            other=t / 4 - 0.02,
+            step_time=t,
+            tokens=800,
+            completion_length=60.0,
+            scored_positions=1024,
+        )
+        for t in step_times
+    ]
 
 
 def test_ours_steps_from_metrics():
@@ -41,7 +64,9 @@ def test_ours_steps_from_metrics():
     s = bt.ours_steps(ours_metrics([6.0, 1.0, 2.0], cpu=True))[1]
     first_cpu = bt.summarize([bt.ours_steps(ours_metrics([6.0, 1.0, 2.0], cpu=True))])["first_step_cpu"]
     assert first_cpu == pytest.approx(1.5 + 0.01 + 0.125)  # cpu/generate 6/4, reward, update 0.25/2
-    assert s["generate_cpu"] == 0.25 and s["update_cpu"] == 0.125 and s["step_cpu"] == pytest.approx(0.25 + 0.01 + 0.125)
+    assert (
+        s["generate_cpu"] == 0.25 and s["update_cpu"] == 0.125 and s["step_cpu"] == pytest.approx(0.25 + 0.01 + 0.125)
+    )
 
 
 def test_cpu_phase_timer_counts_cpu_not_waiting():
@@ -71,9 +96,11 @@ def test_summary_keeps_the_first_step_apart():
 
 
 def test_report_ratios_and_files(tmp_path, capsys):
-    results = [dict(shape="tiny", trainer="ours", steps=bt.ours_steps(ours_metrics([6.0, 1.0, 1.0, 1.0])), peak_mem=2**30),
-               dict(shape="tiny", trainer="trl", steps=trl_steps([0.5, 2.0, 2.0, 2.0]), peak_mem=2**31),
-               dict(shape="tiny", trainer="trl", steps=trl_steps([0.5, 2.0, 2.0]), peak_mem=2**30)]  # a 2nd round
+    results = [
+        dict(shape="tiny", trainer="ours", steps=bt.ours_steps(ours_metrics([6.0, 1.0, 1.0, 1.0])), peak_mem=2**30),
+        dict(shape="tiny", trainer="trl", steps=trl_steps([0.5, 2.0, 2.0, 2.0]), peak_mem=2**31),
+        dict(shape="tiny", trainer="trl", steps=trl_steps([0.5, 2.0, 2.0]), peak_mem=2**30),
+    ]  # a 2nd round
     rows = bt.write_report(tmp_path, {"cpu": "test"}, results)
     by = {r["metric"]: r for r in rows}
     assert by["step"]["ours"] == 1.0 and by["step"]["trl"] == 2.0 and by["step"]["ratio"] == 0.5
@@ -98,8 +125,12 @@ def test_parity_reward_varies():
 
 
 def test_bad_options_are_one_line(capsys):
-    bad = ((["--shapes", "huge"], "--shapes"), (["--rounds", "0"], "--rounds"), (["--trainers", "verl"], "--trainers"),
-           (["--steps", "1"], "--steps"))
+    bad = (
+        (["--shapes", "huge"], "--shapes"),
+        (["--rounds", "0"], "--rounds"),
+        (["--trainers", "verl"], "--trainers"),
+        (["--steps", "1"], "--steps"),
+    )
     for argv, word in bad:
         with pytest.raises(SystemExit) as e:
             bt.parse_args(argv)
@@ -119,9 +150,30 @@ def test_end_to_end_tiny(tmp_path, monkeypatch):
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where bench_train puts its model folders and runs
     trainers = "ours,trl" if importlib.util.find_spec("trl") else "ours"
-    rows = bt.main(["--shapes", "tiny", "--trainers", trainers, "--steps", "2", "--layers", "1", "--d", "32",
-                    "--v", "400", "--max_completion_length", "8", "--num_generations", "4", "--rounds", "1",
-                    "--out", str(tmp_path)])
+    rows = bt.main(
+        [
+            "--shapes",
+            "tiny",
+            "--trainers",
+            trainers,
+            "--steps",
+            "2",
+            "--layers",
+            "1",
+            "--d",
+            "32",
+            "--v",
+            "400",
+            "--max_completion_length",
+            "8",
+            "--num_generations",
+            "4",
+            "--rounds",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     by = {r["metric"]: r for r in rows}
     assert by["step"]["ours"] > 0 and by["update"]["ours"] > 0 and by["generate"]["ours"] > 0
     assert 0 < by["step_cpu"]["ours"] and 0 < by["update_cpu"]["ours"]

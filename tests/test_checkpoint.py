@@ -1,5 +1,6 @@
 """Checkpoints: Hugging Face folders with trainer state, written atomically, pruned, and a resumed run that
 ends with exactly the weights of the uninterrupted one."""
+
 import json
 import random
 import shutil
@@ -8,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_model import make_tiny_model, one_thread, write_jsonl  # noqa: F401 (one_thread: fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gcpo_fast.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from gcpo_fast.config import parse_config
 from gcpo_fast.train import train
-from tiny_model import make_tiny_model, one_thread, write_jsonl  # noqa: F401 (one_thread: fixture)
 
 
 @pytest.fixture
@@ -24,8 +25,9 @@ def tiny(tmp_path):
 
 def save(out, step, tiny, limit=None, **state):
     model, tokenizer = tiny
-    return save_checkpoint(out, step, model, tokenizer, {"step": step, **state}, {"buffer": []}, config={"seed": 1},
-                           save_total_limit=limit)
+    return save_checkpoint(
+        out, step, model, tokenizer, {"step": step, **state}, {"buffer": []}, config={"seed": 1}, save_total_limit=limit
+    )
 
 
 def test_round_trip(tmp_path, tiny):
@@ -88,17 +90,46 @@ def run_config(tmp_path, output_dir, *extra):
     # steps_per_generation 3 > gradient_accumulation_steps 1: a generation round covers 3 optimizer steps, so
     # the checkpoint at step 2 falls in the middle of a round (its buffer and old log-probs must survive),
     # and dapo's dynamic sampling is off but its overlong shaping and token-level clipping are on.
-    return parse_config(["--model", str(tmp_path / "model"), "--dataset", str(data), "--output_dir", str(output_dir),
-                         "--num_generations", "2", "--per_device_train_batch_size", "4", "--steps_per_generation", "3",
-                         "--max_completion_length", "24", "--max_steps", "4", "--save_steps", "2",
-                         "--learning_rate", "1e-2", "--eval_steps", "0", "--lr_scheduler_type", "cosine",
-                         "--warmup_ratio", "0.25", *extra])
+    return parse_config(
+        [
+            "--model",
+            str(tmp_path / "model"),
+            "--dataset",
+            str(data),
+            "--output_dir",
+            str(output_dir),
+            "--num_generations",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--steps_per_generation",
+            "3",
+            "--max_completion_length",
+            "24",
+            "--max_steps",
+            "4",
+            "--save_steps",
+            "2",
+            "--learning_rate",
+            "1e-2",
+            "--eval_steps",
+            "0",
+            "--lr_scheduler_type",
+            "cosine",
+            "--warmup_ratio",
+            "0.25",
+            *extra,
+        ]
+    )
 
 
-@pytest.mark.parametrize("extra", [
-    ["--loss_type", "gcpo", "--reward_funcs", "tiny_model:zero_reward"],
-    ["--loss_type", "dapo", "--dynamic_sampling", "false", "--num_iterations", "2"],
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--loss_type", "gcpo", "--reward_funcs", "tiny_model:zero_reward"],
+        ["--loss_type", "dapo", "--dynamic_sampling", "false", "--num_iterations", "2"],
+    ],
+)
 def test_resume_gives_the_uninterrupted_weights(tmp_path, one_thread, extra):
     whole = tmp_path / "whole"
     train(run_config(tmp_path, whole, *extra))  # 4 steps, checkpoints at 2 and 4
@@ -107,7 +138,10 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path, one_thread, extra):
     shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
     train(run_config(tmp_path, resumed, *extra, "--resume"))  # steps 3 and 4 from the copy of checkpoint-2
 
-    a, b = load_file(whole / "checkpoint-4" / "model.safetensors"), load_file(resumed / "checkpoint-4" / "model.safetensors")
+    a, b = (
+        load_file(whole / "checkpoint-4" / "model.safetensors"),
+        load_file(resumed / "checkpoint-4" / "model.safetensors"),
+    )
     b2 = load_file(whole / "checkpoint-2" / "model.safetensors")
     assert any(not torch.equal(a[k], b2[k]) for k in a)  # steps 3-4 did change the weights
     for k in a:
@@ -118,8 +152,10 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path, one_thread, extra):
 def metrics(run):
     """metrics.jsonl lines without the timings"""
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in m.items() if k not in ("step_time", "tokens_per_second") and not k.startswith("timing/")}
-            for m in lines]
+    return [
+        {k: v for k, v in m.items() if k not in ("step_time", "tokens_per_second") and not k.startswith("timing/")}
+        for m in lines
+    ]
 
 
 def test_resumed_logs_drop_the_steps_after_the_checkpoint(tmp_path):

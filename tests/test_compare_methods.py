@@ -1,4 +1,5 @@
 """benchmarks/compare_methods: the table and curves it reports are the means of what the runs logged."""
+
 import csv
 import json
 import statistics
@@ -14,16 +15,31 @@ def fake_run(root, method, seed, evals, rewards, wall):
     out.mkdir(parents=True)
     lines = []
     for step, reward in enumerate(rewards, start=1):
-        lines.append({"step": step, "reward": reward, "frac_reward_all_wrong": 1 - reward, "num_gen_batches": 1 + seed,
-                      "gcpo/golden_rows": 2 if method == "gcpo" else 0})
+        lines.append(
+            {
+                "step": step,
+                "reward": reward,
+                "frac_reward_all_wrong": 1 - reward,
+                "num_gen_batches": 1 + seed,
+                "gcpo/golden_rows": 2 if method == "gcpo" else 0,
+            }
+        )
     for step, (acc, acc5) in evals.items():
         line = next((m for m in lines if m["step"] == step), None)
         if line is None:
             line = {"step": step}
             lines.insert(0, line)
-        line.update({"eval/mean@1": acc, "eval/pass@1": acc, "eval/num_problems": 10,
-                     "eval/level_3/mean@1": 1.0, "eval/level_3/num_problems": 6,
-                     "eval/level_5/mean@1": acc5, "eval/level_5/num_problems": 4})
+        line.update(
+            {
+                "eval/mean@1": acc,
+                "eval/pass@1": acc,
+                "eval/num_problems": 10,
+                "eval/level_3/mean@1": 1.0,
+                "eval/level_3/num_problems": 6,
+                "eval/level_5/mean@1": acc5,
+                "eval/level_5/num_problems": 4,
+            }
+        )
     (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
     (out / "wall_time.json").write_text(json.dumps({"wall_time_s": wall}))
 
@@ -48,9 +64,9 @@ def test_report_from_finished_runs(tmp_path, capsys):
     table = (out / "compare_methods.md").read_text()
     gcpo = next(line for line in table.splitlines() if line.startswith("| gcpo |"))
     cells = [c.strip() for c in gcpo.strip("|").split("|")]
-    assert cells[1] == "2"                                                  # seeds
-    assert cells[3] == f"{0.7:.3f} ± {statistics.stdev([0.8, 0.6]):.3f}"   # held-out after: mean ± std
-    assert cells[4] == f"{0.2:.3f} ± {statistics.stdev([0.3, 0.1]):.3f}"   # change
+    assert cells[1] == "2"  # seeds
+    assert cells[3] == f"{0.7:.3f} ± {statistics.stdev([0.8, 0.6]):.3f}"  # held-out after: mean ± std
+    assert cells[4] == f"{0.2:.3f} ± {statistics.stdev([0.3, 0.1]):.3f}"  # change
     assert "| dapo | 1 | 0.500 | 0.400 | -0.100 |" in table
     assert "on 10 distinct held-out problems (per level 3: 6, 5: 4)" in table
     curves = list(csv.DictReader(open(out / "compare_methods_curves.csv")))

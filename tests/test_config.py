@@ -1,37 +1,96 @@
 """TrainConfig: loss_type recipes, explicit options over recipes, --config files, and clear errors before any
 work (bad options, bad data, missing golden column), checked through `python -m gcpo_fast.train`'s main."""
+
 import json
 import os
 
 import pytest
-
-from gcpo_fast.config import (DEFAULT_MODEL, FIELDS, SHIPPED_MODEL_LR, ConfigError, TrainConfig, _base_type, build_parser,
-                              parse_config)
-from gcpo_fast.train import main
 from tiny_model import write_jsonl
 
+from gcpo_fast.config import (
+    DEFAULT_MODEL,
+    FIELDS,
+    SHIPPED_MODEL_LR,
+    ConfigError,
+    TrainConfig,
+    _base_type,
+    build_parser,
+    parse_config,
+)
+from gcpo_fast.train import main
 
-@pytest.mark.parametrize("loss_type, expected", [
-    ("gcpo", dict(importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4, golden_answer="append",
-                  loss_agg_mode="seq-mean-token-mean", scale_rewards="group", dynamic_sampling=False, overlong_buffer_len=0)),
-    ("gspo", dict(importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4, golden_answer="off")),
-    ("grpo", dict(importance_sampling_level="token", epsilon=0.2, epsilon_high=0.2, golden_answer="off",
-                  loss_agg_mode="seq-mean-token-mean", scale_rewards="group")),
-    ("dapo", dict(importance_sampling_level="token", epsilon=0.2, epsilon_high=0.28, loss_agg_mode="token-mean",
-                  dynamic_sampling=True, overlong_buffer_len=128 // 5, golden_answer="off")),
-    ("dr_grpo", dict(scale_rewards="none", loss_agg_mode="seq-mean-token-sum-norm", golden_answer="off")),
-    ("gpg", dict(scale_rewards="none", min_inverse_alpha=0.5, loss_agg_mode="token-mean", golden_answer="off")),
-])
+
+@pytest.mark.parametrize(
+    "loss_type, expected",
+    [
+        (
+            "gcpo",
+            dict(
+                importance_sampling_level="sequence",
+                epsilon=3e-4,
+                epsilon_high=4e-4,
+                golden_answer="append",
+                loss_agg_mode="seq-mean-token-mean",
+                scale_rewards="group",
+                dynamic_sampling=False,
+                overlong_buffer_len=0,
+            ),
+        ),
+        ("gspo", dict(importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4, golden_answer="off")),
+        (
+            "grpo",
+            dict(
+                importance_sampling_level="token",
+                epsilon=0.2,
+                epsilon_high=0.2,
+                golden_answer="off",
+                loss_agg_mode="seq-mean-token-mean",
+                scale_rewards="group",
+            ),
+        ),
+        (
+            "dapo",
+            dict(
+                importance_sampling_level="token",
+                epsilon=0.2,
+                epsilon_high=0.28,
+                loss_agg_mode="token-mean",
+                dynamic_sampling=True,
+                overlong_buffer_len=128 // 5,
+                golden_answer="off",
+            ),
+        ),
+        ("dr_grpo", dict(scale_rewards="none", loss_agg_mode="seq-mean-token-sum-norm", golden_answer="off")),
+        ("gpg", dict(scale_rewards="none", min_inverse_alpha=0.5, loss_agg_mode="token-mean", golden_answer="off")),
+    ],
+)
 def test_recipes(loss_type, expected):
     cfg = parse_config(["--loss_type", loss_type])
     assert {k: getattr(cfg, k) for k in expected} == expected
 
 
 def test_explicit_options_override_the_recipe():
-    cfg = parse_config(["--loss_type", "dapo", "--epsilon_high", "0.3", "--dynamic_sampling", "false",
-                        "--golden_answer", "replace", "--overlong_buffer_len", "0"])
-    assert (cfg.epsilon, cfg.epsilon_high, cfg.dynamic_sampling, cfg.golden_answer, cfg.overlong_buffer_len) == \
-        (0.2, 0.3, False, "replace", 0)
+    cfg = parse_config(
+        [
+            "--loss_type",
+            "dapo",
+            "--epsilon_high",
+            "0.3",
+            "--dynamic_sampling",
+            "false",
+            "--golden_answer",
+            "replace",
+            "--overlong_buffer_len",
+            "0",
+        ]
+    )
+    assert (cfg.epsilon, cfg.epsilon_high, cfg.dynamic_sampling, cfg.golden_answer, cfg.overlong_buffer_len) == (
+        0.2,
+        0.3,
+        False,
+        "replace",
+        0,
+    )
     # TRL: epsilon alone sets both sides
     cfg = parse_config(["--loss_type", "gcpo", "--epsilon", "0.1"])
     assert (cfg.epsilon, cfg.epsilon_high, cfg.importance_sampling_level) == (0.1, 0.1, "sequence")
@@ -53,9 +112,16 @@ def test_builtin_levels_are_checked():
 
 
 def test_config_file_then_flags(tmp_path):
-    (tmp_path / "run.yaml").write_text("loss_type: dapo\nlearning_rate: 1e-6\nepsilon_high: 0.25\nreward_funcs: accuracy_reward\n")
+    (tmp_path / "run.yaml").write_text(
+        "loss_type: dapo\nlearning_rate: 1e-6\nepsilon_high: 0.25\nreward_funcs: accuracy_reward\n"
+    )
     cfg = parse_config(["--config", str(tmp_path / "run.yaml"), "--epsilon_high", "0.3"])
-    assert (cfg.loss_type, cfg.learning_rate, cfg.epsilon_high, cfg.reward_funcs) == ("dapo", 1e-6, 0.3, ["accuracy_reward"])
+    assert (cfg.loss_type, cfg.learning_rate, cfg.epsilon_high, cfg.reward_funcs) == (
+        "dapo",
+        1e-6,
+        0.3,
+        ["accuracy_reward"],
+    )
     (tmp_path / "run.json").write_text(json.dumps({"num_generations": 4, "per_device_train_batch_size": 8}))
     assert parse_config(["--config", str(tmp_path / "run.json")]).num_generations == 4
     (tmp_path / "bad.yaml").write_text("lerning_rate: 1e-6\n")
@@ -66,17 +132,23 @@ def test_config_file_then_flags(tmp_path):
         parse_config(["--config", str(tmp_path / "bad_type.yaml")])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--num_generations", "1"], "num_generations must be >= 2"),
-    (["--num_generations", "3", "--per_device_train_batch_size", "8"], "num_generations=3 must divide"),
-    (["--steps_per_generation", "3", "--gradient_accumulation_steps", "2"], "must be a multiple of gradient_accumulation_steps"),
-    (["--temperature", "0"], "temperature must be > 0"),
-    (["--reward_funcs", "a", "b", "--reward_weights", "1"], "reward_weights has 1 values for 2"),
-    (["--loss_type", "gspo", "--delta", "1.0001"], "delta must be a finite number > 1 \\+ epsilon_high = 1.0004"),
-    (["--top_p", "0"], "top_p must be in"),
-    (["--adam_beta2", "1"], r"adam_beta2 must be in \[0, 1\)"),  # AdamW would refuse it after the model loaded
-    (["--weight_decay", "-0.1"], "weight_decay must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--num_generations", "1"], "num_generations must be >= 2"),
+        (["--num_generations", "3", "--per_device_train_batch_size", "8"], "num_generations=3 must divide"),
+        (
+            ["--steps_per_generation", "3", "--gradient_accumulation_steps", "2"],
+            "must be a multiple of gradient_accumulation_steps",
+        ),
+        (["--temperature", "0"], "temperature must be > 0"),
+        (["--reward_funcs", "a", "b", "--reward_weights", "1"], "reward_weights has 1 values for 2"),
+        (["--loss_type", "gspo", "--delta", "1.0001"], "delta must be a finite number > 1 \\+ epsilon_high = 1.0004"),
+        (["--top_p", "0"], "top_p must be in"),
+        (["--adam_beta2", "1"], r"adam_beta2 must be in \[0, 1\)"),  # AdamW would refuse it after the model loaded
+        (["--weight_decay", "-0.1"], "weight_decay must be >= 0"),
+    ],
+)
 def test_bad_options(argv, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(argv)
@@ -108,12 +180,15 @@ def test_help_lists_every_option(capsys):
 MISSING_MODEL = ["--model", "/nonexistent/model", "--num_generations", "2", "--per_device_train_batch_size", "2"]
 
 
-@pytest.mark.parametrize("rows, message", [
-    ("malformed", "line 2: malformed JSON"),
-    ([{"prompt": "1+1?"}], "no ground-truth answer: column 'solution'"),
-    ([{"question": "1+1?", "solution": "\\boxed{2}"}], "missing prompt column 'prompt'"),
-    ([], "empty dataset"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ("malformed", "line 2: malformed JSON"),
+        ([{"prompt": "1+1?"}], "no ground-truth answer: column 'solution'"),
+        ([{"question": "1+1?", "solution": "\\boxed{2}"}], "missing prompt column 'prompt'"),
+        ([], "empty dataset"),
+    ],
+)
 def test_bad_data_fails_before_the_model_loads(tmp_path, capsys, rows, message):
     path = tmp_path / "train.jsonl"
     if rows == "malformed":
@@ -129,8 +204,24 @@ def test_golden_column_is_optional_without_golden_answers(tmp_path):
     from gcpo_fast.train import prepare
 
     path = write_jsonl(tmp_path / "train.jsonl", rows=[{"prompt": "1+1?", "answer": "2"}] * 2)
-    cfg = parse_config(["--model", DEFAULT_MODEL, "--dataset", str(path), "--answer_column", "answer", "--loss_type", "grpo",
-                        "--num_generations", "2", "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path)])
+    cfg = parse_config(
+        [
+            "--model",
+            DEFAULT_MODEL,
+            "--dataset",
+            str(path),
+            "--answer_column",
+            "answer",
+            "--loss_type",
+            "grpo",
+            "--num_generations",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     assert prepare(cfg)["records"][0]["golden"] is None
 
 
@@ -148,14 +239,38 @@ def test_too_few_prompts_and_existing_run_fail_early(tmp_path):
     from gcpo_fast.train import prepare
 
     path = write_jsonl(tmp_path / "train.jsonl", n=3)
-    cfg = parse_config(["--model", DEFAULT_MODEL, "--dataset", str(path), "--num_generations", "2", "--per_device_train_batch_size", "8",
-                        "--output_dir", str(tmp_path / "run")])
+    cfg = parse_config(
+        [
+            "--model",
+            DEFAULT_MODEL,
+            "--dataset",
+            str(path),
+            "--num_generations",
+            "2",
+            "--per_device_train_batch_size",
+            "8",
+            "--output_dir",
+            str(tmp_path / "run"),
+        ]
+    )
     with pytest.raises(ValueError, match="takes 4 prompts x 1 processes, but the dataset has only 3"):
         prepare(cfg)
     (tmp_path / "run" / "checkpoint-5").mkdir(parents=True)
     (tmp_path / "run" / "checkpoint-5" / "trainer_state.pt").write_bytes(b"")
-    cfg = parse_config(["--model", DEFAULT_MODEL, "--dataset", str(path), "--num_generations", "2",
-                        "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "run")])
+    cfg = parse_config(
+        [
+            "--model",
+            DEFAULT_MODEL,
+            "--dataset",
+            str(path),
+            "--num_generations",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--output_dir",
+            str(tmp_path / "run"),
+        ]
+    )
     with pytest.raises(ValueError, match="already holds checkpoints: pass --resume"):
         prepare(cfg)
 
@@ -181,12 +296,15 @@ def test_non_finite_values_from_a_config_file(tmp_path):
         parse_config(["--config", str(tmp_path / "run.json")])
 
 
-@pytest.mark.parametrize("argv, name", [
-    (["--epsilon", "0.2"], "epsilon"),
-    (["--epsilon_high", "0.28"], "epsilon_high"),
-    (["--delta", "2"], "delta"),
-    (["--importance_sampling_level", "sequence"], "importance_sampling_level"),
-])
+@pytest.mark.parametrize(
+    "argv, name",
+    [
+        (["--epsilon", "0.2"], "epsilon"),
+        (["--epsilon_high", "0.28"], "epsilon_high"),
+        (["--delta", "2"], "delta"),
+        (["--importance_sampling_level", "sequence"], "importance_sampling_level"),
+    ],
+)
 def test_gpg_refuses_the_clip_options_it_ignores(tmp_path, argv, name):
     # GPG's loss is -A * logp: no ratio, so a clip option would be accepted and do nothing (TRL's config
     # refuses options that cannot take effect); from a --config file too

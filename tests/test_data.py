@@ -1,4 +1,5 @@
 """Prompt loading (TRL / verl layouts, errors naming file, row, column) and the resumable sampler."""
+
 import json
 import sys
 
@@ -13,14 +14,20 @@ def write_jsonl(path, rows):
 
 
 def test_trl_layout_string_and_chat_prompts(tmp_path):
-    f = write_jsonl(tmp_path / "train.jsonl", [
-        {"prompt": "What is 1/2 as a decimal?", "solution": r"Half is $\boxed{\frac{1}{2}}$.", "id": 7},
-        {"prompt": [{"role": "user", "content": "2+2?"}], "solution": r"\boxed{4} not \boxed{5}... \boxed{4}"},
-    ])
+    f = write_jsonl(
+        tmp_path / "train.jsonl",
+        [
+            {"prompt": "What is 1/2 as a decimal?", "solution": r"Half is $\boxed{\frac{1}{2}}$.", "id": 7},
+            {"prompt": [{"role": "user", "content": "2+2?"}], "solution": r"\boxed{4} not \boxed{5}... \boxed{4}"},
+        ],
+    )
     records = load_prompts(f)
     assert records[0] == {
-        "prompt": "What is 1/2 as a decimal?", "golden": r"Half is $\boxed{\frac{1}{2}}$.",
-        "answer": r"\frac{1}{2}", "solution": r"Half is $\boxed{\frac{1}{2}}$.", "id": 7,
+        "prompt": "What is 1/2 as a decimal?",
+        "golden": r"Half is $\boxed{\frac{1}{2}}$.",
+        "answer": r"\frac{1}{2}",
+        "solution": r"Half is $\boxed{\frac{1}{2}}$.",
+        "id": 7,
     }
     assert records[1]["prompt"] == [{"role": "user", "content": "2+2?"}]
     assert records[1]["answer"] == "4"  # the last \boxed{}
@@ -35,11 +42,22 @@ def test_gsm8k_columns_and_hash_answer(tmp_path):
 
 def test_verl_layout(tmp_path):
     msgs = [{"role": "user", "content": "Natalia sold clips..."}]
-    f = write_jsonl(tmp_path / "verl.jsonl", [
-        {"data_source": "gsm8k", "prompt": msgs, "reward_model": {"ground_truth": "72", "style": "rule"},
-         "extra_info": {"answer": "... #### 72", "index": 0}},
-        {"prompt": msgs, "reward_model": {"ground_truth": 5, "style": "rule"}, "extra_info": {"solution": r"\boxed{5}"}},
-    ])
+    f = write_jsonl(
+        tmp_path / "verl.jsonl",
+        [
+            {
+                "data_source": "gsm8k",
+                "prompt": msgs,
+                "reward_model": {"ground_truth": "72", "style": "rule"},
+                "extra_info": {"answer": "... #### 72", "index": 0},
+            },
+            {
+                "prompt": msgs,
+                "reward_model": {"ground_truth": 5, "style": "rule"},
+                "extra_info": {"solution": r"\boxed{5}"},
+            },
+        ],
+    )
     a, b = load_prompts(f)
     assert a["answer"] == "72" and a["golden"] is None and a["data_source"] == "gsm8k"
     assert b["answer"] == "5" and b["golden"] == r"\boxed{5}"  # extra_info[golden_column]; int ground truth -> str
@@ -58,8 +76,14 @@ def test_parquet_roundtrip(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "reward_model": {"ground_truth": str(i), "style": "rule"},
-             "extra_info": {"solution": rf"\boxed{{{i}}}"}} for i in range(3)]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"q{i}"}],
+            "reward_model": {"ground_truth": str(i), "style": "rule"},
+            "extra_info": {"solution": rf"\boxed{{{i}}}"},
+        }
+        for i in range(3)
+    ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
     write_jsonl(tmp_path / "more.jsonl", [{"prompt": "x", "solution": r"\boxed{9}"}])
     records = load_prompts(tmp_path)  # a directory: more.jsonl then train.parquet
@@ -78,20 +102,36 @@ def test_parquet_without_pyarrow(tmp_path, monkeypatch):
         load_prompts(tmp_path / "t.parquet")
 
 
-@pytest.mark.parametrize("rows_text, kwargs, pattern", [
-    ('{"prompt": "a", "solution": "\\\\boxed{1}"}\n\n{"prompt": "b", "solution": oops}\n', {},
-     r"d\.jsonl, line 3: malformed JSON \(Expecting value at column 29\)"),
-    ('{"question": "a", "solution": "\\\\boxed{1}"}\n', {}, r"d\.jsonl, line 1: missing prompt column 'prompt'"),
-    ('{"prompt": "a", "solution": "\\\\boxed{1}"}\n{"prompt": "b"}\n', {"require_golden": True},
-     r"d\.jsonl, line 2: missing golden column 'solution'"),
-    ('{"prompt": "a"}\n', {}, r"d\.jsonl, line 1: no ground-truth answer: column 'solution'"),
-    ('{"prompt": "a", "solution": "no idea"}\n', {}, r"d\.jsonl, line 1: column 'solution': no final answer found"),
-    ('{"prompt": [{"role": "user"}], "solution": "\\\\boxed{1}"}\n', {},
-     r"d\.jsonl, line 1: column 'prompt', message 0: expected"),
-    ('{"prompt": 3.5, "solution": "\\\\boxed{1}", "q": {"a": 1}}\n', {"prompt_column": "q"}, r"d\.jsonl, line 1: column 'q' must be a string, got dict"),
-    ('[1, 2]\n', {}, r"d\.jsonl, line 1: expected a JSON object, got list"),
-    ('\n  \n', {}, r"d\.jsonl: empty dataset"),
-])
+@pytest.mark.parametrize(
+    "rows_text, kwargs, pattern",
+    [
+        (
+            '{"prompt": "a", "solution": "\\\\boxed{1}"}\n\n{"prompt": "b", "solution": oops}\n',
+            {},
+            r"d\.jsonl, line 3: malformed JSON \(Expecting value at column 29\)",
+        ),
+        ('{"question": "a", "solution": "\\\\boxed{1}"}\n', {}, r"d\.jsonl, line 1: missing prompt column 'prompt'"),
+        (
+            '{"prompt": "a", "solution": "\\\\boxed{1}"}\n{"prompt": "b"}\n',
+            {"require_golden": True},
+            r"d\.jsonl, line 2: missing golden column 'solution'",
+        ),
+        ('{"prompt": "a"}\n', {}, r"d\.jsonl, line 1: no ground-truth answer: column 'solution'"),
+        ('{"prompt": "a", "solution": "no idea"}\n', {}, r"d\.jsonl, line 1: column 'solution': no final answer found"),
+        (
+            '{"prompt": [{"role": "user"}], "solution": "\\\\boxed{1}"}\n',
+            {},
+            r"d\.jsonl, line 1: column 'prompt', message 0: expected",
+        ),
+        (
+            '{"prompt": 3.5, "solution": "\\\\boxed{1}", "q": {"a": 1}}\n',
+            {"prompt_column": "q"},
+            r"d\.jsonl, line 1: column 'q' must be a string, got dict",
+        ),
+        ("[1, 2]\n", {}, r"d\.jsonl, line 1: expected a JSON object, got list"),
+        ("\n  \n", {}, r"d\.jsonl: empty dataset"),
+    ],
+)
 def test_bad_rows_name_file_row_column(tmp_path, rows_text, kwargs, pattern):
     (tmp_path / "d.jsonl").write_text(rows_text, encoding="utf-8")
     with pytest.raises(ValueError, match=pattern):
@@ -158,8 +198,10 @@ def test_sampler_ranks_are_disjoint():
 
 def test_unverifiable_answers_are_reported_when_the_data_loads(tmp_path):
     # an answer column of words ("foo") scored every rollout 0 for the whole run, silently
-    rows = [{"prompt": f"q{i}", "solution": "s", "label": a} for i, a in
-            enumerate(["72", "foo", r"\$5", "1/2", "foo", "bar", "baz"])]
+    rows = [
+        {"prompt": f"q{i}", "solution": "s", "label": a}
+        for i, a in enumerate(["72", "foo", r"\$5", "1/2", "foo", "bar", "baz"])
+    ]
     f = write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.warns(UserWarning) as caught:
         records = load_prompts(f, answer_column="label")
@@ -172,8 +214,10 @@ def test_unverifiable_answers_are_reported_when_the_data_loads(tmp_path):
 
 
 def test_verifiable_answers_load_without_a_warning(tmp_path, recwarn):
-    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "solution": r"so \boxed{\frac{1}{2}}"},
-                                           {"prompt": "q", "solution": "#### 72"}])
+    f = write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"prompt": "q", "solution": r"so \boxed{\frac{1}{2}}"}, {"prompt": "q", "solution": "#### 72"}],
+    )
     load_prompts(f)
     assert not [w for w in recwarn if "verified" in str(w.message)]
 
@@ -200,12 +244,15 @@ def test_export_refuses_to_overwrite_without_overwrite(tmp_path, capsys):
     assert (tmp_path / "train.jsonl").read_text() != before
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--train-size", "0"], "--train-size must be >= 1, got 0"),  # used to write an empty file and exit 0
-    (["--test-size", "-3"], "--test-size must be >= 1, got -3"),
-    (["--levels", "9"], "levels must be a non-empty subset of"),
-    (["--train-size", "x"], "argument --train-size: invalid int value: 'x' (see --help)"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--train-size", "0"], "--train-size must be >= 1, got 0"),  # used to write an empty file and exit 0
+        (["--test-size", "-3"], "--test-size must be >= 1, got -3"),
+        (["--levels", "9"], "levels must be a non-empty subset of"),
+        (["--train-size", "x"], "argument --train-size: invalid int value: 'x' (see --help)"),
+    ],
+)
 def test_export_usage_errors(tmp_path, capsys, argv, message):
     status, err = export(["--export", str(tmp_path / "out"), *argv], capsys)
     assert status == 2 and message in err and not (tmp_path / "out").exists()

@@ -1,4 +1,5 @@
 """The shipped default model (gcpo_fast/assets/default_model): loads with Auto classes, tokenizes, generates, stops."""
+
 import json
 import os
 import subprocess
@@ -25,8 +26,15 @@ def shipped():
 
 
 def test_files_and_size():
-    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                 "tokenizer_config.json", "chat_template.jinja", "README.md"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "README.md",
+    ):
         assert (DEFAULT_OUT / name).exists(), name
     assert (DEFAULT_OUT / "model.safetensors").stat().st_size < 8.5e6
     config = json.loads((DEFAULT_OUT / "config.json").read_text())
@@ -61,11 +69,11 @@ def test_generates_and_stops_at_eos(shipped):
     enc = tok([r["prompt"] for r in records], return_tensors="pt", padding=True, padding_side="left")
     with torch.no_grad():
         out = model.generate(**enc, do_sample=False, max_new_tokens=64)
-    new = out[:, enc["input_ids"].shape[1]:]
+    new = out[:, enc["input_ids"].shape[1] :]
     assert new.shape[1] > 0
     for row in new.tolist():
         assert tok.eos_token_id in row, "generation did not stop"  # stopped before the token budget
-        assert all(t == tok.pad_token_id for t in row[row.index(tok.eos_token_id) + 1:])
+        assert all(t == tok.pad_token_id for t in row[row.index(tok.eos_token_id) + 1 :])
     texts = tok.batch_decode(new, skip_special_tokens=True)
     assert all("\\boxed{" in t for t in texts)
     assert sum(math_reward(texts, [r["answer"] for r in records])) >= 1  # easy levels: mostly right
@@ -77,8 +85,13 @@ def test_two_step_run_from_the_shipped_defaults(tmp_path):
     and says where."""
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "gcpo_fast.train", "--max_steps", "2", "--output_dir", str(out)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "gcpo_fast.train", "--max_steps", "2", "--output_dir", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [0, 1, 2]

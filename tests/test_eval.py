@@ -1,13 +1,14 @@
 """Evaluation: the unbiased pass@k estimator by hand, mean@k / pass@k summaries, and the CLI on a tiny model."""
+
 import json
 import math
 
 import pytest
 import torch
+from tiny_model import make_tiny_model, one_thread, write_jsonl  # noqa: F401 (one_thread: fixture)
 
 from gcpo_fast.eval import count_correct, level_summary, main, pass_at_k, summarize
 from gcpo_fast.rollout import HFEngine, Sampling
-from tiny_model import make_tiny_model, one_thread, write_jsonl  # noqa: F401 (one_thread: fixture)
 
 
 def test_pass_at_k_by_hand():
@@ -38,18 +39,32 @@ def test_summarize():
     assert out["eval/pass@2"] == pytest.approx((0 + (1 - math.comb(2, 2) / math.comb(4, 2)) + 1) / 3)
     assert out["eval/pass@4"] == pytest.approx(2 / 3)
     assert set(summarize([1], num_samples=1)) == {"eval/mean@1", "eval/pass@1"}
-    assert set(summarize([1], num_samples=6)) == {"eval/mean@6", "eval/pass@1", "eval/pass@2", "eval/pass@4", "eval/pass@6"}
+    assert set(summarize([1], num_samples=6)) == {
+        "eval/mean@6",
+        "eval/pass@1",
+        "eval/pass@2",
+        "eval/pass@4",
+        "eval/pass@6",
+    }
 
 
 def test_level_summary():
     records = [{"level": 2}, {"level": 10}, {"level": 2}, {"level": 1}]
     out = level_summary(records, [1, 0, 3, 2], num_samples=4)
-    assert list(out) == ["eval/level_1/mean@4", "eval/level_1/num_problems", "eval/level_2/mean@4",
-                         "eval/level_2/num_problems", "eval/level_10/mean@4", "eval/level_10/num_problems"]
+    assert list(out) == [
+        "eval/level_1/mean@4",
+        "eval/level_1/num_problems",
+        "eval/level_2/mean@4",
+        "eval/level_2/num_problems",
+        "eval/level_10/mean@4",
+        "eval/level_10/num_problems",
+    ]
     assert out["eval/level_2/mean@4"] == pytest.approx(4 / 8) and out["eval/level_2/num_problems"] == 2
     assert out["eval/level_1/mean@4"] == pytest.approx(2 / 4) and out["eval/level_10/mean@4"] == 0
-    assert level_summary([{"level": "Level 5"}], [1], num_samples=1) == {"eval/level_Level_5/mean@1": 1.0,
-                                                                         "eval/level_Level_5/num_problems": 1}
+    assert level_summary([{"level": "Level 5"}], [1], num_samples=1) == {
+        "eval/level_Level_5/mean@1": 1.0,
+        "eval/level_Level_5/num_problems": 1,
+    }
     assert level_summary([{"level": 1}, {"prompt": "no level"}], [1, 1], num_samples=1) == {}
     with pytest.raises(ValueError):
         level_summary(records, [1, 0], num_samples=1)
@@ -73,8 +88,20 @@ def test_count_correct_leaves_the_global_rng_alone(tmp_path, one_thread):
 def test_cli(tmp_path, capsys, one_thread):
     path = make_tiny_model(tmp_path / "model")
     data = write_jsonl(tmp_path / "test.jsonl", n=5)
-    main(["--model", str(path), "--dataset", str(data), "--num_samples", "2", "--max_completion_length", "4",
-          "--output", str(tmp_path / "eval.json")])
+    main(
+        [
+            "--model",
+            str(path),
+            "--dataset",
+            str(data),
+            "--num_samples",
+            "2",
+            "--max_completion_length",
+            "4",
+            "--output",
+            str(tmp_path / "eval.json"),
+        ]
+    )
     metrics = json.loads((tmp_path / "eval.json").read_text())
     assert metrics["num_problems"] == 5
     assert set(metrics) == {"num_problems", "eval/mean@2", "eval/pass@1", "eval/pass@2"}
@@ -88,17 +115,29 @@ def tiny(tmp_path_factory):
     return make_tiny_model(root / "model"), write_jsonl(root / "test.jsonl", n=3), root
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
-    (["--max_completion_length", "0"], "--max_completion_length must be >= 1, got 0"),
-    (["--num_samples", "2", "--temperature", "0"], "--temperature must be > 0 to sample --num_samples 2 completions"),
-    (["--temperature", "nan"], "--temperature must be a finite number, got nan"),
-    (["--top_k", "-1"], "--top_k must be >= 0 (0: off), got -1"),
-    (["--model", "{root}/absent"], "model folder {root}/absent does not exist"),
-    (["--output", "{root}/absent/eval.json"], "--output {root}/absent/eval.json: folder {root}/absent does not exist"),
-    (["--dataset", "builtin", "--levels", "1"], "could not draw 500 distinct heldout problems from levels [1]"),
-    (["--batch_size", "x"], "argument --batch_size: invalid int value: 'x' (see --help)"),  # argparse's own, one line too
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+        (["--max_completion_length", "0"], "--max_completion_length must be >= 1, got 0"),
+        (
+            ["--num_samples", "2", "--temperature", "0"],
+            "--temperature must be > 0 to sample --num_samples 2 completions",
+        ),
+        (["--temperature", "nan"], "--temperature must be a finite number, got nan"),
+        (["--top_k", "-1"], "--top_k must be >= 0 (0: off), got -1"),
+        (["--model", "{root}/absent"], "model folder {root}/absent does not exist"),
+        (
+            ["--output", "{root}/absent/eval.json"],
+            "--output {root}/absent/eval.json: folder {root}/absent does not exist",
+        ),
+        (["--dataset", "builtin", "--levels", "1"], "could not draw 500 distinct heldout problems from levels [1]"),
+        (
+            ["--batch_size", "x"],
+            "argument --batch_size: invalid int value: 'x' (see --help)",
+        ),  # argparse's own, one line too
+    ],
+)
 def test_cli_usage_errors_come_before_anything_runs(tiny, capsys, argv, message):
     model, data, root = tiny
     argv = [a.format(root=root) for a in ["--model", str(model), "--dataset", str(data), *argv]]

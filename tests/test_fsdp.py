@@ -5,6 +5,7 @@ checkpoint resumed on 1 rank (the model and the optimizer reshard).
 
     OMP_NUM_THREADS=1 python -m pytest tests/test_fsdp.py
 """
+
 import json
 import os
 import shutil
@@ -15,13 +16,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from tiny_model import make_tiny_model, one_thread, write_jsonl  # noqa: F401 (one_thread: fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gcpo_fast.config import ConfigError, parse_config
 from gcpo_fast.parallel import OPTIMIZER_FOLDER, check_checkpoint, parallelize
 from gcpo_fast.rollout import HFEngine, Sampling
 from gcpo_fast.update import ModelWithLoss, Rows, completion_logprobs, optimizer_step
-from tiny_model import make_tiny_model, one_thread, write_jsonl  # noqa: F401 (one_thread: fixture)
 
 MAX_GRAD_NORM = "1e-2"  # far below the tiny model's gradient norm: every step is clipped by the global norm
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12]]
@@ -36,8 +37,9 @@ def spawn(worker, nprocs, *args):
 
 
 def join(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     from gcpo_fast.parallel import init_distributed
 
@@ -45,17 +47,34 @@ def join(rank, world, port):
 
 
 def step_config(model_dir, *extra):
-    return parse_config(["--model", str(model_dir), "--loss_type", "dapo", "--dynamic_sampling", "false",
-                         "--max_grad_norm", MAX_GRAD_NORM, "--num_generations", "2",
-                         "--per_device_train_batch_size", "4", *extra])
+    return parse_config(
+        [
+            "--model",
+            str(model_dir),
+            "--loss_type",
+            "dapo",
+            "--dynamic_sampling",
+            "false",
+            "--max_grad_norm",
+            MAX_GRAD_NORM,
+            "--num_generations",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            *extra,
+        ]
+    )
 
 
 def rank_rows(rank) -> Rows:
     """Rank r's micro-batch: r + 2 rows of random completions (the ranks' batches differ in size)."""
     g = torch.Generator().manual_seed(rank)
-    return Rows([[1, 2, 3]] * (rank + 2), [torch.randint(5, 50, (n,), generator=g).tolist()
-                                           for n in range(3 + rank, 5 + 2 * rank)],
-                [False] * (rank + 2), torch.randn(rank + 2, generator=g))
+    return Rows(
+        [[1, 2, 3]] * (rank + 2),
+        [torch.randint(5, 50, (n,), generator=g).tolist() for n in range(3 + rank, 5 + 2 * rank)],
+        [False] * (rank + 2),
+        torch.randn(rank + 2, generator=g),
+    )
 
 
 def sgd(model):
@@ -90,8 +109,9 @@ def _step_worker(rank, world, port, cases, out):
             full = policy.full_state_dict()
             synced = {n: t.clone() for n, t in policy.named_parameters()}  # every rank gathers; rank 0 keeps
             if rank == 0:
-                torch.save({"weights": full, "synced": synced, "metrics": metrics, "generated": generated},
-                           out / f"{name}.pt")
+                torch.save(
+                    {"weights": full, "synced": synced, "metrics": metrics, "generated": generated}, out / f"{name}.pt"
+                )
             torch.save({"old_logp": old_logp}, out / f"{name}_rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
@@ -118,15 +138,21 @@ def test_one_sharded_step_equals_one_process_over_the_global_batch(tmp_path, mod
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
         optimizer, scheduler = sgd(model)
         # one process, the two ranks' rows as two micro-batches of one step
-        metrics = optimizer_step(parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.temperature)), optimizer,
-                                 scheduler, [rank_rows(0), rank_rows(1)], cfg)
+        metrics = optimizer_step(
+            parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.temperature)),
+            optimizer,
+            scheduler,
+            [rank_rows(0), rank_rows(1)],
+            cfg,
+        )
         assert metrics["grad_norm"] > 10 * float(MAX_GRAD_NORM)  # clipped
         assert sharded["metrics"]["grad_norm"] == pytest.approx(metrics["grad_norm"], rel=1e-5)
         expected = model.state_dict()
         assert set(sharded["weights"]) == set(expected)
         for key, value in expected.items():  # the updates (clipped gradients), to fp32 rounding
-            torch.testing.assert_close(sharded["weights"][key] - initial[key], value - initial[key], rtol=1e-4,
-                                       atol=1e-8, msg=f"{name}: {key}")
+            torch.testing.assert_close(
+                sharded["weights"][key] - initial[key], value - initial[key], rtol=1e-4, atol=1e-8, msg=f"{name}: {key}"
+            )
         moved = [k for k in expected if not torch.equal(expected[k], initial[k])]
         assert "lm_head.weight" in moved and "model.embed_tokens.weight" in moved
         for key, value in sharded["synced"].items():  # named_parameters: full tensors, the same as saved
@@ -135,11 +161,41 @@ def test_one_sharded_step_equals_one_process_over_the_global_batch(tmp_path, mod
 
 def run_args(model_dir, data, output_dir, max_steps, *extra):
     # as tests/test_checkpoint.py: a round covers 3 optimizer steps, so the checkpoint at step 2 falls inside one
-    return ["--model", str(model_dir), "--dataset", str(data), "--output_dir", str(output_dir), "--parallelism", "fsdp",
-            "--num_generations", "2", "--per_device_train_batch_size", "4", "--steps_per_generation", "3",
-            "--max_completion_length", "8", "--max_steps", str(max_steps), "--save_steps", "2",
-            "--learning_rate", "1e-2", "--eval_steps", "0", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.25",
-            "--loss_type", "dapo", "--dynamic_sampling", "false", *extra]
+    return [
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(data),
+        "--output_dir",
+        str(output_dir),
+        "--parallelism",
+        "fsdp",
+        "--num_generations",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--steps_per_generation",
+        "3",
+        "--max_completion_length",
+        "8",
+        "--max_steps",
+        str(max_steps),
+        "--save_steps",
+        "2",
+        "--learning_rate",
+        "1e-2",
+        "--eval_steps",
+        "0",
+        "--lr_scheduler_type",
+        "cosine",
+        "--warmup_ratio",
+        "0.25",
+        "--loss_type",
+        "dapo",
+        "--dynamic_sampling",
+        "false",
+        *extra,
+    ]
 
 
 def _train_worker(rank, world, port, runs):
@@ -162,8 +218,10 @@ def _train_worker(rank, world, port, runs):
 def metrics(run):
     """metrics.jsonl lines without the timings"""
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in m.items() if k not in ("step_time", "tokens_per_second") and not k.startswith("timing/")}
-            for m in lines]
+    return [
+        {k: v for k, v in m.items() if k not in ("step_time", "tokens_per_second") and not k.startswith("timing/")}
+        for m in lines
+    ]
 
 
 def test_kill_and_resume_on_two_ranks_is_exact_and_resumes_on_one(tmp_path, models, one_thread):
@@ -226,8 +284,9 @@ def test_one_decoder_call_equals_a_call_per_row(models, one_thread):
 
     model = AutoModelForCausalLM.from_pretrained(models["untied"])
     packed = pack_rows([[1, 2, 3], [4], [5, 6]], [[7, 8, 9, 10], [11], []])
-    torch.testing.assert_close(forward_hidden(model, packed, one_call=True), forward_hidden(model, packed),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        forward_hidden(model, packed, one_call=True), forward_hidden(model, packed), rtol=0, atol=1e-5
+    )
 
 
 def test_configuration_errors(tmp_path, models):

@@ -2,6 +2,7 @@
 trained here (supervised, a few seconds) until it solves every problem greedily, the policy random (every
 group all wrong). Verified answers only, re-encoded with the policy's template, the right advantage, the cache
 across rounds, resumes and the offline command, and a teacher that fails on one prompt."""
+
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_model import make_tiny_model, one_thread, problem, write_jsonl  # noqa: F401 (one_thread: fixture)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -20,13 +22,14 @@ from gcpo_fast.rewards import extract_answer, math_reward
 from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts
 from gcpo_fast.rounds import build_rows, sample_groups
 from gcpo_fast.train import load_teacher, prepare, train
-from tiny_model import make_tiny_model, one_thread, problem, write_jsonl  # noqa: F401 (one_thread: fixture)
 
 TESTS = Path(__file__).resolve().parent
 # The teacher's own template, Mistral-like: no system role (as Gemma's and Mistral's templates refuse one)
-TEACHER_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}"
-                    "{{ raise_exception('System role not supported') }}{% endif %}"
-                    "[INST]{{ m['content'] }}[/INST]{% endfor %}")
+TEACHER_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "[INST]{{ m['content'] }}[/INST]{% endfor %}"
+)
 N = 12
 
 
@@ -35,8 +38,12 @@ def teacher_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "[INST]", "[/INST]", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "[INST]", "[/INST]", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([problem(i)["solution"] for i in range(40)], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<unk>")
     fast.chat_template = TEACHER_TEMPLATE
@@ -46,10 +53,19 @@ def teacher_tokenizer() -> PreTrainedTokenizerFast:
 def make_teacher(path: Path) -> Path:
     """A tiny Qwen2 taught the N problems' worked solutions under its own template (Adam, full batch)."""
     fast = teacher_tokenizer()
-    config = Qwen2Config(vocab_size=len(fast) + 4, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
-                         bos_token_id=None)
+    config = Qwen2Config(
+        vocab_size=len(fast) + 4,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        bos_token_id=None,
+    )
     config.save_pretrained(path)
     fast.save_pretrained(path)
     # trained with the tokenizer as the trainer loads it: with a qwen2 config.json beside it, transformers
@@ -85,7 +101,9 @@ def make_teacher(path: Path) -> Path:
 
 def answers_only(path, n=N, rows=None) -> Path:
     """A dataset with a final answer and no worked solution (most real math datasets)."""
-    rows = rows or [{"prompt": problem(i)["prompt"], "answer": extract_answer(problem(i)["solution"])} for i in range(n)]
+    rows = rows or [
+        {"prompt": problem(i)["prompt"], "answer": extract_answer(problem(i)["solution"])} for i in range(n)
+    ]
     return write_jsonl(path, rows=rows)
 
 
@@ -107,20 +125,45 @@ def test_the_teacher_is_a_different_tokenizer_that_solves_the_problems(tiny, one
     assert p_tok(text, add_special_tokens=False).input_ids != t_tok(text, add_special_tokens=False).input_ids
     assert p_tok.eos_token_id != t_tok.eos_token_id
     engine = HFEngine(AutoModelForCausalLM.from_pretrained(teacher), t_tok)
-    out = engine.generate(encode_prompts(t_tok, [problem(i)["prompt"] for i in range(N)], 256), 1,
-                          Sampling(40, greedy=True))
+    out = engine.generate(
+        encode_prompts(t_tok, [problem(i)["prompt"] for i in range(N)], 256), 1, Sampling(40, greedy=True)
+    )
     assert math_reward(out.texts, [extract_answer(problem(i)["solution"]) for i in range(N)]) == [1.0] * N
 
 
 def setup(tiny, tmp_path, *argv, data=None):
     policy, teacher = tiny
     data = data or answers_only(tmp_path / "answers.jsonl")
-    cfg = parse_config(["--model", str(policy), "--dataset", str(data), "--answer_column", "answer",
-                        "--reward_funcs", "test_golden:boxed_answer", "--output_dir", str(tmp_path / "run"),
-                        "--num_generations", "4", "--per_device_train_batch_size", "8", "--max_completion_length", "24",
-                        "--golden_max_completion_length", "40", "--golden_temperature", "0.3", "--eval_steps", "0",
-                        "--learning_rate", "1e-2", *(["--golden_model", str(teacher)] if "--golden_cache" not in argv else []),
-                        *argv])
+    cfg = parse_config(
+        [
+            "--model",
+            str(policy),
+            "--dataset",
+            str(data),
+            "--answer_column",
+            "answer",
+            "--reward_funcs",
+            "test_golden:boxed_answer",
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--num_generations",
+            "4",
+            "--per_device_train_batch_size",
+            "8",
+            "--max_completion_length",
+            "24",
+            "--golden_max_completion_length",
+            "40",
+            "--golden_temperature",
+            "0.3",
+            "--eval_steps",
+            "0",
+            "--learning_rate",
+            "1e-2",
+            *(["--golden_model", str(teacher)] if "--golden_cache" not in argv else []),
+            *argv,
+        ]
+    )
     prepared = prepare(cfg)
     torch.manual_seed(0)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(policy), AutoTokenizer.from_pretrained(policy)
@@ -147,7 +190,9 @@ def test_a_correct_answer_is_reencoded_for_the_policy_appended_and_cached(tiny, 
     P, G = 2, 4
     assert metrics["gcpo/frac_all_wrong"] == 1.0  # a random policy: every group all wrong, the teacher is asked
     assert metrics["gcpo/golden_rows"] == metrics["gcpo/golden_from_teacher"] == P
-    assert metrics["gcpo/golden_cache_hits"] == metrics["gcpo/teacher_no_correct"] == metrics["gcpo/teacher_errors"] == 0
+    assert (
+        metrics["gcpo/golden_cache_hits"] == metrics["gcpo/teacher_no_correct"] == metrics["gcpo/teacher_errors"] == 0
+    )
     entries = cache_lines(tmp_path / "run")
     assert [e["prompt_key"] for e in entries] == [prompt_key(r["prompt"]) for r in sampled.records]
     t_tok = AutoTokenizer.from_pretrained(tiny[1])
@@ -195,8 +240,9 @@ def second_candidate_reward(prompts, completions, answer, **columns):
 @pytest.mark.parametrize("case", ["reward", "budget"])
 def test_a_teacher_answer_that_fails_is_never_used(tiny, tmp_path, one_thread, case):
     """Candidates the reward calls wrong, or cut by the teacher's budget (no EOS), give no golden row."""
-    argv = (["--reward_funcs", "test_golden:never_correct"] if case == "reward"
-            else ["--golden_max_completion_length", "4"])  # the solutions are longer: every candidate is cut
+    argv = (
+        ["--reward_funcs", "test_golden:never_correct"] if case == "reward" else ["--golden_max_completion_length", "4"]
+    )  # the solutions are longer: every candidate is cut
     cfg, model, tokenizer, gold, sampler, funcs = setup(tiny, tmp_path, *argv)
     sampled, rows, metrics = one_round(cfg, model, tokenizer, gold, sampler, funcs)
     assert metrics["gcpo/teacher_no_correct"] == 2 and metrics["gcpo/golden_rows"] == 0
@@ -205,8 +251,9 @@ def test_a_teacher_answer_that_fails_is_never_used(tiny, tmp_path, one_thread, c
 
 
 def test_the_first_correct_candidate_is_the_answer(tiny, tmp_path, one_thread):
-    cfg, model, tokenizer, gold, sampler, funcs = setup(tiny, tmp_path, "--reward_funcs",
-                                                        "test_golden:second_candidate_reward", "--golden_temperature", "2.0")
+    cfg, model, tokenizer, gold, sampler, funcs = setup(
+        tiny, tmp_path, "--reward_funcs", "test_golden:second_candidate_reward", "--golden_temperature", "2.0"
+    )
     record = next(sampler)[0]
     out = gold.candidates(record["prompt"])  # the same candidates answers() samples: the teacher's RNG is its own
     assert len(out.texts) == 4 and out.texts[0] != out.texts[1] and not out.truncated[1]
@@ -216,8 +263,13 @@ def test_the_first_correct_candidate_is_the_answer(tiny, tmp_path, one_thread):
 
 def test_an_erroring_teacher_costs_one_golden_answer(tiny, tmp_path, one_thread):
     """The teacher's template refuses a system message: that prompt has no golden answer, the other one has."""
-    rows = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": problem(0)["prompt"]}],
-             "answer": "3"}, {"prompt": problem(1)["prompt"], "answer": "5"}]
+    rows = [
+        {
+            "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": problem(0)["prompt"]}],
+            "answer": "3",
+        },
+        {"prompt": problem(1)["prompt"], "answer": "5"},
+    ]
     data = write_jsonl(tmp_path / "mixed.jsonl", rows=rows)
     cfg, model, tokenizer, gold, sampler, funcs = setup(tiny, tmp_path, data=data)
     with pytest.warns(UserWarning, match="teacher failed on a prompt.*System role not supported"):
@@ -229,11 +281,37 @@ def test_an_erroring_teacher_costs_one_golden_answer(tiny, tmp_path, one_thread)
 
 
 def run_args(tiny, data, run, *extra):
-    return parse_config(["--model", str(tiny[0]), "--dataset", str(data), "--answer_column", "answer",
-                         "--reward_funcs", "test_golden:boxed_answer", "--golden_model",
-                         str(tiny[1]), "--output_dir", str(run), "--num_generations", "2", "--per_device_train_batch_size",
-                         "4", "--max_completion_length", "24", "--golden_max_completion_length", "40",
-                         "--golden_temperature", "0.3", "--eval_steps", "0", "--save_steps", "2", *extra])
+    return parse_config(
+        [
+            "--model",
+            str(tiny[0]),
+            "--dataset",
+            str(data),
+            "--answer_column",
+            "answer",
+            "--reward_funcs",
+            "test_golden:boxed_answer",
+            "--golden_model",
+            str(tiny[1]),
+            "--output_dir",
+            str(run),
+            "--num_generations",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--max_completion_length",
+            "24",
+            "--golden_max_completion_length",
+            "40",
+            "--golden_temperature",
+            "0.3",
+            "--eval_steps",
+            "0",
+            "--save_steps",
+            "2",
+            *extra,
+        ]
+    )
 
 
 def test_the_cache_survives_a_resume(tiny, tmp_path, one_thread):
@@ -248,17 +326,42 @@ def test_the_cache_survives_a_resume(tiny, tmp_path, one_thread):
     assert cache_lines(run) == entries
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
-    assert [(m["gcpo/golden_from_teacher"], m["gcpo/golden_cache_hits"]) for m in lines] == [(2, 0), (2, 0), (2, 2), (2, 2)]
+    assert [(m["gcpo/golden_from_teacher"], m["gcpo/golden_cache_hits"]) for m in lines] == [
+        (2, 0),
+        (2, 0),
+        (2, 2),
+        (2, 2),
+    ]
     assert all(m["gcpo/teacher_no_correct"] == 0 and "timing/teacher" in m for m in lines)
 
 
 def test_the_offline_command_fills_a_cache_the_trainer_uses(tiny, tmp_path, one_thread):
     data = answers_only(tmp_path / "answers.jsonl")
     cache = tmp_path / "cache.jsonl"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "gcpo_fast.golden", "--model", str(tiny[1]), "--dataset", str(data), "--answer_column",
-           "answer", "--out", str(cache), "--temperature", "0.3", "--max_completion_length", "40",
-           "--reward_funcs", "test_golden:boxed_answer"]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "gcpo_fast.golden",
+        "--model",
+        str(tiny[1]),
+        "--dataset",
+        str(data),
+        "--answer_column",
+        "answer",
+        "--out",
+        str(cache),
+        "--temperature",
+        "0.3",
+        "--max_completion_length",
+        "40",
+        "--reward_funcs",
+        "test_golden:boxed_answer",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     entries = [json.loads(line) for line in cache.read_text().splitlines()]
@@ -268,13 +371,20 @@ def test_the_offline_command_fills_a_cache_the_trainer_uses(tiny, tmp_path, one_
     assert again.returncode == 0 and f"0 new golden answers for {N - len(entries)} prompts" in again.stdout
 
     # the trainer with the cache alone: no teacher in memory, every all-wrong group answered from the file
-    cfg, model, tokenizer, gold, sampler, funcs = setup(tiny, tmp_path, "--golden_source", "teacher",
-                                                        "--golden_cache", str(cache))
+    cfg, model, tokenizer, gold, sampler, funcs = setup(
+        tiny, tmp_path, "--golden_source", "teacher", "--golden_cache", str(cache)
+    )
     assert gold.engine is None
     cached = {e["prompt_key"] for e in entries}
     sampled, rows, metrics = one_round(cfg, model, tokenizer, gold, sampler, funcs)
     answered = sum(prompt_key(r["prompt"]) in cached for r in sampled.records)
-    assert metrics["gcpo/golden_cache_hits"] == metrics["gcpo/golden_from_teacher"] == metrics["gcpo/golden_rows"] == answered >= 1
+    assert (
+        metrics["gcpo/golden_cache_hits"]
+        == metrics["gcpo/golden_from_teacher"]
+        == metrics["gcpo/golden_rows"]
+        == answered
+        >= 1
+    )
     assert cache_lines(tmp_path / "run") == []  # the prefilled file is read, never copied or written
 
 
@@ -291,13 +401,25 @@ def test_a_partial_last_cache_line_is_skipped_and_written_after(tiny, tmp_path, 
         setup(tiny, tmp_path)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--golden_source", "teacher"], "golden_source teacher needs a teacher: --golden_model FOLDER or --golden_cache FILE"),
-    (["--golden_model", "t", "--golden_source", "dataset"], "--golden_model would never be asked with golden_source dataset"),
-    (["--golden_cache", "c.jsonl", "--loss_type", "grpo"], "--golden_cache would never be asked: golden_answer is off"),
-    (["--golden_model", "t", "--golden_num_candidates", "0"], "golden_num_candidates must be >= 1, got 0"),
-    (["--golden_model", "t", "--golden_temperature", "0"], "golden_temperature must be > 0, got 0.0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--golden_source", "teacher"],
+            "golden_source teacher needs a teacher: --golden_model FOLDER or --golden_cache FILE",
+        ),
+        (
+            ["--golden_model", "t", "--golden_source", "dataset"],
+            "--golden_model would never be asked with golden_source dataset",
+        ),
+        (
+            ["--golden_cache", "c.jsonl", "--loss_type", "grpo"],
+            "--golden_cache would never be asked: golden_answer is off",
+        ),
+        (["--golden_model", "t", "--golden_num_candidates", "0"], "golden_num_candidates must be >= 1, got 0"),
+        (["--golden_model", "t", "--golden_temperature", "0"], "golden_temperature must be > 0, got 0.0"),
+    ],
+)
 def test_teacher_options_are_checked(argv, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(argv)
@@ -305,20 +427,43 @@ def test_teacher_options_are_checked(argv, message):
 
 def test_no_golden_column_and_no_teacher_runs_as_gspo_with_a_warning(tiny, tmp_path):
     data = answers_only(tmp_path / "answers.jsonl")
-    cfg = parse_config(["--model", str(tiny[0]), "--dataset", str(data), "--answer_column", "answer",
-                        "--output_dir", str(tmp_path / "run")])
+    cfg = parse_config(
+        [
+            "--model",
+            str(tiny[0]),
+            "--dataset",
+            str(data),
+            "--answer_column",
+            "answer",
+            "--output_dir",
+            str(tmp_path / "run"),
+        ]
+    )
     with pytest.warns(UserWarning, match="has no golden column 'solution' and no teacher is given .* runs as GSPO"):
         prepare(cfg)
-    half = write_jsonl(tmp_path / "half.jsonl", rows=[{**problem(0), "answer": "3"}, {"prompt": "x", "answer": "1"}] * 8)
-    cfg = parse_config(["--model", str(tiny[0]), "--dataset", str(half), "--answer_column", "answer",
-                        "--output_dir", str(tmp_path / "run")])
+    half = write_jsonl(
+        tmp_path / "half.jsonl", rows=[{**problem(0), "answer": "3"}, {"prompt": "x", "answer": "1"}] * 8
+    )
+    cfg = parse_config(
+        [
+            "--model",
+            str(tiny[0]),
+            "--dataset",
+            str(half),
+            "--answer_column",
+            "answer",
+            "--output_dir",
+            str(tmp_path / "run"),
+        ]
+    )
     with pytest.raises(ValueError, match="8 of 16 records have no golden column 'solution' \\(the first: record 1\\)"):
         prepare(cfg)
 
 
 def _ddp_worker(rank, world, port, tiny, data, run):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     from gcpo_fast.parallel import init_distributed
 

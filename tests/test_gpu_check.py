@@ -1,4 +1,5 @@
 """benchmarks/gpu_check: without CUDA, one line and exit status 2; its commands are what the tools accept."""
+
 import os
 import subprocess
 import sys
@@ -11,8 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_module(*args):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, also on a machine that has one
-    return subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_without_cuda_one_line_and_status_2(tmp_path):
@@ -46,15 +53,25 @@ def test_stage_commands_parse(tmp_path):
 
     assert plan["bench_train"][1:3] == ["-m", "benchmarks.bench_train"]
     train = bench_train.parse_args(plan["bench_train"][3:])
-    assert train.steps >= 2 and train.rounds == 1 and train.trainer_list == ["ours", "trl"] and train.shape_list == list(bench_train.SHAPES)
+    assert (
+        train.steps >= 2
+        and train.rounds == 1
+        and train.trainer_list == ["ours", "trl"]
+        and train.shape_list == list(bench_train.SHAPES)
+    )
     no_trl = {name: cmd for name, cmd, _ in gpu_check.stages(tmp_path, trl=False)}
     assert bench_train.parse_args(no_trl["bench_train"][3:]).trainer_list == ["ours"]
 
 
 def test_report_lists_every_stage():
-    results = [("tests", ["pytest", "tests/x.py"], dict(status="passed", seconds=12.3, output="3 passed\n")),
-               ("bench_loss", ["python", "-m", "benchmarks.bench_loss"],
-                dict(status="timed out after 200 s", seconds=200.0, output="\n".join(f"line {i}" for i in range(100))))]
+    results = [
+        ("tests", ["pytest", "tests/x.py"], dict(status="passed", seconds=12.3, output="3 passed\n")),
+        (
+            "bench_loss",
+            ["python", "-m", "benchmarks.bench_loss"],
+            dict(status="timed out after 200 s", seconds=200.0, output="\n".join(f"line {i}" for i in range(100))),
+        ),
+    ]
     md = gpu_check.report(["- GPU: test"], results)
     assert "| tests | passed | 12 |" in md and "| bench_loss | timed out after 200 s | 200 |" in md
     assert "3 passed" in md and "line 99" in md and f"line {99 - gpu_check.TAIL_LINES}\n" not in md

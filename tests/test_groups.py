@@ -2,6 +2,7 @@
 
 References are hand-computed or taken from Python's `statistics` (an implementation independent of torch).
 """
+
 import math
 import statistics
 

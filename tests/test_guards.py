@@ -1,19 +1,20 @@
 """What stops a run from destroying itself or dying with a traceback: non-finite steps are skipped and
 counted, poisoned weights are never saved, rewinding is refused, and every user mistake after setup is one
 line on stderr with exit status 1."""
+
 import json
 import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_model import make_tiny_model, one_thread, write_jsonl  # noqa: F401 (one_thread: fixture)
 from transformers import AutoModelForCausalLM
 
 from gcpo_fast.config import parse_config
 from gcpo_fast.parallel import parallelize
 from gcpo_fast.train import main, prepare, train
 from gcpo_fast.update import ModelWithLoss, Rows, build_optimizer, optimizer_step
-from tiny_model import make_tiny_model, one_thread, write_jsonl  # noqa: F401 (one_thread: fixture)
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +25,25 @@ def files(tmp_path_factory):
 
 def argv(files, out, *extra):
     model, data = files
-    return ["--model", str(model), "--dataset", str(data), "--output_dir", str(out), "--num_generations", "2",
-            "--per_device_train_batch_size", "4", "--max_completion_length", "24", "--eval_steps", "0",
-            "--learning_rate", "1e-2", *extra]
+    return [
+        "--model",
+        str(model),
+        "--dataset",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--num_generations",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_completion_length",
+        "24",
+        "--eval_steps",
+        "0",
+        "--learning_rate",
+        "1e-2",
+        *extra,
+    ]
 
 
 def one_line_error(capsys, argv_) -> str:
@@ -60,8 +77,10 @@ def test_runaway_weights_stop_the_run_without_a_poisoned_checkpoint(files, tmp_p
     """--learning_rate 1e30 with a checkpoint every step and only one kept: the run stops with one line, and
     what is left on disk is loadable and finite."""
     out = tmp_path / "run"
-    message = one_line_error(capsys, argv(files, out, "--learning_rate", "1e30", "--max_steps", "6",
-                                          "--save_steps", "1", "--save_total_limit", "1"))
+    message = one_line_error(
+        capsys,
+        argv(files, out, "--learning_rate", "1e30", "--max_steps", "6", "--save_steps", "1", "--save_total_limit", "1"),
+    )
     assert "NaN or inf" in message
     checkpoints = sorted(out.glob("checkpoint-*"))
     assert checkpoints, "the first step's checkpoint was written"
@@ -103,13 +122,30 @@ def test_errors_after_setup_are_one_line(files, tmp_path, capsys, one_thread):
     assert "cannot write there" in one_line_error(capsys, argv(files, blocker / "run", "--max_steps", "1"))
     # chat-message prompts and a tokenizer without a chat template
     plain = make_tiny_model(tmp_path / "plain", chat_template=False)
-    chat = write_jsonl(tmp_path / "chat.jsonl", rows=[{"prompt": [{"role": "user", "content": f"{i} + 1?"}],
-                                                        "solution": f"\\boxed{{{i + 1}}}"} for i in range(4)])
+    chat = write_jsonl(
+        tmp_path / "chat.jsonl",
+        rows=[
+            {"prompt": [{"role": "user", "content": f"{i} + 1?"}], "solution": f"\\boxed{{{i + 1}}}"} for i in range(4)
+        ],
+    )
     message = one_line_error(capsys, argv((plain, chat), tmp_path / "chat", "--max_steps", "1"))
     assert "needs a tokenizer with a chat template" in message
     # DAPO's sampling cap
-    message = one_line_error(capsys, argv(files, tmp_path / "dapo", "--loss_type", "dapo", "--max_steps", "1",
-                                          "--reward_funcs", "tiny_model:zero_reward", "--max_num_gen_batches", "2"))
+    message = one_line_error(
+        capsys,
+        argv(
+            files,
+            tmp_path / "dapo",
+            "--loss_type",
+            "dapo",
+            "--max_steps",
+            "1",
+            "--reward_funcs",
+            "tiny_model:zero_reward",
+            "--max_num_gen_batches",
+            "2",
+        ),
+    )
     assert "after 2 generation batches" in message and "--max_num_gen_batches" in message
     # resuming with another dataset
     out = tmp_path / "run"

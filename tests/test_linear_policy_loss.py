@@ -3,15 +3,16 @@
 The triton backend runs under the Triton interpreter on the CPU (conftest sets TRITON_INTERPRET=1)
 and compiled on a CUDA GPU; the torch backend runs wherever the tensors are.
 """
+
 import itertools
 
 import pytest
 import torch
+from test_policy_loss import random_sampling_weight, reference_policy_loss
 
 from gcpo_fast.kernels import LOSS_RECIPES, PolicyLossConfig, linear_logprobs, linear_policy_loss
 from gcpo_fast.kernels.linear_policy_loss import plan_chunks
 from gcpo_fast.kernels.policy_loss import AGG_MODES
-from test_policy_loss import random_sampling_weight, reference_policy_loss
 
 IGNORE = -100
 
@@ -31,7 +32,7 @@ def reference_logprobs(h, W, b, t, T):
 def make_inputs(n, d, v, lengths=None, seed=0, dtype=torch.float32, device="cpu", bias=True, ignore_frac=0.1):
     """Peaked logits (entropy ~0.3-2 nats) with targets drawn from the softmax, as in real rollouts."""
     g = torch.Generator().manual_seed(seed)
-    W = torch.randn(v, d, generator=g) / d ** 0.5
+    W = torch.randn(v, d, generator=g) / d**0.5
     h = torch.randn(n, d, generator=g) * 2.5
     b = torch.randn(v, generator=g) * 0.1 if bias else None
     probs = torch.softmax(h @ W.T + (0 if b is None else b), -1)
@@ -41,12 +42,21 @@ def make_inputs(n, d, v, lengths=None, seed=0, dtype=torch.float32, device="cpu"
     cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
     adv = torch.randn(len(lengths), generator=g)
     to = dict(device=device)
-    return (h.to(dtype=dtype, **to), W.to(dtype=dtype, **to), None if b is None else b.to(dtype=dtype, **to),
-            t.to(**to), adv.to(**to), cu.to(**to))
+    return (
+        h.to(dtype=dtype, **to),
+        W.to(dtype=dtype, **to),
+        None if b is None else b.to(dtype=dtype, **to),
+        t.to(**to),
+        adv.to(**to),
+        cu.to(**to),
+    )
 
 
-TOL = {torch.float32: dict(rtol=2e-4, atol=2e-5), torch.float16: dict(rtol=2e-2, atol=5e-3),
-       torch.bfloat16: dict(rtol=5e-2, atol=2e-2)}
+TOL = {
+    torch.float32: dict(rtol=2e-4, atol=2e-5),
+    torch.float16: dict(rtol=2e-2, atol=5e-3),
+    torch.bfloat16: dict(rtol=5e-2, atol=2e-2),
+}
 
 
 def dtypes_for(backend, device):
@@ -65,8 +75,9 @@ def test_linear_logprobs_values_and_grads(backend, device, n, d, v):
     for dtype in dtypes_for(backend, device):
         h, W, b, t, _, _ = make_inputs(n, d, v, dtype=dtype, device=device)
         h.requires_grad_(), W.requires_grad_(), b.requires_grad_()
-        logp, ent = linear_logprobs(h, W, t, temperature=0.7, bias=b, return_entropy=True, backend=backend,
-                                    workspace_bytes=4 * 16 * 50)  # several token and vocabulary tiles
+        logp, ent = linear_logprobs(
+            h, W, t, temperature=0.7, bias=b, return_entropy=True, backend=backend, workspace_bytes=4 * 16 * 50
+        )  # several token and vocabulary tiles
         ref_lp, ref_ent = reference_logprobs(h.detach(), W.detach(), b.detach(), t, 0.7)
         _close(logp, ref_lp, dtype)
         _close(ent, ref_ent, dtype)
@@ -87,8 +98,22 @@ def test_forward_only_under_no_grad_is_one_pass_with_o_n_outputs():
     assert lp.shape == (29,) and lp.dtype == torch.float32 and not lp.requires_grad
 
 
-def _policy_case(backend, device, loss_type, level, agg, dtype=torch.float32, old="off", workspace=4 * 64 * 7,
-                 lengths=(6, 0, 9, 1, 13, 8), seed=0, weighted=False, golden=None, gamma=0.1, **kw):
+def _policy_case(
+    backend,
+    device,
+    loss_type,
+    level,
+    agg,
+    dtype=torch.float32,
+    old="off",
+    workspace=4 * 64 * 7,
+    lengths=(6, 0, 9, 1, 13, 8),
+    seed=0,
+    weighted=False,
+    golden=None,
+    gamma=0.1,
+    **kw,
+):
     """golden: the rows (bool [B]) that take the shaped term (golden_objective="shaped"); None: no row."""
     n = sum(lengths)
     h, W, b, t, adv, cu = make_inputs(n, 24, 211, list(lengths), seed=seed, dtype=dtype, device=device)
@@ -99,22 +124,57 @@ def _policy_case(backend, device, loss_type, level, agg, dtype=torch.float32, ol
     old_logp = None if old == "on" else (ref_lp + (torch.rand(n, generator=g).to(device) - 0.5) * 0.4).float()
     ref_logp = (ref_lp + 0.1).float() if kw.get("beta") else None
     sw = random_sampling_weight(n, seed).float().to(device) if weighted else None
-    opts = dict(loss_type=loss_type, importance_sampling_level=level, loss_agg_mode=agg, epsilon_low=0.1,
-                epsilon_high=0.12, max_completion_length=16, **kw)
+    opts = dict(
+        loss_type=loss_type,
+        importance_sampling_level=level,
+        loss_agg_mode=agg,
+        epsilon_low=0.1,
+        epsilon_high=0.12,
+        max_completion_length=16,
+        **kw,
+    )
     if golden is not None:
         opts.update(golden_rows=golden.to(device), golden_objective="shaped", golden_shaping_gamma=gamma)
-    loss, stats = linear_policy_loss(h, W, t, old_logp, adv, cu, bias=b, temperature=0.8, ref_logp=ref_logp,
-                                     backend=backend, workspace_bytes=workspace, compute_entropy=True,
-                                     sampling_weight=sw, **opts)
+    loss, stats = linear_policy_loss(
+        h,
+        W,
+        t,
+        old_logp,
+        adv,
+        cu,
+        bias=b,
+        temperature=0.8,
+        ref_logp=ref_logp,
+        backend=backend,
+        workspace_bytes=workspace,
+        compute_entropy=True,
+        sampling_weight=sw,
+        **opts,
+    )
     loss.backward()
     h64, W64, b64 = (x.detach().double().requires_grad_() for x in (h, W, b))
     lp64, ent64 = reference_logprobs(h64, W64, b64, t, 0.8)
     expected = reference_policy_loss(
-        lp64, None if old_logp is None else old_logp.double(), None if ref_logp is None else ref_logp.double(),
-        adv.double(), cu, loss_type=loss_type, level=level, eps_low=0.1, eps_high=0.12, agg=agg,
-        delta=kw.get("delta"), clip_c=kw.get("clip_ratio_c"), beta=kw.get("beta", 0.0), max_len=16,
-        normalizer=kw.get("normalizer"), mask=t != IGNORE, sampling_weight=None if sw is None else sw.double(),
-        shaped_rows=golden, gamma=gamma)
+        lp64,
+        None if old_logp is None else old_logp.double(),
+        None if ref_logp is None else ref_logp.double(),
+        adv.double(),
+        cu,
+        loss_type=loss_type,
+        level=level,
+        eps_low=0.1,
+        eps_high=0.12,
+        agg=agg,
+        delta=kw.get("delta"),
+        clip_c=kw.get("clip_ratio_c"),
+        beta=kw.get("beta", 0.0),
+        max_len=16,
+        normalizer=kw.get("normalizer"),
+        mask=t != IGNORE,
+        sampling_weight=None if sw is None else sw.double(),
+        shaped_rows=golden,
+        gamma=gamma,
+    )
     expected.backward()
     _close(loss, expected, dtype)
     for got, want in ((h.grad, h64.grad), (W.grad, W64.grad), (b.grad, b64.grad)):
@@ -140,8 +200,15 @@ def test_linear_policy_loss_torch_every_combination(device, loss_type, level, ag
 @pytest.mark.parametrize("weighted", [False, True])
 def test_linear_policy_loss_triton_each_method(device, loss_type, old, weighted):
     recipe = LOSS_RECIPES[loss_type]
-    _policy_case("triton", device, loss_type, recipe["importance_sampling_level"], recipe["loss_agg_mode"], old=old,
-                 weighted=weighted)
+    _policy_case(
+        "triton",
+        device,
+        loss_type,
+        recipe["importance_sampling_level"],
+        recipe["loss_agg_mode"],
+        old=old,
+        weighted=weighted,
+    )
 
 
 @pytest.mark.parametrize("loss_type", list(LOSS_RECIPES))
@@ -173,14 +240,24 @@ def test_sequence_rows_within_chunks_take_the_sweep_and_match_recompute(device):
     lengths = (3, 5, 2, 4)
     assert plan_chunks(torch.tensor([0, 3, 8, 10, 14]), 14, 6, True) == [(0, 3), (3, 8), (8, 14)]
     assert plan_chunks(torch.tensor([0, 3, 8, 10, 14]), 14, 4, True) is None
-    fused = _policy_case("torch", device, "gcpo", "sequence", "seq-mean-token-mean", lengths=lengths,
-                         workspace=4 * 211 * 8)
-    recompute = _policy_case("torch", device, "gcpo", "sequence", "seq-mean-token-mean", lengths=lengths,
-                             workspace=4 * 211 * 2)
+    fused = _policy_case(
+        "torch", device, "gcpo", "sequence", "seq-mean-token-mean", lengths=lengths, workspace=4 * 211 * 8
+    )
+    recompute = _policy_case(
+        "torch", device, "gcpo", "sequence", "seq-mean-token-mean", lengths=lengths, workspace=4 * 211 * 2
+    )
     torch.testing.assert_close(fused["clip_ratio/region_mean"], recompute["clip_ratio/region_mean"])
     for workspace in (4 * 211 * 8, 4 * 211 * 2):  # both paths with a sampling weight
-        _policy_case("torch", device, "gcpo", "sequence", "seq-mean-token-mean", lengths=lengths, workspace=workspace,
-                     weighted=True)
+        _policy_case(
+            "torch",
+            device,
+            "gcpo",
+            "sequence",
+            "seq-mean-token-mean",
+            lengths=lengths,
+            workspace=workspace,
+            weighted=True,
+        )
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -190,8 +267,9 @@ def test_two_identical_calls_are_bitwise_equal(backend, device):
         h, W, b, t, adv, cu = make_inputs(31, 24, 150, [10, 21], seed=4, device=device)
         h.requires_grad_(), W.requires_grad_()
         old = torch.zeros(31, device=device) - 1.0
-        loss, stats = linear_policy_loss(h, W, t, old, adv, cu, bias=b, loss_type="gcpo", backend=backend,
-                                         workspace_bytes=4 * 32 * 40)
+        loss, stats = linear_policy_loss(
+            h, W, t, old, adv, cu, bias=b, loss_type="gcpo", backend=backend, workspace_bytes=4 * 32 * 40
+        )
         loss.backward()
         results.append((loss.detach(), h.grad, W.grad, stats["ratio_mean"]))
     for a, b_ in zip(*results):
@@ -243,41 +321,56 @@ def _args(**over):
     return args
 
 
-@pytest.mark.parametrize("over, err, match", [
-    (dict(hidden=torch.zeros(9, 7)), ValueError, "disagree on d"),
-    (dict(targets=torch.zeros(8, dtype=torch.long)), ValueError, r"targets must be \[N\] = \[9\]"),
-    (dict(targets=torch.full((9,), 30)), ValueError, r"targets\[0\] = 30 is outside \[0, V=30\)"),
-    (dict(targets=torch.full((9,), -1)), ValueError, "is outside"),
-    (dict(targets=torch.zeros(9)), TypeError, "targets must be int64"),
-    (dict(hidden=torch.zeros(9, 8, dtype=torch.float64)), TypeError, "fp32/fp16/bf16"),
-    (dict(hidden=torch.zeros(9, 8, dtype=torch.float16)), TypeError, "share a dtype"),
-    (dict(bias=torch.zeros(29)), ValueError, r"bias must be \[V\] = \[30\]"),
-    (dict(weight=torch.zeros(30, 8, device="meta")), ValueError, "one device"),
-    (dict(cu_seqlens=torch.tensor([0, 5, 4, 9], dtype=torch.int32), advantages=torch.zeros(3)), ValueError,
-     "non-decreasing"),
-    (dict(cu_seqlens=torch.tensor([0, 4, 12], dtype=torch.int32)), ValueError, "end at N=9"),
-    (dict(advantages=torch.zeros(3)), ValueError, r"advantages must be \[B\] = \[2\]"),
-    (dict(old_logp=torch.zeros(10)), ValueError, "old_logp must match"),
-    (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
-    (dict(temperature=float("nan")), ValueError, "temperature must be a finite number > 0, got nan"),
-    # the probes of non-finite and out-of-range inputs: each was a silent NaN / inf / sign flip, or a traceback
-    (dict(weight=torch.zeros(0, 8), bias=None, targets=torch.full((9,), IGNORE)), ValueError,
-     r"weight must have at least one row \(V >= 1\)"),
-    (dict(old_logp=torch.tensor([0.0] * 5 + [float("nan")] * 4)), ValueError,
-     r"old_logp has 4 non-finite value\(s\), the first at token 5"),
-    (dict(advantages=torch.tensor([float("inf"), 0.0])), ValueError, "advantages has 1 non-finite .* token 0"),
-    (dict(ref_logp=torch.full((9,), float("nan")), beta=0.1), ValueError, "ref_logp has 9 non-finite"),
-    (dict(normalizer=-1.0), ValueError, "normalizer must be a finite number > 0, got -1.0"),
-    (dict(normalizer=0), ValueError, "normalizer must be a finite number > 0, got 0"),
-    (dict(beta=float("nan")), ValueError, "beta must be a finite number >= 0, got nan"),
-    (dict(epsilon_low=float("nan")), ValueError, r"epsilon_low must be a finite number in \[0, 1\), got nan"),
-    (dict(epsilon_low=2), ValueError, r"epsilon_low must be a finite number in \[0, 1\), got 2"),
-    (dict(sampling_weight=torch.ones(10)), ValueError, r"sampling_weight must match logp's shape \(9,\)"),
-    (dict(sampling_weight=torch.ones(9, dtype=torch.bool)), TypeError, "sampling_weight must be a float tensor"),
-    (dict(sampling_weight=torch.full((9,), -1.0)), ValueError, "sampling_weight has 9 negative or non-finite"),
-    (dict(config=PolicyLossConfig.resolve("grpo"), loss_type="grpo"), ValueError,
-     "either config= or the loss options, not both"),
-])
+@pytest.mark.parametrize(
+    "over, err, match",
+    [
+        (dict(hidden=torch.zeros(9, 7)), ValueError, "disagree on d"),
+        (dict(targets=torch.zeros(8, dtype=torch.long)), ValueError, r"targets must be \[N\] = \[9\]"),
+        (dict(targets=torch.full((9,), 30)), ValueError, r"targets\[0\] = 30 is outside \[0, V=30\)"),
+        (dict(targets=torch.full((9,), -1)), ValueError, "is outside"),
+        (dict(targets=torch.zeros(9)), TypeError, "targets must be int64"),
+        (dict(hidden=torch.zeros(9, 8, dtype=torch.float64)), TypeError, "fp32/fp16/bf16"),
+        (dict(hidden=torch.zeros(9, 8, dtype=torch.float16)), TypeError, "share a dtype"),
+        (dict(bias=torch.zeros(29)), ValueError, r"bias must be \[V\] = \[30\]"),
+        (dict(weight=torch.zeros(30, 8, device="meta")), ValueError, "one device"),
+        (
+            dict(cu_seqlens=torch.tensor([0, 5, 4, 9], dtype=torch.int32), advantages=torch.zeros(3)),
+            ValueError,
+            "non-decreasing",
+        ),
+        (dict(cu_seqlens=torch.tensor([0, 4, 12], dtype=torch.int32)), ValueError, "end at N=9"),
+        (dict(advantages=torch.zeros(3)), ValueError, r"advantages must be \[B\] = \[2\]"),
+        (dict(old_logp=torch.zeros(10)), ValueError, "old_logp must match"),
+        (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
+        (dict(temperature=float("nan")), ValueError, "temperature must be a finite number > 0, got nan"),
+        # the probes of non-finite and out-of-range inputs: each was a silent NaN / inf / sign flip, or a traceback
+        (
+            dict(weight=torch.zeros(0, 8), bias=None, targets=torch.full((9,), IGNORE)),
+            ValueError,
+            r"weight must have at least one row \(V >= 1\)",
+        ),
+        (
+            dict(old_logp=torch.tensor([0.0] * 5 + [float("nan")] * 4)),
+            ValueError,
+            r"old_logp has 4 non-finite value\(s\), the first at token 5",
+        ),
+        (dict(advantages=torch.tensor([float("inf"), 0.0])), ValueError, "advantages has 1 non-finite .* token 0"),
+        (dict(ref_logp=torch.full((9,), float("nan")), beta=0.1), ValueError, "ref_logp has 9 non-finite"),
+        (dict(normalizer=-1.0), ValueError, "normalizer must be a finite number > 0, got -1.0"),
+        (dict(normalizer=0), ValueError, "normalizer must be a finite number > 0, got 0"),
+        (dict(beta=float("nan")), ValueError, "beta must be a finite number >= 0, got nan"),
+        (dict(epsilon_low=float("nan")), ValueError, r"epsilon_low must be a finite number in \[0, 1\), got nan"),
+        (dict(epsilon_low=2), ValueError, r"epsilon_low must be a finite number in \[0, 1\), got 2"),
+        (dict(sampling_weight=torch.ones(10)), ValueError, r"sampling_weight must match logp's shape \(9,\)"),
+        (dict(sampling_weight=torch.ones(9, dtype=torch.bool)), TypeError, "sampling_weight must be a float tensor"),
+        (dict(sampling_weight=torch.full((9,), -1.0)), ValueError, "sampling_weight has 9 negative or non-finite"),
+        (
+            dict(config=PolicyLossConfig.resolve("grpo"), loss_type="grpo"),
+            ValueError,
+            "either config= or the loss options, not both",
+        ),
+    ],
+)
 def test_bad_input_gets_a_clear_error(over, err, match):
     args = _args(**over)
     with pytest.raises(err, match=match):
@@ -324,20 +417,43 @@ def test_input_checks_read_the_device_once(monkeypatch):
     reads = []
     for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__"):
         original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k: reads.append(_n) or
-                            _f(self, *a, **k))
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k: reads.append(_n) or _f(self, *a, **k)
+        )
     from gcpo_fast.kernels import policy_loss
+
     h, W, b, t, adv, cu = make_inputs(20, 8, 30, [7, 13], seed=5, ignore_frac=0.0)
     old, ref, sw = torch.randn(20), torch.randn(20), torch.rand(20)
     for backend in ("torch", "triton"):
         reads.clear()
-        policy_loss(torch.randn(20, requires_grad=True), old, adv, cu, loss_type="grpo", beta=0.1, ref_logp=ref,
-                    sampling_weight=sw, normalizer=torch.tensor(3.0), backend=backend)
+        policy_loss(
+            torch.randn(20, requires_grad=True),
+            old,
+            adv,
+            cu,
+            loss_type="grpo",
+            beta=0.1,
+            ref_logp=ref,
+            sampling_weight=sw,
+            normalizer=torch.tensor(3.0),
+            backend=backend,
+        )
         assert reads == ["tolist"], (backend, reads)
     for backend, loss_type, expected in (("triton", "gspo", 2), ("torch", "grpo", 2), ("torch", "gspo", 3)):
         reads.clear()
-        linear_policy_loss(h, W.requires_grad_(), t, old, adv, cu, loss_type=loss_type, beta=0.1, ref_logp=ref,
-                           sampling_weight=sw, backend=backend)
+        linear_policy_loss(
+            h,
+            W.requires_grad_(),
+            t,
+            old,
+            adv,
+            cu,
+            loss_type=loss_type,
+            beta=0.1,
+            ref_logp=ref,
+            sampling_weight=sw,
+            backend=backend,
+        )
         assert len(reads) == expected, (backend, loss_type, reads)
 
 
@@ -359,15 +475,28 @@ def test_linear_policy_loss_shaped_golden_rows_torch(device, loss_type, level, o
 @pytest.mark.parametrize("old", ["on", "off"])
 def test_linear_policy_loss_shaped_golden_rows_triton(device, loss_type, old):
     for level in ("token", "sequence"):
-        _policy_case("triton", device, loss_type, level, LOSS_RECIPES[loss_type]["loss_agg_mode"], old=old,
-                     golden=GOLDEN)
+        _policy_case(
+            "triton", device, loss_type, level, LOSS_RECIPES[loss_type]["loss_agg_mode"], old=old, golden=GOLDEN
+        )
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_linear_policy_loss_shaped_with_options(backend, device):
     for level in ("token", "sequence"):
-        _policy_case(backend, device, "grpo", level, "seq-mean-token-sum", golden=GOLDEN, gamma=0.5, weighted=True,
-                     beta=0.05, delta=1.5, clip_ratio_c=1.05, normalizer=11.0)
+        _policy_case(
+            backend,
+            device,
+            "grpo",
+            level,
+            "seq-mean-token-sum",
+            golden=GOLDEN,
+            gamma=0.5,
+            weighted=True,
+            beta=0.05,
+            delta=1.5,
+            clip_ratio_c=1.05,
+            normalizer=11.0,
+        )
     _policy_case(backend, device, "gcpo", "sequence", "seq-mean-token-mean", dtype=torch.float16, golden=GOLDEN)
 
 
@@ -376,8 +505,11 @@ def test_linear_policy_loss_policy_ratio_ignores_golden_rows_bitwise(backend, de
     h, W, b, t, adv, cu = make_inputs(37, 24, 211, [6, 0, 9, 1, 13, 8], seed=2, device=device)
     old = torch.zeros(37, device=device) - 2.0
     results = []
-    for kw in (dict(), dict(golden_rows=GOLDEN.to(device)), dict(golden_rows=GOLDEN.to(device),
-                                                                golden_objective="shaped")):
+    for kw in (
+        dict(),
+        dict(golden_rows=GOLDEN.to(device)),
+        dict(golden_rows=GOLDEN.to(device), golden_objective="shaped"),
+    ):
         Wg = W.clone().requires_grad_()
         loss, stats = linear_policy_loss(h, Wg, t, old, adv, cu, bias=b, loss_type="gcpo", backend=backend, **kw)
         loss.backward()
@@ -388,13 +520,16 @@ def test_linear_policy_loss_policy_ratio_ignores_golden_rows_bitwise(backend, de
     assert not torch.equal(plain, shaped) and not torch.equal(g_plain, g_shaped)
 
 
-@pytest.mark.parametrize("over, err, match", [
-    (dict(golden_objective="shaped"), ValueError, "golden_objective='shaped' needs golden_rows"),
-    (dict(golden_rows=torch.ones(3, dtype=torch.bool)), ValueError, r"golden_rows must be \[B\] = \[2\]"),
-    (dict(golden_rows=torch.ones(2, dtype=torch.int64)), TypeError, "golden_rows must be a bool tensor"),
-    (dict(golden_shaping_gamma=0), ValueError, "golden_shaping_gamma must be a finite number > 0, got 0"),
-    (dict(golden_objective="p_div_p"), ValueError, "golden_objective must be one of"),
-])
+@pytest.mark.parametrize(
+    "over, err, match",
+    [
+        (dict(golden_objective="shaped"), ValueError, "golden_objective='shaped' needs golden_rows"),
+        (dict(golden_rows=torch.ones(3, dtype=torch.bool)), ValueError, r"golden_rows must be \[B\] = \[2\]"),
+        (dict(golden_rows=torch.ones(2, dtype=torch.int64)), TypeError, "golden_rows must be a bool tensor"),
+        (dict(golden_shaping_gamma=0), ValueError, "golden_shaping_gamma must be a finite number > 0, got 0"),
+        (dict(golden_objective="p_div_p"), ValueError, "golden_objective must be one of"),
+    ],
+)
 def test_bad_golden_options_get_a_clear_error(over, err, match):
     with pytest.raises(err, match=match):
         linear_policy_loss(**_args(**over))

@@ -1,5 +1,6 @@
 """RunLogger on resume: lines past the checkpoint dropped, a partial last line (crash mid-write) dropped with a
 warning, the files valid JSONL again."""
+
 import json
 
 import pytest
@@ -20,7 +21,8 @@ def test_resume_drops_a_partial_last_line(tmp_path, tail):
         log = RunLogger(tmp_path, report_to=[], config={}, logging_steps=1, resume_step=3)
     assert sorted(str(w.message).split("/")[-1] for w in caught) == [
         "metrics.jsonl, line 5: dropped a partial last line (the run stopped while writing it)",
-        "samples.jsonl, line 2: dropped a partial last line (the run stopped while writing it)"]
+        "samples.jsonl, line 2: dropped a partial last line (the run stopped while writing it)",
+    ]
     log.metrics(4, {"loss": 0.4})
     assert [r["step"] for r in lines(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3, 4]  # every line parses
     assert lines(tmp_path / "samples.jsonl") == [{"step": 2, "completion": "a"}]

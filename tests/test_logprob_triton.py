@@ -5,6 +5,7 @@ the same tests run unchanged on a CUDA GPU. Shapes are tiny and odd on purpose (
 multiples of any block) and the interpreter tiles are small, so every test covers several N, V and
 d tiles, vocabulary splits and masked edges.
 """
+
 import math
 
 import pytest
@@ -20,15 +21,18 @@ FWD_ATOL = {torch.float32: 1e-4, torch.float16: 5e-4, torch.bfloat16: 2e-3}
 DTYPES = [
     torch.float32,
     torch.float16,
-    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-        not torch.cuda.is_available(),
-        reason="needs CUDA: the Triton interpreter's tl.dot multiplies raw bf16 bit patterns "
-               "(triton issue #11584); bf16 is covered by the AOT compile test")),
+    pytest.param(
+        torch.bfloat16,
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available(),
+            reason="needs CUDA: the Triton interpreter's tl.dot multiplies raw bf16 bit patterns "
+            "(triton issue #11584); bf16 is covered by the AOT compile test",
+        ),
+    ),
 ]
 
 
-def make_problem(N, V, d, dtype, device, *, bias=True, temperature=1.0, ignore_frac=0.2,
-                 seed=0, sigma=6.0):
+def make_problem(N, V, d, dtype, device, *, bias=True, temperature=1.0, ignore_frac=0.2, seed=0, sigma=6.0):
     """Peaked logits (std of z = logits / T ~ sigma: entropy ~0.3-2 nats), targets ~ softmax(z)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, d, generator=g, dtype=torch.float64) * (sigma * temperature / math.sqrt(d))
@@ -106,14 +110,16 @@ def check_grads(out, ref_grads, x, w, b, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("N,V,d,temperature,bias", [
-    (1, 203, 24, 1.0, True),
-    (37, 203, 72, 0.7, False),
-    (37, 1000, 72, 1.3, True),
-])
+@pytest.mark.parametrize(
+    "N,V,d,temperature,bias",
+    [
+        (1, 203, 24, 1.0, True),
+        (37, 203, 72, 0.7, False),
+        (37, 1000, 72, 1.3, True),
+    ],
+)
 def test_matches_fp64_reference(device, dtype, N, V, d, temperature, bias):
-    x, w, b, t, g_lp, g_h = make_problem(N, V, d, dtype, device, bias=bias,
-                                         temperature=temperature, seed=N + V)
+    x, w, b, t, g_lp, g_h = make_problem(N, V, d, dtype, device, bias=bias, temperature=temperature, seed=N + V)
     ref = reference(x, w, b, t, temperature, IGNORE, g_lp, g_h)
     if N > 1:
         assert 0.3 <= ref[2][t != IGNORE].mean() <= 2.0, "test data is not realistically peaked"
@@ -121,8 +127,7 @@ def test_matches_fp64_reference(device, dtype, N, V, d, temperature, bias):
     out = K.linear_logprob_forward(x, w, b, t, temperature, IGNORE, True)
     check_forward(out, ref, dtype)
     assert (out[0][t == IGNORE] == 0).all() and (out[2][t == IGNORE] == 0).all()
-    grads = K.linear_logprob_backward(x, w, b, t, out[1], out[2], g_lp, g_h, temperature, IGNORE,
-                                      True, True, True)
+    grads = K.linear_logprob_backward(x, w, b, t, out[1], out[2], g_lp, g_h, temperature, IGNORE, True, True, True)
     check_grads(grads, ref[3], x, w, b, dtype)
     assert (grads[0][t == IGNORE] == 0).all()
 
@@ -135,13 +140,11 @@ def test_logp_only_and_partial_grads(device, dtype):
     ref = reference(x, w, b, t, T, IGNORE, g_lp, None)
     lp, lse, ent = K.linear_logprob_forward(x, w, b, t, T, IGNORE, False)
     check_forward((lp, lse, ent), ref, dtype, with_entropy=False)
-    dx, dw, db = K.linear_logprob_backward(x, w, b, t, lse, None, g_lp, None, T, IGNORE,
-                                           False, True, True)
+    dx, dw, db = K.linear_logprob_backward(x, w, b, t, lse, None, g_lp, None, T, IGNORE, False, True, True)
     assert dx is None
     assert_close_rel(dw, ref[3][1], GRAD_RTOL[dtype], "dw")
     assert_close_rel(db, ref[3][2], GRAD_RTOL[dtype], "db")
-    dx, dw, db = K.linear_logprob_backward(x, w, b, t, lse, None, g_lp, None, T, IGNORE,
-                                           True, False, False)
+    dx, dw, db = K.linear_logprob_backward(x, w, b, t, lse, None, g_lp, None, T, IGNORE, True, False, False)
     assert dw is None and db is None
     assert_close_rel(dx, ref[3][0], GRAD_RTOL[dtype], "dx")
 
@@ -149,21 +152,19 @@ def test_logp_only_and_partial_grads(device, dtype):
 def test_ignore_index_that_is_a_vocab_id_and_all_ignored(device):
     N, V, d = 21, 150, 24
     x, w, b, _, g_lp, g_h = make_problem(N, V, d, torch.float32, device, seed=5)
-    t = torch.randint(0, 4, (N,)).to(device)                 # many rows hit token 2
+    t = torch.randint(0, 4, (N,)).to(device)  # many rows hit token 2
     ref = reference(x, w, b, t, 1.0, 2, g_lp, g_h)
     out = K.linear_logprob_forward(x, w, b, t, 1.0, 2, True)
     check_forward(out, ref, torch.float32)
     assert (out[0][t == 2] == 0).all() and (out[0][t != 2] != 0).all()
-    grads = K.linear_logprob_backward(x, w, b, t, out[1], out[2], g_lp, g_h, 1.0, 2,
-                                      True, True, True)
+    grads = K.linear_logprob_backward(x, w, b, t, out[1], out[2], g_lp, g_h, 1.0, 2, True, True, True)
     check_grads(grads, ref[3], x, w, b, torch.float32)
 
     t_all = torch.full((N,), IGNORE, device=device)
     lp, lse, ent = K.linear_logprob_forward(x, w, b, t_all, 1.0, IGNORE, True)
     assert (lp == 0).all() and (ent == 0).all()
     torch.testing.assert_close(lse.double(), ref[1], atol=1e-4, rtol=1e-6)  # lse still computed
-    dx, dw, db = K.linear_logprob_backward(x, w, b, t_all, lse, ent, g_lp, g_h, 1.0, IGNORE,
-                                           True, True, True)
+    dx, dw, db = K.linear_logprob_backward(x, w, b, t_all, lse, ent, g_lp, g_h, 1.0, IGNORE, True, True, True)
     assert (dx == 0).all() and (dw == 0).all() and (db == 0).all()
 
 
@@ -172,8 +173,7 @@ def test_empty_batch(device):
     x, w, b, t, g_lp, g_h = make_problem(0, V, d, torch.float32, device)
     lp, lse, ent = K.linear_logprob_forward(x, w, b, t, 1.0, IGNORE, True)
     assert lp.shape == lse.shape == ent.shape == (0,) and lp.dtype == torch.float32
-    dx, dw, db = K.linear_logprob_backward(x, w, b, t, lse, ent, g_lp, g_h, 1.0, IGNORE,
-                                           True, True, True)
+    dx, dw, db = K.linear_logprob_backward(x, w, b, t, lse, ent, g_lp, g_h, 1.0, IGNORE, True, True, True)
     assert dx.shape == (0, d) and dw.shape == (V, d) and db.shape == (V,)
     assert (dw == 0).all() and (db == 0).all()
 
@@ -196,15 +196,14 @@ def test_small_workspace_forces_chunks(device, monkeypatch):
 
     monkeypatch.setattr(K, "_linear_logprob_bwd_dz_kernel", Counting())
     ws = 5 * V * x.element_size() + 7
-    small = K.linear_logprob_backward(x, w, b, t, lse, ent, g_lp, g_h, T, IGNORE, True, True,
-                                      True, workspace_bytes=ws)
+    small = K.linear_logprob_backward(x, w, b, t, lse, ent, g_lp, g_h, T, IGNORE, True, True, True, workspace_bytes=ws)
     assert len(launches) == math.ceil(N / 5)
-    assert all(grid[0] == 1 for grid in launches)     # 5 rows < BLOCK_N
+    assert all(grid[0] == 1 for grid in launches)  # 5 rows < BLOCK_N
     check_grads(small, ref[3], x, w, b, dtype)
     launches.clear()
     big = K.linear_logprob_backward(x, w, b, t, lse, ent, g_lp, g_h, T, IGNORE, True, True, True)
     assert len(launches) == 1
-    for s, g in zip(small, big):     # same dZ; only the GEMMs' chunking differs
+    for s, g in zip(small, big):  # same dZ; only the GEMMs' chunking differs
         torch.testing.assert_close(s.float(), g.float(), atol=2e-3, rtol=2e-3)
 
 
@@ -214,9 +213,12 @@ def test_deterministic(device):
     outs = [K.linear_logprob_forward(x, w, b, t, 0.9, IGNORE, True, split_v=3) for _ in range(2)]
     for a, c in zip(*outs):
         assert torch.equal(a, c)
-    grads = [K.linear_logprob_backward(x, w, b, t, outs[0][1], outs[0][2], g_lp, g_h, 0.9,
-                                       IGNORE, True, True, True, workspace_bytes=10 * V * 2)
-             for _ in range(2)]
+    grads = [
+        K.linear_logprob_backward(
+            x, w, b, t, outs[0][1], outs[0][2], g_lp, g_h, 0.9, IGNORE, True, True, True, workspace_bytes=10 * V * 2
+        )
+        for _ in range(2)
+    ]
     for a, c in zip(*grads):
         assert torch.equal(a, c)
 
@@ -239,24 +241,24 @@ def test_every_config(device, name, cfg):
     for split in sorted({1, 2, v_tiles}):
         out = K.linear_logprob_forward(x, w, b, t, T, IGNORE, True, config=cfg, split_v=split)
         check_forward(out, ref, dtype)
-    grads = K.linear_logprob_backward(x, w, b, t, out[1], out[2], g_lp, g_h, T, IGNORE, True,
-                                      True, True, workspace_bytes=20 * V * 2, config=cfg)
+    grads = K.linear_logprob_backward(
+        x, w, b, t, out[1], out[2], g_lp, g_h, T, IGNORE, True, True, True, workspace_bytes=20 * V * 2, config=cfg
+    )
     check_grads(grads, ref[3], x, w, b, dtype)
 
 
 def test_non_contiguous_inputs_and_expanded_grads(device):
     N, V, d, T = 23, 130, 24, 1.1
     x, w, b, t, _, g_h = make_problem(N, V, d, torch.float32, device, temperature=T, seed=17)
-    x_nc = torch.stack([x, x], 2)[:, :, 0]                    # strided columns
-    w_nc = w.T.contiguous().T                                 # column-major weight
-    t_nc = torch.stack([t, t], 1)[:, 0]                       # stride 2
+    x_nc = torch.stack([x, x], 2)[:, :, 0]  # strided columns
+    w_nc = w.T.contiguous().T  # column-major weight
+    t_nc = torch.stack([t, t], 1)[:, 0]  # stride 2
     assert not (x_nc.is_contiguous() or w_nc.is_contiguous() or t_nc.is_contiguous())
-    g_lp = torch.ones(1, device=device).expand(N)             # what autograd hands in for .sum()
+    g_lp = torch.ones(1, device=device).expand(N)  # what autograd hands in for .sum()
     ref = reference(x, w, b, t, T, IGNORE, g_lp, g_h)
     out = K.linear_logprob_forward(x_nc, w_nc, b, t_nc, T, IGNORE, True)
     check_forward(out, ref, torch.float32)
-    grads = K.linear_logprob_backward(x_nc, w_nc, b, t_nc, out[1], out[2], g_lp, g_h, T, IGNORE,
-                                      True, True, True)
+    grads = K.linear_logprob_backward(x_nc, w_nc, b, t_nc, out[1], out[2], g_lp, g_h, T, IGNORE, True, True, True)
     check_grads(grads, ref[3], x, w, b, torch.float32)
 
 
@@ -267,26 +269,35 @@ def test_launch_policy():
     if torch.cuda.is_available():
         sms = K._num_sms(cuda)
         assert K.pick_config(K.FWD_CONFIGS, 64, torch.bfloat16, cuda) == K.FWD_CONFIGS["m64"]
-        assert K.pick_config(K.FWD_CONFIGS, 128 * sms, torch.bfloat16, cuda) == \
-            K.FWD_CONFIGS["m128"]
+        assert K.pick_config(K.FWD_CONFIGS, 128 * sms, torch.bfloat16, cuda) == K.FWD_CONFIGS["m128"]
         assert K.pick_config(K.FWD_CONFIGS, 64, torch.float32, cuda) == K.FWD_CONFIGS["fp32"]
     sms = K._DEFAULT_NUM_SMS
-    assert K._split_v(1, 1187, cpu) == 2 * sms              # few tokens: split V to fill the GPU
+    assert K._split_v(1, 1187, cpu) == 2 * sms  # few tokens: split V to fill the GPU
     assert K._split_v(4, 1187, cpu) == 2 * sms // 4
-    assert K._split_v(2 * sms, 1187, cpu) == 1               # many tokens: no split
-    assert K._split_v(1, 3, cpu) == 3                        # never more splits than tiles
+    assert K._split_v(2 * sms, 1187, cpu) == 1  # many tokens: no split
+    assert K._split_v(1, 3, cpu) == 3  # never more splits than tiles
 
 
 def test_autograd_op_with_triton_backend(device):
     """Through the public op (`linear_logprobs(..., backend="triton")`) against the torch backend."""
     from gcpo_fast.kernels.linear_logprobs import linear_logprobs
+
     N, V, d, T = 19, 150, 24, 0.8
     x, w, b, t, g_lp, g_h = make_problem(N, V, d, torch.float32, device, temperature=T, seed=19)
     results = []
     for backend in ("triton", "torch"):
         xs, ws, bs = (v.clone().requires_grad_() for v in (x, w, b))
-        lp, ent = linear_logprobs(xs, ws, t, temperature=T, bias=bs, ignore_index=IGNORE,
-                                  return_entropy=True, backend=backend, workspace_bytes=4 * V * 4)
+        lp, ent = linear_logprobs(
+            xs,
+            ws,
+            t,
+            temperature=T,
+            bias=bs,
+            ignore_index=IGNORE,
+            return_entropy=True,
+            backend=backend,
+            workspace_bytes=4 * V * 4,
+        )
         ((lp * g_lp).sum() + (ent * g_h).sum()).backward()
         results.append((lp, ent, xs.grad, ws.grad, bs.grad))
     for got, want in zip(*results):

@@ -1,15 +1,16 @@
 """Model loading: folders that cannot train are refused in one line before any weights load (missing, hub id not
 cached, empty, no config / weights / tokenizer, encoders, encoder-decoders), damaged or incomplete weights when
 loading; a good folder loads exactly as transformers loads it."""
+
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_model import make_tiny_model, make_tokenizer, one_thread  # noqa: F401 (one_thread: fixture)
 from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM, T5Config, T5ForConditionalGeneration
 
 from gcpo_fast.models import check_model_folder, load_causal_lm, load_tokenizer
-from tiny_model import make_tiny_model, make_tokenizer, one_thread  # noqa: F401 (one_thread: fixture)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,9 @@ def test_a_missing_folder_is_named(tmp_path):
 
 def test_a_hub_id_loads_only_from_the_local_cache(tmp_path, good, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
-    refused("someone/tiny-model", "nor is someone/tiny-model a model in the local Hugging Face cache .nothing is downloaded")
+    refused(
+        "someone/tiny-model", "nor is someone/tiny-model a model in the local Hugging Face cache .nothing is downloaded"
+    )
     snapshot = tmp_path / "hub" / "models--someone--tiny-model" / "snapshots" / "0123abcd"
     shutil.copytree(good, snapshot)
     (tmp_path / "hub" / "models--someone--tiny-model" / "refs").mkdir()
@@ -48,12 +51,15 @@ def test_a_hub_id_loads_only_from_the_local_cache(tmp_path, good, monkeypatch):
     assert type(load_causal_lm("someone/tiny-model", device="cpu")).__name__ == "Qwen2ForCausalLM"
 
 
-@pytest.mark.parametrize("remove, match", [
-    ("all", "is empty$"),
-    (("config.json",), "has no config.json"),
-    (("model.safetensors",), "has no weights .none of model.safetensors, model.safetensors.index.json"),
-    (("tokenizer.json", "tokenizer_config.json"), "has no tokenizer"),
-])
+@pytest.mark.parametrize(
+    "remove, match",
+    [
+        ("all", "is empty$"),
+        (("config.json",), "has no config.json"),
+        (("model.safetensors",), "has no weights .none of model.safetensors, model.safetensors.index.json"),
+        (("tokenizer.json", "tokenizer_config.json"), "has no tokenizer"),
+    ],
+)
 def test_incomplete_folders(tmp_path, good, remove, match):
     if remove == "all":
         (tmp_path / "m").mkdir()
@@ -69,7 +75,9 @@ def test_a_file_is_not_a_model_folder(tmp_path):
 
 def test_an_encoder_is_refused_with_its_class(tmp_path):
     # AutoModelForCausalLM turned a BERT folder into a BertLMHeadModel that sees future tokens and a random head
-    config = BertConfig(vocab_size=320, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    config = BertConfig(
+        vocab_size=320, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
     BertForMaskedLM(config).save_pretrained(tmp_path / "bert")
     make_tokenizer().save_pretrained(tmp_path / "bert")
     refused(tmp_path / "bert", r"is an encoder \(bert\): as BertLMHeadModel it would attend to future tokens")
@@ -80,8 +88,9 @@ def test_an_encoder_is_refused_with_its_class(tmp_path):
 
 
 def test_an_encoder_decoder_is_refused(tmp_path):
-    T5ForConditionalGeneration(T5Config(vocab_size=320, d_model=16, d_kv=8, d_ff=32, num_layers=1,
-                                        num_heads=2)).save_pretrained(tmp_path / "t5")
+    T5ForConditionalGeneration(
+        T5Config(vocab_size=320, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    ).save_pretrained(tmp_path / "t5")
     make_tokenizer().save_pretrained(tmp_path / "t5")
     refused(tmp_path / "t5", r"\(t5\) is an encoder-decoder, not a causal decoder-only LM")
 
@@ -125,5 +134,7 @@ def test_a_good_folder_loads_as_transformers_loads_it(good, one_thread):
 
 def test_the_missing_shipped_model_says_how_to_build_it(tmp_path, monkeypatch):
     monkeypatch.setattr("gcpo_fast.models.DEFAULT_MODEL", str(tmp_path / "default_model"))
-    refused(tmp_path / "default_model",
-            "the shipped model is missing from .*: build it with `python -m gcpo_fast.make_default_model`")
+    refused(
+        tmp_path / "default_model",
+        "the shipped model is missing from .*: build it with `python -m gcpo_fast.make_default_model`",
+    )

@@ -2,9 +2,18 @@
 
 Tiny randomly initialised models (hidden 32, 2 layers, vocab 101), built in the test: nothing is downloaded.
 """
+
 import pytest
 import torch
-from transformers import Gemma2Config, LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    Gemma2Config,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
 from gcpo_fast.packing import forward_hidden, lm_head_weight, pack_rows, uses_flash_attention
@@ -31,8 +40,10 @@ def phi_with_bias():
 def random_rows(seed=0):
     g = torch.Generator().manual_seed(seed)
     shapes = [(5, 7), (1, 3), (9, 0), (4, 12), (2, 1)]  # (prompt, completion) lengths; one empty completion
-    return ([torch.randint(0, VOCAB, (p,), generator=g).tolist() for p, _ in shapes],
-            [torch.randint(0, VOCAB, (c,), generator=g).tolist() for _, c in shapes])
+    return (
+        [torch.randint(0, VOCAB, (p,), generator=g).tolist() for p, _ in shapes],
+        [torch.randint(0, VOCAB, (c,), generator=g).tolist() for _, c in shapes],
+    )
 
 
 def test_pack_rows_layout():
@@ -137,7 +148,9 @@ def test_flash_varlen_matches_per_row_on_cuda():
 
     torch.manual_seed(0)
     config = Qwen2Config(**SIZES, num_key_value_heads=2)
-    flash = AutoModelForCausalLM.from_config(config, attn_implementation="flash_attention_2", dtype=torch.bfloat16).cuda()
+    flash = AutoModelForCausalLM.from_config(
+        config, attn_implementation="flash_attention_2", dtype=torch.bfloat16
+    ).cuda()
     sdpa = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16).cuda()
     sdpa.load_state_dict(flash.state_dict())
     assert uses_flash_attention(flash)

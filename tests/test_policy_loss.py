@@ -1,4 +1,5 @@
 """policy_loss against a row-by-row fp64 autograd reference written here, for every method option."""
+
 import itertools
 
 import pytest
@@ -8,9 +9,28 @@ from gcpo_fast.kernels import LOSS_RECIPES, PolicyLossConfig, policy_loss
 from gcpo_fast.kernels.policy_loss import AGG_MODES
 
 
-def reference_policy_loss(lp, old, ref, adv, cu, *, loss_type, level, eps_low, eps_high, agg, delta=None,
-                          clip_c=None, beta=0.0, max_len=None, normalizer=None, mask=None, sampling_weight=None,
-                          shaped_rows=None, gamma=0.1):
+def reference_policy_loss(
+    lp,
+    old,
+    ref,
+    adv,
+    cu,
+    *,
+    loss_type,
+    level,
+    eps_low,
+    eps_high,
+    agg,
+    delta=None,
+    clip_c=None,
+    beta=0.0,
+    max_len=None,
+    normalizer=None,
+    mask=None,
+    sampling_weight=None,
+    shaped_rows=None,
+    gamma=0.1,
+):
     """Straight from docs/algorithms.md, one row at a time, differentiated by autograd.
 
     sampling_weight multiplies the policy term before the KL term is added (TRL 1.16's order). Rows
@@ -91,19 +111,46 @@ def _check(lengths, loss_type, level, agg, on_policy, seed=0, eps=(0.1, 0.15), b
         kw.update(golden_rows=golden.to(device), golden_objective="shaped", golden_shaping_gamma=gamma)
     lp32 = lp.float().to(device).requires_grad_()
     on = dict(device=device)
-    loss, stats = policy_loss(lp32, None if on_policy else old.float().to(**on), adv.float().to(**on), cu.to(**on),
-                              loss_type=loss_type, importance_sampling_level=level, epsilon_low=eps[0],
-                              epsilon_high=eps[1], loss_agg_mode=agg, ref_logp=ref.float().to(**on),
-                              max_completion_length=30, mask=None if mask is None else mask.to(**on), backend=backend,
-                              sampling_weight=None if sw is None else sw.float().to(**on), **kw)
+    loss, stats = policy_loss(
+        lp32,
+        None if on_policy else old.float().to(**on),
+        adv.float().to(**on),
+        cu.to(**on),
+        loss_type=loss_type,
+        importance_sampling_level=level,
+        epsilon_low=eps[0],
+        epsilon_high=eps[1],
+        loss_agg_mode=agg,
+        ref_logp=ref.float().to(**on),
+        max_completion_length=30,
+        mask=None if mask is None else mask.to(**on),
+        backend=backend,
+        sampling_weight=None if sw is None else sw.float().to(**on),
+        **kw,
+    )
     loss.backward()
     lp64 = lp.clone().requires_grad_()
-    expected = reference_policy_loss(lp64, None if on_policy else old, ref, adv, cu, loss_type=loss_type, level=level,
-                                     eps_low=eps[0], eps_high=eps[1], agg=agg, delta=kw.get("delta"),
-                                     clip_c=kw.get("clip_ratio_c"), beta=kw.get("beta", 0.0), max_len=30,
-                                     normalizer=kw.get("normalizer"), mask=mask,
-                                     sampling_weight=None if sw is None else sw.float().double(), shaped_rows=golden,
-                                     gamma=gamma)
+    expected = reference_policy_loss(
+        lp64,
+        None if on_policy else old,
+        ref,
+        adv,
+        cu,
+        loss_type=loss_type,
+        level=level,
+        eps_low=eps[0],
+        eps_high=eps[1],
+        agg=agg,
+        delta=kw.get("delta"),
+        clip_c=kw.get("clip_ratio_c"),
+        beta=kw.get("beta", 0.0),
+        max_len=30,
+        normalizer=kw.get("normalizer"),
+        mask=mask,
+        sampling_weight=None if sw is None else sw.float().double(),
+        shaped_rows=golden,
+        gamma=gamma,
+    )
     expected.backward()
     torch.testing.assert_close(loss.double().cpu(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lp32.grad.double().cpu(), lp64.grad, rtol=1e-4, atol=1e-6)
@@ -128,8 +175,9 @@ def test_triton_row_kernel_stats_match_torch(device):
         for seed in range(3):
             kw = dict(eps=(0.05, 0.05), beta=0.1, seed=seed)
             torch_stats = _check(LENGTHS, "grpo", level, "seq-mean-token-mean", False, **kw)
-            triton_stats = _check(LENGTHS, "grpo", level, "seq-mean-token-mean", False, backend="triton",
-                                  device=device, **kw)
+            triton_stats = _check(
+                LENGTHS, "grpo", level, "seq-mean-token-mean", False, backend="triton", device=device, **kw
+            )
             assert torch_stats.keys() == triton_stats.keys()
             for k in torch_stats:
                 torch.testing.assert_close(triton_stats[k], torch_stats[k], rtol=1e-5, atol=1e-6)
@@ -139,12 +187,30 @@ def test_triton_row_kernel_stats_match_torch(device):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
-@pytest.mark.parametrize("option", [dict(delta=1.3), dict(clip_ratio_c=1.1), dict(beta=0.04), dict(normalizer=17.0),
-                                    dict(delta=1.3, clip_ratio_c=1.2, beta=0.1)])
+@pytest.mark.parametrize(
+    "option",
+    [
+        dict(delta=1.3),
+        dict(clip_ratio_c=1.1),
+        dict(beta=0.04),
+        dict(normalizer=17.0),
+        dict(delta=1.3, clip_ratio_c=1.2, beta=0.1),
+    ],
+)
 def test_options(backend, device, level, option):
     for seed in range(3):
-        _check(LENGTHS, "grpo", level, "token-mean", False, seed=seed, eps=(0.05, 0.08), backend=backend,
-               device=device, **option)
+        _check(
+            LENGTHS,
+            "grpo",
+            level,
+            "token-mean",
+            False,
+            seed=seed,
+            eps=(0.05, 0.08),
+            backend=backend,
+            device=device,
+            **option,
+        )
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -154,8 +220,17 @@ def test_mask_fully_ignored_row_and_single_token_batch(backend, device):
     mask[-3:] = False
     long_row = [600, 3]  # longer than the Triton kernel's token block
     for level in ("token", "sequence"):
-        _check(LENGTHS, "gcpo", level, "seq-mean-token-mean", False, mask=mask, eps=(0.05, 0.05), backend=backend,
-               device=device)
+        _check(
+            LENGTHS,
+            "gcpo",
+            level,
+            "seq-mean-token-mean",
+            False,
+            mask=mask,
+            eps=(0.05, 0.05),
+            backend=backend,
+            device=device,
+        )
         _check(long_row, "gcpo", level, "seq-mean-token-mean", False, backend=backend, device=device)
     _check([1], "dapo", "token", "token-mean", False, backend=backend, device=device)
 
@@ -215,19 +290,22 @@ def test_deterministic():
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(cu=torch.tensor([0, 5, 3, 9], dtype=torch.int32), adv=torch.ones(3)), "non-decreasing"),
-    (dict(cu=torch.tensor([0, 4, 8], dtype=torch.int32)), "end at N=9"),
-    (dict(cu=torch.tensor([1, 4, 9], dtype=torch.int32)), "start at 0"),
-    (dict(adv=torch.ones(3)), "advantages must be"),
-    (dict(old=torch.zeros(8)), "old_logp must match"),
-    (dict(adv=torch.ones(2, dtype=torch.int64)), "advantages must be a float"),
-    (dict(cu=torch.tensor([0, 4, 9], dtype=torch.float32)), "cu_seqlens must be int32"),
-    (dict(loss_type="ppo"), "loss_type must be one of"),
-    (dict(beta=0.1), "needs ref_logp"),
-    (dict(loss_type="dr_grpo"), "max_completion_length"),
-    (dict(importance_sampling_level="row"), "importance_sampling_level"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(cu=torch.tensor([0, 5, 3, 9], dtype=torch.int32), adv=torch.ones(3)), "non-decreasing"),
+        (dict(cu=torch.tensor([0, 4, 8], dtype=torch.int32)), "end at N=9"),
+        (dict(cu=torch.tensor([1, 4, 9], dtype=torch.int32)), "start at 0"),
+        (dict(adv=torch.ones(3)), "advantages must be"),
+        (dict(old=torch.zeros(8)), "old_logp must match"),
+        (dict(adv=torch.ones(2, dtype=torch.int64)), "advantages must be a float"),
+        (dict(cu=torch.tensor([0, 4, 9], dtype=torch.float32)), "cu_seqlens must be int32"),
+        (dict(loss_type="ppo"), "loss_type must be one of"),
+        (dict(beta=0.1), "needs ref_logp"),
+        (dict(loss_type="dr_grpo"), "max_completion_length"),
+        (dict(importance_sampling_level="row"), "importance_sampling_level"),
+    ],
+)
 def test_bad_input_names_the_problem(bad, match):
     args = dict(lp=torch.zeros(9), old=None, adv=torch.ones(2), cu=torch.tensor([0, 4, 9], dtype=torch.int32))
     opts = {k: bad.pop(k) for k in list(bad) if k not in args}
@@ -241,16 +319,47 @@ def test_bad_input_names_the_problem(bad, match):
 def test_sampling_weight_with_options_masks_and_long_rows(backend, level, device):
     n = sum(LENGTHS)
     for seed in range(2):
-        _check(LENGTHS, "grpo", level, "token-mean", False, seed=seed, eps=(0.05, 0.08), backend=backend,
-               device=device, sampling_weight=random_sampling_weight(n, seed), delta=1.3, clip_ratio_c=1.2, beta=0.1,
-               normalizer=17.0)
+        _check(
+            LENGTHS,
+            "grpo",
+            level,
+            "token-mean",
+            False,
+            seed=seed,
+            eps=(0.05, 0.08),
+            backend=backend,
+            device=device,
+            sampling_weight=random_sampling_weight(n, seed),
+            delta=1.3,
+            clip_ratio_c=1.2,
+            beta=0.1,
+            normalizer=17.0,
+        )
     mask = torch.ones(n, dtype=torch.bool)
     mask[5:18] = False
     mask[-3:] = False
-    _check(LENGTHS, "gcpo", level, "seq-mean-token-mean", False, mask=mask, eps=(0.05, 0.05), backend=backend,
-           device=device, sampling_weight=random_sampling_weight(n, 3))
-    _check([600, 3], "gcpo", level, "seq-mean-token-mean", False, backend=backend, device=device,
-           sampling_weight=random_sampling_weight(603, 4))
+    _check(
+        LENGTHS,
+        "gcpo",
+        level,
+        "seq-mean-token-mean",
+        False,
+        mask=mask,
+        eps=(0.05, 0.05),
+        backend=backend,
+        device=device,
+        sampling_weight=random_sampling_weight(n, 3),
+    )
+    _check(
+        [600, 3],
+        "gcpo",
+        level,
+        "seq-mean-token-mean",
+        False,
+        backend=backend,
+        device=device,
+        sampling_weight=random_sampling_weight(603, 4),
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -263,10 +372,19 @@ def test_sampling_weight_of_ones_equals_none_and_leaves_the_stats(backend, devic
             outs = []
             for sw in weights:
                 x = lp.float().to(**on).requires_grad_()
-                loss, stats = policy_loss(x, old.float().to(**on), adv.float().to(**on), cu.to(**on),
-                                          loss_type=loss_type, importance_sampling_level=level, beta=0.1,
-                                          ref_logp=ref.float().to(**on), max_completion_length=30, backend=backend,
-                                          sampling_weight=None if sw is None else sw.to(**on))
+                loss, stats = policy_loss(
+                    x,
+                    old.float().to(**on),
+                    adv.float().to(**on),
+                    cu.to(**on),
+                    loss_type=loss_type,
+                    importance_sampling_level=level,
+                    beta=0.1,
+                    ref_logp=ref.float().to(**on),
+                    max_completion_length=30,
+                    backend=backend,
+                    sampling_weight=None if sw is None else sw.to(**on),
+                )
                 loss.backward()
                 outs.append((loss.detach(), x.grad, stats))
             (plain, g_plain, s_plain), (ones, g_ones, _), (weighted, g_weighted, s_weighted) = outs
@@ -284,24 +402,42 @@ def test_sampling_weight_leaves_the_kl_term_unweighted(backend, device):
     lp, old, ref, adv, cu = make_batch(LENGTHS, 6)
     n, on = sum(LENGTHS), dict(device=device)
     x = lp.float().to(**on).requires_grad_()
-    loss, stats = policy_loss(x, old.float().to(**on), adv.float().to(**on), cu.to(**on), loss_type="dapo",
-                              beta=0.3, ref_logp=ref.float().to(**on), sampling_weight=torch.zeros(n, **on),
-                              backend=backend)
+    loss, stats = policy_loss(
+        x,
+        old.float().to(**on),
+        adv.float().to(**on),
+        cu.to(**on),
+        loss_type="dapo",
+        beta=0.3,
+        ref_logp=ref.float().to(**on),
+        sampling_weight=torch.zeros(n, **on),
+        backend=backend,
+    )
     loss.backward()
     torch.testing.assert_close(loss, 0.3 * stats["kl"])
     diff = (ref - lp).float().to(**on)
     torch.testing.assert_close(x.grad, 0.3 * (1 - torch.exp(diff)) / n)
 
 
-@pytest.mark.parametrize("sw, err, match", [
-    (torch.ones(8), ValueError, r"sampling_weight must match logp's shape \(9,\)"),
-    (torch.ones(9, dtype=torch.int64), TypeError, "sampling_weight must be a float tensor"),
-    (torch.ones(9, device="meta"), ValueError, "one device"),
-    (torch.tensor([1.0] * 8 + [-0.5]), ValueError, "sampling_weight has 1 negative or non-finite value.*token 8"),
-    (torch.tensor([1.0] * 3 + [float("nan")] * 6), ValueError,
-     "sampling_weight has 6 negative or non-finite .*token 3"),
-    (torch.tensor([float("inf")] + [1.0] * 8), ValueError, "sampling_weight has 1 negative or non-finite .*token 0"),
-])
+@pytest.mark.parametrize(
+    "sw, err, match",
+    [
+        (torch.ones(8), ValueError, r"sampling_weight must match logp's shape \(9,\)"),
+        (torch.ones(9, dtype=torch.int64), TypeError, "sampling_weight must be a float tensor"),
+        (torch.ones(9, device="meta"), ValueError, "one device"),
+        (torch.tensor([1.0] * 8 + [-0.5]), ValueError, "sampling_weight has 1 negative or non-finite value.*token 8"),
+        (
+            torch.tensor([1.0] * 3 + [float("nan")] * 6),
+            ValueError,
+            "sampling_weight has 6 negative or non-finite .*token 3",
+        ),
+        (
+            torch.tensor([float("inf")] + [1.0] * 8),
+            ValueError,
+            "sampling_weight has 1 negative or non-finite .*token 0",
+        ),
+    ],
+)
 def test_bad_sampling_weight_names_the_problem(sw, err, match):
     with pytest.raises(err, match=match):
         policy_loss(torch.zeros(9), None, torch.ones(2), torch.tensor([0, 4, 9], dtype=torch.int32), sampling_weight=sw)
@@ -318,33 +454,42 @@ def test_sampling_weight_gets_no_gradient():
 NAN = float("nan")
 
 
-@pytest.mark.parametrize("probe, match", [
-    (dict(old=torch.tensor([0.0, 0, 0, NAN, 0, 0, 0, 0, 0])),
-     r"old_logp has 1 non-finite value\(s\), the first at token 3"),
-    (dict(old=torch.tensor([0.0] * 8 + [float("-inf")])), "old_logp has 1 non-finite .* token 8"),
-    (dict(adv=torch.tensor([1.0, NAN])), "advantages has 1 non-finite .* token 1"),
-    (dict(ref_logp=torch.tensor([NAN] * 9), beta=0.1), "ref_logp has 9 non-finite .* token 0"),
-    (dict(normalizer=-1), "normalizer must be a finite number > 0, got -1"),
-    (dict(normalizer=0), "normalizer must be a finite number > 0, got 0"),
-    (dict(normalizer=NAN), "normalizer must be a finite number > 0, got nan"),
-    (dict(normalizer=torch.tensor(0.0)), "normalizer must be a finite number > 0, got 0"),
-    (dict(normalizer=torch.tensor([NAN])), "normalizer must be a finite number > 0, got nan"),
-    (dict(normalizer=torch.ones(2)), "normalizer must be a number or a one-element float tensor"),
-    (dict(normalizer="9"), "normalizer must be a number"),
-    (dict(beta=NAN), "beta must be a finite number >= 0, got nan"),
-    (dict(beta=-0.1), "beta must be a finite number >= 0"),
-    (dict(epsilon_low=NAN), r"epsilon_low must be a finite number in \[0, 1\), got nan"),
-    (dict(epsilon_low=2), r"epsilon_low must be a finite number in \[0, 1\), got 2"),
-    (dict(epsilon_low=1.0), r"epsilon_low must be a finite number in \[0, 1\)"),
-    (dict(epsilon_high=float("inf")), "epsilon_high must be a finite number >= 0, got inf"),
-    (dict(delta=NAN), "delta must be a finite number > 1 \\+ epsilon_high"),
-    (dict(clip_ratio_c=NAN), "clip_ratio_c must be a finite number > 1"),
-    (dict(loss_type="dr_grpo", max_completion_length=0), "max_completion_length must be an int >= 1"),
-])
+@pytest.mark.parametrize(
+    "probe, match",
+    [
+        (
+            dict(old=torch.tensor([0.0, 0, 0, NAN, 0, 0, 0, 0, 0])),
+            r"old_logp has 1 non-finite value\(s\), the first at token 3",
+        ),
+        (dict(old=torch.tensor([0.0] * 8 + [float("-inf")])), "old_logp has 1 non-finite .* token 8"),
+        (dict(adv=torch.tensor([1.0, NAN])), "advantages has 1 non-finite .* token 1"),
+        (dict(ref_logp=torch.tensor([NAN] * 9), beta=0.1), "ref_logp has 9 non-finite .* token 0"),
+        (dict(normalizer=-1), "normalizer must be a finite number > 0, got -1"),
+        (dict(normalizer=0), "normalizer must be a finite number > 0, got 0"),
+        (dict(normalizer=NAN), "normalizer must be a finite number > 0, got nan"),
+        (dict(normalizer=torch.tensor(0.0)), "normalizer must be a finite number > 0, got 0"),
+        (dict(normalizer=torch.tensor([NAN])), "normalizer must be a finite number > 0, got nan"),
+        (dict(normalizer=torch.ones(2)), "normalizer must be a number or a one-element float tensor"),
+        (dict(normalizer="9"), "normalizer must be a number"),
+        (dict(beta=NAN), "beta must be a finite number >= 0, got nan"),
+        (dict(beta=-0.1), "beta must be a finite number >= 0"),
+        (dict(epsilon_low=NAN), r"epsilon_low must be a finite number in \[0, 1\), got nan"),
+        (dict(epsilon_low=2), r"epsilon_low must be a finite number in \[0, 1\), got 2"),
+        (dict(epsilon_low=1.0), r"epsilon_low must be a finite number in \[0, 1\)"),
+        (dict(epsilon_high=float("inf")), "epsilon_high must be a finite number >= 0, got inf"),
+        (dict(delta=NAN), "delta must be a finite number > 1 \\+ epsilon_high"),
+        (dict(clip_ratio_c=NAN), "clip_ratio_c must be a finite number > 1"),
+        (dict(loss_type="dr_grpo", max_completion_length=0), "max_completion_length must be an int >= 1"),
+    ],
+)
 def test_non_finite_and_out_of_range_inputs_are_errors(probe, match):
     """Each probe gave a NaN, inf or sign-flipped loss without a word before these checks."""
-    args = dict(lp=torch.zeros(9), old=torch.zeros(9), adv=torch.tensor([1.0, -1.0]),
-                cu=torch.tensor([0, 4, 9], dtype=torch.int32))
+    args = dict(
+        lp=torch.zeros(9),
+        old=torch.zeros(9),
+        adv=torch.tensor([1.0, -1.0]),
+        cu=torch.tensor([0, 4, 9], dtype=torch.int32),
+    )
     opts = {k: probe.pop(k) for k in list(probe) if k not in args}
     args.update(probe)
     with pytest.raises(ValueError, match=match):
@@ -385,34 +530,81 @@ GOLDEN = torch.tensor([False, True, True, False, True, False])
 @pytest.mark.parametrize("on_policy", [False, True])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_shaped_golden_rows_match_reference(loss_type, level, agg, on_policy, backend, device):
-    _check(LENGTHS, loss_type, level, agg, on_policy, eps=(0.05, 0.05), backend=backend, device=device,
-           golden_rows=GOLDEN)
+    _check(
+        LENGTHS, loss_type, level, agg, on_policy, eps=(0.05, 0.05), backend=backend, device=device, golden_rows=GOLDEN
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_shaped_with_options_weights_masks_and_long_rows(backend, level, device):
     n = sum(LENGTHS)
-    _check(LENGTHS, "grpo", level, "token-mean", False, eps=(0.05, 0.08), backend=backend, device=device,
-           golden_rows=GOLDEN, gamma=0.3, sampling_weight=random_sampling_weight(n, 1), delta=1.3, clip_ratio_c=1.2,
-           beta=0.1, normalizer=17.0)
+    _check(
+        LENGTHS,
+        "grpo",
+        level,
+        "token-mean",
+        False,
+        eps=(0.05, 0.08),
+        backend=backend,
+        device=device,
+        golden_rows=GOLDEN,
+        gamma=0.3,
+        sampling_weight=random_sampling_weight(n, 1),
+        delta=1.3,
+        clip_ratio_c=1.2,
+        beta=0.1,
+        normalizer=17.0,
+    )
     mask = torch.ones(n, dtype=torch.bool)
     mask[8:14] = False  # part of a golden row
     mask[-3:] = False
-    _check(LENGTHS, "gcpo", level, "seq-mean-token-mean", False, mask=mask, backend=backend, device=device,
-           golden_rows=GOLDEN, gamma=1e-3, sampling_weight=random_sampling_weight(n, 2))
+    _check(
+        LENGTHS,
+        "gcpo",
+        level,
+        "seq-mean-token-mean",
+        False,
+        mask=mask,
+        backend=backend,
+        device=device,
+        golden_rows=GOLDEN,
+        gamma=1e-3,
+        sampling_weight=random_sampling_weight(n, 2),
+    )
     # a golden row longer than the Triton kernel's token block, beside a clipped-surrogate row
-    _check([600, 3], "gcpo", level, "seq-mean-token-mean", False, backend=backend, device=device,
-           golden_rows=torch.tensor([True, False]), gamma=5.0)
+    _check(
+        [600, 3],
+        "gcpo",
+        level,
+        "seq-mean-token-mean",
+        False,
+        backend=backend,
+        device=device,
+        golden_rows=torch.tensor([True, False]),
+        gamma=5.0,
+    )
 
 
 def _run(backend, device, loss_type, level, **kw):
     lp, old, ref, adv, cu = make_batch(LENGTHS, 0, spread=0.6)  # golden and other rows clip at both levels
     on = dict(device=device)
     x = lp.float().to(**on).requires_grad_()
-    loss, stats = policy_loss(x, old.float().to(**on), adv.float().to(**on), cu.to(**on), loss_type=loss_type,
-                              importance_sampling_level=level, epsilon_low=0.02, epsilon_high=0.02, beta=0.1,
-                              ref_logp=ref.float().to(**on), max_completion_length=30, backend=backend, **kw)
+    loss, stats = policy_loss(
+        x,
+        old.float().to(**on),
+        adv.float().to(**on),
+        cu.to(**on),
+        loss_type=loss_type,
+        importance_sampling_level=level,
+        epsilon_low=0.02,
+        epsilon_high=0.02,
+        beta=0.1,
+        ref_logp=ref.float().to(**on),
+        max_completion_length=30,
+        backend=backend,
+        **kw,
+    )
     loss.backward()
     return loss.detach(), x.grad, stats
 
@@ -425,9 +617,11 @@ def test_policy_ratio_objective_is_bit_identical_to_no_golden_rows(backend, devi
     for loss_type in LOSS_RECIPES:
         for level in ("token", "sequence"):
             plain = _run(backend, device, loss_type, level)
-            variants = [_run(backend, device, loss_type, level, golden_rows=golden),
-                        _run(backend, device, loss_type, level, golden_rows=golden, golden_objective="policy_ratio"),
-                        _run(backend, device, loss_type, level, golden_rows=none, golden_objective="shaped")]
+            variants = [
+                _run(backend, device, loss_type, level, golden_rows=golden),
+                _run(backend, device, loss_type, level, golden_rows=golden, golden_objective="policy_ratio"),
+                _run(backend, device, loss_type, level, golden_rows=none, golden_objective="shaped"),
+            ]
             for loss, grad, stats in variants:
                 assert torch.equal(loss, plain[0]) and torch.equal(grad, plain[1]), (loss_type, level)
                 assert stats.keys() == plain[2].keys()
@@ -456,8 +650,16 @@ def test_shaped_gradient_closed_form_and_extreme_logprobs(backend, device):
     """d loss / d lp = -w A gamma p / (p + gamma)^2; finite where p underflows (lp = -200) or p = 1."""
     lp = torch.tensor([0.0, -0.1, -2.0, -200.0], device=device, requires_grad=True)
     cu = torch.tensor([0, 4], dtype=torch.int32, device=device)
-    loss, _ = policy_loss(lp, None, torch.tensor([2.0], device=device), cu, loss_type="dapo", backend=backend,
-                          golden_rows=torch.tensor([True], device=device), golden_objective="shaped")
+    loss, _ = policy_loss(
+        lp,
+        None,
+        torch.tensor([2.0], device=device),
+        cu,
+        loss_type="dapo",
+        backend=backend,
+        golden_rows=torch.tensor([True], device=device),
+        golden_objective="shaped",
+    )
     loss.backward()
     p = torch.exp(lp.detach().double())
     torch.testing.assert_close(loss.double(), (-2.0 * p / (p + 0.1)).sum() / 4)
@@ -465,20 +667,27 @@ def test_shaped_gradient_closed_form_and_extreme_logprobs(backend, device):
     assert lp.grad[3] == 0 and torch.isfinite(lp.grad).all()
 
 
-@pytest.mark.parametrize("opts, err, match", [
-    (dict(golden_shaping_gamma=0.0), ValueError, "golden_shaping_gamma must be a finite number > 0, got 0.0"),
-    (dict(golden_shaping_gamma=-0.1), ValueError, "golden_shaping_gamma must be a finite number > 0"),
-    (dict(golden_shaping_gamma=NAN), ValueError, "golden_shaping_gamma must be a finite number > 0, got nan"),
-    (dict(golden_shaping_gamma=float("inf")), ValueError, "golden_shaping_gamma must be a finite number > 0"),
-    (dict(golden_shaping_gamma="0.1"), ValueError, "golden_shaping_gamma must be a number"),
-    (dict(golden_objective="luffy"), ValueError, r"golden_objective must be one of \('policy_ratio', 'shaped'\)"),
-    (dict(golden_objective="shaped", golden_rows=None), ValueError, "golden_objective='shaped' needs golden_rows"),
-    (dict(golden_rows=torch.ones(3, dtype=torch.bool)), ValueError, r"golden_rows must be \[B\] = \[2\].*got \(3,\)"),
-    (dict(golden_rows=torch.ones(2, 1, dtype=torch.bool)), ValueError, r"golden_rows must be \[B\] = \[2\]"),
-    (dict(golden_rows=[True, False]), ValueError, r"golden_rows must be \[B\] = \[2\].*got list"),
-    (dict(golden_rows=torch.ones(2)), TypeError, "golden_rows must be a bool tensor, got torch.float32"),
-    (dict(golden_rows=torch.ones(2, dtype=torch.bool, device="meta")), ValueError, "one device"),
-])
+@pytest.mark.parametrize(
+    "opts, err, match",
+    [
+        (dict(golden_shaping_gamma=0.0), ValueError, "golden_shaping_gamma must be a finite number > 0, got 0.0"),
+        (dict(golden_shaping_gamma=-0.1), ValueError, "golden_shaping_gamma must be a finite number > 0"),
+        (dict(golden_shaping_gamma=NAN), ValueError, "golden_shaping_gamma must be a finite number > 0, got nan"),
+        (dict(golden_shaping_gamma=float("inf")), ValueError, "golden_shaping_gamma must be a finite number > 0"),
+        (dict(golden_shaping_gamma="0.1"), ValueError, "golden_shaping_gamma must be a number"),
+        (dict(golden_objective="luffy"), ValueError, r"golden_objective must be one of \('policy_ratio', 'shaped'\)"),
+        (dict(golden_objective="shaped", golden_rows=None), ValueError, "golden_objective='shaped' needs golden_rows"),
+        (
+            dict(golden_rows=torch.ones(3, dtype=torch.bool)),
+            ValueError,
+            r"golden_rows must be \[B\] = \[2\].*got \(3,\)",
+        ),
+        (dict(golden_rows=torch.ones(2, 1, dtype=torch.bool)), ValueError, r"golden_rows must be \[B\] = \[2\]"),
+        (dict(golden_rows=[True, False]), ValueError, r"golden_rows must be \[B\] = \[2\].*got list"),
+        (dict(golden_rows=torch.ones(2)), TypeError, "golden_rows must be a bool tensor, got torch.float32"),
+        (dict(golden_rows=torch.ones(2, dtype=torch.bool, device="meta")), ValueError, "one device"),
+    ],
+)
 def test_bad_golden_options_name_the_problem(opts, err, match):
     opts = dict(dict(golden_rows=torch.tensor([True, False]), golden_objective="shaped"), **opts)
     with pytest.raises(err, match=match):
@@ -490,11 +699,14 @@ def test_shaped_config_equals_loose_options():
     opts = dict(loss_type="gcpo", golden_objective="shaped", golden_shaping_gamma=0.2)
     config = PolicyLossConfig.resolve(**opts)
     assert (config.golden_objective, config.golden_shaping_gamma) == ("shaped", 0.2)
-    assert (PolicyLossConfig.resolve().golden_objective, PolicyLossConfig.resolve().golden_shaping_gamma) == \
-        ("policy_ratio", 0.1)
+    assert (PolicyLossConfig.resolve().golden_objective, PolicyLossConfig.resolve().golden_shaping_gamma) == (
+        "policy_ratio",
+        0.1,
+    )
     loose, _ = policy_loss(lp.float(), old.float(), adv.float(), cu, golden_rows=GOLDEN, **opts)
     ready, _ = policy_loss(lp.float(), old.float(), adv.float(), cu, golden_rows=GOLDEN, config=config)
     assert torch.equal(loose, ready)
     with pytest.raises(ValueError, match="not both .got config and golden_shaping_gamma"):
-        policy_loss(lp.float(), old.float(), adv.float(), cu, golden_rows=GOLDEN, config=config,
-                    golden_shaping_gamma=0.2)
+        policy_loss(
+            lp.float(), old.float(), adv.float(), cu, golden_rows=GOLDEN, config=config, golden_shaping_gamma=0.2
+        )

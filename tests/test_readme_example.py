@@ -1,4 +1,5 @@
 """The README's example of calling the fused op from a custom loop runs as written."""
+
 import re
 import subprocess
 import sys

@@ -1,4 +1,5 @@
 """math_reward (forms of the same answer, worker threads), reward loading/weighting, DAPO overlong shaping."""
+
 import math
 import re
 import threading
@@ -73,7 +74,9 @@ def fmt_reward(prompts, completions, **kwargs):
 
 
 def test_load_reward_function(tmp_path, monkeypatch):
-    (tmp_path / "my_rewards.py").write_text("def length(prompts, completions, **kw):\n    return [len(c) for c in completions]\n")
+    (tmp_path / "my_rewards.py").write_text(
+        "def length(prompts, completions, **kw):\n    return [len(c) for c in completions]\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     for spec in ("my_rewards:length", "my_rewards.length"):
         assert load_reward_function(spec)(prompts=["p"], completions=["abc"]) == [3]
@@ -95,14 +98,19 @@ def test_compute_rewards_weighted_nansum():
     def sees_columns(prompts, completions, answer, golden, extra, **kw):
         return [float(len(golden[i] or "")) + extra[i] for i in range(len(completions))]
 
-    records = [{"prompt": "p", "answer": "1", "golden": "ab", "extra": 0.5},
-               {"prompt": "p", "answer": "skip", "golden": None, "extra": 1.0}]
-    rewards, per_func = compute_rewards([maybe, sees_columns], ["p", "p"], ["x", "y"], records, reward_weights=[0.5, 2.0])
+    records = [
+        {"prompt": "p", "answer": "1", "golden": "ab", "extra": 0.5},
+        {"prompt": "p", "answer": "skip", "golden": None, "extra": 1.0},
+    ]
+    rewards, per_func = compute_rewards(
+        [maybe, sees_columns], ["p", "p"], ["x", "y"], records, reward_weights=[0.5, 2.0]
+    )
     assert torch.isnan(per_func[1, 0]) and per_func[0].tolist() == [2.0, 2.5]
     assert rewards.tolist() == [0.5 * 2.0 + 2.0 * 2.5, 2.0 * 1.0]  # NaN drops out of the sum
     with pytest.warns(UserWarning, match="every reward function returned None for completion 1"):
         rewards, _ = compute_rewards([maybe], ["p", "p"], ["x", "y"], records)
     assert rewards.tolist() == [2.0, 0.0]
+
     def short(**kw):
         return [1.0]
 
@@ -122,14 +130,17 @@ def test_overlong_penalty():
         overlong_penalty([1], 10, 0)
 
 
-@pytest.mark.parametrize("bad, shown", [
-    (float("nan"), "returned nan for completion 1"),
-    (float("inf"), "returned inf for completion 1"),
-    (-math.inf, "returned -inf for completion 1"),
-    ("1.0", "returned str '1.0' for completion 1"),
-    ([1.0], "returned list [1.0] for completion 1"),
-    (torch.tensor(float("nan")), "returned nan for completion 1"),
-])
+@pytest.mark.parametrize(
+    "bad, shown",
+    [
+        (float("nan"), "returned nan for completion 1"),
+        (float("inf"), "returned inf for completion 1"),
+        (-math.inf, "returned -inf for completion 1"),
+        ("1.0", "returned str '1.0' for completion 1"),
+        ([1.0], "returned list [1.0] for completion 1"),
+        (torch.tensor(float("nan")), "returned nan for completion 1"),
+    ],
+)
 def test_a_non_finite_or_non_numeric_reward_names_the_function(bad, shown):
     # NaN used to be taken for None ("does not apply") and silently became reward 0
     def flaky_reward(prompts, completions, **kw):
@@ -152,6 +163,7 @@ def test_reward_values_that_are_numbers():
     records = [{"prompt": "p", "answer": "1"}] * 4
     rewards, per_func = compute_rewards([typed, as_array], ["p"] * 4, ["a"] * 4, records)
     assert rewards.tolist() == [2.0, 2.5, 5.0, 4.0]
+
     def scalar(**kw):
         return 0.5
 
@@ -161,12 +173,15 @@ def test_reward_values_that_are_numbers():
         compute_rewards([typed], ["p"] * 4, ["a"] * 4, records, reward_weights=[float("nan")])
 
 
-@pytest.mark.parametrize("answer, reason", [
-    ("foo", "reads 'foo' as a product of one-letter variables"),  # a word is read as f*o*o
-    ("yes", "reads 'yes' as a product of one-letter variables"),
-    ("sin(x)", "reads 'sin' as a product of one-letter variables"),
-    (r"\$5", "cannot parse it"),
-])
+@pytest.mark.parametrize(
+    "answer, reason",
+    [
+        ("foo", "reads 'foo' as a product of one-letter variables"),  # a word is read as f*o*o
+        ("yes", "reads 'yes' as a product of one-letter variables"),
+        ("sin(x)", "reads 'sin' as a product of one-letter variables"),
+        (r"\$5", "cannot parse it"),
+    ],
+)
 def test_unverifiable_answers(answer, reason):
     assert reason in unverifiable_reason(answer)
     # math_reward agrees: the answer as it is meant, boxed, does not score (or scores by accident for a
@@ -175,9 +190,27 @@ def test_unverifiable_answers(answer, reason):
         assert math_reward([rf"\boxed{{{answer}}}", answer], [answer, answer]) == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("answer", ["72", r"\frac{1}{2}", "(1, 2)", r"\sqrt{2}", "10 meters", "1 and 2", "x=3 or x=5",
-                                    r"\text{yes}", r"\text{(C)}", "C", "2xy", r"(-\infty, 3]", "infinity",
-                                    r"\begin{pmatrix}1\\2\end{pmatrix}", r"y = \frac{1}{2}x + 3", "2+3i"])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "72",
+        r"\frac{1}{2}",
+        "(1, 2)",
+        r"\sqrt{2}",
+        "10 meters",
+        "1 and 2",
+        "x=3 or x=5",
+        r"\text{yes}",
+        r"\text{(C)}",
+        "C",
+        "2xy",
+        r"(-\infty, 3]",
+        "infinity",
+        r"\begin{pmatrix}1\\2\end{pmatrix}",
+        r"y = \frac{1}{2}x + 3",
+        "2+3i",
+    ],
+)
 def test_verifiable_answers(answer):
     assert unverifiable_reason(answer) is None
     assert math_reward([rf"\boxed{{{answer}}}"], [answer]) == [1.0]

@@ -1,5 +1,6 @@
 """sampling_weights (the sampling-mismatch correction) against a hand-computed case and a padded
 [B, T] reference written the way TRL 1.16's GRPOTrainer computes it."""
+
 import math
 
 import pytest
@@ -40,8 +41,9 @@ HAND = [
 @pytest.mark.parametrize("mode, clip_min, expected, ratio", HAND)
 def test_hand_computed_weights_and_metrics(mode, clip_min, expected, ratio):
     old, sampling, cu, mask, golden = hand_case()
-    weight, metrics = sampling_weights(old, sampling, cu, mask, mode=mode, clip_min=clip_min, clip_max=3.0,
-                                       not_sampled=golden)
+    weight, metrics = sampling_weights(
+        old, sampling, cu, mask, mode=mode, clip_min=clip_min, clip_max=3.0, not_sampled=golden
+    )
     assert weight.dtype == torch.float32 and not weight.requires_grad
     torch.testing.assert_close(weight, torch.tensor(expected, dtype=torch.float32))
     got = [float(metrics[f"sampling/importance_sampling_ratio/{k}"]) for k in ("min", "mean", "max")]
@@ -54,8 +56,9 @@ def test_hand_computed_weights_and_metrics(mode, clip_min, expected, ratio):
 def trl_reference(old, sampling, cu, mask, golden, mode, clip_min, clip_max):
     """TRL 1.16 `_generate_and_score_completions` on right-padded [B, T] fp64 tensors, golden rows set to 1."""
     B, T = cu.numel() - 1, max(int(cu[i + 1] - cu[i]) for i in range(cu.numel() - 1))
-    pad = lambda x, fill: torch.stack([torch.cat([x[cu[i]:cu[i + 1]], x.new_full((T - int(cu[i + 1] - cu[i]),), fill)])
-                                       for i in range(B)])
+    pad = lambda x, fill: torch.stack(
+        [torch.cat([x[cu[i] : cu[i + 1]], x.new_full((T - int(cu[i + 1] - cu[i]),), fill)]) for i in range(B)]
+    )
     old2, samp2, mask2 = pad(old.double(), 0.0), pad(sampling.double(), 0.0), pad(mask.double(), 0.0)
     diff = torch.nan_to_num((old2 - samp2) * mask2, nan=0.0)
     sequence_level = mode in ("sequence_mask", "sequence_truncate")
@@ -67,7 +70,7 @@ def trl_reference(old, sampling, cu, mask, golden, mode, clip_min, clip_max):
         high = math.inf if clip_max is None else clip_max
         ratio = ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
     ratio = torch.where(golden[:, None], 1.0, ratio.expand(B, T))
-    weight = torch.cat([ratio[i, :int(cu[i + 1] - cu[i])] for i in range(B)])
+    weight = torch.cat([ratio[i, : int(cu[i + 1] - cu[i])] for i in range(B)])
     sampled = ~golden
     delta = torch.abs(old2 - samp2)[sampled]
     keep = mask2.bool()[sampled]
@@ -95,8 +98,9 @@ def test_random_batches_match_the_trl_reference(mode, clip_min, clip_max):
     sampling[[3, 20]] = NAN  # tokens the engine could not score: ratio 1, left out of the difference metric
     mask = torch.rand(n, generator=g) > 0.2
     golden = torch.tensor([False, False, False, True, False, True])
-    weight, metrics = sampling_weights(old, sampling, cu, mask, mode=mode, clip_min=clip_min, clip_max=clip_max,
-                                       not_sampled=golden)
+    weight, metrics = sampling_weights(
+        old, sampling, cu, mask, mode=mode, clip_min=clip_min, clip_max=clip_max, not_sampled=golden
+    )
     ref_weight, ref_metrics = trl_reference(old, sampling, cu, mask, golden, mode, clip_min, clip_max)
     # Masked tokens do not count in the loss; the reference and TRL give them the row's or a neutral value.
     torch.testing.assert_close(weight[mask].double(), ref_weight[mask], rtol=1e-5, atol=1e-6)
@@ -108,8 +112,9 @@ def test_random_batches_match_the_trl_reference(mode, clip_min, clip_max):
 
 def test_every_row_golden_gives_ones_and_zero_metrics():
     old, sampling, cu, mask, _ = hand_case()
-    weight, metrics = sampling_weights(old, sampling, cu, mask, mode="token_mask",
-                                       not_sampled=torch.ones(3, dtype=torch.bool))
+    weight, metrics = sampling_weights(
+        old, sampling, cu, mask, mode="token_mask", not_sampled=torch.ones(3, dtype=torch.bool)
+    )
     assert torch.equal(weight, torch.ones(6))
     assert all(float(v) == 0.0 for v in metrics.values())
 
@@ -120,18 +125,21 @@ def test_defaults_are_trls_sequence_mask_with_clip_max_3():
     torch.testing.assert_close(weight, torch.tensor([0, 0, 2, 2, 2, 1.0]))
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(mode="sequence"), "mode must be one of"),
-    (dict(clip_max=NAN), "clip_max must be a finite number > 0, got nan"),
-    (dict(clip_min=-1.0), "clip_min must be a finite number >= 0"),
-    (dict(clip_min=2.0, clip_max=1.0), "clip_min must not exceed clip_max"),
-    (dict(sampling=torch.zeros(5)), r"sampling_logp must match old_logp's shape \(6,\)"),
-    (dict(mask=torch.ones(7, dtype=torch.bool)), r"mask must match old_logp's shape \(6,\)"),
-    (dict(not_sampled=torch.zeros(3)), r"not_sampled must be a bool tensor \[B\] = \[3\]"),
-    (dict(not_sampled=torch.zeros(2, dtype=torch.bool)), r"not_sampled must be a bool tensor \[B\] = \[3\]"),
-    (dict(cu=torch.tensor([0, 2, 7], dtype=torch.int32)), "end at N=6"),
-    (dict(sampling=torch.zeros(6, device="meta")), "one device"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(mode="sequence"), "mode must be one of"),
+        (dict(clip_max=NAN), "clip_max must be a finite number > 0, got nan"),
+        (dict(clip_min=-1.0), "clip_min must be a finite number >= 0"),
+        (dict(clip_min=2.0, clip_max=1.0), "clip_min must not exceed clip_max"),
+        (dict(sampling=torch.zeros(5)), r"sampling_logp must match old_logp's shape \(6,\)"),
+        (dict(mask=torch.ones(7, dtype=torch.bool)), r"mask must match old_logp's shape \(6,\)"),
+        (dict(not_sampled=torch.zeros(3)), r"not_sampled must be a bool tensor \[B\] = \[3\]"),
+        (dict(not_sampled=torch.zeros(2, dtype=torch.bool)), r"not_sampled must be a bool tensor \[B\] = \[3\]"),
+        (dict(cu=torch.tensor([0, 2, 7], dtype=torch.int32)), "end at N=6"),
+        (dict(sampling=torch.zeros(6, device="meta")), "one device"),
+    ],
+)
 def test_bad_input_names_the_problem(kw, match):
     old, sampling, cu, mask, golden = hand_case()
     args = dict(sampling=sampling, cu=cu, mask=mask, not_sampled=golden)

@@ -1,4 +1,5 @@
 """The shipped math task: seeded generation, disjoint splits, golden solutions that the reward accepts, export."""
+
 import random
 
 import pytest

@@ -1,5 +1,6 @@
 """The trainer end to end on a tiny random model: rollouts, golden rows, the update's direction and its
 normaliser, dynamic sampling, the command line, and two CPU processes under DDP."""
+
 import json
 import os
 import subprocess
@@ -8,17 +9,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_model import make_tiny_model, one_thread, write_jsonl  # noqa: F401 (one_thread: fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gcpo_fast.config import parse_config
 from gcpo_fast.data import PromptSampler
-from gcpo_fast.rewards import load_reward_function
 from gcpo_fast.parallel import parallelize
+from gcpo_fast.rewards import load_reward_function
 from gcpo_fast.rollout import HFEngine, Sampling, encode_completion, encode_prompts
 from gcpo_fast.rounds import build_rows, sample_groups, split_steps
 from gcpo_fast.sources import load_records
-from gcpo_fast.update import ModelWithLoss, Rows, build_optimizer, completion_logprobs, optimizer_step, pack, step_normalizer
-from tiny_model import make_tiny_model, one_thread, write_jsonl  # noqa: F401 (one_thread: fixture)
+from gcpo_fast.update import (
+    ModelWithLoss,
+    Rows,
+    build_optimizer,
+    completion_logprobs,
+    optimizer_step,
+    pack,
+    step_normalizer,
+)
 
 TESTS = Path(__file__).resolve().parent
 
@@ -31,9 +40,27 @@ def files(tmp_path_factory):
 
 def setup(files, *argv):
     model_dir, data = files
-    cfg = parse_config(["--model", str(model_dir), "--dataset", str(data), "--num_generations", "4",
-                        "--per_device_train_batch_size", "8", "--max_completion_length", "24", "--learning_rate", "1e-2",
-                        "--lr_scheduler_type", "constant", "--max_grad_norm", "0", *argv])
+    cfg = parse_config(
+        [
+            "--model",
+            str(model_dir),
+            "--dataset",
+            str(data),
+            "--num_generations",
+            "4",
+            "--per_device_train_batch_size",
+            "8",
+            "--max_completion_length",
+            "24",
+            "--learning_rate",
+            "1e-2",
+            "--lr_scheduler_type",
+            "constant",
+            "--max_grad_norm",
+            "0",
+            *argv,
+        ]
+    )
     torch.manual_seed(0)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
     records = load_records(cfg.dataset, require_golden=cfg.golden_answer != "off")
@@ -73,7 +100,10 @@ def test_generate_left_pads_cuts_at_eos_and_keeps_ids(files, one_thread):
     for ids, cut, text in zip(out.completion_ids, out.truncated, out.texts):
         assert (eos not in ids and len(ids) == 6) if cut else (ids[-1] == eos and eos not in ids[:-1])
         assert text == tokenizer.decode(ids, skip_special_tokens=True)
-    assert encode_prompts(tokenizer, ["What is 12 + 7?"], 3)[0] == encode_prompts(tokenizer, ["What is 12 + 7?"], 64)[0][-3:]
+    assert (
+        encode_prompts(tokenizer, ["What is 12 + 7?"], 3)[0]
+        == encode_prompts(tokenizer, ["What is 12 + 7?"], 64)[0][-3:]
+    )
 
 
 def test_plain_text_prompts_without_a_chat_template(tmp_path, one_thread):
@@ -86,7 +116,9 @@ def test_plain_text_prompts_without_a_chat_template(tmp_path, one_thread):
 
 @pytest.mark.parametrize("mode", ["append", "replace"])
 def test_golden_rows_for_all_wrong_groups(files, one_thread, mode):
-    cfg, model, tokenizer, sampler, funcs = setup(files, "--reward_funcs", "tiny_model:zero_reward", "--golden_answer", mode)
+    cfg, model, tokenizer, sampler, funcs = setup(
+        files, "--reward_funcs", "tiny_model:zero_reward", "--golden_answer", mode
+    )
     sampled, rows, metrics, samples = one_round(cfg, model, tokenizer, sampler, funcs)
     P, G = 2, 4
     size = G + 1 if mode == "append" else G
@@ -96,8 +128,12 @@ def test_golden_rows_for_all_wrong_groups(files, one_thread, mode):
     for p, record in enumerate(sampled.records):
         golden = rows.completion_ids[p * size + size - 1]
         ids, _ = encode_completion(tokenizer, record["golden"], cfg.max_completion_length)
-        assert golden == ids == tokenizer(record["golden"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        assert rows.prompt_ids[p * size + size - 1] == sampled.rollouts.prompt_ids[p * G]  # the rollouts' own prompt ids
+        assert (
+            golden == ids == tokenizer(record["golden"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        )
+        assert (
+            rows.prompt_ids[p * size + size - 1] == sampled.rollouts.prompt_ids[p * G]
+        )  # the rollouts' own prompt ids
         assert rows.completion_ids[p * size] == sampled.rollouts.completion_ids[p * G]
         adv = rows.advantages[p * size : (p + 1) * size]
         assert adv[-1] > 0 and (adv[:-1] < 0).all()
@@ -110,8 +146,9 @@ def test_golden_rows_for_all_wrong_groups(files, one_thread, mode):
 def test_golden_answers_that_do_not_fit_are_not_used(files, one_thread):
     """A golden answer cut to the budget would lose its \\boxed{} answer yet train as correct: it is dropped,
     counted and warned about, and samples.jsonl never shows a golden row that was not trained on."""
-    cfg, model, tokenizer, sampler, funcs = setup(files, "--reward_funcs", "tiny_model:zero_reward",
-                                                  "--max_completion_length", "8")
+    cfg, model, tokenizer, sampler, funcs = setup(
+        files, "--reward_funcs", "tiny_model:zero_reward", "--max_completion_length", "8"
+    )
     with pytest.warns(UserWarning, match="golden answers longer than max_completion_length=8"):
         sampled, rows, metrics, samples = one_round(cfg, model, tokenizer, sampler, funcs)
     assert len(rows) == 2 * 4 and metrics["gcpo/golden_rows"] == 0 and metrics["gcpo/golden_truncated"] == 2
@@ -119,8 +156,13 @@ def test_golden_answers_that_do_not_fit_are_not_used(files, one_thread):
 
 
 def test_conversational_prompts(tmp_path, files, one_thread):
-    rows = [{"prompt": [{"role": "system", "content": "Add."}, {"role": "user", "content": f"What is {i} + 1?"}],
-             "solution": f"\\boxed{{{i + 1}}}"} for i in range(4)]
+    rows = [
+        {
+            "prompt": [{"role": "system", "content": "Add."}, {"role": "user", "content": f"What is {i} + 1?"}],
+            "solution": f"\\boxed{{{i + 1}}}",
+        }
+        for i in range(4)
+    ]
     cfg, model, tokenizer, sampler, funcs = setup((files[0], write_jsonl(tmp_path / "chat.jsonl", rows=rows)))
     sampled, rows, metrics, samples = one_round(cfg, model, tokenizer, sampler, funcs)
     assert tokenizer.decode(sampled.rollouts.prompt_ids[0]).startswith("<|system|>Add.\n<|user|>What is ")
@@ -137,14 +179,20 @@ def test_builtin_dataset():
 
 
 def golden_logprob(model, tokenizer, cfg, record):
-    mb = Rows(encode_prompts(tokenizer, [record["prompt"]], cfg.max_prompt_length),
-              [encode_completion(tokenizer, record["golden"], cfg.max_completion_length)[0]], [False], torch.zeros(1))
+    mb = Rows(
+        encode_prompts(tokenizer, [record["prompt"]], cfg.max_prompt_length),
+        [encode_completion(tokenizer, record["golden"], cfg.max_completion_length)[0]],
+        [False],
+        torch.zeros(1),
+    )
     return completion_logprobs(model, mb, cfg).sum().item()
 
 
 @pytest.mark.parametrize("golden", ["append", "replace", "off"])
 def test_a_step_raises_the_golden_answers_logprob(files, one_thread, golden):
-    cfg, model, tokenizer, sampler, funcs = setup(files, "--reward_funcs", "tiny_model:zero_reward", "--golden_answer", golden)
+    cfg, model, tokenizer, sampler, funcs = setup(
+        files, "--reward_funcs", "tiny_model:zero_reward", "--golden_answer", golden
+    )
     sampled, rows, _, _ = one_round(cfg, model, tokenizer, sampler, funcs)
     records = sampled.records
     before = [golden_logprob(model, tokenizer, cfg, r) for r in records]
@@ -180,8 +228,17 @@ def test_micro_batch_split_does_not_change_the_step(files, one_thread):
     results = []
     for gas in ("1", "2"):
         cfg, model, tokenizer, sampler, funcs = setup(
-            files, "--loss_type", "dapo", "--dynamic_sampling", "false", "--mask_truncated_completions",
-            "--per_device_train_batch_size", str(8 // int(gas)), "--gradient_accumulation_steps", gas)
+            files,
+            "--loss_type",
+            "dapo",
+            "--dynamic_sampling",
+            "false",
+            "--mask_truncated_completions",
+            "--per_device_train_batch_size",
+            str(8 // int(gas)),
+            "--gradient_accumulation_steps",
+            gas,
+        )
         torch.manual_seed(1)
         _, rows, _, _ = one_round(cfg, model, tokenizer, sampler, funcs)
         rows.advantages = torch.linspace(-1, 1, len(rows.advantages))
@@ -205,8 +262,11 @@ def naive_loss(model, micro_batches, cfg):
     logits, on-policy ratios exp(lp - lp.detach()) (1 in value, carrying the gradient), no clipping, the
     aggregation over every row of the step at once."""
     terms, lengths = [], []
-    for p, c, a, golden in ((p, c, a, golden) for mb in micro_batches
-                            for p, c, a, golden in zip(mb.prompt_ids, mb.completion_ids, mb.advantages, mb.golden)):
+    for p, c, a, golden in (
+        (p, c, a, golden)
+        for mb in micro_batches
+        for p, c, a, golden in zip(mb.prompt_ids, mb.completion_ids, mb.advantages, mb.golden)
+    ):
         logits = model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1] / cfg.temperature
         lp = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(c)[:, None])[:, 0]
         if golden and cfg.golden_objective == "shaped":  # LUFFY: p / (p + gamma), behaviour probability 1
@@ -218,19 +278,43 @@ def naive_loss(model, micro_batches, cfg):
         terms.append(-a * ratio)
         lengths.append(len(c))
     B, L = len(terms), cfg.max_completion_length
-    return {"seq-mean-token-mean": sum(t.mean() for t in terms) / B,
-            "token-mean": sum(t.sum() for t in terms) / sum(lengths),
-            "seq-mean-token-sum-norm": sum(t.sum() for t in terms) / (B * L)}[cfg.loss_agg_mode]
+    return {
+        "seq-mean-token-mean": sum(t.mean() for t in terms) / B,
+        "token-mean": sum(t.sum() for t in terms) / sum(lengths),
+        "seq-mean-token-sum-norm": sum(t.sum() for t in terms) / (B * L),
+    }[cfg.loss_agg_mode]
 
 
-@pytest.mark.parametrize("loss_type, objective", [("gcpo", "policy_ratio"), ("grpo", "policy_ratio"),
-                                                   ("dapo", "policy_ratio"), ("dr_grpo", "policy_ratio"),
-                                                   ("gcpo", "shaped")])
+@pytest.mark.parametrize(
+    "loss_type, objective",
+    [
+        ("gcpo", "policy_ratio"),
+        ("grpo", "policy_ratio"),
+        ("dapo", "policy_ratio"),
+        ("dr_grpo", "policy_ratio"),
+        ("gcpo", "shaped"),
+    ],
+)
 def test_update_matches_a_naive_reference(files, one_thread, loss_type, objective):
-    cfg, model, tokenizer, sampler, funcs = setup(files, "--loss_type", loss_type, "--dynamic_sampling", "false",
-                                                  "--reward_funcs", "tiny_model:zero_reward", "--temperature", "0.7",
-                                                  "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "4",
-                                                  "--golden_objective", objective, "--golden_shaping_gamma", "0.3")
+    cfg, model, tokenizer, sampler, funcs = setup(
+        files,
+        "--loss_type",
+        loss_type,
+        "--dynamic_sampling",
+        "false",
+        "--reward_funcs",
+        "tiny_model:zero_reward",
+        "--temperature",
+        "0.7",
+        "--gradient_accumulation_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--golden_objective",
+        objective,
+        "--golden_shaping_gamma",
+        "0.3",
+    )
     _, rows, _, _ = one_round(cfg, model, tokenizer, sampler, funcs)
     rows.advantages = torch.randn(len(rows.advantages))
     assert any(rows.golden) == (loss_type == "gcpo")  # every group all wrong: golden rows under GCPO
@@ -256,7 +340,9 @@ def test_old_logprobs_only_when_a_round_is_reused(files, one_thread):
     cfg, model, tokenizer, sampler, funcs = setup(files)
     _, rows, _, _ = one_round(cfg, model, tokenizer, sampler, funcs)
     assert all(mb.old_logp is None for step in split_steps(cfg, rows, model, None) for mb in step)
-    cfg, model, tokenizer, sampler, funcs = setup(files, "--per_device_train_batch_size", "4", "--steps_per_generation", "2")
+    cfg, model, tokenizer, sampler, funcs = setup(
+        files, "--per_device_train_batch_size", "4", "--steps_per_generation", "2"
+    )
     _, rows, _, _ = one_round(cfg, model, tokenizer, sampler, funcs)
     steps = split_steps(cfg, rows, model, None)
     assert len(steps) == 2 and all(len(s) == 1 for s in steps)
@@ -267,23 +353,34 @@ def test_old_logprobs_only_when_a_round_is_reused(files, one_thread):
 
 
 def test_dapo_dynamic_sampling_keeps_groups_with_varied_rewards(files, one_thread):
-    cfg, model, tokenizer, sampler, funcs = setup(files, "--loss_type", "dapo", "--reward_funcs", "tiny_model:even_answer_reward",
-                                                  "--overlong_buffer_len", "0")
+    cfg, model, tokenizer, sampler, funcs = setup(
+        files, "--loss_type", "dapo", "--reward_funcs", "tiny_model:even_answer_reward", "--overlong_buffer_len", "0"
+    )
     sampled, rows, metrics, _ = one_round(cfg, model, tokenizer, sampler, funcs)
     even = [int(r["answer"]) % 2 == 0 for r in sampled.records]
     assert sampled.keep.tolist() == [p for p, e in enumerate(even) if e][:2]  # the first two with a signal
     assert sum(even[:-2]) < 2 <= sum(even)  # no more batches than needed (2 prompts per batch)
     assert metrics["num_gen_batches"] == len(even) // 2
     assert len(rows.completion_ids) == 8 and rows.advantages.abs().min() > 0
-    cfg, model, tokenizer, sampler, funcs = setup(files, "--loss_type", "dapo", "--reward_funcs", "tiny_model:zero_reward",
-                                                  "--max_num_gen_batches", "3")
+    cfg, model, tokenizer, sampler, funcs = setup(
+        files, "--loss_type", "dapo", "--reward_funcs", "tiny_model:zero_reward", "--max_num_gen_batches", "3"
+    )
     with pytest.raises(RuntimeError, match="after 3 generation batches"):
         one_round(cfg, model, tokenizer, sampler, funcs)
 
 
 def test_gpg_samples_more_until_enough_rows_are_valid(files, one_thread):
-    cfg, model, tokenizer, sampler, funcs = setup(files, "--loss_type", "gpg", "--reward_funcs", "tiny_model:even_answer_reward",
-                                                  "--min_inverse_alpha", "0.99", "--max_num_gen_batches", "2")
+    cfg, model, tokenizer, sampler, funcs = setup(
+        files,
+        "--loss_type",
+        "gpg",
+        "--reward_funcs",
+        "tiny_model:even_answer_reward",
+        "--min_inverse_alpha",
+        "0.99",
+        "--max_num_gen_batches",
+        "2",
+    )
     sampled, rows, metrics, _ = one_round(cfg, model, tokenizer, sampler, funcs)
     even = [int(r["answer"]) % 2 == 0 for r in sampled.records]
     # stops when every group is valid or after 2 batches; keeps every group (2 prompts x 4 rows per batch)
@@ -295,27 +392,78 @@ def test_gpg_samples_more_until_enough_rows_are_valid(files, one_thread):
 def test_command_line_run(tmp_path, files):
     model_dir, data = files
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "gcpo_fast.train", "--model", str(model_dir), "--dataset", str(data), "--max_steps", "3",
-           "--output_dir", str(out), "--num_generations", "2", "--per_device_train_batch_size", "4",
-           "--max_completion_length", "8", "--sample_steps", "2", "--eval_dataset", str(data), "--eval_steps", "2",
-           "--eval_num_problems", "3"]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "gcpo_fast.train",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(data),
+        "--max_steps",
+        "3",
+        "--output_dir",
+        str(out),
+        "--num_generations",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_completion_length",
+        "8",
+        "--sample_steps",
+        "2",
+        "--eval_dataset",
+        str(data),
+        "--eval_steps",
+        "2",
+        "--eval_num_problems",
+        "3",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [0, 1, 2, 3]
     assert set(lines[0]) == {"step", "eval/mean@1", "eval/pass@1", "eval/num_problems", "timing/eval"}
     assert lines[0]["eval/num_problems"] == 3
-    for name in ("reward", "reward_std", "frac_reward_zero_std", "frac_reward_all_wrong", "completions/mean_length", "completions/clipped_ratio",
-                 "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "loss", "grad_norm",
-                 "learning_rate", "step_time", "tokens_per_second", "rewards/accuracy_reward/mean", "gcpo/golden_rows",
-                 "gcpo/frac_all_wrong", "gcpo/golden_truncated", "skipped_steps", "timing/generate", "timing/reward",
-                 "timing/update"):
+    for name in (
+        "reward",
+        "reward_std",
+        "frac_reward_zero_std",
+        "frac_reward_all_wrong",
+        "completions/mean_length",
+        "completions/clipped_ratio",
+        "entropy",
+        "clip_ratio/low_mean",
+        "clip_ratio/high_mean",
+        "clip_ratio/region_mean",
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "step_time",
+        "tokens_per_second",
+        "rewards/accuracy_reward/mean",
+        "gcpo/golden_rows",
+        "gcpo/frac_all_wrong",
+        "gcpo/golden_truncated",
+        "skipped_steps",
+        "timing/generate",
+        "timing/reward",
+        "timing/update",
+    ):
         assert all(name in m for m in lines[1:]), name
     # the engine gets the new weights before it samples again (a no-op for Hugging Face generate, still timed)
     assert ["timing/weight_sync" in m for m in lines[1:]] == [False, True, True]
     # per-phase wall times: eval and checkpoint only where they ran, the first step's own (warm-up included)
-    assert [("timing/eval" in m, "timing/checkpoint" in m) for m in lines[1:]] == [(False, False), (True, False), (True, True)]
+    assert [("timing/eval" in m, "timing/checkpoint" in m) for m in lines[1:]] == [
+        (False, False),
+        (True, False),
+        (True, True),
+    ]
     assert all(0 < m["timing/update"] < m["step_time"] for m in lines[1:])
     assert "eval/mean@1" in lines[2] and "eval/mean@1" in lines[3] and "eval/mean@1" not in lines[1]
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -327,17 +475,26 @@ def test_command_line_run(tmp_path, files):
     assert str(out / "metrics.jsonl") in done.stdout and str(out / "checkpoint-3") in done.stdout
     first, last = lines[0]["eval/mean@1"], lines[3]["eval/mean@1"]
     assert f"held-out mean@1 on 3 problems: {first:.3f} at step 0 -> {last:.3f} at step 3" in done.stdout
-    assert "s in phases: " in done.stdout and f"step 1 took {lines[1]['step_time']:.2f} s (warm-up included)" in done.stdout
+    assert (
+        "s in phases: " in done.stdout
+        and f"step 1 took {lines[1]['step_time']:.2f} s (warm-up included)" in done.stdout
+    )
     AutoTokenizer.from_pretrained(out / "checkpoint-3")
 
-    bad = subprocess.run(cmd[:3] + ["--model", "/nonexistent", "--dataset", str(tmp_path / "none.jsonl")], env=env,
-                         capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        cmd[:3] + ["--model", "/nonexistent", "--dataset", str(tmp_path / "none.jsonl")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 1 and "none.jsonl: no such file or directory" in bad.stderr
 
 
 def _ddp_worker(rank, world, port, files, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     from gcpo_fast.parallel import init_distributed
     from gcpo_fast.train import train
@@ -347,18 +504,42 @@ def _ddp_worker(rank, world, port, files, out):
         # 1. one step of two ranks equals one step of one process over both ranks' rows (token-mean normaliser)
         cfg, model, _, _, _ = setup(files, "--loss_type", "dapo", "--dynamic_sampling", "false")
         g = torch.Generator().manual_seed(rank)
-        mb = Rows([[1, 2, 3]] * (rank + 2), [torch.randint(5, 50, (n,), generator=g).tolist()
-                                             for n in range(3 + rank, 5 + 2 * rank)],
-                  [False] * (rank + 2), torch.randn(rank + 2, generator=g))
+        mb = Rows(
+            [[1, 2, 3]] * (rank + 2),
+            [torch.randint(5, 50, (n,), generator=g).tolist() for n in range(3 + rank, 5 + 2 * rank)],
+            [False] * (rank + 2),
+            torch.randn(rank + 2, generator=g),
+        )
         policy = policy_of(model, cfg)
         assert isinstance(policy.module, torch.nn.parallel.DistributedDataParallel)
         optimizer, scheduler = sgd(model)
         optimizer_step(policy, optimizer, scheduler, [mb], cfg)
         torch.save({"mb": mb, "weights": [p.detach() for p in model.parameters()]}, out.parent / f"step_rank{rank}.pt")
         # 2. a short training run: each rank its prompts, rank 0 writes
-        cfg = parse_config(["--model", str(files[0]), "--dataset", str(files[1]), "--output_dir", str(out),
-                            "--num_generations", "2", "--per_device_train_batch_size", "4", "--max_completion_length", "8",
-                            "--max_steps", "2", "--eval_dataset", str(files[1]), "--eval_steps", "2", "--eval_num_problems", "3"])
+        cfg = parse_config(
+            [
+                "--model",
+                str(files[0]),
+                "--dataset",
+                str(files[1]),
+                "--output_dir",
+                str(out),
+                "--num_generations",
+                "2",
+                "--per_device_train_batch_size",
+                "4",
+                "--max_completion_length",
+                "8",
+                "--max_steps",
+                "2",
+                "--eval_dataset",
+                str(files[1]),
+                "--eval_steps",
+                "2",
+                "--eval_num_problems",
+                "3",
+            ]
+        )
         train(cfg)
     finally:
         torch.distributed.destroy_process_group()
@@ -375,8 +556,17 @@ def test_two_cpu_processes(tmp_path, files, one_thread):
     mp.spawn(_ddp_worker, args=(2, port, files, tmp_path / "run"), nprocs=2, join=True)
 
     ranks = [torch.load(tmp_path / f"step_rank{r}.pt", weights_only=True) for r in (0, 1)]
-    cfg, model, _, _, _ = setup(files, "--loss_type", "dapo", "--dynamic_sampling", "false", "--gradient_accumulation_steps", "2",
-                                "--per_device_train_batch_size", "4")
+    cfg, model, _, _, _ = setup(
+        files,
+        "--loss_type",
+        "dapo",
+        "--dynamic_sampling",
+        "false",
+        "--gradient_accumulation_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+    )
     optimizer, scheduler = sgd(model)
     optimizer_step(policy_of(model, cfg), optimizer, scheduler, [ranks[0]["mb"], ranks[1]["mb"]], cfg)
     for a, b, c in zip(ranks[0]["weights"], ranks[1]["weights"], model.parameters()):

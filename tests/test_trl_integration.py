@@ -8,6 +8,7 @@ and gradient norm (1e-5 relative), entropy and clip ratios at every step.
 Nothing is downloaded: the dataset is a list of prompts in memory, the reward a function of the text.
 Skipped when trl is not installed (the "test" extra installs it).
 """
+
 import os
 
 import pytest
@@ -15,21 +16,32 @@ import torch
 
 trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402 (trl's dependency)
+from tiny_model import make_tokenizer, one_thread, problem  # noqa: E402,F401 (one_thread: fixture)
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-from gcpo_fast.integrations.trl import (FusedGRPOTrainer, SelfCheckError, check_trl_version,  # noqa: E402
-                                        unsupported_option)
-from tiny_model import make_tokenizer, one_thread, problem  # noqa: E402,F401 (one_thread: fixture)
+from gcpo_fast.integrations.trl import (
+    FusedGRPOTrainer,
+    SelfCheckError,
+    check_trl_version,  # noqa: E402
+    unsupported_option,
+)
 
 TOKENIZER = make_tokenizer(chat_template=False)
-METRICS = ("loss", "grad_norm", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-           "clip_ratio/low_min", "clip_ratio/high_max")
+METRICS = (
+    "loss",
+    "grad_norm",
+    "entropy",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "clip_ratio/low_min",
+    "clip_ratio/high_max",
+)
 # On-policy: two optimizer steps of two micro-batches, each step generating afresh, so the second step's
 # rollouts come from the updated model. Off-policy: one generation batch reused for 4 steps (two passes of
 # two steps: steps_per_generation 4 > gradient_accumulation_steps 2), so ratios move and clipping acts;
 # the fifth step generates from the model the four updates made.
-POLICY = {"on": dict(max_steps=2),
-          "off": dict(max_steps=5, steps_per_generation=4, num_iterations=2, delta=1.15)}
+POLICY = {"on": dict(max_steps=2), "off": dict(max_steps=5, steps_per_generation=4, num_iterations=2, delta=1.15)}
 
 
 def length_reward(completions, **columns):
@@ -38,10 +50,19 @@ def length_reward(completions, **columns):
 
 
 def tiny_model():
-    config = Qwen2Config(vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                         tie_word_embeddings=True, eos_token_id=TOKENIZER.eos_token_id,
-                         pad_token_id=TOKENIZER.pad_token_id, bos_token_id=None)
+    config = Qwen2Config(
+        vocab_size=len(TOKENIZER),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=TOKENIZER.eos_token_id,
+        pad_token_id=TOKENIZER.pad_token_id,
+        bos_token_id=None,
+    )
     torch.manual_seed(0)
     return Qwen2ForCausalLM(config)
 
@@ -50,22 +71,40 @@ def make_config(tmp_path, **over):
     # exponential_decay_length_penalty raises the end-of-sequence logit at sampling time, so completions end
     # at varied lengths and some are truncated (masked by mask_truncated_completions): rows of unequal length,
     # and empty ones.
-    options = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, per_device_eval_batch_size=4,
-                   num_generations=4, gradient_accumulation_steps=2, max_completion_length=8, learning_rate=1e-2,
-                   temperature=0.7, mask_truncated_completions=True, epsilon=0.1, beta=0.0,
-                   generation_kwargs={"exponential_decay_length_penalty": (1, 2.0)}, logging_steps=1,
-                   report_to=[], save_strategy="no", seed=0, bf16=False, use_cpu=True, disable_tqdm=True)
+    options = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        num_generations=4,
+        gradient_accumulation_steps=2,
+        max_completion_length=8,
+        learning_rate=1e-2,
+        temperature=0.7,
+        mask_truncated_completions=True,
+        epsilon=0.1,
+        beta=0.0,
+        generation_kwargs={"exponential_decay_length_penalty": (1, 2.0)},
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        bf16=False,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     options.update(over)
     return trl.GRPOConfig(**options)
 
 
 def recording(trainer_class):
     """trainer_class, also keeping each generation batch's completion ids (in trainer.rollouts)."""
+
     class Recording(trainer_class):
         def _generate_and_score_completions(self, inputs):
             out = super()._generate_and_score_completions(inputs)
             self.rollouts.append((out["completion_ids"].clone(), out["completion_mask"].clone()))
             return out
+
     return Recording
 
 
@@ -73,9 +112,14 @@ def train(trainer_class, tmp_path, eval_prompts=0, trainer_kwargs=None, **config
     prompts = [problem(i)["prompt"] for i in range(8)]
     eval_data = Dataset.from_dict({"prompt": prompts[:eval_prompts]}) if eval_prompts else None
     trainer = recording(trainer_class)(
-        model=tiny_model(), reward_funcs=length_reward, args=make_config(tmp_path, **config),
-        train_dataset=Dataset.from_dict({"prompt": prompts}), eval_dataset=eval_data, processing_class=TOKENIZER,
-        **(trainer_kwargs or {}))
+        model=tiny_model(),
+        reward_funcs=length_reward,
+        args=make_config(tmp_path, **config),
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        eval_dataset=eval_data,
+        processing_class=TOKENIZER,
+        **(trainer_kwargs or {}),
+    )
     trainer.rollouts = []
     trainer.train()
     return trainer
@@ -87,8 +131,9 @@ def step_logs(trainer):
 
 def assert_same_training(stock, fused):
     """stock and fused: trainers, or (rollouts, step_logs) pairs of them."""
-    (rollouts_a, logs_a), (rollouts_b, logs_b) = ((t.rollouts, step_logs(t)) if hasattr(t, "rollouts") else t
-                                                  for t in (stock, fused))
+    (rollouts_a, logs_a), (rollouts_b, logs_b) = (
+        (t.rollouts, step_logs(t)) if hasattr(t, "rollouts") else t for t in (stock, fused)
+    )
     assert len(rollouts_a) == len(rollouts_b) >= 2
     for (ids_a, mask_a), (ids_b, mask_b) in zip(rollouts_a, rollouts_b):
         assert torch.equal(ids_a, ids_b) and torch.equal(mask_a, mask_b)
@@ -125,16 +170,25 @@ def test_gradient_checkpointing_matches_stock_trl(tmp_path, one_thread):
 
 
 def _ddp_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     try:
         runs = {}
         for name, trainer_class in (("stock", trl.GRPOTrainer), ("fused", FusedGRPOTrainer)):
             trainer = train(trainer_class, out / name, loss_type="dapo", **POLICY["off"])
             assert trainer.accelerator.num_processes == world
-            runs[name] = dict(rollouts=trainer.rollouts, logs=step_logs(trainer),
-                              weights=[p.detach().clone() for p in trainer.model.parameters()])
+            runs[name] = dict(
+                rollouts=trainer.rollouts,
+                logs=step_logs(trainer),
+                weights=[p.detach().clone() for p in trainer.model.parameters()],
+            )
         torch.save(runs, out / f"rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
@@ -154,8 +208,9 @@ def test_two_cpu_processes_under_ddp(tmp_path, one_thread):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert not torch.equal(ranks[0]["stock"]["rollouts"][0][0], ranks[1]["stock"]["rollouts"][0][0])  # own prompts
     for runs in ranks:
-        assert_same_training((runs["stock"]["rollouts"], runs["stock"]["logs"]),
-                             (runs["fused"]["rollouts"], runs["fused"]["logs"]))
+        assert_same_training(
+            (runs["stock"]["rollouts"], runs["stock"]["logs"]), (runs["fused"]["rollouts"], runs["fused"]["logs"])
+        )
     for a, b in zip(ranks[0]["fused"]["weights"], ranks[1]["fused"]["weights"]):
         assert torch.equal(a, b)  # DDP kept the ranks in step
 
@@ -212,19 +267,27 @@ def test_self_check_catches_a_wrong_divisor(tmp_path, one_thread, trainer_class,
         train(trainer_class, tmp_path, loss_type=loss_type, steps_per_generation=4)
 
 
-@pytest.mark.parametrize("option, match", [
-    (dict(beta=0.04), "beta=0.04"),
-    (dict(loss_type="cispo"), "loss_type='cispo'"),
-    (dict(loss_type="luspo", importance_sampling_level="sequence"), "loss_type='luspo'"),
-    (dict(top_entropy_quantile=0.2), "top_entropy_quantile=0.2"),
-    (dict(entropy_coef=0.01), "entropy_coef=0.01"),
-    (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold=0.5"),
-])
+@pytest.mark.parametrize(
+    "option, match",
+    [
+        (dict(beta=0.04), "beta=0.04"),
+        (dict(loss_type="cispo"), "loss_type='cispo'"),
+        (dict(loss_type="luspo", importance_sampling_level="sequence"), "loss_type='luspo'"),
+        (dict(top_entropy_quantile=0.2), "top_entropy_quantile=0.2"),
+        (dict(entropy_coef=0.01), "entropy_coef=0.01"),
+        (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold=0.5"),
+    ],
+)
 def test_unsupported_option_raises_naming_it(tmp_path, one_thread, option, match):
     args = make_config(tmp_path, **option)
     with pytest.raises(ValueError, match=f"FusedGRPOTrainer: {match}"):
-        FusedGRPOTrainer(model=tiny_model(), reward_funcs=length_reward, args=args, processing_class=TOKENIZER,
-                         train_dataset=Dataset.from_dict({"prompt": ["What is 1 + 1?"] * 4}))
+        FusedGRPOTrainer(
+            model=tiny_model(),
+            reward_funcs=length_reward,
+            args=args,
+            processing_class=TOKENIZER,
+            train_dataset=Dataset.from_dict({"prompt": ["What is 1 + 1?"] * 4}),
+        )
 
 
 def test_vllm_correction_and_transformed_logits_are_refused(tmp_path):
@@ -239,8 +302,10 @@ def test_vllm_correction_and_transformed_logits_are_refused(tmp_path):
     assert "final_logit_softcapping=30.0" in unsupported_option(make_config(tmp_path), model)
 
 
-@pytest.mark.parametrize("version, supported", [("1.9.2", False), ("1.10.0", True), ("1.16.0", True),
-                                                ("1.16.3", True), ("1.17.0", False), ("2.0.0", False)])
+@pytest.mark.parametrize(
+    "version, supported",
+    [("1.9.2", False), ("1.10.0", True), ("1.16.0", True), ("1.16.3", True), ("1.17.0", False), ("2.0.0", False)],
+)
 def test_trl_version_range(version, supported):
     if supported:
         check_trl_version(version)

@@ -8,6 +8,7 @@ matmuls): their log-probs agree to ~2e-5 on this model, so LOGP_TOL = 1e-3 leave
 AdamW step of the sync test (lr 1e-2) moves them by ~14 (the test asks for > 100 x LOGP_TOL). One engine
 serves the module; the torchrun test starts two more in two processes. ~2 min on a 2-core machine.
 """
+
 import copy
 import json
 import os
@@ -33,8 +34,9 @@ TIE_TOL = 1e-3  # a greedy choice may differ only where HF's top two logits are 
 
 
 def sampling(**overrides):
-    return Sampling(**{**dict(max_completion_length=64, temperature=1.0, top_p=1.0, top_k=0, greedy=False),
-                       **overrides})
+    return Sampling(
+        **{**dict(max_completion_length=64, temperature=1.0, top_p=1.0, top_k=0, greedy=False), **overrides}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +53,15 @@ def hf():
 def engine(tokenizer):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default reserves a fraction of all host RAM
-        engine = VLLMEngine(DEFAULT_MODEL, tokenizer, seed=0, gpu_memory_utilization=0.2, max_model_len=384,
-                            enable_sleep_mode=True, dtype="float32")
+        engine = VLLMEngine(
+            DEFAULT_MODEL,
+            tokenizer,
+            seed=0,
+            gpu_memory_utilization=0.2,
+            max_model_len=384,
+            enable_sleep_mode=True,
+            dtype="float32",
+        )
     yield engine
     engine.close()
 
@@ -143,8 +152,10 @@ def engine_sequence_logprobs(engine, sequences):
 
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
     outs = engine.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
-    return [torch.tensor([pos[t].logprob for t, pos in zip(s[1:], o.prompt_logprobs[1:])], dtype=torch.float64)
-            for s, o in zip(sequences, outs, strict=True)]
+    return [
+        torch.tensor([pos[t].logprob for t, pos in zip(s[1:], o.prompt_logprobs[1:])], dtype=torch.float64)
+        for s, o in zip(sequences, outs, strict=True)
+    ]
 
 
 def max_gap(engine, model, sequences):
@@ -173,7 +184,9 @@ def test_sync_weights_after_an_optimizer_step(engine, hf, prompt_ids):
         engine.sync_weights(hf.named_parameters())  # the module's engine goes back to the shipped weights
     assert synced < LOGP_TOL, f"after sync_weights the engine is {synced:.2e} from the trained model"
     print(f"log-prob gap to the trained model: {stale:.2e} before the sync, {synced:.2e} after")
-    assert stale > 100 * LOGP_TOL, f"the step barely moved the log-probs ({stale:.2e}): the test would not see a missing sync"
+    assert stale > 100 * LOGP_TOL, (
+        f"the step barely moved the log-probs ({stale:.2e}): the test would not see a missing sync"
+    )
     assert max_gap(engine, hf, sequences) < LOGP_TOL  # and a second sync takes it back
 
 
@@ -250,9 +263,22 @@ def test_two_ranks_under_torchrun(tmp_path):
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # set by the module's engine
         env.pop(var, None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert sorted(r["rank"] for r in results) == [0, 1]

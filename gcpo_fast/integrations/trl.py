@@ -40,6 +40,7 @@ the divisors of `trl_divisor` (before 1.10.0 dapo divided by num_items_in_batch 
 `self._metrics[mode]`, the lists TRL logs from; `current_gradient_accumulation_steps` (transformers' Trainer).
 Other versions are refused at import: a divisor copied from one version silently mis-scales another.
 """
+
 from __future__ import annotations
 
 import torch
@@ -58,8 +59,17 @@ from gcpo_fast.packing import lm_head_weight
 SUPPORTED_TRL = ((1, 10), (1, 16))  # first and last (major, minor) whose loss layout this module reproduces
 SUPPORTED_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 # Batch keys of multimodal models (and token types) that TRL passes to the model; only token ids are passed here.
-UNSUPPORTED_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "spatial_shapes",
-                      "num_tiles", "image_position_ids", "token_type_ids", "mm_token_type_ids")
+UNSUPPORTED_INPUTS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "image_sizes",
+    "spatial_shapes",
+    "num_tiles",
+    "image_position_ids",
+    "token_type_ids",
+    "mm_token_type_ids",
+)
 
 
 def check_trl_version(version: str) -> None:
@@ -69,8 +79,10 @@ def check_trl_version(version: str) -> None:
     release = Version(version).release[:2]
     (lo_major, lo_minor), (hi_major, hi_minor) = SUPPORTED_TRL
     if not SUPPORTED_TRL[0] <= release <= SUPPORTED_TRL[1]:
-        raise ImportError(f"gcpo_fast.integrations.trl supports trl {lo_major}.{lo_minor}.x to {hi_major}.{hi_minor}.x, "
-                          f"installed: trl {version} (pip install 'trl>={lo_major}.{lo_minor},<{hi_major}.{hi_minor + 1}')")
+        raise ImportError(
+            f"gcpo_fast.integrations.trl supports trl {lo_major}.{lo_minor}.x to {hi_major}.{hi_minor}.x, "
+            f"installed: trl {version} (pip install 'trl>={lo_major}.{lo_minor},<{hi_major}.{hi_minor + 1}')"
+        )
 
 
 check_trl_version(trl.__version__)
@@ -90,13 +102,24 @@ def unsupported_option(args, model=None) -> str | None:
         ("top_entropy_quantile", args.top_entropy_quantile, args.top_entropy_quantile < 1.0, "no entropy mask"),
         ("entropy_coef", args.entropy_coef, args.entropy_coef != 0.0, "no entropy bonus"),
         ("use_adaptive_entropy", args.use_adaptive_entropy, args.use_adaptive_entropy, "no entropy bonus"),
-        ("off_policy_mask_threshold", args.off_policy_mask_threshold, args.off_policy_mask_threshold is not None,
-         "no off-policy sequence mask"),
-        ("vllm_importance_sampling_correction", args.vllm_importance_sampling_correction,
-         args.use_vllm and args.vllm_importance_sampling_correction,
-         "no per-token sampling weight in the fused op yet; set it False or use trl.GRPOTrainer"),
-        ("router_aux_loss_coef", args.router_aux_loss_coef,
-         hasattr(config, "output_router_logits") and args.router_aux_loss_coef != 0.0, "no MoE load-balancing loss"),
+        (
+            "off_policy_mask_threshold",
+            args.off_policy_mask_threshold,
+            args.off_policy_mask_threshold is not None,
+            "no off-policy sequence mask",
+        ),
+        (
+            "vllm_importance_sampling_correction",
+            args.vllm_importance_sampling_correction,
+            args.use_vllm and args.vllm_importance_sampling_correction,
+            "no per-token sampling weight in the fused op yet; set it False or use trl.GRPOTrainer",
+        ),
+        (
+            "router_aux_loss_coef",
+            args.router_aux_loss_coef,
+            hasattr(config, "output_router_logits") and args.router_aux_loss_coef != 0.0,
+            "no MoE load-balancing loss",
+        ),
     )
     for name, value, bad, why in checks:
         if bad:
@@ -119,8 +142,16 @@ def _raise_if_unsupported(args, model=None) -> None:
         raise ValueError(f"FusedGRPOTrainer: {problem}")
 
 
-def trl_divisor(loss_type: str, mask, inputs: dict, accumulation_steps: int, num_processes: int,
-                steps_per_generation: int, max_completion_length: int, train: bool):
+def trl_divisor(
+    loss_type: str,
+    mask,
+    inputs: dict,
+    accumulation_steps: int,
+    num_processes: int,
+    steps_per_generation: int,
+    max_completion_length: int,
+    train: bool,
+):
     """(loss_agg_mode, normalizer) so that linear_policy_loss divides exactly as TRL 1.10-1.16 does.
 
     GA = accumulation_steps in training, 1 in evaluation; B = rows of this micro-batch.
@@ -151,8 +182,14 @@ class FusedGRPOTrainer(GRPOTrainer):
     (None: 1e-5 in fp32, 1e-2 under bf16/fp16), backend ("triton" | "torch" | None: by device).
     """
 
-    def __init__(self, *args, self_check_every: int | None = None, self_check_tolerance: float | None = None,
-                 backend: str | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        self_check_every: int | None = None,
+        self_check_tolerance: float | None = None,
+        backend: str | None = None,
+        **kwargs,
+    ):
         if self_check_every is not None and self_check_every < 1:
             raise ValueError(f"FusedGRPOTrainer: self_check_every must be >= 1 or None, got {self_check_every}")
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
@@ -162,11 +199,15 @@ class FusedGRPOTrainer(GRPOTrainer):
         _raise_if_unsupported(self.args, self.accelerator.unwrap_model(self.model))
         low_precision = self.args.bf16 or self.args.fp16
         self.self_check_every = self_check_every
-        self.self_check_tolerance = (1e-2 if low_precision else 1e-5) if self_check_tolerance is None \
-            else self_check_tolerance
+        self.self_check_tolerance = (
+            (1e-2 if low_precision else 1e-5) if self_check_tolerance is None else self_check_tolerance
+        )
         self.backend = backend
         # GRPOConfig leaves epsilon_high None when it equals epsilon.
-        self.clip_box = (self.args.epsilon, self.args.epsilon if self.args.epsilon_high is None else self.args.epsilon_high)
+        self.clip_box = (
+            self.args.epsilon,
+            self.args.epsilon if self.args.epsilon_high is None else self.args.epsilon_high,
+        )
         self._checked_at = {}  # mode -> global step of the last self-check
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -186,20 +227,31 @@ class FusedGRPOTrainer(GRPOTrainer):
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         with self.accelerator.autocast():
-            out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                        logits_to_keep=1, use_cache=False)
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                output_hidden_states=True,
+                logits_to_keep=1,
+                use_cache=False,
+            )
         # The state at position p predicts token p + 1: completion slot j is predicted at P - 1 + j.
-        return out.hidden_states[-1][:, prompt_ids.shape[1] - 1:-1]
+        return out.hidden_states[-1][:, prompt_ids.shape[1] - 1 : -1]
 
     def fused_loss(self, model, inputs: dict, mode: str):
         """(loss, stats, packed) of one micro-batch: TRL's loss, divided as TRL divides it."""
         present = [k for k in UNSUPPORTED_INPUTS if inputs.get(k) is not None]
         if present:
-            raise ValueError(f"FusedGRPOTrainer: model inputs beyond token ids ({', '.join(present)}) are not supported")
+            raise ValueError(
+                f"FusedGRPOTrainer: model inputs beyond token ids ({', '.join(present)}) are not supported"
+            )
         advantages = inputs["advantages"]
         if advantages.dim() != 1:
-            raise ValueError(f"FusedGRPOTrainer: advantages must be one per row [B], got shape {tuple(advantages.shape)}")
-        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+            raise ValueError(
+                f"FusedGRPOTrainer: advantages must be one per row [B], got shape {tuple(advantages.shape)}"
+            )
+        mask = (
+            inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        )
         mask = mask.bool()
         hidden = self.completion_hidden(model, inputs)[mask]  # [N, d], rows concatenated in order
         targets = inputs["completion_ids"][mask]
@@ -212,17 +264,39 @@ class FusedGRPOTrainer(GRPOTrainer):
         hidden, weight, bias = hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
         agg, normalizer = self.divisor(mask, inputs, mode)
         loss, stats = linear_policy_loss(
-            hidden, weight, targets, old, advantages, cu_seqlens, bias=bias, temperature=self.args.temperature,
-            loss_type=self.args.loss_type, importance_sampling_level=self.args.importance_sampling_level,
-            epsilon_low=self.clip_box[0], epsilon_high=self.clip_box[1], delta=self.args.delta, loss_agg_mode=agg,
-            normalizer=normalizer, compute_entropy=True, return_logp=True, backend=self.backend)
+            hidden,
+            weight,
+            targets,
+            old,
+            advantages,
+            cu_seqlens,
+            bias=bias,
+            temperature=self.args.temperature,
+            loss_type=self.args.loss_type,
+            importance_sampling_level=self.args.importance_sampling_level,
+            epsilon_low=self.clip_box[0],
+            epsilon_high=self.clip_box[1],
+            delta=self.args.delta,
+            loss_agg_mode=agg,
+            normalizer=normalizer,
+            compute_entropy=True,
+            return_logp=True,
+            backend=self.backend,
+        )
         return loss, stats, (old, advantages, cu_seqlens)
 
     def divisor(self, mask, inputs: dict, mode: str):
         """(loss_agg_mode, normalizer) of this micro-batch: `trl_divisor` with this trainer's state."""
-        return trl_divisor(self.args.loss_type, mask, inputs, self.current_gradient_accumulation_steps,
-                           self.accelerator.num_processes, self.args.steps_per_generation,
-                           self.args.max_completion_length, mode == "train")
+        return trl_divisor(
+            self.args.loss_type,
+            mask,
+            inputs,
+            self.current_gradient_accumulation_steps,
+            self.accelerator.num_processes,
+            self.args.steps_per_generation,
+            self.args.max_completion_length,
+            mode == "train",
+        )
 
     def log_metrics(self, mode: str, stats: dict, packed) -> None:
         """TRL's loss metrics from the fused op's stats, with TRL 1.10-1.16's definitions."""
@@ -252,8 +326,9 @@ class FusedGRPOTrainer(GRPOTrainer):
 
     def _global_mean(self, total, count) -> float:
         device = self.accelerator.device
-        totals = self.accelerator.reduce(torch.stack([total.float().to(device), count.float().to(device)]),
-                                         reduction="sum")
+        totals = self.accelerator.reduce(
+            torch.stack([total.float().to(device), count.float().to(device)]), reduction="sum"
+        )
         return (totals[0] / totals[1].clamp(min=1.0)).item()
 
     def _self_check_due(self, mode: str) -> bool:
@@ -282,7 +357,8 @@ class FusedGRPOTrainer(GRPOTrainer):
                 f"FusedGRPOTrainer self-check ({mode}, step {self.state.global_step}, loss_type="
                 f"{self.args.loss_type}, trl {trl.__version__}): fused loss {loss.item():.8g} vs TRL's "
                 f"{trl_loss.item():.8g}, unit-advantage probe {our_probe.item():.8g} vs {trl_probe.item():.8g}: "
-                f"relative error {worst:.3g} > tolerance {self.self_check_tolerance:g}")
+                f"relative error {worst:.3g} > tolerance {self.self_check_tolerance:g}"
+            )
 
 
 def _nan_reduce(values, reduce) -> float:
