@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_model import make_tiny_model, one_thread, write_jsonl  # noqa: F401 (one_thread: fixture)
+from tiny_model import make_tiny_model, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gcpo_fast.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
@@ -130,7 +130,7 @@ def run_config(tmp_path, output_dir, *extra):
         ["--loss_type", "dapo", "--dynamic_sampling", "false", "--num_iterations", "2"],
     ],
 )
-def test_resume_gives_the_uninterrupted_weights(tmp_path, one_thread, extra):
+def test_resume_gives_the_uninterrupted_weights(tmp_path, extra):
     whole = tmp_path / "whole"
     train(run_config(tmp_path, whole, *extra))  # 4 steps, checkpoints at 2 and 4
     resumed = tmp_path / "resumed"

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from tiny_model import make_tiny_model, one_thread, write_jsonl  # noqa: F401 (one_thread: fixture)
+from tiny_model import make_tiny_model, write_jsonl
 
 from gcpo_fast.eval import count_correct, level_summary, main, pass_at_k, summarize
 from gcpo_fast.rollout import HFEngine, Sampling

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from tiny_model import make_tiny_model, one_thread, write_jsonl  # noqa: F401 (one_thread: fixture)
+from tiny_model import make_tiny_model, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gcpo_fast.config import ConfigError, parse_config

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_model import make_tiny_model, one_thread, problem, write_jsonl  # noqa: F401 (one_thread: fixture)
+from tiny_model import make_tiny_model, problem, write_jsonl
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -238,7 +238,7 @@ def second_candidate_reward(prompts, completions, answer, **columns):
 
 
 @pytest.mark.parametrize("case", ["reward", "budget"])
-def test_a_teacher_answer_that_fails_is_never_used(tiny, tmp_path, one_thread, case):
+def test_a_teacher_answer_that_fails_is_never_used(tiny, tmp_path, case):
     """Candidates the reward calls wrong, or cut by the teacher's budget (no EOS), give no golden row."""
     argv = (
         ["--reward_funcs", "test_golden:never_correct"] if case == "reward" else ["--golden_max_completion_length", "4"]

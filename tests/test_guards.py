@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_model import make_tiny_model, one_thread, write_jsonl  # noqa: F401 (one_thread: fixture)
+from tiny_model import make_tiny_model, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from gcpo_fast.config import parse_config
@@ -88,7 +88,7 @@ def test_runaway_weights_stop_the_run_without_a_poisoned_checkpoint(files, tmp_p
         assert all(torch.isfinite(t).all() for t in load_file(path / "model.safetensors").values())
 
 
-def test_consecutive_skips_stop_the_run(files, tmp_path, capsys, one_thread, monkeypatch):
+def test_consecutive_skips_stop_the_run(files, tmp_path, capsys, monkeypatch):
     """Every step non-finite (a fused op that always overflows): skipped, counted, then a one-line stop after
     --max_skipped_steps, with a metrics line for each skipped step."""
     import gcpo_fast.update as update

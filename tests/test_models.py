@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_model import make_tiny_model, make_tokenizer, one_thread  # noqa: F401 (one_thread: fixture)
+from tiny_model import make_tiny_model, make_tokenizer
 from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM, T5Config, T5ForConditionalGeneration
 
 from gcpo_fast.models import check_model_folder, load_causal_lm, load_tokenizer

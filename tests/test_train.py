@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_model import make_tiny_model, one_thread, write_jsonl  # noqa: F401 (one_thread: fixture)
+from tiny_model import make_tiny_model, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gcpo_fast.config import parse_config
@@ -115,7 +115,7 @@ def test_plain_text_prompts_without_a_chat_template(tmp_path, one_thread):
 
 
 @pytest.mark.parametrize("mode", ["append", "replace"])
-def test_golden_rows_for_all_wrong_groups(files, one_thread, mode):
+def test_golden_rows_for_all_wrong_groups(files, mode):
     cfg, model, tokenizer, sampler, funcs = setup(
         files, "--reward_funcs", "tiny_model:zero_reward", "--golden_answer", mode
     )
@@ -189,7 +189,7 @@ def golden_logprob(model, tokenizer, cfg, record):
 
 
 @pytest.mark.parametrize("golden", ["append", "replace", "off"])
-def test_a_step_raises_the_golden_answers_logprob(files, one_thread, golden):
+def test_a_step_raises_the_golden_answers_logprob(files, golden):
     cfg, model, tokenizer, sampler, funcs = setup(
         files, "--reward_funcs", "tiny_model:zero_reward", "--golden_answer", golden
     )
@@ -295,7 +295,7 @@ def naive_loss(model, micro_batches, cfg):
         ("gcpo", "shaped"),
     ],
 )
-def test_update_matches_a_naive_reference(files, one_thread, loss_type, objective):
+def test_update_matches_a_naive_reference(files, loss_type, objective):
     cfg, model, tokenizer, sampler, funcs = setup(
         files,
         "--loss_type",

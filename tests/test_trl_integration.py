@@ -16,7 +16,7 @@ import torch
 
 trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402 (trl's dependency)
-from tiny_model import make_tokenizer, one_thread, problem  # noqa: E402,F401 (one_thread: fixture)
+from tiny_model import make_tokenizer, problem  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from gcpo_fast.integrations.trl import (
@@ -150,7 +150,7 @@ def assert_same_training(stock, fused):
 @pytest.mark.parametrize("policy", ["on", "off"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo"])
-def test_fused_trainer_matches_stock_trl(tmp_path, one_thread, loss_type, level, policy):
+def test_fused_trainer_matches_stock_trl(tmp_path, loss_type, level, policy):
     options = dict(loss_type=loss_type, importance_sampling_level=level, **POLICY[policy])
     stock = train(trl.GRPOTrainer, tmp_path / "stock", **options)
     fused = train(FusedGRPOTrainer, tmp_path / "fused", **options)
@@ -262,7 +262,7 @@ class ForgetsAccumulation(FusedGRPOTrainer):
 
 
 @pytest.mark.parametrize("trainer_class, loss_type", [(PreTrl110Dapo, "dapo"), (ForgetsAccumulation, "grpo")])
-def test_self_check_catches_a_wrong_divisor(tmp_path, one_thread, trainer_class, loss_type):
+def test_self_check_catches_a_wrong_divisor(tmp_path, trainer_class, loss_type):
     with pytest.raises(SelfCheckError, match=f"loss_type={loss_type}.*relative error"):
         train(trainer_class, tmp_path, loss_type=loss_type, steps_per_generation=4)
 
@@ -278,7 +278,7 @@ def test_self_check_catches_a_wrong_divisor(tmp_path, one_thread, trainer_class,
         (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold=0.5"),
     ],
 )
-def test_unsupported_option_raises_naming_it(tmp_path, one_thread, option, match):
+def test_unsupported_option_raises_naming_it(tmp_path, option, match):
     args = make_config(tmp_path, **option)
     with pytest.raises(ValueError, match=f"FusedGRPOTrainer: {match}"):
         FusedGRPOTrainer(

@@ -1,6 +1,6 @@
 """A tiny causal LM and tokenizer built from nothing, for the trainer's tests (a helper module, not conftest).
 
-    from tiny_model import make_tiny_model, write_jsonl, one_thread   # one_thread: a fixture
+    from tiny_model import make_tiny_model, write_jsonl
     model_dir = make_tiny_model(tmp_path / "model")          # Qwen2, hidden 32, 2 layers; byte-level BPE tokenizer
     data = write_jsonl(tmp_path / "train.jsonl", n=16)       # TRL layout: prompt + solution ending in \\boxed{}
 
@@ -13,7 +13,6 @@ save_pretrained, so the folder loads like any Hugging Face model.
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -84,15 +83,6 @@ def zero_reward(prompts, completions, **columns):
     return [0.0] * len(completions)
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread while the test runs. Tiny matmuls gain nothing from a thread pool, and on a busy
-    machine the pool's synchronisation stalls them (seen here: 17 ms per [20, 32] x [32, 64] matmul with
-    2 threads under load, 3 us with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def even_answer_reward(prompts, completions, answer, **columns):
