@@ -42,6 +42,7 @@ import sys
 import warnings
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +50,32 @@ import torch
 import yaml
 from safetensors import safe_open
 
+from gcpo_fast.options import at_least, check_options, option
 from gcpo_fast.parallel import barrier, rank_and_world
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "checkpoint.json"
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+
+
+@dataclass
+class CheckpointConfig:
+    """When a run saves, how many checkpoints it keeps, and where it resumes from."""
+
+    _argument_group_name = "checkpoints"
+
+    save_steps: int = option(100, "checkpoint every this many steps, and at the end (0: only at the end)")
+    save_total_limit: int | None = option(None, "keep only the newest this-many checkpoints (default: all)")
+    resume: str | None = option(
+        None,
+        "continue from the latest checkpoint in output_dir (flag alone) or from the given checkpoint folder",
+        metavar="CHECKPOINT",
+    )
+
+    def __post_init__(self):
+        check_options(self)
+        at_least(self, 0, "save_steps")
+        at_least(self, 1, "save_total_limit")
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -23,16 +23,40 @@ status 2; a failure while loading or generating is one line and exit status 1.
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gcpo_fast.cli import ArgumentParser
-from gcpo_fast.config import DEFAULT_MODEL, TrainConfig
-from gcpo_fast.models import check_model_folder, load_causal_lm, load_tokenizer
+from gcpo_fast.models import DEFAULT_MODEL, check_model_folder, load_causal_lm, load_tokenizer
+from gcpo_fast.options import at_least, check_options, option
 from gcpo_fast.rewards import math_reward
-from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts
+from gcpo_fast.rollout import HFEngine, RolloutConfig, Sampling, encode_prompts
 from gcpo_fast.sources import load_records
+
+
+@dataclass
+class EvalConfig:
+    """The held-out evaluation the trainer runs every eval_steps."""
+
+    _argument_group_name = "evaluation"
+
+    eval_dataset: str | None = option(
+        None,
+        "held-out problems for evaluation; default: the builtin held-out split (of --builtin_levels) when --dataset "
+        "builtin, else no evaluation",
+    )
+    eval_steps: int = option(
+        50, "evaluate on the held-out problems every this many steps, at the start and at the end (0: never)"
+    )
+    eval_num_problems: int = option(500, "held-out problems per evaluation")
+    eval_num_samples: int = option(1, "completions per held-out problem: mean@k and pass@k (1: greedy)")
+
+    def __post_init__(self):
+        check_options(self)
+        at_least(self, 0, "eval_steps")
+        at_least(self, 1, "eval_num_problems", "eval_num_samples")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -139,8 +163,8 @@ def main(argv=None) -> None:
         "--levels", type=int, nargs="+", default=None, help="builtin only: the difficulty levels to draw (default: all)"
     )
     ap.add_argument("--num_samples", type=int, default=1, help="completions per problem, k (1: greedy)")
-    ap.add_argument("--max_prompt_length", type=int, default=TrainConfig.max_prompt_length)
-    ap.add_argument("--max_completion_length", type=int, default=TrainConfig.max_completion_length)
+    ap.add_argument("--max_prompt_length", type=int, default=RolloutConfig.max_prompt_length)
+    ap.add_argument("--max_completion_length", type=int, default=RolloutConfig.max_completion_length)
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature when k > 1")
     ap.add_argument("--top_p", type=float, default=1.0)
     ap.add_argument("--top_k", type=int, default=0)

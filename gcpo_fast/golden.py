@@ -39,11 +39,14 @@ import hashlib
 import json
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gcpo_fast import groups, parallel
+from gcpo_fast.errors import require
+from gcpo_fast.options import at_least, check_options, option
 from gcpo_fast.rewards import as_completions, compute_rewards
 from gcpo_fast.rollout import Sampling, encode_prompts
 from gcpo_fast.timing import PhaseTimer
@@ -62,6 +65,62 @@ IDENTITY_FILES = (
 )
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 MIB = 1 << 20
+GOLDEN_SOURCES = ("dataset", "teacher", "dataset_then_teacher")
+
+
+@dataclass
+class GoldenConfig:
+    """Where GCPO's golden answers come from: the dataset, or a teacher model and its cache."""
+
+    _argument_group_name = "golden answers"
+
+    golden_source: str | None = option(
+        None,
+        "GCPO: where golden answers come from: the dataset's golden column, a teacher (--golden_model, "
+        "--golden_cache), or the dataset and, for records without one, the teacher (default: dataset_then_teacher "
+        "when a teacher or cache is given, else dataset)",
+        choices=GOLDEN_SOURCES,
+    )
+    golden_model: str | None = option(
+        None,
+        "GCPO: a teacher, a local Hugging Face causal LM folder, that writes golden answers for all-wrong prompts "
+        "(verified by the reward functions, cached in output_dir/golden_cache.jsonl)",
+    )
+    golden_cache: str | None = option(
+        None,
+        "GCPO: a golden-answer cache filled offline (python -m gcpo_fast.golden), read at the start; without "
+        "--golden_model it is the only teacher",
+    )
+    golden_num_candidates: int = option(
+        4,
+        "GCPO teacher: candidates per all-wrong prompt; the first the reward functions call correct becomes its "
+        "golden answer",
+    )
+    golden_temperature: float = option(0.7, "GCPO teacher: sampling temperature of its candidates")
+    golden_max_completion_length: int | None = option(
+        None, "GCPO teacher: token budget per candidate, in the teacher's tokens (default: max_completion_length)"
+    )
+
+    def __post_init__(self):
+        check_options(self)
+        teacher = [f"--{name}" for name in ("golden_model", "golden_cache") if getattr(self, name)]
+        if self.golden_source is None:
+            self.golden_source = "dataset_then_teacher" if teacher else "dataset"
+        require(
+            self.golden_source == "dataset" or bool(teacher),
+            f"golden_source {self.golden_source} needs a teacher: --golden_model FOLDER or --golden_cache FILE",
+        )
+        require(
+            not teacher or self.golden_source != "dataset",
+            f"{' and '.join(teacher)} would never be asked with golden_source dataset: use golden_source "
+            "teacher or dataset_then_teacher",
+        )
+        at_least(self, 1, "golden_num_candidates", "golden_max_completion_length")
+        require(self.golden_temperature > 0, f"golden_temperature must be > 0, got {self.golden_temperature}")
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.golden_source != "dataset"
 
 
 def prompt_key(prompt) -> str:
@@ -219,21 +278,20 @@ class Teacher:
 
 
 def golden_texts(
-    cfg,
+    source: str,
     records: list[dict],
     rewards: torch.Tensor,
+    correct_reward: float,
     teacher: Teacher | None,
     metrics: dict,
     timer: PhaseTimer | None = None,
 ) -> tuple[list[str | None], set[int]]:
     """The golden text of each kept prompt by --golden_source (None: none), and the prompts whose text is the
     teacher's. rewards: [P, G]; the teacher is asked only for all-wrong prompts. Adds the teacher's metrics."""
-    if cfg.golden_answer == "off":
-        return [None] * len(records), set()
-    texts = [None if cfg.golden_source == "teacher" else r["golden"] for r in records]
+    texts = [None if source == "teacher" else r["golden"] for r in records]
     if teacher is None:
         return texts, set()
-    all_wrong = groups.all_wrong_groups(rewards, cfg.correct_reward).tolist()
+    all_wrong = groups.all_wrong_groups(rewards, correct_reward).tolist()
     asked = [p for p, t in enumerate(texts) if t is None and all_wrong[p]]
     with (timer or PhaseTimer())("teacher"):  # entered on every rank every round: the same timing keys everywhere
         found, teacher_metrics = teacher.answers([records[p] for p in asked])
@@ -249,11 +307,12 @@ def main(argv=None) -> None:
     from tqdm.auto import tqdm
 
     from gcpo_fast.cli import ArgumentParser
-    from gcpo_fast.config import FIELDS, TrainConfig
+    from gcpo_fast.errors import ConfigError
     from gcpo_fast.models import check_model_folder, load_causal_lm, load_tokenizer
-    from gcpo_fast.rewards import load_reward_function
-    from gcpo_fast.rollout import HFEngine
-    from gcpo_fast.sources import load_records
+    from gcpo_fast.rewards import RewardConfig, load_reward_function
+    from gcpo_fast.rollout import HFEngine, RolloutConfig
+    from gcpo_fast.run import RunConfig
+    from gcpo_fast.sources import DataConfig, load_records
 
     ap = ArgumentParser(prog="python -m gcpo_fast.golden", description=main.__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="the teacher: a local Hugging Face causal LM folder")
@@ -263,30 +322,30 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--out", required=True, help="the cache file (JSONL; appended to); pass it to the trainer as --golden_cache"
     )
-    ap.add_argument("--num_candidates", type=int, default=TrainConfig.golden_num_candidates)
-    ap.add_argument("--temperature", type=float, default=TrainConfig.golden_temperature)
+    ap.add_argument("--num_candidates", type=int, default=GoldenConfig.golden_num_candidates)
+    ap.add_argument("--temperature", type=float, default=GoldenConfig.golden_temperature)
     ap.add_argument(
         "--max_completion_length",
         type=int,
-        default=TrainConfig.max_completion_length,
+        default=RolloutConfig.max_completion_length,
         help="the teacher's token budget per candidate",
     )
-    ap.add_argument("--max_prompt_length", type=int, default=TrainConfig.max_prompt_length)
+    ap.add_argument("--max_prompt_length", type=int, default=RolloutConfig.max_prompt_length)
     ap.add_argument(
         "--reward_funcs",
         nargs="+",
-        default=FIELDS["reward_funcs"].default_factory(),
+        default=RewardConfig().reward_funcs,
         help="the training run's reward functions (built-in names or 'package.module:function')",
     )
     ap.add_argument("--reward_weights", type=float, nargs="+", default=None)
-    ap.add_argument("--correct_reward", type=float, default=TrainConfig.correct_reward)
+    ap.add_argument("--correct_reward", type=float, default=RewardConfig.correct_reward)
     ap.add_argument("--prompt_column", default="prompt")
     ap.add_argument("--answer_column", default=None)
     ap.add_argument("--golden_column", default="solution")
-    ap.add_argument("--builtin_num_problems", type=int, default=TrainConfig.builtin_num_problems)
-    ap.add_argument("--builtin_levels", type=int, nargs="+", default=FIELDS["builtin_levels"].default_factory())
+    ap.add_argument("--builtin_num_problems", type=int, default=DataConfig.builtin_num_problems)
+    ap.add_argument("--builtin_levels", type=int, nargs="+", default=DataConfig().builtin_levels)
     ap.add_argument(
-        "--seed", type=int, default=TrainConfig.seed, help="the training run's seed (sampling and builtin data)"
+        "--seed", type=int, default=RunConfig.seed, help="the training run's seed (sampling and builtin data)"
     )
     args = ap.parse_args(argv)
     for name in ("num_candidates", "max_completion_length", "max_prompt_length"):
@@ -294,6 +353,10 @@ def main(argv=None) -> None:
             ap.fail(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not args.temperature > 0:
         ap.fail(f"--temperature must be > 0, got {args.temperature}")
+    try:  # the trainer's own checks of the reward options
+        RewardConfig(args.reward_funcs, args.reward_weights, args.correct_reward)
+    except ConfigError as e:
+        ap.fail(str(e))
     try:
         folder = check_model_folder(args.model)
         records = load_records(

@@ -1,13 +1,11 @@
-"""Group logic on reward tensors: GCPO's golden rows, advantages (GRPO / Dr. GRPO / GPG), DAPO's filter.
+"""Group logic on reward tensors: GCPO's golden rows, group advantages, reward metrics.
 
     from gcpo_fast import groups
 
     rewards = torch.tensor(...)                                  # [P, G]: P prompts x G rollouts
     g = groups.add_golden_rows(rewards, has_golden, mode="append", correct_reward=1.0)
     adv = groups.group_advantages(g.rewards, g.group_index, scale_rewards="group")   # [N] per row
-    adv, alpha = groups.gpg_advantages(g.rewards, g.group_index)                    # GPG instead
     metrics = groups.group_metrics(rewards, g)
-    keep = groups.dapo_filter(rewards)                           # [P] bool: DAPO dynamic sampling
 
 Rows are flat: row k belongs to group (prompt) g.group_index[k]; a group's rows are contiguous, its
 rollouts in order, then its golden row when there is one. g.rollout_index[k] is the row's index in
@@ -26,9 +24,7 @@ unbiased variance (G (1/(G+1))^2 + (G/(G+1))^2) / G = 1/(G+1), so (with the 1e-4
 (G/(G+1)) * sqrt(G+1) = G / sqrt(G+1) (8/3 for G = 8) and each wrong rollout -1/sqrt(G+1); with "replace"
 the group is G-1 zeros and one 1 and the golden row gets (G-1)/sqrt(G).
 
-GPG: A = alpha (R - mean_g R) / F, F = 1 (or the group std), alpha = B / (B - M) with B rows in the
-batch and M rows in zero-variance groups. DAPO dynamic sampling keeps only groups whose rewards
-differ and generates more until enough groups are kept.
+GPG's alpha scaling and DAPO's and GPG's sampling rules belong to those methods (gcpo_fast/methods.py).
 
 Rollout statistics (frac_reward_zero_std, reward, reward_std) are taken on the [P, G] rollout rewards,
 before any golden row: golden rows never leak into them.
@@ -37,8 +33,6 @@ before any golden row: golden rows never leak into them.
 from dataclasses import dataclass
 
 import torch
-
-from gcpo_fast.errors import TrainingError
 
 SCALE_REWARDS = ("group", "batch", "none")
 GOLDEN_MODES = ("append", "replace", "off")
@@ -133,59 +127,9 @@ def zero_std_groups(rewards: torch.Tensor, group_index: torch.Tensor) -> torch.T
     return torch.isclose(std, torch.zeros_like(std))
 
 
-def gpg_alpha(rewards: torch.Tensor, group_index: torch.Tensor) -> float:
-    """GPG's alpha = B / (B - M): B rows, M rows in zero-variance groups; 1.0 when every group is zero-variance
-    (all advantages are 0 then, so any alpha gives the same zero gradient)."""
-    zero = zero_std_groups(rewards, group_index)
-    num_rows = group_index.numel()
-    valid_rows = num_rows - int(zero[group_index].sum())
-    return num_rows / valid_rows if valid_rows > 0 else 1.0
-
-
-def gpg_advantages(
-    rewards: torch.Tensor, group_index: torch.Tensor, scale_rewards: str = "none", eps: float = EPS
-) -> tuple[torch.Tensor, float]:
-    """GPG: (alpha * (R - mean_g R) / F, alpha); F = 1 for scale_rewards "none", the group std for "group"."""
-    if scale_rewards not in ("none", "group"):
-        raise ValueError(f"GPG scale_rewards must be 'none' or 'group', got {scale_rewards!r}")
-    alpha = gpg_alpha(rewards, group_index)
-    return alpha * group_advantages(rewards, group_index, scale_rewards, eps), alpha
-
-
-def gpg_sampling_done(num_valid_rows: int, num_rows: int, min_inverse_alpha: float) -> bool:
-    """GPG's resampling rule: stop sampling more prompts once valid rows / rows (= 1/alpha) >= min_inverse_alpha
-    (0.5 in GPG's scripts, 0.6 in its paper's table)."""
-    return num_rows > 0 and num_valid_rows / num_rows >= min_inverse_alpha
-
-
 def grid_group_index(num_prompts: int, group_size: int, device=None) -> torch.Tensor:
     """group_index of a [P, G] reward grid flattened row-major: [0]*G + [1]*G + ..."""
     return torch.arange(num_prompts, device=device).repeat_interleave(group_size)
-
-
-def dapo_filter(rewards: torch.Tensor) -> torch.Tensor:
-    """DAPO dynamic sampling on [P, G] rollout rewards: [P] bool, True for groups to keep (rewards not all
-    equal). A group of one rollout is kept, as verl does."""
-    P, G = rewards.shape
-    if G == 1:
-        return torch.ones(P, dtype=torch.bool, device=rewards.device)
-    return ~zero_std_groups(rewards.flatten(), grid_group_index(P, G, rewards.device))
-
-
-def dapo_sampling_done(
-    num_kept_groups: int, batch_size: int, num_gen_batches: int, max_num_gen_batches: int = 0
-) -> bool:
-    """True once batch_size groups have been kept (the caller trims the surplus). Raises after
-    max_num_gen_batches generation rounds without enough groups (<= 0: no limit), as verl does."""
-    if num_kept_groups >= batch_size:
-        return True
-    if 0 < max_num_gen_batches <= num_gen_batches:
-        raise TrainingError(
-            f"DAPO dynamic sampling: only {num_kept_groups} of {batch_size} groups with varied rewards after "
-            f"{num_gen_batches} generation batches (max_num_gen_batches={max_num_gen_batches}); the data is "
-            "too easy or too hard for the model (raise --max_num_gen_batches, <= 0 for no limit)"
-        )
-    return False
 
 
 def group_metrics(rollout_rewards: torch.Tensor, groups: Groups) -> dict[str, float]:

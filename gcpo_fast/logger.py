@@ -16,14 +16,45 @@ TensorBoard needs the `tensorboard` package and W&B the `wandb` package; the con
 before the run starts (W&B reads WANDB_PROJECT etc. from the environment as usual).
 """
 
+import importlib.util
 import json
 import statistics
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from gcpo_fast.checkpoint import list_checkpoints
+from gcpo_fast.errors import require
+from gcpo_fast.options import at_least, check_options, option
+
+REPORTERS = ("none", "tensorboard", "wandb")
+
+
+@dataclass
+class LogConfig:
+    """What a run reports, and where beyond metrics.jsonl."""
+
+    _argument_group_name = "logging"
+
+    logging_steps: int = option(
+        1, "print and report to TensorBoard/W&B every this many steps (metrics.jsonl gets every step)"
+    )
+    sample_steps: int = option(10, "write a few rollouts to samples.jsonl every this many steps (0: never)")
+    num_samples_to_log: int = option(4, "groups written each time (their first rollout, and golden row if any)")
+    report_to: list[str] = option([], "also log to these, when installed", choices=REPORTERS)
+
+    def __post_init__(self):
+        check_options(self)
+        at_least(self, 1, "logging_steps", "num_samples_to_log")
+        at_least(self, 0, "sample_steps")
+        for reporter in set(self.report_to) - {"none"}:
+            require(
+                importlib.util.find_spec(reporter) is not None,
+                f"report_to {reporter}: the {reporter} package is not installed",
+            )
+
 
 CONSOLE_KEYS = (
     "reward",

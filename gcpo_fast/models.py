@@ -23,6 +23,8 @@ folder without tokenizer files) are refused too.
 
 import json
 import pickle
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +35,37 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-from gcpo_fast.config import DEFAULT_MODEL
+from gcpo_fast.options import check_options, option
+
+DEFAULT_MODEL = str(Path(__file__).resolve().parent / "assets" / "default_model")
+
+
+@dataclass
+class ModelConfig:
+    """The policy: where it is and how it runs."""
+
+    _argument_group_name = "model"
+
+    model: str = option(
+        DEFAULT_MODEL,
+        "local Hugging Face causal LM folder (or the id of a model in the local hub cache) (default: gcpo_fast/assets/default_model)",
+    )
+    bf16: bool = option(True, "bf16 autocast on CUDA (weights and optimizer stay fp32); ignored on the CPU")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward to save memory")
+
+    def __post_init__(self):
+        check_options(self)
+
+    @property
+    def is_shipped(self) -> bool:
+        """Whether this is the model that ships in the repository (however its path is written)."""
+        return Path(self.model).resolve() == Path(DEFAULT_MODEL)
+
+
+def autocast(bf16: bool, device: torch.device):
+    """bf16 autocast on CUDA when asked (weights and optimizer state stay fp32); nothing on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda" else nullcontext()
+
 
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 # tokenizers' own file, the config every saved tokenizer has, and the vocabulary files of slow tokenizers

@@ -1,8 +1,9 @@
 """Packing rows into one flat token stream, and the model forward to last hidden states (no lm_head).
 
-    from gcpo_fast.packing import pack_rows, forward_hidden, lm_head_weight
+    from gcpo_fast.packing import pack, pack_rows, forward_hidden, lm_head_weight
 
-    packed = pack_rows(prompt_ids, completion_ids, device="cuda")   # B rows: lists of token ids each
+    packed = pack(rows, mask_truncated=False).to("cuda")           # a micro-batch (rollout.Rows), packed once
+    packed = pack_rows(prompt_ids, completion_ids, device="cuda")   # or B rows as lists of token ids each
     hidden = forward_hidden(model, packed)                          # [T, d], T = all prompt + completion tokens
     weight, bias = lm_head_weight(model)                            # the output embedding (tied or not)
     h = hidden[packed.completion_index]                             # [N, d]: one per completion token
@@ -32,9 +33,12 @@ Under DDP/FSDP call this on the unwrapped model from inside the wrapped module's
 the wrapper's forward hooks (gradient sync, unsharding) run.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+
+IGNORE_INDEX = -100  # a target the loss does not count
 
 # Config attributes that change logits beyond hidden @ W.T + b; the fused op cannot reproduce them.
 _LOGIT_TRANSFORMS = {
@@ -48,24 +52,62 @@ _LOGIT_TRANSFORMS = {
 
 @dataclass
 class PackedBatch:
+    """One micro-batch as the model and the fused loss take it: the packed stream (module docstring), the
+    rows' advantages and golden flags, and the per-token log-probs and weight the round scored it with."""
+
     input_ids: torch.Tensor  # [1, T] long
     position_ids: torch.Tensor  # [1, T] long, restarting at 0 per row
     cu_seqlens: torch.Tensor  # [B+1] int32, row spans in the stream
     max_seqlen: int  # longest row (prompt + completion)
     completion_index: torch.Tensor  # [N] long, stream positions whose next-token prediction is a completion token
-    targets: torch.Tensor  # [N] long, the completion tokens, row by row
+    targets: torch.Tensor  # [N] long, the completion tokens, row by row (IGNORE_INDEX: not counted)
     completion_cu_seqlens: torch.Tensor  # [B+1] int32, row spans in completion_index / targets
+    advantages: torch.Tensor | None = None  # [B]
+    golden: torch.Tensor | None = None  # [B] bool: a golden answer, not a rollout
+    old_logp: torch.Tensor | None = None  # [N] behaviour log-probs; None: on-policy
+    ref_logp: torch.Tensor | None = None  # [N] the reference model's, when beta > 0
+    sampling_weight: torch.Tensor | None = None  # [N] the sampling-mismatch correction (docs/algorithms.md)
+    engine_logp: torch.Tensor | None = None  # [N] the log-probs an engine sampled with (0 on golden rows), if any
 
     @property
     def num_rows(self) -> int:
         return self.cu_seqlens.numel() - 1
 
+    @property
+    def num_counted_tokens(self) -> int:
+        """Completion tokens the loss counts (not masked as truncated)."""
+        return int((self.targets != IGNORE_INDEX).sum())
+
     def to(self, device) -> "PackedBatch":
-        return PackedBatch(
-            *(t.to(device) for t in (self.input_ids, self.position_ids, self.cu_seqlens)),
-            self.max_seqlen,
-            *(t.to(device) for t in (self.completion_index, self.targets, self.completion_cu_seqlens)),
+        return dataclasses.replace(
+            self,
+            **{
+                f.name: getattr(self, f.name).to(device)
+                for f in dataclasses.fields(self)
+                if torch.is_tensor(getattr(self, f.name))
+            },
         )
+
+
+# prepared steps (lists of PackedBatch) are saved in checkpoints and read back with torch.load(weights_only=True)
+torch.serialization.add_safe_globals([PackedBatch])
+
+
+def pack(rows, mask_truncated: bool) -> PackedBatch:
+    """A micro-batch (gcpo_fast.rollout.Rows with advantages) as one packed batch on the CPU, once; the targets of
+    truncated rows are IGNORE_INDEX when mask_truncated."""
+    packed = pack_rows(rows.prompt_ids, rows.completion_ids)
+    if mask_truncated and any(rows.truncated):
+        lengths = torch.tensor([len(c) for c in rows.completion_ids])
+        drop = torch.repeat_interleave(torch.tensor(rows.truncated), lengths)
+        packed.targets = packed.targets.masked_fill(drop, IGNORE_INDEX)
+    packed.advantages = rows.advantages
+    packed.golden = torch.tensor(rows.golden or [False] * len(rows), dtype=torch.bool)
+    if rows.sampling_logp is not None:  # a golden row was never sampled: it has none
+        packed.engine_logp = torch.tensor(
+            [x for v, c in zip(rows.sampling_logp, rows.completion_ids) for x in (v or [0.0] * len(c))]
+        )
+    return packed
 
 
 def pack_rows(prompt_ids: list[list[int]], completion_ids: list[list[int]], device=None) -> PackedBatch:

@@ -83,6 +83,9 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
+from gcpo_fast.errors import require
+from gcpo_fast.options import check_options, option
+
 PARALLELISMS = ("ddp", "fsdp")
 OPTIMIZER_FOLDER = "optimizer"  # FSDP's sharded optimizer state inside checkpoint-<step>/
 
@@ -96,6 +99,35 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+@dataclass
+class ParallelConfig:
+    """How the processes of torchrun share the model."""
+
+    _argument_group_name = "parallelism"
+
+    parallelism: str = option(
+        "ddp",
+        "ddp (each process holds all of the model and its optimizer; small models) or fsdp (FSDP2: parameters, "
+        "gradients and optimizer state sharded over the processes; one process is a world of one)",
+        choices=PARALLELISMS,
+    )
+    fsdp_cpu_offload: bool = option(
+        False,
+        "with --parallelism fsdp on CUDA: keep the parameter shards, gradients and optimizer state in host memory",
+    )
+
+    def __post_init__(self):
+        check_options(self)
+        require(
+            not self.fsdp_cpu_offload or self.parallelism == "fsdp",
+            f"fsdp_cpu_offload needs --parallelism fsdp, got --parallelism {self.parallelism}",
+        )
+        require(
+            not self.fsdp_cpu_offload or torch.cuda.is_available(),
+            "fsdp_cpu_offload needs CUDA: on the CPU the shards already live in host memory",
+        )
 
 
 def init_distributed(cpu_offload: bool = False) -> Dist:

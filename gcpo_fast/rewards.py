@@ -39,12 +39,40 @@ import re
 import threading
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from math_verify import parse, verify
 
+from gcpo_fast.errors import require
+from gcpo_fast.options import check_options, option
+
 # Seconds math-verify may spend parsing or comparing one expression (its own default).
 MATH_VERIFY_TIMEOUT_S = 5
+
+
+@dataclass
+class RewardConfig:
+    """The reward functions and what counts as a correct answer (shared by the trainer and gcpo_fast.golden)."""
+
+    _argument_group_name = "rewards"
+
+    reward_funcs: list[str] = option(
+        ["accuracy_reward"], "reward functions: built-in names or 'package.module:function' (TRL signature)"
+    )
+    reward_weights: list[float] | None = option(None, "one weight per reward function (default: all 1)")
+    correct_reward: float = option(
+        1.0,
+        "the reward of a correct answer: a prompt is all-wrong when no rollout reaches it, and golden rows get it",
+    )
+
+    def __post_init__(self):
+        check_options(self)
+        require(bool(self.reward_funcs), "reward_funcs must name at least one reward function")
+        require(
+            self.reward_weights is None or len(self.reward_weights) == len(self.reward_funcs),
+            f"reward_weights has {len(self.reward_weights or [])} values for {len(self.reward_funcs)} reward_funcs",
+        )
 
 
 def math_verify_timeout() -> int | None:

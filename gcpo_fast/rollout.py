@@ -2,19 +2,19 @@
 
     from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts, encode_completion
 
-    engine = make_engine(cfg, model, tokenizer, model_path, rank)   # HFEngine, or VLLMEngine with --use_vllm
+    engine = make_engine(cfg.vllm, model, tokenizer, path, bf16=True, seed=0, max_model_len=384)  # or VLLMEngine
     prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in batch], max_prompt_length=512)
     out = engine.generate(prompt_ids, 8, Sampling(max_completion_length=256, temperature=1.0))
     out.prompt_ids[k], out.completion_ids[k], out.truncated[k], out.texts[k]   # row k = prompt k // 8
     engine.sync_weights(policy.named_parameters())          # after each optimizer step (a no-op here)
     ids, truncated = encode_completion(tokenizer, golden_text, 256)             # a golden answer as a completion
 
-A rollout engine is any object with `eos_ids`, `generate(prompt_ids, n, sampling) -> Rollouts`,
+A rollout engine is any object with `eos_ids`, `generate(prompt_ids, n, sampling) -> Rows`,
 `sync_weights(named_tensors)`, `sleep()` (free its memory while the trainer updates; `asleep` says whether
 it did, and a sync wakes it) and `close()`: the trainer, the evaluation and the model builder call nothing
 else, so a second engine (gcpo_fast/vllm_engine.py) is one more class, not branches in the loop. `HFEngine`
 runs Hugging Face `generate` on the training model; its weights are the trainer's, so its sync does nothing.
-An engine that samples elsewhere also returns the per-token log-probs it sampled with (`Rollouts.logprobs`).
+An engine that samples elsewhere also returns the per-token log-probs it sampled with (`Rows.sampling_logp`).
 
 Prompts go through the tokenizer's chat template when it has one (a plain-text prompt becomes one user
 message), else they are tokenised as plain text; either way, too-long prompts keep their last
@@ -29,7 +29,9 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from gcpo_fast.update import autocast
+from gcpo_fast.errors import require
+from gcpo_fast.models import autocast
+from gcpo_fast.options import at_least, check_options, option
 
 
 @dataclass(frozen=True)
@@ -44,31 +46,86 @@ class Sampling:
 
 
 @dataclass
-class Rollouts:
-    prompt_ids: list[list[int]]  # per row; the G rows of a prompt share the same list
+class RolloutConfig:
+    """How rollouts are sampled and how long they may be."""
+
+    _argument_group_name = "generation"
+
+    num_generations: int = option(8, "G: completions sampled per prompt (>= 2)")
+    max_prompt_length: int = option(256, "prompt token budget; longer prompts keep their last tokens")
+    max_completion_length: int = option(128, "completion token budget (new tokens per rollout)")
+    temperature: float = option(1.0, "sampling temperature; the log-probs of the loss use it too")
+    top_p: float = option(1.0, "nucleus sampling threshold (1: off)")
+    top_k: int = option(0, "top-k sampling (0: off)")
+    mask_truncated_completions: bool = option(False, "completions cut by the budget (no EOS) take no part in the loss")
+
+    def __post_init__(self):
+        check_options(self)
+        require(
+            self.num_generations >= 2,
+            f"num_generations must be >= 2 (group advantages need at least two completions), got {self.num_generations}",
+        )
+        at_least(self, 1, "max_prompt_length", "max_completion_length")
+        at_least(self, 0, "top_k")
+        require(self.temperature > 0, f"temperature must be > 0 for training (sampling), got {self.temperature}")
+        require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.max_completion_length, self.temperature, self.top_p, self.top_k)
+
+
+@dataclass
+class Rows:
+    """Rows, each a prompt and a completion: an engine's output, then a generation round's training rows.
+
+    An engine fills the first five fields (row k of generate(prompts, n) is prompt k // n); the round
+    (gcpo_fast/rounds.py) adds golden rows and sets `golden` and `advantages`; its micro-batches are
+    selections of these rows, each packed once (gcpo_fast/packing.py)."""
+
+    prompt_ids: list[list[int]]  # per row; the rows of one prompt share the same list
     completion_ids: list[list[int]]  # per row, up to and including the first EOS
     truncated: list[bool]  # per row: no EOS within max_completion_length
     texts: list[str]  # per row: the completion decoded without special tokens
-    logprobs: list[list[float]] | None = None  # per row and completion token: the engine's sampling log-prob
+    # per row and completion token: the log-prob the engine sampled with, when it reports them (vLLM);
+    # None for a golden row, never sampled
+    sampling_logp: list[list[float] | None] | None = None
+    golden: list[bool] | None = None  # per row: a golden answer (GCPO), not a rollout; None: none are
+    advantages: torch.Tensor | None = None  # [B]
 
-    def __add__(self, other: "Rollouts") -> "Rollouts":
-        logprobs = None if self.logprobs is None or other.logprobs is None else self.logprobs + other.logprobs
-        return Rollouts(
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    def __add__(self, other: "Rows") -> "Rows":
+        def join(a, b):
+            return None if a is None or b is None else a + b
+
+        return Rows(
             self.prompt_ids + other.prompt_ids,
             self.completion_ids + other.completion_ids,
             self.truncated + other.truncated,
             self.texts + other.texts,
-            logprobs,
+            join(self.sampling_logp, other.sampling_logp),
+            join(self.golden, other.golden),
+            None
+            if self.advantages is None or other.advantages is None
+            else torch.cat([self.advantages, other.advantages]),
         )
 
-    def select(self, rows: list[int]) -> "Rollouts":
-        pick = lambda values: None if values is None else [values[i] for i in rows]  # noqa: E731
-        return Rollouts(
+    def select(self, rows: list[int]) -> "Rows":
+        """The rows at these indices, in that order."""
+
+        def pick(values):
+            return None if values is None else [values[i] for i in rows]
+
+        return Rows(
             pick(self.prompt_ids),
             pick(self.completion_ids),
             pick(self.truncated),
             pick(self.texts),
-            pick(self.logprobs),
+            pick(self.sampling_logp),
+            pick(self.golden),
+            None if self.advantages is None else self.advantages[rows],
         )
 
 
@@ -140,7 +197,7 @@ class HFEngine:
         """Nothing to shut down."""
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling) -> Rollouts:
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling) -> Rows:
         """n completions of every prompt, prompt-major rows. Runs the model in eval mode and restores its mode."""
         model, tokenizer, eos = self.model, self.tokenizer, self.eos_ids
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
@@ -185,23 +242,23 @@ class HFEngine:
             completions.append(ids)
             truncated.append(cut)
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-        return Rollouts(rows, completions, truncated, texts)
+        return Rows(rows, completions, truncated, texts)
 
 
-def make_engine(cfg, model, tokenizer, model_path, rank: int = 0):
-    """The run's rollout engine: Hugging Face generate on the training model, or with cfg.use_vllm a vLLM
-    engine in this process (gcpo_fast/vllm_engine.py, imported only then), seeded per rank and loaded from
-    model_path (the checkpoint when resuming), so that its first weights are the trainer's."""
-    if not cfg.use_vllm:
-        return HFEngine(model, tokenizer, bf16=cfg.bf16)
+def make_engine(vllm, model, tokenizer, model_path, *, bf16: bool, seed: int, max_model_len: int, rank: int = 0):
+    """The run's rollout engine: Hugging Face generate on the training model, or with vllm.use_vllm (a
+    gcpo_fast.vllm_engine.VLLMConfig) a vLLM engine in this process (imported only then), seeded per rank and
+    loaded from model_path (the checkpoint when resuming), so that its first weights are the trainer's."""
+    if not vllm.use_vllm:
+        return HFEngine(model, tokenizer, bf16=bf16)
     from gcpo_fast.vllm_engine import VLLMEngine
 
     return VLLMEngine(
         model_path,
         tokenizer,
-        seed=cfg.seed + rank,
-        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-        max_model_len=cfg.vllm_max_model_length or cfg.max_prompt_length + cfg.max_completion_length,
-        enable_sleep_mode=cfg.vllm_enable_sleep_mode,
-        dtype="bfloat16" if cfg.bf16 and torch.cuda.is_available() else "float32",
+        seed=seed + rank,
+        gpu_memory_utilization=vllm.vllm_gpu_memory_utilization,
+        max_model_len=vllm.vllm_max_model_length or max_model_len,
+        enable_sleep_mode=vllm.vllm_enable_sleep_mode,
+        dtype="bfloat16" if bf16 and torch.cuda.is_available() else "float32",
     )

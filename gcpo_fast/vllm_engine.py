@@ -6,7 +6,7 @@
                         max_model_len=max_prompt_length + max_completion_length,
                         enable_sleep_mode=False, dtype="auto")
     out = engine.generate(prompt_ids, n=8, sampling=cfg)   # cfg: max_completion_length, temperature, top_p,
-    out.completion_ids[k], out.logprobs[k]                  #      top_k (0: off), greedy
+    out.completion_ids[k], out.sampling_logp[k]                  #      top_k (0: off), greedy
     engine.sleep()                                          # optional: free its memory during the update
     engine.sync_weights(model.named_parameters())           # after the optimizer step, before the next round
     engine.close()                                          # at the end, before dist.destroy_process_group
@@ -48,16 +48,83 @@ TRL does) while the trainer updates; sync_weights() brings them back. vLLM has i
 elsewhere (CPU) the option is ignored, which is printed once, and sleep() does nothing.
 """
 
+import importlib.util
 import logging
 import os
 import socket
 import types
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig
 
-from gcpo_fast.rollout import Rollouts, cut_at_eos, eos_token_ids
+from gcpo_fast.errors import require
+from gcpo_fast.kernels import SAMPLING_MODES
+from gcpo_fast.options import check_options, option
+from gcpo_fast.rollout import Rows, cut_at_eos, eos_token_ids
+
+
+@dataclass
+class VLLMConfig:
+    """Rollouts on vLLM (TRL's option names) and the sampling-mismatch correction of its rows."""
+
+    _argument_group_name = "rollout engine"
+
+    use_vllm: bool = option(
+        False,
+        "sample rollouts (and the held-out evaluation) with a vLLM engine in each training process instead of "
+        "Hugging Face generate (pip install -e '.[vllm]')",
+    )
+    vllm_mode: str = option(
+        "colocate",
+        "where the vLLM engine runs: colocate (in each training process; the only mode for now)",
+        choices=("colocate", "server"),
+    )
+    vllm_gpu_memory_utilization: float = option(
+        0.3, "fraction of the accelerator's memory vLLM reserves for weights and KV cache (on the CPU: of host memory)"
+    )
+    vllm_enable_sleep_mode: bool = option(
+        False, "free vLLM's memory while the trainer updates (where the platform supports it; ignored on the CPU)"
+    )
+    vllm_max_model_length: int | None = option(
+        None, "vLLM's context length (default: max_prompt_length + max_completion_length)"
+    )
+    vllm_importance_sampling_correction: bool = option(
+        True,
+        "weight each sampled token's loss by the detached ratio of the trainer's to vLLM's log-prob (TRL's correction)",
+    )
+    vllm_importance_sampling_mode: str = option(
+        "sequence_mask",
+        "per token or per sequence; truncate (cap) or mask (zero) ratios outside the bounds",
+        choices=SAMPLING_MODES,
+    )
+    vllm_importance_sampling_clip_min: float | None = option(
+        None, "lower bound of the correction's ratio (none: no lower bound)"
+    )
+    vllm_importance_sampling_clip_max: float | None = option(
+        3.0, "upper bound of the correction's ratio (none: no upper bound)"
+    )
+
+    def __post_init__(self):
+        check_options(self)
+        require(
+            self.vllm_mode == "colocate",
+            f"vllm_mode {self.vllm_mode} is not supported yet: use colocate (an engine in each training process)",
+        )
+        require(
+            0 < self.vllm_gpu_memory_utilization <= 1,
+            f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}",
+        )
+        low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        require(
+            (low is None or low >= 0) and (high is None or high > 0) and (low is None or high is None or low <= high),
+            f"vllm_importance_sampling_clip_min/_max must satisfy 0 <= min <= max and max > 0, got {low}, {high}",
+        )
+        require(
+            not self.use_vllm or importlib.util.find_spec("vllm") is not None,
+            '--use_vllm: vLLM is not installed (pip install -e ".[vllm]" on a GPU machine; see the README)',
+        )
 
 
 def _import_vllm():
@@ -166,7 +233,7 @@ class VLLMEngine:
             raise ValueError(f"vLLM cannot load the model {model_path!s}: {_one_line(e)}") from e
         self.asleep = False
 
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling) -> Rollouts:
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling) -> Rows:
         """n completions of every prompt (token ids in, token ids out), prompt-major rows, with their
         sampling log-probs. `sampling` has max_completion_length, temperature, top_p, top_k (0: off), greedy."""
         from vllm import SamplingParams
@@ -202,7 +269,7 @@ class VLLMEngine:
                 # logprobs=0: each position holds the sampled token's entry only
                 logprobs.append([position[t].logprob for t, position in zip(tokens, sample.logprobs)])
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        return Rollouts(rows, completions, truncated, texts, logprobs)
+        return Rows(rows, completions, truncated, texts, logprobs)
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load the trainer's current weights (Hugging Face parameter names of the causal LM), one tensor

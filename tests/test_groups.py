@@ -1,4 +1,4 @@
-"""GCPO golden rows, advantages (group / batch / none, GPG), DAPO's filter, rollout-only metrics.
+"""GCPO golden rows, advantages (group / batch / none), rollout-only metrics.
 
 References are hand-computed or taken from Python's `statistics` (an implementation independent of torch).
 """
@@ -95,31 +95,6 @@ def test_batch_and_none_scaling():
     assert grp.group_advantages(torch.tensor([3.0]), torch.tensor([0])).tolist() == [0.0]  # one-row group
     with pytest.raises(ValueError, match="scale_rewards"):
         grp.group_advantages(rewards, index, "std")
-
-
-def test_gpg_alpha_and_advantages():
-    rewards = torch.tensor([[1.0, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 1, 0]])
-    index = grp.grid_group_index(4, 4)
-    # B = 16 rows, M = 8 rows in zero-variance groups -> alpha = 16 / 8 = 2
-    assert grp.gpg_alpha(rewards.flatten(), index) == 2.0
-    adv, alpha = grp.gpg_advantages(rewards.flatten(), index)
-    assert alpha == 2.0
-    assert adv.tolist() == [1.5, -0.5, -0.5, -0.5] + [0.0] * 8 + [1.0, -1.0, 1.0, -1.0]
-    adv_std, _ = grp.gpg_advantages(rewards.flatten(), index, scale_rewards="group")
-    assert adv_std[0].item() == pytest.approx(2 * 0.75 / (0.5 + EPS), rel=1e-6)  # stdev([1,0,0,0]) = 0.5
-    assert grp.gpg_alpha(torch.zeros(6), grp.grid_group_index(2, 3)) == 1.0  # nothing valid: all A are 0 anyway
-    assert grp.gpg_sampling_done(8, 16, 0.5) and not grp.gpg_sampling_done(7, 16, 0.5)
-    with pytest.raises(ValueError, match="GPG scale_rewards"):
-        grp.gpg_advantages(rewards.flatten(), index, scale_rewards="batch")
-
-
-def test_dapo_filter_and_sampling_done():
-    rewards = torch.tensor([[1.0, 1, 1], [1, -1, 1], [-1, -1, -1], [-1, 1, -1]])
-    assert grp.dapo_filter(rewards).tolist() == [False, True, False, True]
-    assert grp.dapo_filter(torch.tensor([[1.0], [0.0]])).tolist() == [True, True]
-    assert grp.dapo_sampling_done(8, 8, num_gen_batches=1) and not grp.dapo_sampling_done(7, 8, num_gen_batches=3)
-    with pytest.raises(RuntimeError, match="only 7 of 8 groups"):
-        grp.dapo_sampling_done(7, 8, num_gen_batches=3, max_num_gen_batches=3)
 
 
 def test_metrics_use_rollouts_only():
