@@ -32,7 +32,7 @@ SFT_STEPS, SFT_LR, SFT_MIX = 600, 1e-3, {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 1.0,
 def build_teacher(out: Path) -> None:
     import torch
 
-    from gcpo_fast.config import DEFAULT_MODEL
+    from gcpo_fast.models import DEFAULT_MODEL
     from gcpo_fast.make_default_model import evaluate, train
     from gcpo_fast.models import load_causal_lm, load_tokenizer
 

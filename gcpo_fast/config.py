@@ -23,6 +23,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_type_hints
 
 import yaml
 from transformers import HfArgumentParser
@@ -114,7 +115,10 @@ def build_parser() -> ArgumentParser:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (flags given here override it)")
-    optional_floats = {f.name for part in PARTS.values() for f in dataclasses.fields(part()) if f.type == float | None}
+    # (from the annotations: HfArgumentParser rewrites the Field objects' types in place)
+    optional_floats = {
+        name for part in PARTS.values() for name, tp in get_type_hints(part).items() if tp == float | None
+    }
     for action in parser._actions:
         if action.dest == "resume":  # the flag alone: the newest checkpoint of output_dir
             action.nargs, action.const = "?", "latest"
@@ -148,7 +152,8 @@ def load_config_file(path: str, parser: ArgumentParser) -> dict:
     values = {} if values is None else values
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option names to values")
-    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    # each option's own flag (not its --no_ complement)
+    actions = {a.dest: a for a in parser._actions if f"--{a.dest}" in a.option_strings and a.dest != "config"}
     unknown = sorted(set(values) - set(actions))
     if unknown:
         raise ConfigError(f"--config {path}: unknown options {', '.join(unknown)} (see --help)")

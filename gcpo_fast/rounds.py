@@ -2,7 +2,7 @@
 
     from gcpo_fast.rounds import sample_groups, build_rows, pack_micro_batches, score_micro_batches
 
-    groups, metrics = sample_groups(ctx, sampler)                  # the kept groups: records, Rows, rewards [P, G]
+    groups, metrics = sample_groups(ctx, sampler)                  # records, Rows, rewards [P, G], kept prompts
     rows, samples = build_rows(ctx, groups, metrics, teacher)       # golden rows + advantages; samples.jsonl
     micro_batches = pack_micro_batches(rows, batch, mask_truncated)   # shuffled, each packed once
     score_micro_batches(micro_batches, model, ref_model, scoring, timer, metrics)   # old/ref log-probs, weights
@@ -90,19 +90,33 @@ class RoundContext:
     timer: PhaseTimer
     num_samples_to_log: int = 4
 
+    @classmethod
+    def of(cls, cfg, engine, tokenizer, reward_funcs: list, timer: PhaseTimer | None = None) -> "RoundContext":
+        """The context of a run's rounds from its gcpo_fast.config.TrainConfig."""
+        return cls(
+            cfg.rollout, cfg.method, cfg.rewards, cfg.prompts_per_round, engine, tokenizer, reward_funcs,
+            timer or PhaseTimer(), cfg.log.num_samples_to_log,
+        )  # fmt: skip
+
 
 @dataclass
 class SampledGroups:
-    """The kept groups of a round: P prompts' records, their G rollouts each (rows prompt-major), rewards [P, G]."""
+    """The groups a round sampled: P prompts' records, their G rollouts each (rows prompt-major), rewards [P, G],
+    and the prompts kept for training (DAPO drops groups without a signal)."""
 
     records: list[dict]
     rows: Rows
     rewards: torch.Tensor
-    all_rewards: torch.Tensor  # [P', G] every group sampled, kept or not (the rollout metrics)
+    keep: list[int]  # ascending
+
+    def kept(self) -> tuple[list[dict], Rows, torch.Tensor]:
+        G = self.rewards.shape[1]
+        rows = self.rows.select([p * G + r for p in self.keep for r in range(G)])
+        return [self.records[p] for p in self.keep], rows, self.rewards[self.keep]
 
 
 def sample_groups(ctx: RoundContext, sampler) -> tuple[SampledGroups, dict]:
-    """Generate and score groups until the round is full; returns (the kept groups, rollout metrics).
+    """Generate and score groups until the round is full; returns (the groups, rollout metrics).
     The method's sampling rule (DAPO's dynamic sampling, GPG's threshold) may sample more prompt batches;
     every rank draws as many batches as the others."""
     G, P = ctx.rollout.num_generations, ctx.prompts_per_round
@@ -124,10 +138,7 @@ def sample_groups(ctx: RoundContext, sampler) -> tuple[SampledGroups, dict]:
             break
     keep = torch.arange(grid.shape[0]) if rule is None else rule.keep(grid)
     metrics = rollout_metrics(ctx, rows, grid, torch.cat(per_func_seen), num_batches)
-    kept = keep.tolist()
-    return SampledGroups(
-        [records[p] for p in kept], rows.select([p * G + r for p in kept for r in range(G)]), grid[keep], grid
-    ), metrics
+    return SampledGroups(records, rows, grid, keep.tolist()), metrics
 
 
 def score_rollouts(ctx: RoundContext, batch: list[dict], out: Rows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,16 +188,15 @@ def build_rows(
     Adds the reward and gcpo/* metrics to `metrics`. A golden answer longer than max_completion_length is not
     used (cut, it would lose its final answer yet still be trained on as correct): counted and warned about."""
     method, budget = ctx.method, ctx.rollout.max_completion_length
-    texts, from_teacher = [None] * len(sampled.records), set()
+    records, out, rewards = sampled.kept()
+    texts, from_teacher = [None] * len(records), set()
     if method.golden_answer != "off":
         texts, from_teacher = golden_texts(
-            golden_source, sampled.records, sampled.rewards, ctx.rewards.correct_reward, teacher, metrics, ctx.timer
+            golden_source, records, rewards, ctx.rewards.correct_reward, teacher, metrics, ctx.timer
         )
     golden_ids = {p: encode_completion(ctx.tokenizer, t, budget) for p, t in enumerate(texts) if t is not None}
-    fits = [p in golden_ids and not golden_ids[p][1] for p in range(len(sampled.records))]
-    g = groups.add_golden_rows(
-        sampled.rewards, fits, mode=method.golden_answer, correct_reward=ctx.rewards.correct_reward
-    )
+    fits = [p in golden_ids and not golden_ids[p][1] for p in range(len(records))]
+    g = groups.add_golden_rows(rewards, fits, mode=method.golden_answer, correct_reward=ctx.rewards.correct_reward)
     advantages, method_metrics = method.method.advantages(g.rewards, g.group_index, method.scale_rewards)
     metrics.update(method_metrics)
     metrics.update(groups.group_metrics(sampled.rewards, g))  # reward stats: every sampled rollout; gcpo/*: kept
@@ -201,7 +211,6 @@ def build_rows(
             "--max_completion_length to use them",
             stacklevel=2,
         )
-    out = sampled.rows
     golden_text = {p: (ids, texts[p]) for p, (ids, _) in golden_ids.items()}
     rows = Rows([], [], [], [], None if out.sampling_logp is None else [], g.is_golden.tolist(), advantages)
     for k, (p, r) in enumerate(zip(g.group_index.tolist(), g.rollout_index.tolist())):
@@ -213,7 +222,7 @@ def build_rows(
         rows.texts.append(text)
         if rows.sampling_logp is not None:  # a golden row was never sampled: it has no engine log-probs
             rows.sampling_logp.append(None if golden else out.sampling_logp[r])
-    return rows, log_samples(sampled.records, rows, g, ctx.rollout.num_generations, ctx.num_samples_to_log)
+    return rows, log_samples(records, rows, g, ctx.rollout.num_generations, ctx.num_samples_to_log)
 
 
 def log_samples(records: list[dict], rows: Rows, g: groups.Groups, G: int, num_groups: int) -> list[dict]:

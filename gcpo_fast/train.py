@@ -174,6 +174,41 @@ def check_output_dir(output_dir: str) -> None:
         raise ValueError(f"output_dir {output_dir}: cannot write there ({e.strerror or e})") from None
 
 
+def load_teacher(cfg: TrainConfig, cache: GoldenCache | None, reward_funcs: list, device) -> Teacher | None:
+    """The golden-answer teacher of --golden_source: the cache, and the --golden_model engine when given."""
+    if cache is None:
+        return None
+    engine = tokenizer = None
+    folder, budget = cfg.golden.golden_model, cfg.golden.golden_max_completion_length
+    if folder:
+        tokenizer = load_tokenizer(folder)
+        max_model_len = cfg.rollout.max_prompt_length + budget
+        if cfg.vllm.use_vllm:  # served by vLLM as well: a second engine in this process, never synced
+            from gcpo_fast.vllm_engine import VLLMEngine
+
+            memory = cfg.vllm.vllm_gpu_memory_utilization
+            engine = VLLMEngine(
+                folder, tokenizer, seed=cfg.run.seed, dtype="auto", gpu_memory_utilization=memory,
+                max_model_len=max_model_len,
+            )  # fmt: skip
+        else:
+            bf16 = cfg.model.bf16 and device.type == "cuda"
+            model = load_causal_lm(folder, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+            engine = HFEngine(model.eval().requires_grad_(False), tokenizer, bf16=cfg.model.bf16)
+    return Teacher(
+        cache,
+        reward_funcs,
+        engine=engine,
+        tokenizer=tokenizer,
+        num_candidates=cfg.golden.golden_num_candidates,
+        sampling=Sampling(budget, cfg.golden.golden_temperature),
+        max_prompt_length=cfg.rollout.max_prompt_length,
+        correct_reward=cfg.rewards.correct_reward,
+        reward_weights=cfg.rewards.reward_weights,
+        seed=cfg.run.seed,
+    )
+
+
 # ---- the run ---------------------------------------------------------------------------------------------------
 
 
@@ -196,7 +231,7 @@ class Trainer:
         )  # fmt: skip
         # beta > 0: the reference is the initial policy, also when resuming
         self.ref_model = self.load_model(cfg.model.model).eval().requires_grad_(False) if cfg.method.beta > 0 else None
-        self.teacher = self.load_teacher()
+        self.teacher = load_teacher(cfg, prepared.golden_cache, prepared.reward_funcs, self.dist.device)
         self.loss_config = cfg.loss_config()
         self.policy = parallel.parallelize(
             ModelWithLoss(self.model, self.loss_config, cfg.rollout.temperature),
@@ -225,10 +260,7 @@ class Trainer:
                 resume_step=self.state.step if prepared.resume else None,
             )
         self.timer = PhaseTimer(cuda=self.dist.device.type == "cuda")
-        self.round = RoundContext(
-            cfg.rollout, cfg.method, cfg.rewards, cfg.prompts_per_round, self.engine, self.tokenizer,
-            prepared.reward_funcs, self.timer, cfg.log.num_samples_to_log,
-        )  # fmt: skip
+        self.round = RoundContext.of(cfg, self.engine, self.tokenizer, prepared.reward_funcs, self.timer)
 
     def load_model(self, path):
         return load_causal_lm(
@@ -236,41 +268,6 @@ class Trainer:
             device=self.dist.device,
             attn_implementation=default_attn_implementation(),
             gradient_checkpointing=self.cfg.model.gradient_checkpointing,
-        )
-
-    def load_teacher(self) -> Teacher | None:
-        """The golden-answer teacher of --golden_source: the cache, and the --golden_model engine when given."""
-        cfg, cache = self.cfg, self.prepared.golden_cache
-        if cache is None:
-            return None
-        engine = tokenizer = None
-        folder, budget = cfg.golden.golden_model, cfg.golden.golden_max_completion_length
-        if folder:
-            tokenizer = load_tokenizer(folder)
-            max_model_len = cfg.rollout.max_prompt_length + budget
-            if cfg.vllm.use_vllm:  # served by vLLM as well: a second engine in this process, never synced
-                from gcpo_fast.vllm_engine import VLLMEngine
-
-                memory = cfg.vllm.vllm_gpu_memory_utilization
-                engine = VLLMEngine(
-                    folder, tokenizer, seed=cfg.run.seed, dtype="auto", gpu_memory_utilization=memory,
-                    max_model_len=max_model_len,
-                )  # fmt: skip
-            else:
-                bf16 = cfg.model.bf16 and self.dist.device.type == "cuda"
-                model = load_causal_lm(folder, device=self.dist.device, dtype=torch.bfloat16 if bf16 else torch.float32)
-                engine = HFEngine(model.eval().requires_grad_(False), tokenizer, bf16=cfg.model.bf16)
-        return Teacher(
-            cache,
-            self.prepared.reward_funcs,
-            engine=engine,
-            tokenizer=tokenizer,
-            num_candidates=cfg.golden.golden_num_candidates,
-            sampling=Sampling(budget, cfg.golden.golden_temperature),
-            max_prompt_length=cfg.rollout.max_prompt_length,
-            correct_reward=cfg.rewards.correct_reward,
-            reward_weights=cfg.rewards.reward_weights,
-            seed=cfg.run.seed,
         )
 
     # ---- the loop -------------------------------------------------------------------------------------------

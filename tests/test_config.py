@@ -3,20 +3,14 @@ work (bad options, bad data, missing golden column), checked through `python -m 
 
 import json
 import os
+from typing import get_type_hints
 
 import pytest
 from tiny_model import write_jsonl
 
-from gcpo_fast.config import (
-    DEFAULT_MODEL,
-    FIELDS,
-    SHIPPED_MODEL_LR,
-    ConfigError,
-    TrainConfig,
-    _base_type,
-    build_parser,
-    parse_config,
-)
+from gcpo_fast.config import SHIPPED_MODEL_LR, TrainConfig, build_parser, parse_config
+from gcpo_fast.errors import ConfigError
+from gcpo_fast.models import DEFAULT_MODEL
 from gcpo_fast.train import main
 
 
@@ -66,7 +60,7 @@ from gcpo_fast.train import main
 )
 def test_recipes(loss_type, expected):
     cfg = parse_config(["--loss_type", loss_type])
-    assert {k: getattr(cfg, k) for k in expected} == expected
+    assert {k: cfg.to_dict()[k] for k in expected} == expected
 
 
 def test_explicit_options_override_the_recipe():
@@ -84,7 +78,13 @@ def test_explicit_options_override_the_recipe():
             "0",
         ]
     )
-    assert (cfg.epsilon, cfg.epsilon_high, cfg.dynamic_sampling, cfg.golden_answer, cfg.overlong_buffer_len) == (
+    assert (
+        cfg.method.epsilon,
+        cfg.method.epsilon_high,
+        cfg.method.dynamic_sampling,
+        cfg.method.golden_answer,
+        cfg.method.overlong_buffer_len,
+    ) == (
         0.2,
         0.3,
         False,
@@ -93,20 +93,20 @@ def test_explicit_options_override_the_recipe():
     )
     # TRL: epsilon alone sets both sides
     cfg = parse_config(["--loss_type", "gcpo", "--epsilon", "0.1"])
-    assert (cfg.epsilon, cfg.epsilon_high, cfg.importance_sampling_level) == (0.1, 0.1, "sequence")
+    assert (cfg.method.epsilon, cfg.method.epsilon_high, cfg.method.importance_sampling_level) == (0.1, 0.1, "sequence")
     # an option equal to the default but set explicitly still wins over the recipe
-    assert parse_config(["--loss_type", "gpg", "--scale_rewards", "group"]).scale_rewards == "group"
+    assert parse_config(["--loss_type", "gpg", "--scale_rewards", "group"]).method.scale_rewards == "group"
 
 
 def test_learning_rate_default_depends_on_the_model(tmp_path):
-    assert parse_config([]).learning_rate == SHIPPED_MODEL_LR  # the shipped model, however its path is written
-    assert parse_config(["--model", os.path.relpath(DEFAULT_MODEL)]).learning_rate == SHIPPED_MODEL_LR
-    assert parse_config(["--model", str(tmp_path)]).learning_rate == 1e-6  # any other model: TRL's default
-    assert parse_config(["--learning_rate", "2e-5"]).learning_rate == 2e-5
+    assert parse_config([]).optim.learning_rate == SHIPPED_MODEL_LR  # the shipped model, however its path is written
+    assert parse_config(["--model", os.path.relpath(DEFAULT_MODEL)]).optim.learning_rate == SHIPPED_MODEL_LR
+    assert parse_config(["--model", str(tmp_path)]).optim.learning_rate == 1e-6  # any other model: TRL's default
+    assert parse_config(["--learning_rate", "2e-5"]).optim.learning_rate == 2e-5
 
 
 def test_builtin_levels_are_checked():
-    assert parse_config(["--builtin_levels", "3", "5", "5"]).builtin_levels == [3, 5, 5]
+    assert parse_config(["--builtin_levels", "3", "5", "5"]).data.builtin_levels == [3, 5, 5]
     with pytest.raises(ConfigError, match="builtin_levels must be levels 1 to 8"):
         parse_config(["--builtin_levels", "0", "9"])
 
@@ -116,14 +116,14 @@ def test_config_file_then_flags(tmp_path):
         "loss_type: dapo\nlearning_rate: 1e-6\nepsilon_high: 0.25\nreward_funcs: accuracy_reward\n"
     )
     cfg = parse_config(["--config", str(tmp_path / "run.yaml"), "--epsilon_high", "0.3"])
-    assert (cfg.loss_type, cfg.learning_rate, cfg.epsilon_high, cfg.reward_funcs) == (
+    assert (cfg.method.loss_type, cfg.optim.learning_rate, cfg.method.epsilon_high, cfg.rewards.reward_funcs) == (
         "dapo",
         1e-6,
         0.3,
         ["accuracy_reward"],
     )
     (tmp_path / "run.json").write_text(json.dumps({"num_generations": 4, "per_device_train_batch_size": 8}))
-    assert parse_config(["--config", str(tmp_path / "run.json")]).num_generations == 4
+    assert parse_config(["--config", str(tmp_path / "run.json")]).rollout.num_generations == 4
     (tmp_path / "bad.yaml").write_text("lerning_rate: 1e-6\n")
     with pytest.raises(ConfigError, match="unknown options lerning_rate"):
         parse_config(["--config", str(tmp_path / "bad.yaml")])
@@ -155,7 +155,7 @@ def test_bad_options(argv, message):
 
 
 def test_report_to_needs_the_package(monkeypatch):
-    monkeypatch.setattr("gcpo_fast.config.importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr("gcpo_fast.logger.importlib.util.find_spec", lambda name: None)
     with pytest.raises(ConfigError, match="report_to tensorboard: the tensorboard package is not installed"):
         parse_config(["--report_to", "tensorboard"])
 
@@ -170,8 +170,10 @@ def test_help_lists_every_option(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     text = capsys.readouterr().out
-    for name in TrainConfig.__dataclass_fields__:
+    for name in TrainConfig().to_dict():
         assert f"--{name}" in text
+    for group in ("generation", "method and loss", "optimizer", "rollout engine", "golden answers", "checkpoints"):
+        assert f"{group}:" in text  # grouped by component
     assert "(default: from --loss_type)" in text
 
 
@@ -222,7 +224,7 @@ def test_golden_column_is_optional_without_golden_answers(tmp_path):
             str(tmp_path),
         ]
     )
-    assert prepare(cfg)["records"][0]["golden"] is None
+    assert prepare(cfg).records[0]["golden"] is None
 
 
 def test_missing_shipped_model_is_named(tmp_path, monkeypatch):
@@ -230,7 +232,7 @@ def test_missing_shipped_model_is_named(tmp_path, monkeypatch):
 
     monkeypatch.setattr("gcpo_fast.models.DEFAULT_MODEL", str(tmp_path / "absent"))
     cfg = parse_config(["--dataset", str(write_jsonl(tmp_path / "train.jsonl")), "--output_dir", str(tmp_path)])
-    cfg.model = str(tmp_path / "absent")
+    cfg.model.model = str(tmp_path / "absent")
     with pytest.raises(ValueError, match="python -m gcpo_fast.make_default_model"):
         prepare(cfg)
 
@@ -275,7 +277,12 @@ def test_too_few_prompts_and_existing_run_fail_early(tmp_path):
         prepare(cfg)
 
 
-FLOAT_OPTIONS = [name for name, f in FIELDS.items() if _base_type(f.type)[0] is float]
+FLOAT_OPTIONS = [
+    name
+    for part in TrainConfig().parts()
+    for name, tp in get_type_hints(type(part)).items()
+    if tp in (float, float | None)
+] + ["reward_weights"]
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
@@ -318,7 +325,12 @@ def test_gpg_refuses_the_clip_options_it_ignores(tmp_path, argv, name):
 
 def test_gpg_accepts_what_it_does_anyway():
     cfg = parse_config(["--loss_type", "gpg", "--epsilon", "0", "--importance_sampling_level", "token"])
-    assert (cfg.epsilon, cfg.epsilon_high, cfg.delta, cfg.importance_sampling_level) == (0.0, 0.0, None, "token")
+    assert (cfg.method.epsilon, cfg.method.epsilon_high, cfg.method.delta, cfg.method.importance_sampling_level) == (
+        0.0,
+        0.0,
+        None,
+        "token",
+    )
 
 
 def test_vllm_options_are_checked_before_anything_loads():
@@ -331,9 +343,35 @@ def test_vllm_options_are_checked_before_anything_loads():
     with pytest.raises(ConfigError, match="vllm_importance_sampling_clip_min/_max"):
         parse_config(["--vllm_importance_sampling_clip_min", "4", "--vllm_importance_sampling_clip_max", "3"])
     cfg = parse_config(["--vllm_importance_sampling_clip_max", "none", "--vllm_importance_sampling_mode", "token_mask"])
-    assert (cfg.vllm_importance_sampling_clip_max, cfg.vllm_importance_sampling_mode) == (None, "token_mask")
+    assert (cfg.vllm.vllm_importance_sampling_clip_max, cfg.vllm.vllm_importance_sampling_mode) == (None, "token_mask")
     if importlib.util.find_spec("vllm") is None:  # the main environment; CI's vLLM one runs it for real
         with pytest.raises(ConfigError, match="--use_vllm: vLLM is not installed"):
             parse_config(["--use_vllm"])
     else:
         assert parse_config(["--use_vllm"]).use_vllm
+
+
+@pytest.mark.parametrize("text", ["max_steps: 8.9", "num_generations: yes", "eval_steps: '1e3'", "bf16: 2"])
+def test_config_file_values_are_read_by_their_flags_type(tmp_path, text):
+    # YAML reads 8.9 as a float and yes as a bool: neither may become an integer option silently (8 and 1)
+    (tmp_path / "run.yaml").write_text(text + "\n")
+    name = text.split(":")[0]
+    with pytest.raises(ConfigError, match=f"option {name}: cannot read"):
+        parse_config(["--config", str(tmp_path / "run.yaml")])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--output_dir", ""], "output_dir must name a folder"),
+        (["--seed", "-1"], r"seed must be in \[0, 2\*\*32\)"),
+    ],
+)
+def test_run_options_fail_before_anything_loads(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(argv)
+
+
+def test_a_bool_flag_alone_means_true():
+    assert parse_config(["--loss_type", "grpo", "--dynamic_sampling"]).method.dynamic_sampling is True
+    assert parse_config(["--no_bf16"]).model.bf16 is False  # HfArgumentParser's complement of a true default

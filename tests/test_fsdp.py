@@ -19,10 +19,13 @@ from safetensors.torch import load_file
 from tiny_model import make_tiny_model, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gcpo_fast.config import ConfigError, parse_config
+from gcpo_fast.config import parse_config
+from gcpo_fast.errors import ConfigError
+from gcpo_fast.packing import PackedBatch, pack
 from gcpo_fast.parallel import OPTIMIZER_FOLDER, check_checkpoint, parallelize
-from gcpo_fast.rollout import HFEngine, Sampling
-from gcpo_fast.update import ModelWithLoss, Rows, completion_logprobs, optimizer_step
+from gcpo_fast.rollout import HFEngine, Rows, Sampling
+from gcpo_fast.scoring import score_logprobs
+from gcpo_fast.update import ModelWithLoss, optimizer_step
 
 MAX_GRAD_NORM = "1e-2"  # far below the tiny model's gradient norm: every step is clipped by the global norm
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12]]
@@ -66,15 +69,25 @@ def step_config(model_dir, *extra):
     )
 
 
-def rank_rows(rank) -> Rows:
+def rank_rows(rank) -> PackedBatch:
     """Rank r's micro-batch: r + 2 rows of random completions (the ranks' batches differ in size)."""
     g = torch.Generator().manual_seed(rank)
-    return Rows(
+    rows = Rows(
         [[1, 2, 3]] * (rank + 2),
         [torch.randint(5, 50, (n,), generator=g).tolist() for n in range(3 + rank, 5 + 2 * rank)],
         [False] * (rank + 2),
-        torch.randn(rank + 2, generator=g),
+        [""] * (rank + 2),
+        advantages=torch.randn(rank + 2, generator=g),
     )
+    return pack(rows, mask_truncated=False)
+
+
+def completion_logprobs(model, mb, cfg):
+    return score_logprobs(model, mb, cfg.rollout.temperature, cfg.model.bf16)
+
+
+def step(policy, optimizer, scheduler, micro_batches, cfg):
+    return optimizer_step(policy, optimizer, scheduler, micro_batches, cfg.optim, cfg.loss_config(), cfg.model.bf16)
 
 
 def sgd(model):
@@ -96,7 +109,7 @@ def _step_worker(rank, world, port, cases, out):
         for name, model_dir, checkpointing in cases:
             cfg = step_config(model_dir)
             model, tokenizer = load(model_dir, checkpointing), AutoTokenizer.from_pretrained(model_dir)
-            policy = parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.temperature), "fsdp")
+            policy = parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.rollout.temperature), "fsdp")
             head = model.get_output_embeddings().weight
             assert isinstance(head, torch.distributed.tensor.DTensor) and head.to_local().shape[0] < head.shape[0]
             mb = rank_rows(rank)
@@ -105,7 +118,7 @@ def _step_worker(rank, world, port, cases, out):
                 old_logp = completion_logprobs(model, mb, cfg)
             assert isinstance(model.get_output_embeddings().weight, torch.distributed.tensor.DTensor)  # resharded
             optimizer, scheduler = sgd(model)
-            metrics = optimizer_step(policy, optimizer, scheduler, [mb], cfg)
+            metrics = step(policy, optimizer, scheduler, [mb], cfg)
             full = policy.full_state_dict()
             synced = {n: t.clone() for n, t in policy.named_parameters()}  # every rank gathers; rank 0 keeps
             if rank == 0:
@@ -138,8 +151,8 @@ def test_one_sharded_step_equals_one_process_over_the_global_batch(tmp_path, mod
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
         optimizer, scheduler = sgd(model)
         # one process, the two ranks' rows as two micro-batches of one step
-        metrics = optimizer_step(
-            parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.temperature)),
+        metrics = step(
+            parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.rollout.temperature)),
             optimizer,
             scheduler,
             [rank_rows(0), rank_rows(1)],
@@ -270,8 +283,8 @@ def _one_rank_worker(rank, world, port, model_dir, checkpoint, out):
     try:
         cfg = parse_config(run_args(model_dir, "x.jsonl", "x", 4))
         model = AutoModelForCausalLM.from_pretrained(checkpoint)
-        policy = parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.temperature), "fsdp")
-        optimizer, _ = build_optimizer(model, cfg)
+        policy = parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.rollout.temperature), "fsdp")
+        optimizer, _ = build_optimizer(model, cfg.optim, cfg.run.max_steps)
         policy.load_optimizer(optimizer, checkpoint, {})
         full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
         torch.save(full, out / "optimizer_1_rank.pt")
@@ -303,6 +316,6 @@ def test_configuration_errors(tmp_path, models):
     check_checkpoint(tmp_path, "fsdp")
     cfg = parse_config(["--model", str(models["tied"])])
     model = AutoModelForCausalLM.from_pretrained(models["tied"])
-    policy = parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.temperature))
+    policy = parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.rollout.temperature))
     with pytest.raises(ValueError, match="written with --parallelism fsdp"):  # a sharded checkpoint under ddp
         policy.load_optimizer(torch.optim.AdamW(model.parameters()), tmp_path, {"step": 2})

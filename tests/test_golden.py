@@ -15,12 +15,13 @@ from tiny_model import make_tiny_model, problem, write_jsonl
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from gcpo_fast.config import ConfigError, parse_config
+from gcpo_fast.config import parse_config
 from gcpo_fast.data import PromptSampler
+from gcpo_fast.errors import ConfigError
 from gcpo_fast.golden import CACHE_NAME, prompt_key
 from gcpo_fast.rewards import extract_answer, math_reward
 from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts
-from gcpo_fast.rounds import build_rows, sample_groups
+from gcpo_fast.rounds import RoundContext, build_rows, sample_groups
 from gcpo_fast.train import load_teacher, prepare, train
 
 TESTS = Path(__file__).resolve().parent
@@ -167,15 +168,16 @@ def setup(tiny, tmp_path, *argv, data=None):
     prepared = prepare(cfg)
     torch.manual_seed(0)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(policy), AutoTokenizer.from_pretrained(policy)
-    gold = load_teacher(cfg, prepared["golden_cache"], prepared["reward_funcs"], torch.device("cpu"))
-    sampler = PromptSampler(prepared["records"], cfg.prompts_per_round, seed=cfg.seed)
-    return cfg, model, tokenizer, gold, sampler, prepared["reward_funcs"]
+    gold = load_teacher(cfg, prepared.golden_cache, prepared.reward_funcs, torch.device("cpu"))
+    sampler = PromptSampler(prepared.records, cfg.prompts_per_round, seed=cfg.run.seed)
+    return cfg, model, tokenizer, gold, sampler, prepared.reward_funcs
 
 
 def one_round(cfg, model, tokenizer, gold, sampler, funcs):
-    sampled, metrics = sample_groups(cfg, HFEngine(model, tokenizer), tokenizer, sampler, funcs)
-    rows, _ = build_rows(cfg, tokenizer, sampled, metrics, gold)
-    return sampled, rows, metrics
+    ctx = RoundContext.of(cfg, HFEngine(model, tokenizer), tokenizer, funcs)
+    sampled, metrics = sample_groups(ctx, sampler)
+    rows, _ = build_rows(ctx, sampled, metrics, gold, cfg.golden.golden_source)
+    return ctx, sampled, rows, metrics
 
 
 def cache_lines(run: Path) -> list[dict]:
@@ -185,8 +187,8 @@ def cache_lines(run: Path) -> list[dict]:
 
 def test_a_correct_answer_is_reencoded_for_the_policy_appended_and_cached(tiny, tmp_path, one_thread):
     cfg, model, tokenizer, gold, sampler, funcs = setup(tiny, tmp_path)
-    assert cfg.golden_source == "dataset_then_teacher"  # the default once a teacher is given
-    sampled, rows, metrics = one_round(cfg, model, tokenizer, gold, sampler, funcs)
+    assert cfg.golden.golden_source == "dataset_then_teacher"  # the default once a teacher is given
+    ctx, sampled, rows, metrics = one_round(cfg, model, tokenizer, gold, sampler, funcs)
     P, G = 2, 4
     assert metrics["gcpo/frac_all_wrong"] == 1.0  # a random policy: every group all wrong, the teacher is asked
     assert metrics["gcpo/golden_rows"] == metrics["gcpo/golden_from_teacher"] == P
@@ -204,7 +206,7 @@ def test_a_correct_answer_is_reencoded_for_the_policy_appended_and_cached(tiny, 
         assert golden == tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         assert golden[:-1] != t_tok(text, add_special_tokens=False).input_ids
         prompt = rows.prompt_ids[p * (G + 1) + G]
-        assert prompt == sampled.rollouts.prompt_ids[p * G] and tokenizer.decode(prompt).endswith("<|assistant|>")
+        assert prompt == sampled.rows.prompt_ids[p * G] and tokenizer.decode(prompt).endswith("<|assistant|>")
         # G wrong rollouts and a correct golden row: A = G / sqrt(G + 1) for it, -1 / sqrt(G + 1) for each rollout
         adv = rows.advantages[p * (G + 1) : (p + 1) * (G + 1)]
         assert adv[-1].item() == pytest.approx(G / (G + 1) ** 0.5, rel=1e-3)
@@ -214,7 +216,7 @@ def test_a_correct_answer_is_reencoded_for_the_policy_appended_and_cached(tiny, 
 
     # the second encounter: from the cache, the teacher not run again (no new line)
     metrics2 = {}
-    rows2, _ = build_rows(cfg, tokenizer, sampled, metrics2, gold)
+    rows2, _ = build_rows(ctx, sampled, metrics2, gold, cfg.golden.golden_source)
     assert metrics2["gcpo/golden_cache_hits"] == metrics2["gcpo/golden_from_teacher"] == P
     assert cache_lines(tmp_path / "run") == entries
     assert rows2.completion_ids == rows.completion_ids
@@ -244,7 +246,7 @@ def test_a_teacher_answer_that_fails_is_never_used(tiny, tmp_path, case):
         ["--reward_funcs", "test_golden:never_correct"] if case == "reward" else ["--golden_max_completion_length", "4"]
     )  # the solutions are longer: every candidate is cut
     cfg, model, tokenizer, gold, sampler, funcs = setup(tiny, tmp_path, *argv)
-    sampled, rows, metrics = one_round(cfg, model, tokenizer, gold, sampler, funcs)
+    ctx, sampled, rows, metrics = one_round(cfg, model, tokenizer, gold, sampler, funcs)
     assert metrics["gcpo/teacher_no_correct"] == 2 and metrics["gcpo/golden_rows"] == 0
     assert metrics["gcpo/golden_from_teacher"] == 0 and len(rows) == 8 and rows.advantages.abs().max() == 0
     assert cache_lines(tmp_path / "run") == []
@@ -273,7 +275,7 @@ def test_an_erroring_teacher_costs_one_golden_answer(tiny, tmp_path, one_thread)
     data = write_jsonl(tmp_path / "mixed.jsonl", rows=rows)
     cfg, model, tokenizer, gold, sampler, funcs = setup(tiny, tmp_path, data=data)
     with pytest.warns(UserWarning, match="teacher failed on a prompt.*System role not supported"):
-        sampled, rows, metrics = one_round(cfg, model, tokenizer, gold, sampler, funcs)
+        ctx, sampled, rows, metrics = one_round(cfg, model, tokenizer, gold, sampler, funcs)
     assert metrics["gcpo/teacher_errors"] == 1 and metrics["gcpo/golden_rows"] == 1
     assert metrics["gcpo/golden_from_teacher"] == 1
     [entry] = cache_lines(tmp_path / "run")
@@ -376,7 +378,7 @@ def test_the_offline_command_fills_a_cache_the_trainer_uses(tiny, tmp_path, one_
     )
     assert gold.engine is None
     cached = {e["prompt_key"] for e in entries}
-    sampled, rows, metrics = one_round(cfg, model, tokenizer, gold, sampler, funcs)
+    ctx, sampled, rows, metrics = one_round(cfg, model, tokenizer, gold, sampler, funcs)
     answered = sum(prompt_key(r["prompt"]) in cached for r in sampled.records)
     assert (
         metrics["gcpo/golden_cache_hits"]

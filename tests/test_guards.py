@@ -12,9 +12,11 @@ from tiny_model import make_tiny_model, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from gcpo_fast.config import parse_config
+from gcpo_fast.packing import pack
 from gcpo_fast.parallel import parallelize
+from gcpo_fast.rollout import Rows
 from gcpo_fast.train import main, prepare, train
-from gcpo_fast.update import ModelWithLoss, Rows, build_optimizer, optimizer_step
+from gcpo_fast.update import ModelWithLoss, build_optimizer, optimizer_step
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +61,21 @@ def test_a_non_finite_step_is_skipped(files, one_thread):
     """NaN weights make the fused op's log-sum-exp non-finite: no optimizer or scheduler step, flagged."""
     cfg = parse_config(argv(files, "unused"))
     model = AutoModelForCausalLM.from_pretrained(files[0])
-    policy = parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.temperature))
-    optimizer, scheduler = build_optimizer(model, cfg)
-    mb = Rows([[1, 2, 3]] * 2, [[5, 6, 7], [8, 9]], [False, False], torch.tensor([1.0, -1.0]))
-    assert optimizer_step(policy, optimizer, scheduler, [mb], cfg)["step_skipped"] == 0.0
+    policy = parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.rollout.temperature))
+    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.run.max_steps)
+    mb = pack(
+        Rows([[1, 2, 3]] * 2, [[5, 6, 7], [8, 9]], [False, False], ["", ""], advantages=torch.tensor([1.0, -1.0])),
+        False,
+    )
+
+    def step():
+        return optimizer_step(policy, optimizer, scheduler, [mb], cfg.optim, cfg.loss_config(), cfg.model.bf16)
+
+    assert step()["step_skipped"] == 0.0
     before = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
         model.get_input_embeddings().weight[7, 0] = math.nan
-    metrics = optimizer_step(policy, optimizer, scheduler, [mb], cfg)
+    metrics = step()
     assert metrics["step_skipped"] == 1.0 and math.isnan(metrics["loss"])
     assert scheduler.last_epoch == 1 and optimizer.state_dict()["state"][0]["step"] == 1  # only the first step
     changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters())]

@@ -14,20 +14,22 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gcpo_fast.config import parse_config
 from gcpo_fast.data import PromptSampler
+from gcpo_fast.packing import pack
 from gcpo_fast.parallel import parallelize
 from gcpo_fast.rewards import load_reward_function
-from gcpo_fast.rollout import HFEngine, Sampling, encode_completion, encode_prompts
-from gcpo_fast.rounds import build_rows, sample_groups, split_steps
-from gcpo_fast.sources import load_records
-from gcpo_fast.update import (
-    ModelWithLoss,
-    Rows,
-    build_optimizer,
-    completion_logprobs,
-    optimizer_step,
-    pack,
-    step_normalizer,
+from gcpo_fast.rollout import HFEngine, Rows, Sampling, encode_completion, encode_prompts
+from gcpo_fast.rounds import (
+    RoundContext,
+    ScoringOptions,
+    build_rows,
+    pack_micro_batches,
+    sample_groups,
+    score_micro_batches,
 )
+from gcpo_fast.scoring import score_logprobs
+from gcpo_fast.sources import load_records
+from gcpo_fast.timing import PhaseTimer
+from gcpo_fast.update import ModelWithLoss, build_optimizer, optimizer_step, step_normalizer
 
 TESTS = Path(__file__).resolve().parent
 
@@ -63,9 +65,9 @@ def setup(files, *argv):
     )
     torch.manual_seed(0)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
-    records = load_records(cfg.dataset, require_golden=cfg.golden_answer != "off")
-    sampler = PromptSampler(records, cfg.prompts_per_round, seed=cfg.seed)
-    return cfg, model, tokenizer, sampler, [load_reward_function(f) for f in cfg.reward_funcs]
+    records = load_records(cfg.data.dataset, require_golden=cfg.method.golden_answer != "off")
+    sampler = PromptSampler(records, cfg.prompts_per_round, seed=cfg.run.seed)
+    return cfg, model, tokenizer, sampler, [load_reward_function(f) for f in cfg.rewards.reward_funcs]
 
 
 def sgd(model):
@@ -76,13 +78,38 @@ def sgd(model):
 
 
 def policy_of(model, cfg):
-    return parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.temperature))
+    return parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.rollout.temperature))
+
+
+def step(policy, optimizer, scheduler, micro_batches, cfg):
+    return optimizer_step(policy, optimizer, scheduler, micro_batches, cfg.optim, cfg.loss_config(), cfg.model.bf16)
 
 
 def one_round(cfg, model, tokenizer, sampler, funcs):
-    sampled, metrics = sample_groups(cfg, HFEngine(model, tokenizer), tokenizer, sampler, funcs)
-    rows, samples = build_rows(cfg, tokenizer, sampled, metrics)
+    ctx = RoundContext.of(cfg, HFEngine(model, tokenizer), tokenizer, funcs)
+    sampled, metrics = sample_groups(ctx, sampler)
+    rows, samples = build_rows(ctx, sampled, metrics, None, cfg.golden.golden_source)
     return sampled, rows, metrics, samples
+
+
+def split_steps(cfg, rows, model):
+    """The round's optimizer steps as the trainer prepares them: shuffled, packed once, scored."""
+    micro_batches = pack_micro_batches(rows, cfg.batch, cfg.rollout.mask_truncated_completions)
+    options = ScoringOptions(cfg.batch.reused, cfg.rollout.temperature, cfg.model.bf16, correction=False)
+    score_micro_batches(micro_batches, model, None, options, PhaseTimer(), {})
+    return cfg.batch.optimizer_steps(micro_batches)
+
+
+def rows_of(mb):
+    """(prompt ids, completion ids, advantage, golden) of each row of a packed micro-batch."""
+    ids, bounds, spans = mb.input_ids[0].tolist(), mb.cu_seqlens.tolist(), mb.completion_cu_seqlens.tolist()
+    for i in range(mb.num_rows):
+        row, n = ids[bounds[i] : bounds[i + 1]], spans[i + 1] - spans[i]
+        yield row[: len(row) - n], row[len(row) - n :], mb.advantages[i], bool(mb.golden[i])
+
+
+def logprobs(model, mb, cfg):
+    return score_logprobs(model, mb, cfg.rollout.temperature, cfg.model.bf16)
 
 
 def test_generate_left_pads_cuts_at_eos_and_keeps_ids(files, one_thread):
@@ -127,14 +154,12 @@ def test_golden_rows_for_all_wrong_groups(files, mode):
     assert metrics["reward"] == 0.0  # golden rows stay out of the rollout statistics
     for p, record in enumerate(sampled.records):
         golden = rows.completion_ids[p * size + size - 1]
-        ids, _ = encode_completion(tokenizer, record["golden"], cfg.max_completion_length)
+        ids, _ = encode_completion(tokenizer, record["golden"], cfg.rollout.max_completion_length)
         assert (
             golden == ids == tokenizer(record["golden"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         )
-        assert (
-            rows.prompt_ids[p * size + size - 1] == sampled.rollouts.prompt_ids[p * G]
-        )  # the rollouts' own prompt ids
-        assert rows.completion_ids[p * size] == sampled.rollouts.completion_ids[p * G]
+        assert rows.prompt_ids[p * size + size - 1] == sampled.rows.prompt_ids[p * G]  # the rollouts' own prompt ids
+        assert rows.completion_ids[p * size] == sampled.rows.completion_ids[p * G]
         adv = rows.advantages[p * size : (p + 1) * size]
         assert adv[-1] > 0 and (adv[:-1] < 0).all()
     assert [s["golden"] for s in samples] == [False, True, False, True]
@@ -165,7 +190,7 @@ def test_conversational_prompts(tmp_path, files, one_thread):
     ]
     cfg, model, tokenizer, sampler, funcs = setup((files[0], write_jsonl(tmp_path / "chat.jsonl", rows=rows)))
     sampled, rows, metrics, samples = one_round(cfg, model, tokenizer, sampler, funcs)
-    assert tokenizer.decode(sampled.rollouts.prompt_ids[0]).startswith("<|system|>Add.\n<|user|>What is ")
+    assert tokenizer.decode(sampled.rows.prompt_ids[0]).startswith("<|system|>Add.\n<|user|>What is ")
     assert samples[0]["prompt"].startswith("What is ") and metrics["rewards/accuracy_reward/mean"] >= 0
 
 
@@ -180,12 +205,13 @@ def test_builtin_dataset():
 
 def golden_logprob(model, tokenizer, cfg, record):
     mb = Rows(
-        encode_prompts(tokenizer, [record["prompt"]], cfg.max_prompt_length),
-        [encode_completion(tokenizer, record["golden"], cfg.max_completion_length)[0]],
+        encode_prompts(tokenizer, [record["prompt"]], cfg.rollout.max_prompt_length),
+        [encode_completion(tokenizer, record["golden"], cfg.rollout.max_completion_length)[0]],
         [False],
-        torch.zeros(1),
+        [""],
+        advantages=torch.zeros(1),
     )
-    return completion_logprobs(model, mb, cfg).sum().item()
+    return logprobs(model, pack(mb, False), cfg).sum().item()
 
 
 @pytest.mark.parametrize("golden", ["append", "replace", "off"])
@@ -197,9 +223,9 @@ def test_a_step_raises_the_golden_answers_logprob(files, golden):
     records = sampled.records
     before = [golden_logprob(model, tokenizer, cfg, r) for r in records]
     weights = [p.detach().clone() for p in model.parameters()]
-    optimizer, scheduler = build_optimizer(model, cfg)
-    (micro_batches,) = split_steps(cfg, rows, model, None)
-    metrics = optimizer_step(policy_of(model, cfg), optimizer, scheduler, micro_batches, cfg)
+    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.run.max_steps)
+    (micro_batches,) = split_steps(cfg, rows, model)
+    metrics = step(policy_of(model, cfg), optimizer, scheduler, micro_batches, cfg)
     after = [golden_logprob(model, tokenizer, cfg, r) for r in records]
     if golden == "off":  # every group all wrong, no golden row: no signal, no change
         assert metrics["grad_norm"] == 0.0
@@ -216,8 +242,8 @@ def test_untied_lm_head_is_trained(tmp_path, files, one_thread):
     assert embed.data_ptr() != model.get_output_embeddings().weight.data_ptr()
     sampled, rows, _, _ = one_round(cfg, model, tokenizer, sampler, funcs)
     before = golden_logprob(model, tokenizer, cfg, sampled.records[0])
-    optimizer, scheduler = build_optimizer(model, cfg)
-    optimizer_step(policy_of(model, cfg), optimizer, scheduler, split_steps(cfg, rows, model, None)[0], cfg)
+    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.run.max_steps)
+    step(policy_of(model, cfg), optimizer, scheduler, split_steps(cfg, rows, model)[0], cfg)
     assert not torch.equal(head, model.get_output_embeddings().weight)
     assert golden_logprob(model, tokenizer, cfg, sampled.records[0]) > before
 
@@ -244,13 +270,13 @@ def test_micro_batch_split_does_not_change_the_step(files, one_thread):
         rows.advantages = torch.linspace(-1, 1, len(rows.advantages))
         rows.truncated = [i == 0 for i in range(len(rows.truncated))]  # one row masked out
         torch.manual_seed(2)
-        (micro_batches,) = split_steps(cfg, rows, model, None)
+        (micro_batches,) = split_steps(cfg, rows, model)
         assert len(micro_batches) == int(gas)
         tokens = sum(len(c) for c, t in zip(rows.completion_ids, rows.truncated) if not t)
-        assert step_normalizer(micro_batches, cfg) == tokens
+        assert step_normalizer(micro_batches, cfg.loss_config()) == tokens
         initial = [p.detach().clone() for p in model.parameters()]
         optimizer, scheduler = sgd(model)
-        optimizer_step(policy_of(model, cfg), optimizer, scheduler, micro_batches, cfg)
+        step(policy_of(model, cfg), optimizer, scheduler, micro_batches, cfg)
         results.append([p.detach().clone() for p in model.parameters()])
         assert any(not torch.equal(a, b) for a, b in zip(initial, results[-1]))
     for a, b in zip(*results):
@@ -262,27 +288,23 @@ def naive_loss(model, micro_batches, cfg):
     logits, on-policy ratios exp(lp - lp.detach()) (1 in value, carrying the gradient), no clipping, the
     aggregation over every row of the step at once."""
     terms, lengths = [], []
-    for p, c, a, golden in (
-        (p, c, a, golden)
-        for mb in micro_batches
-        for p, c, a, golden in zip(mb.prompt_ids, mb.completion_ids, mb.advantages, mb.golden)
-    ):
-        logits = model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1] / cfg.temperature
+    for p, c, a, golden in (row for mb in micro_batches for row in rows_of(mb)):
+        logits = model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1] / cfg.rollout.temperature
         lp = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(c)[:, None])[:, 0]
-        if golden and cfg.golden_objective == "shaped":  # LUFFY: p / (p + gamma), behaviour probability 1
-            ratio = lp.exp() / (lp.exp() + cfg.golden_shaping_gamma)
-        elif cfg.importance_sampling_level == "sequence":
+        if golden and cfg.method.golden_objective == "shaped":  # LUFFY: p / (p + gamma), behaviour probability 1
+            ratio = lp.exp() / (lp.exp() + cfg.method.golden_shaping_gamma)
+        elif cfg.method.importance_sampling_level == "sequence":
             ratio = torch.exp((lp - lp.detach()).mean()).expand_as(lp)
         else:
             ratio = torch.exp(lp - lp.detach())
         terms.append(-a * ratio)
         lengths.append(len(c))
-    B, L = len(terms), cfg.max_completion_length
+    B, L = len(terms), cfg.rollout.max_completion_length
     return {
         "seq-mean-token-mean": sum(t.mean() for t in terms) / B,
         "token-mean": sum(t.sum() for t in terms) / sum(lengths),
         "seq-mean-token-sum-norm": sum(t.sum() for t in terms) / (B * L),
-    }[cfg.loss_agg_mode]
+    }[cfg.method.loss_agg_mode]
 
 
 @pytest.mark.parametrize(
@@ -318,38 +340,39 @@ def test_update_matches_a_naive_reference(files, loss_type, objective):
     _, rows, _, _ = one_round(cfg, model, tokenizer, sampler, funcs)
     rows.advantages = torch.randn(len(rows.advantages))
     assert any(rows.golden) == (loss_type == "gcpo")  # every group all wrong: golden rows under GCPO
-    (micro_batches,) = split_steps(cfg, rows, model, None)
+    (micro_batches,) = split_steps(cfg, rows, model)
     assert len(micro_batches) == 2
     naive_loss(model, micro_batches, cfg).backward()
     expected = [p.grad.clone() for p in model.parameters()]
     before = [p.detach().clone() for p in model.parameters()]
     model.zero_grad()
     optimizer, scheduler = sgd(model)  # lr 1: the step is minus the gradient
-    optimizer_step(policy_of(model, cfg), optimizer, scheduler, micro_batches, cfg)
+    step(policy_of(model, cfg), optimizer, scheduler, micro_batches, cfg)
     for b, a, g in zip(before, model.parameters(), expected):
         torch.testing.assert_close(b - a.detach(), g, rtol=1e-4, atol=1e-6)
 
 
 def test_masked_truncated_rows_have_no_targets():
-    mb = Rows([[1, 2], [3]], [[4, 5, 6], [7, 8]], [True, False], torch.zeros(2))
-    assert pack(mb, True, "cpu").targets.tolist() == [-100, -100, -100, 7, 8]
-    assert pack(mb, False, "cpu").targets.tolist() == [4, 5, 6, 7, 8]
+    mb = Rows([[1, 2], [3]], [[4, 5, 6], [7, 8]], [True, False], ["", ""], advantages=torch.zeros(2))
+    assert pack(mb, True).targets.tolist() == [-100, -100, -100, 7, 8]
+    assert pack(mb, False).targets.tolist() == [4, 5, 6, 7, 8]
+    assert pack(mb, True).num_counted_tokens == 2
 
 
 def test_old_logprobs_only_when_a_round_is_reused(files, one_thread):
     cfg, model, tokenizer, sampler, funcs = setup(files)
     _, rows, _, _ = one_round(cfg, model, tokenizer, sampler, funcs)
-    assert all(mb.old_logp is None for step in split_steps(cfg, rows, model, None) for mb in step)
+    assert all(mb.old_logp is None for step in split_steps(cfg, rows, model) for mb in step)
     cfg, model, tokenizer, sampler, funcs = setup(
         files, "--per_device_train_batch_size", "4", "--steps_per_generation", "2"
     )
     _, rows, _, _ = one_round(cfg, model, tokenizer, sampler, funcs)
-    steps = split_steps(cfg, rows, model, None)
+    steps = split_steps(cfg, rows, model)
     assert len(steps) == 2 and all(len(s) == 1 for s in steps)
     for (mb,) in steps:  # teacher-forced log-probs of the behaviour policy, golden rows included
-        assert mb.old_logp.shape == (sum(len(c) for c in mb.completion_ids),)
-        torch.testing.assert_close(mb.old_logp, completion_logprobs(model, mb, cfg))
-    assert len(split_steps(parse_config(["--num_iterations", "3"]), rows, model, None)) == 3
+        assert mb.old_logp.shape == (mb.targets.numel(),)
+        torch.testing.assert_close(mb.old_logp, logprobs(model, mb, cfg))
+    assert len(split_steps(parse_config(["--num_iterations", "3"]), rows, model)) == 3
 
 
 def test_dapo_dynamic_sampling_keeps_groups_with_varied_rewards(files, one_thread):
@@ -358,7 +381,7 @@ def test_dapo_dynamic_sampling_keeps_groups_with_varied_rewards(files, one_threa
     )
     sampled, rows, metrics, _ = one_round(cfg, model, tokenizer, sampler, funcs)
     even = [int(r["answer"]) % 2 == 0 for r in sampled.records]
-    assert sampled.keep.tolist() == [p for p, e in enumerate(even) if e][:2]  # the first two with a signal
+    assert sampled.keep == [p for p, e in enumerate(even) if e][:2]  # the first two with a signal
     assert sum(even[:-2]) < 2 <= sum(even)  # no more batches than needed (2 prompts per batch)
     assert metrics["num_gen_batches"] == len(even) // 2
     assert len(rows.completion_ids) == 8 and rows.advantages.abs().min() > 0
@@ -504,16 +527,18 @@ def _ddp_worker(rank, world, port, files, out):
         # 1. one step of two ranks equals one step of one process over both ranks' rows (token-mean normaliser)
         cfg, model, _, _, _ = setup(files, "--loss_type", "dapo", "--dynamic_sampling", "false")
         g = torch.Generator().manual_seed(rank)
-        mb = Rows(
+        rows = Rows(
             [[1, 2, 3]] * (rank + 2),
             [torch.randint(5, 50, (n,), generator=g).tolist() for n in range(3 + rank, 5 + 2 * rank)],
             [False] * (rank + 2),
-            torch.randn(rank + 2, generator=g),
+            [""] * (rank + 2),
+            advantages=torch.randn(rank + 2, generator=g),
         )
+        mb = pack(rows, mask_truncated=False)
         policy = policy_of(model, cfg)
         assert isinstance(policy.module, torch.nn.parallel.DistributedDataParallel)
         optimizer, scheduler = sgd(model)
-        optimizer_step(policy, optimizer, scheduler, [mb], cfg)
+        step(policy, optimizer, scheduler, [mb], cfg)
         torch.save({"mb": mb, "weights": [p.detach() for p in model.parameters()]}, out.parent / f"step_rank{rank}.pt")
         # 2. a short training run: each rank its prompts, rank 0 writes
         cfg = parse_config(
@@ -568,7 +593,7 @@ def test_two_cpu_processes(tmp_path, files, one_thread):
         "4",
     )
     optimizer, scheduler = sgd(model)
-    optimizer_step(policy_of(model, cfg), optimizer, scheduler, [ranks[0]["mb"], ranks[1]["mb"]], cfg)
+    step(policy_of(model, cfg), optimizer, scheduler, [ranks[0]["mb"], ranks[1]["mb"]], cfg)
     for a, b, c in zip(ranks[0]["weights"], ranks[1]["weights"], model.parameters()):
         assert torch.equal(a, b)  # DDP kept the ranks in step
         torch.testing.assert_close(a, c.detach(), rtol=0, atol=1e-6)
