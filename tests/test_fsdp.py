@@ -222,7 +222,7 @@ def _train_worker(rank, world, port, runs):
                 train(parse_config(argv))
             if rank == 0 and "--resume" in argv:
                 messages = [str(w.message) for w in caught if "processes and resumes with" in str(w.message)]
-                with open(os.path.join(parse_config(argv).output_dir, "warnings.json"), "w") as f:
+                with open(os.path.join(parse_config(argv).run.output_dir, "warnings.json"), "w") as f:
                     json.dump(messages, f)
     finally:
         torch.distributed.destroy_process_group()

@@ -24,7 +24,7 @@ pytest.importorskip("vllm")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from gcpo_fast.config import DEFAULT_MODEL  # noqa: E402
+from gcpo_fast.models import DEFAULT_MODEL  # noqa: E402
 from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts  # noqa: E402
 from gcpo_fast.sources import load_records  # noqa: E402
 from gcpo_fast.vllm_engine import VLLMEngine  # noqa: E402
@@ -100,7 +100,7 @@ def test_greedy_matches_generate(engine, hf, tokenizer, prompt_ids):
         assert set(top2.indices.tolist()) == {a[j], b[j]}, "the two engines picked tokens that are not HF's top two"
         assert top2.values[0] - top2.values[1] < TIE_TOL, f"greedy paths split at a gap of {top2.values.tolist()}"
     # greedy rows carry the log-probs of the untempered distribution
-    for prompt, ids, logp in list(zip(prompt_ids, ours.completion_ids, ours.logprobs))[:16]:
+    for prompt, ids, logp in list(zip(prompt_ids, ours.completion_ids, ours.sampling_logp))[:16]:
         expected, _ = hf_logprobs(hf, prompt, ids)
         assert (expected - torch.tensor(logp, dtype=torch.float64)).abs().max() < LOGP_TOL
     # the model solves its held-out problems: the completions are answers, not noise
@@ -111,13 +111,13 @@ def test_sampled_rollouts(engine, hf, tokenizer, prompt_ids):
     n, budget, temperature = 4, 24, 0.7
     prompts = prompt_ids[:16]
     out = engine.generate(prompts, n, sampling(max_completion_length=budget, temperature=temperature))
-    assert len(out.completion_ids) == len(out.truncated) == len(out.texts) == len(out.logprobs) == 16 * n
+    assert len(out.completion_ids) == len(out.truncated) == len(out.texts) == len(out.sampling_logp) == 16 * n
     assert out.prompt_ids == [p for p in prompts for _ in range(n)]
     eos = set(engine.eos_ids)
     assert eos == {tokenizer.eos_token_id, hf.generation_config.eos_token_id}
     assert 0 < sum(out.truncated) < 16 * n  # the budget cuts some (answers take ~30 tokens), not all
     worst = 0.0
-    for prompt, ids, cut, text, logp in zip(out.prompt_ids, out.completion_ids, out.truncated, out.texts, out.logprobs):
+    for prompt, ids, cut, text, logp in zip(out.prompt_ids, out.completion_ids, out.truncated, out.texts, out.sampling_logp):
         assert 1 <= len(ids) <= budget and len(logp) == len(ids)
         assert not eos & set(ids[:-1]) and cut == (ids[-1] not in eos)
         assert not cut or len(ids) == budget
@@ -133,7 +133,7 @@ def test_top_k_logprobs_are_of_the_truncated_distribution(engine, hf, prompt_ids
     top_k = 3
     out = engine.generate(prompt_ids[:8], 2, sampling(max_completion_length=16, temperature=1.5, top_k=top_k))
     worst, lifted = 0.0, 0.0
-    for prompt, ids, logp in zip(out.prompt_ids, out.completion_ids, out.logprobs):
+    for prompt, ids, logp in zip(out.prompt_ids, out.completion_ids, out.sampling_logp):
         truncated_ref, logits = hf_logprobs(hf, prompt, ids, 1.5, top_k=top_k)
         full_ref, _ = hf_logprobs(hf, prompt, ids, 1.5)
         assert all(t in row.topk(top_k).indices.tolist() for t, row in zip(ids, logits))
@@ -211,7 +211,7 @@ TORCHRUN_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch, torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from gcpo_fast.config import DEFAULT_MODEL
+    from gcpo_fast.models import DEFAULT_MODEL
     from gcpo_fast.rollout import Sampling, encode_prompts
     from gcpo_fast.sources import load_records
     from gcpo_fast.vllm_engine import VLLMEngine
@@ -232,7 +232,7 @@ TORCHRUN_SCRIPT = textwrap.dedent("""
     def gap():  # the engine's sampling log-probs against the changed model's, on fresh samples
         out = engine.generate(prompts[:2], 1, sampling)
         worst = 0.0
-        for p, c, lp in zip(out.prompt_ids, out.completion_ids, out.logprobs):
+        for p, c, lp in zip(out.prompt_ids, out.completion_ids, out.sampling_logp):
             with torch.no_grad():
                 logits = model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1].double()
             ref = torch.log_softmax(logits, -1).gather(1, torch.tensor(c)[:, None])[:, 0]
