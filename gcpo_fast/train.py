@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from gcpo_fast import parallel
+from gcpo_fast import parallel, run_lock
 from gcpo_fast.checkpoint import (
     check_checkpoint,
     checkpoint_step,
@@ -69,6 +69,7 @@ def prepare(cfg: TrainConfig) -> dict:
     """Everything that can fail on bad input, before any model is loaded: the data, the reward functions,
     the run directory and the checkpoint to resume. Raises ValueError / FileNotFoundError."""
     check_output_dir(cfg.output_dir)
+    run_lock.acquire(cfg.output_dir)  # one run per directory (released in train's finally, or when we exit)
     columns = dict(prompt_column=cfg.prompt_column, golden_column=cfg.golden_column, answer_column=cfg.answer_column)
     records = load_records(
         cfg.dataset,
@@ -376,6 +377,7 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
         engine.close()
         if teacher is not None and teacher.engine is not None:
             teacher.engine.close()
+        run_lock.release(cfg.output_dir)
     if log:
         log.close()
         print(log.summary(), flush=True)
