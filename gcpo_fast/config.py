@@ -115,6 +115,11 @@ class TrainConfig:
         "column with the final answer the reward checks; default: extracted from the golden column, or verl's reward_model.ground_truth",
         DATA,
     )
+    trust_remote_code: bool = opt(
+        False,
+        "run the Python files a model folder maps to in its config.json (auto_map): a stranger's code, on your machine",
+        DATA,
+    )
     builtin_num_problems: int = opt(5000, "number of training problems generated for --dataset builtin", DATA)
     builtin_levels: list[int] = opt(
         [3, 4, 5],

@@ -150,12 +150,17 @@ def main(argv=None) -> None:
     ap.add_argument("--answer_column", default=None, help="default: extracted from --golden_column")
     ap.add_argument("--golden_column", default="solution")
     ap.add_argument("--output", default=None, help="also write the metrics to this JSON file (its folder must exist)")
+    ap.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="run the Python files the model folder maps to (auto_map in config.json): a stranger's code",
+    )
     args = ap.parse_args(argv)
     try:
         problem = check_args(args)
         if problem:
             ap.fail(problem)
-        check_model_folder(args.model)
+        check_model_folder(args.model, trust_remote_code=args.trust_remote_code)
         records = load_records(
             args.dataset,
             split="test",
@@ -169,8 +174,10 @@ def main(argv=None) -> None:
         ap.fail(str(e))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        tokenizer = load_tokenizer(args.model)
-        model = load_causal_lm(args.model, device=device, dtype="auto")  # the dtype the model was saved in
+        tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+        model = load_causal_lm(
+            args.model, device=device, dtype="auto", trust_remote_code=args.trust_remote_code
+        )  # the dtype the model was saved in
         sampling = Sampling(
             args.max_completion_length, args.temperature, args.top_p, args.top_k, greedy=args.num_samples == 1
         )

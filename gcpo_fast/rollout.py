@@ -204,4 +204,5 @@ def make_engine(cfg, model, tokenizer, model_path, rank: int = 0):
         max_model_len=cfg.vllm_max_model_length or cfg.max_prompt_length + cfg.max_completion_length,
         enable_sleep_mode=cfg.vllm_enable_sleep_mode,
         dtype="bfloat16" if cfg.bf16 and torch.cuda.is_available() else "float32",
+        trust_remote_code=cfg.trust_remote_code,
     )

@@ -116,7 +116,11 @@ def prepare(cfg: TrainConfig) -> dict:
             )
     golden_cache = None
     if cfg.golden_answer != "off" and cfg.golden_source != "dataset":
-        teacher = teacher_identity(check_model_folder(cfg.golden_model)) if cfg.golden_model else None
+        teacher = (
+            teacher_identity(check_model_folder(cfg.golden_model, trust_remote_code=cfg.trust_remote_code))
+            if cfg.golden_model
+            else None
+        )
         golden_cache = GoldenCache(
             Path(cfg.output_dir) / CACHE_NAME, teacher, prefilled=[cfg.golden_cache] if cfg.golden_cache else []
         )
@@ -126,7 +130,9 @@ def prepare(cfg: TrainConfig) -> dict:
         raise ValueError(
             f"a generation round takes {prompts} prompts x {world} processes, but the dataset has only {len(records)}"
         )
-    check_model_folder(cfg.model)  # a causal decoder with weights and a tokenizer, or one line saying why not
+    check_model_folder(
+        cfg.model, trust_remote_code=cfg.trust_remote_code
+    )  # a causal decoder with weights and a tokenizer, or one line saying why not
     return dict(
         records=records, eval_records=eval_records, reward_funcs=funcs, resume=resume, golden_cache=golden_cache
     )
@@ -158,7 +164,7 @@ def load_teacher(cfg: TrainConfig, cache, reward_funcs, device) -> Teacher | Non
         return None
     engine = tokenizer = None
     if cfg.golden_model:
-        tokenizer = load_tokenizer(cfg.golden_model)
+        tokenizer = load_tokenizer(cfg.golden_model, trust_remote_code=cfg.trust_remote_code)
         if cfg.use_vllm:  # served by vLLM as well: a second engine in this process, never synced (fixed weights)
             from gcpo_fast.vllm_engine import VLLMEngine
 
@@ -169,10 +175,15 @@ def load_teacher(cfg: TrainConfig, cache, reward_funcs, device) -> Teacher | Non
                 dtype="auto",
                 gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                 max_model_len=cfg.max_prompt_length + cfg.golden_max_completion_length,
+                trust_remote_code=cfg.trust_remote_code,
             )
         else:
             dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32
-            model = load_causal_lm(cfg.golden_model, device=device, dtype=dtype).eval().requires_grad_(False)
+            model = (
+                load_causal_lm(cfg.golden_model, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+                .eval()
+                .requires_grad_(False)
+            )
             engine = HFEngine(model, tokenizer, bf16=cfg.bf16)
     return Teacher(
         cache,
@@ -206,6 +217,7 @@ def load_model(path, device, cfg: TrainConfig):
         device=device,
         attn_implementation=default_attn_implementation(),
         gradient_checkpointing=cfg.gradient_checkpointing,
+        trust_remote_code=cfg.trust_remote_code,
     )
 
 
@@ -246,7 +258,7 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
     resume = prepared["resume"]
     set_seed(cfg.seed + rank)
     model_path = resume or cfg.model
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
     model = load_model(model_path, dist.device, cfg)
     engine = make_engine(cfg, model, tokenizer, model_path, rank)
     # beta > 0: the reference is the initial policy, also when resuming
