@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from gcpo_fast import parallel, run_lock
+from gcpo_fast import parallel, resume_policy, run_lock
 from gcpo_fast.checkpoint import (
     check_checkpoint,
     checkpoint_step,
@@ -114,6 +114,7 @@ def prepare(cfg: TrainConfig) -> dict:
                 "run that went on; resume into a new --output_dir (the checkpoint is read from where it "
                 "is), or move the newer checkpoints away"
             )
+    dataset_sha256 = resume_policy.check(cfg, resume, records)  # refuses a changed model, loss, data, G, ...
     golden_cache = None
     if cfg.golden_answer != "off" and cfg.golden_source != "dataset":
         teacher = (
@@ -134,7 +135,12 @@ def prepare(cfg: TrainConfig) -> dict:
         cfg.model, trust_remote_code=cfg.trust_remote_code
     )  # a causal decoder with weights and a tokenizer, or one line saying why not
     return dict(
-        records=records, eval_records=eval_records, reward_funcs=funcs, resume=resume, golden_cache=golden_cache
+        records=records,
+        eval_records=eval_records,
+        reward_funcs=funcs,
+        resume=resume,
+        golden_cache=golden_cache,
+        dataset_sha256=dataset_sha256,
     )
 
 
@@ -278,6 +284,7 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
         state, rank_state = load_checkpoint(resume, reshards=policy.reshards)
         policy.load_optimizer(optimizer, resume, state)
         scheduler.load_state_dict(state["scheduler"])
+        resume_policy.apply(cfg, optimizer, scheduler)  # a new --learning_rate (and AdamW values) wins over the saved
         sampler.load_state_dict(state["sampler"])
         step, num_tokens = state["step"], state["num_tokens"]
         skipped = SkippedSteps(**state.get("skipped", {}))
@@ -329,6 +336,7 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
                 scheduler=scheduler.state_dict(),
                 sampler=sampler.state_dict(),
                 skipped=vars(skipped),
+                dataset_sha256=prepared["dataset_sha256"],
             ),
             dict(buffer=buffer, round_metrics=round_metrics),
             config=cfg.to_dict(),
