@@ -36,6 +36,7 @@ from gcpo_fast.groups import GOLDEN_MODES, SCALE_REWARDS
 from gcpo_fast.kernels import LOSS_RECIPES, SAMPLING_MODES, PolicyLossConfig
 from gcpo_fast.kernels.policy_loss import AGG_MODES, GOLDEN_OBJECTIVES
 from gcpo_fast.parallel import PARALLELISMS
+from gcpo_fast.rewards import check_reward_options
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent / "assets" / "default_model")
 SHIPPED_MODEL_LR = 3e-4  # tuned on the shipped model and task (README, "The shipped default")
@@ -612,10 +613,8 @@ def check(cfg: TrainConfig) -> None:
         not cfg.use_vllm or importlib.util.find_spec("vllm") is not None,
         '--use_vllm: vLLM is not installed (pip install -e ".[vllm]" on a GPU machine; see the README)',
     )
-    need(
-        cfg.reward_weights is None or len(cfg.reward_weights) == len(cfg.reward_funcs),
-        f"reward_weights has {len(cfg.reward_weights or [])} values for {len(cfg.reward_funcs)} reward_funcs",
-    )
+    problem = check_reward_options(cfg.reward_funcs, cfg.reward_weights, cfg.correct_reward)  # shared with golden
+    need(problem is None, problem)
     need(
         not cfg.fsdp_cpu_offload or cfg.parallelism == "fsdp",
         f"fsdp_cpu_offload needs --parallelism fsdp, got --parallelism {cfg.parallelism}",

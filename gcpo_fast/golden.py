@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from gcpo_fast import groups, parallel
-from gcpo_fast.rewards import as_completions, compute_rewards
+from gcpo_fast.rewards import as_completions, check_reward_options, compute_rewards
 from gcpo_fast.rollout import Sampling, encode_prompts
 from gcpo_fast.timing import PhaseTimer
 
@@ -294,6 +294,9 @@ def main(argv=None) -> None:
         help="run the Python files the model folder maps to (auto_map in config.json): a stranger's code",
     )
     args = ap.parse_args(argv)
+    problem = check_reward_options(args.reward_funcs, args.reward_weights, args.correct_reward)  # as the trainer
+    if problem:
+        ap.fail(problem)
     for name in ("num_candidates", "max_completion_length", "max_prompt_length"):
         if getattr(args, name) < 1:
             ap.fail(f"--{name} must be >= 1, got {getattr(args, name)}")
