@@ -55,11 +55,17 @@ def _files(path: Path) -> list[Path]:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            where = f"{path}, line {n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}, line {n}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -112,6 +118,10 @@ def _prompt(row: dict, where: str, column: str) -> str | list[dict]:
         if not value:
             raise ValueError(f"{where}: column {column!r} is an empty message list")
         return value
+    if not isinstance(value, str):  # a number would train on "1", "2": a column mix-up, not a prompt
+        raise ValueError(
+            f"{where}: column {column!r} must be a string or a list of chat messages, got {type(value).__name__}"
+        )
     return _text(value, where, column)
 
 

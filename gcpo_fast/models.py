@@ -21,7 +21,8 @@ know is refused unless trust_remote_code is passed (`--trust_remote_code`, as in
 otherwise ask on stdin, and `yes |` would run a stranger's code.
 When loading: weights transformers cannot read (a truncated file), parameters the folder has no weights
 for (they would be random), and a tokenizer without a vocabulary (transformers builds an empty one from a
-folder without tokenizer files) are refused too.
+folder without tokenizer files) and a tokenizer whose ids reach past the model's vocab_size (check_vocabulary)
+are refused too.
 """
 
 import json
@@ -160,7 +161,26 @@ def load_tokenizer(path, *, trust_remote_code: bool = False):
         raise ValueError(f"model folder {path}: cannot load the tokenizer: {_first_line(e)}") from None
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
         raise ValueError(f"model folder {path}: the tokenizer has no vocabulary ({len(tokenizer)} tokens, all special)")
+    check_vocabulary(path, tokenizer, AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code))
     return tokenizer
+
+
+def check_vocabulary(path, tokenizer, config) -> None:
+    """ValueError unless every id the tokenizer can give the model (its base vocabulary, its added tokens: chat
+    markers, EOS, padding) is below the model's vocab_size: a larger one indexes past the embedding (an
+    IndexError at the first generate). The unknown token is left out: a byte-level tokenizer never emits it,
+    and transformers adds one beyond the vocabulary to some of them when loading."""
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if vocab is None:
+        return
+    added = {t: i for t, i in tokenizer.get_added_vocab().items() if t != tokenizer.unk_token}
+    token, largest = max([("the base vocabulary's last", tokenizer.vocab_size - 1), *added.items()], key=lambda x: x[1])
+    if largest >= vocab:
+        raise ValueError(
+            f"model folder {path}: the tokenizer gives ids up to {largest} ({token} token) but the model's vocab_size "
+            f"is {vocab} (config.json): they would index past its embedding; the tokenizer does not belong to this "
+            "model"
+        )
 
 
 def load_causal_lm(

@@ -27,6 +27,7 @@ with no EOS within the budget is "truncated".
 from dataclasses import dataclass
 
 import torch
+from jinja2 import TemplateError
 from transformers import GenerationConfig
 
 from gcpo_fast.update import autocast
@@ -92,8 +93,7 @@ def encode_prompts(tokenizer, prompts, max_prompt_length: int) -> list[list[int]
     out = []
     for prompt in prompts:
         if tokenizer.chat_template is not None:
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = _render(tokenizer, _messages(prompt), f"prompt {str(prompt)[:60]!r}")
             # the template wrote any BOS itself
             ids = tokenizer(text, add_special_tokens=False).input_ids
         elif isinstance(prompt, str):
@@ -104,6 +104,34 @@ def encode_prompts(tokenizer, prompts, max_prompt_length: int) -> list[list[int]
             raise ValueError(f"prompt {prompt!r} encodes to no tokens")
         out.append(ids[-max_prompt_length:])
     return out
+
+
+def check_chat_template(tokenizer, datasets: dict[str, list[dict]]) -> None:
+    """Render one prompt of each distinct sequence of roles in each dataset ({name: records}) with the
+    tokenizer's chat template, before any model work: a template that refuses a role (Llama-2's and Mistral's
+    raise_exception on a system message) or an order of roles is one ValueError naming the record and roles."""
+    if tokenizer.chat_template is None:
+        return  # text prompts go in as they are; chat prompts are refused by encode_prompts
+    for name, records in datasets.items():
+        seen = set()
+        for i, record in enumerate(records):
+            messages = _messages(record["prompt"])
+            roles = tuple(m["role"] for m in messages)
+            if roles not in seen:
+                seen.add(roles)
+                _render(tokenizer, messages, f"{name}, record {i}")
+
+
+def _messages(prompt) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+def _render(tokenizer, messages: list[dict], where: str) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except TemplateError as e:
+        roles = ", ".join(m["role"] for m in messages)
+        raise ValueError(f"{where}: the tokenizer's chat template refuses its messages (roles {roles}): {e}") from None
 
 
 def encode_completion(tokenizer, text: str, max_completion_length: int) -> tuple[list[int], bool]:
@@ -188,10 +216,23 @@ class HFEngine:
         return Rollouts(rows, completions, truncated, texts)
 
 
+def adopt_model_eos(tokenizer, model) -> None:
+    """A tokenizer without an EOS token (eos_token: null) takes the model's generation_config EOS: golden rows
+    end with tokenizer.eos_token_id (encode_completion), and checkpoints save the tokenizer with it."""
+    if tokenizer.eos_token_id is not None:
+        return
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    first = config_eos[0] if isinstance(config_eos, list) and config_eos else config_eos
+    if first is not None:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(first))
+
+
 def make_engine(cfg, model, tokenizer, model_path, rank: int = 0):
     """The run's rollout engine: Hugging Face generate on the training model, or with cfg.use_vllm a vLLM
     engine in this process (gcpo_fast/vllm_engine.py, imported only then), seeded per rank and loaded from
-    model_path (the checkpoint when resuming), so that its first weights are the trainer's."""
+    model_path (the checkpoint when resuming), so that its first weights are the trainer's. A tokenizer
+    without an EOS token takes the model's (adopt_model_eos)."""
+    adopt_model_eos(tokenizer, model)
     if not cfg.use_vllm:
         return HFEngine(model, tokenizer, bf16=cfg.bf16)
     from gcpo_fast.vllm_engine import VLLMEngine

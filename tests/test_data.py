@@ -126,7 +126,7 @@ def test_parquet_without_pyarrow(tmp_path, monkeypatch):
         (
             '{"prompt": 3.5, "solution": "\\\\boxed{1}", "q": {"a": 1}}\n',
             {"prompt_column": "q"},
-            r"d\.jsonl, line 1: column 'q' must be a string, got dict",
+            r"d\.jsonl, line 1: column 'q' must be a string or a list of chat messages, got dict",
         ),
         ("[1, 2]\n", {}, r"d\.jsonl, line 1: expected a JSON object, got list"),
         ("\n  \n", {}, r"d\.jsonl: empty dataset"),
