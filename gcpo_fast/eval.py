@@ -30,8 +30,9 @@ import torch
 from gcpo_fast.cli import ArgumentParser
 from gcpo_fast.config import DEFAULT_MODEL, TrainConfig
 from gcpo_fast.models import check_model_folder, load_causal_lm, load_tokenizer
+from gcpo_fast.prompt_checks import check_prompts
 from gcpo_fast.rewards import math_reward
-from gcpo_fast.rollout import HFEngine, Sampling, check_chat_template, encode_prompts
+from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts
 from gcpo_fast.sources import load_records
 
 
@@ -175,7 +176,7 @@ def main(argv=None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-        check_chat_template(tokenizer, {args.dataset: records})  # a refused role: one line, before the model loads
+        check_prompts(tokenizer, {args.dataset: records}, args.max_prompt_length)  # before the model loads
         model = load_causal_lm(
             args.model, device=device, dtype="auto", trust_remote_code=args.trust_remote_code
         )  # the dtype the model was saved in

@@ -32,6 +32,7 @@ from gcpo_fast import groups
 from gcpo_fast.golden import Teacher, golden_texts
 from gcpo_fast.kernels import sampling_weights
 from gcpo_fast.parallel import all_reduce
+from gcpo_fast.prompt_checks import warn_if_mostly_truncated
 from gcpo_fast.rewards import as_completions, compute_rewards, overlong_penalty, reward_function_name
 from gcpo_fast.rollout import Rollouts, Sampling, encode_completion, encode_prompts
 from gcpo_fast.timing import PhaseTimer
@@ -114,6 +115,7 @@ def sample_groups(
     if cfg.dynamic_sampling:
         keep = groups.dapo_filter(grid).nonzero().flatten()[:P]  # trim the surplus, as verl does
     per_func = torch.cat(per_func_seen)
+    warn_if_mostly_truncated(rollouts.truncated, cfg.max_completion_length)  # TRL #5697's trap, with the count
     lengths = torch.tensor([len(c) for c in rollouts.completion_ids], dtype=torch.float)
     metrics = {
         "completions/mean_length": lengths.mean().item(),

@@ -55,8 +55,9 @@ from gcpo_fast.golden import CACHE_NAME, GoldenCache, Teacher, teacher_identity
 from gcpo_fast.logger import RunLogger
 from gcpo_fast.models import check_model_folder, load_causal_lm, load_tokenizer
 from gcpo_fast.packing import default_attn_implementation
+from gcpo_fast.prompt_checks import check_prompts
 from gcpo_fast.rewards import load_reward_function
-from gcpo_fast.rollout import HFEngine, Sampling, check_chat_template, make_engine
+from gcpo_fast.rollout import HFEngine, Sampling, make_engine
 from gcpo_fast.rounds import build_rows, sample_groups, split_steps
 from gcpo_fast.sources import load_records
 from gcpo_fast.timing import PhaseTimer
@@ -265,8 +266,10 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
     set_seed(cfg.seed + rank)
     model_path = resume or cfg.model
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
-    check_chat_template(
-        tokenizer, {cfg.dataset: prepared["records"], str(cfg.eval_dataset): prepared["eval_records"] or []}
+    check_prompts(  # a chat template that refuses a record: one line; prompts longer than max_prompt_length: counted
+        tokenizer,
+        {cfg.dataset: prepared["records"], "the held-out set": prepared["eval_records"] or []},
+        cfg.max_prompt_length,
     )
     model = load_model(model_path, dist.device, cfg)
     engine = make_engine(cfg, model, tokenizer, model_path, rank)
