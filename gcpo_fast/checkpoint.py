@@ -24,7 +24,12 @@ Atomicity: everything is written into output_dir/.tmp-checkpoint-<step>, every f
 fsynced, and only then is the folder renamed to checkpoint-<step> (a rename within one file system is
 atomic). A crash mid-write leaves a .tmp- folder, never a checkpoint-<step> that is incomplete, so
 "latest" is always loadable; stale .tmp- folders are removed by the next save. Old checkpoints beyond
-save_total_limit are renamed away before they are deleted, for the same reason.
+save_total_limit are renamed away before they are deleted, for the same reason. A checkpoint folder that is
+a symbolic link (linked in from another disk) is never followed out of the run directory: pruning it or a
+stale .tmp- link removes the link, not what it points at.
+
+A full disk: a save that runs out of space removes its partial .tmp- folder (its space is what the user
+needs back) and stops the run with one line (TrainingError) naming the intact newest checkpoint.
 
 Validation: a disk can still lose or cut a file after the rename (a full disk on a network file system,
 a copy that stopped, a hand edit). `find_checkpoint` checks a checkpoint before it is used: every file of
@@ -33,6 +38,7 @@ archives whole. "latest" skips a damaged checkpoint for the newest complete one,
 and why; a checkpoint named explicitly must be whole or it is an error.
 """
 
+import errno
 import json
 import os
 import random
@@ -50,12 +56,14 @@ import torch
 import yaml
 from safetensors import safe_open
 
+from gcpo_fast.errors import TrainingError
 from gcpo_fast.options import at_least, check_options, option
 from gcpo_fast.parallel import barrier, rank_and_world
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "checkpoint.json"
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+FULL_DISK_BYTES = 64 * 2**20  # less free space than this after a torch.save error: the disk filled up
 
 
 @dataclass
@@ -232,33 +240,63 @@ def save_checkpoint(
     tmp, final = output_dir / f".tmp-checkpoint-{step}", output_dir / f"checkpoint-{step}"
     if rank == 0:
         for stale in output_dir.glob(".tmp-checkpoint-*"):
-            shutil.rmtree(stale)
+            _remove(stale)
         tmp.mkdir(parents=True)
     barrier()
-    torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank_{rank}.pt")
-    if save_sharded is not None:
-        save_sharded(tmp)
-    barrier()
+    try:
+        torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank_{rank}.pt")
+        if save_sharded is not None:
+            save_sharded(tmp)
+        barrier()
+        if rank == 0:
+            model.save_pretrained(tmp, state_dict=model_state)
+            tokenizer.save_pretrained(tmp)
+            torch.save({**state, "world_size": world}, tmp / STATE_FILE)
+            (tmp / "train_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+            _write_manifest(tmp, step, world)
+            _fsync_tree(tmp)
+    except (OSError, RuntimeError) as e:
+        if not _disk_full(e, output_dir):
+            raise  # a crash: the partial folder stays, and the next save removes it
+        shutil.rmtree(tmp, ignore_errors=True)  # on a full disk its space is what the user needs back
+        newest = list_checkpoints(output_dir)
+        raise TrainingError(
+            f"checkpoint-{step}: no space left on device in {output_dir}; the partial checkpoint was removed"
+            + (f", {newest[-1].name} is intact" if newest else "")
+            + ": free some space and --resume"
+        ) from None
     if rank == 0:
-        model.save_pretrained(tmp, state_dict=model_state)
-        tokenizer.save_pretrained(tmp)
-        torch.save({**state, "world_size": world}, tmp / STATE_FILE)
-        (tmp / "train_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        _write_manifest(tmp, step, world)
-        _fsync_tree(tmp)
         if final.exists():  # the same step saved before (a resumed run): move the old one out of the way first
             old = output_dir / f".tmp-old-checkpoint-{step}"
             os.replace(final, old)
-            shutil.rmtree(old)
+            _remove(old)
         os.replace(tmp, final)
         _fsync_dir(output_dir)
         if save_total_limit is not None:
             for path in list_checkpoints(output_dir)[:-save_total_limit]:
                 doomed = output_dir / f".tmp-{path.name}"
                 os.replace(path, doomed)
-                shutil.rmtree(doomed)
+                _remove(doomed)
     barrier()
     return final
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder of the run directory; a symbolic link (a checkpoint linked in from elsewhere) loses the
+    link only: nothing outside the run directory is ever deleted."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
+
+
+def _disk_full(error: Exception, output_dir: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC/EDQUOT, or torch.save's own writer error (it reports a
+    full disk as "unexpected pos ...") with no free space left."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    torch_writer = "inline_container" in str(error) or "PytorchStreamWriter" in str(error)
+    return torch_writer and shutil.disk_usage(output_dir).free < FULL_DISK_BYTES
 
 
 def load_checkpoint(path, *, reshards: bool = False) -> tuple[dict, dict]:

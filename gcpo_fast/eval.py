@@ -31,6 +31,7 @@ import torch
 from gcpo_fast.cli import ArgumentParser
 from gcpo_fast.models import DEFAULT_MODEL, check_model_folder, load_causal_lm, load_tokenizer
 from gcpo_fast.options import at_least, check_options, option
+from gcpo_fast.prompt_checks import check_prompts
 from gcpo_fast.rewards import math_reward
 from gcpo_fast.rollout import HFEngine, RolloutConfig, Sampling, encode_prompts
 from gcpo_fast.sources import load_records
@@ -174,12 +175,17 @@ def main(argv=None) -> None:
     ap.add_argument("--answer_column", default=None, help="default: extracted from --golden_column")
     ap.add_argument("--golden_column", default="solution")
     ap.add_argument("--output", default=None, help="also write the metrics to this JSON file (its folder must exist)")
+    ap.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="run the Python files the model folder maps to (auto_map in config.json): a stranger's code",
+    )
     args = ap.parse_args(argv)
     try:
         problem = check_args(args)
         if problem:
             ap.fail(problem)
-        check_model_folder(args.model)
+        check_model_folder(args.model, trust_remote_code=args.trust_remote_code)
         records = load_records(
             args.dataset,
             split="test",
@@ -193,8 +199,11 @@ def main(argv=None) -> None:
         ap.fail(str(e))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        tokenizer = load_tokenizer(args.model)
-        model = load_causal_lm(args.model, device=device, dtype="auto")  # the dtype the model was saved in
+        tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+        check_prompts(tokenizer, {args.dataset: records}, args.max_prompt_length)  # before the model loads
+        model = load_causal_lm(
+            args.model, device=device, dtype="auto", trust_remote_code=args.trust_remote_code
+        )  # the dtype the model was saved in
         sampling = Sampling(
             args.max_completion_length, args.temperature, args.top_p, args.top_k, greedy=args.num_samples == 1
         )

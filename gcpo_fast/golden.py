@@ -347,6 +347,11 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--seed", type=int, default=RunConfig.seed, help="the training run's seed (sampling and builtin data)"
     )
+    ap.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="run the Python files the model folder maps to (auto_map in config.json): a stranger's code",
+    )
     args = ap.parse_args(argv)
     for name in ("num_candidates", "max_completion_length", "max_prompt_length"):
         if getattr(args, name) < 1:
@@ -358,7 +363,7 @@ def main(argv=None) -> None:
     except ConfigError as e:
         ap.fail(str(e))
     try:
-        folder = check_model_folder(args.model)
+        folder = check_model_folder(args.model, trust_remote_code=args.trust_remote_code)
         records = load_records(
             args.dataset,
             split="train",
@@ -377,8 +382,12 @@ def main(argv=None) -> None:
         ap.fail(str(e))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        tokenizer = load_tokenizer(folder)
-        model = load_causal_lm(folder, device=device, dtype="auto").eval().requires_grad_(False)
+        tokenizer = load_tokenizer(folder, trust_remote_code=args.trust_remote_code)
+        model = (
+            load_causal_lm(folder, device=device, dtype="auto", trust_remote_code=args.trust_remote_code)
+            .eval()
+            .requires_grad_(False)
+        )
     except ValueError as e:
         ap.fail(str(e), status=1)
     teacher = Teacher(

@@ -146,8 +146,10 @@ class RunLogger:
             self.wandb.log(values, step=step)
 
     def samples(self, step: int, rows: list[dict]) -> None:
+        """Append rows to samples.jsonl; a text longer than SAMPLE_CHARS keeps its start and end (a 10 MB prompt
+        would otherwise be written whole at every sample step)."""
         with open(self.dir / "samples.jsonl", "a", encoding="utf-8") as f:
-            f.writelines(json.dumps({"step": step, **row}) + "\n" for row in rows)
+            f.writelines(json.dumps({"step": step, **{k: _clip(v) for k, v in row.items()}}) + "\n" for row in rows)
 
     def close(self) -> None:
         if self.tensorboard is not None:
@@ -188,3 +190,13 @@ class RunLogger:
                 + (f"   ({int(count)} problems)" if count is not None else "")
             )
         return "\n".join(out)
+
+
+SAMPLE_CHARS = 4000  # at most this many characters of each text in samples.jsonl
+
+
+def _clip(value):
+    if not isinstance(value, str) or len(value) <= SAMPLE_CHARS:
+        return value
+    half = SAMPLE_CHARS // 2
+    return f"{value[:half]} [... {len(value) - SAMPLE_CHARS} characters cut ...] {value[-half:]}"

@@ -16,9 +16,13 @@ with a one-line ValueError naming the path, before any weights load:
   model type with no causal-LM class, or an encoder (BERT, RoBERTa, ...: transformers also gives the type a
   masked-LM head) whose config does not set is_decoder, without which its causal-LM class (BertLMHeadModel)
   attends to the whole sequence, future tokens included.
+A folder whose config.json maps to its own Python files (auto_map) for a model_type transformers does not
+know is refused unless trust_remote_code is passed (`--trust_remote_code`, as in TRL): transformers would
+otherwise ask on stdin, and `yes |` would run a stranger's code.
 When loading: weights transformers cannot read (a truncated file), parameters the folder has no weights
 for (they would be random), and a tokenizer without a vocabulary (transformers builds an empty one from a
-folder without tokenizer files) are refused too.
+folder without tokenizer files) and a tokenizer whose ids reach past the model's vocab_size (check_vocabulary)
+are refused too.
 """
 
 import json
@@ -32,6 +36,7 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
@@ -52,6 +57,9 @@ class ModelConfig:
     )
     bf16: bool = option(True, "bf16 autocast on CUDA (weights and optimizer stay fp32); ignored on the CPU")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward to save memory")
+    trust_remote_code: bool = option(
+        False, "run the Python files a model folder maps to in its config.json (auto_map): a stranger's code"
+    )
 
     def __post_init__(self):
         check_options(self)
@@ -117,9 +125,10 @@ def _missing(path: str) -> str:
     )
 
 
-def check_model_folder(path) -> Path:
+def check_model_folder(path, *, trust_remote_code: bool = False) -> Path:
     """The folder of a loadable causal decoder at `path` (a folder, or a hub id in the local cache);
-    ValueError naming the path and the problem otherwise. Reads config.json only, no weights."""
+    ValueError naming the path and the problem otherwise. Reads config.json only, no weights; the folder's
+    own Python code (auto_map) runs only with trust_remote_code."""
     folder = Path(path)
     if not folder.exists():
         folder = _cached_hub_model(str(path))
@@ -137,14 +146,20 @@ def check_model_folder(path) -> Path:
         raise ValueError(f"model folder {path} has no weights (none of {', '.join(WEIGHT_FILES)})")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ValueError(f"model folder {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    remote = _remote_code(folder)
+    if remote and not trust_remote_code:
+        raise ValueError(
+            f"model folder {path} ships its own Python code ({remote}, auto_map in config.json), which runs only "
+            "with --trust_remote_code: pass it if you trust that code"
+        )
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"model folder {path}: cannot read config.json: {_first_line(e)}") from None
     kind = config.model_type
     if config.is_encoder_decoder:
         raise ValueError(f"model {path} ({kind}) is an encoder-decoder, not a causal decoder-only LM")
-    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and "AutoModelForCausalLM" not in config_auto_map(config):
         raise ValueError(f"model {path}: transformers has no causal-LM class for model_type {kind!r}")
     if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
         raise ValueError(
@@ -154,24 +169,70 @@ def check_model_folder(path) -> Path:
     return folder
 
 
-def load_tokenizer(path):
-    """The tokenizer of the model folder at `path` (checked first); ValueError if it cannot be used."""
-    folder = check_model_folder(path)
+def config_auto_map(config) -> dict:
+    return getattr(config, "auto_map", None) or {}
+
+
+def _remote_code(folder: Path) -> str | None:
+    """The Python files config.json's auto_map points at, when only they can load the model (its model_type is
+    not one transformers knows; for a known type transformers uses its own class and runs nothing)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        auto_map, kind = config.get("auto_map") or {}, config.get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # unreadable: AutoConfig says so
+    if not isinstance(auto_map, dict) or not auto_map or kind in CONFIG_MAPPING_NAMES:
+        return None
+    refs = [r for ref in auto_map.values() for r in (ref if isinstance(ref, list) else [ref]) if isinstance(r, str)]
+    return ", ".join(sorted({r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in refs})) or "auto_map"
+
+
+def load_tokenizer(path, *, trust_remote_code: bool = False):
+    """The tokenizer of the model folder at `path` (checked first); ValueError if it cannot be used."""
+    folder = check_model_folder(path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"model folder {path}: cannot load the tokenizer: {_first_line(e)}") from None
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
         raise ValueError(f"model folder {path}: the tokenizer has no vocabulary ({len(tokenizer)} tokens, all special)")
+    check_vocabulary(path, tokenizer, AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code))
     return tokenizer
 
 
-def load_causal_lm(path, *, device, dtype=torch.float32, attn_implementation=None, gradient_checkpointing=False):
+def check_vocabulary(path, tokenizer, config) -> None:
+    """ValueError unless every id the tokenizer can give the model (its base vocabulary, its added tokens: chat
+    markers, EOS, padding) is below the model's vocab_size: a larger one indexes past the embedding (an
+    IndexError at the first generate). The unknown token is left out: a byte-level tokenizer never emits it,
+    and transformers adds one beyond the vocabulary to some of them when loading."""
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if vocab is None:
+        return
+    added = {t: i for t, i in tokenizer.get_added_vocab().items() if t != tokenizer.unk_token}
+    token, largest = max([("the base vocabulary's last", tokenizer.vocab_size - 1), *added.items()], key=lambda x: x[1])
+    if largest >= vocab:
+        raise ValueError(
+            f"model folder {path}: the tokenizer gives ids up to {largest} ({token} token) but the model's vocab_size "
+            f"is {vocab} (config.json): they would index past its embedding; the tokenizer does not belong to this "
+            "model"
+        )
+
+
+def load_causal_lm(
+    path,
+    *,
+    device,
+    dtype=torch.float32,
+    attn_implementation=None,
+    gradient_checkpointing=False,
+    trust_remote_code: bool = False,
+):
     """The causal LM of the model folder at `path` (checked first) in `dtype` ("auto": as saved) on `device`;
     attn_implementation None leaves transformers' default. ValueError if its weights cannot be read or do not
     cover every parameter."""
-    folder = check_model_folder(path)
+    folder = check_model_folder(path, trust_remote_code=trust_remote_code)
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    kwargs["trust_remote_code"] = trust_remote_code
     try:
         model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True, **kwargs)
     except torch.OutOfMemoryError:

@@ -68,7 +68,8 @@ Checkpoints (gcpo_fast/checkpoint.py): the model is always a Hugging Face folder
 The optimizer state: one process and DDP put the whole state dict into trainer_state.pt
 (`optimizer_state`, as every checkpoint so far); FSDP writes it with torch.distributed.checkpoint, each
 rank its own shards, into checkpoint-<step>/optimizer/ (`save_optimizer`), and loads it resharded onto
-any number of ranks (`load_optimizer`).
+any number of ranks (`load_optimizer`), its pickled .metadata read through an allowlist
+(gcpo_fast/dcp_reader.py: a crafted checkpoint cannot run code).
 
 Collectives run on the CPU with gloo and on the GPU with NCCL (with CPU offload, gloo too for the
 CPU-resident gradients' norm): `reduce_device` decides where a reduction's tensors live, once.
@@ -299,10 +300,13 @@ class FSDPPolicy:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+        from gcpo_fast.dcp_reader import SafeFileSystemReader
+
         check_checkpoint(folder, "fsdp")
-        path = Path(folder) / OPTIMIZER_FOLDER
+        reader = SafeFileSystemReader(Path(folder) / OPTIMIZER_FOLDER)
+        reader.read_metadata()  # the pickle through the allowlist first: a refusal is one line, not dcp's wrapping
         target = get_optimizer_state_dict(self.model, optimizer)  # this rank's shards, to be filled in place
-        dcp.load(target, checkpoint_id=path)
+        dcp.load(target, storage_reader=reader)
         set_optimizer_state_dict(self.model, optimizer, target)
 
 

@@ -19,7 +19,8 @@ apply to this sample": as in TRL it becomes NaN and drops out of the weighted su
 so a sample where every function returns None gets reward 0 (with a warning). Any other value must be a
 finite real number (int, float, bool, a NumPy scalar or a one-element tensor): NaN, inf or anything else
 is a bug in the function and raises ValueError naming it (TRL would silently drop a NaN like a None,
-quietly turning a broken reward into 0).
+quietly turning a broken reward into 0). A function that raises is named in a RewardFunctionError with its
+own traceback as the cause. Each function gets its own copies of the prompts, completions and columns.
 
 `unverifiable_reason(answer)` says why math_reward can never score a completion correct against a
 ground-truth answer as it is meant: math-verify cannot parse it at all (e.g. "\\$5"), or it reads a plain
@@ -32,6 +33,7 @@ running without signals; such calls then have no time limit, so run untrusted co
 main thread or in a process pool when a pathological expression could hang sympy.
 """
 
+import copy
 import importlib
 import math
 import numbers
@@ -202,6 +204,11 @@ def load_reward_function(spec: str | Callable) -> Callable:
     return func
 
 
+class RewardFunctionError(RuntimeError):
+    """A reward function raised: its name here, its own traceback as the cause. Not a ValueError on purpose:
+    the commands print those as a user's option mistake in one line, which would hide where the code failed."""
+
+
 def reward_function_name(func: Callable) -> str:
     """The name used in metrics (`rewards/{name}/mean`), as TRL derives it."""
     return getattr(func, "__name__", type(func).__name__)
@@ -242,7 +249,15 @@ def compute_rewards(
     columns = {k: [r.get(k) for r in records] for k in keys}
     per_func = torch.full((n, len(reward_funcs)), float("nan"))
     for j, func in enumerate(reward_funcs):
-        out = func(prompts=prompts, completions=completions, **columns, **kwargs)
+        # each function gets its own copies: one that edits the messages (or empties the list) it is given would
+        # otherwise change the dataset for later epochs, or the next function's input
+        mine = copy.deepcopy((prompts, completions, columns))
+        try:
+            out = func(prompts=mine[0], completions=mine[1], **mine[2], **kwargs)
+        except Exception as e:
+            raise RewardFunctionError(
+                f"reward function {reward_function_name(func)!r} raised {type(e).__name__}: {e}"
+            ) from e
         if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__len__"):
             raise ValueError(
                 f"reward function {reward_function_name(func)!r} returned {type(out).__name__}, "

@@ -18,7 +18,9 @@ An engine that samples elsewhere also returns the per-token log-probs it sampled
 
 Prompts go through the tokenizer's chat template when it has one (a plain-text prompt becomes one user
 message), else they are tokenised as plain text; either way, too-long prompts keep their last
-max_prompt_length tokens. HFEngine generates all prompts x n rows in one batched `generate` with the KV
+max_prompt_length tokens (a text longer than max_prompt_length x CHARS_PER_TOKEN characters is cut to that
+many last characters before tokenising: the same tokens, unless one word spans the cut, at a fraction of
+the cost). HFEngine generates all prompts x n rows in one batched `generate` with the KV
 cache and left padding. The trainer keeps the generated token ids as they are (never re-tokenised
 text): a completion is cut after its first EOS (kept, so the model learns to stop), and a completion
 with no EOS within the budget is "truncated".
@@ -27,6 +29,7 @@ with no EOS within the budget is "truncated".
 from dataclasses import dataclass
 
 import torch
+from jinja2 import TemplateError
 from transformers import GenerationConfig
 
 from gcpo_fast.errors import require
@@ -149,18 +152,39 @@ def encode_prompts(tokenizer, prompts, max_prompt_length: int) -> list[list[int]
     out = []
     for prompt in prompts:
         if tokenizer.chat_template is not None:
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = render_prompt(tokenizer, messages_of(prompt), f"prompt {str(prompt)[:60]!r}")
             # the template wrote any BOS itself
-            ids = tokenizer(text, add_special_tokens=False).input_ids
+            ids = tokenizer(_tail(text, max_prompt_length), add_special_tokens=False).input_ids
         elif isinstance(prompt, str):
-            ids = tokenizer(prompt).input_ids  # BOS where the tokenizer adds one, as in pretraining
+            ids = tokenizer(_tail(prompt, max_prompt_length)).input_ids  # BOS where the tokenizer adds one
         else:
             raise ValueError("a chat-message prompt needs a tokenizer with a chat template; this one has none")
         if not ids:
             raise ValueError(f"prompt {prompt!r} encodes to no tokens")
         out.append(ids[-max_prompt_length:])
     return out
+
+
+CHARS_PER_TOKEN = 64  # far more characters than any token of a real vocabulary spans
+
+
+def _tail(text: str, max_prompt_length: int) -> str:
+    """The end of a text too long to tokenise whole for the last max_prompt_length tokens: its last
+    max_prompt_length x CHARS_PER_TOKEN characters (a 10 MB prompt took 44 s and 3.4 GB to tokenise whole)."""
+    keep = max_prompt_length * CHARS_PER_TOKEN
+    return text if len(text) <= keep else text[-keep:]
+
+
+def messages_of(prompt) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+def render_prompt(tokenizer, messages: list[dict], where: str) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except TemplateError as e:
+        roles = ", ".join(m["role"] for m in messages)
+        raise ValueError(f"{where}: the tokenizer's chat template refuses its messages (roles {roles}): {e}") from None
 
 
 def encode_completion(tokenizer, text: str, max_completion_length: int) -> tuple[list[int], bool]:
@@ -245,10 +269,26 @@ class HFEngine:
         return Rows(rows, completions, truncated, texts)
 
 
-def make_engine(vllm, model, tokenizer, model_path, *, bf16: bool, seed: int, max_model_len: int, rank: int = 0):
+def adopt_model_eos(tokenizer, model) -> None:
+    """A tokenizer without an EOS token (eos_token: null) takes the model's generation_config EOS: golden rows
+    end with tokenizer.eos_token_id (encode_completion), and checkpoints save the tokenizer with it."""
+    if tokenizer.eos_token_id is not None:
+        return
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    first = config_eos[0] if isinstance(config_eos, list) and config_eos else config_eos
+    if first is not None:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(first))
+
+
+def make_engine(
+    vllm, model, tokenizer, model_path, *, bf16: bool, seed: int, max_model_len: int, rank: int = 0,
+    trust_remote_code: bool = False,
+):  # fmt: skip
     """The run's rollout engine: Hugging Face generate on the training model, or with vllm.use_vllm (a
     gcpo_fast.vllm_engine.VLLMConfig) a vLLM engine in this process (imported only then), seeded per rank and
-    loaded from model_path (the checkpoint when resuming), so that its first weights are the trainer's."""
+    loaded from model_path (the checkpoint when resuming), so that its first weights are the trainer's. A
+    tokenizer without an EOS token takes the model's (adopt_model_eos)."""
+    adopt_model_eos(tokenizer, model)
     if not vllm.use_vllm:
         return HFEngine(model, tokenizer, bf16=bf16)
     from gcpo_fast.vllm_engine import VLLMEngine
@@ -261,4 +301,5 @@ def make_engine(vllm, model, tokenizer, model_path, *, bf16: bool, seed: int, ma
         max_model_len=vllm.vllm_max_model_length or max_model_len,
         enable_sleep_mode=vllm.vllm_enable_sleep_mode,
         dtype="bfloat16" if bf16 and torch.cuda.is_available() else "float32",
+        trust_remote_code=trust_remote_code,
     )

@@ -25,6 +25,7 @@ from gcpo_fast.methods import MethodConfig
 from gcpo_fast.options import at_least, check_options, option
 from gcpo_fast.packing import IGNORE_INDEX, PackedBatch, pack
 from gcpo_fast.parallel import all_reduce
+from gcpo_fast.prompt_checks import warn_if_mostly_truncated
 from gcpo_fast.rewards import RewardConfig, as_completions, compute_rewards, overlong_penalty, reward_function_name
 from gcpo_fast.rollout import RolloutConfig, Rows, encode_completion, encode_prompts
 from gcpo_fast.scoring import score_logprobs
@@ -137,6 +138,7 @@ def sample_groups(ctx: RoundContext, sampler) -> tuple[SampledGroups, dict]:
         if rule is None or rule.done(grid, num_batches, lambda x: all_reduce([x], "min")[0]):
             break
     keep = torch.arange(grid.shape[0]) if rule is None else rule.keep(grid)
+    warn_if_mostly_truncated(rows.truncated, ctx.rollout.max_completion_length)  # TRL #5697's trap, with the count
     metrics = rollout_metrics(ctx, rows, grid, torch.cat(per_func_seen), num_batches)
     return SampledGroups(records, rows, grid, keep.tolist()), metrics
 

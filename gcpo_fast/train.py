@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from gcpo_fast import parallel
+from gcpo_fast import parallel, resume_policy, run_lock
 from gcpo_fast.checkpoint import (
     check_checkpoint,
     checkpoint_step,
@@ -43,6 +43,7 @@ from gcpo_fast.golden import CACHE_NAME, GoldenCache, Teacher, teacher_identity
 from gcpo_fast.logger import RunLogger
 from gcpo_fast.models import check_model_folder, load_causal_lm, load_tokenizer
 from gcpo_fast.packing import default_attn_implementation
+from gcpo_fast.prompt_checks import check_prompts
 from gcpo_fast.rewards import load_reward_function
 from gcpo_fast.rollout import HFEngine, Sampling, make_engine
 from gcpo_fast.rounds import (
@@ -70,11 +71,13 @@ class Prepared:
     reward_funcs: list
     resume: Path | None  # the checkpoint to continue from
     golden_cache: GoldenCache | None  # GCPO's teacher cache, when golden answers come from a teacher
+    dataset_sha256: str  # the training records' fingerprint, recorded in every checkpoint (resume_policy)
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
     """Everything that can fail on bad input, before any model is loaded. Raises ValueError / FileNotFoundError."""
     check_output_dir(cfg.run.output_dir)
+    run_lock.acquire(cfg.run.output_dir)  # one run per directory (released when fit ends, or when we exit)
     data = cfg.data
     records = load_records(
         data.dataset,
@@ -88,9 +91,12 @@ def prepare(cfg: TrainConfig) -> Prepared:
     eval_records = load_eval_records(cfg)
     funcs = [load_reward_function(spec) for spec in cfg.rewards.reward_funcs]
     resume = find_resume(cfg)
+    dataset_sha256 = resume_policy.check(cfg, resume, records)  # refuses a changed model, loss, data, G, ...
     golden_cache = None
     if cfg.method.golden_answer != "off" and cfg.golden.uses_teacher:
-        teacher = teacher_identity(check_model_folder(cfg.golden.golden_model)) if cfg.golden.golden_model else None
+        trust = cfg.model.trust_remote_code
+        folder = cfg.golden.golden_model
+        teacher = teacher_identity(check_model_folder(folder, trust_remote_code=trust)) if folder else None
         prefilled = [cfg.golden.golden_cache] if cfg.golden.golden_cache else []
         golden_cache = GoldenCache(Path(cfg.run.output_dir) / CACHE_NAME, teacher, prefilled=prefilled)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -99,8 +105,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
             f"a generation round takes {cfg.prompts_per_round} prompts x {world} processes, but the dataset has "
             f"only {len(records)}"
         )
-    check_model_folder(cfg.model.model)  # a causal decoder with weights and a tokenizer, or one line saying why not
-    return Prepared(records, eval_records, funcs, resume, golden_cache)
+    # a causal decoder with weights and a tokenizer, or one line saying why not
+    check_model_folder(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
+    return Prepared(records, eval_records, funcs, resume, golden_cache, dataset_sha256)
 
 
 def load_eval_records(cfg: TrainConfig) -> list[dict] | None:
@@ -180,8 +187,9 @@ def load_teacher(cfg: TrainConfig, cache: GoldenCache | None, reward_funcs: list
         return None
     engine = tokenizer = None
     folder, budget = cfg.golden.golden_model, cfg.golden.golden_max_completion_length
+    trust = cfg.model.trust_remote_code
     if folder:
-        tokenizer = load_tokenizer(folder)
+        tokenizer = load_tokenizer(folder, trust_remote_code=trust)
         max_model_len = cfg.rollout.max_prompt_length + budget
         if cfg.vllm.use_vllm:  # served by vLLM as well: a second engine in this process, never synced
             from gcpo_fast.vllm_engine import VLLMEngine
@@ -189,11 +197,12 @@ def load_teacher(cfg: TrainConfig, cache: GoldenCache | None, reward_funcs: list
             memory = cfg.vllm.vllm_gpu_memory_utilization
             engine = VLLMEngine(
                 folder, tokenizer, seed=cfg.run.seed, dtype="auto", gpu_memory_utilization=memory,
-                max_model_len=max_model_len,
+                max_model_len=max_model_len, trust_remote_code=trust,
             )  # fmt: skip
         else:
             bf16 = cfg.model.bf16 and device.type == "cuda"
-            model = load_causal_lm(folder, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+            dtype = torch.bfloat16 if bf16 else torch.float32
+            model = load_causal_lm(folder, device=device, dtype=dtype, trust_remote_code=trust)
             engine = HFEngine(model.eval().requires_grad_(False), tokenizer, bf16=cfg.model.bf16)
     return Teacher(
         cache,
@@ -222,12 +231,15 @@ class Trainer:
         self.prepared = prepared = prepared or prepare(cfg)
         set_seed(cfg.run.seed + rank)
         model_path = prepared.resume or cfg.model.model
-        self.tokenizer = load_tokenizer(model_path)
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
+        # a chat template that refuses a record: one line; prompts longer than max_prompt_length: counted
+        records = {cfg.data.dataset: prepared.records, "the held-out set": prepared.eval_records or []}
+        check_prompts(self.tokenizer, records, cfg.rollout.max_prompt_length)
         self.model = self.load_model(model_path)
         max_model_len = cfg.rollout.max_prompt_length + cfg.rollout.max_completion_length
         self.engine = make_engine(
             cfg.vllm, self.model, self.tokenizer, model_path, bf16=cfg.model.bf16, seed=cfg.run.seed,
-            max_model_len=max_model_len, rank=rank,
+            max_model_len=max_model_len, rank=rank, trust_remote_code=cfg.model.trust_remote_code,
         )  # fmt: skip
         # beta > 0: the reference is the initial policy, also when resuming
         self.ref_model = self.load_model(cfg.model.model).eval().requires_grad_(False) if cfg.method.beta > 0 else None
@@ -248,6 +260,7 @@ class Trainer:
             shared, own = load_checkpoint(prepared.resume, reshards=self.policy.reshards)
             self.policy.load_optimizer(self.optimizer, prepared.resume, shared)
             self.scheduler.load_state_dict(shared["scheduler"])
+            resume_policy.apply(cfg.optim, self.optimizer, self.scheduler)  # a new --learning_rate wins over the saved
             self.sampler.load_state_dict(shared["sampler"])
             self.state.restore(shared, own)
         self.log = None
@@ -268,6 +281,7 @@ class Trainer:
             device=self.dist.device,
             attn_implementation=default_attn_implementation(),
             gradient_checkpointing=self.cfg.model.gradient_checkpointing,
+            trust_remote_code=self.cfg.model.trust_remote_code,
         )
 
     # ---- the loop -------------------------------------------------------------------------------------------
@@ -293,6 +307,7 @@ class Trainer:
             self.engine.close()
             if self.teacher is not None and self.teacher.engine is not None:
                 self.teacher.engine.close()
+            run_lock.release(cfg.run.output_dir)
         if self.log:
             self.log.close()
             print(self.log.summary(), flush=True)
@@ -399,6 +414,7 @@ class Trainer:
         shared = state.shared_state(
             optimizer_state=policy.optimizer_state(self.optimizer), scheduler=self.scheduler, sampler=self.sampler
         )
+        shared["dataset_sha256"] = self.prepared.dataset_sha256
         save_checkpoint(
             self.cfg.run.output_dir,
             state.step,

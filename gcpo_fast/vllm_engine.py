@@ -199,6 +199,7 @@ class VLLMEngine:
         max_model_len: int | None = None,
         enable_sleep_mode: bool = False,
         dtype: str = "auto",
+        trust_remote_code: bool = False,
     ):
         vllm = _import_vllm()
         from vllm.platforms import current_platform
@@ -206,7 +207,7 @@ class VLLMEngine:
         _launcher_env_defaults()
         self.tokenizer = tokenizer
         try:
-            generation_config = GenerationConfig.from_pretrained(model_path)
+            generation_config = GenerationConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         except OSError:  # a model folder without generation_config.json
             generation_config = None
         self.eos_ids = eos_token_ids(types.SimpleNamespace(generation_config=generation_config), tokenizer)
@@ -228,6 +229,7 @@ class VLLMEngine:
                 # CUDA graphs are GPU only; on CPU vLLM would otherwise compile the model with torch.compile
                 enforce_eager=not torch.cuda.is_available(),
                 logprobs_mode="processed_logprobs",
+                trust_remote_code=trust_remote_code,
             )
         except Exception as e:  # vLLM raises many types, pydantic's config validation among them
             raise ValueError(f"vLLM cannot load the model {model_path!s}: {_one_line(e)}") from e

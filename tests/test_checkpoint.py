@@ -1,6 +1,7 @@
 """Checkpoints: Hugging Face folders with trainer state, written atomically, pruned, and a resumed run that
 ends with exactly the weights of the uninterrupted one."""
 
+import errno
 import json
 import random
 import shutil
@@ -12,8 +13,9 @@ from safetensors.torch import load_file
 from tiny_model import make_tiny_model, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gcpo_fast.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from gcpo_fast.checkpoint import check_checkpoint, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from gcpo_fast.config import parse_config
+from gcpo_fast.errors import TrainingError
 from gcpo_fast.train import train
 
 
@@ -207,3 +209,44 @@ def test_no_whole_checkpoint_left_is_one_error(tmp_path, tiny):
     _truncate(save(out, 1, tiny) / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="no whole checkpoint in .*checkpoint-1: model.safetensors is"):
         find_checkpoint(out, "latest")
+
+
+def torch_write_fails(*args, **kwargs):
+    """What torch.save raises when the disk fills mid-archive (seen on a full 64 KiB tmpfs)."""
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("failure", ["oserror", "torch"])
+def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_partial_folder(tmp_path, tiny, monkeypatch, failure):
+    # A full disk cannot be made portably (a tmpfs needs root): the write fails as it does on one, and for
+    # torch.save's cryptic error the disk reports no free space.
+    out = tmp_path / "run"
+    first = save(out, 1, tiny)
+    if failure == "oserror":
+        monkeypatch.setattr(tiny[1], "save_pretrained", no_space)
+    else:
+        monkeypatch.setattr(torch, "save", torch_write_fails)
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    with pytest.raises(TrainingError, match=r"^checkpoint-2: no space left on device in .*run") as e:
+        save(out, 2, tiny)
+    assert "\n" not in str(e.value) and "checkpoint-1" in str(e.value)
+    monkeypatch.undo()
+    assert not (out / ".tmp-checkpoint-2").exists() and not (out / "checkpoint-2").exists()
+    assert find_checkpoint(out, "latest") == first and check_checkpoint(first) is None
+
+
+def test_symlinked_checkpoints_are_never_followed_out_of_the_run_directory(tmp_path, tiny):
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    kept = save(elsewhere, 1, tiny)
+    out.mkdir()
+    (out / "checkpoint-1").symlink_to(kept)  # a checkpoint linked in from another disk
+    (out / ".tmp-checkpoint-7").symlink_to(kept)  # a stale partial save that is a link
+    save(out, 2, tiny, limit=1)
+    save(out, 3, tiny, limit=1)  # the next save, and so a later --resume, works too
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-3"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+    assert check_checkpoint(kept) is None  # the links went, never what they point at

@@ -126,7 +126,7 @@ def test_parquet_without_pyarrow(tmp_path, monkeypatch):
         (
             '{"prompt": 3.5, "solution": "\\\\boxed{1}", "q": {"a": 1}}\n',
             {"prompt_column": "q"},
-            r"d\.jsonl, line 1: column 'q' must be a string, got dict",
+            r"d\.jsonl, line 1: column 'q' must be a string or a list of chat messages, got dict",
         ),
         ("[1, 2]\n", {}, r"d\.jsonl, line 1: expected a JSON object, got list"),
         ("\n  \n", {}, r"d\.jsonl: empty dataset"),
@@ -263,3 +263,12 @@ def test_export_into_a_file(tmp_path, capsys):
     status, err = export(["--export", str(tmp_path / "f")], capsys)
     assert status == 2 and f"--export {tmp_path / 'f'} is a file, not a folder" in err
     assert (tmp_path / "f").read_text() == "x"
+
+
+@pytest.mark.parametrize("answer", ["72", "-3", "+5", "3.25", "1/2", "\\frac{3}{4}", "\\dfrac{10}{3}", "007"])
+def test_answers_the_load_skips_parsing_are_ones_math_verify_reads_as_meant(answer):
+    from gcpo_fast.data import PLAIN_NUMBER
+    from gcpo_fast.rewards import math_reward, unverifiable_reason
+
+    assert PLAIN_NUMBER.fullmatch(answer) and unverifiable_reason(answer) is None
+    assert math_reward([f"so \\boxed{{{answer}}}"], [answer]) == [1.0]

@@ -491,3 +491,22 @@ def test_two_processes_share_one_cache(tiny, tmp_path, one_thread):
     assert len(entries) == 8 and len({e["prompt_key"] for e in entries}) == 8  # 2 steps x 2 ranks x 2 prompts
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(m["step"], m["gcpo/golden_from_teacher"]) for m in lines] == [(1, 2.0), (2, 2.0)]  # mean over ranks
+
+
+@pytest.mark.parametrize(
+    "options, problem",
+    [
+        (["--reward_weights", "1", "2"], "reward_weights has 2 values for 1 reward_funcs"),
+        (["--correct_reward", "nan"], "correct_reward must be a finite number, got nan"),
+        (["--reward_weights", "inf"], "reward_weights must be a finite number, got inf"),
+    ],
+)
+def test_golden_cli_checks_the_reward_options_as_the_trainer_does(tmp_path, capsys, options, problem):
+    from gcpo_fast.golden import main
+
+    argv = ["--model", str(tmp_path / "teacher"), "--dataset", "builtin", "--out", str(tmp_path / "c.jsonl")]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, *options])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().endswith(problem)
+    with pytest.raises(ConfigError, match=problem):  # the same words from the trainer
+        parse_config(options)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gcpo_fast.rewards import (
+    RewardFunctionError,
     compute_rewards,
     extract_answer,
     load_reward_function,
@@ -214,3 +215,37 @@ def test_unverifiable_answers(answer, reason):
 def test_verifiable_answers(answer):
     assert unverifiable_reason(answer) is None
     assert math_reward([rf"\boxed{{{answer}}}"], [answer]) == [1.0]
+
+
+def test_a_failing_reward_function_is_named_and_keeps_its_traceback():
+    def picky_reward(prompts, completions, **columns):
+        raise ValueError("cannot score this")
+
+    with pytest.raises(
+        RewardFunctionError, match="reward function 'picky_reward' raised ValueError: cannot score"
+    ) as e:
+        compute_rewards([picky_reward], ["p"], ["c"], [{"prompt": "p", "answer": "1"}])
+    assert not isinstance(e.value, ValueError)  # not taken for a user's option mistake: the traceback is kept
+    assert isinstance(e.value.__cause__, ValueError)
+
+
+def test_reward_functions_get_their_own_copies_of_prompts_and_completions():
+    records = [{"prompt": [{"role": "user", "content": "What is 1 + 1?"}], "answer": "2"}] * 2
+    completions = [[{"role": "assistant", "content": "\\boxed{2}"}]] * 2
+
+    def mutating_reward(prompts, completions, **columns):
+        prompts[0][0]["content"] = "changed"  # a function that edits the messages it is given
+        completions.clear()  # ... and empties the shared list
+        return [0.0, 0.0]
+
+    seen = []
+
+    def recording_reward(prompts, completions, **columns):
+        seen.append(len(completions))
+        return [1.0] * len(completions)
+
+    rewards, _ = compute_rewards(
+        [mutating_reward, recording_reward], [r["prompt"] for r in records], completions, records
+    )
+    assert records[0]["prompt"][0]["content"] == "What is 1 + 1?"  # later epochs see the dataset as it is
+    assert seen == [2] and len(completions) == 2 and rewards.tolist() == [1.0, 1.0]

@@ -117,7 +117,9 @@ def test_sampled_rollouts(engine, hf, tokenizer, prompt_ids):
     assert eos == {tokenizer.eos_token_id, hf.generation_config.eos_token_id}
     assert 0 < sum(out.truncated) < 16 * n  # the budget cuts some (answers take ~30 tokens), not all
     worst = 0.0
-    for prompt, ids, cut, text, logp in zip(out.prompt_ids, out.completion_ids, out.truncated, out.texts, out.sampling_logp):
+    for prompt, ids, cut, text, logp in zip(
+        out.prompt_ids, out.completion_ids, out.truncated, out.texts, out.sampling_logp
+    ):
         assert 1 <= len(ids) <= budget and len(logp) == len(ids)
         assert not eos & set(ids[:-1]) and cut == (ids[-1] not in eos)
         assert not cut or len(ids) == budget
