@@ -12,11 +12,11 @@ Names follow TRL's GRPOConfig where TRL has the concept. Batch sizes count compl
 `per_device_train_batch_size * steps_per_generation / num_generations` prompts per device (G completions
 each). GCPO's golden rows come on top of these counts (they join the micro-batches of their round).
 
-`--loss_type` picks a whole method with its paper's defaults (RECIPES below, and the kernel's
-LOSS_RECIPES for the ratio level, clip box and aggregation); every option the user sets explicitly,
-on the command line or in the --config file, wins over the recipe. The loss options are resolved and
-checked once, by the kernel's `PolicyLossConfig.resolve`, and `cfg.loss_config()` hands the result to
-the update. A bad option raises ConfigError here, before any data or model is loaded.
+`--loss_type` picks a whole method with its paper's defaults (RECIPES below, and LOSS_RECIPES for the
+ratio level, clip box and aggregation); every option the user sets explicitly, on the command line or in
+the --config file, wins over the recipe. The loss options are resolved here and checked once, by the
+kernel's `PolicyLossConfig`, and `cfg.loss_config()` hands its math switches to the update. A bad option
+raises ConfigError here, before any data or model is loaded.
 """
 
 import argparse
@@ -33,8 +33,7 @@ import torch
 import yaml
 
 from gcpo_fast.groups import GOLDEN_MODES, SCALE_REWARDS
-from gcpo_fast.kernels import LOSS_RECIPES, SAMPLING_MODES, PolicyLossConfig
-from gcpo_fast.kernels.policy_loss import AGG_MODES, GOLDEN_OBJECTIVES
+from gcpo_fast.kernels import AGG_MODES, GOLDEN_OBJECTIVES, SAMPLING_MODES, PolicyLossConfig
 from gcpo_fast.parallel import PARALLELISMS
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent / "assets" / "default_model")
@@ -43,7 +42,27 @@ SCHEDULERS = ("constant", "cosine", "linear")
 REPORTERS = ("none", "tensorboard", "wandb")
 GOLDEN_SOURCES = ("dataset", "teacher", "dataset_then_teacher")
 
-# The trainer's half of each method (the loss half is the kernel's LOSS_RECIPES): golden rows, reward
+# The loss half of each method: its paper's ratio level, clip box and aggregation (docs/algorithms.md, "The
+# methods"). GPG has no ratio: its kernel switch is importance_sampling_level "none" (`loss_config`).
+LOSS_RECIPES = {
+    "gcpo": dict(
+        importance_sampling_level="sequence", epsilon_low=3e-4, epsilon_high=4e-4, loss_agg_mode="seq-mean-token-mean"
+    ),
+    "gspo": dict(
+        importance_sampling_level="sequence", epsilon_low=3e-4, epsilon_high=4e-4, loss_agg_mode="seq-mean-token-mean"
+    ),
+    "grpo": dict(
+        importance_sampling_level="token", epsilon_low=0.2, epsilon_high=0.2, loss_agg_mode="seq-mean-token-mean"
+    ),
+    "dapo": dict(importance_sampling_level="token", epsilon_low=0.2, epsilon_high=0.28, loss_agg_mode="token-mean"),
+    "dr_grpo": dict(
+        importance_sampling_level="token", epsilon_low=0.2, epsilon_high=0.2, loss_agg_mode="seq-mean-token-sum-norm"
+    ),
+    "bnpo": dict(importance_sampling_level="token", epsilon_low=0.2, epsilon_high=0.2, loss_agg_mode="token-mean"),
+    "gpg": dict(importance_sampling_level="token", epsilon_low=0.0, epsilon_high=0.0, loss_agg_mode="token-mean"),
+}
+
+# The trainer's half of each method (the loss half is LOSS_RECIPES above): golden rows, reward
 # scaling, DAPO's dynamic sampling and overlong shaping, GPG's resampling threshold (docs/algorithms.md).
 RECIPES = {
     "gcpo": dict(
@@ -354,19 +373,18 @@ class TrainConfig:
         return self.per_device_train_batch_size * self.steps_per_generation // self.num_generations
 
     def loss_config(self) -> PolicyLossConfig:
-        """The fused loss's options, as resolve() settled them."""
+        """The fused loss's math switches, as resolve() settled them (GPG: no ratio, level "none")."""
         return PolicyLossConfig(
-            self.loss_type,
-            self.importance_sampling_level,
-            self.epsilon,
-            self.epsilon_high,
-            self.loss_agg_mode,
-            self.delta,
-            None,
-            self.beta,
-            self.max_completion_length,
-            self.golden_objective,
-            self.golden_shaping_gamma,
+            importance_sampling_level="none" if self.loss_type == "gpg" else self.importance_sampling_level,
+            epsilon_low=self.epsilon,
+            epsilon_high=self.epsilon_high,
+            loss_agg_mode=self.loss_agg_mode,
+            delta=self.delta,
+            beta=self.beta,
+            max_completion_length=self.max_completion_length,
+            golden_objective=self.golden_objective,
+            golden_shaping_gamma=self.golden_shaping_gamma,
+            temperature=self.temperature,
         )
 
 
@@ -474,28 +492,11 @@ def resolve(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     check_finite(cfg)  # first, before the kernel sees the loss options: one message for every float option
     method = RECIPES[cfg.loss_type]
     given = lambda name: getattr(cfg, name) if name in explicit else None  # noqa: E731
-    try:  # the kernel fills the loss options from LOSS_RECIPES (epsilon_high follows epsilon, as TRL) and checks them
-        loss = PolicyLossConfig.resolve(
-            cfg.loss_type,
-            given("importance_sampling_level"),
-            given("epsilon"),
-            given("epsilon_high"),
-            given("loss_agg_mode"),
-            cfg.delta,
-            None,
-            cfg.beta,
-            cfg.max_completion_length,
-            cfg.golden_objective,
-            cfg.golden_shaping_gamma,
-        )
+    values = recipe_loss_options(LOSS_RECIPES[cfg.loss_type], given)
+    try:  # the kernel checks the loss options
+        dataclasses.replace(cfg, **values).loss_config()
     except ValueError as e:
         raise ConfigError(str(e).replace("epsilon_low", "epsilon")) from None
-    values = dict(
-        importance_sampling_level=loss.importance_sampling_level,
-        loss_agg_mode=loss.loss_agg_mode,
-        epsilon=loss.epsilon_low,
-        epsilon_high=loss.epsilon_high,
-    )
 
     def default(name, value):
         if name not in explicit or getattr(cfg, name) is None:
@@ -515,6 +516,21 @@ def resolve(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     # ---- options the chosen loss_type would silently ignore (needs to know what the user set) ----
     check_ignored_options(cfg, explicit)
     return cfg
+
+
+def recipe_loss_options(recipe: dict, given) -> dict:
+    """The loss options of a recipe, with what the user set (given(name), else None) winning; as TRL,
+    epsilon_high follows epsilon when only that one is given."""
+    epsilon = recipe["epsilon_low"] if given("epsilon") is None else given("epsilon")
+    epsilon_high = given("epsilon_high")
+    if epsilon_high is None:
+        epsilon_high = recipe["epsilon_high"] if given("epsilon") is None else epsilon
+    return dict(
+        importance_sampling_level=given("importance_sampling_level") or recipe["importance_sampling_level"],
+        loss_agg_mode=given("loss_agg_mode") or recipe["loss_agg_mode"],
+        epsilon=epsilon,
+        epsilon_high=epsilon_high,
+    )
 
 
 def check(cfg: TrainConfig) -> None:

@@ -252,7 +252,7 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
     ref_model = load_model(cfg.model, dist.device, cfg).eval().requires_grad_(False) if cfg.beta > 0 else None
     teacher = load_teacher(cfg, prepared.get("golden_cache"), prepared["reward_funcs"], dist.device)
     policy = parallel.parallelize(
-        ModelWithLoss(model, cfg.loss_config(), cfg.temperature),
+        ModelWithLoss(model, cfg.loss_config()),
         cfg.parallelism,
         cpu_offload=cfg.fsdp_cpu_offload,
         bf16=cfg.bf16,

@@ -2,7 +2,7 @@
 
     from gcpo_fast.update import ModelWithLoss, Rows, completion_logprobs, build_optimizer, optimizer_step
 
-    policy = parallel.parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.temperature))
+    policy = parallel.parallelize(ModelWithLoss(model, cfg.loss_config()))
     optimizer, scheduler = build_optimizer(model, cfg)
     mb.old_logp = completion_logprobs(model, mb, cfg)          # only when a rollout batch is reused
     metrics = optimizer_step(policy, optimizer, scheduler, micro_batches, cfg)
@@ -28,11 +28,10 @@ import torch
 from transformers import get_scheduler
 
 from gcpo_fast.errors import TrainingError
-from gcpo_fast.kernels import PolicyLossConfig, linear_logprobs, linear_policy_loss
+from gcpo_fast.kernels import IGNORE_INDEX, LossInputs, PolicyLossConfig, linear_logprobs, linear_policy_loss
 from gcpo_fast.packing import PackedBatch, forward_hidden, lm_head_weight, pack_rows
 from gcpo_fast.parallel import all_reduce, rank_and_world
 
-IGNORE_INDEX = -100
 SCHEDULER_NAMES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
 
@@ -97,31 +96,16 @@ class ModelWithLoss(torch.nn.Module):
     """The model and the fused loss as one module, so that a parallel wrapper's hooks see the whole forward
     (gcpo_fast.packing: call forward_hidden from inside the wrapped module's forward)."""
 
-    def __init__(self, model, loss_config: PolicyLossConfig, temperature: float):
+    def __init__(self, model, loss_config: PolicyLossConfig):
         super().__init__()
-        self.model, self.loss_config, self.temperature = model, loss_config, temperature
+        self.model, self.loss_config = model, loss_config
         self.one_decoder_call = False  # FSDP sets it (gcpo_fast/parallel.py): see packing.forward_hidden's one_call
 
-    def forward(
-        self, packed: PackedBatch, advantages, old_logp, ref_logp, normalizer, sampling_weight=None, golden_rows=None
-    ):
+    def forward(self, packed: PackedBatch, inputs: LossInputs):
         hidden = forward_hidden(self.model, packed, one_call=self.one_decoder_call)[packed.completion_index]
         weight, bias = _head(self.model, hidden.dtype)
         return linear_policy_loss(
-            hidden,
-            weight,
-            packed.targets,
-            old_logp,
-            advantages,
-            packed.completion_cu_seqlens,
-            bias=bias,
-            ref_logp=ref_logp,
-            normalizer=normalizer,
-            compute_entropy=True,
-            temperature=self.temperature,
-            sampling_weight=sampling_weight,
-            golden_rows=golden_rows,
-            config=self.loss_config,
+            hidden, weight, packed.targets, inputs, self.loss_config, bias=bias, compute_entropy=True
         )
 
 
@@ -192,12 +176,19 @@ def optimizer_step(policy, optimizer, scheduler, micro_batches: list[Rows], cfg)
     for i, mb in enumerate(micro_batches):
         packed = pack(mb, cfg.mask_truncated_completions, device)
         old, ref, weight = (None if t is None else t.to(device) for t in (mb.old_logp, mb.ref_logp, mb.sampling_weight))
+        inputs = LossInputs(
+            mb.advantages.to(device),
+            packed.completion_cu_seqlens,
+            old_logp=old,
+            ref_logp=ref,
+            sampling_weight=weight,
+            golden_rows=golden_rows(mb, device),
+            normalizer=normalizer,
+        )
         try:
             with policy.no_sync(last=i == len(micro_batches) - 1):
                 with autocast(cfg.bf16, device):
-                    loss, stats = policy.module(
-                        packed, mb.advantages.to(device), old, ref, normalizer, weight, golden_rows(mb, device)
-                    )
+                    loss, stats = policy.module(packed, inputs)
                 loss.backward()
         except FloatingPointError:
             # The fused op found non-finite logits (weights or activations overflowed): a non-finite step.

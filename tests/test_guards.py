@@ -59,7 +59,7 @@ def test_a_non_finite_step_is_skipped(files, one_thread):
     """NaN weights make the fused op's log-sum-exp non-finite: no optimizer or scheduler step, flagged."""
     cfg = parse_config(argv(files, "unused"))
     model = AutoModelForCausalLM.from_pretrained(files[0])
-    policy = parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.temperature))
+    policy = parallelize(ModelWithLoss(model, cfg.loss_config()))
     optimizer, scheduler = build_optimizer(model, cfg)
     mb = Rows([[1, 2, 3]] * 2, [[5, 6, 7], [8, 9]], [False, False], torch.tensor([1.0, -1.0]))
     assert optimizer_step(policy, optimizer, scheduler, [mb], cfg)["step_skipped"] == 0.0

@@ -76,7 +76,7 @@ def sgd(model):
 
 
 def policy_of(model, cfg):
-    return parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.temperature))
+    return parallelize(ModelWithLoss(model, cfg.loss_config()))
 
 
 def one_round(cfg, model, tokenizer, sampler, funcs):
