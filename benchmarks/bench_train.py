@@ -70,7 +70,7 @@ GSPO_TRL = dict(
     epsilon_high=4e-4,
     scale_rewards="group",
     beta=0.0,
-)  # TRL's spelling of our --loss_type gspo (kernels LOSS_RECIPES)
+)  # TRL's spelling of our --loss_type gspo (gcpo_fast.config.LOSS_RECIPES)
 SHIPPED_TOKENIZER = Path(__file__).resolve().parents[1] / "gcpo_fast" / "assets" / "default_model"
 
 

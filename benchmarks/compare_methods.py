@@ -6,7 +6,7 @@
 
 Each (method, seed) is one `python -m gcpo_fast.train --loss_type METHOD --seed SEED` run in its own process
 (OMP_NUM_THREADS=--threads, --jobs at a time) with every other option at the trainer's default, so each
-method runs with its paper's recipe (config.RECIPES and the kernel's LOSS_RECIPES). Every run starts from
+method runs with its paper's recipe (config.RECIPES and config.LOSS_RECIPES). Every run starts from
 the same shipped model, sees the same prompts in the same order for a given seed and evaluates on the same
 held-out problems; DAPO alone also gets --max_num_gen_batches 0 (METHOD_ARGS). The budget is optimizer
 steps, not rollouts: DAPO's dynamic sampling draws extra prompt batches to fill a step (its
