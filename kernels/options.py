@@ -148,7 +148,7 @@ class PolicyLossConfig:
         check_workspace(self.workspace_bytes)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: no elementwise tensor == behind a dataclass comparison
 class LossInputs:
     """The per-call tensors of the loss over B packed rows of N tokens in all; only logp / hidden get gradients.
 

@@ -550,3 +550,24 @@ def test_linear_policy_loss_policy_ratio_ignores_golden_rows_bitwise(backend, de
 def test_bad_golden_options_get_a_clear_error(over, err, match):
     with pytest.raises(err, match=match):
         _fused(**_args(**over))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inputs_mask_drops_tokens_like_ignored_targets(backend, device):
+    """LossInputs.mask in linear_policy_loss: the tokens it drops count as if their target were IGNORE_INDEX."""
+    h, W, b, t, adv, cu = make_inputs(23, 16, 70, [9, 8, 6], seed=6, device=device, ignore_frac=0.0)
+    old = torch.zeros(23, device=device) - 1.5
+    mask = torch.ones(23, dtype=torch.bool, device=device)
+    mask[[1, 4, 9, 10, 22]] = False
+    results = []
+    for targets, kw in ((t, dict(mask=mask)), (torch.where(mask, t, IGNORE), {})):
+        Wg, hg = W.clone().requires_grad_(), h.clone().requires_grad_()
+        loss, stats = _fused(hg, Wg, targets, old, adv, cu, bias=b, backend=backend, compute_entropy=True, **kw)
+        loss.backward()
+        results.append((loss.detach(), hg.grad, Wg.grad, stats))
+    (loss_m, dh_m, dw_m, s_m), (loss_i, dh_i, dw_i, s_i) = results
+    torch.testing.assert_close(loss_m, loss_i)
+    torch.testing.assert_close(dh_m, dh_i)
+    torch.testing.assert_close(dw_m, dw_i)
+    assert torch.all(dh_m[~mask] == 0)
+    assert s_m.keys() == s_i.keys() and all(torch.allclose(s_m[k], s_i[k]) for k in s_m)
