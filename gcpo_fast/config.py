@@ -493,10 +493,6 @@ def resolve(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     method = RECIPES[cfg.loss_type]
     given = lambda name: getattr(cfg, name) if name in explicit else None  # noqa: E731
     values = recipe_loss_options(LOSS_RECIPES[cfg.loss_type], given)
-    try:  # the kernel checks the loss options
-        dataclasses.replace(cfg, **values).loss_config()
-    except ValueError as e:
-        raise ConfigError(str(e).replace("epsilon_low", "epsilon")) from None
 
     def default(name, value):
         if name not in explicit or getattr(cfg, name) is None:
@@ -512,6 +508,10 @@ def resolve(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     default("learning_rate", SHIPPED_MODEL_LR if Path(cfg.model).resolve() == Path(DEFAULT_MODEL) else 1e-6)
     cfg = dataclasses.replace(cfg, **values)
     check(cfg)
+    try:  # the kernel checks the loss options
+        cfg.loss_config()
+    except ValueError as e:
+        raise ConfigError(str(e).replace("epsilon_low", "epsilon")) from None
 
     # ---- options the chosen loss_type would silently ignore (needs to know what the user set) ----
     check_ignored_options(cfg, explicit)
