@@ -9,7 +9,9 @@ import itertools
 
 import torch
 
-from gcpo_fast.kernels import LossInputs, PolicyLossConfig, policy_loss
+from gcpo_fast.kernels import IGNORE_INDEX, LossInputs, PolicyLossConfig, linear_policy_loss, policy_loss
+
+IGNORE = IGNORE_INDEX
 
 # The kernels' switches of each method's loss (the trainer's recipes; GSPO's are GCPO's), for the tests
 # that run every method: together they cover every ratio level and aggregation mode.
@@ -190,3 +192,58 @@ def check_against_reference(
 
 # The golden rows of LENGTHS' batch for the shaped objective: the empty row, a 13-token and a 7-token row.
 GOLDEN = torch.tensor([False, True, True, False, True, False])
+
+
+def reference_logprobs(h, W, b, t, T):
+    """fp64 log-probs and entropies from the full [N, V] logits."""
+    z = h.double() @ W.double().T
+    if b is not None:
+        z = z + b.double()
+    logq = torch.log_softmax(z / T, dim=-1)
+    valid = t != IGNORE
+    logp = logq.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1) * valid
+    ent = -(logq.exp() * logq).sum(-1) * valid
+    return logp, ent
+
+
+def make_inputs(n, d, v, lengths=None, seed=0, dtype=torch.float32, device="cpu", bias=True, ignore_frac=0.1):
+    """Peaked logits (entropy ~0.3-2 nats) with targets drawn from the softmax, as in real rollouts."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(v, d, generator=g) / d**0.5
+    h = torch.randn(n, d, generator=g) * 2.5
+    b = torch.randn(v, generator=g) * 0.1 if bias else None
+    probs = torch.softmax(h @ W.T + (0 if b is None else b), -1)
+    t = torch.multinomial(probs, 1, generator=g).squeeze(1) if n else torch.zeros(0, dtype=torch.long)
+    t[torch.rand(n, generator=g) < ignore_frac] = IGNORE
+    lengths = lengths or [n]
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
+    adv = torch.randn(len(lengths), generator=g)
+    to = dict(device=device)
+    return (
+        h.to(dtype=dtype, **to),
+        W.to(dtype=dtype, **to),
+        None if b is None else b.to(dtype=dtype, **to),
+        t.to(**to),
+        adv.to(**to),
+        cu.to(**to),
+    )
+
+
+def fused_loss(
+    hidden,
+    weight,
+    targets,
+    old_logp,
+    advantages,
+    cu_seqlens,
+    *,
+    bias=None,
+    compute_entropy=False,
+    return_logp=False,
+    **kw,
+):
+    """linear_policy_loss with kw split between LossInputs and PolicyLossConfig ."""
+    inputs, config = inputs_and_config(advantages, cu_seqlens, old_logp=old_logp, **kw)
+    return linear_policy_loss(
+        hidden, weight, targets, inputs, config, bias=bias, compute_entropy=compute_entropy, return_logp=return_logp
+    )

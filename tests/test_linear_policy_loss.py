@@ -1,55 +1,25 @@
 """linear_logprobs and linear_policy_loss, both backends, against fp64 references on materialised logits.
+Input checks: test_linear_policy_loss_inputs.py.
 
 The triton backend runs under the Triton interpreter on the CPU (conftest sets TRITON_INTERPRET=1)
 and compiled on a CUDA GPU; the torch backend runs wherever the tensors are.
 """
 
-import itertools
-
 import pytest
 import torch
-from policy_reference import METHODS, inputs_and_config, random_sampling_weight, reference_policy_loss
+from policy_reference import (
+    IGNORE,
+    METHODS,
+    inputs_and_config,
+    make_inputs,
+    random_sampling_weight,
+    reference_logprobs,
+    reference_policy_loss,
+)
+from policy_reference import fused_loss as _fused
 
 from gcpo_fast.kernels import AGG_MODES, IS_LEVELS, linear_logprobs, linear_policy_loss
 from gcpo_fast.kernels.linear_policy_loss import plan_chunks
-
-IGNORE = -100
-
-
-def reference_logprobs(h, W, b, t, T):
-    """fp64 log-probs and entropies from the full [N, V] logits."""
-    z = h.double() @ W.double().T
-    if b is not None:
-        z = z + b.double()
-    logq = torch.log_softmax(z / T, dim=-1)
-    valid = t != IGNORE
-    logp = logq.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1) * valid
-    ent = -(logq.exp() * logq).sum(-1) * valid
-    return logp, ent
-
-
-def make_inputs(n, d, v, lengths=None, seed=0, dtype=torch.float32, device="cpu", bias=True, ignore_frac=0.1):
-    """Peaked logits (entropy ~0.3-2 nats) with targets drawn from the softmax, as in real rollouts."""
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(v, d, generator=g) / d**0.5
-    h = torch.randn(n, d, generator=g) * 2.5
-    b = torch.randn(v, generator=g) * 0.1 if bias else None
-    probs = torch.softmax(h @ W.T + (0 if b is None else b), -1)
-    t = torch.multinomial(probs, 1, generator=g).squeeze(1) if n else torch.zeros(0, dtype=torch.long)
-    t[torch.rand(n, generator=g) < ignore_frac] = IGNORE
-    lengths = lengths or [n]
-    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
-    adv = torch.randn(len(lengths), generator=g)
-    to = dict(device=device)
-    return (
-        h.to(dtype=dtype, **to),
-        W.to(dtype=dtype, **to),
-        None if b is None else b.to(dtype=dtype, **to),
-        t.to(**to),
-        adv.to(**to),
-        cu.to(**to),
-    )
-
 
 TOL = {
     torch.float32: dict(rtol=2e-4, atol=2e-5),
@@ -95,26 +65,6 @@ def test_forward_only_under_no_grad_is_one_pass_with_o_n_outputs():
     with torch.no_grad():
         lp = linear_logprobs(h, W, t, bias=b)
     assert lp.shape == (29,) and lp.dtype == torch.float32 and not lp.requires_grad
-
-
-def _fused(
-    hidden,
-    weight,
-    targets,
-    old_logp,
-    advantages,
-    cu_seqlens,
-    *,
-    bias=None,
-    compute_entropy=False,
-    return_logp=False,
-    **kw,
-):
-    """linear_policy_loss with kw split between LossInputs and PolicyLossConfig (tests/policy_reference.py)."""
-    inputs, config = inputs_and_config(advantages, cu_seqlens, old_logp=old_logp, **kw)
-    return linear_policy_loss(
-        hidden, weight, targets, inputs, config, bias=bias, compute_entropy=compute_entropy, return_logp=return_logp
-    )
 
 
 def _policy_case(
@@ -324,86 +274,6 @@ def test_return_logp_gives_the_log_probs_and_changes_nothing_else(backend, devic
     _close(stats1["logp"], ref, torch.float32)
 
 
-def _args(**over):
-    h, W, b, t, adv, cu = make_inputs(9, 8, 30, [4, 5], seed=1)
-    args = dict(hidden=h, weight=W, targets=t, old_logp=None, advantages=adv, cu_seqlens=cu, bias=b)
-    args.update(over)
-    return args
-
-
-@pytest.mark.parametrize(
-    "over, err, match",
-    [
-        (dict(hidden=torch.zeros(9, 7)), ValueError, "disagree on d"),
-        (dict(targets=torch.zeros(8, dtype=torch.long)), ValueError, r"targets must be \[N\] = \[9\]"),
-        (dict(targets=torch.full((9,), 30)), ValueError, r"targets\[0\] = 30 is outside \[0, V=30\)"),
-        (dict(targets=torch.full((9,), -1)), ValueError, "is outside"),
-        (dict(targets=torch.zeros(9)), TypeError, "targets must be int64"),
-        (dict(hidden=torch.zeros(9, 8, dtype=torch.float64)), TypeError, "fp32/fp16/bf16"),
-        (dict(hidden=torch.zeros(9, 8, dtype=torch.float16)), TypeError, "share a dtype"),
-        (dict(bias=torch.zeros(29)), ValueError, r"bias must be \[V\] = \[30\]"),
-        (dict(weight=torch.zeros(30, 8, device="meta")), ValueError, "one device"),
-        (
-            dict(cu_seqlens=torch.tensor([0, 5, 4, 9], dtype=torch.int32), advantages=torch.zeros(3)),
-            ValueError,
-            "non-decreasing",
-        ),
-        (dict(cu_seqlens=torch.tensor([0, 4, 12], dtype=torch.int32)), ValueError, "end at N=9"),
-        (dict(advantages=torch.zeros(3)), ValueError, r"advantages must be \[B\] = \[2\]"),
-        (dict(old_logp=torch.zeros(10)), ValueError, "old_logp must match"),
-        (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
-        (dict(temperature=float("nan")), ValueError, "temperature must be a finite number > 0, got nan"),
-        # the probes of non-finite and out-of-range inputs: each was a silent NaN / inf / sign flip, or a traceback
-        (
-            dict(weight=torch.zeros(0, 8), bias=None, targets=torch.full((9,), IGNORE)),
-            ValueError,
-            r"weight must have at least one row \(V >= 1\)",
-        ),
-        (
-            dict(old_logp=torch.tensor([0.0] * 5 + [float("nan")] * 4)),
-            ValueError,
-            r"old_logp has 4 non-finite value\(s\), the first at token 5",
-        ),
-        (dict(advantages=torch.tensor([float("inf"), 0.0])), ValueError, "advantages has 1 non-finite .* token 0"),
-        (dict(ref_logp=torch.full((9,), float("nan")), beta=0.1), ValueError, "ref_logp has 9 non-finite"),
-        (dict(normalizer=-1.0), ValueError, "normalizer must be a finite number > 0, got -1.0"),
-        (dict(normalizer=0), ValueError, "normalizer must be a finite number > 0, got 0"),
-        (dict(beta=float("nan")), ValueError, "beta must be a finite number >= 0, got nan"),
-        (dict(epsilon_low=float("nan")), ValueError, r"epsilon_low must be a finite number in \[0, 1\), got nan"),
-        (dict(epsilon_low=2), ValueError, r"epsilon_low must be a finite number in \[0, 1\), got 2"),
-        (dict(sampling_weight=torch.ones(10)), ValueError, r"sampling_weight must match logp's shape \(9,\)"),
-        (dict(sampling_weight=torch.ones(9, dtype=torch.bool)), TypeError, "sampling_weight must be a float tensor"),
-        (dict(sampling_weight=torch.full((9,), -1.0)), ValueError, "sampling_weight has 9 negative or non-finite"),
-        # Python lists where tensors belong: one line naming the argument, not an AttributeError naming nothing
-        (dict(targets=[0] * 9), TypeError, "targets must be a torch.Tensor, got list"),
-        (dict(hidden=[[0.0] * 8] * 9), TypeError, "hidden must be a torch.Tensor, got list"),
-        (dict(bias=[0.0] * 30), TypeError, "bias must be a torch.Tensor, got list"),
-        (dict(advantages=[1.0, -1.0]), TypeError, "advantages must be a torch.Tensor, got list"),
-        (dict(sampling_weight=[1.0] * 9), TypeError, "sampling_weight must be a torch.Tensor, got list"),
-    ],
-)
-def test_bad_input_gets_a_clear_error(over, err, match):
-    args = _args(**over)
-    with pytest.raises(err, match=match):
-        _fused(**args)
-
-
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_non_finite_hidden_is_detected(backend, device):
-    h, W, b, t, adv, cu = make_inputs(9, 8, 30, [4, 5], seed=1, device=device)
-    h[6, 3] = float("nan")
-    with pytest.raises(FloatingPointError, match="hidden has non-finite values .first at token 6"):
-        _fused(h, W, t, None, adv, cu, backend=backend)
-    h[6, 3] = float("inf")
-    with pytest.raises(FloatingPointError, match="hidden"):
-        linear_logprobs(h, W, t, backend=backend)
-    h[6, 3] = 0.0
-    W[2, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match="weight has non-finite"):
-        linear_logprobs(h, W, t, backend=backend)
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_sampling_weight_of_ones(backend, device):
     """A weight of ones gives the unweighted result, bitwise."""
@@ -419,55 +289,6 @@ def test_sampling_weight_of_ones(backend, device):
         results.append((loss.detach(), Wg.grad))
     for loss, grad in results[1:]:
         assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
-
-
-def test_input_checks_read_the_device_once(monkeypatch):
-    """All content checks (targets, cu_seqlens, finite inputs, sampling weight, tensor normalizer) cost one
-    read-back: policy_loss reads the device once, linear_policy_loss twice (+ the LSE check after the forward),
-    and once more where the torch backend keeps sequence-level off-policy rows whole in its chunks."""
-    reads = []
-    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__"):
-        original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(
-            torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k: reads.append(_n) or _f(self, *a, **k)
-        )
-    from gcpo_fast.kernels import policy_loss
-
-    h, W, b, t, adv, cu = make_inputs(20, 8, 30, [7, 13], seed=5, ignore_frac=0.0)
-    old, ref, sw = torch.randn(20), torch.randn(20), torch.rand(20)
-    for backend in ("torch", "triton"):
-        reads.clear()
-        policy_loss(
-            torch.randn(20, requires_grad=True),
-            *inputs_and_config(
-                adv,
-                cu,
-                old_logp=old,
-                **METHODS["grpo"],
-                beta=0.1,
-                ref_logp=ref,
-                sampling_weight=sw,
-                normalizer=torch.tensor(3.0),
-                backend=backend,
-            ),
-        )
-        assert reads == ["tolist"], (backend, reads)
-    for backend, method, expected in (("triton", "gcpo", 2), ("torch", "grpo", 2), ("torch", "gcpo", 3)):
-        reads.clear()
-        _fused(
-            h,
-            W.requires_grad_(),
-            t,
-            old,
-            adv,
-            cu,
-            **METHODS[method],
-            beta=0.1,
-            ref_logp=ref,
-            sampling_weight=sw,
-            backend=backend,
-        )
-        assert len(reads) == expected, (backend, method, reads)
 
 
 GOLDEN = torch.tensor([True, False, True, False, True, False])  # a 6-, the ignored 9- and the 13-token row
@@ -535,21 +356,6 @@ def test_linear_policy_loss_policy_ratio_ignores_golden_rows_bitwise(backend, de
     assert torch.equal(plain, ignored) and torch.equal(g_plain, g_ignored)
     assert all(torch.equal(s_plain[k], s_ignored[k]) for k in s_plain)
     assert not torch.equal(plain, shaped) and not torch.equal(g_plain, g_shaped)
-
-
-@pytest.mark.parametrize(
-    "over, err, match",
-    [
-        (dict(golden_objective="shaped"), ValueError, "golden_objective='shaped' needs golden_rows"),
-        (dict(golden_rows=torch.ones(3, dtype=torch.bool)), ValueError, r"golden_rows must be \[B\] = \[2\]"),
-        (dict(golden_rows=torch.ones(2, dtype=torch.int64)), TypeError, "golden_rows must be a bool tensor"),
-        (dict(golden_shaping_gamma=0), ValueError, "golden_shaping_gamma must be a finite number > 0, got 0"),
-        (dict(golden_objective="p_div_p"), ValueError, "golden_objective must be one of"),
-    ],
-)
-def test_bad_golden_options_get_a_clear_error(over, err, match):
-    with pytest.raises(err, match=match):
-        _fused(**_args(**over))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
