@@ -42,7 +42,7 @@ def measure_prompt(megabytes: float, before: bool) -> float:
     from transformers import AutoTokenizer
 
     from gcpo_fast import rollout
-    from gcpo_fast.config import DEFAULT_MODEL
+    from gcpo_fast.models import DEFAULT_MODEL
 
     if before:
         rollout.CHARS_PER_TOKEN = 10**12

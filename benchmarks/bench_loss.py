@@ -42,7 +42,7 @@ from importlib import metadata
 import torch
 
 from benchmarks.variants import BUILDERS, CASES, MODELS, VARIANTS, Skip, make_inputs, to_device, torch_path
-from gcpo_fast.kernels.logprob_torch import WORKSPACE_BYTES
+from gcpo_fast.kernels.options import workspace_for_device
 
 QUICK = dict(n=512, d=64, v=4096, rows=4, repeats=3, warmup=1, workspace_mib=1.0)
 
@@ -69,7 +69,8 @@ def parse_args(argv=None):
         "--workspace-mib",
         type=float,
         default=None,
-        help=f"workspace bound of our backends (default {WORKSPACE_BYTES >> 20} MiB)",
+        help="workspace bound of our backends (default: the ops' own, sized for the device: 256 MiB on the CPU, "
+        "1/8 of free memory clamped to [256 MiB, 4 GiB] on CUDA)",
     )
     ap.add_argument("--rtol", type=float, default=None, help="agreement tolerance (default 1e-4 fp32, 5e-2 16-bit)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the inputs")
@@ -94,7 +95,7 @@ def parse_args(argv=None):
     a.dtype = a.dtype or ("bf16" if on_gpu else "fp32")
     a.torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     mib = a.workspace_mib if a.workspace_mib is not None else quick.get("workspace_mib")
-    a.workspace_bytes = int(mib * 2**20) if mib is not None else WORKSPACE_BYTES
+    a.workspace_bytes = workspace_for_device(None if mib is None else int(mib * 2**20), a.device)
     a.rtol = a.rtol or (1e-4 if a.dtype == "fp32" else 5e-2)
     a.cases = list(CASES) if a.case == "both" else a.case.split(",")
     a.variant_list = a.variants.split(",")
@@ -341,7 +342,7 @@ def add_ratios(results):
 def print_case(case, results, a):
     rows = [r for r in results if r["case"] == case]
     old = "given" if CASES[case]["off_policy"] else "None"
-    print(f"\n== {case}: loss_type={CASES[case]['loss_type']}, old_logp={old}")
+    print(f"\n== {case}: method={CASES[case]['method']}, old_logp={old}")
     head = (
         f"{'variant':<11}{'fwd+bwd s':>10}{'xnaive':>8}{'fwd s':>9}{'xnaive':>8}{'TFLOP/s':>8}"
         f"{'extra MiB':>10}{'grads':>8}{'wkspace':>9}{'fwd MiB':>9}{'err loss':>10}{'err dW':>9}"

@@ -36,8 +36,11 @@ from pathlib import Path
 # Test files whose tests take the GPU path when CUDA is present (the `device` fixture, CUDA-only marks).
 DEVICE_TESTS = (
     "tests/test_linear_policy_loss.py",
+    "tests/test_linear_policy_loss_inputs.py",
     "tests/test_logprob_triton.py",
     "tests/test_policy_loss.py",
+    "tests/test_policy_loss_golden.py",
+    "tests/test_policy_loss_inputs.py",
     "tests/test_packing.py",
     "tests/test_aot_compile.py",
 )

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gcpo_fast.kernels import PolicyLossConfig, linear_logprobs, linear_policy_loss, policy_loss
+from gcpo_fast.kernels import LossInputs, PolicyLossConfig, linear_logprobs, linear_policy_loss, policy_loss
 from gcpo_fast.kernels.linear_policy_loss import plan_chunks
 from gcpo_fast.kernels.policy_loss import batch_layout
 
@@ -26,11 +26,34 @@ MODELS = {  # (d, V) of the lm_head
     "qwen7b": (3584, 152064),
     "llama8b": (4096, 128256),
 }
-# The two cases: our loss_type, whether old log-probs are given, and the Liger options that match it.
+# The two cases: the method, its loss switches (the trainer's recipe for it), whether old log-probs are
+# given, and the Liger options that match it.
 CASES = {
-    "onpolicy-token": dict(loss_type="dapo", off_policy=False, liger_loss_type="dapo"),
-    "offpolicy-seq": dict(loss_type="gcpo", off_policy=True, liger_loss_type="grpo"),
+    "onpolicy-token": dict(
+        method="dapo",
+        config=dict(importance_sampling_level="token", epsilon_low=0.2, epsilon_high=0.28, loss_agg_mode="token-mean"),
+        off_policy=False,
+        liger_loss_type="dapo",
+    ),
+    "offpolicy-seq": dict(
+        method="gcpo",
+        config=dict(
+            importance_sampling_level="sequence",
+            epsilon_low=3e-4,
+            epsilon_high=4e-4,
+            loss_agg_mode="seq-mean-token-mean",
+        ),
+        off_policy=True,
+        liger_loss_type="grpo",
+    ),
 }
+
+
+def case_config(case, **run) -> PolicyLossConfig:
+    """The case's loss switches, with run options (temperature, backend, workspace_bytes) on top."""
+    return PolicyLossConfig(**CASES[case]["config"], **run)
+
+
 VARIANTS = ("naive", "torch", "triton", "liger", "cce", "gemm-floor")
 
 
@@ -125,8 +148,7 @@ def torch_path(inp, case, workspace_bytes) -> str:
     """Which path our torch backend takes for this case (the plan linear_policy_loss makes)."""
     n, v = inp["hidden"].shape[0], inp["weight"].shape[0]
     chunk = max(1, workspace_bytes // (4 * v))
-    cfg = PolicyLossConfig.resolve(CASES[case]["loss_type"])
-    whole_rows = cfg.importance_sampling_level == "sequence" and CASES[case]["off_policy"]
+    whole_rows = case_config(case).importance_sampling_level == "sequence" and CASES[case]["off_policy"]
     if plan_chunks(inp["cu_seqlens"], n, chunk, whole_rows) is None:
         return f"recompute 8NVd (a row > chunk of {chunk} tokens)"
     return f"grad-in-forward 6NVd (chunks of {chunk} tokens)"
@@ -140,16 +162,17 @@ def _leaves(inp):
     return inp["hidden"].requires_grad_(True), inp["weight"].requires_grad_(True)
 
 
-def _old(inp, case):
-    return inp["old_logp"] if CASES[case]["off_policy"] else None
+def _inputs(inp, case) -> LossInputs:
+    return LossInputs(
+        inp["advantages"], inp["cu_seqlens"], old_logp=inp["old_logp"] if CASES[case]["off_policy"] else None
+    )
 
 
 def ce_coefficients(inp, case):
-    """c_t = w_t * A_row: sum_t c_t * CE_t is the policy gradient without ratios (loss_type 'gpg') with
-    the case's aggregation weights w_t; on-policy its gradient equals the token-level loss's."""
-    cfg = PolicyLossConfig.resolve(CASES[case]["loss_type"])
+    """c_t = w_t * A_row: sum_t c_t * CE_t is the policy gradient without ratios (importance_sampling_level
+    'none') with the case's aggregation weights w_t; on-policy its gradient equals the token-level loss's."""
     mask = torch.ones_like(inp["targets"], dtype=torch.bool)
-    rows, weight, _, _ = batch_layout(mask, inp["cu_seqlens"], cfg)
+    rows, weight, _, _ = batch_layout(mask, LossInputs(inp["advantages"], inp["cu_seqlens"]), case_config(case))
     return weight * inp["advantages"][rows]
 
 
@@ -172,9 +195,7 @@ def build_naive(inp, case, objective="policy", **_):
         if coef is not None:
             loss = -(coef * logp).sum()
         else:
-            loss = policy_loss(
-                logp, _old(inp, case), inp["advantages"], inp["cu_seqlens"], loss_type=CASES[case]["loss_type"]
-            )[0]
+            loss = policy_loss(logp, _inputs(inp, case), case_config(case))[0]
         loss.backward()
         return loss
 
@@ -191,18 +212,10 @@ def build_naive(inp, case, objective="policy", **_):
 def _build_ours(inp, case, backend, workspace_bytes):
     x, w = _leaves(inp)
     kw = dict(temperature=inp["temperature"], backend=backend, workspace_bytes=workspace_bytes)
+    config = case_config(case, **kw)
 
     def fwd_bwd():
-        loss = linear_policy_loss(
-            x,
-            w,
-            inp["targets"],
-            _old(inp, case),
-            inp["advantages"],
-            inp["cu_seqlens"],
-            loss_type=CASES[case]["loss_type"],
-            **kw,
-        )[0]
+        loss = linear_policy_loss(x, w, inp["targets"], _inputs(inp, case), config)[0]
         loss.backward()
         return loss
 
@@ -252,7 +265,7 @@ def build_liger(inp, case, compiled=True, **_):
     if CASES[case]["off_policy"]:
         old = torch.zeros(b, t_max, device=dev)
         old[row, pos] = inp["old_logp"]
-    ours = PolicyLossConfig.resolve(CASES[case]["loss_type"])
+    ours = case_config(case)
     opts = dict(
         beta=0.0,
         use_ref_model=False,
@@ -271,7 +284,7 @@ def build_liger(inp, case, compiled=True, **_):
         return loss
 
     notes = [
-        f"Liger options: {opts}, compiled={compiled} (ours: loss_type={ours.loss_type}, "
+        f"Liger options: {opts}, compiled={compiled} (ours: {CASES[case]['method']}, "
         f"{ours.importance_sampling_level}-level, eps {ours.epsilon_low}/{ours.epsilon_high}, "
         f"{ours.loss_agg_mode}, no KL)",
         f"padded layout [B={b}, T_max={t_max}]: logits for {b * t_max} token slots vs N={len(row)} packed; "
@@ -320,7 +333,7 @@ def build_cce(inp, case, impl=None, **_):
         f"CCE impl={impl!r}"
         + (", filter_eps='high' (its default gradient filter)" if impl == "cce" else "")
         + ": it computes a cross-entropy, not a policy loss; objective sum_t w_t A_row "
-        "CE_t (= loss_type 'gpg' with this case's aggregation), checked against naive on that objective"
+        "CE_t (= importance_sampling_level 'none' with this case's aggregation), checked against naive on that objective"
     ]
     if impl == "torch_compile":
         notes.append("impl='torch_compile' is torch.compile of (e @ c.T -> cross_entropy): it materialises [N, V]")

@@ -80,7 +80,7 @@ class TrainConfig:
 
     def loss_config(self):
         """The fused op's switches (gcpo_fast.kernels.PolicyLossConfig)."""
-        return self.method.loss_config(self.rollout.max_completion_length)
+        return self.method.loss_config(self.rollout.max_completion_length, self.rollout.temperature)
 
 
 PARTS = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}

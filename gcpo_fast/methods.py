@@ -6,7 +6,7 @@
     method = options.method                                  # METHODS["dapo"]
     advantages, metrics = method.advantages(rewards, group_index, options.scale_rewards)
     rule = options.sampling_rule()                           # DAPO's dynamic sampling, GPG's threshold, or None
-    loss = options.loss_config(max_completion_length=128)    # the fused op's math switches
+    loss = options.loss_config(max_completion_length=128, temperature=1.0)   # the fused op's math switches
 
 A method is its paper's option values (the ratio level, the clip box, the aggregation, the reward scaling,
 whether all-wrong groups get a golden row, DAPO's dynamic sampling and overlong shaping, GPG's resampling
@@ -22,8 +22,7 @@ import torch
 
 from gcpo_fast import groups
 from gcpo_fast.errors import ConfigError, TrainingError, require
-from gcpo_fast.kernels import PolicyLossConfig
-from gcpo_fast.kernels.policy_loss import AGG_MODES, GOLDEN_OBJECTIVES
+from gcpo_fast.kernels import AGG_MODES, GOLDEN_OBJECTIVES, PolicyLossConfig
 from gcpo_fast.options import RECIPE, check_options, option
 
 # ---- the methods -------------------------------------------------------------------------------------------
@@ -43,6 +42,7 @@ class Method:
     dynamic_sampling: bool = False  # DAPO: train only on groups with varied rewards
     overlong: bool = False  # DAPO: soft overlong penalty over the last fifth of the budget
     min_inverse_alpha: float = 0.0  # GPG: resample until valid rows / rows reaches this
+    has_ratio: bool = True  # GPG's loss is -A * logp: no importance ratio (the kernel's level "none")
 
     def advantages(self, rewards, group_index, scale_rewards: str) -> tuple[torch.Tensor, dict[str, float]]:
         """Advantages [N] of the rows (groups of any size) and the method's metrics."""
@@ -89,7 +89,7 @@ METHODS = {
         Method("dapo", "token", 0.2, 0.28, "token-mean", dynamic_sampling=True, overlong=True),
         Method("dr_grpo", "token", 0.2, 0.2, "seq-mean-token-sum-norm", scale_rewards="none"),
         Method("bnpo", "token", 0.2, 0.2, "token-mean"),
-        GPG("gpg", "token", 0.0, 0.0, "token-mean", scale_rewards="none", min_inverse_alpha=0.5),
+        GPG("gpg", "token", 0.0, 0.0, "token-mean", scale_rewards="none", min_inverse_alpha=0.5, has_ratio=False),
     )
 }
 
@@ -261,25 +261,24 @@ class MethodConfig:
             f"overlong_buffer_len={out.overlong_buffer_len} must not exceed max_completion_length={max_completion_length}",
         )
         try:  # the kernel's own checks of the loss options (the clip box, delta, gamma), here before any model loads
-            out.loss_config(max_completion_length)
+            out.loss_config(max_completion_length, temperature=1.0)
         except ValueError as e:
             raise ConfigError(str(e).replace("epsilon_low", "epsilon")) from None
         return out
 
-    def loss_config(self, max_completion_length: int) -> PolicyLossConfig:
+    def loss_config(self, max_completion_length: int, temperature: float) -> PolicyLossConfig:
         """The fused op's switches (resolved options only)."""
         return PolicyLossConfig(
-            self.loss_type,
-            self.importance_sampling_level,
-            self.epsilon,
-            self.epsilon_high,
-            self.loss_agg_mode,
-            self.delta,
-            None,
-            self.beta,
-            max_completion_length,
-            self.golden_objective,
-            self.golden_shaping_gamma,
+            importance_sampling_level=self.importance_sampling_level if self.method.has_ratio else "none",
+            epsilon_low=self.epsilon,
+            epsilon_high=self.epsilon_high,
+            loss_agg_mode=self.loss_agg_mode,
+            delta=self.delta,
+            beta=self.beta,
+            max_completion_length=max_completion_length,
+            golden_objective=self.golden_objective,
+            golden_shaping_gamma=self.golden_shaping_gamma,
+            temperature=temperature,
         )
 
     def sampling_rule(self, batch_size: int) -> DynamicSampling | MinInverseAlpha | None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100  # a target the loss does not count
+from gcpo_fast.kernels import IGNORE_INDEX  # a target the loss does not count
 
 # Config attributes that change logits beyond hidden @ W.T + b; the fused op cannot reproduce them.
 _LOGIT_TRANSFORMS = {

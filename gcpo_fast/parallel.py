@@ -4,10 +4,10 @@
 
     dist = parallel.init_distributed()                 # Dist(rank, world_size, device); joins torchrun's group
     parallel.check_checkpoint(folder, "fsdp")          # --resume: the checkpoint's optimizer layout matches
-    policy = parallel.parallelize(ModelWithLoss(model, loss_config, temperature), parallelism="fsdp")  # once
+    policy = parallel.parallelize(ModelWithLoss(model, loss_config), parallelism="fsdp")  # once
     optimizer = torch.optim.AdamW(policy.model.parameters())   # after parallelize: FSDP shards the parameters
     with policy.unsharded(): engine.generate(...)      # generation, evaluation, the old-logp pass: full weights
-    loss, stats = policy.module(packed, advantages, old, ref, normalizer)   # forward through the wrapper
+    loss, stats = policy.module(packed, loss_inputs)                # forward through the wrapper
     with policy.no_sync(last=False): loss.backward()   # DDP: gradients all-reduced on the last micro-batch only
     grad_norm = policy.clip_grad_norm(max_norm)        # the global norm, over every rank's shards
     parallel.all_reduce([tokens, rows])                # sums over ranks (a no-op in one process)

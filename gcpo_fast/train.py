@@ -246,7 +246,7 @@ class Trainer:
         self.teacher = load_teacher(cfg, prepared.golden_cache, prepared.reward_funcs, self.dist.device)
         self.loss_config = cfg.loss_config()
         self.policy = parallel.parallelize(
-            ModelWithLoss(self.model, self.loss_config, cfg.rollout.temperature),
+            ModelWithLoss(self.model, self.loss_config),
             cfg.parallel.parallelism,
             cpu_offload=cfg.parallel.fsdp_cpu_offload,
             bf16=cfg.model.bf16,

@@ -2,7 +2,7 @@
 
     from gcpo_fast.update import ModelWithLoss, OptimizerConfig, build_optimizer, optimizer_step
 
-    policy = parallel.parallelize(ModelWithLoss(model, loss_config))    # loss_config: the fused op's switches
+    policy = parallel.parallelize(ModelWithLoss(model, cfg.loss_config()))   # the fused op's switches
     optimizer, scheduler = build_optimizer(model, cfg.optim, max_steps)
     metrics = optimizer_step(policy, optimizer, scheduler, micro_batches, cfg.optim, loss_config, bf16)
 
@@ -24,7 +24,7 @@ import torch
 from transformers import get_scheduler
 
 from gcpo_fast.errors import require
-from gcpo_fast.kernels import PolicyLossConfig, linear_policy_loss
+from gcpo_fast.kernels import LossInputs, PolicyLossConfig, linear_policy_loss
 from gcpo_fast.models import autocast
 from gcpo_fast.options import check_options, option
 from gcpo_fast.packing import PackedBatch, forward_hidden
@@ -70,29 +70,25 @@ class ModelWithLoss(torch.nn.Module):
     """The model and the fused loss as one module, so that a parallel wrapper's hooks see the whole forward
     (gcpo_fast.packing: call forward_hidden from inside the wrapped module's forward)."""
 
-    def __init__(self, model, loss_config: PolicyLossConfig, temperature: float):
+    def __init__(self, model, loss_config: PolicyLossConfig):
         super().__init__()
-        self.model, self.loss_config, self.temperature = model, loss_config, temperature
+        self.model, self.loss_config = model, loss_config
         self.one_decoder_call = False  # FSDP sets it (gcpo_fast/parallel.py): see packing.forward_hidden's one_call
 
     def forward(self, packed: PackedBatch, normalizer: float):
         hidden = forward_hidden(self.model, packed, one_call=self.one_decoder_call)[packed.completion_index]
         weight, bias = head(self.model, hidden.dtype)
-        return linear_policy_loss(
-            hidden,
-            weight,
-            packed.targets,
-            packed.old_logp,
+        inputs = LossInputs(
             packed.advantages,
             packed.completion_cu_seqlens,
-            bias=bias,
+            old_logp=packed.old_logp,
             ref_logp=packed.ref_logp,
-            normalizer=normalizer,
-            compute_entropy=True,
-            temperature=self.temperature,
             sampling_weight=packed.sampling_weight,
             golden_rows=packed.golden,
-            config=self.loss_config,
+            normalizer=normalizer,
+        )
+        return linear_policy_loss(
+            hidden, weight, packed.targets, inputs, self.loss_config, bias=bias, compute_entropy=True
         )
 
 

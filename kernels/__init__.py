@@ -1,27 +1,45 @@
 """Fused linear log-prob and packed policy-loss ops, imported as `gcpo_fast.kernels`.
 
-    from gcpo_fast.kernels import linear_logprobs, policy_loss, linear_policy_loss
+    from gcpo_fast.kernels import Backend, LossInputs, PolicyLossConfig, linear_policy_loss
+    config = PolicyLossConfig(importance_sampling_level="sequence", epsilon_low=3e-4, epsilon_high=4e-4)
+    loss, stats = linear_policy_loss(hidden, weight, targets, LossInputs(advantages, cu_seqlens, old_logp=old), config)
 
 `linear_logprobs` gives per-token log-probs (and entropy) of hidden @ weight.T without an [N, V]
 tensor; `policy_loss` is the clipped surrogate of the GRPO family on packed rows (golden rows may take
-LUFFY's shaped term instead: `golden_objective="shaped"`, `golden_rows=`); and
+LUFFY's shaped term instead: golden_objective="shaped", LossInputs(golden_rows=)); and
 `linear_policy_loss` composes the two with a backward that never forms [N, V] either;
-`sampling_weights` gives their `sampling_weight` for rows sampled by another engine (vLLM).
-Backends: `triton` (CUDA) and `torch` (CPU default and reference), same semantics.
+`sampling_weights` gives their LossInputs.sampling_weight for rows sampled by another engine (vLLM).
+`PolicyLossConfig` holds math switches only (which method uses which: the trainer's recipe table),
+`LossInputs` the per-call tensors (kernels/options.py). Backends: Backend.TRITON (CUDA) and
+Backend.TORCH (CPU default and reference), same semantics; Backend.AUTO picks by device.
 """
 
 from gcpo_fast.kernels.linear_logprobs import linear_logprobs
 from gcpo_fast.kernels.linear_policy_loss import linear_policy_loss
-from gcpo_fast.kernels.policy_loss import LOSS_RECIPES, LOSS_TYPES, PolicyLossConfig, policy_loss
+from gcpo_fast.kernels.options import (
+    AGG_MODES,
+    GOLDEN_OBJECTIVES,
+    IGNORE_INDEX,
+    IS_LEVELS,
+    Backend,
+    LossInputs,
+    PolicyLossConfig,
+)
+from gcpo_fast.kernels.policy_loss import STAT_NAMES, policy_loss
 from gcpo_fast.kernels.sampling_correction import SAMPLING_MODES, sampling_weights
 
 __all__ = [
+    "Backend",
+    "LossInputs",
+    "PolicyLossConfig",
+    "IGNORE_INDEX",
     "linear_logprobs",
     "policy_loss",
     "linear_policy_loss",
-    "LOSS_RECIPES",
-    "LOSS_TYPES",
-    "PolicyLossConfig",
     "sampling_weights",
     "SAMPLING_MODES",
+    "AGG_MODES",
+    "GOLDEN_OBJECTIVES",
+    "IS_LEVELS",
+    "STAT_NAMES",
 ]

@@ -182,7 +182,7 @@ def _policy_loss_entries() -> list[KernelEntry]:
             "HAS_KL": True,
             "HAS_SW": True,
             "SEQ_LEVEL": cfg.seq_level,
-            "GPG": False,
+            "NO_RATIO": False,
             "SHAPED": True,
             "PER_ROW_MEAN": True,
             "HAS_DELTA": True,

@@ -2,8 +2,10 @@
 
 What syncs with the host and what does not (a sync stalls the CPU until the GPU catches up):
 
+- Python types: a list or an array where a tensor belongs is a TypeError naming the argument
+  (`check_tensor`; LossInputs checks its fields when built).
 - Python scalars (temperature, normalizer as a number, and every option of PolicyLossConfig:
-  loss_type, epsilons, delta, clip_ratio_c, beta, max_completion_length, golden_objective,
+  importance_sampling_level, epsilons, delta, clip_ratio_c, beta, max_completion_length, golden_objective,
   golden_shaping_gamma, checked when the config is built) and tensor shapes, dtypes and devices
   (golden_rows: bool [B]; required by golden_objective "shaped"): checked eagerly on the host, no sync.
 - Tensor contents (targets inside [0, V), cu_seqlens starting at 0, ending at N and non-decreasing,
@@ -55,6 +57,15 @@ def check_number(name: str, value, ok: Callable[[float], bool], rule: str) -> fl
     return value
 
 
+def check_tensor(name: str, value, optional: bool = False) -> None:
+    """A TypeError naming `name` unless value is a tensor (or None when optional): a list or an array
+    would otherwise fail deep inside with an AttributeError that names nothing."""
+    if value is None and optional:
+        return
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
 def _first_bad(name: str, bad: torch.Tensor, what: str) -> Pending:
     def message():
         return f"{name} has {int(bad.sum())} {what} value(s), the first at token {int(bad.nonzero()[0, 0])}"
@@ -75,10 +86,13 @@ def _same_device(named: dict) -> None:
 
 def check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index) -> list[Pending]:
     """Shapes, dtypes and temperature eagerly; returns the pending target-range check."""
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
-        raise ValueError(f"hidden must be a 2-D tensor [N, d], got shape {tuple(getattr(hidden, 'shape', ()))}")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D tensor [V, d], got shape {tuple(getattr(weight, 'shape', ()))}")
+    for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        check_tensor(name, value)
+    check_tensor("bias", bias, optional=True)
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be a 2-D tensor [N, d], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D tensor [V, d], got shape {tuple(weight.shape)}")
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one row (V >= 1), got shape (0, d): an empty vocabulary")
     if hidden.shape[1] != weight.shape[1]:
@@ -170,37 +184,27 @@ def check_golden_rows(golden_rows, num_rows: int, golden_objective: str) -> None
                 "golden rows, which take the shaped term)"
             )
         return
-    if not isinstance(golden_rows, torch.Tensor) or golden_rows.shape != (num_rows,):
-        got = tuple(golden_rows.shape) if isinstance(golden_rows, torch.Tensor) else type(golden_rows).__name__
-        raise ValueError(f"golden_rows must be [B] = [{num_rows}] (one per row of cu_seqlens), got {got}")
+    if golden_rows.shape != (num_rows,):
+        raise ValueError(
+            f"golden_rows must be [B] = [{num_rows}] (one per row of cu_seqlens), got {tuple(golden_rows.shape)}"
+        )
     if golden_rows.dtype != torch.bool:
         raise TypeError(f"golden_rows must be a bool tensor, got {golden_rows.dtype}")
 
 
-def check_policy_inputs(
-    logp,
-    old_logp,
-    ref_logp,
-    advantages,
-    cu_seqlens,
-    mask,
-    beta,
-    sampling_weight=None,
-    normalizer=None,
-    golden_rows=None,
-    golden_objective="policy_ratio",
-) -> tuple[torch.Tensor, list[Pending]]:
-    """Validates the O(N) inputs of policy_loss: shapes eagerly, contents as pending checks (see the
-    module docstring). Returns (the mask, all True when None; the pending checks)."""
+def check_policy_inputs(logp, inputs, config) -> tuple[torch.Tensor, list[Pending]]:
+    """Validates the O(N) inputs of policy_loss (a LossInputs and a PolicyLossConfig): shapes eagerly,
+    contents as pending checks (see the module docstring). Returns (the mask, all True when None; the
+    pending checks)."""
+    old_logp, ref_logp, sampling_weight, mask = inputs.old_logp, inputs.ref_logp, inputs.sampling_weight, inputs.mask
+    advantages, cu_seqlens, golden_rows, beta = inputs.advantages, inputs.cu_seqlens, inputs.golden_rows, config.beta
+    check_tensor("logp", logp)
     if logp.dim() != 1:
         raise ValueError(f"logp must be [N], got shape {tuple(logp.shape)}")
     n = logp.shape[0]
     for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("sampling_weight", sampling_weight)):
-        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != logp.shape):
-            raise ValueError(
-                f"{name} must match logp's shape {tuple(logp.shape)}, "
-                f"got {tuple(getattr(t, 'shape', ())) if isinstance(t, torch.Tensor) else type(t)}"
-            )
+        if t is not None and t.shape != logp.shape:
+            raise ValueError(f"{name} must match logp's shape {tuple(logp.shape)}, got {tuple(t.shape)}")
         if t is not None and not t.is_floating_point():
             raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
     if mask is not None and mask.shape != logp.shape:
@@ -215,7 +219,7 @@ def check_policy_inputs(
         raise TypeError(f"advantages must be a float tensor, got {advantages.dtype}")
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp (the reference model's log-probs)")
-    check_golden_rows(golden_rows, advantages.shape[0], golden_objective)
+    check_golden_rows(golden_rows, advantages.shape[0], config.golden_objective)
     _same_device(
         {
             "logp": logp,
@@ -238,5 +242,5 @@ def check_policy_inputs(
                 "sampling_weight", ~(torch.isfinite(sampling_weight) & (sampling_weight >= 0)), "negative or non-finite"
             )
         )
-    pending += check_normalizer(normalizer, logp.device)
+    pending += check_normalizer(inputs.normalizer, logp.device)
     return (torch.ones_like(logp, dtype=torch.bool) if mask is None else mask.bool()), pending

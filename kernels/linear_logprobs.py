@@ -1,39 +1,31 @@
 """`linear_logprobs`: per-token log-probs (and entropy) of hidden @ weight.T, never forming [N, V].
 
     logp, ent = linear_logprobs(hidden [N, d], weight [V, d], targets [N], temperature=T,
-                                bias=None, ignore_index=-100, return_entropy=True)
+                                bias=None, ignore_index=IGNORE_INDEX, return_entropy=True,
+                                backend=Backend.AUTO, workspace_bytes=None)
 
 Differentiable w.r.t. hidden, weight and bias (entropy too). Under torch.no_grad() (old or
-reference log-probs) it costs one forward sweep and O(N) memory. The backend is chosen by device:
-`triton` on CUDA, `torch` elsewhere; `backend=` overrides (`triton` on CPU tensors runs only under
-the Triton interpreter, TRITON_INTERPRET=1, which the tests use).
+reference log-probs) it costs one forward sweep and O(N) memory. Backend.AUTO is Triton on CUDA and
+torch elsewhere (Backend.TRITON on CPU tensors runs only under the Triton interpreter,
+TRITON_INTERPRET=1, which the tests use). workspace_bytes bounds the only O(V) buffer (the torch
+backend's logits tile, the Triton backward's dZ slab of workspace_bytes // (V * itemsize) tokens);
+None sizes it for the device: 256 MiB on the CPU, on CUDA an eighth of the free memory clamped to
+[256 MiB, 4 GiB] (kernels/options.py: at V = 152064 fp32, 7061 tokens per chunk instead of 441).
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import torch
 
 from gcpo_fast.kernels.checks import check_finite_lse, check_linear_inputs, settle
-from gcpo_fast.kernels.logprob_torch import WORKSPACE_BYTES
-
-BACKENDS = ("triton", "torch")
-
-
-def select_backend(backend, device: torch.device):
-    """The engine module for `backend` (None: by device). Triton is imported only when used."""
-    if backend is None:
-        backend = "triton" if device.type == "cuda" else "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (got {device}); on the CPU use backend='torch' "
-            "or set TRITON_INTERPRET=1 before importing triton"
-        )
-    return importlib.import_module(f"gcpo_fast.kernels.logprob_{backend}")
+from gcpo_fast.kernels.options import (
+    IGNORE_INDEX,
+    Backend,
+    check_workspace,
+    logprob_engine,
+    resolve_backend,
+    workspace_for_device,
+)
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
@@ -78,18 +70,19 @@ def linear_logprobs(
     targets,
     temperature=1.0,
     bias=None,
-    ignore_index=-100,
+    ignore_index=IGNORE_INDEX,
     return_entropy=False,
-    backend=None,
-    workspace_bytes=WORKSPACE_BYTES,
+    backend=Backend.AUTO,
+    workspace_bytes=None,
 ):
     """log softmax((hidden @ weight.T + bias) / temperature)[targets] as fp32 [N] (and entropy [N]).
 
     Ignored targets (== ignore_index) give logp 0, entropy 0 and no gradient.
-    `workspace_bytes` bounds the only O(V) memory (one logits tile or chunk).
+    `workspace_bytes` bounds the only O(V) memory (one logits tile or chunk); None: sized for the device.
     """
     settle(check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index))
-    engine = select_backend(backend, hidden.device)
+    check_workspace(workspace_bytes)
+    engine = logprob_engine(resolve_backend(backend, hidden.device))
     logp, ent = LinearLogprobsFunction.apply(
         hidden,
         weight,
@@ -99,6 +92,6 @@ def linear_logprobs(
         int(ignore_index),
         bool(return_entropy),
         engine,
-        int(workspace_bytes),
+        workspace_for_device(workspace_bytes, hidden.device),
     )
     return (logp, ent) if return_entropy else logp

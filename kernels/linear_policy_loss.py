@@ -1,40 +1,56 @@
 """`linear_policy_loss`: linear_logprobs and policy_loss composed, the op the trainer calls.
 
-    loss, stats = linear_policy_loss(hidden [N, d], weight [V, d], targets [N], old_logp [N] | None,
-                                     advantages [B], cu_seqlens [B+1], loss_type="gcpo", ...)
+    config = PolicyLossConfig(importance_sampling_level="sequence", ...)     # once: math switches
+    inputs = LossInputs(advantages [B], cu_seqlens [B+1], old_logp=old [N], sampling_weight=..., ...)
+    loss, stats = linear_policy_loss(hidden [N, d], weight [V, d], targets [N], inputs, config,
+                                     bias=None, compute_entropy=False, return_logp=False)
 
-`old_logp=None` means on-policy: ratios are 1 in value and carry the gradient. Every option of
-`policy_loss` is accepted, `sampling_weight=`, `golden_rows=` (with golden_objective="shaped",
-LUFFY's shaped term on those rows) and `config=` included. The backward never forms
-[N, V]; two ways to get there:
+The log-probs are those of `linear_logprobs` at config.temperature (targets == IGNORE_INDEX do not
+count; inputs.mask, if given, drops more tokens); the loss is `policy_loss`'s on them, with every
+input of LossInputs (old_logp=None: on-policy, ratios 1 in value that carry the gradient;
+golden_rows with golden_objective="shaped": LUFFY's shaped term on those rows). The backward never
+forms [N, V]; two ways to get there:
 
 - gradient in the forward (torch backend, 6NVd): when d loss / d logp_t is known as soon as the
-  log-probs of the chunk holding token t are (on-policy, token-level ratios, GPG, shaped rows, or
-  sequence-level rows that each fit in one chunk), dX and dW are computed in the forward chunk by chunk and the
-  backward only scales them by the incoming gradient, as Liger's fused linear cross-entropy does.
+  log-probs of the chunk holding token t are (on-policy, token-level ratios, no ratio, shaped rows,
+  or sequence-level rows that each fit in one chunk; chunks of workspace_bytes // (4 V) tokens), dX
+  and dW are computed in the forward chunk by chunk and the backward only scales them by the
+  incoming gradient, as Liger's fused linear cross-entropy does.
 - recompute (8NVd): otherwise (sequence-level off-policy with a row longer than a chunk, and always
   on the triton backend), the forward keeps O(N) state and the backward recomputes the logits.
 `stats` holds TRL's clip metrics, `ratio_mean`, `kl` (beta > 0), `entropy` (compute_entropy=True)
 and `num_tokens`, as 0-d tensors computed in the same pass; with return_logp=True also `logp`, the
 per-token log-probs [N] (detached fp32), for metrics that need more than token means (per-row ones).
+
+config.workspace_bytes = None sizes the O(V) buffer for the device (kernels/options.py): 256 MiB on
+the CPU; on CUDA an eighth of the free memory, clamped to [256 MiB, 4 GiB], which at V = 152064 gives
+fp32 chunks of 7061 tokens (N = 16384: 3 chunks, N = 65536: 10) where 256 MiB gave 441 (38 and 149).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from gcpo_fast.kernels.checks import check_finite_lse, check_linear_inputs, check_policy_inputs, settle
-from gcpo_fast.kernels.linear_logprobs import select_backend
-from gcpo_fast.kernels.logprob_torch import WORKSPACE_BYTES
+from gcpo_fast.kernels.options import (
+    IGNORE_INDEX,
+    Backend,
+    LossInputs,
+    PolicyLossConfig,
+    logprob_engine,
+    resolve_backend,
+    workspace_for_device,
+)
 from gcpo_fast.kernels.policy_loss import (
     STAT_NAMES,
     batch_layout,
     batch_policy_terms,
-    detached,
+    check_config,
+    check_loss_inputs,
     finalize_stats,
-    options_config,
     policy_terms,
-    shaped_rows_of,
 )
 
 
@@ -61,58 +77,34 @@ def plan_chunks(cu_seqlens, n_tokens: int, chunk_tokens: int, rows_must_stay_who
 
 
 class LinearPolicyLossFunction(torch.autograd.Function):
+    """forward(hidden, weight, bias, targets, inputs, config, compute_entropy, return_logp); config is resolved
+    (a concrete backend and workspace_bytes). Only hidden, weight and bias get gradients."""
+
     @staticmethod
     def forward(
-        ctx,
-        hidden,
-        weight,
-        bias,
-        targets,
-        old_logp,
-        ref_logp,
-        advantages,
-        sampling_weight,
-        shaped_rows,
-        cu_seqlens,
-        cfg,
-        opts,
+        ctx, hidden, weight, bias, targets, inputs: LossInputs, cfg: PolicyLossConfig, compute_entropy, return_logp
     ):
-        temperature, ignore_index, normalizer, compute_entropy, engine, workspace_bytes, return_logp = opts
         needs = ctx.needs_input_grad[:3]
         needs_dx, needs_dw, needs_db = needs[0], needs[1], bias is not None and needs[2]
-        mask = targets != ignore_index
+        mask = targets != IGNORE_INDEX
+        if inputs.mask is not None:
+            mask = mask & inputs.mask.bool()
         n, v = hidden.shape[0], weight.shape[0]
-        on_triton = engine.__name__.endswith("logprob_triton")
+        engine = logprob_engine(cfg.backend)
         chunks = None
-        if any(needs) and not on_triton:
-            whole_rows = cfg.loss_type != "gpg" and cfg.importance_sampling_level == "sequence" and old_logp is not None
-            chunks = plan_chunks(cu_seqlens, n, max(1, workspace_bytes // (4 * v)), whole_rows)
+        if any(needs) and cfg.backend is Backend.TORCH:
+            whole_rows = cfg.importance_sampling_level == "sequence" and inputs.old_logp is not None
+            chunks = plan_chunks(inputs.cu_seqlens, n, max(1, cfg.workspace_bytes // (4 * v)), whole_rows)
 
         if chunks is not None:
-            rows, weight_tok, row_len, row_weight = batch_layout(mask, cu_seqlens, cfg, normalizer, sampling_weight)
+            layout = batch_layout(mask, inputs, cfg)
             acc = {
                 "loss": torch.zeros((), device=hidden.device),
                 "stats": torch.zeros(len(STAT_NAMES), device=hidden.device),
             }
 
             def grad_fn(n0, n1, logp):
-                def cut(t):
-                    return None if t is None else t[n0:n1]
-
-                loss, grad, stat_sums = policy_terms(
-                    logp,
-                    cut(old_logp),
-                    cut(ref_logp),
-                    advantages,
-                    weight_tok[n0:n1],
-                    mask[n0:n1],
-                    rows[n0:n1],
-                    row_len,
-                    row_weight,
-                    cfg,
-                    cut(sampling_weight),
-                    shaped_rows,
-                )
+                loss, grad, stat_sums = policy_terms(logp, (n0, n1), mask, layout, inputs, cfg)
                 acc["loss"] += loss
                 acc["stats"] = acc["stats"] + stat_sums
                 return grad
@@ -122,8 +114,8 @@ class LinearPolicyLossFunction(torch.autograd.Function):
                 weight,
                 bias,
                 targets,
-                temperature,
-                ignore_index,
+                cfg.temperature,
+                IGNORE_INDEX,
                 compute_entropy,
                 chunks,
                 grad_fn,
@@ -142,27 +134,15 @@ class LinearPolicyLossFunction(torch.autograd.Function):
                 weight,
                 bias,
                 targets,
-                temperature,
-                ignore_index,
+                cfg.temperature,
+                IGNORE_INDEX,
                 compute_entropy,
-                workspace_bytes=workspace_bytes,
+                workspace_bytes=cfg.workspace_bytes,
             )
             check_finite_lse(lse, hidden, weight, bias)
-            loss, grad, stat_sums = batch_policy_terms(
-                logp,
-                old_logp,
-                ref_logp,
-                advantages,
-                cu_seqlens,
-                mask,
-                cfg,
-                normalizer,
-                on_triton,
-                sampling_weight,
-                shaped_rows,
-            )
+            loss, grad, stat_sums = batch_policy_terms(logp, mask, inputs, cfg)
             ctx.save_for_backward(hidden, weight, bias, targets, lse, grad)
-            ctx.recompute = (temperature, ignore_index, engine, workspace_bytes, needs_dx, needs_dw, needs_db)
+            ctx.cfg, ctx.needs = cfg, (needs_dx, needs_dw, needs_db)
         ctx.fused = chunks is not None
         n_tok = mask.float().sum()
         stats = finalize_stats(stat_sums, n_tok, cfg)
@@ -185,8 +165,8 @@ class LinearPolicyLossFunction(torch.autograd.Function):
             ctx.grads = None
         else:
             hidden, weight, bias, targets, lse, grad = ctx.saved_tensors
-            temperature, ignore_index, engine, workspace_bytes, needs_dx, needs_dw, needs_db = ctx.recompute
-            dx, dw, db = engine.linear_logprob_backward(
+            cfg = ctx.cfg
+            dx, dw, db = logprob_engine(cfg.backend).linear_logprob_backward(
                 hidden,
                 weight,
                 bias,
@@ -195,107 +175,46 @@ class LinearPolicyLossFunction(torch.autograd.Function):
                 None,
                 grad * grad_loss,
                 None,
-                temperature,
-                ignore_index,
-                needs_dx,
-                needs_dw,
-                needs_db,
-                workspace_bytes,
+                cfg.temperature,
+                IGNORE_INDEX,
+                *ctx.needs,
+                cfg.workspace_bytes,
             )
-        return dx, dw, db, None, None, None, None, None, None, None, None, None
+        # targets, inputs, config, compute_entropy, return_logp take no gradient
+        return dx, dw, db, None, None, None, None, None
 
 
 def linear_policy_loss(
     hidden,
     weight,
     targets,
-    old_logp,
-    advantages,
-    cu_seqlens,
+    inputs: LossInputs,
+    config: PolicyLossConfig,
     *,
     bias=None,
-    temperature=1.0,
-    ignore_index=-100,
-    loss_type=None,
-    importance_sampling_level=None,
-    epsilon_low=None,
-    epsilon_high=None,
-    loss_agg_mode=None,
-    delta=None,
-    clip_ratio_c=None,
-    beta=None,
-    ref_logp=None,
-    normalizer=None,
-    max_completion_length=None,
-    sampling_weight=None,
-    golden_rows=None,
-    golden_objective=None,
-    golden_shaping_gamma=None,
-    config=None,
     compute_entropy=False,
     return_logp=False,
-    backend=None,
-    workspace_bytes=WORKSPACE_BYTES,
 ):
     """Fused clipped policy loss of packed completions from hidden states; returns (loss, stats).
 
     hidden [N, d] are the states that predict targets [N] (the completion tokens of B rows packed by
-    cu_seqlens [B+1]); weight [V, d] is the lm_head (tied embeddings: the embedding matrix).
-    Tokens whose target is ignore_index do not count. Options as in `policy_loss`.
+    inputs.cu_seqlens [B+1]); weight [V, d] is the lm_head (tied embeddings: the embedding matrix),
+    bias [V] or None. Tokens whose target is IGNORE_INDEX (or inputs.mask False) do not count.
+    inputs: the per-call tensors (`LossInputs`); config: the math switches, temperature, backend and
+    workspace bound (`PolicyLossConfig`). compute_entropy adds stats["entropy"] (token mean);
+    return_logp adds stats["logp"] [N].
     """
-    pending = check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index)
-    cfg = options_config(
-        config,
-        dict(
-            loss_type=loss_type,
-            importance_sampling_level=importance_sampling_level,
-            epsilon_low=epsilon_low,
-            epsilon_high=epsilon_high,
-            loss_agg_mode=loss_agg_mode,
-            delta=delta,
-            clip_ratio_c=clip_ratio_c,
-            beta=beta,
-            max_completion_length=max_completion_length,
-            golden_objective=golden_objective,
-            golden_shaping_gamma=golden_shaping_gamma,
-        ),
-    )
+    check_loss_inputs(inputs)
+    check_config(config)
+    pending = check_linear_inputs(hidden, weight, targets, bias, config.temperature, IGNORE_INDEX)
     fake_logp = torch.empty(hidden.shape[0], device=hidden.device)
-    pending += check_policy_inputs(
-        fake_logp,
-        old_logp,
-        ref_logp,
-        advantages,
-        cu_seqlens,
-        None,
-        cfg.beta,
-        sampling_weight,
-        normalizer,
-        golden_rows,
-        cfg.golden_objective,
-    )[1]
+    pending += check_policy_inputs(fake_logp, inputs, config)[1]
     settle(pending)
-    engine = select_backend(backend, hidden.device)
-    opts = (
-        float(temperature),
-        int(ignore_index),
-        normalizer,
-        bool(compute_entropy),
-        engine,
-        int(workspace_bytes),
-        bool(return_logp),
+    config = replace(
+        config,
+        backend=resolve_backend(config.backend, hidden.device),
+        workspace_bytes=workspace_for_device(config.workspace_bytes, hidden.device),
     )
     return LinearPolicyLossFunction.apply(
-        hidden,
-        weight,
-        bias,
-        targets,
-        detached(old_logp),
-        detached(ref_logp),
-        advantages.detach(),
-        detached(sampling_weight),
-        shaped_rows_of(golden_rows, cfg),
-        cu_seqlens,
-        cfg,
-        opts,
+        hidden, weight, bias, targets, inputs, config, bool(compute_entropy), bool(return_logp)
     )

@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gcpo_fast.kernels.policy_loss import LOG_RATIO_CLAMP, STAT_NAMES, PolicyLossConfig, aggregation_denominator
+from gcpo_fast.kernels.options import LossInputs, PolicyLossConfig
+from gcpo_fast.kernels.policy_loss import LOG_RATIO_CLAMP, STAT_NAMES, aggregation_denominator, shaped_rows_of
 
 BLOCK_TOKENS = 256
 NUM_WARPS = 4
@@ -93,7 +94,7 @@ def _policy_loss_row_kernel(
     HAS_KL: tl.constexpr,
     HAS_SW: tl.constexpr,
     SEQ_LEVEL: tl.constexpr,
-    GPG: tl.constexpr,
+    NO_RATIO: tl.constexpr,
     SHAPED: tl.constexpr,
     PER_ROW_MEAN: tl.constexpr,
     HAS_DELTA: tl.constexpr,
@@ -152,7 +153,7 @@ def _policy_loss_row_kernel(
             lr = (lp - tl.load(OLD + idx, mask=inb, other=0.0)) * m
         else:
             lr = tl.zeros([BLOCK], tl.float32)
-        if GPG:
+        if NO_RATIO:  # importance_sampling_level "none" (GPG)
             rho, _ = _clamped_exp(lr, CLAMP)
             loss = -A * lp
             grad = -A * w + tl.zeros([BLOCK], tl.float32)
@@ -178,7 +179,7 @@ def _policy_loss_row_kernel(
         if HAS_SW:
             c = tl.load(SW + idx, mask=inb, other=0.0)
             loss = loss * c
-            if GPG or not SEQ_LEVEL:  # at sequence level c is already inside W_i (row_coef)
+            if NO_RATIO or not SEQ_LEVEL:  # at sequence level c is already inside W_i (row_coef)
                 grad = grad * c
         if SHAPED:
             # f = sigmoid(x) and 1 - f = sigmoid(-x) from e = exp(-|x|) <= 1: no overflow for any lp
@@ -211,19 +212,10 @@ def _policy_loss_row_kernel(
     tl.store(out + 5, acc_kl)
 
 
-def policy_loss_triton(
-    logp,
-    old_logp,
-    ref_logp,
-    advantages,
-    cu_seqlens,
-    mask,
-    cfg: PolicyLossConfig,
-    normalizer=None,
-    sampling_weight=None,
-    shaped_rows=None,
-):
+def policy_loss_triton(logp, mask, inputs: LossInputs, cfg: PolicyLossConfig):
     """(loss 0-d fp32, grad_logp [N] fp32, stat_sums [len(STAT_NAMES)] fp32), like policy_terms on a batch."""
+    old_logp, ref_logp, sampling_weight = inputs.old_logp, inputs.ref_logp, inputs.sampling_weight
+    shaped_rows, cu_seqlens = shaped_rows_of(inputs, cfg), inputs.cu_seqlens
     n, num_rows = logp.shape[0], cu_seqlens.numel() - 1
     lp = logp.float().contiguous()
     old = lp if old_logp is None else old_logp.float().contiguous()
@@ -240,10 +232,10 @@ def policy_loss_triton(
             ref,
             sw,
             mask_i8,
-            advantages.float().contiguous(),
+            inputs.advantages.float().contiguous(),
             shaped,
             cu_seqlens.to(torch.int32).contiguous(),
-            aggregation_denominator(mask, num_rows, cfg, normalizer).float().reshape(1),
+            aggregation_denominator(mask, num_rows, cfg, inputs.normalizer).float().reshape(1),
             grad,
             out,
             cfg.epsilon_low,
@@ -257,7 +249,7 @@ def policy_loss_triton(
             HAS_SW=sampling_weight is not None,
             SHAPED=shaped_rows is not None,
             SEQ_LEVEL=cfg.importance_sampling_level == "sequence",
-            GPG=cfg.loss_type == "gpg",
+            NO_RATIO=cfg.importance_sampling_level == "none",
             PER_ROW_MEAN=cfg.loss_agg_mode == "seq-mean-token-mean",
             HAS_DELTA=cfg.delta is not None,
             HAS_CLIP_C=cfg.clip_ratio_c is not None,

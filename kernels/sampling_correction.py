@@ -4,7 +4,7 @@
     weight, metrics = sampling_weights(old_logp [N], sampling_logp [N], cu_seqlens [B+1], mask [N],
                                        mode="sequence_mask", clip_min=None, clip_max=3.0,
                                        not_sampled=golden [B] bool)
-    loss, stats = linear_policy_loss(..., old_logp=old_logp, sampling_weight=weight)
+    loss, stats = linear_policy_loss(..., LossInputs(..., old_logp=old_logp, sampling_weight=weight), config)
 
 An engine's log-probs v_t of the tokens it sampled differ from the trainer's old_t for the same
 weights (other kernels, precision, reduction order). Each token's policy term is then weighted by

@@ -109,7 +109,7 @@ def _step_worker(rank, world, port, cases, out):
         for name, model_dir, checkpointing in cases:
             cfg = step_config(model_dir)
             model, tokenizer = load(model_dir, checkpointing), AutoTokenizer.from_pretrained(model_dir)
-            policy = parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.rollout.temperature), "fsdp")
+            policy = parallelize(ModelWithLoss(model, cfg.loss_config()), "fsdp")
             head = model.get_output_embeddings().weight
             assert isinstance(head, torch.distributed.tensor.DTensor) and head.to_local().shape[0] < head.shape[0]
             mb = rank_rows(rank)
@@ -152,7 +152,7 @@ def test_one_sharded_step_equals_one_process_over_the_global_batch(tmp_path, mod
         optimizer, scheduler = sgd(model)
         # one process, the two ranks' rows as two micro-batches of one step
         metrics = step(
-            parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.rollout.temperature)),
+            parallelize(ModelWithLoss(model, cfg.loss_config())),
             optimizer,
             scheduler,
             [rank_rows(0), rank_rows(1)],
@@ -283,7 +283,7 @@ def _one_rank_worker(rank, world, port, model_dir, checkpoint, out):
     try:
         cfg = parse_config(run_args(model_dir, "x.jsonl", "x", 4))
         model = AutoModelForCausalLM.from_pretrained(checkpoint)
-        policy = parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.rollout.temperature), "fsdp")
+        policy = parallelize(ModelWithLoss(model, cfg.loss_config()), "fsdp")
         optimizer, _ = build_optimizer(model, cfg.optim, cfg.run.max_steps)
         policy.load_optimizer(optimizer, checkpoint, {})
         full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
@@ -316,6 +316,6 @@ def test_configuration_errors(tmp_path, models):
     check_checkpoint(tmp_path, "fsdp")
     cfg = parse_config(["--model", str(models["tied"])])
     model = AutoModelForCausalLM.from_pretrained(models["tied"])
-    policy = parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.rollout.temperature))
+    policy = parallelize(ModelWithLoss(model, cfg.loss_config()))
     with pytest.raises(ValueError, match="written with --parallelism fsdp"):  # a sharded checkpoint under ddp
         policy.load_optimizer(torch.optim.AdamW(model.parameters()), tmp_path, {"step": 2})

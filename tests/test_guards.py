@@ -61,7 +61,7 @@ def test_a_non_finite_step_is_skipped(files, one_thread):
     """NaN weights make the fused op's log-sum-exp non-finite: no optimizer or scheduler step, flagged."""
     cfg = parse_config(argv(files, "unused"))
     model = AutoModelForCausalLM.from_pretrained(files[0])
-    policy = parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.rollout.temperature))
+    policy = parallelize(ModelWithLoss(model, cfg.loss_config()))
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.run.max_steps)
     mb = pack(
         Rows([[1, 2, 3]] * 2, [[5, 6, 7], [8, 9]], [False, False], ["", ""], advantages=torch.tensor([1.0, -1.0])),

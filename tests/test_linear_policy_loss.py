@@ -1,56 +1,25 @@
 """linear_logprobs and linear_policy_loss, both backends, against fp64 references on materialised logits.
+Input checks: test_linear_policy_loss_inputs.py.
 
 The triton backend runs under the Triton interpreter on the CPU (conftest sets TRITON_INTERPRET=1)
 and compiled on a CUDA GPU; the torch backend runs wherever the tensors are.
 """
 
-import itertools
-
 import pytest
 import torch
-from test_policy_loss import random_sampling_weight, reference_policy_loss
+from policy_reference import (
+    IGNORE,
+    METHODS,
+    inputs_and_config,
+    make_inputs,
+    random_sampling_weight,
+    reference_logprobs,
+    reference_policy_loss,
+)
+from policy_reference import fused_loss as _fused
 
-from gcpo_fast.kernels import LOSS_RECIPES, PolicyLossConfig, linear_logprobs, linear_policy_loss
+from gcpo_fast.kernels import AGG_MODES, IS_LEVELS, linear_logprobs, linear_policy_loss
 from gcpo_fast.kernels.linear_policy_loss import plan_chunks
-from gcpo_fast.kernels.policy_loss import AGG_MODES
-
-IGNORE = -100
-
-
-def reference_logprobs(h, W, b, t, T):
-    """fp64 log-probs and entropies from the full [N, V] logits."""
-    z = h.double() @ W.double().T
-    if b is not None:
-        z = z + b.double()
-    logq = torch.log_softmax(z / T, dim=-1)
-    valid = t != IGNORE
-    logp = logq.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1) * valid
-    ent = -(logq.exp() * logq).sum(-1) * valid
-    return logp, ent
-
-
-def make_inputs(n, d, v, lengths=None, seed=0, dtype=torch.float32, device="cpu", bias=True, ignore_frac=0.1):
-    """Peaked logits (entropy ~0.3-2 nats) with targets drawn from the softmax, as in real rollouts."""
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(v, d, generator=g) / d**0.5
-    h = torch.randn(n, d, generator=g) * 2.5
-    b = torch.randn(v, generator=g) * 0.1 if bias else None
-    probs = torch.softmax(h @ W.T + (0 if b is None else b), -1)
-    t = torch.multinomial(probs, 1, generator=g).squeeze(1) if n else torch.zeros(0, dtype=torch.long)
-    t[torch.rand(n, generator=g) < ignore_frac] = IGNORE
-    lengths = lengths or [n]
-    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
-    adv = torch.randn(len(lengths), generator=g)
-    to = dict(device=device)
-    return (
-        h.to(dtype=dtype, **to),
-        W.to(dtype=dtype, **to),
-        None if b is None else b.to(dtype=dtype, **to),
-        t.to(**to),
-        adv.to(**to),
-        cu.to(**to),
-    )
-
 
 TOL = {
     torch.float32: dict(rtol=2e-4, atol=2e-5),
@@ -101,7 +70,6 @@ def test_forward_only_under_no_grad_is_one_pass_with_o_n_outputs():
 def _policy_case(
     backend,
     device,
-    loss_type,
     level,
     agg,
     dtype=torch.float32,
@@ -125,7 +93,6 @@ def _policy_case(
     ref_logp = (ref_lp + 0.1).float() if kw.get("beta") else None
     sw = random_sampling_weight(n, seed).float().to(device) if weighted else None
     opts = dict(
-        loss_type=loss_type,
         importance_sampling_level=level,
         loss_agg_mode=agg,
         epsilon_low=0.1,
@@ -139,17 +106,19 @@ def _policy_case(
         h,
         W,
         t,
-        old_logp,
-        adv,
-        cu,
+        *inputs_and_config(
+            adv,
+            cu,
+            old_logp=old_logp,
+            temperature=0.8,
+            ref_logp=ref_logp,
+            backend=backend,
+            workspace_bytes=workspace,
+            sampling_weight=sw,
+            **opts,
+        ),
         bias=b,
-        temperature=0.8,
-        ref_logp=ref_logp,
-        backend=backend,
-        workspace_bytes=workspace,
         compute_entropy=True,
-        sampling_weight=sw,
-        **opts,
     )
     loss.backward()
     h64, W64, b64 = (x.detach().double().requires_grad_() for x in (h, W, b))
@@ -160,7 +129,6 @@ def _policy_case(
         None if ref_logp is None else ref_logp.double(),
         adv.double(),
         cu,
-        loss_type=loss_type,
         level=level,
         eps_low=0.1,
         eps_high=0.12,
@@ -184,26 +152,24 @@ def _policy_case(
     return stats
 
 
-@pytest.mark.parametrize("loss_type", list(LOSS_RECIPES))
-@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("level", IS_LEVELS)
 @pytest.mark.parametrize("agg", AGG_MODES)
 @pytest.mark.parametrize("old", ["on", "off"])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_linear_policy_loss_torch_every_combination(device, loss_type, level, agg, old, weighted):
+def test_linear_policy_loss_torch_every_combination(device, level, agg, old, weighted):
     # workspace 4*64*7 bytes: chunks of 2 tokens for the gradient-in-forward sweep, so sequence-level
     # off-policy rows do not fit and take the recompute path; the rest take the 6NVd sweep.
-    _policy_case("torch", device, loss_type, level, agg, old=old, weighted=weighted)
+    _policy_case("torch", device, level, agg, old=old, weighted=weighted)
 
 
-@pytest.mark.parametrize("loss_type", list(LOSS_RECIPES))
+@pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("old", ["on", "off"])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_linear_policy_loss_triton_each_method(device, loss_type, old, weighted):
-    recipe = LOSS_RECIPES[loss_type]
+def test_linear_policy_loss_triton_each_method(device, method, old, weighted):
+    recipe = METHODS[method]
     _policy_case(
         "triton",
         device,
-        loss_type,
         recipe["importance_sampling_level"],
         recipe["loss_agg_mode"],
         old=old,
@@ -211,12 +177,12 @@ def test_linear_policy_loss_triton_each_method(device, loss_type, old, weighted)
     )
 
 
-@pytest.mark.parametrize("loss_type", list(LOSS_RECIPES))
-def test_linear_policy_loss_triton_sampling_weight_other_level(device, loss_type):
+@pytest.mark.parametrize("method", list(METHODS))
+def test_linear_policy_loss_triton_sampling_weight_other_level(device, method):
     """The triton backend, weighted, at the ratio level that is not the recipe's."""
-    recipe = LOSS_RECIPES[loss_type]
+    recipe = METHODS[method]
     level = "token" if recipe["importance_sampling_level"] == "sequence" else "sequence"
-    _policy_case("triton", device, loss_type, level, recipe["loss_agg_mode"], weighted=True)
+    _policy_case("triton", device, level, recipe["loss_agg_mode"], weighted=True)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -224,15 +190,15 @@ def test_linear_policy_loss_triton_sampling_weight_other_level(device, loss_type
 @pytest.mark.parametrize("weighted", [False, True])
 def test_linear_policy_loss_options(backend, device, option, weighted):
     for level in ("token", "sequence"):
-        _policy_case(backend, device, "grpo", level, "token-mean", weighted=weighted, **option)
+        _policy_case(backend, device, level, "token-mean", weighted=weighted, **option)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_linear_policy_loss_half_precision_and_tiny_batches(backend, device):
     for dtype in dtypes_for(backend, device)[1:]:
-        _policy_case(backend, device, "gcpo", "sequence", "seq-mean-token-mean", dtype=dtype)
-    _policy_case(backend, device, "dapo", "token", "token-mean", lengths=(1,))
-    _policy_case(backend, device, "gcpo", "sequence", "seq-mean-token-mean", lengths=(17,))
+        _policy_case(backend, device, "sequence", "seq-mean-token-mean", dtype=dtype)
+    _policy_case(backend, device, "token", "token-mean", lengths=(1,))
+    _policy_case(backend, device, "sequence", "seq-mean-token-mean", lengths=(17,))
 
 
 def test_sequence_rows_within_chunks_take_the_sweep_and_match_recompute(device):
@@ -240,18 +206,13 @@ def test_sequence_rows_within_chunks_take_the_sweep_and_match_recompute(device):
     lengths = (3, 5, 2, 4)
     assert plan_chunks(torch.tensor([0, 3, 8, 10, 14]), 14, 6, True) == [(0, 3), (3, 8), (8, 14)]
     assert plan_chunks(torch.tensor([0, 3, 8, 10, 14]), 14, 4, True) is None
-    fused = _policy_case(
-        "torch", device, "gcpo", "sequence", "seq-mean-token-mean", lengths=lengths, workspace=4 * 211 * 8
-    )
-    recompute = _policy_case(
-        "torch", device, "gcpo", "sequence", "seq-mean-token-mean", lengths=lengths, workspace=4 * 211 * 2
-    )
+    fused = _policy_case("torch", device, "sequence", "seq-mean-token-mean", lengths=lengths, workspace=4 * 211 * 8)
+    recompute = _policy_case("torch", device, "sequence", "seq-mean-token-mean", lengths=lengths, workspace=4 * 211 * 2)
     torch.testing.assert_close(fused["clip_ratio/region_mean"], recompute["clip_ratio/region_mean"])
     for workspace in (4 * 211 * 8, 4 * 211 * 2):  # both paths with a sampling weight
         _policy_case(
             "torch",
             device,
-            "gcpo",
             "sequence",
             "seq-mean-token-mean",
             lengths=lengths,
@@ -267,9 +228,7 @@ def test_two_identical_calls_are_bitwise_equal(backend, device):
         h, W, b, t, adv, cu = make_inputs(31, 24, 150, [10, 21], seed=4, device=device)
         h.requires_grad_(), W.requires_grad_()
         old = torch.zeros(31, device=device) - 1.0
-        loss, stats = linear_policy_loss(
-            h, W, t, old, adv, cu, bias=b, loss_type="gcpo", backend=backend, workspace_bytes=4 * 32 * 40
-        )
+        loss, stats = _fused(h, W, t, old, adv, cu, bias=b, backend=backend, workspace_bytes=4 * 32 * 40)
         loss.backward()
         results.append((loss.detach(), h.grad, W.grad, stats["ratio_mean"]))
     for a, b_ in zip(*results):
@@ -280,12 +239,13 @@ def test_custom_normalizer_makes_micro_batches_add_up(device):
     """token-mean with the step's global token count: two half-batches sum to the whole batch."""
     h, W, b, t, adv, cu = make_inputs(20, 16, 90, [6, 4, 10], seed=2, device=device, ignore_frac=0.0)
     W.requires_grad_()
-    whole, _ = linear_policy_loss(h, W, t, None, adv, cu, loss_type="dapo", normalizer=20.0)
+    dapo = dict(METHODS["dapo"], normalizer=20.0)
+    whole, _ = _fused(h, W, t, None, adv, cu, **dapo)
     whole.backward()
     g_whole = W.grad.clone()
     W.grad = None
-    first, _ = linear_policy_loss(h[:10], W, t[:10], None, adv[:2], cu[:3], loss_type="dapo", normalizer=20.0)
-    second, _ = linear_policy_loss(h[10:], W, t[10:], None, adv[2:], cu[2:] - 10, loss_type="dapo", normalizer=20.0)
+    first, _ = _fused(h[:10], W, t[:10], None, adv[:2], cu[:3], **dapo)
+    second, _ = _fused(h[10:], W, t[10:], None, adv[2:], cu[2:] - 10, **dapo)
     (first + second).backward()
     torch.testing.assert_close(first + second, whole)
     torch.testing.assert_close(W.grad, g_whole)
@@ -297,12 +257,12 @@ def test_return_logp_gives_the_log_probs_and_changes_nothing_else(backend, devic
     """return_logp=True adds stats["logp"] (the reference log-probs, 0 where ignored) on every path."""
     h, W, b, t, adv, cu = make_inputs(23, 16, 97, [9, 14], seed=5, device=device)
     old = None if path == "sweep" else torch.full((23,), -4.0, device=device)
-    kwargs = dict(bias=b, loss_type="gcpo", backend=backend, temperature=0.7, workspace_bytes=4 * 97 * 4)
+    kwargs = dict(bias=b, backend=backend, temperature=0.7, workspace_bytes=4 * 97 * 4)
     results = []
     for return_logp in (False, True):
         W.grad = None
         W.requires_grad_(path != "no_grad")
-        loss, stats = linear_policy_loss(h, W, t, old, adv, cu, return_logp=return_logp, **kwargs)
+        loss, stats = _fused(h, W, t, old, adv, cu, return_logp=return_logp, **kwargs)
         if path != "no_grad":
             loss.backward()
         results.append((loss.detach(), W.grad, stats))
@@ -314,170 +274,49 @@ def test_return_logp_gives_the_log_probs_and_changes_nothing_else(backend, devic
     _close(stats1["logp"], ref, torch.float32)
 
 
-def _args(**over):
-    h, W, b, t, adv, cu = make_inputs(9, 8, 30, [4, 5], seed=1)
-    args = dict(hidden=h, weight=W, targets=t, old_logp=None, advantages=adv, cu_seqlens=cu, bias=b)
-    args.update(over)
-    return args
-
-
-@pytest.mark.parametrize(
-    "over, err, match",
-    [
-        (dict(hidden=torch.zeros(9, 7)), ValueError, "disagree on d"),
-        (dict(targets=torch.zeros(8, dtype=torch.long)), ValueError, r"targets must be \[N\] = \[9\]"),
-        (dict(targets=torch.full((9,), 30)), ValueError, r"targets\[0\] = 30 is outside \[0, V=30\)"),
-        (dict(targets=torch.full((9,), -1)), ValueError, "is outside"),
-        (dict(targets=torch.zeros(9)), TypeError, "targets must be int64"),
-        (dict(hidden=torch.zeros(9, 8, dtype=torch.float64)), TypeError, "fp32/fp16/bf16"),
-        (dict(hidden=torch.zeros(9, 8, dtype=torch.float16)), TypeError, "share a dtype"),
-        (dict(bias=torch.zeros(29)), ValueError, r"bias must be \[V\] = \[30\]"),
-        (dict(weight=torch.zeros(30, 8, device="meta")), ValueError, "one device"),
-        (
-            dict(cu_seqlens=torch.tensor([0, 5, 4, 9], dtype=torch.int32), advantages=torch.zeros(3)),
-            ValueError,
-            "non-decreasing",
-        ),
-        (dict(cu_seqlens=torch.tensor([0, 4, 12], dtype=torch.int32)), ValueError, "end at N=9"),
-        (dict(advantages=torch.zeros(3)), ValueError, r"advantages must be \[B\] = \[2\]"),
-        (dict(old_logp=torch.zeros(10)), ValueError, "old_logp must match"),
-        (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
-        (dict(temperature=float("nan")), ValueError, "temperature must be a finite number > 0, got nan"),
-        # the probes of non-finite and out-of-range inputs: each was a silent NaN / inf / sign flip, or a traceback
-        (
-            dict(weight=torch.zeros(0, 8), bias=None, targets=torch.full((9,), IGNORE)),
-            ValueError,
-            r"weight must have at least one row \(V >= 1\)",
-        ),
-        (
-            dict(old_logp=torch.tensor([0.0] * 5 + [float("nan")] * 4)),
-            ValueError,
-            r"old_logp has 4 non-finite value\(s\), the first at token 5",
-        ),
-        (dict(advantages=torch.tensor([float("inf"), 0.0])), ValueError, "advantages has 1 non-finite .* token 0"),
-        (dict(ref_logp=torch.full((9,), float("nan")), beta=0.1), ValueError, "ref_logp has 9 non-finite"),
-        (dict(normalizer=-1.0), ValueError, "normalizer must be a finite number > 0, got -1.0"),
-        (dict(normalizer=0), ValueError, "normalizer must be a finite number > 0, got 0"),
-        (dict(beta=float("nan")), ValueError, "beta must be a finite number >= 0, got nan"),
-        (dict(epsilon_low=float("nan")), ValueError, r"epsilon_low must be a finite number in \[0, 1\), got nan"),
-        (dict(epsilon_low=2), ValueError, r"epsilon_low must be a finite number in \[0, 1\), got 2"),
-        (dict(sampling_weight=torch.ones(10)), ValueError, r"sampling_weight must match logp's shape \(9,\)"),
-        (dict(sampling_weight=torch.ones(9, dtype=torch.bool)), TypeError, "sampling_weight must be a float tensor"),
-        (dict(sampling_weight=torch.full((9,), -1.0)), ValueError, "sampling_weight has 9 negative or non-finite"),
-        (
-            dict(config=PolicyLossConfig.resolve("grpo"), loss_type="grpo"),
-            ValueError,
-            "either config= or the loss options, not both",
-        ),
-    ],
-)
-def test_bad_input_gets_a_clear_error(over, err, match):
-    args = _args(**over)
-    with pytest.raises(err, match=match):
-        linear_policy_loss(**args)
-
-
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_non_finite_hidden_is_detected(backend, device):
-    h, W, b, t, adv, cu = make_inputs(9, 8, 30, [4, 5], seed=1, device=device)
-    h[6, 3] = float("nan")
-    with pytest.raises(FloatingPointError, match="hidden has non-finite values .first at token 6"):
-        linear_policy_loss(h, W, t, None, adv, cu, backend=backend)
-    h[6, 3] = float("inf")
-    with pytest.raises(FloatingPointError, match="hidden"):
-        linear_logprobs(h, W, t, backend=backend)
-    h[6, 3] = 0.0
-    W[2, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match="weight has non-finite"):
-        linear_logprobs(h, W, t, backend=backend)
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_ready_config_and_sampling_weight_of_ones(backend, device):
-    """config= gives the loose options' result; a weight of ones gives the unweighted one, bitwise."""
+def test_sampling_weight_of_ones(backend, device):
+    """A weight of ones gives the unweighted result, bitwise."""
     h, W, b, t, adv, cu = make_inputs(23, 16, 70, [9, 8, 6], seed=3, device=device)
     old = torch.zeros(23, device=device) - 1.5
-    opts = dict(loss_type="gspo", epsilon_low=0.1, epsilon_high=0.2)
+    opts = dict(METHODS["gcpo"], epsilon_low=0.1, epsilon_high=0.2)
     results = []
     ones = torch.ones(23, device=device)
-    for kw in (opts, dict(config=PolicyLossConfig.resolve(**opts)), dict(opts, sampling_weight=ones)):
+    for kw in (opts, dict(opts, sampling_weight=ones)):
         Wg = W.clone().requires_grad_()
-        loss, _ = linear_policy_loss(h, Wg, t, old, adv, cu, bias=b, backend=backend, workspace_bytes=4 * 70 * 9, **kw)
+        loss, _ = _fused(h, Wg, t, old, adv, cu, bias=b, backend=backend, workspace_bytes=4 * 70 * 9, **kw)
         loss.backward()
         results.append((loss.detach(), Wg.grad))
     for loss, grad in results[1:]:
         assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
 
 
-def test_input_checks_read_the_device_once(monkeypatch):
-    """All content checks (targets, cu_seqlens, finite inputs, sampling weight, tensor normalizer) cost one
-    read-back: policy_loss reads the device once, linear_policy_loss twice (+ the LSE check after the forward),
-    and once more where the torch backend keeps sequence-level off-policy rows whole in its chunks."""
-    reads = []
-    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__"):
-        original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(
-            torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k: reads.append(_n) or _f(self, *a, **k)
-        )
-    from gcpo_fast.kernels import policy_loss
-
-    h, W, b, t, adv, cu = make_inputs(20, 8, 30, [7, 13], seed=5, ignore_frac=0.0)
-    old, ref, sw = torch.randn(20), torch.randn(20), torch.rand(20)
-    for backend in ("torch", "triton"):
-        reads.clear()
-        policy_loss(
-            torch.randn(20, requires_grad=True),
-            old,
-            adv,
-            cu,
-            loss_type="grpo",
-            beta=0.1,
-            ref_logp=ref,
-            sampling_weight=sw,
-            normalizer=torch.tensor(3.0),
-            backend=backend,
-        )
-        assert reads == ["tolist"], (backend, reads)
-    for backend, loss_type, expected in (("triton", "gspo", 2), ("torch", "grpo", 2), ("torch", "gspo", 3)):
-        reads.clear()
-        linear_policy_loss(
-            h,
-            W.requires_grad_(),
-            t,
-            old,
-            adv,
-            cu,
-            loss_type=loss_type,
-            beta=0.1,
-            ref_logp=ref,
-            sampling_weight=sw,
-            backend=backend,
-        )
-        assert len(reads) == expected, (backend, loss_type, reads)
-
-
 GOLDEN = torch.tensor([True, False, True, False, True, False])  # a 6-, the ignored 9- and the 13-token row
 
 
-@pytest.mark.parametrize("loss_type", list(LOSS_RECIPES))
-@pytest.mark.parametrize("level", ["token", "sequence"])
+# (ratio level, aggregation) of every method, at both ratio levels where it has one
+SHAPED_CASES = sorted(
+    {
+        (level, m["loss_agg_mode"])
+        for m in METHODS.values()
+        for level in (("none",) if m["importance_sampling_level"] == "none" else ("token", "sequence"))
+    }
+)
+
+
+@pytest.mark.parametrize("level, agg", SHAPED_CASES)
 @pytest.mark.parametrize("old", ["on", "off"])
-def test_linear_policy_loss_shaped_golden_rows_torch(device, loss_type, level, old):
+def test_linear_policy_loss_shaped_golden_rows_torch(device, level, agg, old):
     """Shaped golden rows on both torch paths: the default workspace takes the 6NVd sweep except at sequence
     level off-policy (recompute); a workspace whose chunks hold whole rows takes the sweep there too."""
-    agg = LOSS_RECIPES[loss_type]["loss_agg_mode"]
     for workspace in (4 * 64 * 7, 4 * 211 * 16):
-        _policy_case("torch", device, loss_type, level, agg, old=old, golden=GOLDEN, workspace=workspace)
+        _policy_case("torch", device, level, agg, old=old, golden=GOLDEN, workspace=workspace)
 
 
-@pytest.mark.parametrize("loss_type", list(LOSS_RECIPES))
+@pytest.mark.parametrize("level, agg", SHAPED_CASES)
 @pytest.mark.parametrize("old", ["on", "off"])
-def test_linear_policy_loss_shaped_golden_rows_triton(device, loss_type, old):
-    for level in ("token", "sequence"):
-        _policy_case(
-            "triton", device, loss_type, level, LOSS_RECIPES[loss_type]["loss_agg_mode"], old=old, golden=GOLDEN
-        )
+def test_linear_policy_loss_shaped_golden_rows_triton(device, level, agg, old):
+    _policy_case("triton", device, level, agg, old=old, golden=GOLDEN)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -486,7 +325,6 @@ def test_linear_policy_loss_shaped_with_options(backend, device):
         _policy_case(
             backend,
             device,
-            "grpo",
             level,
             "seq-mean-token-sum",
             golden=GOLDEN,
@@ -497,7 +335,7 @@ def test_linear_policy_loss_shaped_with_options(backend, device):
             clip_ratio_c=1.05,
             normalizer=11.0,
         )
-    _policy_case(backend, device, "gcpo", "sequence", "seq-mean-token-mean", dtype=torch.float16, golden=GOLDEN)
+    _policy_case(backend, device, "sequence", "seq-mean-token-mean", dtype=torch.float16, golden=GOLDEN)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -511,7 +349,7 @@ def test_linear_policy_loss_policy_ratio_ignores_golden_rows_bitwise(backend, de
         dict(golden_rows=GOLDEN.to(device), golden_objective="shaped"),
     ):
         Wg = W.clone().requires_grad_()
-        loss, stats = linear_policy_loss(h, Wg, t, old, adv, cu, bias=b, loss_type="gcpo", backend=backend, **kw)
+        loss, stats = _fused(h, Wg, t, old, adv, cu, bias=b, backend=backend, **kw)
         loss.backward()
         results.append((loss.detach(), Wg.grad, stats))
     (plain, g_plain, s_plain), (ignored, g_ignored, s_ignored), (shaped, g_shaped, _) = results
@@ -520,16 +358,22 @@ def test_linear_policy_loss_policy_ratio_ignores_golden_rows_bitwise(backend, de
     assert not torch.equal(plain, shaped) and not torch.equal(g_plain, g_shaped)
 
 
-@pytest.mark.parametrize(
-    "over, err, match",
-    [
-        (dict(golden_objective="shaped"), ValueError, "golden_objective='shaped' needs golden_rows"),
-        (dict(golden_rows=torch.ones(3, dtype=torch.bool)), ValueError, r"golden_rows must be \[B\] = \[2\]"),
-        (dict(golden_rows=torch.ones(2, dtype=torch.int64)), TypeError, "golden_rows must be a bool tensor"),
-        (dict(golden_shaping_gamma=0), ValueError, "golden_shaping_gamma must be a finite number > 0, got 0"),
-        (dict(golden_objective="p_div_p"), ValueError, "golden_objective must be one of"),
-    ],
-)
-def test_bad_golden_options_get_a_clear_error(over, err, match):
-    with pytest.raises(err, match=match):
-        linear_policy_loss(**_args(**over))
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inputs_mask_drops_tokens_like_ignored_targets(backend, device):
+    """LossInputs.mask in linear_policy_loss: the tokens it drops count as if their target were IGNORE_INDEX."""
+    h, W, b, t, adv, cu = make_inputs(23, 16, 70, [9, 8, 6], seed=6, device=device, ignore_frac=0.0)
+    old = torch.zeros(23, device=device) - 1.5
+    mask = torch.ones(23, dtype=torch.bool, device=device)
+    mask[[1, 4, 9, 10, 22]] = False
+    results = []
+    for targets, kw in ((t, dict(mask=mask)), (torch.where(mask, t, IGNORE), {})):
+        Wg, hg = W.clone().requires_grad_(), h.clone().requires_grad_()
+        loss, stats = _fused(hg, Wg, targets, old, adv, cu, bias=b, backend=backend, compute_entropy=True, **kw)
+        loss.backward()
+        results.append((loss.detach(), hg.grad, Wg.grad, stats))
+    (loss_m, dh_m, dw_m, s_m), (loss_i, dh_i, dw_i, s_i) = results
+    torch.testing.assert_close(loss_m, loss_i)
+    torch.testing.assert_close(dh_m, dh_i)
+    torch.testing.assert_close(dw_m, dw_i)
+    assert torch.all(dh_m[~mask] == 0)
+    assert s_m.keys() == s_i.keys() and all(torch.allclose(s_m[k], s_i[k]) for k in s_m)

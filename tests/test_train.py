@@ -78,7 +78,7 @@ def sgd(model):
 
 
 def policy_of(model, cfg):
-    return parallelize(ModelWithLoss(model, cfg.loss_config(), cfg.rollout.temperature))
+    return parallelize(ModelWithLoss(model, cfg.loss_config()))
 
 
 def step(policy, optimizer, scheduler, micro_batches, cfg):

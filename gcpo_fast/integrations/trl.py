@@ -7,8 +7,9 @@
 Only the loss changes. `compute_loss` runs the model to its last hidden states (the lm_head sees one
 position per row: `logits_to_keep=1`), takes the states of TRL's padded [B, P+C] batch that predict
 completion tokens as packed rows (cu_seqlens from the completion mask), and hands them with the lm_head
-weight to `linear_policy_loss`, with TRL's options (loss_type grpo | dapo | dr_grpo | bnpo,
-importance_sampling_level, epsilon / epsilon_high, delta, temperature) and TRL's divisor (`trl_divisor`).
+weight to `linear_policy_loss`, with TRL's options mapped onto the kernel's math switches (`loss_config`:
+TRL's loss_type grpo | dapo | dr_grpo | bnpo picks only the aggregation, which `trl_divisor` gives with
+TRL's divisor; importance_sampling_level, epsilon / epsilon_high, delta and temperature carry over).
 The metrics TRL logs from its loss (entropy, clip_ratio/{low,high,region}_mean, low_min, high_max) are
 computed from the fused op's per-token log-probs with TRL's definitions: token means at the token level,
 means over rows at the sequence level, reduced over ranks as TRL does.
@@ -27,7 +28,8 @@ importance-sampling correction (use_vllm with vllm_importance_sampling_correctio
 sapo, vespo, luspo, MoE router aux loss, lm_heads that are not a plain Linear (a PEFT adapter on it) and
 models that transform their logits (softcapping, logit scale). Vision inputs and token types raise on
 the first batch.
-The vLLM correction needs a per-token weight on the loss, which the fused op does not take yet.
+The fused op does take the per-token weight the vLLM correction needs (LossInputs.sampling_weight, as the
+trainer's own vLLM path uses it); this subclass does not pass TRL's importance_sampling_ratio to it yet.
 The model must accept `output_hidden_states` and `logits_to_keep` (every causal LM in transformers does).
 Tested also with two CPU ranks under DDP (the forward goes through the wrapper, so its gradient hooks
 run) and with gradient checkpointing.
@@ -52,7 +54,7 @@ try:
 except ImportError as err:
     raise ImportError("gcpo_fast.integrations.trl needs TRL: pip install 'trl>=1.10,<1.17'") from err
 
-from gcpo_fast.kernels import linear_policy_loss
+from gcpo_fast.kernels import Backend, LossInputs, PolicyLossConfig, linear_policy_loss
 from gcpo_fast.kernels.policy_loss import row_index, row_sums
 from gcpo_fast.packing import lm_head_weight
 
@@ -112,7 +114,8 @@ def unsupported_option(args, model=None) -> str | None:
             "vllm_importance_sampling_correction",
             args.vllm_importance_sampling_correction,
             args.use_vllm and args.vllm_importance_sampling_correction,
-            "no per-token sampling weight in the fused op yet; set it False or use trl.GRPOTrainer",
+            "TRL's importance_sampling_ratio is not passed to the fused op's sampling_weight yet; "
+            "set it False or use trl.GRPOTrainer",
         ),
         (
             "router_aux_loss_coef",
@@ -179,7 +182,7 @@ class FusedGRPOTrainer(GRPOTrainer):
     """GRPOTrainer whose loss is `linear_policy_loss`; see the module docstring.
 
     Extra arguments: self_check_every (int or None: check the first micro-batch only), self_check_tolerance
-    (None: 1e-5 in fp32, 1e-2 under bf16/fp16), backend ("triton" | "torch" | None: by device).
+    (None: 1e-5 in fp32, 1e-2 under bf16/fp16), backend (a Backend or "triton" | "torch" | "auto": by device).
     """
 
     def __init__(
@@ -187,7 +190,7 @@ class FusedGRPOTrainer(GRPOTrainer):
         *args,
         self_check_every: int | None = None,
         self_check_tolerance: float | None = None,
-        backend: str | None = None,
+        backend: Backend | str = Backend.AUTO,
         **kwargs,
     ):
         if self_check_every is not None and self_check_every < 1:
@@ -267,23 +270,25 @@ class FusedGRPOTrainer(GRPOTrainer):
             hidden,
             weight,
             targets,
-            old,
-            advantages,
-            cu_seqlens,
+            LossInputs(advantages, cu_seqlens, old_logp=old, normalizer=normalizer),
+            self.loss_config(agg),
             bias=bias,
-            temperature=self.args.temperature,
-            loss_type=self.args.loss_type,
+            compute_entropy=True,
+            return_logp=True,
+        )
+        return loss, stats, (old, advantages, cu_seqlens)
+
+    def loss_config(self, loss_agg_mode: str) -> PolicyLossConfig:
+        """The kernel's switches for TRL's options: TRL's loss types differ only in the aggregation (given)."""
+        return PolicyLossConfig(
             importance_sampling_level=self.args.importance_sampling_level,
             epsilon_low=self.clip_box[0],
             epsilon_high=self.clip_box[1],
+            loss_agg_mode=loss_agg_mode,
             delta=self.args.delta,
-            loss_agg_mode=agg,
-            normalizer=normalizer,
-            compute_entropy=True,
-            return_logp=True,
+            temperature=self.args.temperature,
             backend=self.backend,
         )
-        return loss, stats, (old, advantages, cu_seqlens)
 
     def divisor(self, mask, inputs: dict, mode: str):
         """(loss_agg_mode, normalizer) of this micro-batch: `trl_divisor` with this trainer's state."""
