@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from benchmarks.gpu_check.plan import ROOT, stages
@@ -49,6 +50,8 @@ def main(argv=None) -> None:
     from benchmarks.gpu_check import figures, runner
 
     a = parse_args(argv)
+    if a.budget <= 0:
+        sys.exit(f"gpu_check: error: --budget {a.budget:g}: must be positive (seconds)")
     work = Path(a.work or tempfile.mkdtemp(prefix="gpu_check_"))
     plan = stages(work, rehearsal=a.cpu_rehearsal)
     if a.stages:
@@ -72,11 +75,12 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.log").write_text("")
-    info = runner.env_info(timeout=120)
+    start = time.monotonic()  # the budget counts the machine probe too
+    info = runner.env_info(timeout=min(60.0, a.budget / 4))
     peak = a.peak_tflops or figures.peak_tflops(info.get("gpu"))
     report = runner.Report(out, info, a.budget, a.cpu_rehearsal, sys.argv[1:] if argv is None else argv, peak)
     try:
-        runner.run_all(plan, out, work, a.budget, report, peak)
+        runner.run_all(plan, out, work, a.budget, report, peak, start)
     finally:
         if a.work is None:
             shutil.rmtree(work, ignore_errors=True)
