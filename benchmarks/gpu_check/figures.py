@@ -82,12 +82,14 @@ def train(res: dict | None, peak: float | None) -> tuple[dict, list[str]]:
     fig: dict = dict(exit=res.get("exit"), steps=len(steps), peak_mem_GiB=round(res["peak_mem_bytes"] / GiB, 2))
     fig["mem_method"] = res.get("mem_method")
     fig["fused_op"] = res.get("fused_op")
+    if res.get("error"):
+        fig["error"] = res["error"]
     if not timed:
-        return fig, ["no step finished"]
+        return fig, [f"no step finished: {res.get('error')}"]
     med = lambda key: statistics.median(s.get(key, 0.0) for s in timed)  # noqa: E731
     update, tokens = med("timing/update"), med("tokens")
     fig.update(
-        params_B=round(res["params"] / 1e9, 4),
+        params_B=res["params"] and round(res["params"] / 1e9, 4),
         step_s=round(med("step_time"), 3),
         update_s=round(update, 3),
         first_step_s=round(steps[0]["step_time"], 3),
@@ -96,7 +98,7 @@ def train(res: dict | None, peak: float | None) -> tuple[dict, list[str]]:
         phases_s={k[7:]: round(med(k), 3) for k in sorted({k for s in timed for k in s if k.startswith("timing/")})},
         losses=[s.get("loss") for s in steps],
     )
-    if update and peak:
+    if update and peak and res["params"]:
         fig["mfu"] = round(6 * res["params"] * tokens / update / (peak * 1e12), 4)
     line = (
         f"update {fig['update_s']} s for {fig['tokens_per_step']} tokens ({fig['update_tokens_per_s']} tokens/s), "

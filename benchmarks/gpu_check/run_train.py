@@ -10,7 +10,8 @@ Everything after `--` goes to `gcpo_fast.train.main` unchanged. Written to --jso
 - `params`: the model's parameter count (tied embeddings once), read from its config on the meta device;
 - `fused_op`: the dtypes and shapes of the hidden states and lm_head weight the fused loss received, and
   how many calls (see `watch_fused_op`);
-- `exit`: the trainer's exit status (0, or what its SystemExit carried).
+- `exit`, `error`: the trainer's exit status, and its error line or exception (an out-of-memory error keeps
+  the peak memory it reached).
 With --skip_final_checkpoint the run writes no checkpoint (the trainer always saves at max_steps; for a
 1.5 B model that is 18 GB of weights and AdamW state and tens of seconds that measure the disk).
 
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -62,11 +64,16 @@ def option(argv: list[str], name: str, default=None):
     return values[-1] if values else default
 
 
-def parameter_count(model: str) -> int:
+def parameter_count(model: str) -> int | None:
+    """The model folder's parameter count, None if its config cannot be read (the trainer said why)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError):
+        return None
     with torch.device("meta"):
-        m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
+        m = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in m.parameters())  # parameters() yields a tied weight once
 
 
@@ -115,17 +122,23 @@ def main(argv=None) -> None:
         skip_final_checkpoint()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    status = 0
+    status, error = 0, None
     try:
         train.main(train_argv)
     except SystemExit as e:
         status = e.code if isinstance(e.code, int) else 1
-        print(e.code, file=sys.stderr)
+        error = None if status == 0 else str(e.code)
+        if error:
+            print(error, file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - an out-of-memory error's peak memory is a figure too
+        traceback.print_exc()
+        status, error = 1, f"{type(e).__name__}: {str(e)[:500]}"
     peak, method = peak_memory()
     if int(os.environ.get("RANK", "0")) == 0:
         model = option(train_argv, "model", DEFAULT_MODEL)
         result = dict(
             exit=status,
+            error=error,
             argv=train_argv,
             steps=read_steps(option(train_argv, "output_dir", "runs/gcpo")),
             peak_mem_bytes=peak,
