@@ -100,7 +100,7 @@ def test_cpu_rehearsal_runs_every_stage_to_the_end(tmp_path):
     assert set(status.values()) == {"passed"}, status
     fig = {s["name"]: s["figures"] for s in saved["stages"]}
     assert fig["tests"]["passed"] > 0 and "failed" not in fig["tests"]
-    assert "no CUDA device" in fig["kernel_regs"]["skipped"]
+    assert "no CUDA device" in fig["kernel_regs"]["skipped"] and fig["kernel_regs"]["jit_functions"] >= 2
     for name in ("update", "update_ckpt", "fsdp", "default"):
         f = fig[name]
         assert f["exit"] == 0 and f["steps"] >= 2 and f["tokens_per_step"] > 0 and f["peak_mem_GiB"] > 0, name

@@ -62,7 +62,7 @@ def kernel_regs(res: dict | None) -> tuple[dict, list[str]]:
     figures = dict(kernels=len(rows), max_registers=max((r["registers"] for r in rows), default=None))
     figures["spilling"] = [r["kernel"] for r in rows if r["spills"] > 0]
     if "skipped" in res:
-        figures["skipped"] = res["skipped"]
+        figures.update(skipped=res["skipped"], jit_functions=len(res.get("jit_functions", [])))
         return figures, [f"skipped: {res['skipped']}; @triton.jit functions found: {res.get('jit_functions')}"]
     md = ["| kernel | regs | spills | smem B | warps | stages |", "|---|---|---|---|---|---|"]
     md += [

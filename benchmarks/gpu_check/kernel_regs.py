@@ -14,7 +14,9 @@ machine. Without CUDA (the CPU rehearsal) there is nothing compiled: the result 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import pkgutil
 import sys
 from pathlib import Path
 
@@ -22,7 +24,12 @@ import torch
 
 
 def jit_functions() -> dict[str, object]:
-    """Every @triton.jit function (autotuners unwrapped) in the loaded gcpo_fast.kernels modules, by name."""
+    """Every @triton.jit function (autotuners unwrapped) in the gcpo_fast.kernels modules, by name (the launchers
+    import their Triton modules lazily: every module of the package is imported first)."""
+    import gcpo_fast.kernels as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"gcpo_fast.kernels.{info.name}")
     found = {}
     for name, module in list(sys.modules.items()):
         if not name.startswith("gcpo_fast.kernels") or module is None:
@@ -80,8 +87,6 @@ def main(argv=None) -> None:
     ap.add_argument("--v", type=int, default=151936, help="vocabulary size")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        import benchmarks.variants  # noqa: F401 - loads the kernel modules: their @triton.jit functions are listed
-
         result = dict(
             skipped="no CUDA device: nothing is compiled for a GPU here (AOT builds: kernels/aot_report.py)",
             jit_functions=sorted(jit_functions()),
