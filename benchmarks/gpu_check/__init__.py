@@ -18,6 +18,7 @@ each stage (runner.py). Without CUDA, and without --cpu-rehearsal, it prints one
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -52,7 +53,8 @@ def main(argv=None) -> None:
     a = parse_args(argv)
     if a.budget <= 0:
         sys.exit(f"gpu_check: error: --budget {a.budget:g}: must be positive (seconds)")
-    work = Path(a.work or tempfile.mkdtemp(prefix="gpu_check_"))
+    # created only when the stages run (not for --dry_run or without CUDA); removed at the end unless --work
+    work = Path(a.work) if a.work else Path(tempfile.gettempdir()) / f"gpu_check_{os.getpid()}"
     plan = stages(work, rehearsal=a.cpu_rehearsal)
     if a.stages:
         names = a.stages.split(",")
