@@ -7,6 +7,7 @@ never initialises CUDA, so that it holds no GPU context while the stages run).
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -17,7 +18,7 @@ PACKAGES = ("torch", "triton", "transformers", "math-verify", "liger-kernel", "c
 def collect() -> dict:
     import torch
 
-    info = dict(python=platform.python_version(), cuda=torch.version.cuda, cpu_count=__import__("os").cpu_count())
+    info = dict(python=platform.python_version(), cuda=torch.version.cuda, cpu_count=os.cpu_count())
     for name in PACKAGES:
         try:
             info[name] = metadata.version(name)
