@@ -414,7 +414,11 @@ CSV_FIELDS = [
 
 
 def plot(results, path, title):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no bench_loss.png")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

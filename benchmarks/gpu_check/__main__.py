@@ -1,0 +1,3 @@
+from benchmarks.gpu_check import main
+
+main()
