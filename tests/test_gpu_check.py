@@ -59,10 +59,14 @@ def test_stage_commands_parse(tmp_path, monkeypatch):
     for name in ("update", "update_ckpt", "fsdp", "fsdp_offload", "default"):
         cmd = gpu[name]
         cfg = parse_config(cmd[cmd.index("--") + 1 :])  # the trainer's own parser and checks
-        assert cfg.output_dir == str(tmp_path / name)
+        assert cfg.run.output_dir == str(tmp_path / name)
     update = parse_config(gpu["update"][gpu["update"].index("--") + 1 :])
-    assert (update.per_device_train_batch_size, update.max_completion_length, update.bf16) == (64, 372, True)
-    assert parse_config(gpu["update_ckpt"][gpu["update_ckpt"].index("--") + 1 :]).gradient_checkpointing
+    assert (update.batch.per_device_train_batch_size, update.rollout.max_completion_length, update.model.bf16) == (
+        64,
+        372,
+        True,
+    )
+    assert parse_config(gpu["update_ckpt"][gpu["update_ckpt"].index("--") + 1 :]).model.gradient_checkpointing
     assert gpu["fsdp"][1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node" in gpu["fsdp"]
 
 
