@@ -234,12 +234,12 @@ def main(argv=None):
             with open(path) as f:
                 results.append(json.load(f))
             print(
-                f"  [{case} / {trainer_name}] {results[-1]['update_med']:.2f} s wall, {results[-1]['update_cpu_med']:.2f} s "
-                f"CPU per update ({time.perf_counter() - t0:.0f} s)"
+                f"  [{case} / {trainer_name}] {results[-1]['update_med']:.2f} s wall, "
+                f"{results[-1]['update_cpu_med']:.2f} s CPU per update ({time.perf_counter() - t0:.0f} s)"
             )
     print(
-        f"\n{'case':16} {'trainer':8} {'wall s':>8} {'CPU s':>8} {'speedup':>8} {'peak MiB':>9} {'grads MiB':>9} {'mem ratio':>9} "
-        f"{'tokens':>6} {'loss':>13} {'|dW lm_head|':>13}"
+        f"\n{'case':16} {'trainer':8} {'wall s':>8} {'CPU s':>8} {'speedup':>8} {'peak MiB':>9} {'grads MiB':>9} "
+        f"{'mem ratio':>9} {'tokens':>6} {'loss':>13} {'|dW lm_head|':>13}"
     )
     for case in a.cases:
         stock, fused = (next(r for r in results if r["case"] == case and r["trainer"] == t) for t in TRAINERS)
@@ -251,9 +251,9 @@ def main(argv=None):
         )
         for r in (stock, fused):
             print(
-                f"{case:16} {r['trainer']:8} {r['update_med']:8.2f} {r['update_cpu_med']:8.2f} {r.get('speedup', 1.0):7.2f}x "
-                f"{r['mem_update'] / 2**20:9.1f} {r['mem_grads'] / 2**20:9.1f} {r.get('mem_ratio', 1.0):9.2f} {r['tokens']:6d} "
-                f"{r['loss']:13.6e} {r['lm_head_grad_norm']:13.6e}"
+                f"{case:16} {r['trainer']:8} {r['update_med']:8.2f} {r['update_cpu_med']:8.2f} "
+                f"{r.get('speedup', 1.0):7.2f}x {r['mem_update'] / 2**20:9.1f} {r['mem_grads'] / 2**20:9.1f} "
+                f"{r.get('mem_ratio', 1.0):9.2f} {r['tokens']:6d} {r['loss']:13.6e} {r['lm_head_grad_norm']:13.6e}"
             )
         print(
             f"{'':16} fused vs stock: loss rel. error {fused['loss_rel_err']:.1e}, "

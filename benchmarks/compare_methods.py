@@ -1,6 +1,6 @@
 """GCPO against DAPO, GRPO, GSPO and GPG on the shipped model and task: same start, seeds and step budget.
 
-    python -m benchmarks.compare_methods                                   # 5 methods x 3 seeds, defaults of the trainer
+    python -m benchmarks.compare_methods                                   # 5 methods x 3 seeds, trainer defaults
     python -m benchmarks.compare_methods --methods gcpo,dapo --seeds 0 1 --max_steps 50 --jobs 2
     python -m benchmarks.compare_methods --report_only                     # table and plot from the finished runs
 
@@ -168,7 +168,10 @@ def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         rs = [r for r in rows if r["method"] == m]
-        col = lambda key: mean_spread([r[key] for r in rs])  # noqa: E731
+
+        def col(key, rs=rs):
+            return mean_spread([r[key] for r in rs])
+
         change = mean_spread([r["eval_after"] - r["eval_before"] for r in rs])
         cells = [
             m,

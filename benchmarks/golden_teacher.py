@@ -6,7 +6,8 @@
     python -m gcpo_fast.train $R --output_dir /tmp/gt/runs/dataset --dataset /tmp/gt/gold/train.jsonl
     python -m gcpo_fast.train $R --output_dir /tmp/gt/runs/teacher --dataset /tmp/gt/nogold/train.jsonl \\
         --answer_column answer --golden_model /tmp/gt/teacher
-    python -m gcpo_fast.train $R --output_dir /tmp/gt/runs/none --dataset /tmp/gt/nogold/train.jsonl --answer_column answer
+    python -m gcpo_fast.train $R --output_dir /tmp/gt/runs/none --dataset /tmp/gt/nogold/train.jsonl \\
+        --answer_column answer
     python -m benchmarks.golden_teacher report /tmp/gt/runs/dataset /tmp/gt/runs/teacher /tmp/gt/runs/none
 
 The teacher is the shipped model trained further with make_default_model's supervised recipe (its `train`,
@@ -32,9 +33,8 @@ SFT_STEPS, SFT_LR, SFT_MIX = 600, 1e-3, {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 1.0,
 def build_teacher(out: Path) -> None:
     import torch
 
-    from gcpo_fast.models import DEFAULT_MODEL
     from gcpo_fast.make_default_model import evaluate, train
-    from gcpo_fast.models import load_causal_lm, load_tokenizer
+    from gcpo_fast.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
 
     torch.set_num_threads(1)
     tokenizer, model = load_tokenizer(DEFAULT_MODEL), load_causal_lm(DEFAULT_MODEL, device="cpu")
@@ -96,8 +96,13 @@ def report(runs: list[Path]) -> str:
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         evals = [m for m in metrics if "eval/mean@1" in m]
         steps = [m for m in metrics if "loss" in m]
-        arrow = lambda key: " -> ".join(f"{m[key]:.3f}" for m in evals)  # noqa: E731
-        total = lambda key: sum(m.get(key, 0) for m in steps)  # noqa: E731
+
+        def arrow(key, evals=evals):
+            return " -> ".join(f"{m[key]:.3f}" for m in evals)
+
+        def total(key, steps=steps):
+            return sum(m.get(key, 0) for m in steps)
+
         lines.append(
             f"| {run.name} | {len(steps)} | {arrow('eval/mean@1')} | {arrow('eval/level_3/mean@1')} | "
             f"{arrow('eval/level_4/mean@1')} | {arrow('eval/level_5/mean@1')} | {total('gcpo/golden_rows'):.0f} | "

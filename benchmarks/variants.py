@@ -246,7 +246,7 @@ def build_liger(inp, case, compiled=True, **_):
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
         from liger_kernel.chunked_loss.fused_linear_ppo import LigerFusedLinearPPOBase
     except ImportError as e:
-        raise Skip(f"liger_kernel not importable: {e}")
+        raise Skip(f"liger_kernel not importable: {e}") from None
     cu, dev = inp["cu_seqlens"].long(), inp["hidden"].device
     lengths = cu[1:] - cu[:-1]
     b, t_max, d = lengths.numel(), int(lengths.max()), inp["hidden"].shape[1]
@@ -316,7 +316,7 @@ def build_cce(inp, case, impl=None, **_):
     try:
         from cut_cross_entropy import linear_cross_entropy
     except ImportError as e:
-        raise Skip(f"cut_cross_entropy not importable: {e}")
+        raise Skip(f"cut_cross_entropy not importable: {e}") from None
     impl = impl or "cce"
     x, w = _leaves(inp)
     coef, t, temp = ce_coefficients(inp, case), inp["targets"], inp["temperature"]
@@ -333,7 +333,8 @@ def build_cce(inp, case, impl=None, **_):
         f"CCE impl={impl!r}"
         + (", filter_eps='high' (its default gradient filter)" if impl == "cce" else "")
         + ": it computes a cross-entropy, not a policy loss; objective sum_t w_t A_row "
-        "CE_t (= importance_sampling_level 'none' with this case's aggregation), checked against naive on that objective"
+        "CE_t (= importance_sampling_level 'none' with this case's aggregation), checked against naive on that "
+        "objective"
     ]
     if impl == "torch_compile":
         notes.append("impl='torch_compile' is torch.compile of (e @ c.T -> cross_entropy): it materialises [N, V]")

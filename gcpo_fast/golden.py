@@ -2,7 +2,7 @@
 
     python -m gcpo_fast.train --dataset answers.jsonl --answer_column answer --golden_model ~/models/teacher
     python -m gcpo_fast.golden --model ~/models/teacher --dataset answers.jsonl --answer_column answer --out cache.jsonl
-    python -m gcpo_fast.train --dataset answers.jsonl --answer_column answer --golden_cache cache.jsonl  # no teacher in memory
+    python -m gcpo_fast.train --dataset answers.jsonl --answer_column answer --golden_cache cache.jsonl  # no teacher
 
     from gcpo_fast.golden import GoldenCache, Teacher, golden_texts, teacher_identity
     cache = GoldenCache(run_dir / "golden_cache.jsonl", teacher_identity(folder), prefilled=["cache.jsonl"])
@@ -259,7 +259,8 @@ class Teacher:
                 metrics["gcpo/teacher_errors"] += 1
                 warnings.warn(
                     f"the golden-answer teacher failed on a prompt, which gets no golden answer this time "
-                    f"(gcpo/teacher_errors counts them): {type(e).__name__}: {e}"
+                    f"(gcpo/teacher_errors counts them): {type(e).__name__}: {e}",
+                    stacklevel=2,
                 )
                 continue
             if texts[p] is None:

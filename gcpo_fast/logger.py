@@ -84,7 +84,9 @@ def _truncate_after(path: Path, step: int) -> None:
                     f"{path}, line {n}: malformed JSON ({e.msg} at column {e.colno}); only a cut-off last "
                     "line is dropped on resume"
                 ) from None
-            warnings.warn(f"{path}, line {n}: dropped a partial last line (the run stopped while writing it)")
+            warnings.warn(
+                f"{path}, line {n}: dropped a partial last line (the run stopped while writing it)", stacklevel=2
+            )
             continue
         if row["step"] <= step:
             kept.append(line + "\n")

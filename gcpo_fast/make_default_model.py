@@ -59,7 +59,7 @@ EOS, PAD, BOS = "<|endoftext|>", "<|pad|>", "<|bos|>"
 VOCAB_SIZE = 384  # an upper bound: BPE stops when no pair is left to merge (the task has few distinct words)
 # Qwen2's pre-tokenizer, verbatim: transformers 5 loads any "qwen2" model's tokenizer as Qwen2Tokenizer, which
 # rebuilds the pipeline from vocab + merges with this regex, so ours must be the same for the ids to match
-QWEN2_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501 (verbatim)
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
 )

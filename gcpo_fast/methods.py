@@ -258,7 +258,8 @@ class MethodConfig:
         out = dataclasses.replace(self, **{k: v for k, v in recipe.items() if getattr(self, k) is None})
         require(
             out.overlong_buffer_len <= max_completion_length,
-            f"overlong_buffer_len={out.overlong_buffer_len} must not exceed max_completion_length={max_completion_length}",
+            f"overlong_buffer_len={out.overlong_buffer_len} must not exceed "
+            f"max_completion_length={max_completion_length}",
         )
         try:  # the kernel's own checks of the loss options (the clip box, delta, gamma), here before any model loads
             out.loss_config(max_completion_length, temperature=1.0)

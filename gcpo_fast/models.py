@@ -53,7 +53,8 @@ class ModelConfig:
 
     model: str = option(
         DEFAULT_MODEL,
-        "local Hugging Face causal LM folder (or the id of a model in the local hub cache) (default: gcpo_fast/assets/default_model)",
+        "local Hugging Face causal LM folder, or the id of a model in the local hub cache "
+        "(default: gcpo_fast/assets/default_model)",
     )
     bf16: bool = option(True, "bf16 autocast on CUDA (weights and optimizer stay fp32); ignored on the CPU")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward to save memory")

@@ -274,7 +274,8 @@ def compute_rewards(
     if len(reward_funcs) and missing.any():
         warnings.warn(
             f"every reward function returned None for completion {int(missing.nonzero()[0])} "
-            f"({int(missing.sum())} such completions in all); they get reward 0"
+            f"({int(missing.sum())} such completions in all); they get reward 0",
+            stacklevel=2,
         )
     rewards = (per_func * weights.unsqueeze(0)).nansum(dim=1)
     return rewards, per_func
@@ -307,7 +308,8 @@ def overlong_penalty(
     """
     if not 0 < overlong_buffer_len <= max_completion_length:
         raise ValueError(
-            f"overlong_buffer_len must be in (0, max_completion_length={max_completion_length}], got {overlong_buffer_len}"
+            f"overlong_buffer_len must be in (0, max_completion_length={max_completion_length}], "
+            f"got {overlong_buffer_len}"
         )
     expected = max_completion_length - overlong_buffer_len
     return [penalty_factor * max(min(0.0, (expected - int(n)) / overlong_buffer_len), -1.0) for n in lengths]

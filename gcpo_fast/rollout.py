@@ -66,7 +66,8 @@ class RolloutConfig:
         check_options(self)
         require(
             self.num_generations >= 2,
-            f"num_generations must be >= 2 (group advantages need at least two completions), got {self.num_generations}",
+            "num_generations must be >= 2 (group advantages need at least two completions), "
+            f"got {self.num_generations}",
         )
         at_least(self, 1, "max_prompt_length", "max_completion_length")
         at_least(self, 0, "top_k")

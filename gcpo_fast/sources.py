@@ -8,7 +8,8 @@
 
 Records have gcpo_fast.data's shape: {"prompt", "golden", "answer", **other columns}. `builtin` is
 gcpo_fast.tasks (train_split / heldout_split, which never share a prompt; test problems are distinct); a
-file or folder goes to gcpo_fast.data.load_prompts, which raises ValueError naming the file, line and column of a bad row.
+file or folder goes to gcpo_fast.data.load_prompts, which raises ValueError naming the file, line and column of
+a bad row.
 """
 
 from dataclasses import dataclass

@@ -6,8 +6,9 @@
     metrics.update(timer.pop())          # {"timing/generate": 1.9, ...}, and the timer starts over
 
 Phases of the trainer: generate, reward, teacher (golden answers from a teacher), old_logp (old and
-reference log-probs of a reused round), update (forward + backward + optimizer), weight_sync, eval, checkpoint. On CUDA each phase ends with a
-synchronize, so GPU work is charged to the phase that queued it rather than to the next one that waits.
+reference log-probs of a reused round), update (forward + backward + optimizer), weight_sync, eval,
+checkpoint. On CUDA each phase ends with a synchronize, so GPU work is charged to the phase that queued it
+rather than to the next one that waits.
 """
 
 import time

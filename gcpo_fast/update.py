@@ -179,5 +179,5 @@ def optimizer_step(
 def weights_finite(model) -> bool:
     """Whether every parameter of the model (this rank's, agreed over ranks) is finite: checked before a save."""
     # under FSDP a parameter is a DTensor: check this rank's shard, the reduction covers the rest
-    local = all(bool(torch.isfinite(getattr(p, "to_local", lambda: p)()).all()) for p in model.parameters())
+    local = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
     return all_reduce([float(local)], "min")[0] == 1.0

@@ -56,9 +56,12 @@ def test_hand_computed_weights_and_metrics(mode, clip_min, expected, ratio):
 def trl_reference(old, sampling, cu, mask, golden, mode, clip_min, clip_max):
     """TRL 1.16 `_generate_and_score_completions` on right-padded [B, T] fp64 tensors, golden rows set to 1."""
     B, T = cu.numel() - 1, max(int(cu[i + 1] - cu[i]) for i in range(cu.numel() - 1))
-    pad = lambda x, fill: torch.stack(
-        [torch.cat([x[cu[i] : cu[i + 1]], x.new_full((T - int(cu[i + 1] - cu[i]),), fill)]) for i in range(B)]
-    )
+
+    def pad(x, fill):
+        return torch.stack(
+            [torch.cat([x[cu[i] : cu[i + 1]], x.new_full((T - int(cu[i + 1] - cu[i]),), fill)]) for i in range(B)]
+        )
+
     old2, samp2, mask2 = pad(old.double(), 0.0), pad(sampling.double(), 0.0), pad(mask.double(), 0.0)
     diff = torch.nan_to_num((old2 - samp2) * mask2, nan=0.0)
     sequence_level = mode in ("sequence_mask", "sequence_truncate")
@@ -76,7 +79,10 @@ def trl_reference(old, sampling, cu, mask, golden, mode, clip_min, clip_max):
     keep = mask2.bool()[sampled]
     delta = delta[keep & ~torch.isnan(delta)]
     flat = ratio[sampled][:, 0] if sequence_level else ratio[sampled][keep]
-    stats = lambda x, f: f(x) if x.numel() else torch.tensor(0.0, dtype=torch.float64)
+
+    def stats(x, f):
+        return f(x) if x.numel() else torch.tensor(0.0, dtype=torch.float64)
+
     return weight, {
         "sampling/sampling_logp_difference/mean": stats(delta, torch.mean),
         "sampling/sampling_logp_difference/max": stats(delta, torch.max),

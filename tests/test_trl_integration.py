@@ -19,10 +19,10 @@ from datasets import Dataset  # noqa: E402 (trl's dependency)
 from tiny_model import make_tokenizer, problem  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-from gcpo_fast.integrations.trl import (
+from gcpo_fast.integrations.trl import (  # noqa: E402
     FusedGRPOTrainer,
     SelfCheckError,
-    check_trl_version,  # noqa: E402
+    check_trl_version,
     unsupported_option,
 )
 
