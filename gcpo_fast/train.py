@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 from gcpo_fast import parallel
+from gcpo_fast.attention import resolve_attn_implementation
 from gcpo_fast.checkpoint import (
     check_checkpoint,
     checkpoint_step,
@@ -54,7 +55,6 @@ from gcpo_fast.eval import count_correct, level_summary, summarize
 from gcpo_fast.golden import CACHE_NAME, GoldenCache, Teacher, teacher_identity
 from gcpo_fast.logger import RunLogger
 from gcpo_fast.models import check_model_folder, load_causal_lm, load_tokenizer
-from gcpo_fast.packing import default_attn_implementation
 from gcpo_fast.rewards import load_reward_function
 from gcpo_fast.rollout import HFEngine, Sampling, make_engine
 from gcpo_fast.rounds import build_rows, sample_groups, split_steps
@@ -203,7 +203,7 @@ def load_model(path, device, cfg: TrainConfig):
     return load_causal_lm(
         path,
         device=device,
-        attn_implementation=default_attn_implementation(),
+        attn_implementation=resolve_attn_implementation(None, device, cfg.bf16),
         gradient_checkpointing=cfg.gradient_checkpointing,
     )
 

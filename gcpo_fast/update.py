@@ -100,12 +100,11 @@ class ModelWithLoss(torch.nn.Module):
     def __init__(self, model, loss_config: PolicyLossConfig, temperature: float):
         super().__init__()
         self.model, self.loss_config, self.temperature = model, loss_config, temperature
-        self.one_decoder_call = False  # FSDP sets it (gcpo_fast/parallel.py): see packing.forward_hidden's one_call
 
     def forward(
         self, packed: PackedBatch, advantages, old_logp, ref_logp, normalizer, sampling_weight=None, golden_rows=None
     ):
-        hidden = forward_hidden(self.model, packed, one_call=self.one_decoder_call)[packed.completion_index]
+        hidden = forward_hidden(self.model, packed)[packed.completion_index]
         weight, bias = _head(self.model, hidden.dtype)
         return linear_policy_loss(
             hidden,
