@@ -1,6 +1,6 @@
 """Loading the policy (a causal decoder) and its tokenizer from a local folder, refusing what cannot train.
 
-    from gcpo_fast.models import check_model_folder, load_causal_lm, load_tokenizer
+    from gcpo_fast.models import check_model_folder, frozen_dtype, load_causal_lm, load_tokenizer
 
     folder = check_model_folder("runs/gcpo/checkpoint-300")      # one-line ValueError before anything loads
     tokenizer = load_tokenizer(folder)
@@ -132,6 +132,12 @@ def load_tokenizer(path):
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
         raise ValueError(f"model folder {path}: the tokenizer has no vocabulary ({len(tokenizer)} tokens, all special)")
     return tokenizer
+
+
+def frozen_dtype(bf16: bool, device) -> torch.dtype:
+    """The dtype of a model that never trains (the reference model, the teacher): bf16 under --bf16 on CUDA
+    (half the memory, and the flash kernels take it), else fp32 like the policy."""
+    return torch.bfloat16 if bf16 and torch.device(device).type == "cuda" else torch.float32
 
 
 def load_causal_lm(path, *, device, dtype=torch.float32, attn_implementation=None, gradient_checkpointing=False):

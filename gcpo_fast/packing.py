@@ -1,11 +1,10 @@
 """Packing rows into one flat token stream, and the model forward to last hidden states (no lm_head).
 
-    from gcpo_fast.packing import pack_rows, forward_hidden, lm_head_weight
+    from gcpo_fast.packing import pack_rows, forward_hidden, head_inputs
 
     packed = pack_rows(prompt_ids, completion_ids, device="cuda")   # B rows: lists of token ids each
     hidden = forward_hidden(model, packed)                          # [T, d], T = all prompt + completion tokens
-    weight, bias = lm_head_weight(model)                            # the output embedding (tied or not)
-    h = hidden[packed.completion_index]                             # [N, d]: one per completion token
+    h, weight, bias = head_inputs(hidden[packed.completion_index], model)  # [N, d]; one dtype (autocast's)
     logp = linear_logprobs(h, weight, packed.targets, bias=bias)    # gcpo_fast.kernels; rows: completion_cu_seqlens
 
 Layout: row b (prompt p_b then completion c_b) occupies input_ids[0, cu_seqlens[b]:cu_seqlens[b+1]] with
@@ -123,6 +122,18 @@ def forward_hidden(model, packed: PackedBatch) -> torch.Tensor:
         **packed_attention_kwargs(name, packed.cu_seqlens, packed.max_seqlen),
     )
     return out.last_hidden_state[0]
+
+
+def head_inputs(hidden: torch.Tensor, model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(hidden, weight, bias) for the fused op, in one dtype: autocast's when autocast is on for hidden's
+    device (bf16 under --bf16 on CUDA), else hidden's. Qwen2/Llama keep the residual stream in the weights'
+    dtype under autocast, so an fp32 model hands over fp32 hidden states; cast here, the op runs its bf16
+    path (tensor cores; fp32 accumulation inside). The casts are differentiable: the fp32 master weight
+    (tied or not) still gets its gradient, in fp32."""
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    weight, bias = lm_head_weight(model)
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def lm_head_weight(model) -> tuple[torch.Tensor, torch.Tensor | None]:

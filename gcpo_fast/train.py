@@ -54,7 +54,7 @@ from gcpo_fast.errors import TrainingError
 from gcpo_fast.eval import count_correct, level_summary, summarize
 from gcpo_fast.golden import CACHE_NAME, GoldenCache, Teacher, teacher_identity
 from gcpo_fast.logger import RunLogger
-from gcpo_fast.models import check_model_folder, load_causal_lm, load_tokenizer
+from gcpo_fast.models import check_model_folder, frozen_dtype, load_causal_lm, load_tokenizer
 from gcpo_fast.rewards import load_reward_function
 from gcpo_fast.rollout import HFEngine, Sampling, make_engine
 from gcpo_fast.rounds import build_rows, sample_groups, split_steps
@@ -170,7 +170,7 @@ def load_teacher(cfg: TrainConfig, cache, reward_funcs, device) -> Teacher | Non
                 max_model_len=cfg.max_prompt_length + cfg.golden_max_completion_length,
             )
         else:
-            dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32
+            dtype = frozen_dtype(cfg.bf16, device)
             model = load_causal_lm(cfg.golden_model, device=device, dtype=dtype).eval().requires_grad_(False)
             engine = HFEngine(model, tokenizer, bf16=cfg.bf16)
     return Teacher(
@@ -199,10 +199,11 @@ def check_output_dir(output_dir: str) -> None:
         raise ValueError(f"output_dir {output_dir}: cannot write there ({e.strerror or e})") from None
 
 
-def load_model(path, device, cfg: TrainConfig):
+def load_model(path, device, cfg: TrainConfig, dtype=torch.float32):
     return load_causal_lm(
         path,
         device=device,
+        dtype=dtype,
         attn_implementation=resolve_attn_implementation(None, device, cfg.bf16),
         gradient_checkpointing=cfg.gradient_checkpointing,
     )
@@ -249,7 +250,10 @@ def train(cfg: TrainConfig, prepared: dict | None = None) -> Path:
     model = load_model(model_path, dist.device, cfg)
     engine = make_engine(cfg, model, tokenizer, model_path, rank)
     # beta > 0: the reference is the initial policy, also when resuming
-    ref_model = load_model(cfg.model, dist.device, cfg).eval().requires_grad_(False) if cfg.beta > 0 else None
+    ref_dtype = frozen_dtype(cfg.bf16, dist.device)
+    ref_model = (
+        load_model(cfg.model, dist.device, cfg, ref_dtype).eval().requires_grad_(False) if cfg.beta > 0 else None
+    )
     teacher = load_teacher(cfg, prepared.get("golden_cache"), prepared["reward_funcs"], dist.device)
     policy = parallel.parallelize(
         ModelWithLoss(model, cfg.loss_config(), cfg.temperature),

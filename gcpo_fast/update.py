@@ -29,7 +29,7 @@ from transformers import get_scheduler
 
 from gcpo_fast.errors import TrainingError
 from gcpo_fast.kernels import PolicyLossConfig, linear_logprobs, linear_policy_loss
-from gcpo_fast.packing import PackedBatch, forward_hidden, lm_head_weight, pack_rows
+from gcpo_fast.packing import PackedBatch, forward_hidden, head_inputs, pack_rows
 from gcpo_fast.parallel import all_reduce, rank_and_world
 
 IGNORE_INDEX = -100
@@ -86,13 +86,6 @@ def pack(mb: Rows, mask_truncated: bool, device) -> PackedBatch:
     return packed
 
 
-def _head(model, dtype):
-    # Under autocast the hidden states are bf16 while the lm_head weight is fp32; the fused op wants one
-    # dtype, and the cast is differentiable, so the fp32 master weight still gets its gradient.
-    weight, bias = lm_head_weight(model)
-    return weight.to(dtype), None if bias is None else bias.to(dtype)
-
-
 class ModelWithLoss(torch.nn.Module):
     """The model and the fused loss as one module, so that a parallel wrapper's hooks see the whole forward
     (gcpo_fast.packing: call forward_hidden from inside the wrapped module's forward)."""
@@ -104,8 +97,7 @@ class ModelWithLoss(torch.nn.Module):
     def forward(
         self, packed: PackedBatch, advantages, old_logp, ref_logp, normalizer, sampling_weight=None, golden_rows=None
     ):
-        hidden = forward_hidden(self.model, packed)[packed.completion_index]
-        weight, bias = _head(self.model, hidden.dtype)
+        hidden, weight, bias = head_inputs(forward_hidden(self.model, packed)[packed.completion_index], self.model)
         return linear_policy_loss(
             hidden,
             weight,
@@ -131,8 +123,7 @@ def completion_logprobs(model, mb: Rows, cfg) -> torch.Tensor:
     device = next(model.parameters()).device
     packed = pack(mb, cfg.mask_truncated_completions, device)
     with autocast(cfg.bf16, device):
-        hidden = forward_hidden(model, packed)[packed.completion_index]
-        weight, bias = _head(model, hidden.dtype)
+        hidden, weight, bias = head_inputs(forward_hidden(model, packed)[packed.completion_index], model)
         return linear_logprobs(
             hidden, weight, packed.targets, temperature=cfg.temperature, bias=bias, ignore_index=IGNORE_INDEX
         )
