@@ -139,12 +139,12 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, scaling=None,
         )
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    bounds = cu.tolist()
+    # split, not slicing: a slice's backward writes a zero-filled gradient of the whole stream per row
+    # (O(B * T) per layer), split's backward is one cat
+    lengths = cu.diff().tolist()
     rows = [
-        F.scaled_dot_product_attention(
-            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout, is_causal=True, scale=scaling
-        )
-        for a, b in zip(bounds, bounds[1:])
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+        for q, k, v in zip(*(x.split(lengths, dim=2) for x in (query, key, value)))
     ]
     return torch.cat(rows, dim=2).transpose(1, 2), None
 
