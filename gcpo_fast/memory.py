@@ -14,7 +14,8 @@ Inputs of plan_memory (all keyword, the run's options):
 - model_config: a transformers config (AutoConfig; no weights). Parameters are counted exactly by building the
   model on the meta device; per-layer sizes read from the config (hidden_size, intermediate_size, heads, layers).
 - tokens_per_micro_batch: tokens of one packed micro-batch (prompts + completions), e.g.
-  per_device_train_batch_size * (max_prompt_length + max_completion_length) at worst.
+  per_device_train_batch_size * (max_prompt_length + max_completion_length) at worst; completion_tokens:
+  those the loss scores, N (default: all T; at worst per_device_train_batch_size * max_completion_length).
 - parallelism "ddp" | "fsdp", world_size (processes), cpu_offload (--fsdp_cpu_offload).
 - bf16 and device ("cuda" | "cpu"): --bf16 on CUDA runs the fp32 model under bf16 autocast (DDP) or FSDP's
   bf16 mixed precision; elsewhere everything is fp32.
@@ -44,8 +45,8 @@ FSDP, else 1):
   all layers: L * T * A_layer. With gradient checkpointing only each layer's input is kept (T * h * 4,
   the fp32 residual stream) plus one layer's A_layer recomputed during the backward.
   Plus the stream outside the layers: embeddings out and final norm (3 * T * h * 4), the fused op's
-  inputs (N <= T completion states, T * h * a) and its own memory: logit chunks, min(op_workspace,
-  3 * 4 * T * V), and on the CPU (torch backend: gradients computed in the forward) 4 * (V + T) * h.
+  inputs (the N completion states, N * h * a) and its own memory: a logit chunk and its softmax,
+  2 * min(op_workspace, 4 * N * V), and on the CPU (torch backend: gradients in the forward) 4 * (V + N) * h.
 - reference: the frozen reference model's weights (2P on CUDA under bf16, else 4P), unsharded.
 - vllm: vllm_gpu_memory_utilization x device_memory (the engine reserves that share at start).
 Not counted: the CUDA context and cuBLAS/NCCL workspaces (~0.5-1 GiB on a GPU), allocator fragmentation,
@@ -133,11 +134,12 @@ def activation_bytes_per_token_layer(shape: ModelShape, element: int) -> int:
     return 4 * 4 * h + element * (3 * h + 2 * h + 2 * kv + 2 * h + 2 * kv + 4 * i)
 
 
-def fused_op_bytes(shape: ModelShape, tokens: int, op_workspace: float, device) -> float:
-    """The fused op's own memory: logit chunks (a few [rows, V] fp32 buffers, at most the workspace) and, on
-    the CPU's torch backend, which computes the gradients in the forward, dW [V, h] and dX [N, h] in fp32."""
-    chunks = min(op_workspace, 3 * 4 * tokens * shape.vocab)
-    grads_in_forward = 4 * (shape.vocab + tokens) * shape.hidden if torch.device(device).type == "cpu" else 0
+def fused_op_bytes(shape: ModelShape, completion_tokens: int, op_workspace: float, device) -> float:
+    """The fused op's own memory: a logit chunk and its softmax, [rows, V] fp32 each (rows <= N, a chunk at
+    most the workspace) and, on the CPU's torch backend, which computes the gradients in the forward,
+    dW [V, h] and dX [N, h] in fp32."""
+    chunks = 2 * min(op_workspace, 4 * completion_tokens * shape.vocab)
+    grads_in_forward = 4 * (shape.vocab + completion_tokens) * shape.hidden if torch.device(device).type == "cpu" else 0
     return chunks + grads_in_forward
 
 
@@ -145,6 +147,7 @@ def plan_memory(
     model_config,
     *,
     tokens_per_micro_batch: int,
+    completion_tokens: int | None = None,
     parallelism: str = "ddp",
     world_size: int = 1,
     cpu_offload: bool = False,
@@ -178,7 +181,8 @@ def plan_memory(
         layers = shape.layers * t * h * 4 + t * per_layer
     else:
         layers = shape.layers * t * per_layer
-    activations = layers + 3 * t * h * 4 + t * h * element + fused_op_bytes(shape, t, op_workspace, device)
+    n = t if completion_tokens is None else completion_tokens
+    activations = layers + 3 * t * h * 4 + n * h * element + fused_op_bytes(shape, n, op_workspace, device)
     return MemoryPlan(
         weights=0 if offloaded else 4 * p / shards,
         gradients=0 if offloaded else 4 * p / shards,

@@ -38,7 +38,7 @@ def test_ddp_bf16_parts(shape):
     per_layer = activation_bytes_per_token_layer(shape, 2)
     h, kv, i = 3584, 512, 18944
     assert per_layer == 16 * h + 2 * (7 * h + 4 * kv + 4 * i)
-    assert plan.activations == pytest.approx(28 * TOKENS * per_layer + 3 * TOKENS * h * 4 + TOKENS * h * 2 + 2**28)
+    assert plan.activations == pytest.approx(28 * TOKENS * per_layer + 3 * TOKENS * h * 4 + TOKENS * h * 2 + 2 * 2**28)
     assert plan.vllm == 0 and plan.reference == 0
     assert plan.total() == pytest.approx(
         sum((plan.weights, plan.gradients, plan.optimizer)) + 2 * P_7B + plan.activations
@@ -64,6 +64,12 @@ def test_checkpointing_fsdp_offload_reference_and_vllm(shape):
     cpu = plan_memory(QWEN_7B, device="cpu", reference_model=True, **base)
     assert cpu.autocast_copies == 0 and cpu.reference == 4 * P_7B  # fp32 everywhere on the CPU
     assert "memory per device (estimate)" in extras.summary() and "of 80.0 GiB" in extras.summary()
+    # N completion tokens instead of all T: the op's inputs [N, h] and its dX [N, h] (fp32 on the CPU) shrink;
+    # its logit chunk and softmax stay at the workspace (4 N V > 256 MiB either way)
+    scored = plan_memory(QWEN_7B, device="cpu", completion_tokens=1000, **base)
+    assert cpu.activations - scored.activations == 2 * 4 * (TOKENS - 1000) * 3584
+    few = plan_memory(QWEN_7B, device="cpu", completion_tokens=100, **base)
+    assert scored.activations - few.activations == 2 * 4 * 900 * 3584 + 2 * (2**28 - 4 * 100 * 152064)
     with pytest.raises(ValueError, match="parallelism must be ddp or fsdp"):
         plan_memory(QWEN_7B, parallelism="zero3", **base)
 
