@@ -8,7 +8,8 @@ Stages, each a subprocess with its own time limit (the limits add up to under 10
 its limit is killed and reported as timed out, and the next stage runs):
 1. tests: `pytest` on the test files whose tests run on the GPU when one is present (Triton kernels compiled
    instead of interpreted, bf16 cases that the interpreter cannot run, the flash-attention varlen path when
-   flash-attn is installed), `-rs` so that every skip is listed with its reason.
+   flash-attn is installed, torch's varlen_attn in packed attention), `-rs` so that every skip is listed
+   with its reason.
 2. bench_loss: Qwen2.5-7B's lm_head (d=3584, V=152064, `--model qwen7b`), N=16384 packed tokens, bf16, both
    cases, variants naive, torch, triton, liger, cce and gemm-floor (bench_loss skips, with the reason, a
    peer that is not installed).
@@ -39,6 +40,7 @@ DEVICE_TESTS = (
     "tests/test_logprob_triton.py",
     "tests/test_policy_loss.py",
     "tests/test_packing.py",
+    "tests/test_attention.py",
     "tests/test_aot_compile.py",
 )
 PEERS = ("triton", "liger-kernel", "cut-cross-entropy", "flash-attn", "trl", "transformers")

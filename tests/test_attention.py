@@ -191,6 +191,26 @@ def test_real_varlen_attn_equals_per_row_sdpa_forward_and_backward():
         torch.testing.assert_close(g.double(), w, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="packed_varlen runs on CUDA (sm80+) only")
+def test_packed_varlen_model_under_bf16_autocast_matches_packed_sdpa():
+    from gcpo_fast.attention import PACKED_VARLEN, torch_varlen_attn
+
+    if torch_varlen_attn() is None or torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("torch.nn.attention.varlen needs torch >= 2.9 and an sm80+ GPU")
+    model = qwen2_tied().cuda()  # fp32 weights under bf16 autocast, as --bf16 trains: q and k reach it in fp32
+    packed = pack_rows(*rows(), device="cuda")
+    out = {}
+    for name in (PACKED_SDPA, PACKED_VARLEN):
+        model.set_attn_implementation(name)
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            hidden = forward_hidden(model, packed)
+        loss_of(hidden.float(), model, packed).backward()
+        out[name] = [hidden.float(), *(p.grad.clone() for p in model.parameters())]
+    for got, want in zip(out[PACKED_VARLEN], out[PACKED_SDPA]):
+        torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)
+
+
 # ---- ordinary calls and the choice ------------------------------------------------------------------------------
 
 
