@@ -191,7 +191,9 @@ def make_packed_varlen_forward(varlen_attn):
             )
         if dropout > 0:
             raise ValueError(f"{PACKED_VARLEN}: attention dropout is not supported; use {PACKED_SDPA}")
+        # [1, H, T, D] -> [T, H, D], contiguous: the layout varlen_attn documents (a copy of T x H x D per input)
         q, k, v = (_half(x[0].transpose(0, 1)) if x.is_cuda else x[0].transpose(0, 1) for x in (query, key, value))
+        q, k, v = (x.contiguous() for x in (q, k, v))
         out = varlen_causal(varlen_attn, q, k, v, cu, int(kwargs["max_length_q"]), scaling)
         return out.unsqueeze(0), None
 
