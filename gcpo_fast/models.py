@@ -1,6 +1,6 @@
 """Loading the policy (a causal decoder) and its tokenizer from a local folder, refusing what cannot train.
 
-    from gcpo_fast.models import check_model_folder, load_causal_lm, load_tokenizer
+    from gcpo_fast.models import check_model_folder, frozen_dtype, load_causal_lm, load_tokenizer
 
     folder = check_model_folder("runs/gcpo/checkpoint-300")      # one-line ValueError before anything loads
     tokenizer = load_tokenizer(folder)
@@ -58,6 +58,12 @@ class ModelConfig:
     )
     bf16: bool = option(True, "bf16 autocast on CUDA (weights and optimizer stay fp32); ignored on the CPU")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward to save memory")
+    attn_implementation: str | None = option(
+        None,
+        "packed attention backend: flash_attention_2 (flash-attn installed), packed_varlen (torch's varlen_attn), "
+        "packed_sdpa (SDPA row by row, any device) (default: the first of these that runs here; "
+        "gcpo_fast/attention.py)",
+    )
     trust_remote_code: bool = option(
         False, "run the Python files a model folder maps to in its config.json (auto_map): a stranger's code"
     )
@@ -199,6 +205,12 @@ def load_tokenizer(path, *, trust_remote_code: bool = False):
         raise ValueError(f"model folder {path}: the tokenizer has no vocabulary ({len(tokenizer)} tokens, all special)")
     check_vocabulary(path, tokenizer, AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code))
     return tokenizer
+
+
+def frozen_dtype(bf16: bool, device) -> torch.dtype:
+    """The dtype of a model that never trains (the reference model, the teacher): bf16 under --bf16 on CUDA
+    (half the memory, and the flash kernels take it), else fp32 like the policy."""
+    return torch.bfloat16 if bf16 and torch.device(device).type == "cuda" else torch.float32
 
 
 def check_vocabulary(path, tokenizer, config) -> None:

@@ -1,12 +1,11 @@
 """Packing rows into one flat token stream, and the model forward to last hidden states (no lm_head).
 
-    from gcpo_fast.packing import pack, pack_rows, forward_hidden, lm_head_weight
+    from gcpo_fast.packing import pack, pack_rows, forward_hidden, head_inputs
 
     packed = pack(rows, mask_truncated=False).to("cuda")           # a micro-batch (rollout.Rows), packed once
     packed = pack_rows(prompt_ids, completion_ids, device="cuda")   # or B rows as lists of token ids each
     hidden = forward_hidden(model, packed)                          # [T, d], T = all prompt + completion tokens
-    weight, bias = lm_head_weight(model)                            # the output embedding (tied or not)
-    h = hidden[packed.completion_index]                             # [N, d]: one per completion token
+    h, weight, bias = head_inputs(hidden[packed.completion_index], model)  # [N, d]; one dtype (autocast's)
     logp = linear_logprobs(h, weight, packed.targets, bias=bias)    # gcpo_fast.kernels; rows: completion_cu_seqlens
 
 Layout: row b (prompt p_b then completion c_b) occupies input_ids[0, cu_seqlens[b]:cu_seqlens[b+1]] with
@@ -17,17 +16,12 @@ completion_cu_seqlens [B+1] delimits each row's completion tokens (the packed ro
 Every row needs at least one prompt token; completions may be empty.
 
 forward_hidden runs the decoder body (model.get_decoder(): embeddings, layers, final norm), never the
-lm_head, with use_cache=False. Two paths, chosen by the model's attention implementation:
-- flash attention (config._attn_implementation contains "flash", e.g. "flash_attention_2", on CUDA):
-  one forward over the [1, T] stream with position_ids and transformers' varlen kwargs
-  (cu_seq_lens_q/k, max_length_q/k), which go straight to flash_attn_varlen_func: no padding, no mask.
-- anything else (sdpa, eager; the CPU): each row alone, concatenated. Exact by construction, attention
-  memory O(max row length^2). (transformers also reads packed position_ids into a block-diagonal mask
-  for sdpa/eager, but that mask is T x T: too big for a training batch.)
-- one_call=True without flash attention: one forward over the rows right-padded to [B, max row length]
-  with an attention mask, the pad positions dropped from the output. FSDP needs it: its hooks gather a
-  decoder layer's weights at each call and reduce its gradients after each call's backward, so every
-  rank must call each layer the same number of times, whatever its number of rows.
+lm_head, with use_cache=False, in ONE call over the [1, T] stream with position_ids and the row spans
+(cu_seq_lens_q/k, max_length_q/k), which reach the attention function of the model's implementation:
+flash_attention_2, packed_varlen or packed_sdpa (gcpo_fast.attention), each keeping rows apart inside
+every layer. One call per micro-batch also meets FSDP's requirement: its hooks gather a decoder layer's
+weights at each call and reduce its gradients after each call's backward, so every rank must call each
+layer the same number of times, whatever its number of rows.
 
 Under DDP/FSDP call this on the unwrapped model from inside the wrapped module's forward, so that
 the wrapper's forward hooks (gradient sync, unsharding) run.
@@ -38,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gcpo_fast.attention import CHOICES, PACKED_SDPA, packed_attention_kwargs, runs_packed
 from gcpo_fast.kernels import IGNORE_INDEX  # a target the loss does not count
 
 # Config attributes that change logits beyond hidden @ W.T + b; the fused op cannot reproduce them.
@@ -149,62 +144,37 @@ def pack_rows(prompt_ids: list[list[int]], completion_ids: list[list[int]], devi
     )
 
 
-def uses_flash_attention(model) -> bool:
-    """Whether the model was loaded with a flash-attention implementation (varlen-capable)."""
-    return "flash" in str(getattr(model.config, "_attn_implementation", "") or "")
-
-
-def default_attn_implementation() -> str:
-    """What to pass as attn_implementation= when loading: flash_attention_2 on CUDA with flash-attn, else sdpa."""
-    if torch.cuda.is_available():
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
-
-
-def forward_hidden(model, packed: PackedBatch, one_call: bool = False) -> torch.Tensor:
-    """Last hidden states [T, d] of the whole packed stream, rows independent (see the module docstring);
-    one_call: a single decoder call whatever the attention implementation."""
-    decoder = model.get_decoder()
-    if uses_flash_attention(model) and packed.input_ids.is_cuda:
-        out = decoder(
-            input_ids=packed.input_ids,
-            position_ids=packed.position_ids,
-            use_cache=False,
-            cu_seq_lens_q=packed.cu_seqlens,
-            cu_seq_lens_k=packed.cu_seqlens,
-            max_length_q=packed.max_seqlen,
-            max_length_k=packed.max_seqlen,
+def forward_hidden(model, packed: PackedBatch) -> torch.Tensor:
+    """Last hidden states [T, d] of the whole packed stream, rows independent: one decoder call (see the
+    module docstring). A model loaded with plain sdpa is switched to packed_sdpa (the same for any other call)."""
+    name = model.config._attn_implementation
+    if name == "sdpa":
+        model.set_attn_implementation(PACKED_SDPA)
+        name = PACKED_SDPA
+    if not runs_packed(name):
+        raise ValueError(
+            f"forward_hidden: the model's attention {name!r} cannot run packed rows; load it with one of "
+            f"{', '.join(CHOICES)} (gcpo_fast.attention.resolve_attn_implementation)"
         )
-        return out.last_hidden_state[0]
-    if one_call:
-        return _padded_forward(decoder, packed)
-    bounds = packed.cu_seqlens.tolist()
-    hidden = [
-        decoder(
-            input_ids=packed.input_ids[:, a:b], position_ids=packed.position_ids[:, a:b], use_cache=False
-        ).last_hidden_state[0]
-        for a, b in zip(bounds, bounds[1:])
-    ]
-    return torch.cat(hidden, dim=0)
-
-
-def _padded_forward(decoder, packed: PackedBatch) -> torch.Tensor:
-    """The rows right-padded into one [B, L] batch: each token attends to its own row's earlier tokens, as
-    alone; the valid positions, read row by row, are the packed stream's order."""
-    bounds = packed.cu_seqlens.tolist()
-    lengths = torch.tensor([b - a for a, b in zip(bounds, bounds[1:])], device=packed.input_ids.device)
-    positions = torch.arange(packed.max_seqlen, device=lengths.device)
-    valid = positions[None, :] < lengths[:, None]  # [B, L]
-    input_ids = packed.input_ids.new_zeros(valid.shape).masked_scatter(valid, packed.input_ids[0])
-    out = decoder(
-        input_ids=input_ids, attention_mask=valid.long(), position_ids=positions.expand_as(valid), use_cache=False
+    out = model.get_decoder()(
+        input_ids=packed.input_ids,
+        position_ids=packed.position_ids,
+        use_cache=False,
+        **packed_attention_kwargs(name, packed.cu_seqlens, packed.max_seqlen),
     )
-    return out.last_hidden_state[valid]
+    return out.last_hidden_state[0]
+
+
+def head_inputs(hidden: torch.Tensor, model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(hidden, weight, bias) for the fused op, in one dtype: autocast's when autocast is on for hidden's
+    device (bf16 under --bf16 on CUDA), else hidden's. Qwen2/Llama keep the residual stream in the weights'
+    dtype under autocast, so an fp32 model hands over fp32 hidden states; cast here, the op runs its bf16
+    path (tensor cores; fp32 accumulation inside). The casts are differentiable: the fp32 master weight
+    (tied or not) still gets its gradient, in fp32."""
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    weight, bias = lm_head_weight(model)
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def lm_head_weight(model) -> tuple[torch.Tensor, torch.Tensor | None]:

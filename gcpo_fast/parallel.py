@@ -46,10 +46,8 @@ does without FSDP. Mixed precision casts every forward input of a layer to bf16,
 advantages, old and reference log-probs stay fp32 (cast_forward_inputs=False on the root).
 
 FSDP's hooks gather a decoder layer's weights at each call of it and reduce-scatter its gradients after
-each call's backward: both are collectives, so every rank must call each layer equally often. The
-CPU/sdpa path of packing.forward_hidden calls the decoder once per row, and ranks hold different numbers
-of rows (that deadlocks); under FSDP, ModelWithLoss asks for one decoder call per micro-batch
-(`one_decoder_call`: varlen flash attention, else the rows right-padded into one batch).
+each call's backward: both are collectives, so every rank must call each layer equally often, whatever
+its number of rows: packing.forward_hidden calls the decoder once per micro-batch (packed attention).
 
 Generation, evaluation and the old-logp pass call the bare model, not the root, so no hook would gather
 the root's parameters, and each decoder layer would gather and free its weights at every new token.
@@ -366,7 +364,6 @@ def _fully_shard(module, device: torch.device, cpu_offload: bool, bf16: bool) ->
     fully_shard(
         module, mesh=mesh, mp_policy=MixedPrecisionPolicy(**compute, cast_forward_inputs=False), offload_policy=offload
     )
-    module.one_decoder_call = True  # every rank calls each layer once per micro-batch (packing.forward_hidden)
     # FSDP picks its root at the first forward it sees; generation calls the bare model (a decoder layer
     # first), so settle the root now. There is no public call for this lazy init in torch 2.13.
     module._get_fsdp_state()._lazy_init()

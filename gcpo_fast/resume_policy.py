@@ -53,7 +53,7 @@ RUN_DEFINING = {
     "overlong_buffer_len", "overlong_penalty_factor", "min_inverse_alpha", "golden_source", "golden_model",
 }  # fmt: skip
 MAY_CHANGE = {
-    "dataset", "eval_dataset", "trust_remote_code",
+    "dataset", "eval_dataset", "trust_remote_code", "attn_implementation",
     "use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode", "vllm_max_model_length",
     "learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
     "max_grad_norm", "max_steps", "max_skipped_steps", "gradient_checkpointing", "bf16",

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 from gcpo_fast import parallel, resume_policy, run_lock
+from gcpo_fast.attention import resolve_attn_implementation
 from gcpo_fast.checkpoint import (
     check_checkpoint,
     checkpoint_step,
@@ -41,8 +42,8 @@ from gcpo_fast.errors import ConfigError, TrainingError
 from gcpo_fast.eval import count_correct, level_summary, summarize
 from gcpo_fast.golden import CACHE_NAME, GoldenCache, Teacher, teacher_identity
 from gcpo_fast.logger import RunLogger
-from gcpo_fast.models import check_model_folder, load_causal_lm, load_tokenizer
-from gcpo_fast.packing import default_attn_implementation
+from gcpo_fast.memory import fit_warning, plan_memory
+from gcpo_fast.models import check_model_folder, frozen_dtype, load_causal_lm, load_tokenizer
 from gcpo_fast.prompt_checks import check_prompts
 from gcpo_fast.rewards import load_reward_function
 from gcpo_fast.rollout import HFEngine, Sampling, make_engine
@@ -200,8 +201,7 @@ def load_teacher(cfg: TrainConfig, cache: GoldenCache | None, reward_funcs: list
                 max_model_len=max_model_len, trust_remote_code=trust,
             )  # fmt: skip
         else:
-            bf16 = cfg.model.bf16 and device.type == "cuda"
-            dtype = torch.bfloat16 if bf16 else torch.float32
+            dtype = frozen_dtype(cfg.model.bf16, device)
             model = load_causal_lm(folder, device=device, dtype=dtype, trust_remote_code=trust)
             engine = HFEngine(model.eval().requires_grad_(False), tokenizer, bf16=cfg.model.bf16)
     return Teacher(
@@ -216,6 +216,35 @@ def load_teacher(cfg: TrainConfig, cache: GoldenCache | None, reward_funcs: list
         reward_weights=cfg.rewards.reward_weights,
         seed=cfg.run.seed,
     )
+
+
+def report_memory(cfg: TrainConfig, model_path, dist) -> None:
+    """Print the per-device memory estimate (gcpo_fast/memory.py) on rank 0, and a one-line warning naming the
+    options that would fit when it exceeds the device (CUDA; on the CPU the host's memory is not checked)."""
+    if dist.rank != 0:
+        return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    cuda = dist.device.type == "cuda"
+    memory = torch.cuda.get_device_properties(dist.device).total_memory if cuda else None
+    options = dict(
+        tokens_per_micro_batch=cfg.batch.per_device_train_batch_size
+        * (cfg.rollout.max_prompt_length + cfg.rollout.max_completion_length),
+        completion_tokens=cfg.batch.per_device_train_batch_size * cfg.rollout.max_completion_length,
+        parallelism=cfg.parallel.parallelism,
+        world_size=dist.world_size,
+        cpu_offload=cfg.parallel.fsdp_cpu_offload,
+        bf16=cfg.model.bf16,
+        device=dist.device.type,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        reference_model=cfg.method.beta > 0,
+        vllm_gpu_memory_utilization=cfg.vllm.vllm_gpu_memory_utilization if cfg.vllm.use_vllm and cuda else 0.0,
+    )
+    print(plan_memory(config, device_memory=memory, **options).summary(), file=sys.stderr, flush=True)
+    warning = fit_warning(config, device_memory=memory, **options) if cuda else None
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
@@ -235,6 +264,7 @@ class Trainer:
         # a chat template that refuses a record: one line; prompts longer than max_prompt_length: counted
         records = {cfg.data.dataset: prepared.records, "the held-out set": prepared.eval_records or []}
         check_prompts(self.tokenizer, records, cfg.rollout.max_prompt_length)
+        report_memory(cfg, model_path, self.dist)  # the estimate, and a warning naming what fits, before any weight
         self.model = self.load_model(model_path)
         max_model_len = cfg.rollout.max_prompt_length + cfg.rollout.max_completion_length
         self.engine = make_engine(
@@ -242,7 +272,9 @@ class Trainer:
             max_model_len=max_model_len, rank=rank, trust_remote_code=cfg.model.trust_remote_code,
         )  # fmt: skip
         # beta > 0: the reference is the initial policy, also when resuming
-        self.ref_model = self.load_model(cfg.model.model).eval().requires_grad_(False) if cfg.method.beta > 0 else None
+        if cfg.method.beta > 0:
+            reference = self.load_model(cfg.model.model, frozen_dtype(cfg.model.bf16, self.dist.device))
+        self.ref_model = reference.eval().requires_grad_(False) if cfg.method.beta > 0 else None
         self.teacher = load_teacher(cfg, prepared.golden_cache, prepared.reward_funcs, self.dist.device)
         self.loss_config = cfg.loss_config()
         self.policy = parallel.parallelize(
@@ -275,13 +307,15 @@ class Trainer:
         self.timer = PhaseTimer(cuda=self.dist.device.type == "cuda")
         self.round = RoundContext.of(cfg, self.engine, self.tokenizer, prepared.reward_funcs, self.timer)
 
-    def load_model(self, path):
+    def load_model(self, path, dtype=torch.float32):
+        model = self.cfg.model
         return load_causal_lm(
             path,
             device=self.dist.device,
-            attn_implementation=default_attn_implementation(),
-            gradient_checkpointing=self.cfg.model.gradient_checkpointing,
-            trust_remote_code=self.cfg.model.trust_remote_code,
+            dtype=dtype,
+            attn_implementation=resolve_attn_implementation(model.attn_implementation, self.dist.device, model.bf16),
+            gradient_checkpointing=model.gradient_checkpointing,
+            trust_remote_code=model.trust_remote_code,
         )
 
     # ---- the loop -------------------------------------------------------------------------------------------

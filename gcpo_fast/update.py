@@ -27,9 +27,8 @@ from gcpo_fast.errors import require
 from gcpo_fast.kernels import LossInputs, PolicyLossConfig, linear_policy_loss
 from gcpo_fast.models import autocast
 from gcpo_fast.options import check_options, option
-from gcpo_fast.packing import PackedBatch, forward_hidden
+from gcpo_fast.packing import PackedBatch, forward_hidden, head_inputs
 from gcpo_fast.parallel import all_reduce, rank_and_world
-from gcpo_fast.scoring import head
 
 SCHEDULER_NAMES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
@@ -73,11 +72,9 @@ class ModelWithLoss(torch.nn.Module):
     def __init__(self, model, loss_config: PolicyLossConfig):
         super().__init__()
         self.model, self.loss_config = model, loss_config
-        self.one_decoder_call = False  # FSDP sets it (gcpo_fast/parallel.py): see packing.forward_hidden's one_call
 
     def forward(self, packed: PackedBatch, normalizer: float):
-        hidden = forward_hidden(self.model, packed, one_call=self.one_decoder_call)[packed.completion_index]
-        weight, bias = head(self.model, hidden.dtype)
+        hidden, weight, bias = head_inputs(forward_hidden(self.model, packed)[packed.completion_index], self.model)
         inputs = LossInputs(
             packed.advantages,
             packed.completion_cu_seqlens,

@@ -277,6 +277,10 @@ class VLLMEngine:
         """Load the trainer's current weights (Hugging Face parameter names of the causal LM), one tensor
         at a time, then drop the prefix cache built with the old ones."""
         if self.asleep:
+            # The update's activations and gradients left freed blocks in PyTorch's caching allocator, which
+            # vLLM's allocator (a separate memory pool) cannot use: hand them back to the device first, as
+            # TRL does before wake_up, or the engine wakes into a device the trainer's cache still fills.
+            torch.cuda.empty_cache()
             self.llm.wake_up(tags=["weights"])  # memory for the weights only; the KV cache after the copy
         # vLLM's in-place reload, not a bare model.load_weights: after loading, vLLM turns some weights
         # into kernel layouts (on CPU every linear layer's weight is repacked for oneDNN and the original

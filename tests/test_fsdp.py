@@ -292,16 +292,6 @@ def _one_rank_worker(rank, world, port, model_dir, checkpoint, out):
         torch.distributed.destroy_process_group()
 
 
-def test_one_decoder_call_equals_a_call_per_row(models, one_thread):
-    from gcpo_fast.packing import forward_hidden, pack_rows
-
-    model = AutoModelForCausalLM.from_pretrained(models["untied"])
-    packed = pack_rows([[1, 2, 3], [4], [5, 6]], [[7, 8, 9, 10], [11], []])
-    torch.testing.assert_close(
-        forward_hidden(model, packed, one_call=True), forward_hidden(model, packed), rtol=0, atol=1e-5
-    )
-
-
 def test_configuration_errors(tmp_path, models):
     with pytest.raises(ConfigError, match="fsdp_cpu_offload needs --parallelism fsdp"):
         parse_config(["--fsdp_cpu_offload"])
