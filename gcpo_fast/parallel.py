@@ -95,10 +95,6 @@ class Dist:
     world_size: int
     device: torch.device
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 @dataclass
 class ParallelConfig:
