@@ -104,12 +104,13 @@ class ModelShape:
     vocab: int
 
 
-def model_shape(model_config) -> ModelShape:
-    """Counts from the config: the model is built on the meta device (no memory, no weights)."""
+def model_shape(model_config, trust_remote_code: bool = False) -> ModelShape:
+    """Counts from the config: the model is built on the meta device (no memory, no weights); a model whose
+    class is the folder's own code is built only with trust_remote_code."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
     config = model_config.get_text_config()
     layers = model.get_decoder().layers
     params = sum(p.numel() for p in model.parameters())

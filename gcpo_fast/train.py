@@ -42,7 +42,7 @@ from gcpo_fast.errors import ConfigError, TrainingError
 from gcpo_fast.eval import count_correct, level_summary, summarize
 from gcpo_fast.golden import CACHE_NAME, GoldenCache, Teacher, teacher_identity
 from gcpo_fast.logger import RunLogger
-from gcpo_fast.memory import fit_warning, plan_memory
+from gcpo_fast.memory import fit_warning, model_shape, plan_memory
 from gcpo_fast.models import check_model_folder, frozen_dtype, load_causal_lm, load_tokenizer
 from gcpo_fast.prompt_checks import check_prompts
 from gcpo_fast.rewards import load_reward_function
@@ -225,7 +225,13 @@ def report_memory(cfg: TrainConfig, model_path, dist) -> None:
         return
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    trust = cfg.model.trust_remote_code
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust)
+        shape = model_shape(config, trust_remote_code=trust)
+    except (AttributeError, TypeError, ValueError) as e:  # a model of another layout: no estimate, the run goes on
+        print(f"memory per device: no estimate for this model ({type(e).__name__}: {e})", file=sys.stderr)
+        return
     cuda = dist.device.type == "cuda"
     memory = torch.cuda.get_device_properties(dist.device).total_memory if cuda else None
     options = dict(
@@ -240,6 +246,7 @@ def report_memory(cfg: TrainConfig, model_path, dist) -> None:
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         reference_model=cfg.method.beta > 0,
         vllm_gpu_memory_utilization=cfg.vllm.vllm_gpu_memory_utilization if cfg.vllm.use_vllm and cuda else 0.0,
+        shape=shape,
     )
     print(plan_memory(config, device_memory=memory, **options).summary(), file=sys.stderr, flush=True)
     warning = fit_warning(config, device_memory=memory, **options) if cuda else None
