@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from gcpo_fast import parallel, resume_policy, run_lock
+from gcpo_fast import lora, parallel, resume_policy, run_lock
 from gcpo_fast.checkpoint import (
     check_checkpoint,
     checkpoint_step,
@@ -230,12 +230,14 @@ class Trainer:
         rank, world = self.dist.rank, self.dist.world_size
         self.prepared = prepared = prepared or prepare(cfg)
         set_seed(cfg.run.seed + rank)
-        model_path = prepared.resume or cfg.model.model
+        # --use_peft: a checkpoint holds the adapter; the base weights and the tokenizer are --model's
+        model_path = cfg.model.model if cfg.lora.use_peft else prepared.resume or cfg.model.model
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
         # a chat template that refuses a record: one line; prompts longer than max_prompt_length: counted
         records = {cfg.data.dataset: prepared.records, "the held-out set": prepared.eval_records or []}
         check_prompts(self.tokenizer, records, cfg.rollout.max_prompt_length)
-        self.model = self.load_model(model_path)
+        adapter = prepared.resume if cfg.lora.use_peft else None
+        self.model = lora.attach(self.load_model(model_path), cfg.lora, base_path=cfg.model.model, adapter=adapter)
         max_model_len = cfg.rollout.max_prompt_length + cfg.rollout.max_completion_length
         self.engine = make_engine(
             cfg.vllm, self.model, self.tokenizer, model_path, bf16=cfg.model.bf16, seed=cfg.run.seed,
@@ -263,6 +265,7 @@ class Trainer:
             resume_policy.apply(cfg.optim, self.optimizer, self.scheduler)  # a new --learning_rate wins over the saved
             self.sampler.load_state_dict(shared["sampler"])
             self.state.restore(shared, own)
+        self.state.engine_stale |= cfg.lora.use_peft  # an engine loaded from --model lacks the adapters
         self.log = None
         if rank == 0:
             self.log = RunLogger(
@@ -281,6 +284,7 @@ class Trainer:
             device=self.dist.device,
             attn_implementation=default_attn_implementation(),
             gradient_checkpointing=self.cfg.model.gradient_checkpointing,
+            dtype=lora.base_dtype(self.cfg.lora, self.cfg.model.bf16, self.dist.device),
             trust_remote_code=self.cfg.model.trust_remote_code,
         )
 
@@ -382,7 +386,10 @@ class Trainer:
         Under FSDP every rank gathers each parameter in turn, so every rank calls this."""
         if self.state.engine_stale or self.engine.asleep:
             with self.timer("weight_sync"):
-                self.engine.sync_weights(self.policy.named_parameters())
+                adapted = lora.is_peft_model(self.model)  # the merged weights, under the base model's names
+                self.engine.sync_weights(
+                    lora.merged_named_parameters(self.model) if adapted else self.policy.named_parameters()
+                )
             self.state.engine_stale = False
 
     def evaluate(self) -> dict[str, float]:
