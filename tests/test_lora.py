@@ -246,3 +246,53 @@ def test_a_full_fine_tuning_checkpoint_is_not_resumed_with_adapters(tmp_path):
     train(cfg)
     with pytest.raises(ValueError, match="--use_peft True .the checkpoint's: False"):
         train(run_config(tmp_path, run, "--max_steps", "3", "--resume"))
+
+
+@pytest.mark.parametrize(
+    "backend, old_logp",
+    [("torch", False), ("torch", True), ("triton", False), ("triton", True)],
+    ids=["torch-gradient-in-forward", "torch-recompute", "triton-on-policy", "triton-off-policy"],
+)
+def test_the_fused_op_does_no_dW_work_for_a_frozen_head(backend, old_logp):
+    """A weight that needs no gradient gets none, and the op spends exactly the dW GEMM's 2NVd FLOPs less
+    (every matrix product torch runs, in-place and out= forms included, counted over forward and backward; the
+    Triton kernels' own products are the same in both runs), on both backends and both backward paths (torch:
+    sequence-level off-policy rows longer than a chunk take the recompute path)."""
+    from gcpo_fast.kernels import LossInputs, linear_policy_loss
+
+    n, d, v = 24, 16, 96
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g) * 0.3
+    targets = torch.randint(0, v, (n,), generator=g)
+    cu = torch.tensor([0, 10, 24], dtype=torch.int32)
+    old = torch.randn(n, generator=g) * 0.01 - 4.0 if old_logp else None
+    inputs = LossInputs(torch.tensor([1.0, -1.0]), cu, old_logp=old)
+    config = PolicyLossConfig(importance_sampling_level="sequence", backend=backend, workspace_bytes=4 * v * 4)
+
+    def flops(weight_trains):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(weight_trains)
+        with GemmFlops() as counter:
+            loss, _ = linear_policy_loss(h, w, targets, inputs, config)
+            loss.backward()
+        assert h.grad is not None and (w.grad is not None) is weight_trains
+        return counter.flops, h.grad
+
+    full, dx_full = flops(True)
+    frozen, dx_frozen = flops(False)
+    assert full - frozen == 2 * n * v * d
+    torch.testing.assert_close(dx_frozen, dx_full, rtol=0, atol=0)
+
+
+class GemmFlops(torch.utils._python_dispatch.TorchDispatchMode):
+    """2 m k n for every aten mm / addmm call (any overload: addmm_, mm.out), from its operands' shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("mm", "addmm", "addmm_"):
+            a, b = args[-2], args[-1]
+            self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        return func(*args, **(kwargs or {}))
