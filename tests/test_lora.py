@@ -170,6 +170,8 @@ def test_options(model_dir):
     bad = PeftOptions(use_peft=True, lora_target_modules=["qproj"])
     with pytest.raises(ConfigError, match="lora_target_modules qproj: no such linear module; the model's linear"):
         attach(base, bad, base_path=model_dir)
+    with pytest.raises(ConfigError, match="--use_peft with --use_vllm needs --parallelism ddp"):
+        parse_config(["--use_peft", "--use_vllm", "--parallelism", "fsdp"])
     model = attach(base, PeftOptions(use_peft=True, lora_target_modules=["all-linear"]), base_path=model_dir)
     adapted_names = {n.rsplit(".lora_A", 1)[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if "lora_A" in n}
     assert adapted_names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -209,6 +211,12 @@ def test_kill_and_resume_is_exact_and_the_checkpoint_is_a_peft_adapter(tmp_path,
     assert any(not torch.equal(a[k], mid[k]) for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # the same 2 steps under DDP (replicated adapters, all-reduced gradients) reach the same adapters
+    ddp = tmp_path / "ddp"
+    spawn(_train_worker, 2, [run_args(model, data, ddp, 2, *lora, "--parallelism", "ddp")])
+    c = load_file(ddp / "checkpoint-2" / "adapter_model.safetensors")
+    for k in mid:
+        torch.testing.assert_close(c[k], mid[k], rtol=0, atol=1e-5, msg=k)
     # PEFT loads it on its base, as the run's model
     checkpoint = whole / "checkpoint-4"
     assert json.loads((checkpoint / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
@@ -296,3 +304,28 @@ class GemmFlops(torch.utils._python_dispatch.TorchDispatchMode):
             a, b = args[-2], args[-1]
             self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
         return func(*args, **(kwargs or {}))
+
+
+def test_fsdp_on_two_ranks_trains_the_adapters_and_resumes_exactly(tmp_path):
+    """FSDP2 on 2 gloo ranks with adapters (frozen base shards beside trained adapters): the adapters move, the
+    checkpoint is PEFT's adapter with the sharded optimizer state, kill-and-resume gives the same adapters, and DDP
+    reaches the same adapters in the same steps."""
+    from test_fsdp import _train_worker, run_args, spawn
+
+    from gcpo_fast.parallel import OPTIMIZER_FOLDER
+
+    torch.set_num_threads(1)
+    model = make_tiny_model(tmp_path / "model", tied=False)
+    data = write_jsonl(tmp_path / "train.jsonl", n=12)
+    lora = ["--use_peft", "--lora_r", "4", "--lora_dropout", "0", "--learning_rate", "5e-2"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    spawn(_train_worker, 2, [run_args(model, data, whole, 4, *lora)])
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    spawn(_train_worker, 2, [run_args(model, data, resumed, 4, *lora, "--resume")])
+    assert (whole / "checkpoint-2" / OPTIMIZER_FOLDER / ".metadata").is_file()
+    a, b = (load_file(run / "checkpoint-4" / "adapter_model.safetensors") for run in (whole, resumed))
+    mid = load_file(whole / "checkpoint-2" / "adapter_model.safetensors")
+    assert all("lora_" in k for k in a) and any(not torch.equal(a[k], mid[k]) for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
