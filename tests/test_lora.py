@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_model import make_tiny_model, write_jsonl
 
-from gcpo_fast.config import parse_config
+from gcpo_fast.config import parse_config, resolve
 from gcpo_fast.errors import ConfigError
 from gcpo_fast.kernels import PolicyLossConfig
 from gcpo_fast.lora import PeftOptions, attach, merged_named_parameters
@@ -170,8 +170,10 @@ def test_options(model_dir):
     bad = PeftOptions(use_peft=True, lora_target_modules=["qproj"])
     with pytest.raises(ConfigError, match="lora_target_modules qproj: no such linear module; the model's linear"):
         attach(base, bad, base_path=model_dir)
+    cfg = parse_config(["--use_peft", "--parallelism", "fsdp"])
+    cfg.vllm.use_vllm = True  # (its own check wants vLLM installed)
     with pytest.raises(ConfigError, match="--use_peft with --use_vllm needs --parallelism ddp"):
-        parse_config(["--use_peft", "--use_vllm", "--parallelism", "fsdp"])
+        resolve(cfg)
     model = attach(base, PeftOptions(use_peft=True, lora_target_modules=["all-linear"]), base_path=model_dir)
     adapted_names = {n.rsplit(".lora_A", 1)[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if "lora_A" in n}
     assert adapted_names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
