@@ -114,10 +114,12 @@ def target_modules(model, options: PeftOptions) -> list[str] | str:
     return list(given)
 
 
-def attach(model, options: PeftOptions, *, base_path, adapter=None):
+def attach(model, options: PeftOptions, *, base_path, adapter=None, seed: int = 0):
     """The model with LoRA adapters (a peft.PeftModel) when options.use_peft, else the model unchanged. adapter: an
     adapter folder to continue from (a checkpoint), else fresh adapters (B = 0). base_path is recorded in the
-    adapter's config, so that the folder names its base."""
+    adapter's config, so that the folder names its base. The fresh adapters' A matrices are drawn from `seed`
+    alone, the same on every rank (FSDP shards each rank's own copy, it broadcasts nothing) and for any number of
+    ranks; the global RNG is left as it was."""
     if not options.use_peft:
         return model
     peft = import_peft()
@@ -135,8 +137,10 @@ def attach(model, options: PeftOptions, *, base_path, adapter=None):
         use_rslora=options.use_rslora,
         use_dora=options.use_dora,
     )
-    # autocast_adapter_dtype: adapters in fp32 when the base is bf16
-    return peft.get_peft_model(model, config, autocast_adapter_dtype=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # autocast_adapter_dtype: adapters in fp32 when the base is bf16
+        return peft.get_peft_model(model, config, autocast_adapter_dtype=True)
 
 
 def base_dtype(options: PeftOptions, bf16: bool, device) -> torch.dtype:

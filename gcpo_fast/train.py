@@ -237,7 +237,9 @@ class Trainer:
         records = {cfg.data.dataset: prepared.records, "the held-out set": prepared.eval_records or []}
         check_prompts(self.tokenizer, records, cfg.rollout.max_prompt_length)
         adapter = prepared.resume if cfg.lora.use_peft else None
-        self.model = lora.attach(self.load_model(model_path), cfg.lora, base_path=cfg.model.model, adapter=adapter)
+        self.model = lora.attach(
+            self.load_model(model_path), cfg.lora, base_path=cfg.model.model, adapter=adapter, seed=cfg.run.seed
+        )
         max_model_len = cfg.rollout.max_prompt_length + cfg.rollout.max_completion_length
         self.engine = make_engine(
             cfg.vllm, self.model, self.tokenizer, model_path, bf16=cfg.model.bf16, seed=cfg.run.seed,
