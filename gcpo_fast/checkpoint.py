@@ -13,6 +13,7 @@
 
 Layout of output_dir/checkpoint-<step>/:
     config.json, generation_config.json, model.safetensors, tokenizer files   the model, as save_pretrained writes it
+                          (--use_peft: adapter_config.json, adapter_model.safetensors: the adapter, PEFT's layout)
     trainer_state.pt      optimizer, scheduler, data-sampler cursor, step, counters (what all ranks share)
     rank_<rank>.pt        each rank's own: python, numpy, torch and CUDA RNG states, the unfinished rollout buffer
     optimizer/            with --parallelism fsdp: the sharded optimizer state (torch.distributed.checkpoint,
@@ -62,6 +63,7 @@ from gcpo_fast.parallel import barrier, rank_and_world
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "checkpoint.json"
+ADAPTER_CONFIG = "adapter_config.json"  # a --use_peft checkpoint holds the adapter (gcpo_fast/lora.py), not the model
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 FULL_DISK_BYTES = 64 * 2**20  # less free space than this after a torch.save error: the disk filled up
 
@@ -160,13 +162,14 @@ def check_checkpoint(path) -> str | None:
                 return f"{name} is missing"
             if (path / name).stat().st_size != size:
                 return f"{name} is {(path / name).stat().st_size} bytes, {size} were written"
-    for name in ("config.json", STATE_FILE, "rank_0.pt"):
+    config = ADAPTER_CONFIG if (path / ADAPTER_CONFIG).is_file() else "config.json"  # --use_peft: the adapter's
+    for name in (config, STATE_FILE, "rank_0.pt"):
         if not (path / name).is_file():
             return f"{name} is missing"
     try:
-        json.loads((path / "config.json").read_text(encoding="utf-8"))
+        json.loads((path / config).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return "config.json is not valid JSON"
+        return f"{config} is not valid JSON"
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         return "no model weights (*.safetensors)"

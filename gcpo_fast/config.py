@@ -33,6 +33,7 @@ from gcpo_fast.errors import ConfigError, require
 from gcpo_fast.eval import EvalConfig
 from gcpo_fast.golden import GoldenConfig
 from gcpo_fast.logger import LogConfig
+from gcpo_fast.lora import PeftOptions
 from gcpo_fast.methods import MethodConfig
 from gcpo_fast.models import ModelConfig
 from gcpo_fast.parallel import ParallelConfig
@@ -52,6 +53,7 @@ class TrainConfig:
     """Every option of a run, one dataclass per component (the attribute names below)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: PeftOptions = field(default_factory=PeftOptions)
     data: DataConfig = field(default_factory=DataConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -229,5 +231,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         or cfg.vllm.vllm_max_model_length >= cfg.rollout.max_prompt_length + budget,
         f"vllm_max_model_length={cfg.vllm.vllm_max_model_length} must hold max_prompt_length + max_completion_length "
         f"= {cfg.rollout.max_prompt_length + budget}",
+    )
+    require(
+        not (cfg.lora.use_peft and cfg.vllm.use_vllm and cfg.parallel.parallelism == "fsdp"),
+        "--use_peft with --use_vllm needs --parallelism ddp: the merged weights are built from whole layers",
     )
     return cfg

@@ -4,6 +4,7 @@
     python -m gcpo_fast.eval --model runs/gcpo/checkpoint-300 --levels 3 4 5   # the levels the default run trains on
     python -m gcpo_fast.eval --model runs/gcpo/checkpoint-200 --num_samples 8  # 8 samples per problem
     python -m gcpo_fast.eval --model DIR --dataset test.jsonl --num_problems 500 --output eval.json
+    python -m gcpo_fast.eval --model runs/lora/checkpoint-300                  # an adapter (--use_peft) on its base
 
 With k = num_samples completions per problem (greedy decoding when k = 1, else sampling at
 --temperature), c of them correct (math-verify against the record's answer):
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 
 from gcpo_fast.cli import ArgumentParser
+from gcpo_fast.lora import adapter_base, is_adapter_folder, load_adapted
 from gcpo_fast.models import DEFAULT_MODEL, check_model_folder, load_causal_lm, load_tokenizer
 from gcpo_fast.options import at_least, check_options, option
 from gcpo_fast.prompt_checks import check_prompts
@@ -185,7 +187,10 @@ def main(argv=None) -> None:
         problem = check_args(args)
         if problem:
             ap.fail(problem)
-        check_model_folder(args.model, trust_remote_code=args.trust_remote_code)
+        adapter = is_adapter_folder(args.model)  # a --use_peft checkpoint: the adapter on its base model
+        check_model_folder(
+            adapter_base(args.model) if adapter else args.model, trust_remote_code=args.trust_remote_code
+        )
         records = load_records(
             args.dataset,
             split="test",
@@ -199,11 +204,13 @@ def main(argv=None) -> None:
         ap.fail(str(e))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+        trust = args.trust_remote_code
+        tokenizer = load_tokenizer(adapter_base(args.model) if adapter else args.model, trust_remote_code=trust)
         check_prompts(tokenizer, {args.dataset: records}, args.max_prompt_length)  # before the model loads
-        model = load_causal_lm(
-            args.model, device=device, dtype="auto", trust_remote_code=args.trust_remote_code
-        )  # the dtype the model was saved in
+        if adapter:
+            model = load_adapted(args.model, device=device, dtype="auto", trust_remote_code=trust)[0]
+        else:  # the dtype the model was saved in
+            model = load_causal_lm(args.model, device=device, dtype="auto", trust_remote_code=trust)
         sampling = Sampling(
             args.max_completion_length, args.temperature, args.top_p, args.top_k, greedy=args.num_samples == 1
         )

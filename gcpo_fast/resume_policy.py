@@ -39,6 +39,9 @@ RUN_DEFINING = {
     # model and data
     "model", "prompt_column", "golden_column", "answer_column", "builtin_num_problems", "builtin_levels",
     "reward_funcs", "reward_weights", "correct_reward",
+    # LoRA: what trains
+    "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "use_rslora",
+    "use_dora",
     # generation
     "num_generations", "max_prompt_length", "max_completion_length", "temperature", "top_p", "top_k",
     "mask_truncated_completions",

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from gcpo_fast import parallel, resume_policy, run_lock
+from gcpo_fast import lora, parallel, resume_policy, run_lock
 from gcpo_fast.attention import resolve_attn_implementation
 from gcpo_fast.checkpoint import (
     check_checkpoint,
@@ -223,6 +223,11 @@ def report_memory(cfg: TrainConfig, model_path, dist) -> None:
     options that would fit when it exceeds the device (CUDA; on the CPU the host's memory is not checked)."""
     if dist.rank != 0:
         return
+    if cfg.lora.use_peft:  # the estimate models full fine-tuning; adapters are not in it yet
+        print(
+            "memory per device: no estimate for --use_peft yet (the planner models full fine-tuning)", file=sys.stderr
+        )
+        return
     from transformers import AutoConfig
 
     trust = cfg.model.trust_remote_code
@@ -266,13 +271,17 @@ class Trainer:
         rank, world = self.dist.rank, self.dist.world_size
         self.prepared = prepared = prepared or prepare(cfg)
         set_seed(cfg.run.seed + rank)
-        model_path = prepared.resume or cfg.model.model
+        # --use_peft: a checkpoint holds the adapter; the base weights and the tokenizer are --model's
+        model_path = cfg.model.model if cfg.lora.use_peft else prepared.resume or cfg.model.model
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
         # a chat template that refuses a record: one line; prompts longer than max_prompt_length: counted
         records = {cfg.data.dataset: prepared.records, "the held-out set": prepared.eval_records or []}
         check_prompts(self.tokenizer, records, cfg.rollout.max_prompt_length)
         report_memory(cfg, model_path, self.dist)  # the estimate, and a warning naming what fits, before any weight
-        self.model = self.load_model(model_path)
+        adapter = prepared.resume if cfg.lora.use_peft else None
+        self.model = lora.attach(
+            self.load_model(model_path), cfg.lora, base_path=cfg.model.model, adapter=adapter, seed=cfg.run.seed
+        )
         max_model_len = cfg.rollout.max_prompt_length + cfg.rollout.max_completion_length
         self.engine = make_engine(
             cfg.vllm, self.model, self.tokenizer, model_path, bf16=cfg.model.bf16, seed=cfg.run.seed,
@@ -302,6 +311,7 @@ class Trainer:
             resume_policy.apply(cfg.optim, self.optimizer, self.scheduler)  # a new --learning_rate wins over the saved
             self.sampler.load_state_dict(shared["sampler"])
             self.state.restore(shared, own)
+        self.state.engine_stale |= cfg.lora.use_peft  # an engine loaded from --model lacks the adapters
         self.log = None
         if rank == 0:
             self.log = RunLogger(
@@ -314,12 +324,12 @@ class Trainer:
         self.timer = PhaseTimer(cuda=self.dist.device.type == "cuda")
         self.round = RoundContext.of(cfg, self.engine, self.tokenizer, prepared.reward_funcs, self.timer)
 
-    def load_model(self, path, dtype=torch.float32):
+    def load_model(self, path, dtype=None):
         model = self.cfg.model
         return load_causal_lm(
             path,
             device=self.dist.device,
-            dtype=dtype,
+            dtype=dtype or lora.base_dtype(self.cfg.lora, model.bf16, self.dist.device),
             attn_implementation=resolve_attn_implementation(model.attn_implementation, self.dist.device, model.bf16),
             gradient_checkpointing=model.gradient_checkpointing,
             trust_remote_code=model.trust_remote_code,
@@ -423,7 +433,10 @@ class Trainer:
         Under FSDP every rank gathers each parameter in turn, so every rank calls this."""
         if self.state.engine_stale or self.engine.asleep:
             with self.timer("weight_sync"):
-                self.engine.sync_weights(self.policy.named_parameters())
+                adapted = lora.is_peft_model(self.model)  # the merged weights, under the base model's names
+                self.engine.sync_weights(
+                    lora.merged_named_parameters(self.model) if adapted else self.policy.named_parameters()
+                )
             self.state.engine_stale = False
 
     def evaluate(self) -> dict[str, float]:
