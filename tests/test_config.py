@@ -203,7 +203,7 @@ def test_bad_data_fails_before_the_model_loads(tmp_path, capsys, rows, message):
 
 
 def test_golden_column_is_optional_without_golden_answers(tmp_path):
-    from gcpo_fast.train import prepare
+    from gcpo_fast.prepare import prepare
 
     path = write_jsonl(tmp_path / "train.jsonl", rows=[{"prompt": "1+1?", "answer": "2"}] * 2)
     cfg = parse_config(
@@ -228,7 +228,7 @@ def test_golden_column_is_optional_without_golden_answers(tmp_path):
 
 
 def test_missing_shipped_model_is_named(tmp_path, monkeypatch):
-    from gcpo_fast.train import prepare
+    from gcpo_fast.prepare import prepare
 
     monkeypatch.setattr("gcpo_fast.models.DEFAULT_MODEL", str(tmp_path / "absent"))
     cfg = parse_config(["--dataset", str(write_jsonl(tmp_path / "train.jsonl")), "--output_dir", str(tmp_path)])
@@ -238,7 +238,7 @@ def test_missing_shipped_model_is_named(tmp_path, monkeypatch):
 
 
 def test_too_few_prompts_and_existing_run_fail_early(tmp_path):
-    from gcpo_fast.train import prepare
+    from gcpo_fast.prepare import prepare
 
     path = write_jsonl(tmp_path / "train.jsonl", n=3)
     cfg = parse_config(

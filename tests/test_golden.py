@@ -19,10 +19,11 @@ from gcpo_fast.config import parse_config
 from gcpo_fast.data import PromptSampler
 from gcpo_fast.errors import ConfigError
 from gcpo_fast.golden import CACHE_NAME, prompt_key
+from gcpo_fast.prepare import prepare
 from gcpo_fast.rewards import extract_answer, math_reward
 from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts
 from gcpo_fast.rounds import RoundContext, build_rows, sample_groups
-from gcpo_fast.train import load_teacher, prepare, train
+from gcpo_fast.train import load_teacher, train
 
 TESTS = Path(__file__).resolve().parent
 # The teacher's own template, Mistral-like: no system role (as Gemma's and Mistral's templates refuse one)

@@ -10,8 +10,9 @@ import yaml
 from tiny_model import make_tiny_model, write_jsonl
 
 from gcpo_fast.config import TrainConfig, parse_config
+from gcpo_fast.prepare import prepare
 from gcpo_fast.resume_policy import MAY_CHANGE, RUN_DEFINING
-from gcpo_fast.train import prepare, train
+from gcpo_fast.train import train
 
 
 def config(tmp_path, *extra):
