@@ -17,6 +17,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from tiny_model import make_tiny_model, write_jsonl
+from trainer_steps import logprobs, sgd, step
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gcpo_fast.config import parse_config
@@ -24,8 +25,7 @@ from gcpo_fast.errors import ConfigError
 from gcpo_fast.packing import PackedBatch, pack
 from gcpo_fast.parallel import OPTIMIZER_FOLDER, check_checkpoint, parallelize
 from gcpo_fast.rollout import HFEngine, Rows, Sampling
-from gcpo_fast.scoring import score_logprobs
-from gcpo_fast.update import ModelWithLoss, optimizer_step
+from gcpo_fast.update import ModelWithLoss
 
 MAX_GRAD_NORM = "1e-2"  # far below the tiny model's gradient norm: every step is clipped by the global norm
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12]]
@@ -82,20 +82,6 @@ def rank_rows(rank) -> PackedBatch:
     return pack(rows, mask_truncated=False)
 
 
-def completion_logprobs(model, mb, cfg):
-    return score_logprobs(model, mb, cfg.rollout.temperature, cfg.model.bf16)
-
-
-def step(policy, optimizer, scheduler, micro_batches, cfg):
-    return optimizer_step(policy, optimizer, scheduler, micro_batches, cfg.optim, cfg.loss_config(), cfg.model.bf16)
-
-
-def sgd(model):
-    """SGD with lr 1: the update is the (clipped) gradient itself (Adam's first step would hide its scale)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-
-
 def load(model_dir, checkpointing):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     if checkpointing:
@@ -115,7 +101,7 @@ def _step_worker(rank, world, port, cases, out):
             mb = rank_rows(rank)
             with policy.unsharded():
                 generated = HFEngine(model, tokenizer).generate(PROMPTS, 2, GREEDY).completion_ids
-                old_logp = completion_logprobs(model, mb, cfg)
+                old_logp = logprobs(model, mb, cfg)
             assert isinstance(model.get_output_embeddings().weight, torch.distributed.tensor.DTensor)  # resharded
             optimizer, scheduler = sgd(model)
             metrics = step(policy, optimizer, scheduler, [mb], cfg)
@@ -147,7 +133,7 @@ def test_one_sharded_step_equals_one_process_over_the_global_batch(tmp_path, mod
         assert sharded["generated"] == HFEngine(model, tokenizer).generate(PROMPTS, 2, GREEDY).completion_ids
         for rank in (0, 1):
             old_logp = torch.load(tmp_path / f"{name}_rank{rank}.pt", weights_only=True)["old_logp"]
-            torch.testing.assert_close(old_logp, completion_logprobs(model, rank_rows(rank), cfg), rtol=0, atol=1e-5)
+            torch.testing.assert_close(old_logp, logprobs(model, rank_rows(rank), cfg), rtol=0, atol=1e-5)
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
         optimizer, scheduler = sgd(model)
         # one process, the two ranks' rows as two micro-batches of one step

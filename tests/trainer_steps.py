@@ -1,0 +1,100 @@
+"""The trainer's pieces driven one at a time, as the trainer drives them (tests/test_train*.py, test_fsdp.py).
+
+cfg, model, tokenizer, sampler, funcs = setup(files, "--loss_type", "dapo")
+sampled, rows, metrics, samples = one_round(cfg, model, tokenizer, sampler, funcs)
+(micro_batches,) = split_steps(cfg, rows, model)            # packed once, scored
+metrics = step(policy_of(model, cfg), *sgd(model), micro_batches, cfg)
+"""
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gcpo_fast.config import parse_config
+from gcpo_fast.data import PromptSampler
+from gcpo_fast.parallel import parallelize
+from gcpo_fast.rewards import load_reward_function
+from gcpo_fast.rollout import HFEngine
+from gcpo_fast.rounds import (
+    RoundContext,
+    ScoringOptions,
+    build_rows,
+    pack_micro_batches,
+    sample_groups,
+    score_micro_batches,
+)
+from gcpo_fast.scoring import score_logprobs
+from gcpo_fast.sources import load_records
+from gcpo_fast.timing import PhaseTimer
+from gcpo_fast.update import ModelWithLoss, optimizer_step
+
+
+def setup(files, *argv):
+    model_dir, data = files
+    cfg = parse_config(
+        [
+            "--model",
+            str(model_dir),
+            "--dataset",
+            str(data),
+            "--num_generations",
+            "4",
+            "--per_device_train_batch_size",
+            "8",
+            "--max_completion_length",
+            "24",
+            "--learning_rate",
+            "1e-2",
+            "--lr_scheduler_type",
+            "constant",
+            "--max_grad_norm",
+            "0",
+            *argv,
+        ]
+    )
+    torch.manual_seed(0)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    records = load_records(cfg.data.dataset, require_golden=cfg.method.golden_answer != "off")
+    sampler = PromptSampler(records, cfg.prompts_per_round, seed=cfg.run.seed)
+    return cfg, model, tokenizer, sampler, [load_reward_function(f) for f in cfg.rewards.reward_funcs]
+
+
+def sgd(model):
+    """Plain SGD for tests that compare gradients through weights (Adam's first step is lr * sign(grad),
+    blind to how gradients are scaled)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def policy_of(model, cfg):
+    return parallelize(ModelWithLoss(model, cfg.loss_config()))
+
+
+def step(policy, optimizer, scheduler, micro_batches, cfg):
+    return optimizer_step(policy, optimizer, scheduler, micro_batches, cfg.optim, cfg.loss_config(), cfg.model.bf16)
+
+
+def one_round(cfg, model, tokenizer, sampler, funcs):
+    ctx = RoundContext.of(cfg, HFEngine(model, tokenizer), tokenizer, funcs)
+    sampled, metrics = sample_groups(ctx, sampler)
+    rows, samples = build_rows(ctx, sampled, metrics, None, cfg.golden.golden_source)
+    return sampled, rows, metrics, samples
+
+
+def split_steps(cfg, rows, model):
+    """The round's optimizer steps as the trainer prepares them: shuffled, packed once, scored."""
+    micro_batches = pack_micro_batches(rows, cfg.batch, cfg.rollout.mask_truncated_completions)
+    options = ScoringOptions(cfg.batch.reused, cfg.rollout.temperature, cfg.model.bf16, correction=False)
+    score_micro_batches(micro_batches, model, None, options, PhaseTimer(), {})
+    return cfg.batch.optimizer_steps(micro_batches)
+
+
+def rows_of(mb):
+    """(prompt ids, completion ids, advantage, golden) of each row of a packed micro-batch."""
+    ids, bounds, spans = mb.input_ids[0].tolist(), mb.cu_seqlens.tolist(), mb.completion_cu_seqlens.tolist()
+    for i in range(mb.num_rows):
+        row, n = ids[bounds[i] : bounds[i + 1]], spans[i + 1] - spans[i]
+        yield row[: len(row) - n], row[len(row) - n :], mb.advantages[i], bool(mb.golden[i])
+
+
+def logprobs(model, mb, cfg):
+    return score_logprobs(model, mb, cfg.rollout.temperature, cfg.model.bf16)
