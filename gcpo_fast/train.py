@@ -158,10 +158,10 @@ class Trainer:
             cfg.vllm, self.model, self.tokenizer, model_path, bf16=cfg.model.bf16, seed=cfg.run.seed,
             max_model_len=max_model_len, rank=rank, trust_remote_code=cfg.model.trust_remote_code,
         )  # fmt: skip
-        # beta > 0: the reference is the initial policy, also when resuming
-        if cfg.method.beta > 0:
+        self.ref_model = None
+        if cfg.method.beta > 0:  # the reference is the initial policy, also when resuming
             reference = self.load_model(cfg.model.model, frozen_dtype(cfg.model.bf16, self.dist.device))
-        self.ref_model = reference.eval().requires_grad_(False) if cfg.method.beta > 0 else None
+            self.ref_model = reference.eval().requires_grad_(False)
         self.teacher = load_teacher(cfg, prepared.golden_cache, prepared.reward_funcs, self.dist.device)
         self.loss_config = cfg.loss_config()
         self.policy = parallel.parallelize(
