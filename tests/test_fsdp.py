@@ -210,6 +210,9 @@ def _train_worker(rank, world, port, runs):
                 messages = [str(w.message) for w in caught if "processes and resumes with" in str(w.message)]
                 with open(os.path.join(parse_config(argv).run.output_dir, "warnings.json"), "w") as f:
                     json.dump(messages, f)
+        # rank 0 hosts the store: no rank tears the group down while another still talks to it (seen once under a
+        # full suite: "terminate called without an active exception" in rank 1 at exit)
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
