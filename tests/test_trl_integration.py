@@ -9,6 +9,7 @@ Nothing is downloaded: the dataset is a list of prompts in memory, the reward a 
 Skipped when trl is not installed (the "test" extra installs it).
 """
 
+import gc
 import os
 
 import pytest
@@ -190,6 +191,11 @@ def _ddp_worker(rank, world, port, out):
                 weights=[p.detach().clone() for p in trainer.model.parameters()],
             )
         torch.save(runs, out / f"rank{rank}.pt")
+        # DDP's reducers hold the process group: drop them and meet every rank before it goes, or gloo's destructor
+        # can wait on a peer that has already left (seen once: a hang in ~ProcessGroupGloo at exit)
+        del trainer
+        gc.collect()
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
