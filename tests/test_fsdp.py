@@ -112,6 +112,7 @@ def _step_worker(rank, world, port, cases, out):
                     {"weights": full, "synced": synced, "metrics": metrics, "generated": generated}, out / f"{name}.pt"
                 )
             torch.save({"old_logp": old_logp}, out / f"{name}_rank{rank}.pt")
+        torch.distributed.barrier()  # every rank done before the group goes (rank 0 hosts the store)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -277,6 +278,7 @@ def _one_rank_worker(rank, world, port, model_dir, checkpoint, out):
         policy.load_optimizer(optimizer, checkpoint, {})
         full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
         torch.save(full, out / "optimizer_1_rank.pt")
+        torch.distributed.barrier()  # every rank done before the group goes (rank 0 hosts the store)
     finally:
         torch.distributed.destroy_process_group()
 

@@ -473,6 +473,7 @@ def _ddp_worker(rank, world, port, tiny, data, run):
     init_distributed()
     try:
         train(run_args(tiny, data, run, "--max_steps", "2"))
+        torch.distributed.barrier()  # every rank done before the group goes (rank 0 hosts the store)
     finally:
         torch.distributed.destroy_process_group()
 

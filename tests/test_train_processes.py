@@ -179,6 +179,7 @@ def _ddp_worker(rank, world, port, files, out):
             ]
         )
         train(cfg)
+        torch.distributed.barrier()  # every rank done before the group goes (rank 0 hosts the store)
     finally:
         torch.distributed.destroy_process_group()
 
