@@ -96,6 +96,9 @@ class Rows:
     sampling_logp: list[list[float] | None] | None = None
     golden: list[bool] | None = None  # per row: a golden answer (GCPO), not a rollout; None: none are
     advantages: torch.Tensor | None = None  # [B]
+    # per row: the policy version (the trainer's optimizer step) whose weights sampled it, when the engine
+    # samples elsewhere (a server, ahead of the trainer); None for a golden row
+    policy_version: list[int | None] | None = None
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -114,6 +117,7 @@ class Rows:
             None
             if self.advantages is None or other.advantages is None
             else torch.cat([self.advantages, other.advantages]),
+            join(self.policy_version, other.policy_version),
         )
 
     def select(self, rows: list[int]) -> "Rows":
@@ -130,6 +134,7 @@ class Rows:
             pick(self.sampling_logp),
             pick(self.golden),
             None if self.advantages is None else self.advantages[rows],
+            pick(self.policy_version),
         )
 
 

@@ -215,6 +215,7 @@ def build_rows(
         )
     golden_text = {p: (ids, texts[p]) for p, (ids, _) in golden_ids.items()}
     rows = Rows([], [], [], [], None if out.sampling_logp is None else [], g.is_golden.tolist(), advantages)
+    rows.policy_version = None if out.policy_version is None else []
     for k, (p, r) in enumerate(zip(g.group_index.tolist(), g.rollout_index.tolist())):
         golden = bool(g.is_golden[k])
         ids, text = golden_text[p] if golden else (out.completion_ids[r], out.texts[r])
@@ -224,6 +225,8 @@ def build_rows(
         rows.texts.append(text)
         if rows.sampling_logp is not None:  # a golden row was never sampled: it has no engine log-probs
             rows.sampling_logp.append(None if golden else out.sampling_logp[r])
+        if rows.policy_version is not None:
+            rows.policy_version.append(None if golden else out.policy_version[r])
     return rows, log_samples(records, rows, g, ctx.rollout.num_generations, ctx.num_samples_to_log)
 
 
