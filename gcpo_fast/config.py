@@ -28,6 +28,7 @@ from typing import get_type_hints
 import yaml
 from transformers import HfArgumentParser
 
+from gcpo_fast.async_rollouts import AsyncConfig
 from gcpo_fast.checkpoint import CheckpointConfig
 from gcpo_fast.errors import ConfigError, require
 from gcpo_fast.eval import EvalConfig
@@ -58,6 +59,7 @@ class TrainConfig:
     rewards: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    asynchronous: AsyncConfig = field(default_factory=AsyncConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -235,5 +237,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     require(
         not (cfg.lora.use_peft and cfg.vllm.use_vllm and cfg.parallel.parallelism == "fsdp"),
         "--use_peft with --use_vllm needs --parallelism ddp: the merged weights are built from whole layers",
+    )
+    require(
+        not (cfg.asynchronous.async_rollouts and cfg.vllm.use_vllm and cfg.vllm.vllm_mode == "colocate"),
+        "--async_rollouts samples in another process while the trainer trains: use the HF engine (no --use_vllm) "
+        "or --vllm_mode server, not the colocated vLLM engine",
     )
     return cfg

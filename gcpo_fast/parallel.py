@@ -157,15 +157,26 @@ def reduce_device() -> str:
     return "cuda" if "nccl" in torch_dist.get_backend_config() else "cpu"
 
 
-def all_reduce(values: list[float], op: str = "sum") -> list[float]:
-    """values reduced element-wise over ranks ("sum", "min" or "max"), in float64; unchanged in one process."""
+def all_reduce(values: list[float], op: str = "sum", group=None) -> list[float]:
+    """values reduced element-wise over ranks ("sum", "min" or "max"), in float64; unchanged in one process.
+    group: a process group of its own (side_group), for a thread other than the training loop's."""
     if not torch_dist.is_initialized():
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=reduce_device())
+    device = "cpu" if group is not None else reduce_device()
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     torch_dist.all_reduce(
-        t, op={"sum": torch_dist.ReduceOp.SUM, "min": torch_dist.ReduceOp.MIN, "max": torch_dist.ReduceOp.MAX}[op]
+        t,
+        op={"sum": torch_dist.ReduceOp.SUM, "min": torch_dist.ReduceOp.MIN, "max": torch_dist.ReduceOp.MAX}[op],
+        group=group,
     )
     return t.tolist()
+
+
+def side_group():
+    """A gloo process group over every rank for collectives issued from another thread (the rollout producer's):
+    collectives of two threads on one group could interleave differently on each rank. None in one process.
+    Every rank must call it, in the same order."""
+    return torch_dist.new_group(backend="gloo") if torch_dist.is_initialized() else None
 
 
 def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:

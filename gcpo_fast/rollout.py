@@ -217,7 +217,7 @@ class HFEngine:
         self.model, self.tokenizer, self.bf16 = model, tokenizer, bf16
         self.eos_ids = eos_token_ids(model, tokenizer)  # fails now, not after a round, if nothing ends a completion
 
-    def sync_weights(self, named_tensors) -> None:
+    def sync_weights(self, named_tensors, version: int = 0) -> None:
         """Nothing to do: this engine samples with the trainer's own weights."""
 
     def sleep(self) -> None:

@@ -90,6 +90,7 @@ class RoundContext:
     reward_funcs: list
     timer: PhaseTimer
     num_samples_to_log: int = 4
+    group: object = None  # the process group of the sampling rule's all-reduce (None: the default group)
 
     @classmethod
     def of(cls, cfg, engine, tokenizer, reward_funcs: list, timer: PhaseTimer | None = None) -> "RoundContext":
@@ -135,7 +136,7 @@ def sample_groups(ctx: RoundContext, sampler) -> tuple[SampledGroups, dict]:
         rewards_seen.append(rewards.view(-1, G))
         per_func_seen.append(per_func)
         grid = torch.cat(rewards_seen)
-        if rule is None or rule.done(grid, num_batches, lambda x: all_reduce([x], "min")[0]):
+        if rule is None or rule.done(grid, num_batches, lambda x: all_reduce([x], "min", ctx.group)[0]):
             break
     keep = torch.arange(grid.shape[0]) if rule is None else rule.keep(grid)
     warn_if_mostly_truncated(rows.truncated, ctx.rollout.max_completion_length)  # TRL #5697's trap, with the count

@@ -4,7 +4,7 @@
 
     state = RunState()                                     # step 0, no prepared steps
     state.restore(trainer_state, rank_state)               # from a checkpoint (gcpo_fast/checkpoint.py)
-    trainer_state = state.shared_state(optimizer_state=..., scheduler=..., sampler=...)   # what all ranks share
+    trainer_state = state.shared_state(optimizer_state=..., scheduler=..., sampler_state=...)   # what all ranks share
     rank_state = state.rank_state()                        # the unfinished round of this rank
 
 The loop's state is this one object (gcpo_fast/train.py reads and advances it); nothing else of a run's
@@ -77,16 +77,18 @@ class RunState:
     samples: list = field(default_factory=list)  # the round's rollouts for samples.jsonl, until logged
     skipped: SkippedSteps = field(default_factory=SkippedSteps)
     engine_stale: bool = False  # new weights since the engine last synced (it syncs before it samples)
+    dropped_rounds: int = 0  # --async_rollouts: rounds dropped for sampling with weights older than max_staleness
 
-    def shared_state(self, *, optimizer_state: dict, scheduler, sampler) -> dict:
+    def shared_state(self, *, optimizer_state: dict, scheduler, sampler_state: dict) -> dict:
         """trainer_state.pt: what every rank shares."""
         return dict(
             step=self.step,
             num_tokens=self.num_tokens,
             **optimizer_state,
             scheduler=scheduler.state_dict(),
-            sampler=sampler.state_dict(),
+            sampler=sampler_state,
             skipped=vars(self.skipped),
+            dropped_rounds=self.dropped_rounds,
         )
 
     def rank_state(self) -> dict:
@@ -96,4 +98,5 @@ class RunState:
     def restore(self, state: dict, rank_state: dict) -> None:
         self.step, self.num_tokens = state["step"], state["num_tokens"]
         self.skipped = SkippedSteps(**state.get("skipped", {}))
+        self.dropped_rounds = state.get("dropped_rounds", 0)
         self.buffer, self.round_metrics = rank_state.get("buffer", []), rank_state.get("round_metrics", {})

@@ -15,6 +15,7 @@ stage, is docs/design.md ("The trainer: data flow of one step"); the loop's stat
 (gcpo_fast/run.py), which the checkpoint saves and restores whole.
 """
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 from gcpo_fast import lora, parallel, resume_policy, run_lock
+from gcpo_fast.async_rollouts import RolloutProducer, take_round
 from gcpo_fast.attention import resolve_attn_implementation
 from gcpo_fast.checkpoint import (
     load_checkpoint,
@@ -194,6 +196,15 @@ class Trainer:
             )
         self.timer = PhaseTimer(cuda=self.dist.device.type == "cuda")
         self.round = RoundContext.of(cfg, self.engine, self.tokenizer, prepared.reward_funcs, self.timer)
+        self.producer = self.taken_cursor = None  # --async_rollouts: rounds sampled ahead, on a thread of its own
+        if cfg.asynchronous.async_rollouts:
+            self.producer = RolloutProducer(
+                dataclasses.replace(self.round, group=parallel.side_group()),
+                self.sampler,
+                max_staleness=cfg.asynchronous.max_staleness,
+                steps_per_round=len(cfg.batch.optimizer_steps(range(cfg.batch.steps_per_generation))),
+                start_step=self.state.step,
+            )
 
     def load_model(self, path, dtype=None):
         model = self.cfg.model
@@ -220,13 +231,20 @@ class Trainer:
         )
         try:
             self.model.train()
+            if self.producer:
+                self.sync_engine()  # an engine that lacks the adapters (or slept) gets the weights first
+                self.producer.start()
             while state.step < cfg.run.max_steps:
                 metrics = self.train_step()
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.4f}")
         finally:  # also on an error: vLLM's own teardown at exit would fail once the process group is gone
             bar.close()
+            if self.producer:
+                self.producer.stop()  # no new round; the one in flight ends with the engine
             self.engine.close()
+            if self.producer:
+                self.producer.close()
             if self.teacher is not None and self.teacher.engine is not None:
                 self.teacher.engine.close()
             run_lock.release(cfg.run.output_dir)
@@ -249,6 +267,8 @@ class Trainer:
             )
         state.engine_stale = True
         state.step += 1
+        if self.producer and state.step % cfg.asynchronous.weight_sync_steps == 0:
+            self.sync_engine()  # the producer may now sample further ahead
         tokens = sum(mb.input_ids.numel() for mb in micro_batches)  # prompt + completion tokens
         metrics = parallel.mean_over_ranks({**state.round_metrics, **metrics, **self.timer.pop(), "tokens": tokens})
         metrics["step_time"] = time.perf_counter() - start
@@ -279,9 +299,23 @@ class Trainer:
     def generate_round(self) -> None:
         """Sample, score and pack the next round into the buffer of prepared optimizer steps."""
         cfg, state = self.cfg, self.state
-        self.sync_engine()
+        if self.producer:  # sampled ahead, by weights at most max_staleness steps old
+            ready, wait = take_round(
+                self.producer,
+                state.step,
+                cfg.asynchronous.max_staleness,
+                reduce_max=lambda x: parallel.all_reduce([x], "max")[0],
+                resync=self.resync_engine,
+            )
+            state.dropped_rounds += int(wait.pop("async/dropped_rounds_now"))
+            sampled, state.round_metrics = ready.sampled, {**ready.metrics, **wait}
+            state.round_metrics["async/dropped_rounds"] = state.dropped_rounds
+            self.taken_cursor = ready.sampler_state
+        else:
+            self.sync_engine()
         with self.policy.unsharded():  # FSDP: gather the layers once for the whole round (a no-op otherwise)
-            sampled, state.round_metrics = sample_groups(self.round, self.sampler)
+            if not self.producer:
+                sampled, state.round_metrics = sample_groups(self.round, self.sampler)
             rows, state.samples = build_rows(
                 self.round, sampled, state.round_metrics, self.teacher, cfg.golden.golden_source
             )
@@ -306,9 +340,17 @@ class Trainer:
             with self.timer("weight_sync"):
                 adapted = lora.is_peft_model(self.model)  # the merged weights, under the base model's names
                 self.engine.sync_weights(
-                    lora.merged_named_parameters(self.model) if adapted else self.policy.named_parameters()
+                    lora.merged_named_parameters(self.model) if adapted else self.policy.named_parameters(),
+                    version=self.state.step,
                 )
             self.state.engine_stale = False
+            if self.producer:
+                self.producer.weights_synced(self.state.step)
+
+    def resync_engine(self) -> None:
+        """Send the weights again, changed or not (the engine sampled with weights that were not the trainer's)."""
+        self.state.engine_stale = True
+        self.sync_engine()
 
     def evaluate(self) -> dict[str, float]:
         """eval/mean@k, eval/pass@j (and per level, when records have one) on the held-out records, each rank
@@ -336,8 +378,10 @@ class Trainer:
                 "in the run directory holds the last good weights)"
             )
         policy, state = self.policy, self.state
+        # --async_rollouts: the cursor after the rounds the trainer took; those sampled ahead are sampled again
+        cursor = self.taken_cursor or self.sampler.state_dict()
         shared = state.shared_state(
-            optimizer_state=policy.optimizer_state(self.optimizer), scheduler=self.scheduler, sampler=self.sampler
+            optimizer_state=policy.optimizer_state(self.optimizer), scheduler=self.scheduler, sampler_state=cursor
         )
         shared["dataset_sha256"] = self.prepared.dataset_sha256
         save_checkpoint(

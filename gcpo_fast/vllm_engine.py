@@ -273,7 +273,7 @@ class VLLMEngine:
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
         return Rows(rows, completions, truncated, texts, logprobs)
 
-    def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int = 0) -> None:
         """Load the trainer's current weights (Hugging Face parameter names of the causal LM), one tensor
         at a time, then drop the prefix cache built with the old ones."""
         if self.asleep:
