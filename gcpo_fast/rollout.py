@@ -12,9 +12,11 @@
 A rollout engine is any object with `eos_ids`, `generate(prompt_ids, n, sampling) -> Rows`,
 `sync_weights(named_tensors)`, `sleep()` (free its memory while the trainer updates; `asleep` says whether
 it did, and a sync wakes it) and `close()`: the trainer, the evaluation and the model builder call nothing
-else, so a second engine (gcpo_fast/vllm_engine.py) is one more class, not branches in the loop. `HFEngine`
+else, so another engine is one more class, not branches in the loop: VLLMEngine (gcpo_fast/vllm_engine.py,
+vLLM in this process) and RemoteEngine (gcpo_fast/remote_engine.py, a generation server's client). `HFEngine`
 runs Hugging Face `generate` on the training model; its weights are the trainer's, so its sync does nothing.
-An engine that samples elsewhere also returns the per-token log-probs it sampled with (`Rows.sampling_logp`).
+An engine that samples elsewhere also returns the per-token log-probs it sampled with (`Rows.sampling_logp`;
+HFEngine too with sampling_logprobs=True, as the generation server's HF backend uses it).
 
 Prompts go through the tokenizer's chat template when it has one (a plain-text prompt becomes one user
 message), else they are tokenised as plain text; either way, too-long prompts keep their last
@@ -308,8 +310,9 @@ def make_engine(
 ):  # fmt: skip
     """The run's rollout engine: Hugging Face generate on the training model, or with vllm.use_vllm (a
     gcpo_fast.vllm_engine.VLLMConfig) a vLLM engine in this process (imported only then), seeded per rank and
-    loaded from model_path (the checkpoint when resuming), so that its first weights are the trainer's. A
-    tokenizer without an EOS token takes the model's (adopt_model_eos)."""
+    loaded from model_path (the checkpoint when resuming), so that its first weights are the trainer's; with
+    vllm_mode server, a RemoteEngine of the generation server (rank 0 sends the weights). A tokenizer without
+    an EOS token takes the model's (adopt_model_eos)."""
     adopt_model_eos(tokenizer, model)
     if not vllm.use_vllm:
         return HFEngine(model, tokenizer, bf16=bf16)

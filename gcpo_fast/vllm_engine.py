@@ -73,8 +73,8 @@ class VLLMConfig:
 
     use_vllm: bool = option(
         False,
-        "sample rollouts (and the held-out evaluation) with a vLLM engine in each training process instead of "
-        "Hugging Face generate (pip install -e '.[vllm]')",
+        "sample rollouts (and the held-out evaluation) with vLLM instead of Hugging Face generate: an engine in "
+        "each training process (pip install -e '.[vllm]'), or a generation server with --vllm_mode server",
     )
     vllm_mode: str = option(
         "colocate",
