@@ -34,12 +34,11 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
-import torch
 import torch.distributed as dist
 
 from gcpo_fast.errors import TrainingError
 from gcpo_fast.rollout import Rows, Sampling
-from gcpo_fast.weight_transport import WeightGroup
+from gcpo_fast.weight_transport import WeightGroup, device_uuid, pick_backend
 
 SHORT_TIMEOUT_S = 10.0  # health, info, communicator calls
 
@@ -68,7 +67,7 @@ class RemoteEngine:
         info = self._call("GET", "/info/")
         self.eos_ids: list[int] = info["eos_token_ids"]
         self.version: int = info["policy_version"]
-        self.server_device: str = info["device"]
+        self.backend = pick_backend(info["device_uuid"], device_uuid())
 
     # ---- HTTP ----
 
@@ -146,7 +145,7 @@ class RemoteEngine:
 
     def _connect(self) -> WeightGroup:
         """Ask the server to host a weight group on group_port, then join it (replacing any earlier client's)."""
-        backend = "nccl" if self.server_device == "cuda" and torch.cuda.is_available() else "gloo"
+        backend = self.backend
         request = dict(host="0.0.0.0", port=self.group_port, world_size=2, backend=backend)
         key = self._call("POST", "/init_communicator/", request)["key"]
         host = urlparse(self.base_url).hostname

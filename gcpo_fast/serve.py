@@ -6,7 +6,7 @@
 
 Endpoints (JSON; a bad request is HTTP 400 with a one-line "error"):
 - GET /health/ -> {"status": "ok"};  GET /get_world_size/ -> {"world_size": 1}
-- GET /info/ -> {"eos_token_ids", "policy_version", "engine", "model", "device"}
+- GET /info/ -> {"eos_token_ids", "policy_version", "engine", "model", "device", "device_uuid"}
 - POST /generate/ {prompts: [[token ids]...], n, temperature (0: greedy), top_p, top_k (-1 or 0: off),
   max_tokens, logprobs (0 or null)} -> {prompt_ids (per prompt), completion_ids, logprobs ([row][token][1]),
   truncated (per row), policy_version (the weights that sampled them)}. Completions are cut after their first
@@ -31,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from gcpo_fast.rollout import HFEngine, Sampling
-from gcpo_fast.weight_transport import WeightGroup, host_store
+from gcpo_fast.weight_transport import WeightGroup, device_uuid, host_store
 
 GROUP_TIMEOUT_S = 1800.0  # a weight stream's every broadcast, and the wait for the client to join
 
@@ -93,7 +93,7 @@ class GenerationServer:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         return dict(
             eos_token_ids=self.engine.eos_ids, policy_version=self.version, engine=self.name, model=self.model,
-            device=device,
+            device=device, device_uuid=device_uuid(),
         )  # fmt: skip
 
     def generate(self, request: dict) -> dict:

@@ -114,6 +114,19 @@ class WeightGroup:
         self.group = None
 
 
+def device_uuid() -> str | None:
+    """This process's CUDA device's UUID, None without CUDA."""
+    return (
+        str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid) if torch.cuda.is_available() else None
+    )
+
+
+def pick_backend(server_uuid: str | None, client_uuid: str | None) -> str:
+    """NCCL when both sides are on CUDA devices, and not on the same one (NCCL refuses two ranks on one
+    device); gloo otherwise."""
+    return "nccl" if None not in (server_uuid, client_uuid) and server_uuid != client_uuid else "gloo"
+
+
 def host_store(host: str, port: int, *, timeout: float) -> dist.TCPStore:
     """The server's rendezvous store, listening on host:port for every client to come."""
     return dist.TCPStore(host, port, None, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False)

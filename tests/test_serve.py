@@ -201,3 +201,11 @@ def test_server_user_mistakes_are_one_line(tmp_path, tokenizer):
         launch_server(DEFAULT_MODEL, tokenizer, engine="hf", timeout=60, server_args=("--tensor_parallel_size", "2"))
     with pytest.raises(TrainingError, match=r"did not answer /health/ within 1 s"):
         RemoteEngine(f"http://127.0.0.1:{free_port()}", tokenizer, timeout=1)  # nothing listens there
+
+
+def test_nccl_only_between_two_cuda_devices():
+    from gcpo_fast.weight_transport import pick_backend
+
+    assert pick_backend("GPU-a", "GPU-b") == "nccl"
+    assert pick_backend("GPU-a", "GPU-a") == "gloo"  # one device: NCCL refuses two ranks on it
+    assert pick_backend("GPU-a", None) == pick_backend(None, "GPU-b") == pick_backend(None, None) == "gloo"
