@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 HEADER_BYTES = 4096  # a parameter's JSON header (name, dtype, shape) must fit
+CONNECT_TIMEOUT_S = 60.0  # the client's wait for the server's store, and for the group to form
 SERVER, CLIENT = 0, 1  # ranks; the client is the source of every broadcast
 DTYPES = {str(t): t for t in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32)}
 
@@ -51,7 +52,9 @@ class WeightGroup:
     @classmethod
     def join(cls, host: str, port: int, key: str, *, backend: str, timeout: float) -> "WeightGroup":
         """The client's side: connect to the server's store and form the group (blocks until both are in)."""
-        store = dist.TCPStore(host, port, None, is_master=False, timeout=timedelta(seconds=timeout))
+        # the server's store listens already (the server answered /init_communicator/): a short connect timeout
+        connect = timedelta(seconds=min(timeout, CONNECT_TIMEOUT_S))
+        store = dist.TCPStore(host, port, None, is_master=False, timeout=connect)
         side = cls(dist.PrefixStore(key, store), CLIENT, backend, timeout)
         side._form()
         side.wait_ready()

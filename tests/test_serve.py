@@ -11,8 +11,11 @@ tests start their own.
 
 import copy
 import json
+import os
 import re
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -191,6 +194,7 @@ def test_a_second_client_takes_over_the_weight_group(tokenizer, hf, prompt_ids):
         assert worst_gap(changed, rows, 1.0) < LOGP_TOL < 100 * LOGP_TOL < worst_gap(hf, rows, 1.0)
     finally:
         first.close()
+    assert first.process.returncode == 0  # SIGTERM: the server closed its engine and exited cleanly
 
 
 def test_server_user_mistakes_are_one_line(tmp_path, tokenizer):
@@ -209,3 +213,28 @@ def test_nccl_only_between_two_cuda_devices():
     assert pick_backend("GPU-a", "GPU-b") == "nccl"
     assert pick_backend("GPU-a", "GPU-a") == "gloo"  # one device: NCCL refuses two ranks on it
     assert pick_backend("GPU-a", None) == pick_backend(None, "GPU-b") == pick_backend(None, None) == "gloo"
+
+
+def test_torchrun_ranks_sample_from_one_server_and_rank_0_sends(tokenizer, tmp_path):
+    """`torchrun --nproc_per_node 2 -m gcpo_fast.train --use_vllm --vllm_mode server`: both ranks sample from the
+    server; only rank 0 sends the weights (one update per sync in the server's log), and every rank's
+    log-probs of the server's samples match its own after each sync."""
+    engine = launch_server(DEFAULT_MODEL, tokenizer, engine="hf", timeout=120)
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gcpo_fast.train",
+        "--use_vllm", "--vllm_mode", "server", "--vllm_server_base_url", engine.base_url,
+        "--vllm_group_port", str(engine.group_port), "--max_steps", "2", "--output_dir", str(out),
+        "--learning_rate", "3e-3", "--eval_steps", "0", "--save_steps", "0", "--per_device_train_batch_size", "16",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    try:
+        done = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    finally:
+        engine.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    assert all(m["sampling/sampling_logp_difference/max"] < LOGP_TOL for m in lines), lines
+    log = open(engine.log_path).read()
+    assert log.count("POST /update_weights/") == 2 and log.count("POST /init_communicator/") == 1
