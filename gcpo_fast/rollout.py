@@ -12,9 +12,11 @@
 A rollout engine is any object with `eos_ids`, `generate(prompt_ids, n, sampling) -> Rows`,
 `sync_weights(named_tensors)`, `sleep()` (free its memory while the trainer updates; `asleep` says whether
 it did, and a sync wakes it) and `close()`: the trainer, the evaluation and the model builder call nothing
-else, so a second engine (gcpo_fast/vllm_engine.py) is one more class, not branches in the loop. `HFEngine`
+else, so another engine is one more class, not branches in the loop: VLLMEngine (gcpo_fast/vllm_engine.py,
+vLLM in this process) and RemoteEngine (gcpo_fast/remote_engine.py, a generation server's client). `HFEngine`
 runs Hugging Face `generate` on the training model; its weights are the trainer's, so its sync does nothing.
-An engine that samples elsewhere also returns the per-token log-probs it sampled with (`Rows.sampling_logp`).
+An engine that samples elsewhere also returns the per-token log-probs it sampled with (`Rows.sampling_logp`;
+HFEngine too with sampling_logprobs=True, as the generation server's HF backend uses it).
 
 Prompts go through the tokenizer's chat template when it has one (a plain-text prompt becomes one user
 message), else they are tokenised as plain text; either way, too-long prompts keep their last
@@ -213,8 +215,11 @@ class HFEngine:
 
     asleep = False  # it never frees anything: the training model is the engine
 
-    def __init__(self, model, tokenizer, *, bf16: bool = False):
+    def __init__(self, model, tokenizer, *, bf16: bool = False, sampling_logprobs: bool = False):
         self.model, self.tokenizer, self.bf16 = model, tokenizer, bf16
+        # with sampling_logprobs, Rows.sampling_logp: the log-softmax of the scores each token was drawn from,
+        # after temperature / top-k / top-p (vLLM's processed_logprobs); for a model that is not the trainer's
+        self.sampling_logprobs = sampling_logprobs
         self.eos_ids = eos_token_ids(model, tokenizer)  # fails now, not after a round, if nothing ends a completion
 
     def sync_weights(self, named_tensors, version: int = 0) -> None:
@@ -250,6 +255,8 @@ class HFEngine:
             eos_token_id=eos,
             pad_token_id=pad,
             use_cache=True,
+            output_scores=self.sampling_logprobs,  # the processed scores (after temperature, top-k, top-p)
+            return_dict_in_generate=True,
             **options,
         )
         was_training = model.training
@@ -267,12 +274,23 @@ class HFEngine:
             model.train(was_training)
         eos_set = set(eos)
         completions, truncated = [], []
-        for ids in out[:, width:].tolist():
+        for ids in out.sequences[:, width:].tolist():
             ids, cut = cut_at_eos(ids, eos_set)
             completions.append(ids)
             truncated.append(cut)
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-        return Rows(rows, completions, truncated, texts)
+        logp = _sampled_logprobs(out.scores, out.sequences[:, width:], completions) if out.scores else None
+        return Rows(rows, completions, truncated, texts, logp)
+
+
+def _sampled_logprobs(scores, sampled: torch.Tensor, completions: list[list[int]]) -> list[list[float]]:
+    """Per row, the log-prob of each kept token under the processed scores it was drawn from (fp32)."""
+    # one step at a time: the scores of a step are [rows, vocab] (-inf where top-k / top-p cut), all steps
+    # at once would be rows x new tokens x vocab
+    chosen = torch.stack(
+        [step.float().log_softmax(-1).gather(1, sampled[:, t, None])[:, 0] for t, step in enumerate(scores)], dim=1
+    )
+    return [row[: len(ids)] for row, ids in zip(chosen.tolist(), completions, strict=True)]
 
 
 def adopt_model_eos(tokenizer, model) -> None:
@@ -292,11 +310,19 @@ def make_engine(
 ):  # fmt: skip
     """The run's rollout engine: Hugging Face generate on the training model, or with vllm.use_vllm (a
     gcpo_fast.vllm_engine.VLLMConfig) a vLLM engine in this process (imported only then), seeded per rank and
-    loaded from model_path (the checkpoint when resuming), so that its first weights are the trainer's. A
-    tokenizer without an EOS token takes the model's (adopt_model_eos)."""
+    loaded from model_path (the checkpoint when resuming), so that its first weights are the trainer's; with
+    vllm_mode server, a RemoteEngine of the generation server (rank 0 sends the weights). A tokenizer without
+    an EOS token takes the model's (adopt_model_eos)."""
     adopt_model_eos(tokenizer, model)
     if not vllm.use_vllm:
         return HFEngine(model, tokenizer, bf16=bf16)
+    if vllm.vllm_mode == "server":  # every rank samples from the server; rank 0 sends it the weights
+        from gcpo_fast.remote_engine import RemoteEngine
+
+        return RemoteEngine(
+            vllm.server_url, tokenizer, timeout=vllm.vllm_server_timeout, group_port=vllm.vllm_group_port,
+            send_weights=rank == 0,
+        )  # fmt: skip
     from gcpo_fast.vllm_engine import VLLMEngine
 
     return VLLMEngine(

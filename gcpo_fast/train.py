@@ -65,7 +65,7 @@ def load_teacher(cfg: TrainConfig, cache: GoldenCache | None, reward_funcs: list
     if folder:
         tokenizer = load_tokenizer(folder, trust_remote_code=trust)
         max_model_len = cfg.rollout.max_prompt_length + budget
-        if cfg.vllm.use_vllm:  # served by vLLM as well: a second engine in this process, never synced
+        if cfg.vllm.use_vllm and cfg.vllm.vllm_mode == "colocate":  # a second vLLM engine here, never synced
             from gcpo_fast.vllm_engine import VLLMEngine
 
             memory = cfg.vllm.vllm_gpu_memory_utilization
@@ -111,6 +111,7 @@ def report_memory(cfg: TrainConfig, model_path, dist) -> None:
         print(f"memory per device: no estimate for this model ({type(e).__name__}: {e})", file=sys.stderr)
         return
     cuda = dist.device.type == "cuda"
+    colocated = cfg.vllm.use_vllm and cfg.vllm.vllm_mode == "colocate"  # a server's memory is not this device's
     memory = torch.cuda.get_device_properties(dist.device).total_memory if cuda else None
     options = dict(
         tokens_per_micro_batch=cfg.batch.per_device_train_batch_size
@@ -123,7 +124,7 @@ def report_memory(cfg: TrainConfig, model_path, dist) -> None:
         device=dist.device.type,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         reference_model=cfg.method.beta > 0,
-        vllm_gpu_memory_utilization=cfg.vllm.vllm_gpu_memory_utilization if cfg.vllm.use_vllm and cuda else 0.0,
+        vllm_gpu_memory_utilization=cfg.vllm.vllm_gpu_memory_utilization if colocated and cuda else 0.0,
         shape=shape,
     )
     print(plan_memory(config, device_memory=memory, **options).summary(), file=sys.stderr, flush=True)
@@ -185,6 +186,7 @@ class Trainer:
             self.sampler.load_state_dict(shared["sampler"])
             self.state.restore(shared, own)
         self.state.engine_stale |= cfg.lora.use_peft  # an engine loaded from --model lacks the adapters
+        self.state.engine_stale |= cfg.vllm.use_vllm and cfg.vllm.vllm_mode == "server"  # its weights: anyone's
         self.log = None
         if rank == 0:
             self.log = RunLogger(

@@ -73,14 +73,22 @@ class VLLMConfig:
 
     use_vllm: bool = option(
         False,
-        "sample rollouts (and the held-out evaluation) with a vLLM engine in each training process instead of "
-        "Hugging Face generate (pip install -e '.[vllm]')",
+        "sample rollouts (and the held-out evaluation) with vLLM instead of Hugging Face generate: an engine in "
+        "each training process (pip install -e '.[vllm]'), or a generation server with --vllm_mode server",
     )
     vllm_mode: str = option(
         "colocate",
-        "where the vLLM engine runs: colocate (in each training process; the only mode for now)",
+        "where the vLLM engine runs: colocate (in each training process) or server (a generation server, "
+        "`python -m gcpo_fast.serve`, reached over HTTP; the trainer sends it the weights)",
         choices=("colocate", "server"),
     )
+    vllm_server_host: str = option("0.0.0.0", "server mode: the generation server's host (without a base URL)")
+    vllm_server_port: int = option(8000, "server mode: the generation server's port (without a base URL)")
+    vllm_server_base_url: str | None = option(
+        None, "server mode: the generation server's URL (default: http://HOST:PORT from the two options above)"
+    )
+    vllm_group_port: int = option(51216, "server mode: the port of the weight-update group the server hosts")
+    vllm_server_timeout: float = option(240.0, "server mode: seconds to wait for the server to answer at start")
     vllm_gpu_memory_utilization: float = option(
         0.3, "fraction of the accelerator's memory vLLM reserves for weights and KV cache (on the CPU: of host memory)"
     )
@@ -108,10 +116,9 @@ class VLLMConfig:
 
     def __post_init__(self):
         check_options(self)
-        require(
-            self.vllm_mode == "colocate",
-            f"vllm_mode {self.vllm_mode} is not supported yet: use colocate (an engine in each training process)",
-        )
+        require(self.vllm_server_timeout > 0, f"vllm_server_timeout must be > 0, got {self.vllm_server_timeout}")
+        for name in ("vllm_server_port", "vllm_group_port"):
+            require(0 < getattr(self, name) < 65536, f"{name} must be a TCP port (1-65535), got {getattr(self, name)}")
         require(
             0 < self.vllm_gpu_memory_utilization <= 1,
             f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}",
@@ -122,9 +129,14 @@ class VLLMConfig:
             f"vllm_importance_sampling_clip_min/_max must satisfy 0 <= min <= max and max > 0, got {low}, {high}",
         )
         require(
-            not self.use_vllm or importlib.util.find_spec("vllm") is not None,
+            not self.use_vllm or self.vllm_mode == "server" or importlib.util.find_spec("vllm") is not None,
             '--use_vllm: vLLM is not installed (pip install -e ".[vllm]" on a GPU machine; see the README)',
         )
+
+    @property
+    def server_url(self) -> str:
+        """The generation server's base URL (server mode)."""
+        return self.vllm_server_base_url or f"http://{self.vllm_server_host}:{self.vllm_server_port}"
 
 
 def _import_vllm():

@@ -1,0 +1,152 @@
+"""Weights from a trainer to a generation server, one tensor at a time, over a process group of their own.
+
+    # the server (rank 0) hosts the rendezvous store once; each client connection is a group under its own key
+    store = host_store("0.0.0.0", 51216, timeout=1800.0)
+    server = WeightGroup.host(store, "client-1", backend="gloo", timeout=1800.0)   # returns at once
+    client = WeightGroup.join("127.0.0.1", 51216, "client-1", backend="gloo", timeout=1800.0)  # until both are in
+    client.send(model.named_parameters())              # the iterable is consumed lazily, tensor by tensor
+    for name, tensor in server.receive(): ...          # yields each tensor as it arrives, until the end mark
+
+The group is a ProcessGroupGloo (ProcessGroupNCCL when both sides are on CUDA) built directly on a prefix of
+the server's TCPStore, so it never touches torch.distributed's default group (a torchrun trainer has one
+already), and a second client (a restarted trainer) forms a new group under a new key on the same store and
+port while the old group, whose peer is gone, is dropped.
+Each tensor travels as two broadcasts from the client: a fixed-size header (the JSON of its name, dtype and
+shape, zero-padded; an empty header ends the stream) and the tensor itself. Every operation has the group's
+timeout; a peer that dies mid-stream fails the other side's broadcast at once (its socket closes).
+"""
+
+import json
+import threading
+from collections.abc import Iterable, Iterator
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+HEADER_BYTES = 4096  # a parameter's JSON header (name, dtype, shape) must fit
+CONNECT_TIMEOUT_S = 60.0  # the client's wait for the server's store, and for the group to form
+SERVER, CLIENT = 0, 1  # ranks; the client is the source of every broadcast
+DTYPES = {str(t): t for t in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32)}
+
+
+class WeightGroup:
+    """One side of a two-process weight stream."""
+
+    def __init__(self, store: dist.Store, rank: int, backend: str, timeout: float):
+        self.store, self.rank, self.backend = store, rank, backend
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.timeout = timedelta(seconds=timeout)
+        self.group = None
+        self.error: BaseException | None = None
+        self.ready = threading.Event()
+
+    @classmethod
+    def host(cls, store: dist.TCPStore, key: str, *, backend: str, timeout: float) -> "WeightGroup":
+        """The server's side, on its store (host_store): the group forms in a thread as soon as the client
+        joins under the same key (wait_ready() waits for it)."""
+        side = cls(dist.PrefixStore(key, store), SERVER, backend, timeout)
+        threading.Thread(target=side._form, daemon=True, name="weight-group").start()
+        return side
+
+    @classmethod
+    def join(cls, host: str, port: int, key: str, *, backend: str, timeout: float) -> "WeightGroup":
+        """The client's side: connect to the server's store and form the group (blocks until both are in)."""
+        # the server's store listens already (the server answered /init_communicator/): a short connect timeout
+        connect = timedelta(seconds=min(timeout, CONNECT_TIMEOUT_S))
+        store = dist.TCPStore(host, port, None, is_master=False, timeout=connect)
+        side = cls(dist.PrefixStore(key, store), CLIENT, backend, timeout)
+        side._form()
+        side.wait_ready()
+        return side
+
+    def _form(self) -> None:
+        try:
+            if self.backend == "nccl":
+                options = dist.ProcessGroupNCCL.Options()
+                options._timeout = self.timeout
+                self.group = dist.ProcessGroupNCCL(self.store, self.rank, 2, options)
+            else:
+                self.group = dist.ProcessGroupGloo(self.store, self.rank, 2, self.timeout)
+        except Exception as e:  # surfaced by wait_ready, in the thread that asks
+            self.error = e
+        self.ready.set()
+
+    def wait_ready(self) -> None:
+        if not self.ready.wait(self.timeout.total_seconds()):
+            raise TimeoutError(f"the weight group's peer did not join within {self.timeout.total_seconds():.0f} s")
+        if self.error is not None:
+            raise ConnectionError(f"the weight group could not form: {_gist(self.error)}")
+
+    def _cast(self, tensor: torch.Tensor) -> None:
+        options = dist.BroadcastOptions()
+        options.rootRank = CLIENT
+        options.timeout = self.timeout
+        self.group.broadcast([tensor], options).wait()
+
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], stop: threading.Event | None = None) -> int:
+        """Stream every (name, tensor), then the end mark; the number sent. `stop`, when set between two
+        tensors (the server refused the update), ends the stream early with a ConnectionError."""
+        count = 0
+        for name, tensor in named_tensors:
+            if stop is not None and stop.is_set():
+                raise ConnectionError("the server ended the update")
+            tensor = tensor.detach()
+            if str(tensor.dtype) not in DTYPES:
+                raise ValueError(f"{name}: dtype {tensor.dtype} cannot be sent (one of {', '.join(DTYPES)})")
+            self._cast(_header({"name": name, "dtype": str(tensor.dtype), "shape": list(tensor.shape)}, self.device))
+            self._cast(tensor.to(self.device).contiguous())
+            count += 1
+        self._cast(_header(None, self.device))
+        return count
+
+    def receive(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) as each arrives, until the client's end mark."""
+        while True:
+            header = torch.zeros(HEADER_BYTES, dtype=torch.uint8, device=self.device)
+            self._cast(header)
+            meta = _parse(header)
+            if meta is None:
+                return
+            tensor = torch.empty(meta["shape"], dtype=DTYPES[meta["dtype"]], device=self.device)
+            self._cast(tensor)
+            yield meta["name"], tensor
+
+    def close(self) -> None:
+        """Drop the group (its sockets close with it)."""
+        self.group = None
+
+
+def device_uuid() -> str | None:
+    """This process's CUDA device's UUID, None without CUDA."""
+    return (
+        str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid) if torch.cuda.is_available() else None
+    )
+
+
+def pick_backend(server_uuid: str | None, client_uuid: str | None) -> str:
+    """NCCL when both sides are on CUDA devices, and not on the same one (NCCL refuses two ranks on one
+    device); gloo otherwise."""
+    return "nccl" if None not in (server_uuid, client_uuid) and server_uuid != client_uuid else "gloo"
+
+
+def host_store(host: str, port: int, *, timeout: float) -> dist.TCPStore:
+    """The server's rendezvous store, listening on host:port for every client to come."""
+    return dist.TCPStore(host, port, None, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False)
+
+
+def _header(meta: dict | None, device) -> torch.Tensor:
+    data = b"" if meta is None else json.dumps(meta).encode()
+    if len(data) > HEADER_BYTES:
+        raise ValueError(f"parameter name too long to send ({len(data)} bytes of header > {HEADER_BYTES})")
+    padded = bytearray(data) + bytearray(HEADER_BYTES - len(data))
+    return torch.frombuffer(padded, dtype=torch.uint8).clone().to(device)
+
+
+def _parse(header: torch.Tensor) -> dict | None:
+    data = bytes(header.cpu().tolist()).rstrip(b"\0")
+    return json.loads(data) if data else None
+
+
+def _gist(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300] or type(error).__name__

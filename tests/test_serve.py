@@ -1,0 +1,240 @@
+"""The generation server (`python -m gcpo_fast.serve --engine hf`) and its client RemoteEngine, as real processes.
+
+    OMP_NUM_THREADS=1 python -m pytest -q tests/test_serve.py
+
+The shipped model in fp32 on both sides; references are its own logits in fp64 from the log-softmax on. The
+server's sampling log-probs come from generate's KV-cached steps, the references from one full forward:
+they agree to ~1e-5, so LOGP_TOL = 1e-3 (tests/test_vllm_engine.py's) leaves headroom, while an SGD step at
+lr 1 moves them by far more (the test asks for > 100 x LOGP_TOL). One server serves the module; the failure
+tests start their own.
+"""
+
+import copy
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gcpo_fast.errors import TrainingError
+from gcpo_fast.models import DEFAULT_MODEL
+from gcpo_fast.remote_engine import RemoteEngine, free_port, launch_server
+from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts
+from gcpo_fast.sources import load_records
+
+LOGP_TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer):
+    records = load_records("builtin", split="test", num_problems=8)
+    return encode_prompts(tokenizer, [r["prompt"] for r in records], max_prompt_length=128)
+
+
+@pytest.fixture(scope="module")
+def engine(tokenizer):
+    engine = launch_server(DEFAULT_MODEL, tokenizer, engine="hf", timeout=120)
+    yield engine
+    engine.close()
+
+
+def post(engine, path, body):
+    """(HTTP status, JSON body) of a raw request."""
+    request = urllib.request.Request(engine.base_url + path, data=json.dumps(body).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@torch.no_grad()
+def reference_logprobs(model, prompt, completion, temperature):
+    logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1].double()
+    return torch.log_softmax(logits / temperature, dim=-1).gather(1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def worst_gap(model, rows, temperature):
+    return max(
+        (reference_logprobs(model, p, c, temperature) - torch.tensor(lp, dtype=torch.float64)).abs().max().item()
+        for p, c, lp in zip(rows.prompt_ids, rows.completion_ids, rows.sampling_logp, strict=True)
+    )
+
+
+def test_generate_speaks_trl_and_reports_sampling_logprobs(engine, hf, tokenizer, prompt_ids):
+    status, out = post(engine, "/generate/", dict(prompts=prompt_ids[:2], n=3, temperature=0.7, max_tokens=24))
+    assert status == 200
+    assert out["prompt_ids"] == prompt_ids[:2] and len(out["completion_ids"]) == 6 and out["policy_version"] == 0
+    assert [len(lp) for lp in out["logprobs"]] == [len(c) for c in out["completion_ids"]]
+    assert all(len(token) == 1 for row in out["logprobs"] for token in row)  # TRL's [row][token][1]
+    assert len(out["truncated"]) == 6
+
+    rows = engine.generate(prompt_ids, 4, Sampling(max_completion_length=24, temperature=0.7))
+    assert rows.prompt_ids == [p for p in prompt_ids for _ in range(4)] and rows.policy_version == [0] * 32
+    eos = set(engine.eos_ids)
+    assert eos == {tokenizer.eos_token_id, hf.generation_config.eos_token_id}
+    for ids, cut, text in zip(rows.completion_ids, rows.truncated, rows.texts, strict=True):
+        assert not eos & set(ids[:-1]) and cut == (ids[-1] not in eos) and (not cut or len(ids) == 24)
+        assert text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert 0 < sum(rows.truncated) < 32
+    assert worst_gap(hf, rows, 0.7) < LOGP_TOL
+
+
+def test_greedy_rows_are_the_in_process_engines(engine, hf, tokenizer, prompt_ids):
+    greedy = Sampling(max_completion_length=32, greedy=True)
+    ours = engine.generate(prompt_ids, 1, greedy)
+    assert ours.completion_ids == HFEngine(hf, tokenizer).generate(prompt_ids, 1, greedy).completion_ids
+    assert worst_gap(hf, ours, 1.0) < LOGP_TOL  # greedy rows carry the untempered log-probs
+
+
+def test_sync_weights_moves_the_servers_logprobs(engine, hf, prompt_ids):
+    trained = copy.deepcopy(hf).train()
+    width = min(len(p) for p in prompt_ids)
+    batch = torch.tensor([p[:width] for p in prompt_ids])
+    trained(batch, labels=batch).loss.backward()
+    torch.optim.SGD(trained.parameters(), lr=1.0).step()
+    trained.eval()
+    sampling = Sampling(max_completion_length=16, temperature=1.0)
+    try:
+        engine.sync_weights(trained.named_parameters(), version=1)
+        assert engine.version == 1
+        rows = engine.generate(prompt_ids, 2, sampling)
+        assert rows.policy_version == [1] * len(rows)
+        synced, stale = worst_gap(trained, rows, 1.0), worst_gap(hf, rows, 1.0)
+        assert synced < LOGP_TOL, f"after the sync the server is {synced:.2e} from the trained model"
+        assert stale > 100 * LOGP_TOL, f"the step barely moved the log-probs ({stale:.2e})"
+    finally:
+        engine.sync_weights(hf.named_parameters(), version=2)  # the module's server back on the shipped weights
+    assert worst_gap(hf, engine.generate(prompt_ids[:2], 2, sampling), 1.0) < LOGP_TOL
+
+
+def test_bad_requests_get_400_with_a_reason(engine, tokenizer):
+    for body, reason in [
+        (dict(prompts=[]), "prompts must be a non-empty list"),
+        (dict(prompts=[[1, 2]], n=0), "n and max_tokens must be >= 1"),
+        (dict(prompts=[[len(tokenizer) + 5]]), "every token id must be an int in"),
+        (dict(prompts=[[1, 2]], temperature="hot"), "temperature must be float"),
+        (dict(prompts=[[1, 2]], logprobs=5), "only 0"),
+        (dict(prompts=[[1, 2]], repetition_penalty=1.3), "not supported by this server: \\['repetition_penalty'\\]"),
+        (dict(prompts=[[1, 2]], beams=4), "unknown fields \\['beams'\\]"),
+    ]:
+        status, out = post(engine, "/generate/", body)
+        assert status == 400 and "\n" not in out["error"]
+        assert re.search(reason, out["error"]), out
+    assert post(engine, "/update_weights/", {"version": "x"})[0] == 400
+    assert post(engine, "/no_such/", {})[0] == 404
+    with pytest.raises(TrainingError, match=r"HTTP 400: .*max_tokens"):  # the client's one line
+        engine.generate([[1, 2]], 1, Sampling(max_completion_length=0))
+
+
+def one_line(error) -> str:
+    text = str(error.value)
+    assert "\n" not in text
+    return text
+
+
+def test_a_killed_server_is_one_line_not_a_hang(tokenizer, hf, prompt_ids):
+    engine = launch_server(DEFAULT_MODEL, tokenizer, engine="hf", timeout=120)
+    try:
+        engine.sync_weights(hf.named_parameters(), version=1)  # the weight group is up
+
+        def killing_midway(named):  # the server dies after the first tensor of an update has gone
+            for i, item in enumerate(named):
+                yield item
+                if i == 0:
+                    engine.process.send_signal(signal.SIGKILL)
+                    engine.process.wait()
+
+        start = time.monotonic()
+        with pytest.raises(TrainingError, match=engine.base_url) as e:
+            engine.sync_weights(killing_midway(hf.named_parameters()), version=2)
+        print(one_line(e))
+        with pytest.raises(TrainingError, match=rf"{engine.base_url}/generate/: .*refused") as e:
+            engine.generate(prompt_ids[:1], 1, Sampling(max_completion_length=4))
+        one_line(e)
+        with pytest.raises(TrainingError, match=rf"{engine.base_url}/init_communicator/: .*refused") as e:
+            engine.sync_weights(hf.named_parameters(), version=3)
+        one_line(e)
+        assert time.monotonic() - start < 20
+    finally:
+        engine.close()
+
+
+def test_a_second_client_takes_over_the_weight_group(tokenizer, hf, prompt_ids):
+    first = launch_server(DEFAULT_MODEL, tokenizer, engine="hf", timeout=120)
+    try:
+        first.sync_weights(hf.named_parameters(), version=1)
+        first.group = None  # a trainer that died without closing: its group is left on the server
+        second = RemoteEngine(first.base_url, tokenizer, timeout=10, group_port=first.group_port)
+        assert second.version == 1  # what the server holds
+        halved = {n: t * 0.5 if n.endswith("norm.weight") else t for n, t in hf.named_parameters()}
+        second.sync_weights(halved.items(), version=7)
+        rows = second.generate(prompt_ids[:2], 2, Sampling(max_completion_length=8))
+        assert rows.policy_version == [7] * 4
+        changed = copy.deepcopy(hf)
+        changed.load_state_dict({**hf.state_dict(), **halved}, strict=False)
+        assert worst_gap(changed, rows, 1.0) < LOGP_TOL < 100 * LOGP_TOL < worst_gap(hf, rows, 1.0)
+    finally:
+        first.close()
+    assert first.process.returncode == 0  # SIGTERM: the server closed its engine and exited cleanly
+
+
+def test_server_user_mistakes_are_one_line(tmp_path, tokenizer):
+    with pytest.raises(TrainingError, match=r"exited with status 1 before it served: .*cannot load") as e:
+        launch_server(tmp_path / "absent", tokenizer, engine="hf", timeout=60)
+    one_line(e)
+    with pytest.raises(TrainingError, match="tensor_parallel_size 2 is not supported yet") as e:
+        launch_server(DEFAULT_MODEL, tokenizer, engine="hf", timeout=60, server_args=("--tensor_parallel_size", "2"))
+    with pytest.raises(TrainingError, match=r"did not answer /health/ within 1 s"):
+        RemoteEngine(f"http://127.0.0.1:{free_port()}", tokenizer, timeout=1)  # nothing listens there
+
+
+def test_nccl_only_between_two_cuda_devices():
+    from gcpo_fast.weight_transport import pick_backend
+
+    assert pick_backend("GPU-a", "GPU-b") == "nccl"
+    assert pick_backend("GPU-a", "GPU-a") == "gloo"  # one device: NCCL refuses two ranks on it
+    assert pick_backend("GPU-a", None) == pick_backend(None, "GPU-b") == pick_backend(None, None) == "gloo"
+
+
+def test_torchrun_ranks_sample_from_one_server_and_rank_0_sends(tokenizer, tmp_path):
+    """`torchrun --nproc_per_node 2 -m gcpo_fast.train --use_vllm --vllm_mode server`: both ranks sample from the
+    server; only rank 0 sends the weights (one update per sync in the server's log), and every rank's
+    log-probs of the server's samples match its own after each sync."""
+    engine = launch_server(DEFAULT_MODEL, tokenizer, engine="hf", timeout=120)
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gcpo_fast.train",
+        "--use_vllm", "--vllm_mode", "server", "--vllm_server_base_url", engine.base_url,
+        "--vllm_group_port", str(engine.group_port), "--max_steps", "2", "--output_dir", str(out),
+        "--learning_rate", "3e-3", "--eval_steps", "0", "--save_steps", "0", "--per_device_train_batch_size", "16",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    try:
+        done = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    finally:
+        engine.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    assert all(m["sampling/sampling_logp_difference/max"] < LOGP_TOL for m in lines), lines
+    log = open(engine.log_path).read()
+    assert log.count("POST /update_weights/") == 2 and log.count("POST /init_communicator/") == 1
