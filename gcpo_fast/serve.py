@@ -13,8 +13,11 @@ Endpoints (JSON; a bad request is HTTP 400 with a one-line "error"):
   EOS (kept); logprobs are the sampling log-probs (after temperature / top-k / top-p, vLLM's processed_logprobs).
 - POST /init_communicator/ {host, port, world_size: 2, backend: "gloo"|"nccl"} hosts a weight group (see
   gcpo_fast/weight_transport.py) for the client to join; a second call replaces the first client's group.
-- POST /update_weights/ {version} receives the client's tensors one at a time, feeds them to the engine as they
-  arrive, and answers {"policy_version", "tensors"} once loaded.  POST /close_communicator/ drops the group.
+- POST /update_weights/ {version} receives the client's tensors one at a time and answers {"policy_version",
+  "tensors", "staged"}. An idle engine loads them as they arrive. An engine that is generating (rounds sampled
+  ahead of the trainer, --async_rollouts) keeps its version: the tensors are staged in host memory (one copy of
+  the weights) and loaded as soon as the generation in flight ends, before any later one, so the trainer never
+  waits for a generation to finish. POST /close_communicator/ drops the group.
 Engine calls hold one lock: a generate and a weight load never interleave. SIGTERM / SIGINT close the engine.
 The vllm engine is gcpo_fast.vllm_engine.VLLMEngine (a world of one); the hf engine is HFEngine on a model of
 its own (fp32 on the CPU, --dtype on CUDA, bf16 by default there), which reports its sampling log-probs too.
@@ -84,6 +87,8 @@ class GenerationServer:
     def __init__(self, engine, *, name: str, model: str, vocab_size: int):
         self.engine, self.name, self.model, self.vocab_size = engine, name, model, vocab_size
         self.lock = threading.Lock()  # engine calls: generate, weight loads
+        self.staged_lock = threading.Lock()
+        self.staged: tuple[list, int] | None = None  # (tensors, version) received while the engine generated
         self.group_lock = threading.Lock()  # the current weight group
         self.group: WeightGroup | None = None
         self.store, self.store_address, self.connections = None, None, 0  # the rendezvous store, hosted once
@@ -99,6 +104,7 @@ class GenerationServer:
     def generate(self, request: dict) -> dict:
         prompts, n, sampling = parse_generate(request, self.vocab_size)
         with self.lock:
+            self._load_staged()
             rows = self.engine.generate(prompts, n, sampling)
             version = self.version
         return dict(
@@ -136,23 +142,48 @@ class GenerationServer:
         if group is None:
             raise BadRequest("no weight group: call /init_communicator/ first")
         group.wait_ready()
-        with self.lock:
-            received, count = group.receive(), 0
-
-            def counted():
-                nonlocal count
-                for item in received:
-                    count += 1
-                    yield item
-
-            stream = counted()
+        if self.lock.acquire(blocking=False):  # idle: straight into the engine, one tensor at a time
             try:
-                self.engine.sync_weights(stream)
+                self._load_staged()  # an older staged update would otherwise land after this one
+                count = self._load(group.receive(), version)
             finally:
-                for _ in stream:  # what the engine left (it stopped on an error): keep the client's stream in step
-                    pass
-            self.version = version
-        return {"policy_version": version, "tensors": count}
+                self.lock.release()
+            return {"policy_version": version, "tensors": count, "staged": False}
+        staged = [(name, tensor.cpu()) for name, tensor in group.receive()]
+        with self.staged_lock:
+            self.staged = (staged, version)  # a newer whole update replaces one not yet loaded
+        threading.Thread(target=self._load_staged_when_idle, daemon=True).start()
+        return {"policy_version": version, "tensors": len(staged), "staged": True}
+
+    def _load(self, received, version: int) -> int:
+        """Feed the engine (the lock held); the number of tensors."""
+        count = 0
+
+        def counted():
+            nonlocal count
+            for item in received:
+                count += 1
+                yield item
+
+        stream = counted()
+        try:
+            self.engine.sync_weights(stream)
+        finally:
+            for _ in stream:  # what the engine left (it stopped on an error): keep the client's stream in step
+                pass
+        self.version = version
+        return count
+
+    def _load_staged(self) -> None:
+        """Load the staged update, if any (the lock held)."""
+        with self.staged_lock:
+            staged, self.staged = self.staged, None
+        if staged is not None:
+            self._load(iter(staged[0]), staged[1])
+
+    def _load_staged_when_idle(self) -> None:
+        with self.lock:
+            self._load_staged()
 
 
 def field(request: dict, name: str, kind: type, default=None):

@@ -160,6 +160,7 @@ class Trainer:
         self.engine = make_engine(
             cfg.vllm, self.model, self.tokenizer, model_path, bf16=cfg.model.bf16, seed=cfg.run.seed,
             max_model_len=max_model_len, rank=rank, trust_remote_code=cfg.model.trust_remote_code,
+            own_process=cfg.asynchronous.async_rollouts,
         )  # fmt: skip
         self.ref_model = None
         if cfg.method.beta > 0:  # the reference is the initial policy, also when resuming
@@ -234,7 +235,7 @@ class Trainer:
         try:
             self.model.train()
             if self.producer:
-                self.sync_engine()  # an engine that lacks the adapters (or slept) gets the weights first
+                self.resync_engine()  # the engine's version is the trainer's step from here on
                 self.producer.start()
             while state.step < cfg.run.max_steps:
                 metrics = self.train_step()

@@ -1,0 +1,124 @@
+"""Rollouts sampled ahead of the trainer (--async_rollouts): the staleness bound, the sampling weight against the
+true policy lag, resume, and two ranks under torchrun; the HF engine in a real server process of its own.
+
+    OMP_NUM_THREADS=1 python -m pytest -q tests/test_async_rollouts.py
+"""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gcpo_fast.config import parse_config
+from gcpo_fast.train import Trainer, train
+
+TESTS = Path(__file__).resolve().parent
+SMALL = [
+    "--num_generations", "4", "--per_device_train_batch_size", "16", "--max_completion_length", "48",
+    "--eval_steps", "0", "--save_steps", "0", "--logging_steps", "1",
+]  # fmt: skip
+
+
+def metrics_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("max_staleness", [1, 2])
+def test_rounds_run_ahead_but_never_past_the_bound(tmp_path, max_staleness):
+    out = tmp_path / "run"
+    argv = [*SMALL, "--output_dir", str(out), "--max_steps", "5", "--async_rollouts"]
+    train(parse_config([*argv, "--max_staleness", str(max_staleness)]))
+    steps = metrics_of(out)
+    lags = [m["async/staleness_max"] for m in steps]
+    assert steps[0]["async/staleness"] == 0  # the first round waits for nothing but the engine's first weights
+    assert max(lags) <= max_staleness
+    assert max(lags) >= 1  # it did sample ahead: a round was drawn while the trainer trained on an earlier one
+    assert all(m["async/dropped_rounds"] == 0 for m in steps)
+    assert all("timing/rollout/generate" in m and "async/queue_wait" in m for m in steps)
+    # the engine samples elsewhere, so every round carries the sampling weight and its metrics
+    assert all("sampling/sampling_logp_difference/mean" in m for m in steps)
+
+
+def row_logprobs_fp64(model, packed, temperature: float) -> torch.Tensor:
+    """Each row's completion log-probs from its own unpacked fp64 forward, in packed order [N]."""
+    model = copy.deepcopy(model).double().eval()
+    out = []
+    with torch.no_grad():
+        for b in range(packed.num_rows):
+            s, e = packed.cu_seqlens[b].item(), packed.cu_seqlens[b + 1].item()
+            c0, c1 = packed.completion_cu_seqlens[b].item(), packed.completion_cu_seqlens[b + 1].item()
+            ids = packed.input_ids[0, s:e]
+            logits = model(ids[None]).logits[0].double() / temperature
+            positions = packed.completion_index[c0:c1] - s
+            targets = ids[positions + 1]
+            out.append(torch.log_softmax(logits[positions], -1).gather(-1, targets[:, None])[:, 0])
+    return torch.cat(out)
+
+
+def test_the_sampling_weight_carries_the_true_policy_lag(tmp_path):
+    """Round 0 is sampled by the trainer's own weights (staleness 0: the engine's log-probs are the trainer's up to
+    rounding); round 1 by the weights before step 1 (staleness 1): its logged difference is the gap between the
+    two policies, computed here from fp64 forwards of each."""
+    argv = [*SMALL, "--output_dir", str(tmp_path / "run"), "--max_steps", "3", "--async_rollouts"]
+    cfg = parse_config([*argv, "--learning_rate", "1e-2", "--lr_scheduler_type", "constant"])
+    trainer = Trainer(cfg)
+    try:
+        trainer.resync_engine()
+        before = copy.deepcopy(trainer.model)
+        trainer.producer.start()
+        first = trainer.train_step()
+        assert first["async/staleness"] == 0
+        assert first["sampling/sampling_logp_difference/max"] < 1e-3
+        after = copy.deepcopy(trainer.model)
+        trainer.generate_round()  # round 1, sampled while step 1 trained
+        metrics, (packed,) = trainer.state.round_metrics, trainer.state.buffer[0]
+    finally:
+        trainer.producer.stop()
+        trainer.engine.close()
+        trainer.producer.close()
+    assert metrics["async/staleness"] == 1
+    sampled = (~packed.golden).repeat_interleave(packed.completion_cu_seqlens.diff().long())
+    old, new = row_logprobs_fp64(before, packed, 1.0), row_logprobs_fp64(after, packed, 1.0)
+    torch.testing.assert_close(packed.engine_logp[sampled].double(), old[sampled], atol=1e-3, rtol=0)
+    gap = (new - old)[sampled].abs()
+    assert gap.mean() > 0.05  # a large step: the lag is far above the engines' rounding
+    assert metrics["sampling/sampling_logp_difference/mean"] == pytest.approx(gap.mean().item(), rel=1e-3, abs=1e-4)
+    assert metrics["sampling/sampling_logp_difference/max"] == pytest.approx(gap.max().item(), rel=1e-3, abs=1e-4)
+
+
+def test_resume_samples_the_rounds_in_flight_again(tmp_path):
+    """The checkpoint's data cursor is that of the rounds the trainer took, not of those drawn ahead; the resumed
+    run goes on within the bound."""
+    out = tmp_path / "run"
+    argv = [*SMALL, "--output_dir", str(out), "--async_rollouts", "--max_staleness", "2"]
+    train(parse_config([*argv, "--max_steps", "2", "--save_steps", "2"]))
+    state = torch.load(out / "checkpoint-2" / "trainer_state.pt", weights_only=False)
+    prompts_per_round = 16 // 4
+    assert state["sampler"]["index"] == 2 * prompts_per_round  # the producer had drawn 3 or 4 rounds by then
+    train(parse_config([*argv, "--max_steps", "4", "--resume"]))
+    steps = metrics_of(out)
+    assert [m["step"] for m in steps] == [1, 2, 3, 4]
+    assert all(m["async/staleness_max"] <= 2 and m["async/dropped_rounds"] == 0 for m in steps)
+
+
+def test_two_ranks_under_torchrun(tmp_path):
+    out = tmp_path / "run"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "gcpo_fast.train",
+        *SMALL, "--output_dir", str(out), "--max_steps", "3", "--async_rollouts", "--max_staleness", "1",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = metrics_of(out)
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    assert all(m["async/staleness_max"] <= 1 for m in steps)
