@@ -4,7 +4,6 @@ true policy lag, resume, and two ranks under torchrun; the HF engine in a real s
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_async_rollouts.py
 """
 
-import copy
 import json
 import os
 import subprocess
@@ -13,8 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_steps import check_policy_lag
 
 from gcpo_fast.config import parse_config
+from gcpo_fast.errors import TrainingError
 from gcpo_fast.train import Trainer, train
 
 TESTS = Path(__file__).resolve().parent
@@ -44,51 +45,11 @@ def test_rounds_run_ahead_but_never_past_the_bound(tmp_path, max_staleness):
     assert all("sampling/sampling_logp_difference/mean" in m for m in steps)
 
 
-def row_logprobs_fp64(model, packed, temperature: float) -> torch.Tensor:
-    """Each row's completion log-probs from its own unpacked fp64 forward, in packed order [N]."""
-    model = copy.deepcopy(model).double().eval()
-    out = []
-    with torch.no_grad():
-        for b in range(packed.num_rows):
-            s, e = packed.cu_seqlens[b].item(), packed.cu_seqlens[b + 1].item()
-            c0, c1 = packed.completion_cu_seqlens[b].item(), packed.completion_cu_seqlens[b + 1].item()
-            ids = packed.input_ids[0, s:e]
-            logits = model(ids[None]).logits[0].double() / temperature
-            positions = packed.completion_index[c0:c1] - s
-            targets = ids[positions + 1]
-            out.append(torch.log_softmax(logits[positions], -1).gather(-1, targets[:, None])[:, 0])
-    return torch.cat(out)
-
-
 def test_the_sampling_weight_carries_the_true_policy_lag(tmp_path):
     """Round 0 is sampled by the trainer's own weights (staleness 0: the engine's log-probs are the trainer's up to
     rounding); round 1 by the weights before step 1 (staleness 1): its logged difference is the gap between the
     two policies, computed here from fp64 forwards of each."""
-    argv = [*SMALL, "--output_dir", str(tmp_path / "run"), "--max_steps", "3", "--async_rollouts"]
-    cfg = parse_config([*argv, "--learning_rate", "1e-2", "--lr_scheduler_type", "constant"])
-    trainer = Trainer(cfg)
-    try:
-        trainer.resync_engine()
-        before = copy.deepcopy(trainer.model)
-        trainer.producer.start()
-        first = trainer.train_step()
-        assert first["async/staleness"] == 0
-        assert first["sampling/sampling_logp_difference/max"] < 1e-3
-        after = copy.deepcopy(trainer.model)
-        trainer.generate_round()  # round 1, sampled while step 1 trained
-        metrics, (packed,) = trainer.state.round_metrics, trainer.state.buffer[0]
-    finally:
-        trainer.producer.stop()
-        trainer.engine.close()
-        trainer.producer.close()
-    assert metrics["async/staleness"] == 1
-    sampled = (~packed.golden).repeat_interleave(packed.completion_cu_seqlens.diff().long())
-    old, new = row_logprobs_fp64(before, packed, 1.0), row_logprobs_fp64(after, packed, 1.0)
-    torch.testing.assert_close(packed.engine_logp[sampled].double(), old[sampled], atol=1e-3, rtol=0)
-    gap = (new - old)[sampled].abs()
-    assert gap.mean() > 0.05  # a large step: the lag is far above the engines' rounding
-    assert metrics["sampling/sampling_logp_difference/mean"] == pytest.approx(gap.mean().item(), rel=1e-3, abs=1e-4)
-    assert metrics["sampling/sampling_logp_difference/max"] == pytest.approx(gap.max().item(), rel=1e-3, abs=1e-4)
+    check_policy_lag([*SMALL, "--output_dir", str(tmp_path / "run"), "--async_rollouts"])
 
 
 def test_resume_samples_the_rounds_in_flight_again(tmp_path):
@@ -122,3 +83,22 @@ def test_two_ranks_under_torchrun(tmp_path):
     steps = metrics_of(out)
     assert [m["step"] for m in steps] == [1, 2, 3]
     assert all(m["async/staleness_max"] <= 1 for m in steps)
+
+
+def test_a_killed_generation_server_stops_the_run_with_one_line(tmp_path):
+    cfg = parse_config([*SMALL, "--output_dir", str(tmp_path / "run"), "--max_steps", "4", "--async_rollouts"])
+    trainer = Trainer(cfg)
+    try:
+        trainer.resync_engine()
+        trainer.producer.start()
+        trainer.train_step()
+        trainer.engine.process.kill()
+        with pytest.raises(TrainingError) as error:
+            for _ in range(3):  # the round sampled ahead may have been queued before the kill
+                trainer.train_step()
+    finally:
+        trainer.producer.stop()
+        trainer.engine.close()
+        trainer.producer.close()
+    message = str(error.value)
+    assert "\n" not in message and trainer.engine.base_url in message, message

@@ -20,6 +20,7 @@ import pytest
 pytest.importorskip("vllm")
 
 import torch  # noqa: E402
+from trainer_steps import check_policy_lag  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from gcpo_fast.models import DEFAULT_MODEL  # noqa: E402
@@ -116,3 +117,16 @@ def test_the_trainer_samples_from_the_server(engine, tmp_path):
         assert m["sampling/sampling_logp_difference/max"] < LOGP_TOL, m
         assert 0.99 < m["sampling/importance_sampling_ratio/mean"] < 1.01, m
         assert "timing/weight_sync" in m  # the first round's too: the server's weights are not taken on trust
+
+
+def test_async_rounds_from_the_server_carry_the_true_policy_lag(engine, tmp_path):
+    """--async_rollouts against the vLLM server: staleness 0, then 1; the sampling weight's logged gap equals the
+    two policies' fp64 difference (tests/trainer_steps.py, check_policy_lag)."""
+    server = ["--use_vllm", "--vllm_mode", "server", "--vllm_server_base_url", engine.base_url]
+    server += ["--vllm_group_port", str(engine.group_port), "--async_rollouts"]
+    small = ["--num_generations", "4", "--per_device_train_batch_size", "16", "--max_completion_length", "48"]
+    small += ["--eval_steps", "0", "--save_steps", "0", "--output_dir", str(tmp_path / "run")]
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in ENV.items():
+            mp.setenv(name, value)
+        check_policy_lag([*server, *small])

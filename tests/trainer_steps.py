@@ -6,6 +6,9 @@ sampled, rows, metrics, samples = one_round(cfg, model, tokenizer, sampler, func
 metrics = step(policy_of(model, cfg), *sgd(model), micro_batches, cfg)
 """
 
+import copy
+
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -25,6 +28,7 @@ from gcpo_fast.rounds import (
 from gcpo_fast.scoring import score_logprobs
 from gcpo_fast.sources import load_records
 from gcpo_fast.timing import PhaseTimer
+from gcpo_fast.train import Trainer
 from gcpo_fast.update import ModelWithLoss, optimizer_step
 
 
@@ -98,3 +102,50 @@ def rows_of(mb):
 
 def logprobs(model, mb, cfg):
     return score_logprobs(model, mb, cfg.rollout.temperature, cfg.model.bf16)
+
+
+def row_logprobs_fp64(model, packed, temperature: float) -> torch.Tensor:
+    """Each row's completion log-probs from its own unpacked fp64 forward, in packed order [N]."""
+    model = copy.deepcopy(model).double().eval()
+    out = []
+    with torch.no_grad():
+        for b in range(packed.num_rows):
+            s, e = packed.cu_seqlens[b].item(), packed.cu_seqlens[b + 1].item()
+            c0, c1 = packed.completion_cu_seqlens[b].item(), packed.completion_cu_seqlens[b + 1].item()
+            ids = packed.input_ids[0, s:e]
+            logits = model(ids[None]).logits[0].double() / temperature
+            positions = packed.completion_index[c0:c1] - s
+            targets = ids[positions + 1]
+            out.append(torch.log_softmax(logits[positions], -1).gather(-1, targets[:, None])[:, 0])
+    return torch.cat(out)
+
+
+def check_policy_lag(argv: list[str]) -> None:
+    """--async_rollouts (argv: the run's options) against an fp64 reference: round 0 is sampled by the trainer's
+    own weights (staleness 0: the engine's log-probs are the trainer's up to rounding), round 1 by the weights
+    before step 1 (staleness 1): its logged sampling_logp_difference is the gap between the two policies,
+    computed from each policy's fp64 forward of every row alone."""
+    cfg = parse_config([*argv, "--max_steps", "3", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant"])
+    trainer = Trainer(cfg)
+    try:
+        trainer.resync_engine()
+        before = copy.deepcopy(trainer.model)
+        trainer.producer.start()
+        first = trainer.train_step()
+        assert first["async/staleness"] == 0
+        assert first["sampling/sampling_logp_difference/max"] < 1e-3
+        after = copy.deepcopy(trainer.model)
+        trainer.generate_round()  # round 1, sampled while step 1 trained
+        metrics, (packed,) = trainer.state.round_metrics, trainer.state.buffer[0]
+    finally:
+        trainer.producer.stop()
+        trainer.engine.close()
+        trainer.producer.close()
+    assert metrics["async/staleness"] == 1
+    sampled = (~packed.golden).repeat_interleave(packed.completion_cu_seqlens.diff().long())
+    old, new = row_logprobs_fp64(before, packed, 1.0), row_logprobs_fp64(after, packed, 1.0)
+    torch.testing.assert_close(packed.engine_logp[sampled].double(), old[sampled], atol=1e-3, rtol=0)
+    gap = (new - old)[sampled].abs()
+    assert gap.mean() > 0.05  # a large step: the lag is far above the engines' rounding
+    assert metrics["sampling/sampling_logp_difference/mean"] == pytest.approx(gap.mean().item(), rel=1e-3, abs=1e-4)
+    assert metrics["sampling/sampling_logp_difference/max"] == pytest.approx(gap.max().item(), rel=1e-3, abs=1e-4)
