@@ -20,15 +20,14 @@ import torch
 from gcpo_fast import groups
 from gcpo_fast.errors import require
 from gcpo_fast.golden import Teacher, golden_texts
-from gcpo_fast.kernels import sampling_weights
 from gcpo_fast.methods import MethodConfig
 from gcpo_fast.options import at_least, check_options, option
-from gcpo_fast.packing import IGNORE_INDEX, PackedBatch, pack
+from gcpo_fast.packing import PackedBatch, pack
 from gcpo_fast.parallel import all_reduce
 from gcpo_fast.prompt_checks import warn_if_mostly_truncated
 from gcpo_fast.rewards import RewardConfig, as_completions, compute_rewards, overlong_penalty, reward_function_name
 from gcpo_fast.rollout import RolloutConfig, Rows, encode_completion, encode_prompts
-from gcpo_fast.scoring import score_logprobs
+from gcpo_fast.scoring import SamplingCorrection, score_logprobs
 from gcpo_fast.timing import PhaseTimer
 
 
@@ -263,15 +262,12 @@ def pack_micro_batches(rows: Rows, batch: BatchConfig, mask_truncated: bool) -> 
 
 @dataclass
 class ScoringOptions:
-    """What the forward-only passes over a round need: whether it is reused, the sampling correction's options."""
+    """What the forward-only passes over a round need: whether it is reused, the sampling correction."""
 
     reused: bool
     temperature: float
     bf16: bool
-    correction: bool  # rows from an engine that samples elsewhere get the sampling-mismatch weight
-    correction_mode: str = "sequence_mask"
-    clip_min: float | None = None
-    clip_max: float | None = 3.0
+    correction: SamplingCorrection | None = None  # for rows from an engine that samples elsewhere
 
 
 def score_micro_batches(
@@ -279,39 +275,22 @@ def score_micro_batches(
 ) -> None:
     """Forward-only fused passes over each micro-batch, as the round needs them: the policy's old log-probs when
     the round is reused (golden rows included; otherwise old_logp stays None: on-policy), the reference model's
-    when beta > 0, and, for rows an engine sampled elsewhere (packed.engine_logp), the sampling-mismatch weight
-    exp(old - engine log-prob) in TRL's modes, golden rows weight 1, with its sampling/* metrics (into `metrics`)."""
+    when beta > 0, and, for rows an engine sampled elsewhere (packed.engine_logp) of a reused round, the
+    sampling-mismatch weight exp(old - engine log-prob) with its sampling/* metrics (into `metrics`). A round
+    trained once needs no pass for it: its old log-probs are the update's own forward's, so the update computes
+    the weight there (gcpo_fast/update.py) and sampling_weight stays None."""
     found = []
     for packed in micro_batches:
-        correct = options.correction and packed.engine_logp is not None
+        correct = options.correction is not None and packed.engine_logp is not None and options.reused
         with timer("old_logp"):
-            old = (
-                score_logprobs(model, packed, options.temperature, options.bf16).cpu()
-                if options.reused or correct
-                else None
-            )
-            packed.old_logp = old if options.reused else None  # on-policy: ratios of 1 that carry the gradient
+            old = score_logprobs(model, packed, options.temperature, options.bf16).cpu() if options.reused else None
+            packed.old_logp = old  # None: on-policy, ratios of 1 that carry the gradient
             if ref_model is not None:
                 packed.ref_logp = score_logprobs(ref_model, packed, options.temperature, options.bf16).cpu()
             if correct:
-                packed.sampling_weight, weight_metrics = sampling_correction(packed, old, options)
-                found.append(weight_metrics)
+                packed.sampling_weight, weight_metrics = options.correction.weight(packed, old)
+                found.append({name: float(v) for name, v in weight_metrics.items()})
     for name in found[0] if found else ():
         values = [m[name] for m in found]
         reduce = min if name.endswith("/min") else max if name.endswith("/max") else lambda v: sum(v) / len(v)
         metrics[name] = reduce(values)
-
-
-def sampling_correction(packed: PackedBatch, old_logp: torch.Tensor, options: ScoringOptions):
-    """TRL's vLLM importance-sampling weight [N] of a micro-batch and its sampling/* metrics; golden rows 1."""
-    weight, found = sampling_weights(
-        old_logp,
-        packed.engine_logp,
-        packed.completion_cu_seqlens,
-        packed.targets != IGNORE_INDEX,
-        mode=options.correction_mode,
-        clip_min=options.clip_min,
-        clip_max=options.clip_max,
-        not_sampled=packed.golden,
-    )
-    return weight, {name: float(v) for name, v in found.items()}

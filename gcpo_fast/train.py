@@ -51,6 +51,7 @@ from gcpo_fast.rounds import (
     score_micro_batches,
 )
 from gcpo_fast.run import RunState
+from gcpo_fast.scoring import SamplingCorrection
 from gcpo_fast.timing import PhaseTimer
 from gcpo_fast.update import ModelWithLoss, build_optimizer, optimizer_step, weights_finite
 
@@ -168,8 +169,18 @@ class Trainer:
             self.ref_model = reference.eval().requires_grad_(False)
         self.teacher = load_teacher(cfg, prepared.golden_cache, prepared.reward_funcs, self.dist.device)
         self.loss_config = cfg.loss_config()
+        v = cfg.vllm
+        self.correction = (
+            SamplingCorrection(
+                v.vllm_importance_sampling_mode,
+                v.vllm_importance_sampling_clip_min,
+                v.vllm_importance_sampling_clip_max,
+            )
+            if v.vllm_importance_sampling_correction
+            else None
+        )
         self.policy = parallel.parallelize(
-            ModelWithLoss(self.model, self.loss_config),
+            ModelWithLoss(self.model, self.loss_config, self.correction),
             cfg.parallel.parallelism,
             cpu_offload=cfg.parallel.fsdp_cpu_offload,
             bf16=cfg.model.bf16,
@@ -327,10 +338,7 @@ class Trainer:
                 reused=cfg.batch.reused,
                 temperature=cfg.rollout.temperature,
                 bf16=cfg.model.bf16,
-                correction=cfg.vllm.vllm_importance_sampling_correction,
-                correction_mode=cfg.vllm.vllm_importance_sampling_mode,
-                clip_min=cfg.vllm.vllm_importance_sampling_clip_min,
-                clip_max=cfg.vllm.vllm_importance_sampling_clip_max,
+                correction=self.correction,
             )
             score_micro_batches(micro_batches, self.model, self.ref_model, scoring, self.timer, state.round_metrics)
         state.buffer = cfg.batch.optimizer_steps(micro_batches)

@@ -24,11 +24,12 @@ import torch
 from transformers import get_scheduler
 
 from gcpo_fast.errors import require
-from gcpo_fast.kernels import LossInputs, PolicyLossConfig, linear_policy_loss
+from gcpo_fast.kernels import IGNORE_INDEX, LossInputs, PolicyLossConfig, linear_logprobs, linear_policy_loss
 from gcpo_fast.models import autocast
 from gcpo_fast.options import check_options, option
 from gcpo_fast.packing import PackedBatch, forward_hidden, head_inputs
 from gcpo_fast.parallel import all_reduce, rank_and_world
+from gcpo_fast.scoring import SamplingCorrection
 
 SCHEDULER_NAMES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
@@ -67,26 +68,40 @@ class OptimizerConfig:
 
 class ModelWithLoss(torch.nn.Module):
     """The model and the fused loss as one module, so that a parallel wrapper's hooks see the whole forward
-    (gcpo_fast.packing: call forward_hidden from inside the wrapped module's forward)."""
+    (gcpo_fast.packing: call forward_hidden from inside the wrapped module's forward).
 
-    def __init__(self, model, loss_config: PolicyLossConfig):
+    correction: the sampling-mismatch correction of rows an engine sampled elsewhere, for a micro-batch whose
+    weight the round left to the update (trained once: packed.sampling_weight None, packed.engine_logp set).
+    Its old log-probs are this forward's own, so the weight comes from one no-grad pass of the fused log-prob op
+    over the hidden states at hand, not from a second decoder forward; its sampling/* metrics join the stats."""
+
+    def __init__(self, model, loss_config: PolicyLossConfig, correction: SamplingCorrection | None = None):
         super().__init__()
-        self.model, self.loss_config = model, loss_config
+        self.model, self.loss_config, self.correction = model, loss_config, correction
 
     def forward(self, packed: PackedBatch, normalizer: float):
         hidden, weight, bias = head_inputs(forward_hidden(self.model, packed)[packed.completion_index], self.model)
+        sampling_weight, found = packed.sampling_weight, {}
+        if self.correction is not None and packed.engine_logp is not None and sampling_weight is None:
+            with torch.no_grad():
+                old = linear_logprobs(
+                    hidden.detach(), weight.detach(), packed.targets, self.loss_config.temperature,
+                    bias=None if bias is None else bias.detach(), ignore_index=IGNORE_INDEX,
+                )  # fmt: skip
+            sampling_weight, found = self.correction.weight(packed, old)
         inputs = LossInputs(
             packed.advantages,
             packed.completion_cu_seqlens,
             old_logp=packed.old_logp,
             ref_logp=packed.ref_logp,
-            sampling_weight=packed.sampling_weight,
+            sampling_weight=sampling_weight,
             golden_rows=packed.golden,
             normalizer=normalizer,
         )
-        return linear_policy_loss(
+        loss, stats = linear_policy_loss(
             hidden, weight, packed.targets, inputs, self.loss_config, bias=bias, compute_entropy=True
         )
+        return loss, {**stats, **found}
 
 
 def step_normalizer(micro_batches: list[PackedBatch], loss: PolicyLossConfig) -> float:
@@ -152,7 +167,7 @@ def optimizer_step(
         n = stats.pop("num_tokens").item()
         loss_sum, tokens = loss_sum + mb_loss.item(), tokens + n
         for name, value in stats.items():
-            stat_sums[name] = stat_sums.get(name, 0.0) + value.item() * n
+            stat_sums[name] = accumulate(name, stat_sums.get(name), value.item(), n)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
     grad_norm = policy.clip_grad_norm(max_norm)
     learning_rate = scheduler.get_last_lr()[0]
@@ -169,8 +184,25 @@ def optimizer_step(
         "learning_rate": learning_rate,
         "step_skipped": float(not finite),
     }
-    metrics.update({name: total / max(tokens, 1.0) for name, total in stat_sums.items() if name != "ratio_mean"})
+    extreme = ("/min", "/max")
+    metrics.update(
+        {
+            name: total if name.endswith(extreme) else total / max(tokens, 1.0)
+            for name, total in stat_sums.items()
+            if name != "ratio_mean"
+        }
+    )
     return metrics
+
+
+def accumulate(name: str, total: float | None, value: float, tokens: float) -> float:
+    """A statistic over the step's micro-batches: the extremes of /min and /max ones, else the token-weighted sum
+    (divided by the step's tokens at the end)."""
+    if name.endswith("/min"):
+        return value if total is None else min(total, value)
+    if name.endswith("/max"):
+        return value if total is None else max(total, value)
+    return (total or 0.0) + value * tokens
 
 
 def weights_finite(model) -> bool:

@@ -1,6 +1,9 @@
 """The trainer's stages on a tiny random model: rollouts, golden rows, the update's direction and its normaliser,
 dynamic sampling (the command line and two processes: tests/test_train_processes.py)."""
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 from tiny_model import make_tiny_model, write_jsonl
@@ -9,9 +12,11 @@ from transformers import AutoTokenizer
 
 from gcpo_fast.config import parse_config
 from gcpo_fast.packing import pack
+from gcpo_fast.parallel import parallelize
 from gcpo_fast.rollout import HFEngine, Rows, Sampling, encode_completion, encode_prompts
+from gcpo_fast.scoring import SamplingCorrection
 from gcpo_fast.sources import load_records
-from gcpo_fast.update import build_optimizer, step_normalizer
+from gcpo_fast.update import ModelWithLoss, build_optimizer, step_normalizer
 
 
 @pytest.fixture(scope="module")
@@ -318,3 +323,37 @@ def test_gpg_samples_more_until_enough_rows_are_valid(files, one_thread):
     assert metrics["num_gen_batches"] == (1 if all(even[:2]) else 2) == len(even) // 2
     assert len(rows.completion_ids) == 4 * len(even)
     assert metrics["gpg/alpha"] == pytest.approx(len(even) / sum(even))  # B / (B - M) in rows
+
+
+@pytest.mark.parametrize("mode", ["sequence_mask", "token_truncate"])
+def test_a_correction_weight_from_the_updates_own_forward_equals_a_separate_pass(files, one_thread, mode):
+    """Rows an engine sampled elsewhere, trained once: the update takes the sampling weight from its own forward's
+    log-probs (no second decoder pass), which must give the step and the sampling/* metrics of a weight computed
+    beforehand from a separate forward-only pass, as a reused round does."""
+    cfg, model, tokenizer, sampler, funcs = setup(files, "--vllm_importance_sampling_mode", mode)
+    torch.manual_seed(1)
+    _, rows, _, _ = one_round(cfg, model, tokenizer, sampler, funcs)
+    (micro_batches,) = split_steps(cfg, rows, model)
+    (packed,) = micro_batches
+    sampled = ~packed.golden.repeat_interleave(packed.completion_cu_seqlens.diff().long())
+    noise = 0.3 * torch.randn(packed.targets.shape, generator=torch.Generator().manual_seed(3))
+    packed.engine_logp = torch.where(sampled, logprobs(model, packed, cfg) + noise, 0.0)  # another engine's
+    correction = SamplingCorrection(mode, None, 3.0)
+    results = []
+    for deferred in (True, False):
+        trained = copy.deepcopy(model)
+        batch = dataclasses.replace(packed)
+        if not deferred:
+            batch.sampling_weight, _ = correction.weight(batch, logprobs(trained, batch, cfg))
+        policy = parallelize(ModelWithLoss(trained, cfg.loss_config(), correction))
+        metrics = step(policy, *sgd(trained), [batch], cfg)
+        results.append(([p.detach() for p in trained.parameters()], metrics))
+    (deferred_weights, deferred_metrics), (separate_weights, separate_metrics) = results
+    for a, b in zip(deferred_weights, separate_weights, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert deferred_metrics["sampling/sampling_logp_difference/mean"] == pytest.approx(0.3 * 0.8, rel=0.25)
+    assert not any(name.startswith("sampling/") for name in separate_metrics)  # computed beforehand instead
+    assert deferred_metrics["loss"] == pytest.approx(separate_metrics["loss"], rel=1e-5)
+    uncorrected = copy.deepcopy(model)  # and the weight matters: without it the step differs
+    step(parallelize(ModelWithLoss(uncorrected, cfg.loss_config())), *sgd(uncorrected), [packed], cfg)
+    assert any((a - b).abs().max() > 1e-4 for a, b in zip(uncorrected.parameters(), deferred_weights))

@@ -87,7 +87,7 @@ def one_round(cfg, model, tokenizer, sampler, funcs):
 def split_steps(cfg, rows, model):
     """The round's optimizer steps as the trainer prepares them: shuffled, packed once, scored."""
     micro_batches = pack_micro_batches(rows, cfg.batch, cfg.rollout.mask_truncated_completions)
-    options = ScoringOptions(cfg.batch.reused, cfg.rollout.temperature, cfg.model.bf16, correction=False)
+    options = ScoringOptions(cfg.batch.reused, cfg.rollout.temperature, cfg.model.bf16)
     score_micro_batches(micro_batches, model, None, options, PhaseTimer(), {})
     return cfg.batch.optimizer_steps(micro_batches)
 
@@ -136,7 +136,8 @@ def check_policy_lag(argv: list[str]) -> None:
         assert first["sampling/sampling_logp_difference/max"] < 1e-3
         after = copy.deepcopy(trainer.model)
         trainer.generate_round()  # round 1, sampled while step 1 trained
-        metrics, (packed,) = trainer.state.round_metrics, trainer.state.buffer[0]
+        ((packed,),) = trainer.state.buffer
+        metrics = trainer.train_step()  # its weight comes from this step's own forward (gcpo_fast/update.py)
     finally:
         trainer.producer.stop()
         trainer.engine.close()
