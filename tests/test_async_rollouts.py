@@ -15,7 +15,7 @@ import torch
 from trainer_steps import check_policy_lag
 
 from gcpo_fast.config import parse_config
-from gcpo_fast.errors import TrainingError
+from gcpo_fast.errors import ConfigError, TrainingError
 from gcpo_fast.train import Trainer, train
 
 TESTS = Path(__file__).resolve().parent
@@ -102,3 +102,10 @@ def test_a_killed_generation_server_stops_the_run_with_one_line(tmp_path):
         trainer.producer.close()
     message = str(error.value)
     assert "\n" not in message and trainer.engine.base_url in message, message
+
+
+def test_options_that_cannot_work_are_refused():
+    with pytest.raises(ConfigError, match="weight_sync_steps=3 must be <= max_staleness=2"):
+        parse_config(["--async_rollouts", "--max_staleness", "2", "--weight_sync_steps", "3"])
+    with pytest.raises(ConfigError, match="max_staleness must be >= 1"):
+        parse_config(["--async_rollouts", "--max_staleness", "0"])
