@@ -15,8 +15,10 @@ its own process (an external_launcher engine per process), on the shipped model 
   every linear adds the punica LoRA kernels.
 The adapters: rank --rank, alpha 2r, the attention and MLP projections, lora_B drawn at random (a trained
 adapter, not the zero start) and nudged before every sync. Timed: the median of --syncs syncs after a first one
-(warm-up), and greedy decoding of --prompts prompts x --tokens new tokens (ignore_eos) twice, the second timed,
-as generated tokens per second. Checked: both engines' greedy tokens of the last adapter agree.
+(warm-up), and greedy decoding of --prompts prompts x --tokens new tokens (ignore_eos), the fastest of three
+after a warm-up, as generated tokens per second. Checked: each engine's log-prob of every prompt's first
+greedy token against the adapted model's own (PEFT in fp32, the trainer's policy), the largest difference;
+and the rows whose greedy completions the two engines agree on up to the first EOS.
 """
 
 import argparse
@@ -64,22 +66,35 @@ def adapted_model(path: str, rank: int):
 
     options = PeftOptions(use_peft=True, lora_r=rank, lora_alpha=2 * rank, lora_dropout=0.0)
     model = attach(load_causal_lm(path, device="cpu", dtype=torch.float32), options, base_path=path)
-    nudge(model, 0.02)
+    nudge(model, 0.02, seed=0)
     return model
 
 
 @torch.no_grad()
-def nudge(model, scale: float) -> None:
-    """lora_B moved at random, as an optimizer step would move it."""
+def nudge(model, scale: float, seed: int) -> None:
+    """lora_B moved at random, as an optimizer step would move it (the same in every worker: seeded here, as
+    the engine's start draws from the global RNG differently with and without LoRA)."""
+    g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if ".lora_B." in name:
-            p.add_(scale * torch.randn_like(p))
+            p.add_(scale * torch.randn(p.shape, generator=g))
 
 
 def prompts(tokenizer, n: int) -> list[list[int]]:
     from gcpo_fast.tasks import heldout_split
 
     return [tokenizer(r["prompt"])["input_ids"] for r in heldout_split(n, seed=0)]
+
+
+@torch.no_grad()
+def trainer_logprobs(model, prompt_ids: list[list[int]], tokens: list[int]) -> list[float]:
+    """The adapted model's own (PEFT, fp32) log-prob of each prompt's next token."""
+    model.eval()
+    logp = []
+    for ids, token in zip(prompt_ids, tokens, strict=True):
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+        logp.append(torch.log_softmax(logits, -1)[token].item())
+    return logp
 
 
 def worker(mode: str, path: str, rank: int, syncs: int, n_prompts: int, tokens: int) -> dict:
@@ -90,10 +105,13 @@ def worker(mode: str, path: str, rank: int, syncs: int, n_prompts: int, tokens: 
     from gcpo_fast import vllm_engine
     from gcpo_fast.lora import merged_named_parameters
     from gcpo_fast.models import load_tokenizer
+    from gcpo_fast.rollout import cut_at_eos
 
     tokenizer = load_tokenizer(path)
     model = adapted_model(path, rank)
-    engine = vllm_engine.VLLMEngine(path, tokenizer, max_model_len=512, max_lora_rank=rank if mode == "lora" else None)
+    engine = vllm_engine.VLLMEngine(
+        path, tokenizer, max_model_len=512, dtype="float32", max_lora_rank=rank if mode == "lora" else None
+    )  # fp32 as the trainer builds it on a CPU (gcpo_fast/rollout.py)
     scratch = Path(tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     request = None
 
@@ -112,24 +130,30 @@ def worker(mode: str, path: str, rank: int, syncs: int, n_prompts: int, tokens: 
 
     times = []
     for k in range(1, syncs + 2):
-        nudge(model, 0.002)
+        nudge(model, 0.002, seed=k)
         start = time.perf_counter()
         sync(k)
         times.append(time.perf_counter() - start)
-    params = SamplingParams(n=1, max_tokens=tokens, temperature=0.0, ignore_eos=True, detokenize=False)
-    batch = [TokensPrompt(prompt_token_ids=ids) for ids in prompts(tokenizer, n_prompts)]
-    for _ in range(2):
+    params = SamplingParams(n=1, max_tokens=tokens, temperature=0.0, ignore_eos=True, detokenize=False, logprobs=0)
+    prompt_ids = prompts(tokenizer, n_prompts)
+    batch = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
+    decode = []
+    for _ in range(4):  # a warm-up, then the fastest of three: the machine is shared
         start = time.perf_counter()
         out = engine.llm.generate(batch, params, use_tqdm=False, lora_request=request)
-        decode = time.perf_counter() - start
+        decode.append(time.perf_counter() - start)
     generated = sum(len(o.outputs[0].token_ids) for o in out)
     engine.close()
+    first = [o.outputs[0].token_ids[0] for o in out]
+    engine_logp = [next(iter(o.outputs[0].logprobs[0].values())).logprob for o in out]
     return {
         "mode": mode,
         "sync_s": statistics.median(times[1:]),
         "first_sync_s": times[0],
-        "decode_tok_s": generated / decode,
-        "greedy": [list(o.outputs[0].token_ids) for o in out],
+        "decode_tok_s": generated / min(decode[1:]),
+        "first_logp": engine_logp,
+        "first_logp_error": max(abs(a - b) for a, b in zip(engine_logp, trainer_logprobs(model, prompt_ids, first))),
+        "greedy": [cut_at_eos(list(o.outputs[0].token_ids), set(engine.eos_ids))[0] for o in out],
     }
 
 
@@ -146,7 +170,10 @@ def main(argv=None) -> None:
         print(json.dumps(worker(*a.worker, a.rank, a.syncs, a.prompts, a.tokens)))
         return
     print(f"rank {a.rank}, {a.syncs} timed syncs, greedy decode of {a.prompts} prompts x {a.tokens} tokens")
-    print(f"{'model':8} {'mode':7} {'sync s':>8} {'first sync s':>13} {'decode tok/s':>13}")
+    print(
+        f"{'model':8} {'mode':7} {'sync s':>8} {'first sync s':>13} {'decode tok/s':>13} "
+        f"{'|engine - trainer| first-token log-prob':>40}"
+    )
     with tempfile.TemporaryDirectory() as scratch:
         for name in a.models:
             path = model_folder(name, Path(scratch))
@@ -161,16 +188,18 @@ def main(argv=None) -> None:
                     continue
                 rows[mode] = r = json.loads(done.stdout.strip().splitlines()[-1])
                 print(
-                    f"{name:8} {mode:7} {r['sync_s']:8.3f} {r['first_sync_s']:13.3f} {r['decode_tok_s']:13.0f}",
+                    f"{name:8} {mode:7} {r['sync_s']:8.3f} {r['first_sync_s']:13.3f} {r['decode_tok_s']:13.0f} "
+                    f"{r['first_logp_error']:40.1e}",
                     flush=True,
                 )
             if len(rows) == 2:
-                a_, b_ = rows["merged"]["greedy"], rows["lora"]["greedy"]
-                same = sum(x == y for ra, rb in zip(a_, b_) for x, y in zip(ra, rb)) / sum(map(len, a_))
                 m, lo = rows["merged"], rows["lora"]
+                same = statistics.mean(a_ == b_ for a_, b_ in zip(m["greedy"], lo["greedy"]))
+                logp = max(abs(a_ - b_) for a_, b_ in zip(m["first_logp"], lo["first_logp"]))
                 print(
                     f"{name}: lora/merged sync time {lo['sync_s'] / m['sync_s']:.2f}x, decode speed "
-                    f"{lo['decode_tok_s'] / m['decode_tok_s']:.2f}x; greedy tokens equal: {same:.3f}",
+                    f"{lo['decode_tok_s'] / m['decode_tok_s']:.2f}x; first greedy token log-prob max difference "
+                    f"{logp:.1e}; rows equal up to EOS: {same:.2f}",
                     flush=True,
                 )
 
