@@ -11,7 +11,8 @@ rate (3e-4, gcpo_fast/config.py SHIPPED_MODEL_LR). LORA_LR (3e-3 by default) is 
 et al., "LoRA Without Regret" (Thinking Machines, 2025): LoRA's best learning rate is about 10x full
 fine-tuning's, nearly independent of the rank; the task has no validation split (gcpo_fast/tasks.py: train and
 held-out only), so no rate is tuned here. Writes benchmarks/results/lora_accuracy.csv: greedy eval/mean@1 on
-the held-out problems at step 0 and at the last step, and the wall time, per run.
+the held-out problems at step 0 and at the last step (all, and level 5, the word problems), and the wall time,
+per run.
 """
 
 import argparse
@@ -23,7 +24,18 @@ import sys
 import time
 from pathlib import Path
 
-FIELDS = ("variant", "lora_r", "learning_rate", "seed", "steps", "eval_step0", "eval_last", "wall_time_s")
+FIELDS = (
+    "variant",
+    "lora_r",
+    "learning_rate",
+    "seed",
+    "steps",
+    "eval_step0",
+    "eval_last",
+    "level5_step0",
+    "level5_last",
+    "wall_time_s",
+)
 FULL_LR = 3e-4
 
 
@@ -66,6 +78,8 @@ def read_run(variant: str, seed: int, args) -> dict:
         "steps": max(line.get("step", 0) for line in lines),
         "eval_step0": evals[0]["eval/mean@1"],
         "eval_last": evals[-1]["eval/mean@1"],
+        "level5_step0": evals[0]["eval/level_5/mean@1"],  # the word problems, which golden answers teach
+        "level5_last": evals[-1]["eval/level_5/mean@1"],
         "wall_time_s": round(json.loads((out / "wall_time.json").read_text())["wall_time_s"]),
     }
 
