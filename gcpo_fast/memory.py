@@ -9,6 +9,8 @@
                        device_memory=80 * 2**30)
     print(plan.summary())                 # "memory per device (estimate): 41.2 GiB = weights 3.5 + ... of 80.0 GiB"
     warning = fit_warning(config, device_memory=80 * 2**30, **same_options)  # None when it fits, else one line
+    plan_memory(config, lora=PeftOptions(use_peft=True, lora_r=16), ...)      # LoRA (gcpo_fast.lora.PeftOptions)
+    python -m benchmarks.bench_memory --plan_7b     # Qwen2.5-7B on one 80 GB GPU, LoRA r=16 and full, printed
 
 Inputs of plan_memory (all keyword, the run's options):
 - model_config: a transformers config (AutoConfig; no weights). Parameters are counted exactly by building the
@@ -21,7 +23,8 @@ Inputs of plan_memory (all keyword, the run's options):
   bf16 mixed precision; elsewhere everything is fp32.
 - gradient_checkpointing; reference_model (beta > 0: a frozen copy, bf16 under --bf16 on CUDA);
   vllm_gpu_memory_utilization (the colocated engine's share of the device; 0 without vLLM); device_memory
-  (bytes; only for the summary's "of ..." and the warning).
+  (bytes; only for the summary's "of ..." and the warning); lora: the run's PeftOptions (None: full
+  fine-tuning).
 
 The parts (bytes per device), P parameters, L layers, T tokens, h hidden, I intermediate, kv = key/value
 heads x head_dim, a = activation element size (2 in bf16, 4 in fp32), S = sharding divisor (world_size under
@@ -49,12 +52,27 @@ FSDP, else 1):
   2 * min(op_workspace, 4 * N * V), and on the CPU (torch backend: gradients in the forward) 4 * (V + N) * h.
 - reference: the frozen reference model's weights (2P on CUDA under bf16, else 4P), unsharded.
 - vllm: vllm_gpu_memory_utilization x device_memory (the engine reserves that share at start).
+With LoRA (lora.use_peft), from PEFT's adapters attached to the model on the meta device (adapter_shape; exact:
+tests/test_memory_lora.py checks the count against PEFT's own), A trainable parameters (r * (in + out) per adapted
+linear, DoRA's magnitudes, the copies of --lora_modules_to_save):
+- weights: the frozen base in its dtype (gcpo_fast.lora.base_dtype: 2P bf16 on CUDA under --bf16, else 4P),
+  the adapters in fp32 (4A), and a module to save twice (the original and PEFT's trained copy, base dtype);
+  gradients and AdamW state for the A trainable parameters only (4A and 8A in fp32).
+- autocast_copies: under DDP only the adapters' bf16 copies (2 x lora_A and lora_B parameters): the base is
+  already bf16; FSDP gathers as above.
+- activations: A_layer as above (a frozen matmul keeps no input for a weight gradient, but the adapter on it
+  keeps that input or a copy of it, so the term stays), plus per adapted linear per token: lora_B's input
+  (a * r) and, with --lora_dropout > 0, lora_A's input, the dropped copy (a * in), and its mask (1 byte * in);
+  for Qwen2.5-7B's 7 projections at the default dropout that is 3 * (6h + I) bytes per token per layer, ~46% of
+  A_layer, so it matters without gradient checkpointing. The frozen lm_head: no dW in the fused op (on the CPU
+  the torch backend's dW [V, h] goes).
 Not counted: the CUDA context and cuBLAS/NCCL workspaces (~0.5-1 GiB on a GPU), allocator fragmentation,
 transient gradient buffers of one layer during the backward, the teacher model (--golden_model).
 The CPU check of this estimate against measured peaks: benchmarks/bench_memory.py,
 benchmarks/results/memory_estimate_cpu.md.
 """
 
+import copy
 from dataclasses import dataclass, fields
 
 import torch
@@ -129,18 +147,77 @@ def model_shape(model_config, trust_remote_code: bool = False) -> ModelShape:
     )
 
 
+@dataclass(frozen=True)
+class AdapterShape:
+    """What the estimate needs from the model with its LoRA adapters (PEFT attached on the meta device)."""
+
+    weight_bytes: int  # every parameter: the frozen base in its dtype, the adapters, the copies of modules to save
+    trainable: int  # parameters that train: lora_A, lora_B (DoRA's magnitudes), modules to save
+    trainable_bytes: int  # their bytes: adapters fp32, a module to save in the base's dtype (PEFT copies it)
+    adapter_matmul_params: int  # lora_A and lora_B: what bf16 autocast copies for the forward
+    layer_params: int  # one decoder layer's, adapters included
+    root_params: int
+    layer_inputs: int  # sum of in_features over one decoder layer's adapted linears
+    layer_ranks: int  # sum of r over them
+    dropout: bool  # lora_dropout > 0
+    head_trainable: bool  # the lm_head is a module to save (the fused op computes dW)
+
+
+def adapter_shape(model_config, options, dtype: torch.dtype, trust_remote_code: bool = False) -> AdapterShape:
+    """Counts of the model with PEFT's adapters (gcpo_fast.lora.attach, options: PeftOptions), built on the meta
+    device with the frozen base in `dtype` (gcpo_fast.lora.base_dtype): exactly what PEFT would train."""
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    from gcpo_fast.lora import attach
+
+    config = copy.deepcopy(model_config)  # attach records the base's name in the config
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = attach(base, options, base_path=config.name_or_path or "meta")
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    layers = base.get_decoder().layers
+    adapted = [m for m in layers[0].modules() if isinstance(m, LoraLayer)]
+    layer_params = sum(p.numel() for p in layers[0].parameters())
+    total = sum(p.numel() for p in params)
+    return AdapterShape(
+        weight_bytes=sum(p.numel() * p.element_size() for p in params),
+        trainable=sum(p.numel() for p in trainable),
+        trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
+        adapter_matmul_params=sum(
+            p.numel() for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name
+        ),
+        layer_params=layer_params,
+        root_params=total - layer_params * len(layers),
+        layer_inputs=sum(m.in_features for m in adapted),
+        layer_ranks=sum(m.r[name] for m in adapted for name in m.r),
+        dropout=options.lora_dropout > 0,
+        head_trainable=any(p.requires_grad for p in base.get_output_embeddings().parameters()),
+    )
+
+
+def adapter_activation_bytes_per_token_layer(adapters: AdapterShape, element: int) -> int:
+    """What the adapters add to A_layer per token: each adapted linear keeps lora_B's input [T, r] and, with
+    dropout, lora_A's input (the dropped copy, [T, in]) and the dropout mask (1 byte per element)."""
+    return element * adapters.layer_ranks + (element + 1) * adapters.layer_inputs * adapters.dropout
+
+
 def activation_bytes_per_token_layer(shape: ModelShape, element: int) -> int:
     """A_layer of the module docstring: bytes autograd keeps per token in one decoder layer."""
     h, kv, i = shape.hidden, shape.kv, shape.intermediate
     return 4 * 4 * h + element * (3 * h + 2 * h + 2 * kv + 2 * h + 2 * kv + 4 * i)
 
 
-def fused_op_bytes(shape: ModelShape, completion_tokens: int, op_workspace: float, device) -> float:
+def fused_op_bytes(
+    shape: ModelShape, completion_tokens: int, op_workspace: float, device, head_trainable: bool = True
+) -> float:
     """The fused op's own memory: a logit chunk and its softmax, [rows, V] fp32 each (rows <= N, a chunk at
     most the workspace) and, on the CPU's torch backend, which computes the gradients in the forward,
-    dW [V, h] and dX [N, h] in fp32."""
+    dX [N, h] and, when the head trains, dW [V, h], in fp32."""
     chunks = 2 * min(op_workspace, 4 * completion_tokens * shape.vocab)
-    grads_in_forward = 4 * (shape.vocab + completion_tokens) * shape.hidden if torch.device(device).type == "cpu" else 0
+    rows = (shape.vocab if head_trainable else 0) + completion_tokens
+    grads_in_forward = 4 * rows * shape.hidden if torch.device(device).type == "cpu" else 0
     return chunks + grads_in_forward
 
 
@@ -159,35 +236,52 @@ def plan_memory(
     vllm_gpu_memory_utilization: float = 0.0,
     device_memory: float | None = None,
     op_workspace: float = DEFAULT_OP_WORKSPACE,
+    lora=None,
     shape: ModelShape | None = None,
+    adapters: AdapterShape | None = None,
 ) -> MemoryPlan:
-    """The per-device estimate for these options (see the module docstring for each input and part)."""
+    """The per-device estimate for these options (see the module docstring for each input and part); lora: the
+    run's gcpo_fast.lora.PeftOptions (LoRA when lora.use_peft), None for full fine-tuning."""
     if parallelism not in ("ddp", "fsdp"):
         raise ValueError(f"plan_memory: parallelism must be ddp or fsdp, got {parallelism!r}")
     shape = shape or model_shape(model_config)
     half = bf16 and torch.device(device).type == "cuda"
     element = 2 if half else 4
+    if lora is not None and lora.use_peft and adapters is None:
+        from gcpo_fast.lora import base_dtype
+
+        adapters = adapter_shape(model_config, lora, base_dtype(lora, bf16, device))
     fsdp = parallelism == "fsdp"
     shards = world_size if fsdp else 1
     offloaded = fsdp and cpu_offload
     p = shape.params
+    layer_params, root_params = (
+        (adapters.layer_params, adapters.root_params) if adapters else (shape.layer_params, shape.root_params)
+    )
     if fsdp:  # two layers gathered (current + prefetched) and the root, in the compute dtype
-        gathered = (2 * shape.layer_params + shape.root_params) * element
+        gathered = (2 * layer_params + root_params) * element
         autocast_copies = gathered if (half or offloaded or shards > 1) else 0
+    elif adapters:  # the frozen base is already in the compute dtype; autocast copies only the adapters
+        autocast_copies = 2 * adapters.adapter_matmul_params if half else 0
     else:
         autocast_copies = 2 * p if half else 0
     t, h = tokens_per_micro_batch, shape.hidden
     per_layer = activation_bytes_per_token_layer(shape, element)
+    if adapters:
+        per_layer += adapter_activation_bytes_per_token_layer(adapters, element)
     if gradient_checkpointing:
         layers = shape.layers * t * h * 4 + t * per_layer
     else:
         layers = shape.layers * t * per_layer
     n = t if completion_tokens is None else completion_tokens
-    activations = layers + 3 * t * h * 4 + n * h * element + fused_op_bytes(shape, n, op_workspace, device)
+    head_trainable = adapters.head_trainable if adapters else True
+    op = fused_op_bytes(shape, n, op_workspace, device, head_trainable)
+    activations = layers + 3 * t * h * 4 + n * h * element + op
+    weight_bytes, trainable_bytes = (adapters.weight_bytes, adapters.trainable_bytes) if adapters else (4 * p, 4 * p)
     return MemoryPlan(
-        weights=0 if offloaded else 4 * p / shards,
-        gradients=0 if offloaded else 4 * p / shards,
-        optimizer=0 if offloaded else 8 * p / shards,
+        weights=0 if offloaded else weight_bytes / shards,
+        gradients=0 if offloaded else trainable_bytes / shards,
+        optimizer=0 if offloaded else 2 * trainable_bytes / shards,
         autocast_copies=autocast_copies,
         activations=activations,
         reference=(element * p) if reference_model else 0,
@@ -212,6 +306,12 @@ def fit_warning(model_config, *, device_memory: float, **options) -> str | None:
     """None when plan_memory(model_config, **options) fits device_memory; else one line with the estimate
     and the options that would fit (and, if none does, the micro-batch tokens that would)."""
     shape = options.pop("shape", None) or model_shape(model_config)
+    lora = options.get("lora")
+    if lora is not None and lora.use_peft and options.get("adapters") is None:  # counted once, not per trial
+        from gcpo_fast.lora import base_dtype
+
+        dtype = base_dtype(lora, options.get("bf16", True), options.get("device", "cuda"))
+        options["adapters"] = adapter_shape(model_config, lora, dtype)
     plan = plan_memory(model_config, shape=shape, device_memory=device_memory, **options)
     if plan.total() <= device_memory:
         return None

@@ -97,11 +97,6 @@ def report_memory(cfg: TrainConfig, model_path, dist) -> None:
     options that would fit when it exceeds the device (CUDA; on the CPU the host's memory is not checked)."""
     if dist.rank != 0:
         return
-    if cfg.lora.use_peft:  # the estimate models full fine-tuning; adapters are not in it yet
-        print(
-            "memory per device: no estimate for --use_peft yet (the planner models full fine-tuning)", file=sys.stderr
-        )
-        return
     from transformers import AutoConfig
 
     trust = cfg.model.trust_remote_code
@@ -126,6 +121,7 @@ def report_memory(cfg: TrainConfig, model_path, dist) -> None:
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         reference_model=cfg.method.beta > 0,
         vllm_gpu_memory_utilization=cfg.vllm.vllm_gpu_memory_utilization if colocated and cuda else 0.0,
+        lora=cfg.lora if cfg.lora.use_peft else None,
         shape=shape,
     )
     print(plan_memory(config, device_memory=memory, **options).summary(), file=sys.stderr, flush=True)

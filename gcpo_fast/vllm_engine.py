@@ -212,7 +212,10 @@ class VLLMEngine:
         enable_sleep_mode: bool = False,
         dtype: str = "auto",
         trust_remote_code: bool = False,
+        max_lora_rank: int | None = None,
     ):
+        """max_lora_rank: serve vLLM's own LoRA adapters up to that rank (LoRARequest per generate call; one
+        adapter at a time); None: plain weights only, what the trainer uses (benchmarks/bench_vllm_lora.py)."""
         vllm = _import_vllm()
         from vllm.platforms import current_platform
 
@@ -242,6 +245,7 @@ class VLLMEngine:
                 enforce_eager=not torch.cuda.is_available(),
                 logprobs_mode="processed_logprobs",
                 trust_remote_code=trust_remote_code,
+                **(dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1) if max_lora_rank else {}),
             )
         except Exception as e:  # vLLM raises many types, pydantic's config validation among them
             raise ValueError(f"vLLM cannot load the model {model_path!s}: {_one_line(e)}") from e
