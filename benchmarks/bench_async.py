@@ -66,7 +66,7 @@ def start_vllm_server(out: Path) -> tuple[subprocess.Popen, list[str]]:
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_KVCACHE_SPACE="1")
     cmd = [sys.executable, "-m", "gcpo_fast.serve", "--model", str(DEFAULT_MODEL), "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--engine", "vllm"]
+    cmd += ["--port", str(port), "--engine", "vllm", "--dtype", "float32", "--max_model_len", "384"]
     server = subprocess.Popen(cmd, env=env, stdout=open(out / "server.log", "w"), stderr=subprocess.STDOUT)
     options = ["--vllm_server_base_url", f"http://127.0.0.1:{port}", "--vllm_group_port", str(free_port())]
     return server, options
