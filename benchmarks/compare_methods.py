@@ -3,6 +3,8 @@
     python -m benchmarks.compare_methods                                   # 5 methods x 3 seeds, trainer defaults
     python -m benchmarks.compare_methods --methods gcpo,dapo --seeds 0 1 --max_steps 50 --jobs 2
     python -m benchmarks.compare_methods --report_only                     # table and plot from the finished runs
+    python -m benchmarks.compare_methods --methods gcpo,gcpo_token_is,gcpo_no_golden,dapo --runs_dir runs/offpolicy \
+        --out benchmarks/results/offpolicy -- --steps_per_generation 4   # the ablation off-policy (4 steps a round)
 
 Each (method, seed) is one `python -m gcpo_fast.train --loss_type METHOD --seed SEED` run in its own process
 (OMP_NUM_THREADS=--threads, --jobs at a time) with every other option at the trainer's default, so each
@@ -38,6 +40,12 @@ METHODS = ("gcpo", "dapo", "grpo", "gspo", "gpg")
 # DAPO's dynamic sampling with the trainer's default cap of 10 prompt batches per step stops the run once too
 # few groups have varied rewards (verl does the same); here it may sample as many batches as it needs
 METHOD_ARGS = {"dapo": ["--max_num_gen_batches", "0"]}
+# GCPO's ablations (the paper's: token-level ratios, no golden answer; and how the golden row enters)
+VARIANTS = {
+    "gcpo_token_is": ("gcpo", ["--importance_sampling_level", "token"]),
+    "gcpo_no_golden": ("gcpo", ["--golden_answer", "off"]),
+    "gcpo_replace": ("gcpo", ["--golden_answer", "replace"]),
+}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -59,7 +67,7 @@ def run_one(method: str, seed: int, args) -> dict:
         "-m",
         "gcpo_fast.train",
         "--loss_type",
-        method,
+        VARIANTS.get(method, (method,))[0],
         "--seed",
         str(seed),
         "--output_dir",
@@ -69,6 +77,7 @@ def run_one(method: str, seed: int, args) -> dict:
         "--logging_steps",
         "50",
         *METHOD_ARGS.get(method, []),
+        *VARIANTS.get(method, (None, []))[1],
         *args.train_args,
     ]
     if args.max_steps:
@@ -261,9 +270,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     args.train_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS and m not in VARIANTS]
     if unknown:
-        ap.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        ap.error(f"unknown methods {unknown}; choose from {', '.join([*METHODS, *VARIANTS])}")
     runs = [(m, s) for s in args.seeds for m in methods]
     if not args.report_only:
         with ThreadPoolExecutor(args.jobs) as pool:

@@ -31,6 +31,7 @@ RECIPES = {  # name: options on top of the trainer's defaults
     "lr6e-4": ["--learning_rate", "6e-4"],
     "lr1e-3": ["--learning_rate", "1e-3"],
     "lr2e-3": ["--learning_rate", "2e-3"],
+    "lr6e-4_500steps": ["--learning_rate", "6e-4", "--max_steps", "500"],
     "lr1e-3_500steps": ["--learning_rate", "1e-3", "--max_steps", "500"],
     "lr1e-3_constant": ["--learning_rate", "1e-3", "--lr_scheduler_type", "constant"],
     "lr1e-3_G16": ["--learning_rate", "1e-3", "--num_generations", "16"],

@@ -25,7 +25,7 @@ class RunConfig:
     _argument_group_name = "run"
 
     output_dir: str = option("runs/gcpo", "run directory: metrics.jsonl, samples.jsonl, checkpoint-<step>/")
-    max_steps: int = option(300, "optimizer steps to train")
+    max_steps: int = option(500, "optimizer steps to train")
     seed: int = option(42, "seed of the data order, sampling and everything random")
     max_skipped_steps: int = option(
         3, "stop the run when this many optimizer steps in a row are skipped for a non-finite loss or gradient norm"
