@@ -29,12 +29,13 @@ import csv
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from gcpo_fast.parallel import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {  # name: (trainer options, OMP_NUM_THREADS of the trainer, vLLM server)
@@ -51,12 +52,6 @@ VARIANTS = {  # name: (trainer options, OMP_NUM_THREADS of the trainer, vLLM ser
         True,
     ),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_vllm_server(out: Path) -> tuple[subprocess.Popen, list[str]]:

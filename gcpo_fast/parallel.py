@@ -74,6 +74,7 @@ CPU-resident gradients' norm): `reduce_device` decides where a reduction's tenso
 """
 
 import os
+import socket
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -375,3 +376,10 @@ def _fully_shard(module, device: torch.device, cpu_offload: bool, bf16: bool) ->
     # first), so settle the root now. There is no public call for this lazy init in torch 2.13.
     module._get_fsdp_state()._lazy_init()
     return FSDPPolicy(model, module, device, layers)
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback address now (a rendezvous, a server), as the OS hands it out."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

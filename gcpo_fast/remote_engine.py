@@ -23,7 +23,6 @@ request_timeout too. A server killed mid-update fails the stream at once (its so
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from urllib.parse import urlparse
 import torch.distributed as dist
 
 from gcpo_fast.errors import TrainingError
+from gcpo_fast.parallel import free_port
 from gcpo_fast.rollout import Rows, Sampling
 from gcpo_fast.weight_transport import WeightGroup, device_uuid, pick_backend
 
@@ -238,12 +238,6 @@ def launch_server(
             process.kill()
             process.wait()
         raise
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _error_of(error: urllib.error.HTTPError) -> str:

@@ -51,7 +51,6 @@ elsewhere (CPU) the option is ignored, which is printed once, and sleep() does n
 import importlib.util
 import logging
 import os
-import socket
 import types
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -62,6 +61,7 @@ from transformers import GenerationConfig
 from gcpo_fast.errors import require
 from gcpo_fast.kernels import SAMPLING_MODES
 from gcpo_fast.options import check_options, option
+from gcpo_fast.parallel import free_port
 from gcpo_fast.rollout import Rows, cut_at_eos, eos_token_ids
 
 
@@ -150,19 +150,13 @@ def _import_vllm():
     return vllm
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launcher_env_defaults() -> None:
     """external_launcher reads torchrun's variables; a lone process gets a world of one on a free port."""
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def _one_line(error: Exception, limit: int = 300) -> str:

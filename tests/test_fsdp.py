@@ -9,7 +9,6 @@ checkpoint resumed on 1 rank (the model and the optimizer reshard).
 import json
 import os
 import shutil
-import socket
 import warnings
 
 import pytest
@@ -23,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from gcpo_fast.config import parse_config
 from gcpo_fast.errors import ConfigError
 from gcpo_fast.packing import PackedBatch, pack
-from gcpo_fast.parallel import OPTIMIZER_FOLDER, check_checkpoint, parallelize
+from gcpo_fast.parallel import OPTIMIZER_FOLDER, check_checkpoint, free_port, parallelize
 from gcpo_fast.rollout import HFEngine, Rows, Sampling
 from gcpo_fast.update import ModelWithLoss
 
@@ -33,9 +32,7 @@ GREEDY = Sampling(max_completion_length=6, greedy=True)
 
 
 def spawn(worker, nprocs, *args):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(worker, args=(nprocs, port, *args), nprocs=nprocs, join=True)
 
 

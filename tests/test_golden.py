@@ -19,6 +19,7 @@ from gcpo_fast.config import parse_config
 from gcpo_fast.data import PromptSampler
 from gcpo_fast.errors import ConfigError
 from gcpo_fast.golden import CACHE_NAME, prompt_key
+from gcpo_fast.parallel import free_port
 from gcpo_fast.prepare import prepare
 from gcpo_fast.rewards import extract_answer, math_reward
 from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts
@@ -480,14 +481,10 @@ def _ddp_worker(rank, world, port, tiny, data, run):
 
 def test_two_processes_share_one_cache(tiny, tmp_path, one_thread):
     """Each rank asks the teacher for its own prompts; every answer reaches the file once, written by rank 0."""
-    import socket
-
     import torch.multiprocessing as mp
 
     data, run = answers_only(tmp_path / "answers.jsonl", n=8), tmp_path / "run"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_ddp_worker, args=(2, port, tiny, data, run), nprocs=2, join=True)
     entries = cache_lines(run)
     assert len(entries) == 8 and len({e["prompt_key"] for e in entries}) == 8  # 2 steps x 2 ranks x 2 prompts

@@ -26,7 +26,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gcpo_fast.errors import TrainingError
 from gcpo_fast.models import DEFAULT_MODEL
-from gcpo_fast.remote_engine import RemoteEngine, free_port, launch_server
+from gcpo_fast.parallel import free_port
+from gcpo_fast.remote_engine import RemoteEngine, launch_server
 from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts
 from gcpo_fast.sources import load_records
 

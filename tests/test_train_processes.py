@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gcpo_fast.config import parse_config
 from gcpo_fast.packing import pack
+from gcpo_fast.parallel import free_port
 from gcpo_fast.rollout import Rows
 
 TESTS = Path(__file__).resolve().parent
@@ -185,13 +186,9 @@ def _ddp_worker(rank, world, port, files, out):
 
 
 def test_two_cpu_processes(tmp_path, files, one_thread):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_ddp_worker, args=(2, port, files, tmp_path / "run"), nprocs=2, join=True)
 
     ranks = [torch.load(tmp_path / f"step_rank{r}.pt", weights_only=True) for r in (0, 1)]

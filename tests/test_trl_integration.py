@@ -26,6 +26,7 @@ from gcpo_fast.integrations.trl import (  # noqa: E402
     check_trl_version,
     unsupported_option,
 )
+from gcpo_fast.parallel import free_port  # noqa: E402
 
 TOKENIZER = make_tokenizer(chat_template=False)
 METRICS = (
@@ -203,13 +204,9 @@ def _ddp_worker(rank, world, port, out):
 def test_two_cpu_processes_under_ddp(tmp_path, one_thread):
     """dapo divides by num_items_in_batch / world; the fused forward goes through DDP's wrapper, so the
     ranks' gradients are averaged and their weights stay equal."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_ddp_worker, args=(2, port, tmp_path), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert not torch.equal(ranks[0]["stock"]["rollouts"][0][0], ranks[1]["stock"]["rollouts"][0][0])  # own prompts
