@@ -28,3 +28,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# The shipped model and eight held-out prompts, for the engine tests (in-process, server, vLLM); a test file with
+# a fixture of the same name uses its own.
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from gcpo_fast.models import DEFAULT_MODEL  # imported here: TRITON_INTERPRET is set first (above)
+
+    return AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="module")
+def hf():
+    """The shipped model in fp32, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from gcpo_fast.models import DEFAULT_MODEL
+
+    return AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer):
+    from gcpo_fast.rollout import encode_prompts
+    from gcpo_fast.sources import load_records
+
+    records = load_records("builtin", split="test", num_problems=8)
+    return encode_prompts(tokenizer, [r["prompt"] for r in records], max_prompt_length=128)

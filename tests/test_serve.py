@@ -22,32 +22,14 @@ import urllib.request
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gcpo_fast.errors import TrainingError
 from gcpo_fast.models import DEFAULT_MODEL
 from gcpo_fast.parallel import free_port
 from gcpo_fast.remote_engine import RemoteEngine, launch_server
-from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts
-from gcpo_fast.sources import load_records
+from gcpo_fast.rollout import HFEngine, Sampling
 
 LOGP_TOL = 1e-3
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(DEFAULT_MODEL)
-
-
-@pytest.fixture(scope="module")
-def hf():
-    return AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def prompt_ids(tokenizer):
-    records = load_records("builtin", split="test", num_problems=8)
-    return encode_prompts(tokenizer, [r["prompt"] for r in records], max_prompt_length=128)
 
 
 @pytest.fixture(scope="module")

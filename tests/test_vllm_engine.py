@@ -22,7 +22,6 @@ import pytest
 pytest.importorskip("vllm")
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from gcpo_fast.models import DEFAULT_MODEL  # noqa: E402
 from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts  # noqa: E402
@@ -37,16 +36,6 @@ def sampling(**overrides):
     return Sampling(
         **{**dict(max_completion_length=64, temperature=1.0, top_p=1.0, top_k=0, greedy=False), **overrides}
     )
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(DEFAULT_MODEL)
-
-
-@pytest.fixture(scope="module")
-def hf():
-    return AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")

@@ -21,31 +21,13 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 from trainer_steps import check_policy_lag  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from gcpo_fast.models import DEFAULT_MODEL  # noqa: E402
 from gcpo_fast.remote_engine import launch_server  # noqa: E402
-from gcpo_fast.rollout import Sampling, encode_prompts  # noqa: E402
-from gcpo_fast.sources import load_records  # noqa: E402
+from gcpo_fast.rollout import Sampling  # noqa: E402
 
 LOGP_TOL = 1e-3
 ENV = {"OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB of host memory for vLLM's KV cache
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(DEFAULT_MODEL)
-
-
-@pytest.fixture(scope="module")
-def hf():
-    return AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def prompt_ids(tokenizer):
-    records = load_records("builtin", split="test", num_problems=8)
-    return encode_prompts(tokenizer, [r["prompt"] for r in records], max_prompt_length=128)
 
 
 @pytest.fixture(scope="module")
