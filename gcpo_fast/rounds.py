@@ -173,6 +173,7 @@ def rollout_metrics(ctx: RoundContext, rows: Rows, grid: torch.Tensor, per_func,
         "completions/min_length": lengths.min().item(),
         "completions/max_length": lengths.max().item(),
         "completions/clipped_ratio": sum(rows.truncated) / len(rows.truncated),
+        "completions/num_tokens": lengths.sum().item(),  # the trainer adds it up into num_generated_tokens
         "num_gen_batches": num_batches,
         # every sampled group, kept or not (gcpo/frac_all_wrong counts the kept ones: none under DAPO's filter)
         "frac_reward_all_wrong": groups.all_wrong_groups(grid, ctx.rewards.correct_reward).float().mean().item(),

@@ -67,11 +67,12 @@ class SkippedSteps:
 
 @dataclass
 class RunState:
-    """The loop's progress: the step, the tokens trained on, the prepared optimizer steps of the current generation
-    round with its metrics and samples, the skipped steps, and whether the rollout engine's weights lag."""
+    """The loop's progress: the step, the tokens trained on and generated, the prepared optimizer steps of the
+    current generation round with its metrics and samples, the skipped steps, and whether the engine's weights lag."""
 
     step: int = 0
     num_tokens: float = 0.0
+    num_generated_tokens: float = 0.0  # every completion token the engine sampled, kept or not, on every rank
     buffer: list = field(default_factory=list)  # [optimizer step][micro-batch] of gcpo_fast.packing.PackedBatch
     round_metrics: dict = field(default_factory=dict)
     samples: list = field(default_factory=list)  # the round's rollouts for samples.jsonl, until logged
@@ -84,6 +85,7 @@ class RunState:
         return dict(
             step=self.step,
             num_tokens=self.num_tokens,
+            num_generated_tokens=self.num_generated_tokens,
             **optimizer_state,
             scheduler=scheduler.state_dict(),
             sampler=sampler_state,
@@ -97,6 +99,7 @@ class RunState:
 
     def restore(self, state: dict, rank_state: dict) -> None:
         self.step, self.num_tokens = state["step"], state["num_tokens"]
+        self.num_generated_tokens = state.get("num_generated_tokens", 0.0)
         self.skipped = SkippedSteps(**state.get("skipped", {}))
         self.dropped_rounds = state.get("dropped_rounds", 0)
         self.buffer, self.round_metrics = rank_state.get("buffer", []), rank_state.get("round_metrics", {})

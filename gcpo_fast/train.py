@@ -285,6 +285,7 @@ class Trainer:
         state.num_tokens += metrics["tokens"] * world
         metrics["tokens_per_second"] = metrics.pop("tokens") * world / metrics["step_time"]
         metrics["num_tokens"] = state.num_tokens
+        metrics["num_generated_tokens"] = state.num_generated_tokens
         try:
             state.skipped.record(state.step, metrics, cfg.run.max_skipped_steps, warn=self.dist.rank == 0)
         except TrainingError:
@@ -326,6 +327,7 @@ class Trainer:
         with self.policy.unsharded():  # FSDP: gather the layers once for the whole round (a no-op otherwise)
             if not self.producer:
                 sampled, state.round_metrics = sample_groups(self.round, self.sampler)
+            state.num_generated_tokens += parallel.all_reduce([state.round_metrics.pop("completions/num_tokens")])[0]
             rows, state.samples = build_rows(
                 self.round, sampled, state.round_metrics, self.teacher, cfg.golden.golden_source
             )

@@ -22,6 +22,7 @@ def fake_run(root, method, seed, evals, rewards, wall):
                 "frac_reward_all_wrong": 1 - reward,
                 "num_gen_batches": 1 + seed,
                 "gcpo/golden_rows": 2 if method == "gcpo" else 0,
+                "num_generated_tokens": step * (300 if method == "dapo" else 100),
             }
         )
     for step, (acc, acc5) in evals.items():
@@ -64,13 +65,17 @@ def test_report_from_finished_runs(tmp_path, capsys):
     table = (out / "compare_methods.md").read_text()
     gcpo = next(line for line in table.splitlines() if line.startswith("| gcpo |"))
     cells = [c.strip() for c in gcpo.strip("|").split("|")]
-    assert cells[1] == "2"  # seeds
+    assert cells[1] == "0, 1"  # seeds
     assert cells[3] == f"{0.7:.3f} ± {statistics.stdev([0.8, 0.6]):.3f}"  # held-out after: mean ± std
     assert cells[4] == f"{0.2:.3f} ± {statistics.stdev([0.3, 0.1]):.3f}"  # change
-    assert "| dapo | 1 | 0.500 | 0.400 | -0.100 |" in table
+    # dapo generates 3x the tokens a step: at gcpo's 3000 it is a third of the way from 0.5 to 0.4
+    assert "| dapo | 0 | 0.500 | 0.400 | -0.100 | 0.467 |" in table
+    assert cells[5] == f"{0.7:.3f} ± {statistics.stdev([0.8, 0.6]):.3f}"  # gcpo at 3000 tokens: its last eval
+    assert "held-out at 0.00M generated tokens" in table and float(rows[2]["generated_tokens"]) == 9000
     assert "on 10 distinct held-out problems (per level 3: 6, 5: 4)" in table
     curves = list(csv.DictReader(open(out / "compare_methods_curves.csv")))
     assert len(curves) == 3 * 31 and curves[0]["step"] == "0" and curves[0]["eval_mean@1"] == "0.5"
+    assert (out / "compare_methods.png").stat().st_size > 0
 
 
 def test_unknown_method_is_an_error(tmp_path):

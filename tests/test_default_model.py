@@ -101,5 +101,10 @@ def test_two_step_run_from_the_shipped_defaults(tmp_path):
         assert sum(m[f"eval/level_{lv}/num_problems"] for lv in TrainConfig().data.builtin_levels) == problems
         assert 0 < m["eval/mean@1"] < 1
     assert lines[1]["reward"] >= 0 and "loss" in lines[1]
+    cfg = TrainConfig()
+    rollouts = cfg.prompts_per_round * cfg.rollout.num_generations  # one prompt batch a round (GCPO)
+    generated = [0] + [m["num_generated_tokens"] for m in lines[1:]]
+    for step in (1, 2):  # every sampled completion token, counted as it is generated
+        assert generated[step] - generated[step - 1] == pytest.approx(lines[step]["completions/mean_length"] * rollouts)
     assert AutoModelForCausalLM.from_pretrained(out / "checkpoint-2").num_parameters() > 0
     assert f"held-out mean@1 on 500 problems: {lines[0]['eval/mean@1']:.3f} at step 0 -> " in done.stdout
