@@ -58,3 +58,18 @@ def prompt_ids(tokenizer):
 
     records = load_records("builtin", split="test", num_problems=8)
     return encode_prompts(tokenizer, [r["prompt"] for r in records], max_prompt_length=128)
+
+
+@pytest.fixture(scope="session")
+def golden_models(tmp_path_factory):
+    """(policy folder, teacher folder) of the golden-answer tests (tests/test_golden_*.py, helpers in
+    tests/golden_setup.py): the teacher is trained once a session (10-20 s), on one thread."""
+    from golden_setup import make_teacher
+    from tiny_model import make_tiny_model
+
+    root = tmp_path_factory.mktemp("golden")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    teacher = make_teacher(root / "teacher")
+    torch.set_num_threads(n)
+    return make_tiny_model(root / "policy"), teacher

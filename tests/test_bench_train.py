@@ -1,4 +1,5 @@
-"""benchmarks/bench_train: the report is the first step apart and medians of what each trainer logged."""
+"""benchmarks/bench_train and bench_train_report: the report is the first step apart and medians of what each trainer
+logged."""
 
 import csv
 import importlib.util
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import bench_train as bt
+from benchmarks import bench_train_report as report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,9 +62,9 @@ def test_ours_steps_from_metrics():
     assert s["generate"] == 0.5 and s["update"] == 0.25 and s["old_logp"] == 0.0 and s["weight_sync"] == 0.0
     assert s["other"] == pytest.approx(1.0 - 0.5 - 0.01 - 0.25)
     assert s["tokens"] == pytest.approx(800) and s["completion_length"] == 64.0
-    assert "step_cpu" not in s and "first_step_cpu" not in bt.summarize([bt.ours_steps(ours_metrics([6.0, 1.0]))])
+    assert "step_cpu" not in s and "first_step_cpu" not in report.summarize([bt.ours_steps(ours_metrics([6.0, 1.0]))])
     s = bt.ours_steps(ours_metrics([6.0, 1.0, 2.0], cpu=True))[1]
-    first_cpu = bt.summarize([bt.ours_steps(ours_metrics([6.0, 1.0, 2.0], cpu=True))])["first_step_cpu"]
+    first_cpu = report.summarize([bt.ours_steps(ours_metrics([6.0, 1.0, 2.0], cpu=True))])["first_step_cpu"]
     assert first_cpu == pytest.approx(1.5 + 0.01 + 0.125)  # cpu/generate 6/4, reward, update 0.25/2
     assert (
         s["generate_cpu"] == 0.25 and s["update_cpu"] == 0.125 and s["step_cpu"] == pytest.approx(0.25 + 0.01 + 0.125)
@@ -83,15 +85,15 @@ def test_cpu_phase_timer_counts_cpu_not_waiting():
 
 def test_summary_keeps_the_first_step_apart():
     steps = bt.ours_steps(ours_metrics([6.0, 1.0, 2.0, 4.0]))
-    s = bt.summarize([steps])
+    s = report.summarize([steps])
     assert s["first_step"] == 6.0 and s["step"] == 2.0  # median of 1, 2, 4: the 6 s warm-up is not in it
     assert s["generate"] == 1.0 and s["steps"] == 4
     assert s["tokens_per_s"] == pytest.approx(statistics.median([800 / 1, 800 / 2, 800 / 4]))
     assert "scored_positions" not in s
     with pytest.raises(ValueError, match="at least 2"):
-        bt.summarize([steps, steps[:1]])
+        report.summarize([steps, steps[:1]])
     # two rounds: every run's first step is warm-up; the others are pooled
-    s = bt.summarize([steps, bt.ours_steps(ours_metrics([8.0, 3.0, 5.0]))])
+    s = report.summarize([steps, bt.ours_steps(ours_metrics([8.0, 3.0, 5.0]))])
     assert s["first_step"] == 7.0 and s["step"] == 3.0 and s["steps"] == 7  # median of 1, 2, 4, 3, 5
 
 
@@ -101,7 +103,7 @@ def test_report_ratios_and_files(tmp_path, capsys):
         dict(shape="tiny", trainer="trl", steps=trl_steps([0.5, 2.0, 2.0, 2.0]), peak_mem=2**31),
         dict(shape="tiny", trainer="trl", steps=trl_steps([0.5, 2.0, 2.0]), peak_mem=2**30),
     ]  # a 2nd round
-    rows = bt.write_report(tmp_path, {"cpu": "test"}, results)
+    rows = report.write_report(tmp_path, {"cpu": "test"}, results)
     by = {r["metric"]: r for r in rows}
     assert by["step"]["ours"] == 1.0 and by["step"]["trl"] == 2.0 and by["step"]["ratio"] == 0.5
     assert by["first_step"]["ratio"] == 12.0
@@ -117,7 +119,7 @@ def test_report_ratios_and_files(tmp_path, capsys):
     assert saved["report"] == rows and saved["results"][1]["steps"][0]["step_time"] == 0.5
     printed = capsys.readouterr().out
     assert "first_step" in printed and "0.50" in printed
-    assert bt.write_report(tmp_path, saved["machine"], saved["results"]) == rows  # --report_only rebuilds the same
+    assert report.write_report(tmp_path, saved["machine"], saved["results"]) == rows  # --report_only rebuilds the same
 
 
 def test_parity_reward_varies():
