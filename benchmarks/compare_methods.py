@@ -1,26 +1,35 @@
-"""GCPO against DAPO, GRPO, GSPO and GPG on the shipped model and task: same start, seeds and step budget.
+"""GCPO against its neighbours and its own ablations on the shipped model and task: same start, seeds and steps.
 
-    python -m benchmarks.compare_methods                                   # 5 methods x 3 seeds, trainer defaults
+    python -m benchmarks.compare_methods --max_steps 300                   # 7 methods x seeds 0 1 2
     python -m benchmarks.compare_methods --methods gcpo,dapo --seeds 0 1 --max_steps 50 --jobs 2
     python -m benchmarks.compare_methods --report_only                     # table and plot from the finished runs
     python -m benchmarks.compare_methods --methods gcpo,gcpo_token_is,gcpo_no_golden,dapo --runs_dir runs/offpolicy \
         --out benchmarks/results/offpolicy -- --steps_per_generation 4   # the ablation off-policy (4 steps a round)
+    python -m benchmarks.golden_teacher teacher runs/teacher              # then how the golden row enters:
+    python -m benchmarks.compare_methods --methods gcpo,gcpo_replace,gcpo_shaped,gcpo_teacher,gcpo_no_golden \
+        --golden_model runs/teacher --max_steps 300
 
 Each (method, seed) is one `python -m gcpo_fast.train --loss_type METHOD --seed SEED` run in its own process
 (OMP_NUM_THREADS=--threads, --jobs at a time) with every other option at the trainer's default, so each
-method runs with its paper's recipe (gcpo_fast/methods.py, METHODS). Every run starts from
-the same shipped model, sees the same prompts in the same order for a given seed and evaluates on the same
-held-out problems; DAPO alone also gets --max_num_gen_batches 0 (METHOD_ARGS). The budget is optimizer
-steps, not rollouts: DAPO's dynamic sampling draws extra prompt batches to fill a step (its
-`num_gen_batches`), so it generates more per step; the table shows that as batches per step and wall time.
+method runs with its paper's recipe (gcpo_fast/methods.py, METHODS); anything after `--` goes to every run.
+GCPO's variants (VARIANTS) change one option: token-level ratios, no golden answer, the golden row in place
+of a rollout, LUFFY's shaped objective, golden answers from a teacher (--golden_model) instead of the
+dataset. Every run starts from the same shipped model, sees the same prompts in the same order for a given
+seed and evaluates on the same held-out problems. DAPO runs without a cap on its prompt batches, GPG with a
+cap of 3 (METHOD_ARGS). The budget is optimizer steps; DAPO's dynamic sampling and GPG's resampling draw
+extra prompt batches to fill a step, so the table also gives each run's generated tokens and its held-out
+accuracy at the generated-token count the thriftiest run reached (read off its evaluations).
 
 Writes to --out (default benchmarks/results/):
-    compare_methods.csv          one row per run: held-out accuracy before/after (all, per level), reward,
-                                 fraction of all-wrong groups, golden rows, prompt batches per step, wall time
-    compare_methods.md           the per-method table (mean and spread over seeds) that the README shows
-    compare_methods_curves.csv   per step: reward, frac_reward_all_wrong, eval/mean@1 of every run
-    compare_methods.png          reward and held-out accuracy against step, mean over seeds per method
-The runs themselves (metrics.jsonl, samples.jsonl, final checkpoint) go to --runs_dir.
+    compare_methods.csv          one row per run: held-out accuracy before/after (all, per level) and at equal
+                                 generated tokens, reward, all-wrong groups, golden rows, prompt batches per step,
+                                 generated tokens, wall time
+    compare_methods.md           the per-method table (mean ± std over seeds, the seeds named)
+    compare_methods_curves.csv   per step: reward, frac_reward_all_wrong, eval/mean@1, generated tokens of every run
+    compare_methods.png          reward, all-wrong groups and held-out accuracy against step, held-out accuracy
+                                 against generated tokens: mean over seeds, min-max band
+The runs themselves (metrics.jsonl, samples.jsonl, final checkpoint) go to --runs_dir;
+`python -m benchmarks.forgetting` scores their last checkpoints on the levels they never trained on.
 """
 
 import argparse
@@ -39,7 +48,9 @@ from pathlib import Path
 METHODS = ("gcpo", "dapo", "grpo", "gspo", "gpg", "dr_grpo", "bnpo")
 # DAPO's dynamic sampling with the trainer's default cap of 10 prompt batches per step stops the run once too
 # few groups have varied rewards (verl does the same); here it may sample as many batches as it needs
-METHOD_ARGS = {"dapo": ["--max_num_gen_batches", "0"]}
+# GPG resamples until half the rows are in groups with varied rewards: with the trainer's cap of 10 it drew 9 prompt
+# batches a step on this task (44 minutes a run); here it stops at 3 (generated tokens in the table say how much)
+METHOD_ARGS = {"dapo": ["--max_num_gen_batches", "0"], "gpg": ["--max_num_gen_batches", "3"]}
 # GCPO's ablations (the paper's: token-level ratios, no golden answer; and how the golden row enters)
 VARIANTS = {
     "gcpo_token_is": ("gcpo", ["--importance_sampling_level", "token"]),

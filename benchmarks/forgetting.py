@@ -16,6 +16,7 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -47,17 +48,18 @@ def evaluate(model: Path | str, out: Path, args) -> dict:
 
 
 def table(before: dict, after: dict[str, list[dict]], levels: list[int]) -> str:
-    """Per method: each level's accuracy before -> after (mean ± std over seeds) and the change."""
-    head = ["method", "seeds", *[f"level {lv} ({before[lv][1]} problems)" for lv in levels]]
+    """The shipped model's accuracy per level, then each method's after its runs: mean ± std (mean change)."""
+    head = ["model", "seeds", *[f"level {lv} ({before[lv][1]} problems)" for lv in levels]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines.append("| " + " | ".join(["shipped (before)", "", *[f"{before[lv][0]:.3f}" for lv in levels]]) + " |")
     for method, runs in after.items():
         cells = [method, str(len(runs))]
         for lv in levels:
             values = [r[lv][0] for r in runs]
-            change = mean_spread([v - before[lv][0] for v in values])
-            cells.append(f"{before[lv][0]:.3f} -> {mean_spread(values)} ({change})")
+            change = round(statistics.mean(values) - before[lv][0], 3) + 0.0  # + 0.0: no "-0.000"
+            cells.append(f"{mean_spread(values)} ({change:+.3f})")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nGreedy mean@1 on held-out problems; after: mean ± std over seeds (change).\n"
+    return "\n".join(lines) + "\n\nGreedy mean@1 on held-out problems; after: mean ± std over seeds (mean change).\n"
 
 
 def main(argv=None) -> None:
@@ -87,9 +89,10 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "forgetting.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "seed", "model", "level", "mean@1", "num_problems"])
+        writer.writerow(["method", "seed", "checkpoint", "level", "mean@1", "num_problems"])
         for (m, s, model, _), score in zip(jobs, scores):
-            writer.writerows([m, s if s >= 0 else "", model, lv, acc, n] for lv, (acc, n) in score.items())
+            name = Path(model).name  # checkpoint-<step>, or default_model for the shipped one
+            writer.writerows([m, s if s >= 0 else "", name, lv, acc, n] for lv, (acc, n) in score.items())
     text = table(before, after, args.levels)
     (args.out / "forgetting.md").write_text(text)
     print(text)

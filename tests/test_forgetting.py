@@ -22,8 +22,9 @@ def test_an_unchanged_model_forgets_nothing(tmp_path, capsys, one_thread):
     direct = json.loads((tmp_path / "direct.json").read_text())
     table = (out / "forgetting.md").read_text()
     row = next(line for line in table.splitlines() if line.startswith("| gcpo |"))
+    shipped = next(line for line in table.splitlines() if line.startswith("| shipped (before) |"))
     for lv in (1, 2):
         acc = direct[f"eval/level_{lv}/mean@1"]
-        assert f"{acc:.3f} -> {acc:.3f} (0.000)" in row
+        assert f"| {acc:.3f} |" in shipped and f"{acc:.3f} (+0.000)" in row
     lines = (out / "forgetting.csv").read_text().splitlines()
     assert len(lines) == 1 + 2 * 2 and "checkpoint-7" in lines[3]
