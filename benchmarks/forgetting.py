@@ -4,8 +4,9 @@
     python -m benchmarks.forgetting --methods gcpo,grpo --seeds 0 1 2             # levels 1-2 and 6-8 before/after
     python -m benchmarks.forgetting --runs_dir runs/offpolicy --methods gcpo,gcpo_no_golden --levels 1 2
 
-The default run trains on levels 3-5 (--builtin_levels): levels 1-2 (one- and two-digit sums, which the
-shipped model solves) and 6-8 (harder arithmetic it mostly fails) are never in its prompts. Each model is
+The default run trains on levels 3-5 (--builtin_levels): levels 1-2 (one-digit arithmetic, which the shipped
+model mostly solves) and 6-8 (multiplication by and of two digits, several operations, which it mostly fails)
+are never in its prompts. Each model is
 scored by `python -m gcpo_fast.eval --model DIR --levels ... --num_problems N` (greedy mean@1 on distinct
 held-out problems; levels 1 and 2 hold only 24 and 29), the shipped model once as "before", and each run's
 last checkpoint as "after". Writes to --out: forgetting.csv (one row per model and level) and forgetting.md

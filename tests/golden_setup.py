@@ -111,35 +111,24 @@ def answers_only(path, n=N, rows=None) -> Path:
     return write_jsonl(path, rows=rows)
 
 
+# the options every golden-answer run here shares: final answers only, the boxed-answer reward, short rows
+RUN_OPTIONS = [
+    "--answer_column", "answer",
+    "--reward_funcs", "golden_setup:boxed_answer",
+    "--max_completion_length", "24",
+    "--golden_max_completion_length", "40",
+    "--golden_temperature", "0.3",
+    "--eval_steps", "0",
+]  # fmt: skip
+
+
 def setup(golden_models, tmp_path, *argv, data=None):
     policy, teacher = golden_models
     data = data or answers_only(tmp_path / "answers.jsonl")
     cfg = parse_config(
         [
-            "--model",
-            str(policy),
-            "--dataset",
-            str(data),
-            "--answer_column",
-            "answer",
-            "--reward_funcs",
-            "golden_setup:boxed_answer",
-            "--output_dir",
-            str(tmp_path / "run"),
-            "--num_generations",
-            "4",
-            "--per_device_train_batch_size",
-            "8",
-            "--max_completion_length",
-            "24",
-            "--golden_max_completion_length",
-            "40",
-            "--golden_temperature",
-            "0.3",
-            "--eval_steps",
-            "0",
-            "--learning_rate",
-            "1e-2",
+            *["--model", str(policy), "--dataset", str(data), "--output_dir", str(tmp_path / "run"), *RUN_OPTIONS],
+            *["--num_generations", "4", "--per_device_train_batch_size", "8", "--learning_rate", "1e-2"],
             *(["--golden_model", str(teacher)] if "--golden_cache" not in argv else []),
             *argv,
         ]

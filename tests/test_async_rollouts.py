@@ -5,20 +5,19 @@ true policy lag, resume, and two ranks under torchrun; the HF engine in a real s
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_model import child_env
 from trainer_steps import check_policy_lag
 
 from gcpo_fast.config import parse_config
 from gcpo_fast.errors import ConfigError, TrainingError
 from gcpo_fast.train import Trainer, train
 
-TESTS = Path(__file__).resolve().parent
 SMALL = [
     "--num_generations", "4", "--per_device_train_batch_size", "16", "--max_completion_length", "48",
     "--eval_steps", "0", "--save_steps", "0", "--logging_steps", "1",
@@ -69,11 +68,7 @@ def test_resume_samples_the_rounds_in_flight_again(tmp_path):
 
 def test_two_ranks_under_torchrun(tmp_path):
     out = tmp_path / "run"
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = child_env()
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "gcpo_fast.train",
         *SMALL, "--output_dir", str(out), "--max_steps", "3", "--async_rollouts", "--max_staleness", "1",

@@ -6,11 +6,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from golden_setup import N, answers_only, cache_lines, one_round, setup
+from golden_setup import RUN_OPTIONS, N, answers_only, cache_lines, one_round, setup
+from tiny_model import child_env
 
 from gcpo_fast.config import parse_config
 from gcpo_fast.errors import ConfigError
@@ -18,39 +18,14 @@ from gcpo_fast.golden import CACHE_NAME, prompt_key
 from gcpo_fast.parallel import free_port
 from gcpo_fast.train import train
 
-TESTS = Path(__file__).resolve().parent
-
 
 def run_args(golden_models, data, run, *extra):
+    policy, teacher = golden_models
     return parse_config(
         [
-            "--model",
-            str(golden_models[0]),
-            "--dataset",
-            str(data),
-            "--answer_column",
-            "answer",
-            "--reward_funcs",
-            "golden_setup:boxed_answer",
-            "--golden_model",
-            str(golden_models[1]),
-            "--output_dir",
-            str(run),
-            "--num_generations",
-            "2",
-            "--per_device_train_batch_size",
-            "4",
-            "--max_completion_length",
-            "24",
-            "--golden_max_completion_length",
-            "40",
-            "--golden_temperature",
-            "0.3",
-            "--eval_steps",
-            "0",
-            "--save_steps",
-            "2",
-            *extra,
+            *["--model", str(policy), "--dataset", str(data), "--output_dir", str(run), *RUN_OPTIONS],
+            *["--golden_model", str(teacher), "--num_generations", "2", "--per_device_train_batch_size", "4"],
+            *["--save_steps", "2", *extra],
         ]
     )
 
@@ -79,11 +54,7 @@ def test_the_cache_survives_a_resume(golden_models, tmp_path, one_thread):
 def test_the_offline_command_fills_a_cache_the_trainer_uses(golden_models, tmp_path, one_thread):
     data = answers_only(tmp_path / "answers.jsonl")
     cache = tmp_path / "cache.jsonl"
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = child_env()
     cmd = [
         sys.executable,
         "-m",

@@ -4,11 +4,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from tiny_model import make_tiny_model, write_jsonl
+from tiny_model import child_env, make_tiny_model, write_jsonl
 from trainer_steps import policy_of, setup, sgd, step
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -16,8 +15,6 @@ from gcpo_fast.config import parse_config
 from gcpo_fast.packing import pack
 from gcpo_fast.parallel import free_port
 from gcpo_fast.rollout import Rows
-
-TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +26,7 @@ def files(tmp_path_factory):
 def test_command_line_run(tmp_path, files):
     model_dir, data = files
     out = tmp_path / "run"
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = child_env()
     cmd = [
         sys.executable,
         "-m",

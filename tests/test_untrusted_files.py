@@ -5,24 +5,17 @@
   never runs, even with `yes` answering every prompt on stdin."""
 
 import json
-import os
 import pickle
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from tiny_model import make_tiny_model, write_jsonl
-
-TESTS = Path(__file__).resolve().parent
+from tiny_model import child_env, make_tiny_model, write_jsonl
 
 
 def run(*argv, stdin=None):
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = child_env()
     return subprocess.run(
         [sys.executable, "-m", "gcpo_fast.train", *argv],
         input=stdin,

@@ -11,6 +11,7 @@ save_pretrained, so the folder loads like any Hugging Face model.
 """
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -76,6 +77,17 @@ def write_jsonl(path, n: int = 16, rows=None) -> Path:
     rows = [problem(i) for i in range(n)] if rows is None else rows
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def child_env() -> dict:
+    """The environment of a trainer started in a child process by a test: one thread, and this folder on
+    PYTHONPATH so `--reward_funcs tiny_model:...` (and the other helper modules here) import there too."""
+    tests = str(Path(__file__).resolve().parent)
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]),
+    }
 
 
 def zero_reward(prompts, completions, **columns):
