@@ -2,19 +2,24 @@
 
 CPU install (CI, laptops):   pip install torch==2.13.0 && pip install -e ".[test]"
 GPU install:                 pip install torch triton && pip install -e ".[gpu]"
+The last known-good set:     pip install -c constraints/tested.txt torch==2.13.0 -e ".[test]"
 A GPU image with its own torch (no network): pip install --no-deps --no-build-isolation -e .
   (benchmarks/README.md, "gpu_check": the wheels such an image lacks travel in a carry folder)
 
-Lower bounds: the oldest versions tested. torch 2.11 and triton 3.6 are the GPU machine's image
-(torch 2.11.0+cu130): CI runs torch 2.13; the torch APIs the code calls (fully_shard and its
-policies, torch.distributed.checkpoint.state_dict, torch.nn.attention.varlen) were read in the 2.11.0
-wheel. transformers 5.17 and triton 3.6 are checked on a CPU by `bash benchmarks/check_min_versions.sh`
-(model loading, packing, the trainer; triton 3.6's ahead-of-time builds). triton 3.6's interpreter
-fails with numpy 2.4.6 (int() of a 1-element array in its range()), so the CPU kernel tests need a newer
-triton; compiled GPU runs do not use the interpreter.
+Lower bounds: the oldest versions tested, constraints/oldest.txt, which CI installs in a venv of its own
+(.ci/oldest_env) to train and run the kernel, model and trainer tests there at every change; the main run
+gets the newest releases. tokenizers 0.23.1 and safetensors 0.8 are what transformers 5.17 itself requires.
+torch 2.11 and triton 3.6 are the GPU machine's image (torch 2.11.0+cu130): CI runs torch 2.13 (older CPU
+builds arrive as multi-GB CUDA wheels); the torch APIs the code calls (fully_shard and its policies,
+torch.distributed.checkpoint.state_dict, torch.nn.attention.varlen) were read in the 2.11.0 wheel.
 
-`kernels/` sits at the top level of the repo (docs/design.md, "Layout") but is installed as
-`gcpo_fast.kernels`: the bare name `kernels` belongs to the Hugging Face `kernels` package.
+`kernels/` sits at the top level of the repo (docs/design.md, "Layout") and is installed as the subpackage
+`gcpo_fast.kernels` (package_dir below; the editable install maps the same name to the same folder). The bare
+name `kernels` is Hugging Face's, which transformers >= 5.25 requires and imports: `python -m ...` from the repo
+root puts the root first on sys.path, where any folder named `kernels` answers to that name (with an
+`__init__.py` or without, as a namespace package), so kernels/__init__.py steps aside when it is imported under
+that name: it hands the import over to Hugging Face's, or, where that is not installed, gives an empty namespace
+package as Python would for an empty folder (tests/test_kernels_name.py). The wheel holds no top-level `kernels`.
 """
 
 from setuptools import setup
@@ -33,8 +38,8 @@ setup(
         "torch>=2.11",
         "triton>=3.6",
         "transformers>=5.17",
-        "tokenizers>=0.21",
-        "safetensors>=0.4",
+        "tokenizers>=0.23.1",
+        "safetensors>=0.8",
         "numpy>=1.24",
         "math-verify>=0.7",
         "tqdm>=4.66",

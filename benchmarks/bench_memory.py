@@ -65,6 +65,7 @@ def child(shape) -> dict:
     from gcpo_fast.kernels import PolicyLossConfig
     from gcpo_fast.lora import PeftOptions, attach
     from gcpo_fast.memory import plan_memory
+    from gcpo_fast.models import enable_checkpointing
     from gcpo_fast.packing import pack_rows
     from gcpo_fast.update import ModelWithLoss
 
@@ -83,7 +84,7 @@ def child(shape) -> dict:
     )
     model = Qwen2ForCausalLM(config).train()
     if ckpt:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if lora:
         model = attach(model, lora, base_path="random").train()
     trainable = [p for p in model.parameters() if p.requires_grad]

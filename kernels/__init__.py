@@ -14,19 +14,42 @@ LUFFY's shaped term instead: golden_objective="shaped", LossInputs(golden_rows=)
 Backend.TORCH (CPU default and reference), same semantics; Backend.AUTO picks by device.
 """
 
-from gcpo_fast.kernels.linear_logprobs import linear_logprobs
-from gcpo_fast.kernels.linear_policy_loss import linear_policy_loss
-from gcpo_fast.kernels.options import (
-    AGG_MODES,
-    GOLDEN_OBJECTIVES,
-    IGNORE_INDEX,
-    IS_LEVELS,
-    Backend,
-    LossInputs,
-    PolicyLossConfig,
-)
-from gcpo_fast.kernels.policy_loss import STAT_NAMES, policy_loss
-from gcpo_fast.kernels.sampling_correction import SAMPLING_MODES, sampling_weights
+import sys
+
+if __name__ != "gcpo_fast.kernels":
+    # Imported as a top-level `kernels`: `python -m ...` from the repo root puts the root first on sys.path, where
+    # this folder looks like a package of that name. The name is Hugging Face's (transformers imports it whenever it
+    # is installed), so the import is handed over to theirs, found on sys.path without the root. Where theirs is not
+    # installed, the import gets what Python gives for an empty folder of that name: a namespace package with
+    # nothing in it, which transformers reads as "not installed". Any folder named `kernels` on sys.path answers to
+    # the name, so only this file can step aside (docs/design.md, "Layout").
+    import importlib.machinery
+    import importlib.util
+    import os
+
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    _spec = importlib.machinery.PathFinder.find_spec(__name__, _path)
+    if _spec is None:
+        _spec = importlib.machinery.ModuleSpec(__name__, None, is_package=True)
+        _spec.submodule_search_locations = []
+    _theirs = importlib.util.module_from_spec(_spec)
+    sys.modules[__name__] = _theirs  # an import returns what sys.modules holds once this file has run
+    _spec.loader.exec_module(_theirs)  # module_from_spec gave an empty spec a namespace loader
+else:
+    from gcpo_fast.kernels.linear_logprobs import linear_logprobs
+    from gcpo_fast.kernels.linear_policy_loss import linear_policy_loss
+    from gcpo_fast.kernels.options import (
+        AGG_MODES,
+        GOLDEN_OBJECTIVES,
+        IGNORE_INDEX,
+        IS_LEVELS,
+        Backend,
+        LossInputs,
+        PolicyLossConfig,
+    )
+    from gcpo_fast.kernels.policy_loss import STAT_NAMES, policy_loss
+    from gcpo_fast.kernels.sampling_correction import SAMPLING_MODES, sampling_weights
 
 __all__ = [
     "Backend",

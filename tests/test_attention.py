@@ -23,6 +23,7 @@ from gcpo_fast.attention import (
     resolve_attn_implementation,
     varlen_causal,
 )
+from gcpo_fast.models import enable_checkpointing, is_checkpointing
 from gcpo_fast.packing import forward_hidden, lm_head_weight, pack_rows
 
 VOCAB = 97
@@ -82,8 +83,8 @@ def check_packed_equals_per_row(model, attn_implementation, checkpointing):
     model = model.to(torch.float64).train()  # attention dropout is 0: train() only turns checkpointing on
     model.set_attn_implementation(attn_implementation)
     if checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    assert model.is_gradient_checkpointing == checkpointing
+        enable_checkpointing(model)
+    assert is_checkpointing(model) == checkpointing
     packed = pack_rows(*rows())
     want_hidden, want_grads = per_row_reference(model, packed)
     calls = count_layer_calls(model)

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gcpo_fast.config import parse_config
 from gcpo_fast.errors import ConfigError
+from gcpo_fast.models import enable_checkpointing
 from gcpo_fast.packing import PackedBatch, pack
 from gcpo_fast.parallel import OPTIMIZER_FOLDER, check_checkpoint, free_port, parallelize
 from gcpo_fast.rollout import HFEngine, Rows, Sampling
@@ -82,7 +83,7 @@ def rank_rows(rank) -> PackedBatch:
 def load(model_dir, checkpointing):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return model
 
 

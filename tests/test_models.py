@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from tiny_model import make_tiny_model, make_tokenizer
 from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM, T5Config, T5ForConditionalGeneration
 
-from gcpo_fast.models import check_model_folder, load_causal_lm, load_tokenizer
+from gcpo_fast.models import check_model_folder, is_checkpointing, load_causal_lm, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_a_tokenizer_without_vocabulary_is_refused(tmp_path, good):
 def test_a_good_folder_loads_as_transformers_loads_it(good, one_thread):
     model = load_causal_lm(good, device="cpu", attn_implementation="sdpa", gradient_checkpointing=True)
     reference = AutoModelForCausalLM.from_pretrained(good, dtype=torch.float32)
-    assert model.is_gradient_checkpointing and model.config._attn_implementation == "sdpa"
+    assert is_checkpointing(model) and model.config._attn_implementation == "sdpa"
     assert next(model.parameters()).dtype == torch.float32
     ids = load_tokenizer(good)("What is 1 + 2?", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -26,6 +26,7 @@ from gcpo_fast.integrations.trl import (  # noqa: E402
     check_trl_version,
     unsupported_option,
 )
+from gcpo_fast.models import is_checkpointing  # noqa: E402
 from gcpo_fast.parallel import free_port  # noqa: E402
 
 TOKENIZER = make_tokenizer(chat_template=False)
@@ -167,7 +168,7 @@ def test_gradient_checkpointing_matches_stock_trl(tmp_path, one_thread):
     options = dict(loss_type="grpo", importance_sampling_level="sequence", gradient_checkpointing=True, **POLICY["off"])
     stock = train(trl.GRPOTrainer, tmp_path / "stock", **options)
     fused = train(FusedGRPOTrainer, tmp_path / "fused", **options)
-    assert fused.model.is_gradient_checkpointing
+    assert is_checkpointing(fused.model)
     assert_same_training(stock, fused)
 
 
