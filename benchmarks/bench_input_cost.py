@@ -29,7 +29,7 @@ def write_rows(path: Path, n: int) -> None:
 
 
 def measure_load(path: str, before: bool) -> float:
-    from gcpo_fast import data
+    from gcpo_fast.data import files as data
 
     if before:
         data.PLAIN_NUMBER = re.compile(r"(?!x)x")  # matches nothing: every answer parsed
@@ -42,7 +42,7 @@ def measure_prompt(megabytes: float, before: bool) -> float:
     from transformers import AutoTokenizer
 
     from gcpo_fast import rollout
-    from gcpo_fast.models import DEFAULT_MODEL
+    from gcpo_fast.models.loading import DEFAULT_MODEL
 
     if before:
         rollout.CHARS_PER_TOKEN = 10**12

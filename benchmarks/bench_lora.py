@@ -7,7 +7,7 @@ Shapes (random Qwen2 weights, seeded): `wide` (4 layers, d=1024, MLP 2816, V=819
 `realvocab` (2 layers, d=256, V=151936: the lm_head and the loss dominate). One micro-batch of 8 rows, each
 a 64-token prompt and a 192-token completion, packed; GSPO's sequence-level loss through the trainer's own
 ModelWithLoss and optimizer_step (fused op, AdamW, clipping), fp32 on the CPU. LoRA: PEFT adapters of rank
---rank on the attention and MLP projections (gcpo_fast/lora.py), base and lm_head frozen, so the fused op
+--rank on the attention and MLP projections (gcpo_fast/models/lora.py), base and lm_head frozen, so the fused op
 skips its dW GEMM. Each (shape, variant) runs in its own process: the median step time after one warm-up step,
 and the process's peak RSS (VmHWM; CUDA: max_memory_allocated) after the steps, with the trainable
 parameters and their gradient + AdamW bytes (16 per trainable fp32 parameter with the weight, 12 without).
@@ -74,9 +74,9 @@ def peak_memory() -> int:
 
 
 def worker(shape: str, variant: str, steps: int, rank: int) -> dict:
+    from gcpo_fast.distributed.parallel import Policy
     from gcpo_fast.kernels import PolicyLossConfig
-    from gcpo_fast.lora import PeftOptions, attach
-    from gcpo_fast.parallel import Policy
+    from gcpo_fast.models.lora import PeftOptions, attach
     from gcpo_fast.update import ModelWithLoss, OptimizerConfig, build_optimizer, optimizer_step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,4 +1,4 @@
-"""The memory estimate (gcpo_fast.memory.plan_memory) against measured peaks of real training steps on the CPU.
+"""The memory estimate (gcpo_fast.models.memory.plan_memory) against measured peaks of real training steps on the CPU.
 
     OMP_NUM_THREADS=1 python -m benchmarks.bench_memory                 # all shapes; prints a markdown table
     OMP_NUM_THREADS=1 python -m benchmarks.bench_memory --out benchmarks/results/memory_estimate_cpu.md
@@ -13,7 +13,7 @@ to the peak, as a caching allocator's would), and with MALLOC_MMAP_THRESHOLD_=65
 block at once, so the peak is that of the live tensors, what the estimate counts. The estimate is
 plan_memory(config, device="cpu", bf16=False, ...) for the same tokens and gradient checkpointing. A `+loraR`
 shape trains PEFT's LoRA adapters of rank R (alpha 2R, dropout 0.05, the attention and MLP projections; base and
-lm_head frozen, gcpo_fast.lora.attach), AdamW over the adapters only, against plan_memory(..., lora=PeftOptions).
+lm_head frozen, gcpo_fast.models.lora.attach), AdamW over the adapters only, against plan_memory(..., lora=PeftOptions).
 
 --plan_7b prints plan_memory for Qwen2.5-7B (its config values written below, nothing downloaded) on one 80 GB
 GPU: bf16, gradient checkpointing, 8 rows of 512 prompt + 1024 completion tokens per micro-batch, the colocated
@@ -63,9 +63,9 @@ def child(shape) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from gcpo_fast.kernels import PolicyLossConfig
-    from gcpo_fast.lora import PeftOptions, attach
-    from gcpo_fast.memory import plan_memory
-    from gcpo_fast.models import enable_checkpointing
+    from gcpo_fast.models.loading import enable_checkpointing
+    from gcpo_fast.models.lora import PeftOptions, attach
+    from gcpo_fast.models.memory import plan_memory
     from gcpo_fast.packing import pack_rows
     from gcpo_fast.update import ModelWithLoss
 
@@ -123,8 +123,8 @@ def plan_7b() -> None:
     """The estimates for Qwen2.5-7B on one 80 GB GPU, LoRA r=16 and full fine-tuning, printed."""
     from transformers import Qwen2Config
 
-    from gcpo_fast.lora import PeftOptions
-    from gcpo_fast.memory import GIB, fit_warning, plan_memory
+    from gcpo_fast.models.lora import PeftOptions
+    from gcpo_fast.models.memory import GIB, fit_warning, plan_memory
 
     config = Qwen2Config(**QWEN_7B)
     rows, prompt, completion = 8, 512, 1024

@@ -18,10 +18,10 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gcpo_fast.models import DEFAULT_MODEL
-from gcpo_fast.remote_engine import launch_server
+from gcpo_fast.data.sources import load_records
+from gcpo_fast.engines.remote import launch_server
+from gcpo_fast.models.loading import DEFAULT_MODEL
 from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts
-from gcpo_fast.sources import load_records
 
 
 def parse_args(argv=None):

@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_train_report import CPU_PHASES, PHASES, TRAINERS, write_report
-from gcpo_fast.timing import PhaseTimer
+from gcpo_fast.run.timing import PhaseTimer
 
 SHAPES = {"tiny": dict(layers=4, d=128, v=1024, steps=20), "realvocab": dict(layers=2, d=256, v=151936, steps=4)}
 DEFAULT_STEPS = ", ".join(f"{name} {shape['steps']}" for name, shape in SHAPES.items())
@@ -158,7 +158,7 @@ def make_model_folder(folder: Path, layers: int, d: int, v: int, seed: int) -> N
 
 
 def make_dataset(path: Path, seed: int, num_problems: int = 256) -> None:
-    from gcpo_fast.sources import load_records
+    from gcpo_fast.data.sources import load_records
 
     with open(path, "w") as f:
         for r in load_records("builtin", split="train", num_problems=num_problems, seed=seed):

@@ -3,10 +3,10 @@
     OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 PYTHONPATH=$PWD /tmp/venv-vllm/bin/python -m benchmarks.bench_vllm_lora
     ... -m benchmarks.bench_vllm_lora --models shipped --syncs 3 --rank 64
 
-The two ways a colocated vLLM engine can follow the trainer's LoRA adapters (PEFT, gcpo_fast/lora.py), each in
+The two ways a colocated vLLM engine can follow the trainer's LoRA adapters (PEFT, gcpo_fast/models/lora.py), each in
 its own process (an external_launcher engine per process), on the shipped model and on a wider random Qwen2
 (4 layers, d=1024, MLP 2816, the shipped vocabulary):
-- merged (the trainer's way, as TRL's default): a plain engine; a sync is gcpo_fast.lora.merged_named_parameters
+- merged (the trainer's way, as TRL's default): a plain engine; a sync is gcpo_fast.models.lora.merged_named_parameters
   (per adapted layer: PEFT's merge, copy, unmerge) streamed through VLLMEngine.sync_weights (vLLM's in-place
   reload); decoding runs on plain weights.
 - lora: an engine built with enable_lora=True, max_lora_rank=r; a sync is the adapter written in PEFT's layout
@@ -42,7 +42,7 @@ def model_folder(name: str, scratch: Path) -> str:
     """The shipped model's folder, or a random wider Qwen2 with its tokenizer written to scratch."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from gcpo_fast.models import DEFAULT_MODEL
+    from gcpo_fast.models.loading import DEFAULT_MODEL
 
     if name == "shipped":
         return DEFAULT_MODEL
@@ -61,8 +61,8 @@ def model_folder(name: str, scratch: Path) -> str:
 
 
 def adapted_model(path: str, rank: int):
-    from gcpo_fast.lora import PeftOptions, attach
-    from gcpo_fast.models import load_causal_lm
+    from gcpo_fast.models.loading import load_causal_lm
+    from gcpo_fast.models.lora import PeftOptions, attach
 
     options = PeftOptions(use_peft=True, lora_r=rank, lora_alpha=2 * rank, lora_dropout=0.0)
     model = attach(load_causal_lm(path, device="cpu", dtype=torch.float32), options, base_path=path)
@@ -81,7 +81,7 @@ def nudge(model, scale: float, seed: int) -> None:
 
 
 def prompts(tokenizer, n: int) -> list[list[int]]:
-    from gcpo_fast.tasks import heldout_split
+    from gcpo_fast.data.tasks import heldout_split
 
     return [tokenizer(r["prompt"])["input_ids"] for r in heldout_split(n, seed=0)]
 
@@ -102,9 +102,9 @@ def worker(mode: str, path: str, rank: int, syncs: int, n_prompts: int, tokens: 
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
 
-    from gcpo_fast import vllm_engine
-    from gcpo_fast.lora import merged_named_parameters
-    from gcpo_fast.models import load_tokenizer
+    from gcpo_fast.engines import vllm_engine
+    from gcpo_fast.models.loading import load_tokenizer
+    from gcpo_fast.models.lora import merged_named_parameters
     from gcpo_fast.rollout import cut_at_eos
 
     tokenizer = load_tokenizer(path)

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.compare_methods import RESULTS, mean_spread
-from gcpo_fast.models import DEFAULT_MODEL
+from gcpo_fast.models.loading import DEFAULT_MODEL
 
 
 def last_checkpoint(run: Path) -> Path:

@@ -34,7 +34,7 @@ def build_teacher(out: Path) -> None:
     import torch
 
     from gcpo_fast.make_default_model import evaluate, train
-    from gcpo_fast.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
+    from gcpo_fast.models.loading import DEFAULT_MODEL, load_causal_lm, load_tokenizer
 
     torch.set_num_threads(1)
     tokenizer, model = load_tokenizer(DEFAULT_MODEL), load_causal_lm(DEFAULT_MODEL, device="cpu")

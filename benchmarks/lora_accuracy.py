@@ -9,7 +9,7 @@ default: the shipped model and task, 300 steps, GCPO), one at a time; a LoRA var
 `--use_peft --lora_r R --lora_alpha 2R --learning_rate LORA_LR`. Full fine-tuning keeps the shipped learning
 rate (3e-4, gcpo_fast/config.py SHIPPED_MODEL_LR). LORA_LR (3e-3 by default) is the rule of thumb of Schulman
 et al., "LoRA Without Regret" (Thinking Machines, 2025): LoRA's best learning rate is about 10x full
-fine-tuning's, nearly independent of the rank; the task has no validation split (gcpo_fast/tasks.py: train and
+fine-tuning's, nearly independent of the rank; the task has no validation split (gcpo_fast/data/tasks.py: train and
 held-out only), so no rate is tuned here. Writes benchmarks/results/lora_accuracy.csv: greedy eval/mean@1 on
 the held-out problems at step 0 and at the last step (all, and level 5, the word problems), and the wall time,
 per run.

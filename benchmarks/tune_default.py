@@ -5,7 +5,7 @@
 
 search: each recipe is `python -m gcpo_fast.train --seed S <its options> --eval_dataset validation.jsonl`, where
 validation.jsonl holds 500 distinct problems of the trained levels from the training side of the task's split
-(gcpo_fast/tasks.py: train_split, never a held-out prompt) that are not among the run's own training problems.
+(gcpo_fast/data/tasks.py: train_split, never a held-out prompt) that are not among the run's own training problems.
 The runs' held-out evaluation is replaced by that validation set, so nothing here looks at held-out problems.
 check: `python -m gcpo_fast.train --seed S` as a newcomer runs it (no options, no environment variables: the
 default thread count), one run at a time, timed from the command's start to its end.
@@ -40,7 +40,7 @@ RECIPES = {  # name: options on top of the trainer's defaults
 
 def write_validation(path: Path, seed: int, levels: list[int], n: int = 500) -> None:
     """n distinct training-side problems of `levels` that the run with this seed does not train on."""
-    from gcpo_fast import tasks
+    from gcpo_fast.data import tasks
 
     trained = {r["prompt"] for r in tasks.train_split(5000, seed=seed, levels=levels)}
     pool = tasks.train_split(20 * n, seed=10_000 + seed, levels=levels, distinct=True)

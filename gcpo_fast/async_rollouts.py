@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from gcpo_fast.errors import TrainingError, require
 from gcpo_fast.options import at_least, check_options, option
 from gcpo_fast.rounds import RoundContext, SampledGroups, sample_groups
-from gcpo_fast.timing import PhaseTimer
+from gcpo_fast.run.timing import PhaseTimer
 
 
 @dataclass

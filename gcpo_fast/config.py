@@ -29,22 +29,22 @@ import yaml
 from transformers import HfArgumentParser
 
 from gcpo_fast.async_rollouts import AsyncConfig
-from gcpo_fast.checkpoint import CheckpointConfig
+from gcpo_fast.data.rewards import RewardConfig
+from gcpo_fast.data.sources import DataConfig
+from gcpo_fast.distributed.parallel import ParallelConfig
+from gcpo_fast.engines.vllm_engine import VLLMConfig
 from gcpo_fast.errors import ConfigError, require
 from gcpo_fast.eval import EvalConfig
 from gcpo_fast.golden import GoldenConfig
-from gcpo_fast.logger import LogConfig
-from gcpo_fast.lora import PeftOptions
 from gcpo_fast.methods import MethodConfig
-from gcpo_fast.models import ModelConfig
-from gcpo_fast.parallel import ParallelConfig
-from gcpo_fast.rewards import RewardConfig
+from gcpo_fast.models.loading import ModelConfig
+from gcpo_fast.models.lora import PeftOptions
 from gcpo_fast.rollout import RolloutConfig
 from gcpo_fast.rounds import BatchConfig
-from gcpo_fast.run import RunConfig
-from gcpo_fast.sources import DataConfig
+from gcpo_fast.run.checkpoint import CheckpointConfig
+from gcpo_fast.run.logger import LogConfig
+from gcpo_fast.run.state import RunConfig
 from gcpo_fast.update import OptimizerConfig
-from gcpo_fast.vllm_engine import VLLMConfig
 
 SHIPPED_MODEL_LR = 6e-4  # searched on validation problems (benchmarks/tune_default.py, docs/results.md)
 

@@ -16,7 +16,7 @@ When every record has a `level` (the builtin task's difficulty, or a dataset's o
 MATH's), mean@k is also given per level, as eval/level_<level>/mean@k with eval/level_<level>/num_problems.
 The trainer logs the same metrics every --eval_steps.
 
-The command line is checked before anything loads (option ranges, --model with gcpo_fast.models'
+The command line is checked before anything loads (option ranges, --model with gcpo_fast.models.loading'
 check_model_folder, the --output folder, the dataset): a usage error is one line on stderr and exit
 status 2; a failure while loading or generating is one line and exit status 1.
 """
@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 
 from gcpo_fast.cli import ArgumentParser
-from gcpo_fast.lora import adapter_base, is_adapter_folder, load_adapted
-from gcpo_fast.models import DEFAULT_MODEL, check_model_folder, load_causal_lm, load_tokenizer
+from gcpo_fast.data.prompt_checks import check_prompts
+from gcpo_fast.data.rewards import math_reward
+from gcpo_fast.data.sources import load_records
+from gcpo_fast.models.loading import DEFAULT_MODEL, check_model_folder, load_causal_lm, load_tokenizer
+from gcpo_fast.models.lora import adapter_base, is_adapter_folder, load_adapted
 from gcpo_fast.options import at_least, check_options, option
-from gcpo_fast.prompt_checks import check_prompts
-from gcpo_fast.rewards import math_reward
 from gcpo_fast.rollout import HFEngine, RolloutConfig, Sampling, encode_prompts
-from gcpo_fast.sources import load_records
 
 
 @dataclass

@@ -44,12 +44,13 @@ from pathlib import Path
 
 import torch
 
-from gcpo_fast import groups, parallel
+from gcpo_fast import groups
+from gcpo_fast.data.rewards import as_completions, compute_rewards
+from gcpo_fast.distributed import parallel
 from gcpo_fast.errors import require
 from gcpo_fast.options import at_least, check_options, option
-from gcpo_fast.rewards import as_completions, compute_rewards
 from gcpo_fast.rollout import Sampling, encode_prompts
-from gcpo_fast.timing import PhaseTimer
+from gcpo_fast.run.timing import PhaseTimer
 
 CACHE_NAME = "golden_cache.jsonl"
 IDENTITY_FILES = (
@@ -308,12 +309,12 @@ def main(argv=None) -> None:
     from tqdm.auto import tqdm
 
     from gcpo_fast.cli import ArgumentParser
+    from gcpo_fast.data.rewards import RewardConfig, load_reward_function
+    from gcpo_fast.data.sources import DataConfig, load_records
     from gcpo_fast.errors import ConfigError
-    from gcpo_fast.models import check_model_folder, load_causal_lm, load_tokenizer
-    from gcpo_fast.rewards import RewardConfig, load_reward_function
+    from gcpo_fast.models.loading import check_model_folder, load_causal_lm, load_tokenizer
     from gcpo_fast.rollout import HFEngine, RolloutConfig
-    from gcpo_fast.run import RunConfig
-    from gcpo_fast.sources import DataConfig, load_records
+    from gcpo_fast.run.state import RunConfig
 
     ap = ArgumentParser(prog="python -m gcpo_fast.golden", description=main.__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="the teacher: a local Hugging Face causal LM folder")

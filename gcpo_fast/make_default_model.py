@@ -2,7 +2,7 @@
 
     python -m gcpo_fast.make_default_model [--out gcpo_fast/assets/default_model] [--seed 0]
 
-1. Tokenizer: byte-level BPE trained with the `tokenizers` library on text of the task (gcpo_fast/tasks.py):
+1. Tokenizer: byte-level BPE trained with the `tokenizers` library on text of the task (gcpo_fast/data/tasks.py):
    371 tokens (256 bytes, 3 specials, 112 merges: BPE runs out of pairs below the 384 asked for). Its
    normalizer, pre-tokenizer and decoder are Qwen2's, verbatim, because transformers 5 loads the tokenizer of
    any "qwen2" model as Qwen2Tokenizer, rebuilt from vocab + merges with that pipeline; save_tokenizer checks
@@ -49,9 +49,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from gcpo_fast.rewards import math_reward
+from gcpo_fast.data.rewards import math_reward
+from gcpo_fast.data.tasks import LEVELS, generate_problems, heldout_split, train_split
 from gcpo_fast.rollout import HFEngine, Sampling
-from gcpo_fast.tasks import LEVELS, generate_problems, heldout_split, train_split
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "assets" / "default_model"
 
@@ -273,7 +273,7 @@ def accuracy_table(results: dict[int, tuple[int, int]]) -> str:
 README = """# gcpo_fast default model
 
 The small causal LM that `python -m gcpo_fast.train` trains when given no `--model`, warm-started by
-supervised fine-tuning on part of the math task of `gcpo_fast/tasks.py`. Built by
+supervised fine-tuning on part of the math task of `gcpo_fast/data/tasks.py`. Built by
 `python -m gcpo_fast.make_default_model` (seed {seed}); see that module for every choice.
 
 - Model: Qwen2 architecture, {params:.2f}M parameters: hidden {hidden_size}, {num_hidden_layers} layers,

@@ -18,7 +18,7 @@ Every row needs at least one prompt token; completions may be empty.
 forward_hidden runs the decoder body (model.get_decoder(): embeddings, layers, final norm), never the
 lm_head, with use_cache=False, in ONE call over the [1, T] stream with position_ids and the row spans
 (cu_seq_lens_q/k, max_length_q/k), which reach the attention function of the model's implementation:
-flash_attention_2, packed_varlen or packed_sdpa (gcpo_fast.attention), each keeping rows apart inside
+flash_attention_2, packed_varlen or packed_sdpa (gcpo_fast.models.attention), each keeping rows apart inside
 every layer. One call per micro-batch also meets FSDP's requirement: its hooks gather a decoder layer's
 weights at each call and reduce its gradients after each call's backward, so every rank must call each
 layer the same number of times, whatever its number of rows.
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gcpo_fast.attention import CHOICES, PACKED_SDPA, packed_attention_kwargs, runs_packed
 from gcpo_fast.kernels import IGNORE_INDEX  # a target the loss does not count
+from gcpo_fast.models.attention import CHOICES, PACKED_SDPA, packed_attention_kwargs, runs_packed
 
 # Config attributes that change logits beyond hidden @ W.T + b; the fused op cannot reproduce them.
 _LOGIT_TRANSFORMS = {
@@ -154,7 +154,7 @@ def forward_hidden(model, packed: PackedBatch) -> torch.Tensor:
     if not runs_packed(name):
         raise ValueError(
             f"forward_hidden: the model's attention {name!r} cannot run packed rows; load it with one of "
-            f"{', '.join(CHOICES)} (gcpo_fast.attention.resolve_attn_implementation)"
+            f"{', '.join(CHOICES)} (gcpo_fast.models.attention.resolve_attn_implementation)"
         )
     out = model.get_decoder()(
         input_ids=packed.input_ids,

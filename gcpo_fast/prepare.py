@@ -6,7 +6,7 @@
 Everything a user can get wrong about the data, the run directory or `--resume` fails here, in seconds,
 before the minutes a model takes to load: records loaded and checked, golden answers present where the method
 needs them, reward functions importable, the run directory writable and locked, the checkpoint whole and its
-run-defining options unchanged (gcpo_fast/resume_policy.py), enough prompts for a round on every rank.
+run-defining options unchanged (gcpo_fast/run/resume_policy.py), enough prompts for a round on every rank.
 """
 
 import os
@@ -14,13 +14,14 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from gcpo_fast import parallel, resume_policy, run_lock
-from gcpo_fast.checkpoint import check_checkpoint, checkpoint_step, find_checkpoint, list_checkpoints
 from gcpo_fast.config import TrainConfig
+from gcpo_fast.data.rewards import load_reward_function
+from gcpo_fast.data.sources import load_records
+from gcpo_fast.distributed import parallel
 from gcpo_fast.golden import CACHE_NAME, GoldenCache, teacher_identity
-from gcpo_fast.models import check_model_folder
-from gcpo_fast.rewards import load_reward_function
-from gcpo_fast.sources import load_records
+from gcpo_fast.models.loading import check_model_folder
+from gcpo_fast.run import lock, resume_policy
+from gcpo_fast.run.checkpoint import check_checkpoint, checkpoint_step, find_checkpoint, list_checkpoints
 
 
 @dataclass
@@ -38,7 +39,7 @@ class Prepared:
 def prepare(cfg: TrainConfig) -> Prepared:
     """Everything that can fail on bad input, before any model is loaded. Raises ValueError / FileNotFoundError."""
     check_output_dir(cfg.run.output_dir)
-    run_lock.acquire(cfg.run.output_dir)  # one run per directory (released when fit ends, or when we exit)
+    lock.acquire(cfg.run.output_dir)  # one run per directory (released when fit ends, or when we exit)
     data = cfg.data
     records = load_records(
         data.dataset,

@@ -12,8 +12,8 @@
 A rollout engine is any object with `eos_ids`, `generate(prompt_ids, n, sampling) -> Rows`,
 `sync_weights(named_tensors)`, `sleep()` (free its memory while the trainer updates; `asleep` says whether
 it did, and a sync wakes it) and `close()`: the trainer, the evaluation and the model builder call nothing
-else, so another engine is one more class, not branches in the loop: VLLMEngine (gcpo_fast/vllm_engine.py,
-vLLM in this process) and RemoteEngine (gcpo_fast/remote_engine.py, a generation server's client). `HFEngine`
+else, so another engine is one more class, not branches in the loop: VLLMEngine (gcpo_fast/engines/vllm_engine.py,
+vLLM in this process) and RemoteEngine (gcpo_fast/engines/remote.py, a generation server's client). `HFEngine`
 runs Hugging Face `generate` on the training model; its weights are the trainer's, so its sync does nothing.
 An engine that samples elsewhere also returns the per-token log-probs it sampled with (`Rows.sampling_logp`;
 HFEngine too with sampling_logprobs=True, as the generation server's HF backend uses it).
@@ -35,7 +35,7 @@ from jinja2 import TemplateError
 from transformers import GenerationConfig
 
 from gcpo_fast.errors import require
-from gcpo_fast.models import autocast
+from gcpo_fast.models.loading import autocast
 from gcpo_fast.options import at_least, check_options, option
 
 
@@ -309,7 +309,7 @@ def make_engine(
     trust_remote_code: bool = False, own_process: bool = False,
 ):  # fmt: skip
     """The run's rollout engine: Hugging Face generate on the training model, or with vllm.use_vllm (a
-    gcpo_fast.vllm_engine.VLLMConfig) a vLLM engine in this process (imported only then), seeded per rank and
+    gcpo_fast.engines.vllm_engine.VLLMConfig) a vLLM engine in this process (imported only then), seeded per rank and
     loaded from model_path (the checkpoint when resuming), so that its first weights are the trainer's; with
     vllm_mode server, a RemoteEngine of the generation server (rank 0 sends the weights). own_process (rounds
     sampled ahead of the trainer): Hugging Face generate in a server process of this rank's own (gcpo_fast.serve
@@ -317,7 +317,7 @@ def make_engine(
     token takes the model's (adopt_model_eos)."""
     adopt_model_eos(tokenizer, model)
     if not vllm.use_vllm and own_process:
-        from gcpo_fast.remote_engine import launch_server
+        from gcpo_fast.engines.remote import launch_server
 
         options = ["--seed", str(seed + rank), "--max_model_len", str(max_model_len)]
         options += ["--trust_remote_code"] * trust_remote_code
@@ -325,13 +325,13 @@ def make_engine(
     if not vllm.use_vllm:
         return HFEngine(model, tokenizer, bf16=bf16)
     if vllm.vllm_mode == "server":  # every rank samples from the server; rank 0 sends it the weights
-        from gcpo_fast.remote_engine import RemoteEngine
+        from gcpo_fast.engines.remote import RemoteEngine
 
         return RemoteEngine(
             vllm.server_url, tokenizer, timeout=vllm.vllm_server_timeout, group_port=vllm.vllm_group_port,
             send_weights=rank == 0,
         )  # fmt: skip
-    from gcpo_fast.vllm_engine import VLLMEngine
+    from gcpo_fast.engines.vllm_engine import VLLMEngine
 
     return VLLMEngine(
         model_path,

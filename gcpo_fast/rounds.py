@@ -18,17 +18,17 @@ from dataclasses import dataclass
 import torch
 
 from gcpo_fast import groups
+from gcpo_fast.data.prompt_checks import warn_if_mostly_truncated
+from gcpo_fast.data.rewards import RewardConfig, as_completions, compute_rewards, overlong_penalty, reward_function_name
+from gcpo_fast.distributed.parallel import all_reduce
 from gcpo_fast.errors import require
 from gcpo_fast.golden import Teacher, golden_texts
 from gcpo_fast.methods import MethodConfig
 from gcpo_fast.options import at_least, check_options, option
 from gcpo_fast.packing import PackedBatch, pack
-from gcpo_fast.parallel import all_reduce
-from gcpo_fast.prompt_checks import warn_if_mostly_truncated
-from gcpo_fast.rewards import RewardConfig, as_completions, compute_rewards, overlong_penalty, reward_function_name
 from gcpo_fast.rollout import RolloutConfig, Rows, encode_completion, encode_prompts
+from gcpo_fast.run.timing import PhaseTimer
 from gcpo_fast.scoring import SamplingCorrection, score_logprobs
-from gcpo_fast.timing import PhaseTimer
 
 
 @dataclass

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from gcpo_fast.kernels import linear_logprobs, sampling_weights
-from gcpo_fast.models import autocast
+from gcpo_fast.models.loading import autocast
 from gcpo_fast.packing import IGNORE_INDEX, PackedBatch, forward_hidden, head_inputs
 
 

@@ -12,14 +12,14 @@ Endpoints (JSON; a bad request is HTTP 400 with a one-line "error"):
   truncated (per row), policy_version (the weights that sampled them)}. Completions are cut after their first
   EOS (kept); logprobs are the sampling log-probs (after temperature / top-k / top-p, vLLM's processed_logprobs).
 - POST /init_communicator/ {host, port, world_size: 2, backend: "gloo"|"nccl"} hosts a weight group (see
-  gcpo_fast/weight_transport.py) for the client to join; a second call replaces the first client's group.
+  gcpo_fast/engines/weight_transport.py) for the client to join; a second call replaces the first client's group.
 - POST /update_weights/ {version} receives the client's tensors one at a time and answers {"policy_version",
   "tensors", "staged"}. An idle engine loads them as they arrive. An engine that is generating (rounds sampled
   ahead of the trainer, --async_rollouts) keeps its version: the tensors are staged in host memory (one copy of
   the weights) and loaded as soon as the generation in flight ends, before any later one, so the trainer never
   waits for a generation to finish. POST /close_communicator/ drops the group.
 Engine calls hold one lock: a generate and a weight load never interleave. SIGTERM / SIGINT close the engine.
-The vllm engine is gcpo_fast.vllm_engine.VLLMEngine (a world of one); the hf engine is HFEngine on a model of
+The vllm engine is gcpo_fast.engines.vllm_engine.VLLMEngine (a world of one); the hf engine is HFEngine on a model of
 its own (fp32 on the CPU, --dtype on CUDA, bf16 by default there), which reports its sampling log-probs too.
 """
 
@@ -33,8 +33,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
+from gcpo_fast.engines.weight_transport import WeightGroup, device_uuid, host_store
 from gcpo_fast.rollout import HFEngine, Sampling
-from gcpo_fast.weight_transport import WeightGroup, device_uuid, host_store
 
 GROUP_TIMEOUT_S = 1800.0  # a weight stream's every broadcast, and the wait for the client to join
 
@@ -47,7 +47,7 @@ class HFServeEngine(HFEngine):
     """HFEngine on a model of its own, reporting sampling log-probs; sync_weights copies tensors in by name."""
 
     def __init__(self, model_path: str, tokenizer, *, dtype: str, trust_remote_code: bool):
-        from gcpo_fast.models import load_causal_lm
+        from gcpo_fast.models.loading import load_causal_lm
 
         cuda = torch.cuda.is_available()
         torch_dtype = {"auto": torch.bfloat16 if cuda else torch.float32}.get(dtype) or getattr(torch, dtype)
@@ -73,7 +73,7 @@ def build_engine(args, tokenizer):
     if args.engine == "hf":
         torch.set_num_threads(args.num_threads)
         return HFServeEngine(args.model, tokenizer, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    from gcpo_fast.vllm_engine import VLLMEngine
+    from gcpo_fast.engines.vllm_engine import VLLMEngine
 
     return VLLMEngine(
         args.model, tokenizer, seed=args.seed, gpu_memory_utilization=args.gpu_memory_utilization,
@@ -307,7 +307,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     try:
-        from gcpo_fast.models import load_tokenizer
+        from gcpo_fast.models.loading import load_tokenizer
 
         tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
         engine = build_engine(args, tokenizer)

@@ -12,7 +12,7 @@
 `Trainer` builds the run and `Trainer.fit` loops over `train_step`: a generation round when no prepared step is left
 (`generate_round`), one optimizer step, metrics, evaluation and checkpoint. What one step does, stage by
 stage, is docs/design.md ("The trainer: data flow of one step"); the loop's state is one `RunState`
-(gcpo_fast/run.py), which the checkpoint saves and restores whole.
+(gcpo_fast/run/state.py), which the checkpoint saves and restores whole.
 """
 
 import dataclasses
@@ -24,23 +24,19 @@ import torch
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from gcpo_fast import lora, parallel, resume_policy, run_lock
 from gcpo_fast.async_rollouts import RolloutProducer, take_round
-from gcpo_fast.attention import resolve_attn_implementation
-from gcpo_fast.checkpoint import (
-    load_checkpoint,
-    save_checkpoint,
-)
 from gcpo_fast.config import TrainConfig, parse_config
-from gcpo_fast.data import PromptSampler
+from gcpo_fast.data.files import PromptSampler
+from gcpo_fast.data.prompt_checks import check_prompts
+from gcpo_fast.distributed import parallel
 from gcpo_fast.errors import ConfigError, TrainingError
 from gcpo_fast.eval import count_correct, level_summary, summarize
 from gcpo_fast.golden import GoldenCache, Teacher
-from gcpo_fast.logger import RunLogger
-from gcpo_fast.memory import fit_warning, model_shape, plan_memory
-from gcpo_fast.models import frozen_dtype, load_causal_lm, load_tokenizer
+from gcpo_fast.models import lora
+from gcpo_fast.models.attention import resolve_attn_implementation
+from gcpo_fast.models.loading import frozen_dtype, load_causal_lm, load_tokenizer
+from gcpo_fast.models.memory import fit_warning, model_shape, plan_memory
 from gcpo_fast.prepare import Prepared, prepare
-from gcpo_fast.prompt_checks import check_prompts
 from gcpo_fast.rollout import HFEngine, Sampling, make_engine
 from gcpo_fast.rounds import (
     RoundContext,
@@ -50,9 +46,15 @@ from gcpo_fast.rounds import (
     sample_groups,
     score_micro_batches,
 )
-from gcpo_fast.run import RunState
+from gcpo_fast.run import lock, resume_policy
+from gcpo_fast.run.checkpoint import (
+    load_checkpoint,
+    save_checkpoint,
+)
+from gcpo_fast.run.logger import RunLogger
+from gcpo_fast.run.state import RunState
+from gcpo_fast.run.timing import PhaseTimer
 from gcpo_fast.scoring import SamplingCorrection
-from gcpo_fast.timing import PhaseTimer
 from gcpo_fast.update import ModelWithLoss, build_optimizer, optimizer_step, weights_finite
 
 
@@ -67,7 +69,7 @@ def load_teacher(cfg: TrainConfig, cache: GoldenCache | None, reward_funcs: list
         tokenizer = load_tokenizer(folder, trust_remote_code=trust)
         max_model_len = cfg.rollout.max_prompt_length + budget
         if cfg.vllm.use_vllm and cfg.vllm.vllm_mode == "colocate":  # a second vLLM engine here, never synced
-            from gcpo_fast.vllm_engine import VLLMEngine
+            from gcpo_fast.engines.vllm_engine import VLLMEngine
 
             memory = cfg.vllm.vllm_gpu_memory_utilization
             engine = VLLMEngine(
@@ -93,7 +95,7 @@ def load_teacher(cfg: TrainConfig, cache: GoldenCache | None, reward_funcs: list
 
 
 def report_memory(cfg: TrainConfig, model_path, dist) -> None:
-    """Print the per-device memory estimate (gcpo_fast/memory.py) on rank 0, and a one-line warning naming the
+    """Print the per-device memory estimate (gcpo_fast/models/memory.py) on rank 0, and a one-line warning naming the
     options that would fit when it exceeds the device (CUDA; on the CPU the host's memory is not checked)."""
     if dist.rank != 0:
         return
@@ -257,7 +259,7 @@ class Trainer:
                 self.producer.close()
             if self.teacher is not None and self.teacher.engine is not None:
                 self.teacher.engine.close()
-            run_lock.release(cfg.run.output_dir)
+            lock.release(cfg.run.output_dir)
         if self.log:
             self.log.close()
             print(self.log.summary(), flush=True)

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 import torch
 from transformers import get_scheduler
 
+from gcpo_fast.distributed.parallel import all_reduce, rank_and_world
 from gcpo_fast.errors import require
 from gcpo_fast.kernels import IGNORE_INDEX, LossInputs, PolicyLossConfig, linear_logprobs, linear_policy_loss
-from gcpo_fast.models import autocast
+from gcpo_fast.models.loading import autocast
 from gcpo_fast.options import check_options, option
 from gcpo_fast.packing import PackedBatch, forward_hidden, head_inputs
-from gcpo_fast.parallel import all_reduce, rank_and_world
 from gcpo_fast.scoring import SamplingCorrection
 
 SCHEDULER_NAMES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
@@ -146,9 +146,9 @@ def optimizer_step(
     bf16: bool,
 ) -> dict[str, float]:
     """Forward + backward of every micro-batch (DDP syncs gradients once, on the last), clip, AdamW step.
-    policy: gcpo_fast.parallel.Policy or FSDPPolicy. Returns this rank's metrics: loss, grad_norm, learning_rate,
-    entropy, clip ratios (token means), and step_skipped (1.0 when the loss or the gradient norm was not finite on
-    some rank: then neither the optimizer nor the scheduler stepped and the gradients are dropped)."""
+    policy: gcpo_fast.distributed.parallel.Policy or FSDPPolicy. Returns this rank's metrics: loss, grad_norm,
+    learning_rate, entropy, clip ratios (token means), and step_skipped (1.0 when the loss or the gradient norm was not
+    finite on some rank: then neither the optimizer nor the scheduler stepped and the gradients are dropped)."""
     device = policy.device  # not the parameters': FSDP's CPU offload keeps them on the host
     normalizer = step_normalizer(micro_batches, loss)
     loss_sum, tokens, stat_sums = 0.0, 0.0, {}

@@ -36,7 +36,7 @@ def one_thread():
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from gcpo_fast.models import DEFAULT_MODEL  # imported here: TRITON_INTERPRET is set first (above)
+    from gcpo_fast.models.loading import DEFAULT_MODEL  # imported here: TRITON_INTERPRET is set first (above)
 
     return AutoTokenizer.from_pretrained(DEFAULT_MODEL)
 
@@ -46,15 +46,15 @@ def hf():
     """The shipped model in fp32, in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    from gcpo_fast.models import DEFAULT_MODEL
+    from gcpo_fast.models.loading import DEFAULT_MODEL
 
     return AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
 def prompt_ids(tokenizer):
+    from gcpo_fast.data.sources import load_records
     from gcpo_fast.rollout import encode_prompts
-    from gcpo_fast.sources import load_records
 
     records = load_records("builtin", split="test", num_problems=8)
     return encode_prompts(tokenizer, [r["prompt"] for r in records], max_prompt_length=128)

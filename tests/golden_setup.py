@@ -20,10 +20,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from gcpo_fast.config import parse_config
-from gcpo_fast.data import PromptSampler
+from gcpo_fast.data.files import PromptSampler
+from gcpo_fast.data.rewards import extract_answer, math_reward
 from gcpo_fast.golden import CACHE_NAME
 from gcpo_fast.prepare import prepare
-from gcpo_fast.rewards import extract_answer, math_reward
 from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts
 from gcpo_fast.rounds import RoundContext, build_rows, sample_groups
 from gcpo_fast.train import load_teacher

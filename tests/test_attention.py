@@ -1,4 +1,4 @@
-"""Packed attention (gcpo_fast.attention): one decoder call over the packed stream == each row alone.
+"""Packed attention (gcpo_fast.models.attention): one decoder call over the packed stream == each row alone.
 
 Tiny random Qwen2 and Llama models in fp64 (GQA: 4 query heads, 2 key/value heads; tied and untied head),
 with and without gradient checkpointing, rows of very different lengths and a one-token prompt. The
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from gcpo_fast.attention import (
+from gcpo_fast.models.attention import (
     PACKED_SDPA,
     AttentionChoiceError,
     make_packed_varlen_forward,
@@ -23,7 +23,7 @@ from gcpo_fast.attention import (
     resolve_attn_implementation,
     varlen_causal,
 )
-from gcpo_fast.models import enable_checkpointing, is_checkpointing
+from gcpo_fast.models.loading import enable_checkpointing, is_checkpointing
 from gcpo_fast.packing import forward_hidden, lm_head_weight, pack_rows
 
 VOCAB = 97
@@ -174,7 +174,7 @@ def test_packed_varlen_model_equals_per_row(make_model, version, one_thread):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the real varlen_attn needs CUDA (sm80+)")
 def test_real_varlen_attn_equals_per_row_sdpa_forward_and_backward():
-    from gcpo_fast.attention import torch_varlen_attn
+    from gcpo_fast.models.attention import torch_varlen_attn
 
     if torch_varlen_attn() is None or torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("torch.nn.attention.varlen needs torch >= 2.9 and an sm80+ GPU")
@@ -194,7 +194,7 @@ def test_real_varlen_attn_equals_per_row_sdpa_forward_and_backward():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="packed_varlen runs on CUDA (sm80+) only")
 def test_packed_varlen_model_under_bf16_autocast_matches_packed_sdpa():
-    from gcpo_fast.attention import PACKED_VARLEN, torch_varlen_attn
+    from gcpo_fast.models.attention import PACKED_VARLEN, torch_varlen_attn
 
     if torch_varlen_attn() is None or torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("torch.nn.attention.varlen needs torch >= 2.9 and an sm80+ GPU")

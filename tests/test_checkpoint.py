@@ -13,9 +13,15 @@ from safetensors.torch import load_file
 from tiny_model import make_tiny_model, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gcpo_fast.checkpoint import check_checkpoint, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from gcpo_fast.config import parse_config
 from gcpo_fast.errors import TrainingError
+from gcpo_fast.run.checkpoint import (
+    check_checkpoint,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from gcpo_fast.train import train
 
 
@@ -161,7 +167,7 @@ def metrics(run):
 
 
 def test_resumed_logs_drop_the_steps_after_the_checkpoint(tmp_path):
-    from gcpo_fast.logger import RunLogger
+    from gcpo_fast.run.logger import RunLogger
 
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": s}) + "\n" for s in range(5)))
     log = RunLogger(tmp_path, report_to=[], config={}, logging_steps=1, resume_step=2)

@@ -10,7 +10,7 @@ from tiny_model import write_jsonl
 
 from gcpo_fast.config import SHIPPED_MODEL_LR, TrainConfig, build_parser, parse_config
 from gcpo_fast.errors import ConfigError
-from gcpo_fast.models import DEFAULT_MODEL
+from gcpo_fast.models.loading import DEFAULT_MODEL
 from gcpo_fast.train import main
 
 
@@ -155,7 +155,7 @@ def test_bad_options(argv, message):
 
 
 def test_report_to_needs_the_package(monkeypatch):
-    monkeypatch.setattr("gcpo_fast.logger.importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr("gcpo_fast.run.logger.importlib.util.find_spec", lambda name: None)
     with pytest.raises(ConfigError, match="report_to tensorboard: the tensorboard package is not installed"):
         parse_config(["--report_to", "tensorboard"])
 
@@ -230,7 +230,7 @@ def test_golden_column_is_optional_without_golden_answers(tmp_path):
 def test_missing_shipped_model_is_named(tmp_path, monkeypatch):
     from gcpo_fast.prepare import prepare
 
-    monkeypatch.setattr("gcpo_fast.models.DEFAULT_MODEL", str(tmp_path / "absent"))
+    monkeypatch.setattr("gcpo_fast.models.loading.DEFAULT_MODEL", str(tmp_path / "absent"))
     cfg = parse_config(["--dataset", str(write_jsonl(tmp_path / "train.jsonl")), "--output_dir", str(tmp_path)])
     cfg.model.model = str(tmp_path / "absent")
     with pytest.raises(ValueError, match="python -m gcpo_fast.make_default_model"):

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from gcpo_fast.data import PromptSampler, load_prompts
+from gcpo_fast.data.files import PromptSampler, load_prompts
 
 
 def write_jsonl(path, rows):
@@ -223,7 +223,7 @@ def test_verifiable_answers_load_without_a_warning(tmp_path, recwarn):
 
 
 def export(argv, capsys):
-    from gcpo_fast.data import main
+    from gcpo_fast.data.export import main
 
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -233,7 +233,7 @@ def export(argv, capsys):
 
 
 def test_export_refuses_to_overwrite_without_overwrite(tmp_path, capsys):
-    from gcpo_fast.data import main
+    from gcpo_fast.data.export import main
 
     main(["--export", str(tmp_path), "--train-size", "8", "--test-size", "4"])
     before = (tmp_path / "train.jsonl").read_text()
@@ -267,8 +267,8 @@ def test_export_into_a_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("answer", ["72", "-3", "+5", "3.25", "1/2", "\\frac{3}{4}", "\\dfrac{10}{3}", "007"])
 def test_answers_the_load_skips_parsing_are_ones_math_verify_reads_as_meant(answer):
-    from gcpo_fast.data import PLAIN_NUMBER
-    from gcpo_fast.rewards import math_reward, unverifiable_reason
+    from gcpo_fast.data.files import PLAIN_NUMBER
+    from gcpo_fast.data.rewards import math_reward, unverifiable_reason
 
     assert PLAIN_NUMBER.fullmatch(answer) and unverifiable_reason(answer) is None
     assert math_reward([f"so \\boxed{{{answer}}}"], [answer]) == [1.0]

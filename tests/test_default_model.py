@@ -11,9 +11,9 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gcpo_fast.config import TrainConfig
+from gcpo_fast.data.rewards import math_reward
+from gcpo_fast.data.tasks import generate_problems, heldout_split
 from gcpo_fast.make_default_model import DEFAULT_OUT
-from gcpo_fast.rewards import math_reward
-from gcpo_fast.tasks import generate_problems, heldout_split
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_OUT / "model.safetensors").exists(), reason="default model not built")
 

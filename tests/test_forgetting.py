@@ -5,7 +5,7 @@ import shutil
 
 from benchmarks.forgetting import main
 from gcpo_fast.eval import main as eval_main
-from gcpo_fast.models import DEFAULT_MODEL
+from gcpo_fast.models.loading import DEFAULT_MODEL
 
 
 def test_an_unchanged_model_forgets_nothing(tmp_path, capsys, one_thread):

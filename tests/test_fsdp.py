@@ -20,10 +20,10 @@ from trainer_steps import logprobs, sgd, step
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gcpo_fast.config import parse_config
+from gcpo_fast.distributed.parallel import OPTIMIZER_FOLDER, check_checkpoint, free_port, parallelize
 from gcpo_fast.errors import ConfigError
-from gcpo_fast.models import enable_checkpointing
+from gcpo_fast.models.loading import enable_checkpointing
 from gcpo_fast.packing import PackedBatch, pack
-from gcpo_fast.parallel import OPTIMIZER_FOLDER, check_checkpoint, free_port, parallelize
 from gcpo_fast.rollout import HFEngine, Rows, Sampling
 from gcpo_fast.update import ModelWithLoss
 
@@ -42,7 +42,7 @@ def join(rank, world, port):
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
-    from gcpo_fast.parallel import init_distributed
+    from gcpo_fast.distributed.parallel import init_distributed
 
     init_distributed()
 

@@ -13,9 +13,9 @@ from golden_setup import RUN_OPTIONS, N, answers_only, cache_lines, one_round, s
 from tiny_model import child_env
 
 from gcpo_fast.config import parse_config
+from gcpo_fast.distributed.parallel import free_port
 from gcpo_fast.errors import ConfigError
 from gcpo_fast.golden import CACHE_NAME, prompt_key
-from gcpo_fast.parallel import free_port
 from gcpo_fast.train import train
 
 
@@ -118,7 +118,7 @@ def _ddp_worker(rank, world, port, golden_models, data, run):
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
-    from gcpo_fast.parallel import init_distributed
+    from gcpo_fast.distributed.parallel import init_distributed
 
     init_distributed()
     try:

@@ -9,10 +9,10 @@ from tiny_model import problem, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gcpo_fast.config import parse_config
+from gcpo_fast.data.rewards import extract_answer, math_reward
 from gcpo_fast.errors import ConfigError
 from gcpo_fast.golden import prompt_key
 from gcpo_fast.prepare import prepare
-from gcpo_fast.rewards import extract_answer, math_reward
 from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts
 from gcpo_fast.rounds import build_rows
 

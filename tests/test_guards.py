@@ -12,8 +12,8 @@ from tiny_model import make_tiny_model, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from gcpo_fast.config import parse_config
+from gcpo_fast.distributed.parallel import parallelize
 from gcpo_fast.packing import pack
-from gcpo_fast.parallel import parallelize
 from gcpo_fast.prepare import prepare
 from gcpo_fast.rollout import Rows
 from gcpo_fast.train import main, train

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from gcpo_fast.logger import RunLogger
+from gcpo_fast.run.logger import RunLogger
 
 
 def lines(path):

@@ -1,4 +1,4 @@
-"""LoRA through PEFT (gcpo_fast/lora.py): one step equals a naive reference, the frozen head takes no gradient,
+"""LoRA through PEFT (gcpo_fast/models/lora.py): one step equals a naive reference, the frozen head takes no gradient,
 the merged weights a rollout engine gets, adapter checkpoints (PEFT's layout, exact resume, eval, merge), options."""
 
 import copy
@@ -11,12 +11,12 @@ from safetensors.torch import load_file
 from tiny_model import make_tiny_model, write_jsonl
 
 from gcpo_fast.config import parse_config, resolve
+from gcpo_fast.distributed.parallel import Policy
 from gcpo_fast.errors import ConfigError
 from gcpo_fast.kernels import PolicyLossConfig
-from gcpo_fast.lora import PeftOptions, attach, merged_named_parameters
-from gcpo_fast.models import load_causal_lm
+from gcpo_fast.models.loading import load_causal_lm
+from gcpo_fast.models.lora import PeftOptions, attach, merged_named_parameters
 from gcpo_fast.packing import pack_rows
-from gcpo_fast.parallel import Policy
 from gcpo_fast.train import train
 from gcpo_fast.update import ModelWithLoss, OptimizerConfig, build_optimizer, optimizer_step
 
@@ -226,7 +226,7 @@ def test_kill_and_resume_is_exact_and_the_checkpoint_is_a_peft_adapter(tmp_path,
     assert torch.equal(dict(loaded.named_parameters())[_lora_name(loaded)], a[_saved_name(_lora_name(loaded))])
 
     from gcpo_fast.eval import main as eval_main
-    from gcpo_fast.lora import main as lora_main
+    from gcpo_fast.models.lora import main as lora_main
 
     capsys.readouterr()
     eval_main(["--model", str(checkpoint), "--num_problems", "4", "--max_completion_length", "8"])
@@ -312,7 +312,7 @@ def test_fsdp_on_two_ranks_trains_the_adapters_and_resumes_exactly(tmp_path):
     reaches the same adapters in the same steps."""
     from test_fsdp import _train_worker, run_args, spawn
 
-    from gcpo_fast.parallel import OPTIMIZER_FOLDER
+    from gcpo_fast.distributed.parallel import OPTIMIZER_FOLDER
 
     torch.set_num_threads(1)
     model = make_tiny_model(tmp_path / "model", tied=False)

@@ -1,9 +1,9 @@
-"""The memory estimate's arithmetic (gcpo_fast.memory), on Qwen2.5-7B's shape (config only, nothing loads)."""
+"""The memory estimate's arithmetic (gcpo_fast.models.memory), on Qwen2.5-7B's shape (config only, nothing loads)."""
 
 import pytest
 from transformers import Qwen2Config
 
-from gcpo_fast.memory import GIB, activation_bytes_per_token_layer, fit_warning, model_shape, plan_memory
+from gcpo_fast.models.memory import GIB, activation_bytes_per_token_layer, fit_warning, model_shape, plan_memory
 
 QWEN_7B = Qwen2Config(
     hidden_size=3584,

@@ -1,4 +1,4 @@
-"""The memory estimate with LoRA adapters (gcpo_fast.memory, lora=PeftOptions): the trainable parameters equal
+"""The memory estimate with LoRA adapters (gcpo_fast.models.memory, lora=PeftOptions): the trainable parameters equal
 PEFT's own count on real models, and the parts follow from them (Qwen2.5-7B's shape, config only)."""
 
 import re
@@ -7,15 +7,15 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from gcpo_fast.lora import PeftOptions, attach
-from gcpo_fast.memory import (
+from gcpo_fast.models.loading import DEFAULT_MODEL
+from gcpo_fast.models.lora import PeftOptions, attach
+from gcpo_fast.models.memory import (
     GIB,
     adapter_shape,
     fit_warning,
     model_shape,
     plan_memory,
 )
-from gcpo_fast.models import DEFAULT_MODEL
 
 pytest.importorskip("peft")
 

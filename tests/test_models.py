@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from tiny_model import make_tiny_model, make_tokenizer
 from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM, T5Config, T5ForConditionalGeneration
 
-from gcpo_fast.models import check_model_folder, is_checkpointing, load_causal_lm, load_tokenizer
+from gcpo_fast.models.loading import check_model_folder, is_checkpointing, load_causal_lm, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_a_good_folder_loads_as_transformers_loads_it(good, one_thread):
 
 
 def test_the_missing_shipped_model_says_how_to_build_it(tmp_path, monkeypatch):
-    monkeypatch.setattr("gcpo_fast.models.DEFAULT_MODEL", str(tmp_path / "default_model"))
+    monkeypatch.setattr("gcpo_fast.models.loading.DEFAULT_MODEL", str(tmp_path / "default_model"))
     refused(
         tmp_path / "default_model",
         "the shipped model is missing from .*: build it with `python -m gcpo_fast.make_default_model`",

@@ -8,9 +8,9 @@ import warnings
 import pytest
 from tiny_model import make_tokenizer
 
-from gcpo_fast import prompt_checks
-from gcpo_fast.logger import SAMPLE_CHARS, RunLogger
-from gcpo_fast.prompt_checks import check_prompts, warn_if_mostly_truncated
+from gcpo_fast.data import prompt_checks
+from gcpo_fast.data.prompt_checks import check_prompts, warn_if_mostly_truncated
+from gcpo_fast.run.logger import SAMPLE_CHARS, RunLogger
 
 
 def test_prompts_longer_than_the_budget_are_counted():

@@ -11,7 +11,7 @@ from tiny_model import make_tiny_model, write_jsonl
 
 from gcpo_fast.config import TrainConfig, parse_config
 from gcpo_fast.prepare import prepare
-from gcpo_fast.resume_policy import MAY_CHANGE, RUN_DEFINING
+from gcpo_fast.run.resume_policy import MAY_CHANGE, RUN_DEFINING
 from gcpo_fast.train import train
 
 

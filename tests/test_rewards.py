@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from gcpo_fast.rewards import (
+from gcpo_fast.data.rewards import (
     RewardFunctionError,
     compute_rewards,
     extract_answer,

@@ -6,7 +6,7 @@ import signal
 import subprocess
 import sys
 
-from gcpo_fast import run_lock
+from gcpo_fast.run import lock as run_lock
 
 
 def test_a_second_run_into_a_held_directory_is_refused_by_name(tmp_path):
@@ -17,7 +17,7 @@ def test_a_second_run_into_a_held_directory_is_refused_by_name(tmp_path):
         [
             sys.executable,
             "-c",
-            f"from gcpo_fast import run_lock; run_lock.acquire({str(out)!r}); print('held', flush=True); input()",
+            f"from gcpo_fast.run import lock; lock.acquire({str(out)!r}); print('held', flush=True); input()",
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

@@ -23,10 +23,10 @@ import urllib.request
 import pytest
 import torch
 
+from gcpo_fast.distributed.parallel import free_port
+from gcpo_fast.engines.remote import RemoteEngine, launch_server
 from gcpo_fast.errors import TrainingError
-from gcpo_fast.models import DEFAULT_MODEL
-from gcpo_fast.parallel import free_port
-from gcpo_fast.remote_engine import RemoteEngine, launch_server
+from gcpo_fast.models.loading import DEFAULT_MODEL
 from gcpo_fast.rollout import HFEngine, Sampling
 
 LOGP_TOL = 1e-3
@@ -191,7 +191,7 @@ def test_server_user_mistakes_are_one_line(tmp_path, tokenizer):
 
 
 def test_nccl_only_between_two_cuda_devices():
-    from gcpo_fast.weight_transport import pick_backend
+    from gcpo_fast.engines.weight_transport import pick_backend
 
     assert pick_backend("GPU-a", "GPU-b") == "nccl"
     assert pick_backend("GPU-a", "GPU-a") == "gloo"  # one device: NCCL refuses two ranks on it

@@ -4,10 +4,10 @@ import random
 
 import pytest
 
-from gcpo_fast.data import load_prompts
-from gcpo_fast.data import main as data_main
-from gcpo_fast.rewards import extract_answer, math_reward
-from gcpo_fast.tasks import LEVELS, generate_problems, heldout_split, is_heldout, train_split
+from gcpo_fast.data.export import main as data_main
+from gcpo_fast.data.files import load_prompts
+from gcpo_fast.data.rewards import extract_answer, math_reward
+from gcpo_fast.data.tasks import LEVELS, generate_problems, heldout_split, is_heldout, train_split
 
 
 def test_deterministic_per_seed_and_independent_of_global_rng():

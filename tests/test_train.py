@@ -11,11 +11,11 @@ from trainer_steps import logprobs, one_round, policy_of, rows_of, setup, sgd, s
 from transformers import AutoTokenizer
 
 from gcpo_fast.config import parse_config
+from gcpo_fast.data.sources import load_records
+from gcpo_fast.distributed.parallel import parallelize
 from gcpo_fast.packing import pack
-from gcpo_fast.parallel import parallelize
 from gcpo_fast.rollout import HFEngine, Rows, Sampling, encode_completion, encode_prompts
 from gcpo_fast.scoring import SamplingCorrection
-from gcpo_fast.sources import load_records
 from gcpo_fast.update import ModelWithLoss, build_optimizer, step_normalizer
 
 

@@ -12,8 +12,8 @@ from trainer_steps import policy_of, setup, sgd, step
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gcpo_fast.config import parse_config
+from gcpo_fast.distributed.parallel import free_port
 from gcpo_fast.packing import pack
-from gcpo_fast.parallel import free_port
 from gcpo_fast.rollout import Rows
 
 
@@ -126,7 +126,7 @@ def _ddp_worker(rank, world, port, files, out):
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
-    from gcpo_fast.parallel import init_distributed
+    from gcpo_fast.distributed.parallel import init_distributed
     from gcpo_fast.train import train
 
     init_distributed()

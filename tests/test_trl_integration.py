@@ -20,14 +20,14 @@ from datasets import Dataset  # noqa: E402 (trl's dependency)
 from tiny_model import make_tokenizer, problem  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
+from gcpo_fast.distributed.parallel import free_port  # noqa: E402
 from gcpo_fast.integrations.trl import (  # noqa: E402
     FusedGRPOTrainer,
     SelfCheckError,
     check_trl_version,
     unsupported_option,
 )
-from gcpo_fast.models import is_checkpointing  # noqa: E402
-from gcpo_fast.parallel import free_port  # noqa: E402
+from gcpo_fast.models.loading import is_checkpointing  # noqa: E402
 
 TOKENIZER = make_tokenizer(chat_template=False)
 METRICS = (

@@ -10,7 +10,7 @@ import pytest
 from tiny_model import make_tiny_model, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gcpo_fast.data import load_prompts
+from gcpo_fast.data.files import load_prompts
 from gcpo_fast.train import main
 
 

@@ -23,10 +23,10 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
-from gcpo_fast.models import DEFAULT_MODEL  # noqa: E402
+from gcpo_fast.data.sources import load_records  # noqa: E402
+from gcpo_fast.engines.vllm_engine import VLLMEngine  # noqa: E402
+from gcpo_fast.models.loading import DEFAULT_MODEL  # noqa: E402
 from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts  # noqa: E402
-from gcpo_fast.sources import load_records  # noqa: E402
-from gcpo_fast.vllm_engine import VLLMEngine  # noqa: E402
 
 LOGP_TOL = 1e-3
 TIE_TOL = 1e-3  # a greedy choice may differ only where HF's top two logits are this close (fp32 noise ~1e-5)
@@ -202,10 +202,10 @@ TORCHRUN_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch, torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from gcpo_fast.models import DEFAULT_MODEL
+    from gcpo_fast.models.loading import DEFAULT_MODEL
     from gcpo_fast.rollout import Sampling, encode_prompts
-    from gcpo_fast.sources import load_records
-    from gcpo_fast.vllm_engine import VLLMEngine
+    from gcpo_fast.data.sources import load_records
+    from gcpo_fast.engines.vllm_engine import VLLMEngine
 
     dist.init_process_group("gloo")  # as gcpo_fast.train does under torchrun, before the engine
     rank = dist.get_rank()

@@ -4,7 +4,7 @@
 
 Three LoRA steps of the shipped default with rollouts from vLLM, at a learning rate large enough that the
 adapters move the policy far in one step: after every step the engine gets the merged weights (W + delta under
-the base model's names, gcpo_fast/lora.py), so the trainer's log-probs of vLLM's samples stay within fp32 noise
+the base model's names, gcpo_fast/models/lora.py), so the trainer's log-probs of vLLM's samples stay within fp32 noise
 of vLLM's own (an engine left on the base weights would be far off: tests/test_vllm_engine.py measures that gap
 for a full-weight step; with the base weights sent instead of the merged ones, the gap after step 1 is ~10
 nats). --lora_dropout 0: dropout would make the trainer's log-probs noisy on purpose.
@@ -46,10 +46,10 @@ def test_vllm_own_lora_adapter_follows_the_peft_policy(tmp_path):
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
 
-    from gcpo_fast.lora import PeftOptions, attach
-    from gcpo_fast.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
-    from gcpo_fast.tasks import heldout_split
-    from gcpo_fast.vllm_engine import VLLMEngine
+    from gcpo_fast.data.tasks import heldout_split
+    from gcpo_fast.engines.vllm_engine import VLLMEngine
+    from gcpo_fast.models.loading import DEFAULT_MODEL, load_causal_lm, load_tokenizer
+    from gcpo_fast.models.lora import PeftOptions, attach
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     tokenizer = load_tokenizer(DEFAULT_MODEL)

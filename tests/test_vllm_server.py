@@ -22,8 +22,8 @@ pytest.importorskip("vllm")
 import torch  # noqa: E402
 from trainer_steps import check_policy_lag  # noqa: E402
 
-from gcpo_fast.models import DEFAULT_MODEL  # noqa: E402
-from gcpo_fast.remote_engine import launch_server  # noqa: E402
+from gcpo_fast.engines.remote import launch_server  # noqa: E402
+from gcpo_fast.models.loading import DEFAULT_MODEL  # noqa: E402
 from gcpo_fast.rollout import Sampling  # noqa: E402
 
 LOGP_TOL = 1e-3

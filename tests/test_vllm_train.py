@@ -59,7 +59,7 @@ def test_the_teacher_is_served_by_vllm_too(tmp_path):
     the one vLLM loads), asked for every all-wrong group of the word problems the shipped model fails."""
     import shutil
 
-    from gcpo_fast.models import DEFAULT_MODEL
+    from gcpo_fast.models.loading import DEFAULT_MODEL
 
     teacher = tmp_path / "teacher"
     shutil.copytree(DEFAULT_MODEL, teacher)

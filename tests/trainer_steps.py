@@ -13,9 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gcpo_fast.config import parse_config
-from gcpo_fast.data import PromptSampler
-from gcpo_fast.parallel import parallelize
-from gcpo_fast.rewards import load_reward_function
+from gcpo_fast.data.files import PromptSampler
+from gcpo_fast.data.rewards import load_reward_function
+from gcpo_fast.data.sources import load_records
+from gcpo_fast.distributed.parallel import parallelize
 from gcpo_fast.rollout import HFEngine
 from gcpo_fast.rounds import (
     RoundContext,
@@ -25,9 +26,8 @@ from gcpo_fast.rounds import (
     sample_groups,
     score_micro_batches,
 )
+from gcpo_fast.run.timing import PhaseTimer
 from gcpo_fast.scoring import score_logprobs
-from gcpo_fast.sources import load_records
-from gcpo_fast.timing import PhaseTimer
 from gcpo_fast.train import Trainer
 from gcpo_fast.update import ModelWithLoss, optimizer_step
 

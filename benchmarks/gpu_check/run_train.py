@@ -114,7 +114,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv[:split])
     train_argv = argv[split + 1 :]
     from gcpo_fast import train
-    from gcpo_fast.models import DEFAULT_MODEL
+    from gcpo_fast.models.loading import DEFAULT_MODEL
 
     fused: dict = {}
     watch_fused_op(fused)

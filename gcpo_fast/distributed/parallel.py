@@ -1,6 +1,6 @@
 """Parallelism: the process group, the policy as the update sees it (bare, DDP or FSDP2), reductions across ranks.
 
-    from gcpo_fast import parallel
+    from gcpo_fast.distributed import parallel
 
     dist = parallel.init_distributed()                 # Dist(rank, world_size, device); joins torchrun's group
     parallel.check_checkpoint(folder, "fsdp")          # --resume: the checkpoint's optimizer layout matches
@@ -61,13 +61,13 @@ every micro-batch's backward reduce-scatters its gradients into the shards: sync
 would keep whole unsharded gradients alive across micro-batches, the memory FSDP is there to save.
 Both average over ranks, so the step's normaliser (gcpo_fast/update.py) is the same.
 
-Checkpoints (gcpo_fast/checkpoint.py): the model is always a Hugging Face folder written by rank 0 from
+Checkpoints (gcpo_fast/run/checkpoint.py): the model is always a Hugging Face folder written by rank 0 from
 `full_state_dict()` (under FSDP every rank takes part in gathering each tensor, to the CPU of rank 0).
 The optimizer state: one process and DDP put the whole state dict into trainer_state.pt
 (`optimizer_state`, as every checkpoint so far); FSDP writes it with torch.distributed.checkpoint, each
 rank its own shards, into checkpoint-<step>/optimizer/ (`save_optimizer`), and loads it resharded onto
 any number of ranks (`load_optimizer`), its pickled .metadata read through an allowlist
-(gcpo_fast/dcp_reader.py: a crafted checkpoint cannot run code).
+(gcpo_fast/distributed/dcp_reader.py: a crafted checkpoint cannot run code).
 
 Collectives run on the CPU with gloo and on the GPU with NCCL (with CPU offload, gloo too for the
 CPU-resident gradients' norm): `reduce_device` decides where a reduction's tensors live, once.
@@ -306,7 +306,7 @@ class FSDPPolicy:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-        from gcpo_fast.dcp_reader import SafeFileSystemReader
+        from gcpo_fast.distributed.dcp_reader import SafeFileSystemReader
 
         check_checkpoint(folder, "fsdp")
         reader = SafeFileSystemReader(Path(folder) / OPTIMIZER_FOLDER)

@@ -1,6 +1,6 @@
 """What `--resume` does with options that differ from the checkpoint's: apply them, or refuse the resume.
 
-    from gcpo_fast import resume_policy
+    from gcpo_fast.run import resume_policy
 
     fingerprint = resume_policy.check(cfg, checkpoint, records)   # in prepare(): ValueError naming each difference
     ...load the optimizer and scheduler state...
@@ -21,7 +21,7 @@ one of two kinds (every option of TrainConfig is in exactly one set; tests/test_
   refused in one line naming each option with both values: resuming would mix two runs in one history
   (and the unfinished round in the checkpoint was built with the old values). To change them, start a
   new run from the checkpoint: `--model runs/x/checkpoint-N` in a new --output_dir.
-`parallelism` and the number of processes have their own checks (gcpo_fast/parallel.py, checkpoint.py).
+`parallelism` and the number of processes have their own checks (gcpo_fast/distributed/parallel.py, checkpoint.py).
 So the train_config.yaml a resumed run writes always equals what ran. A checkpoint written before the
 dataset hash was recorded is compared on its options only.
 """
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from gcpo_fast.checkpoint import STATE_FILE
+from gcpo_fast.run.checkpoint import STATE_FILE
 
 RUN_DEFINING = {
     # model and data

@@ -1,7 +1,7 @@
 """Per-device memory of a training run, estimated from the model's config before any weight loads.
 
     from transformers import AutoConfig
-    from gcpo_fast.memory import plan_memory, fit_warning
+    from gcpo_fast.models.memory import plan_memory, fit_warning
 
     config = AutoConfig.from_pretrained("Qwen/Qwen2.5-7B")
     plan = plan_memory(config, tokens_per_micro_batch=64 * 384, parallelism="fsdp", world_size=8, bf16=True,
@@ -9,7 +9,7 @@
                        device_memory=80 * 2**30)
     print(plan.summary())                 # "memory per device (estimate): 41.2 GiB = weights 3.5 + ... of 80.0 GiB"
     warning = fit_warning(config, device_memory=80 * 2**30, **same_options)  # None when it fits, else one line
-    plan_memory(config, lora=PeftOptions(use_peft=True, lora_r=16), ...)      # LoRA (gcpo_fast.lora.PeftOptions)
+    plan_memory(config, lora=PeftOptions(use_peft=True, lora_r=16), ...)      # LoRA (gcpo_fast.models.lora.PeftOptions)
     python -m benchmarks.bench_memory --plan_7b     # Qwen2.5-7B on one 80 GB GPU, LoRA r=16 and full, printed
 
 Inputs of plan_memory (all keyword, the run's options):
@@ -55,7 +55,7 @@ FSDP, else 1):
 With LoRA (lora.use_peft), from PEFT's adapters attached to the model on the meta device (adapter_shape; exact:
 tests/test_memory_lora.py checks the count against PEFT's own), A trainable parameters (r * (in + out) per adapted
 linear, DoRA's magnitudes, the copies of --lora_modules_to_save):
-- weights: the frozen base in its dtype (gcpo_fast.lora.base_dtype: 2P bf16 on CUDA under --bf16, else 4P),
+- weights: the frozen base in its dtype (gcpo_fast.models.lora.base_dtype: 2P bf16 on CUDA under --bf16, else 4P),
   the adapters in fp32 (4A), and a module to save twice (the original and PEFT's trained copy, base dtype);
   gradients and AdamW state for the A trainable parameters only (4A and 8A in fp32).
 - autocast_copies: under DDP only the adapters' bf16 copies (2 x lora_A and lora_B parameters): the base is
@@ -164,12 +164,12 @@ class AdapterShape:
 
 
 def adapter_shape(model_config, options, dtype: torch.dtype, trust_remote_code: bool = False) -> AdapterShape:
-    """Counts of the model with PEFT's adapters (gcpo_fast.lora.attach, options: PeftOptions), built on the meta
-    device with the frozen base in `dtype` (gcpo_fast.lora.base_dtype): exactly what PEFT would train."""
+    """Counts of the model with PEFT's adapters (gcpo_fast.models.lora.attach, options: PeftOptions), built on the meta
+    device with the frozen base in `dtype` (gcpo_fast.models.lora.base_dtype): exactly what PEFT would train."""
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
 
-    from gcpo_fast.lora import attach
+    from gcpo_fast.models.lora import attach
 
     config = copy.deepcopy(model_config)  # attach records the base's name in the config
     with torch.device("meta"):
@@ -241,14 +241,14 @@ def plan_memory(
     adapters: AdapterShape | None = None,
 ) -> MemoryPlan:
     """The per-device estimate for these options (see the module docstring for each input and part); lora: the
-    run's gcpo_fast.lora.PeftOptions (LoRA when lora.use_peft), None for full fine-tuning."""
+    run's gcpo_fast.models.lora.PeftOptions (LoRA when lora.use_peft), None for full fine-tuning."""
     if parallelism not in ("ddp", "fsdp"):
         raise ValueError(f"plan_memory: parallelism must be ddp or fsdp, got {parallelism!r}")
     shape = shape or model_shape(model_config)
     half = bf16 and torch.device(device).type == "cuda"
     element = 2 if half else 4
     if lora is not None and lora.use_peft and adapters is None:
-        from gcpo_fast.lora import base_dtype
+        from gcpo_fast.models.lora import base_dtype
 
         adapters = adapter_shape(model_config, lora, base_dtype(lora, bf16, device))
     fsdp = parallelism == "fsdp"
@@ -308,7 +308,7 @@ def fit_warning(model_config, *, device_memory: float, **options) -> str | None:
     shape = options.pop("shape", None) or model_shape(model_config)
     lora = options.get("lora")
     if lora is not None and lora.use_peft and options.get("adapters") is None:  # counted once, not per trial
-        from gcpo_fast.lora import base_dtype
+        from gcpo_fast.models.lora import base_dtype
 
         dtype = base_dtype(lora, options.get("bf16", True), options.get("device", "cuda"))
         options["adapters"] = adapter_shape(model_config, lora, dtype)

@@ -1,6 +1,6 @@
 """Packed attention: one decoder call over a [1, T] stream of B rows, each row attending only to itself.
 
-    from gcpo_fast.attention import resolve_attn_implementation, packed_attention_kwargs
+    from gcpo_fast.models.attention import resolve_attn_implementation, packed_attention_kwargs
 
     name = resolve_attn_implementation(None, device, bf16=True)   # or the user's --attn_implementation
     model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=name)

@@ -1,6 +1,6 @@
 """Reading FSDP's sharded optimizer state (torch.distributed.checkpoint) without trusting its pickle.
 
-    from gcpo_fast.dcp_reader import SafeFileSystemReader
+    from gcpo_fast.distributed.dcp_reader import SafeFileSystemReader
     reader = SafeFileSystemReader("runs/x/checkpoint-100/optimizer")
     reader.read_metadata()                              # MetadataRefused (one line) if it names anything else
     dcp.load(state_dict, storage_reader=reader)

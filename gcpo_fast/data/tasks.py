@@ -1,6 +1,6 @@
 """The shipped math task: arithmetic and short word problems at graded difficulty, with worked golden solutions.
 
-    from gcpo_fast.tasks import generate_problems, train_split, heldout_split
+    from gcpo_fast.data.tasks import generate_problems, train_split, heldout_split
 
     train = train_split(4096, seed=0)                   # never shares a prompt with any held-out split
     test = heldout_split(400, seed=0, levels=[1, 2, 3])
@@ -213,6 +213,7 @@ def _sample(n: int, stream: str, seed: int, levels, keep: Callable[[dict], bool]
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     levels = _levels(levels)
+    # the seed string names the module where this task was first written: changing it would change every problem
     rng = random.Random(f"gcpo_fast.tasks/{stream}/{seed}")
     out, seen, attempts = [], set(), 0
     while len(out) < n:

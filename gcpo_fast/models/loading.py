@@ -1,6 +1,6 @@
 """Loading the policy (a causal decoder) and its tokenizer from a local folder, refusing what cannot train.
 
-    from gcpo_fast.models import check_model_folder, frozen_dtype, load_causal_lm, load_tokenizer
+    from gcpo_fast.models.loading import check_model_folder, frozen_dtype, load_causal_lm, load_tokenizer
 
     folder = check_model_folder("runs/gcpo/checkpoint-300")      # one-line ValueError before anything loads
     tokenizer = load_tokenizer(folder)
@@ -42,7 +42,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGH
 
 from gcpo_fast.options import check_options, option
 
-DEFAULT_MODEL = str(Path(__file__).resolve().parent / "assets" / "default_model")
+DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "assets" / "default_model")
 
 
 @dataclass
@@ -62,7 +62,7 @@ class ModelConfig:
         None,
         "packed attention backend: flash_attention_2 (flash-attn installed), packed_varlen (torch's varlen_attn), "
         "packed_sdpa (SDPA row by row, any device) (default: the first of these that runs here; "
-        "gcpo_fast/attention.py)",
+        "gcpo_fast/models/attention.py)",
     )
     trust_remote_code: bool = option(
         False, "run the Python files a model folder maps to in its config.json (auto_map): a stranger's code"

@@ -1,6 +1,6 @@
 """Prompt datasets: local JSONL / Parquet files in TRL's or verl's layout, and a resumable sampler.
 
-    from gcpo_fast.data import load_prompts, PromptSampler
+    from gcpo_fast.data.files import load_prompts, PromptSampler
 
     records = load_prompts("data/train.jsonl")           # a .jsonl or .parquet file, or a directory of them
     records = load_prompts("gsm8k/", prompt_column="question", golden_column="answer", require_golden=True)
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from gcpo_fast.rewards import extract_answer, unverifiable_reason
+from gcpo_fast.data.rewards import extract_answer, unverifiable_reason
 
 SUFFIXES = (".jsonl", ".parquet")
 _MISSING = object()
@@ -277,52 +277,3 @@ class PromptSampler:
             )
         self.epoch, self.index, self.seed = state["epoch"], state["index"], state["seed"]
         self._order = self._epoch_order()
-
-
-def main(argv=None) -> None:
-    """`python -m gcpo_fast.data --export DIR`: write the shipped math task (gcpo_fast.tasks) as DIR/train.jsonl
-    and DIR/test.jsonl in TRL's layout (prompt, solution; plus answer and level), readable by load_prompts.
-    Existing files are replaced only with --overwrite. A usage error (bad sizes or levels, DIR a file,
-    files in the way) is one line on stderr and exit status 2; a failure to write is one line and status 1."""
-    from gcpo_fast.cli import ArgumentParser
-    from gcpo_fast.tasks import heldout_split, train_split
-
-    ap = ArgumentParser(prog="python -m gcpo_fast.data", description=main.__doc__.split("\n")[0])
-    ap.add_argument("--export", type=Path, required=True, metavar="DIR", help="folder to write train.jsonl, test.jsonl")
-    ap.add_argument("--train-size", type=int, default=4096)
-    ap.add_argument("--test-size", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--levels", type=int, nargs="+", default=None, help="difficulty levels to draw (default: all)")
-    ap.add_argument("--overwrite", action="store_true", help="replace train.jsonl / test.jsonl if DIR holds them")
-    args = ap.parse_args(argv)
-    for name in ("train_size", "test_size"):
-        if getattr(args, name) < 1:
-            ap.fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.export.exists() and not args.export.is_dir():
-        ap.fail(f"--export {args.export} is a file, not a folder")
-    paths = {name: args.export / f"{name}.jsonl" for name in ("train", "test")}
-    existing = [str(p) for p in paths.values() if p.exists()]
-    if existing and not args.overwrite:
-        ap.fail(
-            f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: pass --overwrite to replace"
-        )
-    try:
-        # test problems are distinct, as in a real benchmark; training problems may repeat (small levels)
-        splits = {
-            "train": train_split(args.train_size, seed=args.seed, levels=args.levels),
-            "test": heldout_split(args.test_size, seed=args.seed, levels=args.levels, distinct=True),
-        }
-    except ValueError as e:
-        ap.fail(str(e))
-    try:
-        args.export.mkdir(parents=True, exist_ok=True)
-        for name, records in splits.items():
-            with open(paths[name], "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
-            print(f"wrote {len(records)} {name} problems to {paths[name]}")
-    except OSError as e:
-        ap.fail(f"--export {args.export}: {e.strerror}: {e.filename}", status=1)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Rollouts on vLLM, colocated: one engine inside each training process, weights pushed in after every step.
 
-    from gcpo_fast.vllm_engine import VLLMEngine
+    from gcpo_fast.engines.vllm_engine import VLLMEngine
 
     engine = VLLMEngine(model_path, tokenizer, seed=rank, gpu_memory_utilization=0.3,
                         max_model_len=max_prompt_length + max_completion_length,
@@ -58,10 +58,10 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
+from gcpo_fast.distributed.parallel import free_port
 from gcpo_fast.errors import require
 from gcpo_fast.kernels import SAMPLING_MODES
 from gcpo_fast.options import check_options, option
-from gcpo_fast.parallel import free_port
 from gcpo_fast.rollout import Rows, cut_at_eos, eos_token_ids
 
 

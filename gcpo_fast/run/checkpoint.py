@@ -1,9 +1,9 @@
 """Checkpoints that a crash cannot break and that resume a run exactly.
 
-    from gcpo_fast.checkpoint import save_checkpoint, load_checkpoint, find_checkpoint
+    from gcpo_fast.run.checkpoint import save_checkpoint, load_checkpoint, find_checkpoint
 
     save_checkpoint("runs/x", step, model, tokenizer, state, rank_state, config=cfg.to_dict(), save_total_limit=3,
-                    model_state=policy.full_state_dict(),   # every rank calls it (gcpo_fast/parallel.py)
+                    model_state=policy.full_state_dict(),   # every rank calls it (gcpo_fast/distributed/parallel.py)
                     save_sharded=lambda folder: policy.save_optimizer(optimizer, folder))
     path = find_checkpoint("runs/x", "latest")        # the newest complete one, or a given checkpoint folder
     state, rank_state = load_checkpoint(path)          # also restores this rank's RNG states
@@ -57,13 +57,14 @@ import torch
 import yaml
 from safetensors import safe_open
 
+from gcpo_fast.distributed.parallel import barrier, rank_and_world
 from gcpo_fast.errors import TrainingError
 from gcpo_fast.options import at_least, check_options, option
-from gcpo_fast.parallel import barrier, rank_and_world
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "checkpoint.json"
-ADAPTER_CONFIG = "adapter_config.json"  # a --use_peft checkpoint holds the adapter (gcpo_fast/lora.py), not the model
+# a --use_peft checkpoint holds the adapter (gcpo_fast/models/lora.py), not the model
+ADAPTER_CONFIG = "adapter_config.json"
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 FULL_DISK_BYTES = 64 * 2**20  # less free space than this after a torch.save error: the disk filled up
 

@@ -1,9 +1,9 @@
 """A run: its options (where it writes, how long it trains, its seed) and its state, which checkpoints itself.
 
-    from gcpo_fast.run import RunConfig, RunState
+    from gcpo_fast.run.state import RunConfig, RunState
 
     state = RunState()                                     # step 0, no prepared steps
-    state.restore(trainer_state, rank_state)               # from a checkpoint (gcpo_fast/checkpoint.py)
+    state.restore(trainer_state, rank_state)               # from a checkpoint (gcpo_fast/run/checkpoint.py)
     trainer_state = state.shared_state(optimizer_state=..., scheduler=..., sampler_state=...)   # what all ranks share
     rank_state = state.rank_state()                        # the unfinished round of this rank
 

@@ -1,7 +1,7 @@
 """Run logging: one JSON line per step in metrics.jsonl, sample rollouts in samples.jsonl, optional
 TensorBoard / W&B, and a compact console line every logging_steps.
 
-    from gcpo_fast.logger import RunLogger
+    from gcpo_fast.run.logger import RunLogger
 
     log = RunLogger("runs/x", report_to=["tensorboard"], config=cfg.to_dict(), logging_steps=10, resume_step=None)
     log.metrics(step, {"reward": 0.4, "loss": 0.01, ...})
@@ -25,9 +25,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from gcpo_fast.checkpoint import list_checkpoints
 from gcpo_fast.errors import require
 from gcpo_fast.options import at_least, check_options, option
+from gcpo_fast.run.checkpoint import list_checkpoints
 
 REPORTERS = ("none", "tensorboard", "wandb")
 

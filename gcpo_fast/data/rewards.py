@@ -1,6 +1,6 @@
 """Rewards: math answer checking with math-verify, user reward functions, DAPO's overlong shaping.
 
-    from gcpo_fast.rewards import math_reward, load_reward_function, compute_rewards, overlong_penalty
+    from gcpo_fast.data.rewards import math_reward, load_reward_function, compute_rewards, overlong_penalty
 
     math_reward([r"... so \\boxed{1/2}", "it is 3"], ["0.5", "0.5"])          # -> [1.0, 0.0]
 
@@ -25,7 +25,7 @@ own traceback as the cause. Each function gets its own copies of the prompts, co
 `unverifiable_reason(answer)` says why math_reward can never score a completion correct against a
 ground-truth answer as it is meant: math-verify cannot parse it at all (e.g. "\\$5"), or it reads a plain
 word as a product of one-letter variables ("yes" -> E*s*y, "sin(x)" -> i*s*n(x); \\text{yes} and \\sin(x)
-are read as meant). The data loader reports such answers when the dataset loads (gcpo_fast/data.py).
+are read as meant). The data loader reports such answers when the dataset loads (gcpo_fast/data/files.py).
 
 math-verify bounds each parse/verify with SIGALRM, which only works on the main thread. Off the main
 thread (rollout or reward workers) we pass `None` to its timeouts, math-verify's own switch for

@@ -1,10 +1,10 @@
 """One run per run directory: an exclusive lock on output_dir/.run.lock while a trainer writes there.
 
-    from gcpo_fast import run_lock
+    from gcpo_fast.run import lock
 
-    run_lock.acquire("runs/x")   # RunDirInUse (a ValueError, one line naming the holder) if another run holds it
+    lock.acquire("runs/x")   # RunDirInUse (a ValueError, one line naming the holder) if another run holds it
     ...                          # checkpoints, metrics.jsonl, samples.jsonl: this process's alone
-    run_lock.release("runs/x")   # also implicit when the process ends, however it ends (kill -9 included)
+    lock.release("runs/x")   # also implicit when the process ends, however it ends (kill -9 included)
 
 Two trainers started into one folder would replace each other's checkpoints and interleave metrics.jsonl.
 The lock is `fcntl.flock` on an open file: the kernel drops it when the process dies, so a lock left by a

@@ -35,10 +35,10 @@ from urllib.parse import urlparse
 
 import torch.distributed as dist
 
+from gcpo_fast.distributed.parallel import free_port
+from gcpo_fast.engines.weight_transport import WeightGroup, device_uuid, pick_backend
 from gcpo_fast.errors import TrainingError
-from gcpo_fast.parallel import free_port
 from gcpo_fast.rollout import Rows, Sampling
-from gcpo_fast.weight_transport import WeightGroup, device_uuid, pick_backend
 
 SHORT_TIMEOUT_S = 10.0  # health, info, communicator calls
 

@@ -1,7 +1,7 @@
 """What the prompts and completions of a run say about its settings: checked once before any model work, and
 watched each round.
 
-    from gcpo_fast.prompt_checks import check_prompts, warn_if_mostly_truncated
+    from gcpo_fast.data.prompt_checks import check_prompts, warn_if_mostly_truncated
 
     check_prompts(tokenizer, {"train.jsonl": records, "test.jsonl": eval_records}, max_prompt_length=256)
     warn_if_mostly_truncated(rollouts.truncated, max_completion_length=128)   # after each generation round
