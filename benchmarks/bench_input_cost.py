@@ -6,7 +6,7 @@
 1. Loading N JSONL rows (answers: 1/4 integers, 1/4 decimals, 1/4 \\frac{a}{b}, 1/4 a\\sqrt{b} from 650 distinct
    ones): the load checks every distinct answer with math-verify (data.warn_unverifiable). "before" parses each
    one (PLAIN_NUMBER matching nothing), "after" skips the plain numbers.
-2. Encoding one prompt of MB megabytes for the last 256 tokens (rollout.encode_prompts): "before" tokenises it
+2. Encoding one prompt of MB megabytes for the last 256 tokens (prompts.encode_prompts): "before" tokenises it
    whole (CHARS_PER_TOKEN huge), "after" cuts it to its last 256 x CHARS_PER_TOKEN characters first.
 Wall time (time.perf_counter) and the peak resident memory of a child process per measurement (ru_maxrss).
 """
@@ -41,15 +41,15 @@ def measure_load(path: str, before: bool) -> float:
 def measure_prompt(megabytes: float, before: bool) -> float:
     from transformers import AutoTokenizer
 
-    from gcpo_fast import rollout
+    from gcpo_fast.data import prompts
     from gcpo_fast.models.loading import DEFAULT_MODEL
 
     if before:
-        rollout.CHARS_PER_TOKEN = 10**12
+        prompts.CHARS_PER_TOKEN = 10**12
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
     prompt = "What is 1 + 2? " * int(megabytes * 10**6 / 15)
     start = time.perf_counter()
-    rollout.encode_prompts(tokenizer, [prompt], 256)
+    prompts.encode_prompts(tokenizer, [prompt], 256)
     return time.perf_counter() - start
 
 

@@ -59,9 +59,7 @@ def micro_batch(v: int):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, v, (PROMPT,), generator=g).tolist() for _ in range(ROWS)]
     completions = [torch.randint(0, v, (COMPLETION,), generator=g).tolist() for _ in range(ROWS)]
-    mb = pack_rows(prompts, completions)
-    mb.advantages = torch.randn(ROWS, generator=g)
-    return mb
+    return pack_rows(prompts, completions, advantages=torch.randn(ROWS, generator=g))
 
 
 def peak_memory() -> int:

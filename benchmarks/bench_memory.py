@@ -92,8 +92,8 @@ def child(shape) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (rows, prompt + completion), generator=g).tolist()
-    packed = pack_rows([r[:prompt] for r in ids], [r[prompt:] for r in ids])
-    packed.advantages = torch.randn(rows, generator=g)
+    advantages = torch.randn(rows, generator=g)
+    packed = pack_rows([r[:prompt] for r in ids], [r[prompt:] for r in ids], advantages=advantages)
     for _ in range(3):
         loss, _ = module(packed, float(rows * completion))
         loss.backward()

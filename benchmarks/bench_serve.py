@@ -18,10 +18,12 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from gcpo_fast.data.prompts import encode_prompts
 from gcpo_fast.data.sources import load_records
+from gcpo_fast.engines.base import Sampling
+from gcpo_fast.engines.hf import HFEngine
 from gcpo_fast.engines.remote import launch_server
 from gcpo_fast.models.loading import DEFAULT_MODEL
-from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts
 
 
 def parse_args(argv=None):

@@ -103,15 +103,15 @@ def worker(mode: str, path: str, rank: int, syncs: int, n_prompts: int, tokens: 
     from vllm.lora.request import LoRARequest
 
     from gcpo_fast.engines import vllm_engine
+    from gcpo_fast.engines.base import cut_at_eos
     from gcpo_fast.models.loading import load_tokenizer
     from gcpo_fast.models.lora import merged_named_parameters
-    from gcpo_fast.rollout import cut_at_eos
 
     tokenizer = load_tokenizer(path)
     model = adapted_model(path, rank)
     engine = vllm_engine.VLLMEngine(
         path, tokenizer, max_model_len=512, dtype="float32", max_lora_rank=rank if mode == "lora" else None
-    )  # fp32 as the trainer builds it on a CPU (gcpo_fast/rollout.py)
+    )  # fp32 as the trainer builds it on a CPU (gcpo_fast/engines/factory.py)
     scratch = Path(tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     request = None
 

@@ -7,14 +7,16 @@
     cfg = parse_config(["--loss_type", "dapo", "--epsilon_high", "0.3"])   # resolved and checked
     cfg.rollout.max_completion_length, cfg.method.loss_agg_mode, cfg.optim.learning_rate
 
-Each component owns its options and checks them itself (gcpo_fast/options.py): the model (models.py), the
-data (sources.py), the rewards (rewards.py), generation (rollout.py), vLLM (vllm_engine.py), the batch
-(rounds.py), the optimizer (update.py), parallelism (parallel.py), the method and its loss (methods.py),
-golden answers (golden.py), evaluation (eval.py), logging (logger.py), checkpoints (checkpoint.py) and the run
-(run.py); each function is handed only the parts it reads. Flag names are TRL's where TRL has the concept;
-the command line is transformers' HfArgumentParser, as in TRL. `resolve` fills what depends on several parts
-(the `--loss_type` recipe, the learning rate for the shipped model) and checks the combinations. A bad option
-raises ConfigError naming it, before any data or model is loaded.
+Each component owns its options and checks them itself (gcpo_fast/options.py): the model (models/loading.py), LoRA
+(models/lora.py), the data (data/sources.py), the rewards (data/rewards.py), generation (engines/base.py), vLLM and
+the generation server (engines/vllm_engine.py), async rollouts (async_rollouts.py), the batch (rounds.py), the
+optimizer (update.py), parallelism (distributed/parallel.py), the method and its loss (methods/recipes.py), golden
+answers (golden/options.py), evaluation (eval.py), logging (run/logger.py), checkpoints (run/checkpoint.py) and the
+run (run/state.py); each function is handed only the parts it reads. Flag names are TRL's where TRL has the concept;
+the command line is transformers' HfArgumentParser, as in TRL, and the other commands take the same options under
+the same names (gcpo_fast/cli.py, add_options). `resolve` fills what depends on several parts (the `--loss_type`
+recipe, the learning rate for the shipped model) and checks the combinations. A bad option raises ConfigError naming
+it, before any data or model is loaded.
 """
 
 import argparse
@@ -29,24 +31,24 @@ import yaml
 from transformers import HfArgumentParser
 
 from gcpo_fast.async_rollouts import AsyncConfig
+from gcpo_fast.cli import HelpFormatter
 from gcpo_fast.data.rewards import RewardConfig
 from gcpo_fast.data.sources import DataConfig
 from gcpo_fast.distributed.parallel import ParallelConfig
+from gcpo_fast.engines.base import RolloutConfig
 from gcpo_fast.engines.vllm_engine import VLLMConfig
 from gcpo_fast.errors import ConfigError, require
 from gcpo_fast.eval import EvalConfig
-from gcpo_fast.golden import GoldenConfig
-from gcpo_fast.methods import MethodConfig
+from gcpo_fast.golden.options import GoldenConfig
+from gcpo_fast.kernels import PolicyLossConfig
+from gcpo_fast.methods.recipes import MethodConfig
 from gcpo_fast.models.loading import ModelConfig
 from gcpo_fast.models.lora import PeftOptions
-from gcpo_fast.rollout import RolloutConfig
 from gcpo_fast.rounds import BatchConfig
 from gcpo_fast.run.checkpoint import CheckpointConfig
 from gcpo_fast.run.logger import LogConfig
 from gcpo_fast.run.state import RunConfig
-from gcpo_fast.update import OptimizerConfig
-
-SHIPPED_MODEL_LR = 6e-4  # searched on validation problems (benchmarks/tune_default.py, docs/results.md)
+from gcpo_fast.update import SHIPPED_MODEL_LR, OptimizerConfig
 
 
 @dataclass
@@ -82,26 +84,13 @@ class TrainConfig:
         """Prompts each rank samples per generation round: its completions over G."""
         return self.batch.completions_per_round // self.rollout.num_generations
 
-    def loss_config(self):
-        """The fused op's switches (gcpo_fast.kernels.PolicyLossConfig)."""
-        return self.method.loss_config(self.rollout.max_completion_length, self.rollout.temperature)
+    def loss_config(self) -> PolicyLossConfig:
+        """The fused op's switches: the method's and the golden rows' (resolved options only)."""
+        method = self.method.loss_switches(self.rollout.max_completion_length, self.rollout.temperature)
+        return PolicyLossConfig(**method, **self.golden.loss_switches())
 
 
 PARTS = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Each option's default after its help, unless the help already says where the default comes from."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default:" in text or action.default is argparse.SUPPRESS:
-            return text
-        default = action.default
-        shown = (
-            "none" if default in (None, []) else " ".join(map(str, default)) if isinstance(default, list) else default
-        )
-        return f"{text} (default: {shown})"
 
 
 class ArgumentParser(HfArgumentParser):
@@ -214,19 +203,12 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.optim.learning_rate is None:
         # a 1M-parameter model needs a far larger step than the billion-parameter models TRL's 1e-6 is for
         cfg.optim = dataclasses.replace(cfg.optim, learning_rate=SHIPPED_MODEL_LR if cfg.model.is_shipped else 1e-6)
-    if cfg.golden.golden_max_completion_length is None:
-        cfg.golden = dataclasses.replace(cfg.golden, golden_max_completion_length=budget)
+    cfg.golden = cfg.golden.resolved(cfg.method.method.golden_answer, cfg.method.loss_type, budget)
     G, rows = cfg.rollout.num_generations, cfg.batch.completions_per_round
     require(
         rows % G == 0,
         f"num_generations={G} must divide the completions of a generation round, per_device_train_batch_size x "
         f"steps_per_generation = {cfg.batch.per_device_train_batch_size} x {cfg.batch.steps_per_generation} = {rows}",
-    )
-    teacher = [f"--{name}" for name in ("golden_model", "golden_cache") if getattr(cfg.golden, name)]
-    require(
-        not teacher or cfg.method.golden_answer != "off",
-        f"{' and '.join(teacher)} would never be asked: golden_answer is off (loss_type {cfg.method.loss_type}); "
-        "use --loss_type gcpo or --golden_answer append",
     )
     require(
         cfg.vllm.vllm_max_model_length is None

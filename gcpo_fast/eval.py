@@ -1,13 +1,14 @@
 """Accuracy on held-out problems: mean@k and pass@k.
 
-    python -m gcpo_fast.eval                                                   # shipped model, builtin held-out split
-    python -m gcpo_fast.eval --model runs/gcpo/checkpoint-300 --levels 3 4 5   # the levels the default run trains on
-    python -m gcpo_fast.eval --model runs/gcpo/checkpoint-200 --num_samples 8  # 8 samples per problem
-    python -m gcpo_fast.eval --model DIR --dataset test.jsonl --num_problems 500 --output eval.json
-    python -m gcpo_fast.eval --model runs/lora/checkpoint-300                  # an adapter (--use_peft) on its base
+    python -m gcpo_fast.eval                                         # the shipped model, held-out levels 3-5
+    python -m gcpo_fast.eval --model runs/gcpo/checkpoint-300 --builtin_levels 1 2 6 7 8     # levels it never trained
+    python -m gcpo_fast.eval --model runs/gcpo/checkpoint-200 --eval_num_samples 8          # 8 samples per problem
+    python -m gcpo_fast.eval --model DIR --eval_dataset test.jsonl --eval_num_problems 500 --output eval.json
+    python -m gcpo_fast.eval --model runs/lora/checkpoint-300        # an adapter (--use_peft) on its base
 
-With k = num_samples completions per problem (greedy decoding when k = 1, else sampling at
---temperature), c of them correct (math-verify against the record's answer):
+Its options are the trainer's, under the same names (`python -m gcpo_fast.train --help` groups them), plus
+--batch_size and --output. With k = eval_num_samples completions per problem (greedy decoding when k = 1, else
+sampling at --temperature), c of them correct (math-verify against the record's answer):
     mean@k = mean over problems of c / k
     pass@j = mean over problems of 1 - C(k - c, j) / C(k, j)   for j = 1, 2, 4, ..., k
 the unbiased estimator of Chen et al. (2021) of the chance that j samples hold a correct one
@@ -16,7 +17,7 @@ When every record has a `level` (the builtin task's difficulty, or a dataset's o
 MATH's), mean@k is also given per level, as eval/level_<level>/mean@k with eval/level_<level>/num_problems.
 The trainer logs the same metrics every --eval_steps.
 
-The command line is checked before anything loads (option ranges, --model with gcpo_fast.models.loading'
+The command line is checked before anything loads (each option by its component's own checks, --model by
 check_model_folder, the --output folder, the dataset): a usage error is one line on stderr and exit
 status 2; a failure while loading or generating is one line and exit status 1.
 """
@@ -29,14 +30,17 @@ from pathlib import Path
 
 import torch
 
-from gcpo_fast.cli import ArgumentParser
+from gcpo_fast.cli import ArgumentParser, add_options, components
 from gcpo_fast.data.prompt_checks import check_prompts
+from gcpo_fast.data.prompts import encode_prompts
 from gcpo_fast.data.rewards import math_reward
-from gcpo_fast.data.sources import load_records
-from gcpo_fast.models.loading import DEFAULT_MODEL, check_model_folder, load_causal_lm, load_tokenizer
+from gcpo_fast.data.sources import DataConfig, load_records
+from gcpo_fast.engines.base import RolloutConfig, Sampling
+from gcpo_fast.engines.hf import HFEngine
+from gcpo_fast.models.loading import ModelConfig, check_model_folder, load_causal_lm, load_tokenizer
 from gcpo_fast.models.lora import adapter_base, is_adapter_folder, load_adapted
 from gcpo_fast.options import at_least, check_options, option
-from gcpo_fast.rollout import HFEngine, RolloutConfig, Sampling, encode_prompts
+from gcpo_fast.run.state import RunConfig
 
 
 @dataclass
@@ -104,7 +108,7 @@ def count_correct(
     batch_size: int = 32,
     seed: int = 0,
 ) -> list[int]:
-    """How many of num_samples completions of each record (from the rollout engine, gcpo_fast/rollout.py)
+    """How many of num_samples completions of each record (from the rollout engine, gcpo_fast/engines/base.py)
     are correct. The global RNG is left as it was (a training run that evaluates draws the same samples
     as one that does not)."""
     correct = []
@@ -120,116 +124,85 @@ def count_correct(
     return correct
 
 
-def check_args(args) -> str | None:
-    """What is wrong with the command line, before anything loads; None if nothing."""
-    for name in ("num_problems", "num_samples", "batch_size", "max_prompt_length", "max_completion_length"):
-        if getattr(args, name) < 1:
-            return f"--{name} must be >= 1, got {getattr(args, name)}"
-    for name in ("temperature", "top_p"):
-        if not math.isfinite(getattr(args, name)):
-            return f"--{name} must be a finite number, got {getattr(args, name)}"
-    if args.num_samples > 1 and args.temperature <= 0:
-        return (
-            f"--temperature must be > 0 to sample --num_samples {args.num_samples} completions, got "
-            f"{args.temperature} (--num_samples 1 decodes greedily)"
-        )
-    if not 0 < args.top_p <= 1:
-        return f"--top_p must be in (0, 1], got {args.top_p}"
-    if args.top_k < 0:
-        return f"--top_k must be >= 0 (0: off), got {args.top_k}"
-    if args.levels is not None and args.dataset != "builtin":
-        return "--levels picks levels of --dataset builtin; a file is evaluated as it is"
-    if args.output is not None:
-        output = Path(args.output)
-        if output.is_dir():
-            return f"--output {output} is a folder; expected a file name"
-        if not output.parent.is_dir():
-            return f"--output {output}: folder {output.parent} does not exist"
-        if not os.access(output.parent, os.W_OK):
-            return f"--output {output}: folder {output.parent} is not writable"
+def check_output(output: str | None) -> str | None:
+    """What is wrong with --output, before anything loads; None if nothing."""
+    if output is None:
+        return None
+    path = Path(output)
+    if path.is_dir():
+        return f"--output {path} is a folder; expected a file name"
+    if not path.parent.is_dir():
+        return f"--output {path}: folder {path.parent} does not exist"
+    if not os.access(path.parent, os.W_OK):
+        return f"--output {path}: folder {path.parent} is not writable"
     return None
 
 
-def main(argv=None) -> None:
-    """Usage errors (bad options, --model, --dataset) exit with status 2 and runtime errors with status 1, each
-    as one line on stderr, before the model loads where the problem is in the arguments."""
+def build_parser() -> ArgumentParser:
+    """The trainer's options that an evaluation reads, under the trainer's names, and the command's own two."""
     ap = ArgumentParser(prog="python -m gcpo_fast.eval", description="mean@k and pass@k on held-out problems")
-    ap.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="local Hugging Face causal LM folder, or the hub id of one in "
-        "the local Hugging Face cache (default: the shipped model)",
-    )
-    ap.add_argument("--dataset", default="builtin", help="'builtin' (its held-out split) or a .jsonl/.parquet file")
-    ap.add_argument("--num_problems", type=int, default=500, help="problems to evaluate (the first ones of a file)")
-    ap.add_argument(
-        "--levels", type=int, nargs="+", default=None, help="builtin only: the difficulty levels to draw (default: all)"
-    )
-    ap.add_argument("--num_samples", type=int, default=1, help="completions per problem, k (1: greedy)")
-    ap.add_argument("--max_prompt_length", type=int, default=RolloutConfig.max_prompt_length)
-    ap.add_argument("--max_completion_length", type=int, default=RolloutConfig.max_completion_length)
-    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature when k > 1")
-    ap.add_argument("--top_p", type=float, default=1.0)
-    ap.add_argument("--top_k", type=int, default=0)
+    add_options(ap, ModelConfig, "model", "trust_remote_code")
+    add_options(ap, EvalConfig, "eval_dataset", "eval_num_problems", "eval_num_samples")
+    add_options(ap, DataConfig, "builtin_levels", "prompt_column", "answer_column", "golden_column")
+    add_options(ap, RolloutConfig, "max_prompt_length", "max_completion_length", "temperature", "top_p", "top_k")
+    add_options(ap, RunConfig, "seed")
     ap.add_argument("--batch_size", type=int, default=32, help="problems per generate call")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--prompt_column", default="prompt")
-    ap.add_argument("--answer_column", default=None, help="default: extracted from --golden_column")
-    ap.add_argument("--golden_column", default="solution")
     ap.add_argument("--output", default=None, help="also write the metrics to this JSON file (its folder must exist)")
-    ap.add_argument(
-        "--trust_remote_code",
-        action="store_true",
-        help="run the Python files the model folder maps to (auto_map in config.json): a stranger's code",
-    )
+    return ap
+
+
+def main(argv=None) -> None:
+    """Usage errors (bad options, --model, --eval_dataset) exit with status 2 and runtime errors with status 1,
+    each as one line on stderr, before the model loads where the problem is in the arguments."""
+    ap = build_parser()
     args = ap.parse_args(argv)
+    parts = ModelConfig, EvalConfig, DataConfig, RolloutConfig, RunConfig
+    model_cfg, evaluation, data, rollout, run = components(ap, args, *parts)
+    dataset = evaluation.eval_dataset or "builtin"
     try:
-        problem = check_args(args)
+        if args.batch_size < 1:
+            ap.fail(f"--batch_size must be >= 1, got {args.batch_size}")
+        problem = check_output(args.output)
         if problem:
             ap.fail(problem)
-        adapter = is_adapter_folder(args.model)  # a --use_peft checkpoint: the adapter on its base model
-        check_model_folder(
-            adapter_base(args.model) if adapter else args.model, trust_remote_code=args.trust_remote_code
-        )
+        trust = model_cfg.trust_remote_code
+        adapter = is_adapter_folder(model_cfg.model)  # a --use_peft checkpoint: the adapter on its base model
+        base = adapter_base(model_cfg.model) if adapter else model_cfg.model
+        check_model_folder(base, trust_remote_code=trust)
+        k = evaluation.eval_num_problems
         records = load_records(
-            args.dataset,
-            split="test",
-            num_problems=args.num_problems,
-            levels=args.levels,
-            prompt_column=args.prompt_column,
-            golden_column=args.golden_column,
-            answer_column=args.answer_column,
-        )[: args.num_problems]
+            dataset, split="test", num_problems=k, levels=sorted(set(data.builtin_levels)), **data.columns
+        )[:k]
     except ValueError as e:
         ap.fail(str(e))
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    num_samples = evaluation.eval_num_samples
     try:
-        trust = args.trust_remote_code
-        tokenizer = load_tokenizer(adapter_base(args.model) if adapter else args.model, trust_remote_code=trust)
-        check_prompts(tokenizer, {args.dataset: records}, args.max_prompt_length)  # before the model loads
+        tokenizer = load_tokenizer(base, trust_remote_code=trust)
+        check_prompts(tokenizer, {dataset: records}, rollout.max_prompt_length)  # before the model loads
         if adapter:
-            model = load_adapted(args.model, device=device, dtype="auto", trust_remote_code=trust)[0]
+            model = load_adapted(model_cfg.model, device=device, dtype="auto", trust_remote_code=trust)[0]
         else:  # the dtype the model was saved in
-            model = load_causal_lm(args.model, device=device, dtype="auto", trust_remote_code=trust)
+            model = load_causal_lm(model_cfg.model, device=device, dtype="auto", trust_remote_code=trust)
         sampling = Sampling(
-            args.max_completion_length, args.temperature, args.top_p, args.top_k, greedy=args.num_samples == 1
+            rollout.max_completion_length, rollout.temperature, rollout.top_p, rollout.top_k, greedy=num_samples == 1
         )
         correct = count_correct(
             HFEngine(model, tokenizer),
             tokenizer,
             records,
             sampling,
-            num_samples=args.num_samples,
-            max_prompt_length=args.max_prompt_length,
+            num_samples=num_samples,
+            max_prompt_length=rollout.max_prompt_length,
             batch_size=args.batch_size,
-            seed=args.seed,
+            seed=run.seed,
         )
     except ValueError as e:
         ap.fail(str(e), status=1)
     metrics = {
         "num_problems": len(records),
-        **summarize(correct, args.num_samples),
-        **level_summary(records, correct, args.num_samples),
+        **summarize(correct, num_samples),
+        **level_summary(records, correct, num_samples),
     }
     print(json.dumps(metrics, indent=2))
     if args.output:

@@ -51,7 +51,8 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFas
 
 from gcpo_fast.data.rewards import math_reward
 from gcpo_fast.data.tasks import LEVELS, generate_problems, heldout_split, train_split
-from gcpo_fast.rollout import HFEngine, Sampling
+from gcpo_fast.engines.base import Sampling
+from gcpo_fast.engines.hf import HFEngine
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "assets" / "default_model"
 

@@ -2,7 +2,7 @@
 
     from gcpo_fast.packing import pack, pack_rows, forward_hidden, head_inputs
 
-    packed = pack(rows, mask_truncated=False).to("cuda")           # a micro-batch (rollout.Rows), packed once
+    packed = pack(rows, mask_truncated=False).to("cuda")           # a micro-batch (engines.base.Rows), packed once
     packed = pack_rows(prompt_ids, completion_ids, device="cuda")   # or B rows as lists of token ids each
     hidden = forward_hidden(model, packed)                          # [T, d], T = all prompt + completion tokens
     h, weight, bias = head_inputs(hidden[packed.completion_index], model)  # [N, d]; one dtype (autocast's)
@@ -45,10 +45,11 @@ _LOGIT_TRANSFORMS = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class PackedBatch:
     """One micro-batch as the model and the fused loss take it: the packed stream (module docstring), the
-    rows' advantages and golden flags, and the per-token log-probs and weight the round scored it with."""
+    rows' advantages and golden flags, and the per-token log-probs the round scored it with. Built whole once
+    (pack, pack_rows); a later stage that adds log-probs makes a new one (dataclasses.replace)."""
 
     input_ids: torch.Tensor  # [1, T] long
     position_ids: torch.Tensor  # [1, T] long, restarting at 0 per row
@@ -61,7 +62,6 @@ class PackedBatch:
     golden: torch.Tensor | None = None  # [B] bool: a golden answer, not a rollout
     old_logp: torch.Tensor | None = None  # [N] behaviour log-probs; None: on-policy
     ref_logp: torch.Tensor | None = None  # [N] the reference model's, when beta > 0
-    sampling_weight: torch.Tensor | None = None  # [N] the sampling-mismatch correction (docs/algorithms.md)
     engine_logp: torch.Tensor | None = None  # [N] the log-probs an engine sampled with (0 on golden rows), if any
 
     @property
@@ -89,24 +89,34 @@ torch.serialization.add_safe_globals([PackedBatch])
 
 
 def pack(rows, mask_truncated: bool) -> PackedBatch:
-    """A micro-batch (gcpo_fast.rollout.Rows with advantages) as one packed batch on the CPU, once; the targets of
-    truncated rows are IGNORE_INDEX when mask_truncated."""
-    packed = pack_rows(rows.prompt_ids, rows.completion_ids)
+    """A micro-batch (gcpo_fast.engines.base.Rows with advantages) as one packed batch on the CPU, once; the targets
+    of truncated rows are IGNORE_INDEX when mask_truncated."""
+    layout = _layout(rows.prompt_ids, rows.completion_ids)
     if mask_truncated and any(rows.truncated):
         lengths = torch.tensor([len(c) for c in rows.completion_ids])
         drop = torch.repeat_interleave(torch.tensor(rows.truncated), lengths)
-        packed.targets = packed.targets.masked_fill(drop, IGNORE_INDEX)
-    packed.advantages = rows.advantages
-    packed.golden = torch.tensor(rows.golden or [False] * len(rows), dtype=torch.bool)
+        layout["targets"] = layout["targets"].masked_fill(drop, IGNORE_INDEX)
+    engine_logp = None
     if rows.sampling_logp is not None:  # a golden row was never sampled: it has none
-        packed.engine_logp = torch.tensor(
+        engine_logp = torch.tensor(
             [x for v, c in zip(rows.sampling_logp, rows.completion_ids) for x in (v or [0.0] * len(c))]
         )
-    return packed
+    return PackedBatch(
+        **layout,
+        advantages=rows.advantages,
+        golden=torch.tensor(rows.golden or [False] * len(rows), dtype=torch.bool),
+        engine_logp=engine_logp,
+    )
 
 
-def pack_rows(prompt_ids: list[list[int]], completion_ids: list[list[int]], device=None) -> PackedBatch:
-    """Pack B rows (prompt ids + completion ids, lists of ints) into one stream; see the module docstring."""
+def pack_rows(prompt_ids: list[list[int]], completion_ids: list[list[int]], device=None, **fields) -> PackedBatch:
+    """Pack B rows (prompt ids + completion ids, lists of ints) into one stream (see the module docstring);
+    fields: the rest of the batch (advantages=..., golden=..., old_logp=...)."""
+    return PackedBatch(**_layout(prompt_ids, completion_ids, device), **fields)
+
+
+def _layout(prompt_ids: list[list[int]], completion_ids: list[list[int]], device=None) -> dict:
+    """The packed stream's tensors of B rows (PackedBatch's first seven fields)."""
     if len(prompt_ids) != len(completion_ids) or not prompt_ids:
         raise ValueError(
             f"pack_rows: need B >= 1 rows, got {len(prompt_ids)} prompts and {len(completion_ids)} completions"
@@ -133,7 +143,7 @@ def pack_rows(prompt_ids: list[list[int]], completion_ids: list[list[int]], devi
     def int32(x):
         return torch.tensor(x, dtype=torch.int32, device=device)
 
-    return PackedBatch(
+    return dict(
         input_ids=long(input_ids).unsqueeze(0),
         position_ids=long(position_ids).unsqueeze(0),
         cu_seqlens=int32(cu_seqlens),

@@ -10,7 +10,6 @@ run-defining options unchanged (gcpo_fast/run/resume_policy.py), enough prompts 
 """
 
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,8 @@ from gcpo_fast.config import TrainConfig
 from gcpo_fast.data.rewards import load_reward_function
 from gcpo_fast.data.sources import load_records
 from gcpo_fast.distributed import parallel
-from gcpo_fast.golden import CACHE_NAME, GoldenCache, teacher_identity
+from gcpo_fast.golden.sources import check_dataset_answers, open_cache
+from gcpo_fast.golden.teacher import GoldenCache
 from gcpo_fast.models.loading import check_model_folder
 from gcpo_fast.run import lock, resume_policy
 from gcpo_fast.run.checkpoint import check_checkpoint, checkpoint_step, find_checkpoint, list_checkpoints
@@ -49,18 +49,14 @@ def prepare(cfg: TrainConfig) -> Prepared:
         levels=data.builtin_levels,
         **data.columns,
     )
-    check_golden_answers(cfg, records)
+    check_dataset_answers(
+        cfg.golden, records, dataset=data.dataset, golden_column=data.golden_column, loss_type=cfg.method.loss_type
+    )
     eval_records = load_eval_records(cfg)
     funcs = [load_reward_function(spec) for spec in cfg.rewards.reward_funcs]
     resume = find_resume(cfg)
     dataset_sha256 = resume_policy.check(cfg, resume, records)  # refuses a changed model, loss, data, G, ...
-    golden_cache = None
-    if cfg.method.golden_answer != "off" and cfg.golden.uses_teacher:
-        trust = cfg.model.trust_remote_code
-        folder = cfg.golden.golden_model
-        teacher = teacher_identity(check_model_folder(folder, trust_remote_code=trust)) if folder else None
-        prefilled = [cfg.golden.golden_cache] if cfg.golden.golden_cache else []
-        golden_cache = GoldenCache(Path(cfg.run.output_dir) / CACHE_NAME, teacher, prefilled=prefilled)
+    golden_cache = open_cache(cfg.golden, cfg.run.output_dir, trust_remote_code=cfg.model.trust_remote_code)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.prompts_per_round * world > len(records):
         raise ValueError(
@@ -78,7 +74,7 @@ def load_eval_records(cfg: TrainConfig) -> list[dict] | None:
     if not cfg.eval.eval_steps or not dataset:
         return None
     n = cfg.eval.eval_num_problems
-    levels = sorted(set(cfg.data.builtin_levels))  # python -m gcpo_fast.eval scores any level
+    levels = sorted(set(cfg.data.builtin_levels))  # python -m gcpo_fast.eval evaluates any level
     return load_records(dataset, split="test", num_problems=n, levels=levels, **cfg.data.columns)[:n]
 
 
@@ -108,27 +104,6 @@ def find_resume(cfg: TrainConfig) -> Path | None:
             "checkpoints away"
         )
     return resume
-
-
-def check_golden_answers(cfg: TrainConfig, records: list[dict]) -> None:
-    """With golden answers from the dataset only, every record needs one; with none at all GCPO is GSPO (warned)."""
-    if cfg.method.golden_answer == "off" or cfg.golden.golden_source != "dataset":
-        return
-    missing = [i for i, r in enumerate(records) if r["golden"] is None]
-    column = cfg.data.golden_column
-    if len(missing) == len(records):
-        warnings.warn(
-            f"--dataset {cfg.data.dataset} has no golden column {column!r} and no teacher is given "
-            f"(--golden_model, --golden_cache): loss_type {cfg.method.loss_type} has no golden answers and runs as "
-            "GSPO would",
-            stacklevel=2,
-        )
-    elif missing:
-        raise ValueError(
-            f"--dataset {cfg.data.dataset}: {len(missing)} of {len(records)} records have no golden column "
-            f"{column!r} (the first: record {missing[0]}); give them a teacher (--golden_model, "
-            "--golden_source dataset_then_teacher) or pass --golden_answer off"
-        )
 
 
 def check_output_dir(output_dir: str) -> None:

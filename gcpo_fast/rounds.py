@@ -1,34 +1,38 @@
-"""A generation round: sample and score groups, add golden rows and advantages, cut into packed micro-batches.
+"""A generation round: sample and reward groups, add golden rows and advantages, cut into packed micro-batches.
 
     from gcpo_fast.rounds import sample_groups, build_rows, pack_micro_batches, score_micro_batches
 
-    groups, metrics = sample_groups(ctx, sampler)                  # records, Rows, rewards [P, G], kept prompts
-    rows, samples = build_rows(ctx, groups, metrics, teacher)       # golden rows + advantages; samples.jsonl
+    sampled, metrics = sample_groups(ctx, sampler)                 # records, Rows, rewards [P, G], kept prompts
+    rows, samples, more = build_rows(ctx, sampled)                  # golden rows + advantages; samples.jsonl
     micro_batches = pack_micro_batches(rows, batch, mask_truncated)   # shuffled, each packed once
-    score_micro_batches(micro_batches, model, ref_model, scoring, timer, metrics)   # old/ref log-probs, weights
+    micro_batches = score_micro_batches(micro_batches, model, ref_model, scoring, timer)   # old / ref log-probs
     steps = batch.optimizer_steps(micro_batches)                    # [optimizer step][micro-batch]
 
+Each stage returns what it made and its metrics; the trainer merges them (gcpo_fast/train.py, generate_round).
 The data flow of a whole step is told once, in docs/design.md ("The trainer: data flow of one step").
 """
 
+import dataclasses
 import itertools
-import warnings
 from dataclasses import dataclass
 
 import torch
 
-from gcpo_fast import groups
 from gcpo_fast.data.prompt_checks import warn_if_mostly_truncated
-from gcpo_fast.data.rewards import RewardConfig, as_completions, compute_rewards, overlong_penalty, reward_function_name
+from gcpo_fast.data.prompts import encode_prompts
+from gcpo_fast.data.rewards import RewardConfig, as_completions, compute_rewards, reward_function_name
 from gcpo_fast.distributed.parallel import all_reduce
+from gcpo_fast.engines.base import RolloutConfig, Rows
 from gcpo_fast.errors import require
-from gcpo_fast.golden import Teacher, golden_texts
-from gcpo_fast.methods import MethodConfig
+from gcpo_fast.golden.options import GoldenConfig
+from gcpo_fast.golden.rows import Groups, add_golden, all_wrong_groups
+from gcpo_fast.golden.teacher import Teacher
+from gcpo_fast.methods.advantages import reward_metrics
+from gcpo_fast.methods.recipes import MethodConfig
 from gcpo_fast.options import at_least, check_options, option
 from gcpo_fast.packing import PackedBatch, pack
-from gcpo_fast.rollout import RolloutConfig, Rows, encode_completion, encode_prompts
 from gcpo_fast.run.timing import PhaseTimer
-from gcpo_fast.scoring import SamplingCorrection, score_logprobs
+from gcpo_fast.scoring import score_logprobs
 
 
 @dataclass
@@ -78,25 +82,27 @@ class BatchConfig:
 
 @dataclass
 class RoundContext:
-    """What a generation round reads: its options, the engine and tokenizer, and the reward functions."""
+    """What a generation round reads: its options, the engine and tokenizer, the reward functions and the teacher."""
 
     rollout: RolloutConfig
     method: MethodConfig
+    golden: GoldenConfig
     rewards: RewardConfig
     prompts_per_round: int
     engine: object
     tokenizer: object
     reward_funcs: list
     timer: PhaseTimer
+    teacher: Teacher | None = None  # golden answers from a teacher (--golden_source teacher / dataset_then_teacher)
     num_samples_to_log: int = 4
     group: object = None  # the process group of the sampling rule's all-reduce (None: the default group)
 
     @classmethod
-    def of(cls, cfg, engine, tokenizer, reward_funcs: list, timer: PhaseTimer | None = None) -> "RoundContext":
+    def of(cls, cfg, engine, tokenizer, reward_funcs: list, timer: PhaseTimer | None = None, teacher=None):
         """The context of a run's rounds from its gcpo_fast.config.TrainConfig."""
         return cls(
-            cfg.rollout, cfg.method, cfg.rewards, cfg.prompts_per_round, engine, tokenizer, reward_funcs,
-            timer or PhaseTimer(), cfg.log.num_samples_to_log,
+            cfg.rollout, cfg.method, cfg.golden, cfg.rewards, cfg.prompts_per_round, engine, tokenizer, reward_funcs,
+            timer or PhaseTimer(), teacher, cfg.log.num_samples_to_log,
         )  # fmt: skip
 
 
@@ -117,7 +123,7 @@ class SampledGroups:
 
 
 def sample_groups(ctx: RoundContext, sampler) -> tuple[SampledGroups, dict]:
-    """Generate and score groups until the round is full; returns (the groups, rollout metrics).
+    """Generate and reward groups until the round is full; returns (the groups, rollout metrics).
     The method's sampling rule (DAPO's dynamic sampling, GPG's threshold) may sample more prompt batches;
     every rank draws as many batches as the others."""
     G, P = ctx.rollout.num_generations, ctx.prompts_per_round
@@ -129,7 +135,7 @@ def sample_groups(ctx: RoundContext, sampler) -> tuple[SampledGroups, dict]:
             prompt_ids = encode_prompts(ctx.tokenizer, [r["prompt"] for r in batch], ctx.rollout.max_prompt_length)
             out = ctx.engine.generate(prompt_ids, G, ctx.rollout.sampling)
         with ctx.timer("reward"):
-            rewards, per_func = score_rollouts(ctx, batch, out)
+            rewards, per_func = reward_rollouts(ctx, batch, out)
         records += batch
         rows = out if rows is None else rows + out
         rewards_seen.append(rewards.view(-1, G))
@@ -143,8 +149,9 @@ def sample_groups(ctx: RoundContext, sampler) -> tuple[SampledGroups, dict]:
     return SampledGroups(records, rows, grid, keep.tolist()), metrics
 
 
-def score_rollouts(ctx: RoundContext, batch: list[dict], out: Rows) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards [P * G] of a batch's rollouts (+ DAPO's overlong penalty) and each function's [P * G, F]."""
+def reward_rollouts(ctx: RoundContext, batch: list[dict], out: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards [P * G] of a batch's rollouts (shaped by the method: DAPO's overlong penalty) and each function's
+    [P * G, F]."""
     records = [r for r in batch for _ in range(ctx.rollout.num_generations)]
     rewards, per_func = compute_rewards(
         ctx.reward_funcs,
@@ -154,14 +161,8 @@ def score_rollouts(ctx: RoundContext, batch: list[dict], out: Rows) -> tuple[tor
         ctx.rewards.reward_weights,
         completion_ids=out.completion_ids,
     )
-    if ctx.method.overlong_buffer_len:
-        lengths = [len(c) for c in out.completion_ids]
-        m = ctx.method
-        rewards += torch.tensor(
-            overlong_penalty(
-                lengths, ctx.rollout.max_completion_length, m.overlong_buffer_len, m.overlong_penalty_factor
-            )
-        )
+    lengths = [len(c) for c in out.completion_ids]
+    rewards = ctx.method.shape_rewards(rewards, lengths, ctx.rollout.max_completion_length)
     return rewards, per_func
 
 
@@ -176,7 +177,7 @@ def rollout_metrics(ctx: RoundContext, rows: Rows, grid: torch.Tensor, per_func,
         "completions/num_tokens": lengths.sum().item(),  # the trainer adds it up into num_generated_tokens
         "num_gen_batches": num_batches,
         # every sampled group, kept or not (gcpo/frac_all_wrong counts the kept ones: none under DAPO's filter)
-        "frac_reward_all_wrong": groups.all_wrong_groups(grid, ctx.rewards.correct_reward).float().mean().item(),
+        "frac_reward_all_wrong": all_wrong_groups(grid, ctx.rewards.correct_reward).float().mean().item(),
         **{
             f"rewards/{reward_function_name(f)}/mean": per_func[:, j].nanmean().nan_to_num().item()
             for j, f in enumerate(ctx.reward_funcs)
@@ -184,54 +185,29 @@ def rollout_metrics(ctx: RoundContext, rows: Rows, grid: torch.Tensor, per_func,
     }
 
 
-def build_rows(
-    ctx: RoundContext, sampled: SampledGroups, metrics: dict, teacher: Teacher | None, golden_source: str
-) -> tuple[Rows, list[dict]]:
-    """Golden rows and advantages over the kept groups: (the round's rows, a few samples for samples.jsonl).
-    Adds the reward and gcpo/* metrics to `metrics`. A golden answer longer than max_completion_length is not
-    used (cut, it would lose its final answer yet still be trained on as correct): counted and warned about."""
-    method, budget = ctx.method, ctx.rollout.max_completion_length
-    records, out, rewards = sampled.kept()
-    texts, from_teacher = [None] * len(records), set()
-    if method.golden_answer != "off":
-        texts, from_teacher = golden_texts(
-            golden_source, records, rewards, ctx.rewards.correct_reward, teacher, metrics, ctx.timer
-        )
-    golden_ids = {p: encode_completion(ctx.tokenizer, t, budget) for p, t in enumerate(texts) if t is not None}
-    fits = [p in golden_ids and not golden_ids[p][1] for p in range(len(records))]
-    g = groups.add_golden_rows(rewards, fits, mode=method.golden_answer, correct_reward=ctx.rewards.correct_reward)
-    advantages, method_metrics = method.method.advantages(g.rewards, g.group_index, method.scale_rewards)
-    metrics.update(method_metrics)
-    metrics.update(groups.group_metrics(sampled.rewards, g))  # reward stats: every sampled rollout; gcpo/*: kept
-    too_long = sum(1 for p, (_, cut) in golden_ids.items() if cut and g.all_wrong[p])
-    metrics["gcpo/golden_truncated"] = too_long
-    if teacher is not None:
-        metrics["gcpo/golden_from_teacher"] = sum(bool(g.golden_prompts[p]) for p in from_teacher)
-    if too_long:  # the same text from the same line: Python's default filter shows it once
-        warnings.warn(
-            f"golden answers longer than max_completion_length={budget} tokens are not used (cut, they would "
-            "lose their final answer); gcpo/golden_truncated counts the groups left without one: raise "
-            "--max_completion_length to use them",
-            stacklevel=2,
-        )
-    golden_text = {p: (ids, texts[p]) for p, (ids, _) in golden_ids.items()}
-    rows = Rows([], [], [], [], None if out.sampling_logp is None else [], g.is_golden.tolist(), advantages)
-    rows.policy_version = None if out.policy_version is None else []
-    for k, (p, r) in enumerate(zip(g.group_index.tolist(), g.rollout_index.tolist())):
-        golden = bool(g.is_golden[k])
-        ids, text = golden_text[p] if golden else (out.completion_ids[r], out.texts[r])
-        rows.prompt_ids.append(out.prompt_ids[p * ctx.rollout.num_generations])
-        rows.completion_ids.append(ids)
-        rows.truncated.append(False if golden else out.truncated[r])
-        rows.texts.append(text)
-        if rows.sampling_logp is not None:  # a golden row was never sampled: it has no engine log-probs
-            rows.sampling_logp.append(None if golden else out.sampling_logp[r])
-        if rows.policy_version is not None:
-            rows.policy_version.append(None if golden else out.policy_version[r])
-    return rows, log_samples(records, rows, g, ctx.rollout.num_generations, ctx.num_samples_to_log)
+def build_rows(ctx: RoundContext, sampled: SampledGroups) -> tuple[Rows, list[dict], dict[str, float]]:
+    """Golden rows and advantages over the kept groups: (the round's rows, a few samples for samples.jsonl, the
+    reward, gcpo/* and method metrics)."""
+    records, rollouts, rewards = sampled.kept()
+    g, rows, golden_metrics = add_golden(
+        records,
+        rollouts,
+        rewards,
+        options=ctx.golden,
+        teacher=ctx.teacher,
+        tokenizer=ctx.tokenizer,
+        max_completion_length=ctx.rollout.max_completion_length,
+        correct_reward=ctx.rewards.correct_reward,
+        timer=ctx.timer,
+    )
+    advantages, method_metrics = ctx.method.method.advantages(g.rewards, g.group_index, ctx.method.scale_rewards)
+    rows = dataclasses.replace(rows, advantages=advantages)
+    # reward_*: every sampled rollout; gcpo/*: the kept groups
+    metrics = {**method_metrics, **reward_metrics(sampled.rewards), **golden_metrics}
+    return rows, log_samples(records, rows, g, ctx.rollout.num_generations, ctx.num_samples_to_log), metrics
 
 
-def log_samples(records: list[dict], rows: Rows, g: groups.Groups, G: int, num_groups: int) -> list[dict]:
+def log_samples(records: list[dict], rows: Rows, g: Groups, G: int, num_groups: int) -> list[dict]:
     """The first rollout and the golden row (if any) of the first groups, for samples.jsonl."""
     samples = []
     for k, (p, r) in enumerate(zip(g.group_index.tolist(), g.rollout_index.tolist())):
@@ -263,35 +239,29 @@ def pack_micro_batches(rows: Rows, batch: BatchConfig, mask_truncated: bool) -> 
 
 @dataclass
 class ScoringOptions:
-    """What the forward-only passes over a round need: whether it is reused, the sampling correction."""
+    """What the forward-only passes over a round need."""
 
-    reused: bool
+    reused: bool  # the round trains more than one optimizer step: it needs its old log-probs
     temperature: float
     bf16: bool
-    correction: SamplingCorrection | None = None  # for rows from an engine that samples elsewhere
 
 
 def score_micro_batches(
-    micro_batches: list[PackedBatch], model, ref_model, options: ScoringOptions, timer, metrics: dict
-) -> None:
-    """Forward-only fused passes over each micro-batch, as the round needs them: the policy's old log-probs when
-    the round is reused (golden rows included; otherwise old_logp stays None: on-policy), the reference model's
-    when beta > 0, and, for rows an engine sampled elsewhere (packed.engine_logp) of a reused round, the
-    sampling-mismatch weight exp(old - engine log-prob) with its sampling/* metrics (into `metrics`). A round
-    trained once needs no pass for it: its old log-probs are the update's own forward's, so the update computes
-    the weight there (gcpo_fast/update.py) and sampling_weight stays None."""
-    found = []
+    micro_batches: list[PackedBatch], model, ref_model, options: ScoringOptions, timer
+) -> list[PackedBatch]:
+    """The micro-batches with the log-probs of the forward-only fused passes the round needs: the policy's
+    (old_logp) when the round is reused, golden rows included (otherwise old_logp stays None: on-policy, ratios
+    of 1 that carry the gradient), and the reference model's (ref_logp) when beta > 0. The sampling-mismatch
+    weight of rows an engine sampled elsewhere is the update's to compute, from these (gcpo_fast/update.py)."""
+    if not options.reused and ref_model is None:
+        return micro_batches
+    scored = []
     for packed in micro_batches:
-        correct = options.correction is not None and packed.engine_logp is not None and options.reused
         with timer("old_logp"):
-            old = score_logprobs(model, packed, options.temperature, options.bf16).cpu() if options.reused else None
-            packed.old_logp = old  # None: on-policy, ratios of 1 that carry the gradient
+            scores = {}
+            if options.reused:
+                scores["old_logp"] = score_logprobs(model, packed, options.temperature, options.bf16).cpu()
             if ref_model is not None:
-                packed.ref_logp = score_logprobs(ref_model, packed, options.temperature, options.bf16).cpu()
-            if correct:
-                packed.sampling_weight, weight_metrics = options.correction.weight(packed, old)
-                found.append({name: float(v) for name, v in weight_metrics.items()})
-    for name in found[0] if found else ():
-        values = [m[name] for m in found]
-        reduce = min if name.endswith("/min") else max if name.endswith("/max") else lambda v: sum(v) / len(v)
-        metrics[name] = reduce(values)
+                scores["ref_logp"] = score_logprobs(ref_model, packed, options.temperature, options.bf16).cpu()
+        scored.append(dataclasses.replace(packed, **scores))
+    return scored

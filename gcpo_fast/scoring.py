@@ -3,9 +3,9 @@ sampling-mismatch weight of rows an engine sampled elsewhere.
 
     from gcpo_fast.scoring import SamplingCorrection, score_logprobs
 
-    packed.old_logp = score_logprobs(model, packed, temperature=1.0, bf16=True).cpu()   # a reused round's
-    packed.ref_logp = score_logprobs(ref_model, packed, temperature=1.0, bf16=True).cpu()   # beta > 0
-    packed.sampling_weight, metrics = SamplingCorrection("sequence_mask", None, 3.0).weight(packed, old_logp)
+    old_logp = score_logprobs(model, packed, temperature=1.0, bf16=True).cpu()       # a reused round's
+    ref_logp = score_logprobs(ref_model, packed, temperature=1.0, bf16=True).cpu()   # beta > 0
+    weight, metrics = SamplingCorrection("sequence_mask", None, 3.0).weight(packed, old_logp)   # in the update
 
 One decoder call to the last hidden states (gcpo_fast/packing.py), then the fused op's forward over the
 lm_head: O(N) memory, no [N, V] logits, no graph, the same one decoder call and head as the update's forward
@@ -53,5 +53,5 @@ class SamplingCorrection:
             mode=self.mode,
             clip_min=self.clip_min,
             clip_max=self.clip_max,
-            not_sampled=packed.golden.to(old_logp.device),
+            golden=packed.golden.to(old_logp.device),
         )

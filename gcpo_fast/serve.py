@@ -33,8 +33,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
+from gcpo_fast.engines.base import Sampling
+from gcpo_fast.engines.hf import HFEngine
 from gcpo_fast.engines.weight_transport import WeightGroup, device_uuid, host_store
-from gcpo_fast.rollout import HFEngine, Sampling
 
 GROUP_TIMEOUT_S = 1800.0  # a weight stream's every broadcast, and the wait for the client to join
 

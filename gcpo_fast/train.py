@@ -29,15 +29,16 @@ from gcpo_fast.config import TrainConfig, parse_config
 from gcpo_fast.data.files import PromptSampler
 from gcpo_fast.data.prompt_checks import check_prompts
 from gcpo_fast.distributed import parallel
+from gcpo_fast.engines.base import Sampling
+from gcpo_fast.engines.factory import make_engine, make_teacher_engine
 from gcpo_fast.errors import ConfigError, TrainingError
 from gcpo_fast.eval import count_correct, level_summary, summarize
-from gcpo_fast.golden import GoldenCache, Teacher
+from gcpo_fast.golden.teacher import GoldenCache, Teacher
 from gcpo_fast.models import lora
 from gcpo_fast.models.attention import resolve_attn_implementation
 from gcpo_fast.models.loading import frozen_dtype, load_causal_lm, load_tokenizer
 from gcpo_fast.models.memory import fit_warning, model_shape, plan_memory
 from gcpo_fast.prepare import Prepared, prepare
-from gcpo_fast.rollout import HFEngine, Sampling, make_engine
 from gcpo_fast.rounds import (
     RoundContext,
     ScoringOptions,
@@ -64,34 +65,16 @@ def load_teacher(cfg: TrainConfig, cache: GoldenCache | None, reward_funcs: list
         return None
     engine = tokenizer = None
     folder, budget = cfg.golden.golden_model, cfg.golden.golden_max_completion_length
-    trust = cfg.model.trust_remote_code
     if folder:
-        tokenizer = load_tokenizer(folder, trust_remote_code=trust)
-        max_model_len = cfg.rollout.max_prompt_length + budget
-        if cfg.vllm.use_vllm and cfg.vllm.vllm_mode == "colocate":  # a second vLLM engine here, never synced
-            from gcpo_fast.engines.vllm_engine import VLLMEngine
-
-            memory = cfg.vllm.vllm_gpu_memory_utilization
-            engine = VLLMEngine(
-                folder, tokenizer, seed=cfg.run.seed, dtype="auto", gpu_memory_utilization=memory,
-                max_model_len=max_model_len, trust_remote_code=trust,
-            )  # fmt: skip
-        else:
-            dtype = frozen_dtype(cfg.model.bf16, device)
-            model = load_causal_lm(folder, device=device, dtype=dtype, trust_remote_code=trust)
-            engine = HFEngine(model.eval().requires_grad_(False), tokenizer, bf16=cfg.model.bf16)
-    return Teacher(
-        cache,
-        reward_funcs,
-        engine=engine,
-        tokenizer=tokenizer,
-        num_candidates=cfg.golden.golden_num_candidates,
-        sampling=Sampling(budget, cfg.golden.golden_temperature),
-        max_prompt_length=cfg.rollout.max_prompt_length,
-        correct_reward=cfg.rewards.correct_reward,
-        reward_weights=cfg.rewards.reward_weights,
-        seed=cfg.run.seed,
-    )
+        tokenizer = load_tokenizer(folder, trust_remote_code=cfg.model.trust_remote_code)
+        engine = make_teacher_engine(
+            cfg.vllm, folder, tokenizer, device=device, bf16=cfg.model.bf16, seed=cfg.run.seed,
+            max_model_len=cfg.rollout.max_prompt_length + budget, trust_remote_code=cfg.model.trust_remote_code,
+        )  # fmt: skip
+    return Teacher.of(
+        cfg.golden, cache, reward_funcs, engine, tokenizer, cfg.rewards, budget, cfg.rollout.max_prompt_length,
+        cfg.run.seed,
+    )  # fmt: skip
 
 
 def report_memory(cfg: TrainConfig, model_path, dist) -> None:
@@ -207,7 +190,9 @@ class Trainer:
                 resume_step=self.state.step if prepared.resume else None,
             )
         self.timer = PhaseTimer(cuda=self.dist.device.type == "cuda")
-        self.round = RoundContext.of(cfg, self.engine, self.tokenizer, prepared.reward_funcs, self.timer)
+        self.round = RoundContext.of(
+            cfg, self.engine, self.tokenizer, prepared.reward_funcs, self.timer, teacher=self.teacher
+        )
         self.producer = self.taken_cursor = None  # --async_rollouts: rounds sampled ahead, on a thread of its own
         if cfg.asynchronous.async_rollouts:
             self.producer = RolloutProducer(
@@ -310,7 +295,8 @@ class Trainer:
         return metrics
 
     def generate_round(self) -> None:
-        """Sample, score and pack the next round into the buffer of prepared optimizer steps."""
+        """The next round, sampled, rewarded, given golden rows, packed and scored, into the buffer of prepared
+        optimizer steps."""
         cfg, state = self.cfg, self.state
         if self.producer:  # sampled ahead, by weights at most max_staleness steps old
             ready, wait = take_round(
@@ -330,17 +316,11 @@ class Trainer:
             if not self.producer:
                 sampled, state.round_metrics = sample_groups(self.round, self.sampler)
             state.num_generated_tokens += parallel.all_reduce([state.round_metrics.pop("completions/num_tokens")])[0]
-            rows, state.samples = build_rows(
-                self.round, sampled, state.round_metrics, self.teacher, cfg.golden.golden_source
-            )
+            rows, state.samples, row_metrics = build_rows(self.round, sampled)
             micro_batches = pack_micro_batches(rows, cfg.batch, cfg.rollout.mask_truncated_completions)
-            scoring = ScoringOptions(
-                reused=cfg.batch.reused,
-                temperature=cfg.rollout.temperature,
-                bf16=cfg.model.bf16,
-                correction=self.correction,
-            )
-            score_micro_batches(micro_batches, self.model, self.ref_model, scoring, self.timer, state.round_metrics)
+            scoring = ScoringOptions(reused=cfg.batch.reused, temperature=cfg.rollout.temperature, bf16=cfg.model.bf16)
+            micro_batches = score_micro_batches(micro_batches, self.model, self.ref_model, scoring, self.timer)
+        state.round_metrics.update(row_metrics)
         state.buffer = cfg.batch.optimizer_steps(micro_batches)
         self.engine.sleep()  # --vllm_enable_sleep_mode: vLLM's memory is the trainer's until the next sync
 

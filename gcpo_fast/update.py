@@ -32,6 +32,7 @@ from gcpo_fast.packing import PackedBatch, forward_hidden, head_inputs
 from gcpo_fast.scoring import SamplingCorrection
 
 SCHEDULER_NAMES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
+SHIPPED_MODEL_LR = 6e-4  # searched on validation problems (benchmarks/tune_default.py, docs/results.md)
 
 
 @dataclass
@@ -42,7 +43,8 @@ class OptimizerConfig:
 
     learning_rate: float | None = option(
         None,
-        "AdamW learning rate (default: 3e-4 for the shipped 1M-parameter model, 1e-6 for any other --model, as TRL)",
+        f"AdamW learning rate (default: {SHIPPED_MODEL_LR:g} for the shipped 1M-parameter model, 1e-6 for any other "
+        "--model, as TRL)",
     )
     lr_scheduler_type: str = option("linear", "learning-rate schedule after warm-up", choices=tuple(SCHEDULER_NAMES))
     warmup_ratio: float = option(0.0, "fraction of max_steps spent warming the learning rate up from 0")
@@ -70,10 +72,10 @@ class ModelWithLoss(torch.nn.Module):
     """The model and the fused loss as one module, so that a parallel wrapper's hooks see the whole forward
     (gcpo_fast.packing: call forward_hidden from inside the wrapped module's forward).
 
-    correction: the sampling-mismatch correction of rows an engine sampled elsewhere, for a micro-batch whose
-    weight the round left to the update (trained once: packed.sampling_weight None, packed.engine_logp set).
-    Its old log-probs are this forward's own, so the weight comes from one no-grad pass of the fused log-prob op
-    over the hidden states at hand, not from a second decoder forward; its sampling/* metrics join the stats."""
+    correction: the sampling-mismatch correction of rows an engine sampled elsewhere (packed.engine_logp set), the
+    one place its weight is computed: from the round's old log-probs when the round is reused, else from this
+    forward's own (one no-grad pass of the fused log-prob op over the hidden states at hand, not a second decoder
+    forward). Its sampling/* metrics join the stats."""
 
     def __init__(self, model, loss_config: PolicyLossConfig, correction: SamplingCorrection | None = None):
         super().__init__()
@@ -81,13 +83,15 @@ class ModelWithLoss(torch.nn.Module):
 
     def forward(self, packed: PackedBatch, normalizer: float):
         hidden, weight, bias = head_inputs(forward_hidden(self.model, packed)[packed.completion_index], self.model)
-        sampling_weight, found = packed.sampling_weight, {}
-        if self.correction is not None and packed.engine_logp is not None and sampling_weight is None:
-            with torch.no_grad():
-                old = linear_logprobs(
-                    hidden.detach(), weight.detach(), packed.targets, self.loss_config.temperature,
-                    bias=None if bias is None else bias.detach(), ignore_index=IGNORE_INDEX,
-                )  # fmt: skip
+        sampling_weight, found = None, {}
+        if self.correction is not None and packed.engine_logp is not None:
+            old = packed.old_logp
+            if old is None:
+                with torch.no_grad():
+                    old = linear_logprobs(
+                        hidden.detach(), weight.detach(), packed.targets, self.loss_config.temperature,
+                        bias=None if bias is None else bias.detach(), ignore_index=IGNORE_INDEX,
+                    )  # fmt: skip
             sampling_weight, found = self.correction.weight(packed, old)
         inputs = LossInputs(
             packed.advantages,
@@ -95,7 +99,7 @@ class ModelWithLoss(torch.nn.Module):
             old_logp=packed.old_logp,
             ref_logp=packed.ref_logp,
             sampling_weight=sampling_weight,
-            golden_rows=packed.golden,
+            golden=packed.golden,
             normalizer=normalizer,
         )
         loss, stats = linear_policy_loss(

@@ -6,12 +6,20 @@
 
 `linear_logprobs` gives per-token log-probs (and entropy) of hidden @ weight.T without an [N, V]
 tensor; `policy_loss` is the clipped surrogate of the GRPO family on packed rows (golden rows may take
-LUFFY's shaped term instead: golden_objective="shaped", LossInputs(golden_rows=)); and
+LUFFY's shaped term instead: golden_objective="shaped", LossInputs(golden=)); and
 `linear_policy_loss` composes the two with a backward that never forms [N, V] either;
 `sampling_weights` gives their LossInputs.sampling_weight for rows sampled by another engine (vLLM).
 `PolicyLossConfig` holds math switches only (which method uses which: the trainer's recipe table),
 `LossInputs` the per-call tensors (kernels/options.py). Backends: Backend.TRITON (CUDA) and
 Backend.TORCH (CPU default and reference), same semantics; Backend.AUTO picks by device.
+
+Files: options.py (PolicyLossConfig, LossInputs, Backend, the workspace bound), linear_logprobs.py (per-token
+log-probs and entropy of hidden @ weight.T, never forming [N, V]), linear_policy_loss.py (the two composed, one
+autograd Function), policy_loss.py (the clipped losses on packed rows and their closed-form gradient),
+policy_loss_triton.py (its Triton kernel), logprob_torch.py (the tiled PyTorch backend, the CPU engine and the
+reference), logprob_triton.py (the Triton backend: fused logit tiles, online max / sum-exp, the dZ kernel),
+checks.py (every bad input named), sampling_correction.py (the weight of rows another engine sampled),
+aot_report.py (ahead-of-time compile report for sm_80 / sm_90).
 """
 
 import sys

@@ -7,7 +7,7 @@ What syncs with the host and what does not (a sync stalls the CPU until the GPU 
 - Python scalars (temperature, normalizer as a number, and every option of PolicyLossConfig:
   importance_sampling_level, epsilons, delta, clip_ratio_c, beta, max_completion_length, golden_objective,
   golden_shaping_gamma, checked when the config is built) and tensor shapes, dtypes and devices
-  (golden_rows: bool [B]; required by golden_objective "shaped"): checked eagerly on the host, no sync.
+  (golden: bool [B]; required by golden_objective "shaped"): checked eagerly on the host, no sync.
 - Tensor contents (targets inside [0, V), cu_seqlens starting at 0, ending at N and non-decreasing,
   finite old_logp / ref_logp / advantages, a finite non-negative sampling_weight, a finite positive
   normalizer given as a tensor): each check is a 0-d device flag; `settle` stacks them all and
@@ -175,21 +175,19 @@ def check_normalizer(normalizer, device) -> list[Pending]:
     return [(bad, lambda: f"normalizer must be a finite number > 0, got {normalizer.item()}")]
 
 
-def check_golden_rows(golden_rows, num_rows: int, golden_objective: str) -> None:
-    """golden_rows: None or a bool [B] tensor; golden_objective "shaped" needs it (else no row would be)."""
-    if golden_rows is None:
+def check_golden(golden, num_rows: int, golden_objective: str) -> None:
+    """golden: None or a bool [B] tensor; golden_objective "shaped" needs it (else no row would be)."""
+    if golden is None:
         if golden_objective == "shaped":
             raise ValueError(
-                "golden_objective='shaped' needs golden_rows (a bool [B] tensor: True for the "
+                "golden_objective='shaped' needs golden (a bool [B] tensor: True for the "
                 "golden rows, which take the shaped term)"
             )
         return
-    if golden_rows.shape != (num_rows,):
-        raise ValueError(
-            f"golden_rows must be [B] = [{num_rows}] (one per row of cu_seqlens), got {tuple(golden_rows.shape)}"
-        )
-    if golden_rows.dtype != torch.bool:
-        raise TypeError(f"golden_rows must be a bool tensor, got {golden_rows.dtype}")
+    if golden.shape != (num_rows,):
+        raise ValueError(f"golden must be [B] = [{num_rows}] (one per row of cu_seqlens), got {tuple(golden.shape)}")
+    if golden.dtype != torch.bool:
+        raise TypeError(f"golden must be a bool tensor, got {golden.dtype}")
 
 
 def check_policy_inputs(logp, inputs, config) -> tuple[torch.Tensor, list[Pending]]:
@@ -197,7 +195,7 @@ def check_policy_inputs(logp, inputs, config) -> tuple[torch.Tensor, list[Pendin
     contents as pending checks (see the module docstring). Returns (the mask, all True when None; the
     pending checks)."""
     old_logp, ref_logp, sampling_weight, mask = inputs.old_logp, inputs.ref_logp, inputs.sampling_weight, inputs.mask
-    advantages, cu_seqlens, golden_rows, beta = inputs.advantages, inputs.cu_seqlens, inputs.golden_rows, config.beta
+    advantages, cu_seqlens, golden, beta = inputs.advantages, inputs.cu_seqlens, inputs.golden, config.beta
     check_tensor("logp", logp)
     if logp.dim() != 1:
         raise ValueError(f"logp must be [N], got shape {tuple(logp.shape)}")
@@ -219,7 +217,7 @@ def check_policy_inputs(logp, inputs, config) -> tuple[torch.Tensor, list[Pendin
         raise TypeError(f"advantages must be a float tensor, got {advantages.dtype}")
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp (the reference model's log-probs)")
-    check_golden_rows(golden_rows, advantages.shape[0], config.golden_objective)
+    check_golden(golden, advantages.shape[0], config.golden_objective)
     _same_device(
         {
             "logp": logp,
@@ -229,7 +227,7 @@ def check_policy_inputs(logp, inputs, config) -> tuple[torch.Tensor, list[Pendin
             "cu_seqlens": cu_seqlens,
             "mask": mask,
             "sampling_weight": sampling_weight,
-            "golden_rows": golden_rows,
+            "golden": golden,
         }
     )
     # Values must be finite everywhere, masked tokens included (a NaN times a 0 mask is still NaN).

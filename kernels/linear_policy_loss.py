@@ -8,7 +8,7 @@
 The log-probs are those of `linear_logprobs` at config.temperature (targets == IGNORE_INDEX do not
 count; inputs.mask, if given, drops more tokens); the loss is `policy_loss`'s on them, with every
 input of LossInputs (old_logp=None: on-policy, ratios 1 in value that carry the gradient;
-golden_rows with golden_objective="shaped": LUFFY's shaped term on those rows). The backward never
+golden with golden_objective="shaped": LUFFY's shaped term on those rows). The backward never
 forms [N, V]; two ways to get there:
 
 - gradient in the forward (torch backend, 6NVd): when d loss / d logp_t is known as soon as the

@@ -155,7 +155,7 @@ class LossInputs:
     advantages [B] float; cu_seqlens int32 [B+1] (starts at 0, non-decreasing, ends at N);
     old_logp [N] or None (on-policy: ratios 1 that carry the gradient); ref_logp [N] (read when beta > 0);
     sampling_weight [N] float >= 0 or None (the factor c_t: sampling-mismatch correction, `sampling_weights`);
-    golden_rows [B] bool or None (golden_objective "shaped" gives them LUFFY's term; required then);
+    golden [B] bool or None (golden_objective "shaped" gives them LUFFY's term; required then);
     mask [N] bool or None (the tokens that count; linear_policy_loss also drops targets == IGNORE_INDEX);
     normalizer: a number or a one-element tensor replacing the aggregation's denominator (a step's global count).
     Types are checked here; shapes and contents when the op runs (kernels/checks.py).
@@ -166,12 +166,12 @@ class LossInputs:
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
     sampling_weight: torch.Tensor | None = None
-    golden_rows: torch.Tensor | None = None
+    golden: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     normalizer: float | torch.Tensor | None = None
 
     def __post_init__(self):
         check_tensor("advantages", self.advantages)
         check_tensor("cu_seqlens", self.cu_seqlens)
-        for name in ("old_logp", "ref_logp", "sampling_weight", "golden_rows", "mask"):
+        for name in ("old_logp", "ref_logp", "sampling_weight", "golden", "mask"):
             check_tensor(name, getattr(self, name), optional=True)

@@ -22,7 +22,7 @@ As in TRL 1.16's `_compute_loss`, it multiplies the policy term (shaped or not) 
 term is added after the product, unweighted; and the stats (clip fractions, ratio_mean, kl) do not
 see it.
 
-Golden rows under golden_objective = "shaped" (`golden_rows` [B] marks them) take LUFFY's shaped
+Golden rows under golden_objective = "shaped" (`golden` [B] marks them) take LUFFY's shaped
 term as l_t instead (Yan et al., arXiv 2504.14945, ElliottYan/LUFFY): the behaviour probability of a
 trace the policy never sampled is taken as 1, and the policy's own token probability p = exp(lp_t)
 is shaped, unclipped, per token at either ratio level, on- or off-policy alike (old_t is not read):
@@ -40,7 +40,7 @@ here whole rows and any gamma > 0. Its paper runs also remove the clip on the on
 shaped token is never clipped, so it adds 0 to the clip fractions (LUFFY's off-policy clipfrac is
 0) and still counts in their token mean; ratio_mean keeps its rho_t against old_t, so the stats do
 not depend on golden_objective. golden_objective = "policy_ratio" (the default) treats golden rows
-like every other row: golden_rows is then ignored.
+like every other row: golden is then ignored.
 
 Aggregation modes (verl's `loss_agg_mode` names) and what `normalizer` replaces:
     token-mean               w = 1 / normalizer      default: number of unmasked tokens here
@@ -63,7 +63,7 @@ Where the two branches of the min tie (on-policy rows, ratios inside the clip bo
 are averaged as torch.minimum does; inside the box they are equal anyway.
 
 Shapes: logp, old_logp, ref_logp, sampling_weight, mask [N] (the completion tokens of B rows,
-concatenated), advantages [B], golden_rows bool [B], cu_seqlens int32 [B+1] (starts at 0,
+concatenated), advantages [B], golden bool [B], cu_seqlens int32 [B+1] (starts at 0,
 non-decreasing, ends at N).
 Which method sets which switches is the trainer's recipe table, not this module's: the switches are
 the fields of `PolicyLossConfig` (kernels/options.py), the tensors those of `LossInputs`.
@@ -170,7 +170,7 @@ def batch_layout(mask, inputs: LossInputs, cfg: PolicyLossConfig) -> Layout:
 
 def shaped_rows_of(inputs: LossInputs, cfg: PolicyLossConfig):
     """The rows that take the shaped term: the golden rows under golden_objective "shaped", else none."""
-    return inputs.golden_rows if cfg.golden_objective == "shaped" else None
+    return inputs.golden if cfg.golden_objective == "shaped" else None
 
 
 def policy_terms(logp, span: tuple[int, int], mask, layout: Layout, inputs: LossInputs, cfg: PolicyLossConfig):
@@ -286,7 +286,7 @@ def policy_loss(logp, inputs: LossInputs, config: PolicyLossConfig):
     """The clipped surrogate on packed rows; returns (loss 0-d fp32, stats dict of 0-d tensors).
 
     logp [N] (the only input that receives a gradient); inputs: the per-call tensors (`LossInputs`:
-    advantages, cu_seqlens, old_logp, ref_logp, sampling_weight, golden_rows, mask, normalizer);
+    advantages, cu_seqlens, old_logp, ref_logp, sampling_weight, golden, mask, normalizer);
     config: the math switches (`PolicyLossConfig`; temperature and workspace_bytes are not read here).
     config.backend AUTO runs the Triton row kernel on CUDA tensors, torch elsewhere.
     stats: TRL's clip fractions, ratio_mean, kl (beta > 0) and num_tokens.

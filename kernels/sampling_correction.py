@@ -3,7 +3,7 @@
     from gcpo_fast.kernels import sampling_weights
     weight, metrics = sampling_weights(old_logp [N], sampling_logp [N], cu_seqlens [B+1], mask [N],
                                        mode="sequence_mask", clip_min=None, clip_max=3.0,
-                                       not_sampled=golden [B] bool)
+                                       golden=golden [B] bool)
     loss, stats = linear_policy_loss(..., LossInputs(..., old_logp=old_logp, sampling_weight=weight), config)
 
 An engine's log-probs v_t of the tokens it sampled differ from the trainer's old_t for the same
@@ -18,7 +18,7 @@ a detached ratio (TRL's `vllm_importance_sampling_*`, `GRPOTrainer._generate_and
 
 The sequence ratio is the SUM of the row's log-ratios, the likelihood ratio of the whole sequence,
 as in TRL 1.16 (not a per-token mean: TRL's default clip_max = 3.0 is a bound on that product).
-Rows flagged in `not_sampled` (golden answers, never sampled by the engine; their sampling_logp
+Rows flagged in `golden` (golden answers, never sampled by the engine; their sampling_logp
 is ignored and may be NaN) get weight 1 and are left out of the metrics. Tokens with m_t = 0
 carry their row's ratio (sequence modes) or that of d_t = 0; they do not count in the loss.
 
@@ -40,7 +40,7 @@ from gcpo_fast.kernels.policy_loss import row_index, row_sums
 SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
-def _check(old_logp, sampling_logp, cu_seqlens, mask, not_sampled, mode, clip_min, clip_max):
+def _check(old_logp, sampling_logp, cu_seqlens, mask, golden, mode, clip_min, clip_max):
     if mode not in SAMPLING_MODES:
         raise ValueError(f"mode must be one of {SAMPLING_MODES}, got {mode!r}")
     clip_min = None if clip_min is None else check_number("clip_min", clip_min, lambda c: c >= 0, ">= 0")
@@ -55,11 +55,9 @@ def _check(old_logp, sampling_logp, cu_seqlens, mask, not_sampled, mode, clip_mi
         if t is not None and (not isinstance(t, torch.Tensor) or t.shape != (n,)):
             raise ValueError(f"{name} must match old_logp's shape ({n},), got {tuple(t.shape)}")
     num_rows = cu_seqlens.numel() - 1 if isinstance(cu_seqlens, torch.Tensor) else -1
-    if not_sampled is not None and (not_sampled.shape != (num_rows,) or not_sampled.dtype != torch.bool):
-        raise ValueError(
-            f"not_sampled must be a bool tensor [B] = [{num_rows}], got {tuple(not_sampled.shape)} {not_sampled.dtype}"
-        )
-    devices = {t.device for t in (old_logp, sampling_logp, cu_seqlens, mask, not_sampled) if t is not None}
+    if golden is not None and (golden.shape != (num_rows,) or golden.dtype != torch.bool):
+        raise ValueError(f"golden must be a bool tensor [B] = [{num_rows}], got {tuple(golden.shape)} {golden.dtype}")
+    devices = {t.device for t in (old_logp, sampling_logp, cu_seqlens, mask, golden) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     settle(check_cu_seqlens(cu_seqlens, n))
@@ -86,20 +84,20 @@ def sampling_weights(
     mode="sequence_mask",
     clip_min=None,
     clip_max=3.0,
-    not_sampled=None,
+    golden=None,
 ):
     """The per-token weight [N] fp32 (detached) for `sampling_weight=` and its metrics (module docstring).
 
     old_logp [N]: the trainer's log-probs of the sampled tokens (behaviour policy, same temperature);
     sampling_logp [N]: the engine's; cu_seqlens int [B+1]; mask [N] bool or None (all count);
-    not_sampled [B] bool or None: rows the engine did not sample (golden answers), weight 1.
+    golden [B] bool or None: rows the engine did not sample (golden answers), weight 1.
     """
-    clip_min, clip_max = _check(old_logp, sampling_logp, cu_seqlens, mask, not_sampled, mode, clip_min, clip_max)
+    clip_min, clip_max = _check(old_logp, sampling_logp, cu_seqlens, mask, golden, mode, clip_min, clip_max)
     n, num_rows = old_logp.shape[0], cu_seqlens.numel() - 1
     old, sampled = old_logp.detach().float(), sampling_logp.detach().float()
     m = torch.ones(n, dtype=torch.bool, device=old.device) if mask is None else mask.bool()
     rows = row_index(cu_seqlens, n)
-    sampled_row = torch.ones(num_rows, dtype=torch.bool, device=old.device) if not_sampled is None else ~not_sampled
+    sampled_row = torch.ones(num_rows, dtype=torch.bool, device=old.device) if golden is None else ~golden
     sampled_tok = sampled_row[rows]
 
     diff = torch.nan_to_num((old - sampled) * m, nan=0.0)

@@ -53,8 +53,8 @@ def hf():
 
 @pytest.fixture(scope="module")
 def prompt_ids(tokenizer):
+    from gcpo_fast.data.prompts import encode_prompts
     from gcpo_fast.data.sources import load_records
-    from gcpo_fast.rollout import encode_prompts
 
     records = load_records("builtin", split="test", num_problems=8)
     return encode_prompts(tokenizer, [r["prompt"] for r in records], max_prompt_length=128)
@@ -73,3 +73,12 @@ def golden_models(tmp_path_factory):
     teacher = make_teacher(root / "teacher")
     torch.set_num_threads(n)
     return make_tiny_model(root / "policy"), teacher
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny random Qwen2 model folder and 12 training records (tests/tiny_model.py), for the stage tests."""
+    from tiny_model import make_tiny_model, write_jsonl
+
+    root = tmp_path_factory.mktemp("tiny")
+    return make_tiny_model(root / "model"), write_jsonl(root / "train.jsonl", n=12)

@@ -21,10 +21,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from gcpo_fast.config import parse_config
 from gcpo_fast.data.files import PromptSampler
+from gcpo_fast.data.prompts import encode_prompts
 from gcpo_fast.data.rewards import extract_answer, math_reward
-from gcpo_fast.golden import CACHE_NAME
+from gcpo_fast.engines.base import Sampling
+from gcpo_fast.engines.hf import HFEngine
+from gcpo_fast.golden.teacher import CACHE_NAME
 from gcpo_fast.prepare import prepare
-from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts
 from gcpo_fast.rounds import RoundContext, build_rows, sample_groups
 from gcpo_fast.train import load_teacher
 
@@ -142,10 +144,10 @@ def setup(golden_models, tmp_path, *argv, data=None):
 
 
 def one_round(cfg, model, tokenizer, gold, sampler, funcs):
-    ctx = RoundContext.of(cfg, HFEngine(model, tokenizer), tokenizer, funcs)
+    ctx = RoundContext.of(cfg, HFEngine(model, tokenizer), tokenizer, funcs, teacher=gold)
     sampled, metrics = sample_groups(ctx, sampler)
-    rows, _ = build_rows(ctx, sampled, metrics, gold, cfg.golden.golden_source)
-    return ctx, sampled, rows, metrics
+    rows, _, row_metrics = build_rows(ctx, sampled)
+    return ctx, sampled, rows, {**metrics, **row_metrics}
 
 
 def cache_lines(run: Path) -> list[dict]:

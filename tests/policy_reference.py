@@ -134,14 +134,14 @@ def check_against_reference(
     lengths, level, agg, on_policy, seed=0, eps=(0.1, 0.15), backend="torch", device="cpu", **kw
 ):
     """policy_loss on a make_batch batch against reference_policy_loss (loss and gradient); returns the stats.
-    kw: LossInputs / PolicyLossConfig fields (mask, sampling_weight, beta, ...), golden_rows (the shaped rows)
+    kw: LossInputs / PolicyLossConfig fields (mask, sampling_weight, beta, ...), golden (the shaped rows)
     and gamma."""
     lp, old, ref, adv, cu = make_batch(lengths, seed)
     mask = kw.pop("mask", None)
     sw = kw.pop("sampling_weight", None)
-    golden, gamma = kw.pop("golden_rows", None), kw.pop("gamma", 0.1)
+    golden, gamma = kw.pop("golden", None), kw.pop("gamma", 0.1)
     if golden is not None:
-        kw.update(golden_rows=golden.to(device), golden_objective="shaped", golden_shaping_gamma=gamma)
+        kw.update(golden=golden.to(device), golden_objective="shaped", golden_shaping_gamma=gamma)
     lp32 = lp.float().to(device).requires_grad_()
     on = dict(device=device)
     loss, stats = policy_loss(

@@ -8,10 +8,11 @@ from typing import get_type_hints
 import pytest
 from tiny_model import write_jsonl
 
-from gcpo_fast.config import SHIPPED_MODEL_LR, TrainConfig, build_parser, parse_config
+from gcpo_fast.config import TrainConfig, build_parser, parse_config
 from gcpo_fast.errors import ConfigError
 from gcpo_fast.models.loading import DEFAULT_MODEL
 from gcpo_fast.train import main
+from gcpo_fast.update import SHIPPED_MODEL_LR
 
 
 @pytest.mark.parametrize(
@@ -82,7 +83,7 @@ def test_explicit_options_override_the_recipe():
         cfg.method.epsilon,
         cfg.method.epsilon_high,
         cfg.method.dynamic_sampling,
-        cfg.method.golden_answer,
+        cfg.golden.golden_answer,
         cfg.method.overlong_buffer_len,
     ) == (
         0.2,

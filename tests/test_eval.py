@@ -7,8 +7,9 @@ import pytest
 import torch
 from tiny_model import make_tiny_model, write_jsonl
 
+from gcpo_fast.engines.base import Sampling
+from gcpo_fast.engines.hf import HFEngine
 from gcpo_fast.eval import count_correct, level_summary, main, pass_at_k, summarize
-from gcpo_fast.rollout import HFEngine, Sampling
 
 
 def test_pass_at_k_by_hand():
@@ -92,9 +93,9 @@ def test_cli(tmp_path, capsys, one_thread):
         [
             "--model",
             str(path),
-            "--dataset",
+            "--eval_dataset",
             str(data),
-            "--num_samples",
+            "--eval_num_samples",
             "2",
             "--max_completion_length",
             "4",
@@ -119,19 +120,20 @@ def tiny(tmp_path_factory):
     "argv, message",
     [
         (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
-        (["--max_completion_length", "0"], "--max_completion_length must be >= 1, got 0"),
-        (
-            ["--num_samples", "2", "--temperature", "0"],
-            "--temperature must be > 0 to sample --num_samples 2 completions",
-        ),
-        (["--temperature", "nan"], "--temperature must be a finite number, got nan"),
-        (["--top_k", "-1"], "--top_k must be >= 0 (0: off), got -1"),
+        (["--max_completion_length", "0"], "max_completion_length must be >= 1, got 0"),
+        (["--eval_num_samples", "2", "--temperature", "0"], "temperature must be > 0 for sampling, got 0.0"),
+        (["--temperature", "nan"], "temperature must be a finite number, got nan"),
+        (["--top_k", "-1"], "top_k must be >= 0, got -1"),
+        (["--eval_num_samples", "0"], "eval_num_samples must be >= 1, got 0"),
         (["--model", "{root}/absent"], "model folder {root}/absent does not exist"),
         (
             ["--output", "{root}/absent/eval.json"],
             "--output {root}/absent/eval.json: folder {root}/absent does not exist",
         ),
-        (["--dataset", "builtin", "--levels", "1"], "could not draw 500 distinct heldout problems from levels [1]"),
+        (
+            ["--eval_dataset", "builtin", "--builtin_levels", "1"],
+            "could not draw 500 distinct heldout problems from levels [1]",
+        ),
         (
             ["--batch_size", "x"],
             "argument --batch_size: invalid int value: 'x' (see --help)",
@@ -140,7 +142,7 @@ def tiny(tmp_path_factory):
 )
 def test_cli_usage_errors_come_before_anything_runs(tiny, capsys, argv, message):
     model, data, root = tiny
-    argv = [a.format(root=root) for a in ["--model", str(model), "--dataset", str(data), *argv]]
+    argv = [a.format(root=root) for a in ["--model", str(model), "--eval_dataset", str(data), *argv]]
     with pytest.raises(SystemExit) as e:
         main(argv)
     out, err = capsys.readouterr()
@@ -156,6 +158,6 @@ def test_cli_damaged_model_is_a_runtime_error(tiny, tmp_path, capsys):
     shutil.copytree(model, tmp_path / "model")
     (tmp_path / "model" / "model.safetensors").write_bytes(b"")
     with pytest.raises(SystemExit) as e:
-        main(["--model", str(tmp_path / "model"), "--dataset", str(data)])
+        main(["--model", str(tmp_path / "model"), "--eval_dataset", str(data)])
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.count("\n") == 1 and "cannot load the weights" in err

@@ -15,9 +15,9 @@ def test_an_unchanged_model_forgets_nothing(tmp_path, capsys, one_thread):
     shutil.copytree(DEFAULT_MODEL, runs / "gcpo_seed0" / "checkpoint-7")
     (runs / "gcpo_seed0" / "checkpoint-3").mkdir()  # an earlier checkpoint, not the one scored
     out = tmp_path / "out"
-    main(["--runs_dir", str(runs), "--methods", "gcpo", "--seeds", "0", "--levels", "1", "2"]
-         + ["--num_problems", "12", "--out", str(out), "--jobs", "1"])  # fmt: skip
-    eval_main(["--levels", "1", "2", "--num_problems", "12", "--output", str(tmp_path / "direct.json")])
+    main(["--runs_dir", str(runs), "--methods", "gcpo", "--seeds", "0", "--builtin_levels", "1", "2"]
+         + ["--eval_num_problems", "12", "--out", str(out), "--jobs", "1"])  # fmt: skip
+    eval_main(["--builtin_levels", "1", "2", "--eval_num_problems", "12", "--output", str(tmp_path / "direct.json")])
     capsys.readouterr()
     direct = json.loads((tmp_path / "direct.json").read_text())
     table = (out / "forgetting.md").read_text()

@@ -21,10 +21,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gcpo_fast.config import parse_config
 from gcpo_fast.distributed.parallel import OPTIMIZER_FOLDER, check_checkpoint, free_port, parallelize
+from gcpo_fast.engines.base import Rows, Sampling
+from gcpo_fast.engines.hf import HFEngine
 from gcpo_fast.errors import ConfigError
 from gcpo_fast.models.loading import enable_checkpointing
 from gcpo_fast.packing import PackedBatch, pack
-from gcpo_fast.rollout import HFEngine, Rows, Sampling
 from gcpo_fast.update import ModelWithLoss
 
 MAX_GRAD_NORM = "1e-2"  # far below the tiny model's gradient norm: every step is clipped by the global norm

@@ -15,7 +15,7 @@ from tiny_model import child_env
 from gcpo_fast.config import parse_config
 from gcpo_fast.distributed.parallel import free_port
 from gcpo_fast.errors import ConfigError
-from gcpo_fast.golden import CACHE_NAME, prompt_key
+from gcpo_fast.golden.teacher import CACHE_NAME, prompt_key
 from gcpo_fast.train import train
 
 
@@ -59,17 +59,17 @@ def test_the_offline_command_fills_a_cache_the_trainer_uses(golden_models, tmp_p
         sys.executable,
         "-m",
         "gcpo_fast.golden",
-        "--model",
+        "--golden_model",
         str(golden_models[1]),
         "--dataset",
         str(data),
         "--answer_column",
         "answer",
-        "--out",
+        "--golden_cache",
         str(cache),
-        "--temperature",
+        "--golden_temperature",
         "0.3",
-        "--max_completion_length",
+        "--golden_max_completion_length",
         "40",
         "--reward_funcs",
         "golden_setup:boxed_answer",
@@ -150,9 +150,16 @@ def test_two_processes_share_one_cache(golden_models, tmp_path, one_thread):
     ],
 )
 def test_golden_cli_checks_the_reward_options_as_the_trainer_does(tmp_path, capsys, options, problem):
-    from gcpo_fast.golden import main
+    from gcpo_fast.golden.offline import main
 
-    argv = ["--model", str(tmp_path / "teacher"), "--dataset", "builtin", "--out", str(tmp_path / "c.jsonl")]
+    argv = [
+        "--golden_model",
+        str(tmp_path / "teacher"),
+        "--dataset",
+        "builtin",
+        "--golden_cache",
+        str(tmp_path / "c.jsonl"),
+    ]
     with pytest.raises(SystemExit) as e:
         main([*argv, *options])
     assert e.value.code == 2 and capsys.readouterr().err.strip().endswith(problem)

@@ -9,11 +9,13 @@ from tiny_model import problem, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gcpo_fast.config import parse_config
+from gcpo_fast.data.prompts import encode_prompts
 from gcpo_fast.data.rewards import extract_answer, math_reward
+from gcpo_fast.engines.base import Sampling
+from gcpo_fast.engines.hf import HFEngine
 from gcpo_fast.errors import ConfigError
-from gcpo_fast.golden import prompt_key
+from gcpo_fast.golden.teacher import prompt_key
 from gcpo_fast.prepare import prepare
-from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts
 from gcpo_fast.rounds import build_rows
 
 
@@ -61,8 +63,7 @@ def test_a_correct_answer_is_reencoded_for_the_policy_appended_and_cached(golden
     assert "[INST]" in t_tok.decode(encode_prompts(t_tok, [sampled.records[0]["prompt"]], 256)[0])
 
     # the second encounter: from the cache, the teacher not run again (no new line)
-    metrics2 = {}
-    rows2, _ = build_rows(ctx, sampled, metrics2, gold, cfg.golden.golden_source)
+    rows2, _, metrics2 = build_rows(ctx, sampled)
     assert metrics2["gcpo/golden_cache_hits"] == metrics2["gcpo/golden_from_teacher"] == P
     assert cache_lines(tmp_path / "run") == entries
     assert rows2.completion_ids == rows.completion_ids

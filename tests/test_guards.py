@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM
 
 from gcpo_fast.config import parse_config
 from gcpo_fast.distributed.parallel import parallelize
+from gcpo_fast.engines.base import Rows
 from gcpo_fast.packing import pack
 from gcpo_fast.prepare import prepare
-from gcpo_fast.rollout import Rows
 from gcpo_fast.train import main, train
 from gcpo_fast.update import ModelWithLoss, build_optimizer, optimizer_step
 

@@ -44,8 +44,7 @@ def test_policy_loss_gets_bf16_and_the_fp32_weight_its_gradient(monkeypatch, one
     monkeypatch.setattr(update, "linear_policy_loss", spy(seen))
     model = tiny_qwen2()
     module = update.ModelWithLoss(model, PolicyLossConfig())
-    packed = pack_rows(PROMPTS, COMPLETIONS)
-    packed.advantages = torch.ones(2)
+    packed = pack_rows(PROMPTS, COMPLETIONS, advantages=torch.ones(2))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _ = module(packed, 5.0)
     loss.backward()

@@ -1,56 +1,127 @@
-"""The trainer's modules depend on each other one way (docs/design.md, "Layout"): read from their import
-statements, so a new import that turns an arrow around fails here, not in a reader's head."""
+"""The trainer's wings depend on each other one way (docs/design.md, "Layout"), read from every import statement of
+every file under gcpo_fast/ (function-level imports included), so a new import that turns an arrow around fails
+here, not in a reader's head."""
 
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "gcpo_fast"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "gcpo_fast"
+
+# Each top-level module or subpackage ("wing") and its layer: a file may import its own wing and lower layers only.
+LAYER = {
+    "errors": 0,
+    "kernels": 0,  # the fused ops: nothing of the trainer (test below)
+    "options": 1,
+    "cli": 1,
+    "data": 2,  # datasets, tasks, prompts, rewards: no model
+    "distributed": 2,
+    "methods": 2,  # advantages and recipes: tensors only
+    "run": 3,  # state, checkpoints, lock, logging, timing
+    "models": 4,
+    "engines": 5,
+    "packing": 5,
+    "scoring": 6,
+    "golden": 6,
+    "rounds": 7,
+    "update": 7,
+    "async_rollouts": 8,
+    "eval": 8,
+    "config": 9,
+    "prepare": 10,
+    "train": 11,  # the commands and the integrations on top
+    "serve": 11,
+    "lora": 11,
+    "make_default_model": 11,
+    "integrations": 11,
+}
 
 
-def module_imports(top_level_only: bool) -> dict[str, set[str]]:
-    """{module: the gcpo_fast modules it imports} for every module of gcpo_fast/ (kernels counted as one)."""
-    graph = {}
-    for path in PACKAGE.glob("*.py"):
-        tree = ast.parse(path.read_text())
-        nodes = tree.body if top_level_only else ast.walk(tree)
-        names = set()
-        for node in nodes:
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gcpo_fast"):
-                parts = node.module.split(".")
-                if len(parts) > 1:
-                    names.add(parts[1])
-                else:  # from gcpo_fast import groups, parallel
-                    names.update(alias.name for alias in node.names)
-        graph[path.stem] = names - {path.stem, "__init__"}
-    return graph
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def test_nothing_imports_the_loop_and_only_the_run_imports_the_config():
-    graph = module_imports(top_level_only=False)
-    assert not [m for m, deps in graph.items() if "train" in deps]
-    assert sorted(m for m, deps in graph.items() if "config" in deps) == ["prepare", "train"]
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")} | {"gcpo_fast.kernels": ROOT / "kernels/__init__.py"}
 
 
-def test_a_round_and_a_step_never_import_each_other_nor_the_engine_the_update():
-    graph = module_imports(top_level_only=False)
-    assert "update" not in graph["rounds"] and "rounds" not in graph["update"]
-    assert "update" not in graph["rollout"] and "rounds" not in graph["rollout"]
+def resolve(name: str) -> str:
+    """The module an imported name lives in (`gcpo_fast.run.lock` for `from gcpo_fast.run import lock`)."""
+    while name not in MODULES:
+        name = name.rsplit(".", 1)[0]
+    return name
 
 
-def test_module_level_imports_have_no_cycle():
-    """Lazy imports inside functions (the vLLM engine, a command's own main) may point back; the module graph
-    that an import walks may not."""
-    graph = module_imports(top_level_only=True)
+def imports(path: Path) -> set[str]:
+    """The gcpo_fast modules a file imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gcpo_fast"):
+            found |= {resolve(f"{node.module}.{a.name}") for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {resolve(a.name) for a in node.names if a.name.startswith("gcpo_fast")}
+    return found - {"gcpo_fast"}
+
+
+def wing(module: str) -> str:
+    return module.split(".")[1]
+
+
+GRAPH = {m: imports(p) - {m} for m, p in MODULES.items() if not m.startswith("gcpo_fast.kernels")}
+
+
+def test_every_file_belongs_to_a_wing_with_a_layer_and_every_wing_says_its_job():
+    assert {wing(m) for m in MODULES if m != "gcpo_fast"} == set(LAYER)
+    for folder in (p for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()):
+        doc = ast.get_docstring(ast.parse((folder / "__init__.py").read_text()))
+        assert doc and len(doc) > 80, f"{folder.name}/__init__.py needs a docstring naming the wing's job"
+
+
+def test_no_import_from_a_lower_layer_up():
+    upward = [
+        f"{m} -> {d}"
+        for m, deps in GRAPH.items()
+        for d in deps
+        if wing(d) != wing(m) and LAYER[wing(d)] >= LAYER[wing(m)]
+    ]
+    assert not upward, upward
+
+
+def test_the_wings_rules():
+    def reaches(prefix: str, *forbidden: str) -> list[str]:
+        return [
+            f"{m} -> {d}" for m, deps in GRAPH.items() if m.startswith(prefix) for d in deps if wing(d) in forbidden
+        ]
+
+    assert not reaches("gcpo_fast.engines", "rounds", "update", "golden", "methods", "train", "config")
+    assert not reaches("gcpo_fast.data", "models", "engines", "packing", "scoring", "distributed", "run")
+    assert not reaches("gcpo_fast.methods", "models", "engines", "data", "golden")
+    assert not [m for m, deps in GRAPH.items() if "gcpo_fast.train" in deps]  # nothing imports the loop
+    assert sorted(m for m, deps in GRAPH.items() if "gcpo_fast.config" in deps) == [
+        "gcpo_fast.prepare",
+        "gcpo_fast.train",
+    ]  # only the run's entry reads the composed options
+    assert "gcpo_fast.update" not in GRAPH["gcpo_fast.rounds"] and "gcpo_fast.rounds" not in GRAPH["gcpo_fast.update"]
+
+
+def test_the_kernels_import_nothing_of_the_trainer():
+    for path in (ROOT / "kernels").glob("*.py"):
+        outside = {d for d in imports(path) if not d.startswith("gcpo_fast.kernels")}
+        assert not outside, f"kernels/{path.name} imports {outside}"
+
+
+def test_no_import_cycle_anywhere():
+    """Function-level imports included: a lazy import that points back is still a cycle for a reader."""
     state = {}
 
     def visit(module, path):
         state[module] = "open"
-        for dep in sorted(graph.get(module, ())):
+        for dep in sorted(GRAPH.get(module, ())):
             assert state.get(dep) != "open", f"import cycle: {' -> '.join([*path, dep])}"
             if dep not in state:
                 visit(dep, [*path, dep])
         state[module] = "done"
 
-    for module in sorted(graph):
+    for module in sorted(GRAPH):
         if module not in state:
             visit(module, [module])

@@ -101,7 +101,7 @@ def _policy_case(
         **kw,
     )
     if golden is not None:
-        opts.update(golden_rows=golden.to(device), golden_objective="shaped", golden_shaping_gamma=gamma)
+        opts.update(golden=golden.to(device), golden_objective="shaped", golden_shaping_gamma=gamma)
     loss, stats = linear_policy_loss(
         h,
         W,
@@ -345,8 +345,8 @@ def test_linear_policy_loss_policy_ratio_ignores_golden_rows_bitwise(backend, de
     results = []
     for kw in (
         dict(),
-        dict(golden_rows=GOLDEN.to(device)),
-        dict(golden_rows=GOLDEN.to(device), golden_objective="shaped"),
+        dict(golden=GOLDEN.to(device)),
+        dict(golden=GOLDEN.to(device), golden_objective="shaped"),
     ):
         Wg = W.clone().requires_grad_()
         loss, stats = _fused(h, Wg, t, old, adv, cu, bias=b, backend=backend, **kw)

@@ -143,9 +143,9 @@ def test_input_checks_read_the_device_once(monkeypatch):
 @pytest.mark.parametrize(
     "over, err, match",
     [
-        (dict(golden_objective="shaped"), ValueError, "golden_objective='shaped' needs golden_rows"),
-        (dict(golden_rows=torch.ones(3, dtype=torch.bool)), ValueError, r"golden_rows must be \[B\] = \[2\]"),
-        (dict(golden_rows=torch.ones(2, dtype=torch.int64)), TypeError, "golden_rows must be a bool tensor"),
+        (dict(golden_objective="shaped"), ValueError, "golden_objective='shaped' needs golden"),
+        (dict(golden=torch.ones(3, dtype=torch.bool)), ValueError, r"golden must be \[B\] = \[2\]"),
+        (dict(golden=torch.ones(2, dtype=torch.int64)), TypeError, "golden must be a bool tensor"),
         (dict(golden_shaping_gamma=0), ValueError, "golden_shaping_gamma must be a finite number > 0, got 0"),
         (dict(golden_objective="p_div_p"), ValueError, "golden_objective must be one of"),
     ],

@@ -46,9 +46,7 @@ def micro_batch(vocab):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(5, vocab, (n,), generator=g).tolist() for n in (5, 3, 4)]
     completions = [torch.randint(5, vocab, (n,), generator=g).tolist() for n in (6, 2, 7)]
-    mb = pack_rows(prompts, completions)
-    mb.advantages = torch.tensor([1.0, -0.5, 0.25])
-    return mb
+    return pack_rows(prompts, completions, advantages=torch.tensor([1.0, -0.5, 0.25]))
 
 
 def naive_loss(model, mb):
@@ -229,7 +227,7 @@ def test_kill_and_resume_is_exact_and_the_checkpoint_is_a_peft_adapter(tmp_path,
     from gcpo_fast.models.lora import main as lora_main
 
     capsys.readouterr()
-    eval_main(["--model", str(checkpoint), "--num_problems", "4", "--max_completion_length", "8"])
+    eval_main(["--model", str(checkpoint), "--eval_num_problems", "4", "--max_completion_length", "8"])
     assert json.loads(capsys.readouterr().out)["num_problems"] == 4
     out = tmp_path / "merged"
     lora_main(["merge", "--adapter", str(checkpoint), "--out", str(out)])

@@ -23,7 +23,7 @@ NAN = float("nan")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_shaped_golden_rows_match_reference(level, agg, on_policy, backend, device):
     check_against_reference(
-        LENGTHS, level, agg, on_policy, eps=(0.05, 0.05), backend=backend, device=device, golden_rows=GOLDEN
+        LENGTHS, level, agg, on_policy, eps=(0.05, 0.05), backend=backend, device=device, golden=GOLDEN
     )
 
 
@@ -39,7 +39,7 @@ def test_shaped_with_options_weights_masks_and_long_rows(backend, level, device)
         eps=(0.05, 0.08),
         backend=backend,
         device=device,
-        golden_rows=GOLDEN,
+        golden=GOLDEN,
         gamma=0.3,
         sampling_weight=random_sampling_weight(n, 1),
         delta=1.3,
@@ -58,7 +58,7 @@ def test_shaped_with_options_weights_masks_and_long_rows(backend, level, device)
         mask=mask,
         backend=backend,
         device=device,
-        golden_rows=GOLDEN,
+        golden=GOLDEN,
         gamma=1e-3,
         sampling_weight=random_sampling_weight(n, 2),
     )
@@ -70,7 +70,7 @@ def test_shaped_with_options_weights_masks_and_long_rows(backend, level, device)
         False,
         backend=backend,
         device=device,
-        golden_rows=torch.tensor([True, False]),
+        golden=torch.tensor([True, False]),
         gamma=5.0,
     )
 
@@ -101,22 +101,22 @@ def _run(backend, device, method, level, **kw):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_policy_ratio_objective_is_bit_identical_to_no_golden_rows(backend, device):
-    """golden_objective="policy_ratio" (the default) ignores golden_rows: loss, gradient and stats are
+    """golden_objective="policy_ratio" (the default) ignores golden: loss, gradient and stats are
     bitwise those of a call without them; "shaped" with no golden row is the same too."""
     golden, none = GOLDEN.to(device), torch.zeros(6, dtype=torch.bool, device=device)
     for method in METHODS:
         for level in ("none",) if method == "gpg" else ("token", "sequence"):
             plain = _run(backend, device, method, level)
             variants = [
-                _run(backend, device, method, level, golden_rows=golden),
-                _run(backend, device, method, level, golden_rows=golden, golden_objective="policy_ratio"),
-                _run(backend, device, method, level, golden_rows=none, golden_objective="shaped"),
+                _run(backend, device, method, level, golden=golden),
+                _run(backend, device, method, level, golden=golden, golden_objective="policy_ratio"),
+                _run(backend, device, method, level, golden=none, golden_objective="shaped"),
             ]
             for loss, grad, stats in variants:
                 assert torch.equal(loss, plain[0]) and torch.equal(grad, plain[1]), (method, level)
                 assert stats.keys() == plain[2].keys()
                 assert all(torch.equal(stats[k], plain[2][k]) for k in stats), (method, level)
-            shaped = _run(backend, device, method, level, golden_rows=golden, golden_objective="shaped")
+            shaped = _run(backend, device, method, level, golden=golden, golden_objective="shaped")
             assert not torch.equal(shaped[0], plain[0]) and not torch.equal(shaped[1], plain[1])
 
 
@@ -127,7 +127,7 @@ def test_shaped_rows_add_nothing_to_the_clip_fractions(backend, level, device):
     n_tok = sum(LENGTHS)
     others = ~torch.repeat_interleave(GOLDEN, torch.tensor(LENGTHS)).to(device)
     _, _, ratio = _run(backend, device, "grpo", level)
-    _, _, shaped = _run(backend, device, "grpo", level, golden_rows=GOLDEN.to(device), golden_objective="shaped")
+    _, _, shaped = _run(backend, device, "grpo", level, golden=GOLDEN.to(device), golden_objective="shaped")
     _, _, masked = _run(backend, device, "grpo", level, mask=others)
     for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
         torch.testing.assert_close(shaped[k] * n_tok, masked[k] * masked["num_tokens"])
@@ -147,7 +147,7 @@ def test_shaped_gradient_closed_form_and_extreme_logprobs(backend, device):
             cu,
             **METHODS["dapo"],
             backend=backend,
-            golden_rows=torch.tensor([True], device=device),
+            golden=torch.tensor([True], device=device),
             golden_objective="shaped",
         ),
     )
@@ -167,20 +167,20 @@ def test_shaped_gradient_closed_form_and_extreme_logprobs(backend, device):
         (dict(golden_shaping_gamma=float("inf")), ValueError, "golden_shaping_gamma must be a finite number > 0"),
         (dict(golden_shaping_gamma="0.1"), ValueError, "golden_shaping_gamma must be a number"),
         (dict(golden_objective="luffy"), ValueError, r"golden_objective must be one of \('policy_ratio', 'shaped'\)"),
-        (dict(golden_objective="shaped", golden_rows=None), ValueError, "golden_objective='shaped' needs golden_rows"),
+        (dict(golden_objective="shaped", golden=None), ValueError, "golden_objective='shaped' needs golden"),
         (
-            dict(golden_rows=torch.ones(3, dtype=torch.bool)),
+            dict(golden=torch.ones(3, dtype=torch.bool)),
             ValueError,
-            r"golden_rows must be \[B\] = \[2\].*got \(3,\)",
+            r"golden must be \[B\] = \[2\].*got \(3,\)",
         ),
-        (dict(golden_rows=torch.ones(2, 1, dtype=torch.bool)), ValueError, r"golden_rows must be \[B\] = \[2\]"),
-        (dict(golden_rows=[True, False]), TypeError, r"golden_rows must be a torch.Tensor, got list"),
-        (dict(golden_rows=torch.ones(2)), TypeError, "golden_rows must be a bool tensor, got torch.float32"),
-        (dict(golden_rows=torch.ones(2, dtype=torch.bool, device="meta")), ValueError, "one device"),
+        (dict(golden=torch.ones(2, 1, dtype=torch.bool)), ValueError, r"golden must be \[B\] = \[2\]"),
+        (dict(golden=[True, False]), TypeError, r"golden must be a torch.Tensor, got list"),
+        (dict(golden=torch.ones(2)), TypeError, "golden must be a bool tensor, got torch.float32"),
+        (dict(golden=torch.ones(2, dtype=torch.bool, device="meta")), ValueError, "one device"),
     ],
 )
 def test_bad_golden_options_name_the_problem(opts, err, match):
-    opts = dict(dict(golden_rows=torch.tensor([True, False]), golden_objective="shaped"), **opts)
+    opts = dict(dict(golden=torch.tensor([True, False]), golden_objective="shaped"), **opts)
     with pytest.raises(err, match=match):
         cu = torch.tensor([0, 4, 9], dtype=torch.int32)
         policy_loss(torch.zeros(9), *inputs_and_config(torch.ones(2), cu, **opts))
@@ -191,7 +191,7 @@ def test_shaped_config_and_its_defaults():
     config = PolicyLossConfig(golden_objective="shaped", golden_shaping_gamma=0.2)
     assert (config.golden_objective, config.golden_shaping_gamma) == ("shaped", 0.2)
     assert (PolicyLossConfig().golden_objective, PolicyLossConfig().golden_shaping_gamma) == ("policy_ratio", 0.1)
-    inputs = LossInputs(adv.float(), cu, old_logp=old.float(), golden_rows=GOLDEN)
+    inputs = LossInputs(adv.float(), cu, old_logp=old.float(), golden=GOLDEN)
     shaped, _ = policy_loss(lp.float(), inputs, config)
     plain, _ = policy_loss(lp.float(), inputs, PolicyLossConfig())
     assert not torch.equal(shaped, plain)

@@ -45,7 +45,7 @@ def test_mostly_truncated_completions_are_warned_about_once_with_the_number(monk
 
 
 def test_a_long_prompt_is_cut_before_tokenising_to_the_same_last_tokens():
-    from gcpo_fast.rollout import CHARS_PER_TOKEN, encode_prompts
+    from gcpo_fast.data.prompts import CHARS_PER_TOKEN, encode_prompts
 
     tokenizer = make_tokenizer(chat_template=False)
     prompt = " ".join(f"What is {i} + {i % 7}?" for i in range(2000))  # 34k characters

@@ -1,4 +1,4 @@
-"""math_reward (forms of the same answer, worker threads), reward loading/weighting, DAPO overlong shaping."""
+"""math_reward (forms of the same answer, worker threads), reward loading and weighting."""
 
 import math
 import re
@@ -14,7 +14,6 @@ from gcpo_fast.data.rewards import (
     load_reward_function,
     math_reward,
     math_verify_timeout,
-    overlong_penalty,
     unverifiable_reason,
 )
 
@@ -119,16 +118,6 @@ def test_compute_rewards_weighted_nansum():
         compute_rewards([fmt_reward, short], ["p"] * 2, ["a", "b"], records[:1] * 2)
     with pytest.raises(ValueError, match="1 reward functions but 2 reward_weights"):
         compute_rewards([fmt_reward], ["p"], ["a"], records[:1], reward_weights=[1.0, 1.0])
-
-
-def test_overlong_penalty():
-    # Lmax = 10, Lc = 4: no penalty up to 6, linear to -1 at 10, -1 beyond
-    assert overlong_penalty([0, 3, 6, 7, 8, 9, 10, 12], 10, 4) == [0, 0, 0, -0.25, -0.5, -0.75, -1.0, -1.0]
-    doubled = overlong_penalty([7, 12], 10, 4, penalty_factor=2.0)
-    assert doubled == [-0.5, -2.0]
-    assert all(math.isfinite(x) for x in overlong_penalty(range(20), 16, 16))
-    with pytest.raises(ValueError, match="overlong_buffer_len must be in"):
-        overlong_penalty([1], 10, 0)
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,7 @@ HAND = [
 def test_hand_computed_weights_and_metrics(mode, clip_min, expected, ratio):
     old, sampling, cu, mask, golden = hand_case()
     weight, metrics = sampling_weights(
-        old, sampling, cu, mask, mode=mode, clip_min=clip_min, clip_max=3.0, not_sampled=golden
+        old, sampling, cu, mask, mode=mode, clip_min=clip_min, clip_max=3.0, golden=golden
     )
     assert weight.dtype == torch.float32 and not weight.requires_grad
     torch.testing.assert_close(weight, torch.tensor(expected, dtype=torch.float32))
@@ -105,7 +105,7 @@ def test_random_batches_match_the_trl_reference(mode, clip_min, clip_max):
     mask = torch.rand(n, generator=g) > 0.2
     golden = torch.tensor([False, False, False, True, False, True])
     weight, metrics = sampling_weights(
-        old, sampling, cu, mask, mode=mode, clip_min=clip_min, clip_max=clip_max, not_sampled=golden
+        old, sampling, cu, mask, mode=mode, clip_min=clip_min, clip_max=clip_max, golden=golden
     )
     ref_weight, ref_metrics = trl_reference(old, sampling, cu, mask, golden, mode, clip_min, clip_max)
     # Masked tokens do not count in the loss; the reference and TRL give them the row's or a neutral value.
@@ -119,7 +119,7 @@ def test_random_batches_match_the_trl_reference(mode, clip_min, clip_max):
 def test_every_row_golden_gives_ones_and_zero_metrics():
     old, sampling, cu, mask, _ = hand_case()
     weight, metrics = sampling_weights(
-        old, sampling, cu, mask, mode="token_mask", not_sampled=torch.ones(3, dtype=torch.bool)
+        old, sampling, cu, mask, mode="token_mask", golden=torch.ones(3, dtype=torch.bool)
     )
     assert torch.equal(weight, torch.ones(6))
     assert all(float(v) == 0.0 for v in metrics.values())
@@ -127,7 +127,7 @@ def test_every_row_golden_gives_ones_and_zero_metrics():
 
 def test_defaults_are_trls_sequence_mask_with_clip_max_3():
     old, sampling, cu, mask, golden = hand_case()
-    weight, _ = sampling_weights(old, sampling, cu, mask, not_sampled=golden)
+    weight, _ = sampling_weights(old, sampling, cu, mask, golden=golden)
     torch.testing.assert_close(weight, torch.tensor([0, 0, 2, 2, 2, 1.0]))
 
 
@@ -140,17 +140,17 @@ def test_defaults_are_trls_sequence_mask_with_clip_max_3():
         (dict(clip_min=2.0, clip_max=1.0), "clip_min must not exceed clip_max"),
         (dict(sampling=torch.zeros(5)), r"sampling_logp must match old_logp's shape \(6,\)"),
         (dict(mask=torch.ones(7, dtype=torch.bool)), r"mask must match old_logp's shape \(6,\)"),
-        (dict(not_sampled=torch.zeros(3)), r"not_sampled must be a bool tensor \[B\] = \[3\]"),
-        (dict(not_sampled=torch.zeros(2, dtype=torch.bool)), r"not_sampled must be a bool tensor \[B\] = \[3\]"),
+        (dict(golden=torch.zeros(3)), r"golden must be a bool tensor \[B\] = \[3\]"),
+        (dict(golden=torch.zeros(2, dtype=torch.bool)), r"golden must be a bool tensor \[B\] = \[3\]"),
         (dict(cu=torch.tensor([0, 2, 7], dtype=torch.int32)), "end at N=6"),
         (dict(sampling=torch.zeros(6, device="meta")), "one device"),
     ],
 )
 def test_bad_input_names_the_problem(kw, match):
     old, sampling, cu, mask, golden = hand_case()
-    args = dict(sampling=sampling, cu=cu, mask=mask, not_sampled=golden)
+    args = dict(sampling=sampling, cu=cu, mask=mask, golden=golden)
     args.update({k: kw.pop(k) for k in list(kw) if k in args})
     if args["cu"].numel() != 4:  # a cu_seqlens with another B: no per-row flags
-        args["not_sampled"] = None
+        args["golden"] = None
     with pytest.raises(ValueError, match=match):
-        sampling_weights(old, args["sampling"], args["cu"], args["mask"], not_sampled=args["not_sampled"], **kw)
+        sampling_weights(old, args["sampling"], args["cu"], args["mask"], golden=args["golden"], **kw)

@@ -24,10 +24,11 @@ import pytest
 import torch
 
 from gcpo_fast.distributed.parallel import free_port
+from gcpo_fast.engines.base import Sampling
+from gcpo_fast.engines.hf import HFEngine
 from gcpo_fast.engines.remote import RemoteEngine, launch_server
 from gcpo_fast.errors import TrainingError
 from gcpo_fast.models.loading import DEFAULT_MODEL
-from gcpo_fast.rollout import HFEngine, Sampling
 
 LOGP_TOL = 1e-3
 

@@ -67,7 +67,7 @@ def test_a_chat_template_that_refuses_a_role_is_one_line(tmp_path, capsys, one_t
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        eval_main(["--model", str(model_dir), "--dataset", str(data)])
+        eval_main(["--model", str(model_dir), "--eval_dataset", str(data)])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and "\n" not in err and "record 5" in err and "System role not supported" in err
 

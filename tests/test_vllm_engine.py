@@ -23,10 +23,12 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
+from gcpo_fast.data.prompts import encode_prompts
 from gcpo_fast.data.sources import load_records  # noqa: E402
+from gcpo_fast.engines.base import Sampling
+from gcpo_fast.engines.hf import HFEngine  # noqa: E402
 from gcpo_fast.engines.vllm_engine import VLLMEngine  # noqa: E402
 from gcpo_fast.models.loading import DEFAULT_MODEL  # noqa: E402
-from gcpo_fast.rollout import HFEngine, Sampling, encode_prompts  # noqa: E402
 
 LOGP_TOL = 1e-3
 TIE_TOL = 1e-3  # a greedy choice may differ only where HF's top two logits are this close (fp32 noise ~1e-5)
@@ -203,7 +205,8 @@ TORCHRUN_SCRIPT = textwrap.dedent("""
     import torch, torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from gcpo_fast.models.loading import DEFAULT_MODEL
-    from gcpo_fast.rollout import Sampling, encode_prompts
+    from gcpo_fast.engines.base import Sampling
+    from gcpo_fast.data.prompts import encode_prompts
     from gcpo_fast.data.sources import load_records
     from gcpo_fast.engines.vllm_engine import VLLMEngine
 

@@ -22,9 +22,9 @@ pytest.importorskip("vllm")
 import torch  # noqa: E402
 from trainer_steps import check_policy_lag  # noqa: E402
 
+from gcpo_fast.engines.base import Sampling  # noqa: E402
 from gcpo_fast.engines.remote import launch_server  # noqa: E402
 from gcpo_fast.models.loading import DEFAULT_MODEL  # noqa: E402
-from gcpo_fast.rollout import Sampling  # noqa: E402
 
 LOGP_TOL = 1e-3
 ENV = {"OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB of host memory for vLLM's KV cache

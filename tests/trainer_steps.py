@@ -17,7 +17,7 @@ from gcpo_fast.data.files import PromptSampler
 from gcpo_fast.data.rewards import load_reward_function
 from gcpo_fast.data.sources import load_records
 from gcpo_fast.distributed.parallel import parallelize
-from gcpo_fast.rollout import HFEngine
+from gcpo_fast.engines.hf import HFEngine
 from gcpo_fast.rounds import (
     RoundContext,
     ScoringOptions,
@@ -57,7 +57,7 @@ def setup(files, *argv):
     )
     torch.manual_seed(0)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
-    records = load_records(cfg.data.dataset, require_golden=cfg.method.golden_answer != "off")
+    records = load_records(cfg.data.dataset, require_golden=cfg.golden.golden_answer != "off")
     sampler = PromptSampler(records, cfg.prompts_per_round, seed=cfg.run.seed)
     return cfg, model, tokenizer, sampler, [load_reward_function(f) for f in cfg.rewards.reward_funcs]
 
@@ -80,16 +80,15 @@ def step(policy, optimizer, scheduler, micro_batches, cfg):
 def one_round(cfg, model, tokenizer, sampler, funcs):
     ctx = RoundContext.of(cfg, HFEngine(model, tokenizer), tokenizer, funcs)
     sampled, metrics = sample_groups(ctx, sampler)
-    rows, samples = build_rows(ctx, sampled, metrics, None, cfg.golden.golden_source)
-    return sampled, rows, metrics, samples
+    rows, samples, row_metrics = build_rows(ctx, sampled)
+    return sampled, rows, {**metrics, **row_metrics}, samples
 
 
 def split_steps(cfg, rows, model):
     """The round's optimizer steps as the trainer prepares them: shuffled, packed once, scored."""
     micro_batches = pack_micro_batches(rows, cfg.batch, cfg.rollout.mask_truncated_completions)
     options = ScoringOptions(cfg.batch.reused, cfg.rollout.temperature, cfg.model.bf16)
-    score_micro_batches(micro_batches, model, None, options, PhaseTimer(), {})
-    return cfg.batch.optimizer_steps(micro_batches)
+    return cfg.batch.optimizer_steps(score_micro_batches(micro_batches, model, None, options, PhaseTimer()))
 
 
 def rows_of(mb):

@@ -209,7 +209,7 @@ def warn_unverifiable(answers: list[str], wheres: list[str], shown: int = 3) -> 
     if bad:
         warnings.warn(
             f"{len(bad)} of {len(answers)} answers can never be verified by the accuracy reward (their "
-            f"rollouts would all score 0): {'; '.join(bad[:shown])}{'; ...' if len(bad) > shown else ''}. "
+            f"rollouts would all get reward 0): {'; '.join(bad[:shown])}{'; ...' if len(bad) > shown else ''}. "
             "Check answer_column; write text answers as \\text{...}",
             stacklevel=2,
         )

@@ -24,7 +24,7 @@ per run (the metric completions/clipped_ratio has it every step).
 import random
 import warnings
 
-from gcpo_fast.rollout import encode_prompts, messages_of, render_prompt
+from gcpo_fast.data.prompts import encode_prompts, messages_of, render_prompt
 
 SAMPLE = 2000  # prompts tokenised at most to count the long ones
 _warned_truncation: set[int] = set()  # the budgets already warned about in this process

@@ -1,6 +1,6 @@
-"""Rewards: math answer checking with math-verify, user reward functions, DAPO's overlong shaping.
+"""Rewards: math answer checking with math-verify, and user reward functions (TRL's signature).
 
-    from gcpo_fast.data.rewards import math_reward, load_reward_function, compute_rewards, overlong_penalty
+    from gcpo_fast.data.rewards import math_reward, load_reward_function, compute_rewards
 
     math_reward([r"... so \\boxed{1/2}", "it is 3"], ["0.5", "0.5"])          # -> [1.0, 0.0]
 
@@ -9,7 +9,6 @@
     rewards, per_func = compute_rewards(funcs, prompts, completions, records, reward_weights=[1.0, 0.1])
     # rewards [N] float32, per_func [N, F] (NaN where a function returned None)
 
-    rewards += torch.tensor(overlong_penalty(lengths, max_completion_length=1024, overlong_buffer_len=256))
 
 User reward functions follow TRL's signature: `f(prompts, completions, **columns) -> list[float | None]`,
 where `columns` holds every key of the prompt records (one value per completion: `answer`, `golden`,
@@ -22,7 +21,7 @@ is a bug in the function and raises ValueError naming it (TRL would silently dro
 quietly turning a broken reward into 0). A function that raises is named in a RewardFunctionError with its
 own traceback as the cause. Each function gets its own copies of the prompts, completions and columns.
 
-`unverifiable_reason(answer)` says why math_reward can never score a completion correct against a
+`unverifiable_reason(answer)` says why math_reward can never reward a completion as correct against a
 ground-truth answer as it is meant: math-verify cannot parse it at all (e.g. "\\$5"), or it reads a plain
 word as a product of one-letter variables ("yes" -> E*s*y, "sin(x)" -> i*s*n(x); \\text{yes} and \\sin(x)
 are read as meant). The data loader reports such answers when the dataset loads (gcpo_fast/data/files.py).
@@ -135,7 +134,7 @@ def math_reward(completions: Sequence, answers: Sequence[str]) -> list[float]:
 
     answers are final answers ("0.5", "\\frac{1}{2}", "\\boxed{(1, 2)}") or texts holding one; the gold is
     parsed first (once per distinct answer), then the completion, then `verify(gold, completion)`.
-    An unparseable gold answer makes every completion for it score 0.0.
+    An unparseable gold answer gives every completion for it 0.0.
     """
     if len(completions) != len(answers):
         raise ValueError(f"math_reward: {len(completions)} completions but {len(answers)} answers")
@@ -161,7 +160,7 @@ _COMMAND_ARGUMENT = re.compile(r"\\[A-Za-z]+\{[^{}]*\}")
 
 
 def unverifiable_reason(answer: str) -> str | None:
-    """Why math_reward can never score a completion correct against this ground-truth answer as it is
+    """Why math_reward can never reward a completion as correct against this ground-truth answer as it is
     meant, or None when math-verify reads it as mathematics. Parses the way math_reward does."""
     gold = _parse_gold(str(answer), math_verify_timeout())
     if not gold:
@@ -292,24 +291,3 @@ def _reward_value(value, func: Callable, index: int) -> float:
         f"reward function {reward_function_name(func)!r} returned {shown} for completion {index}: a reward "
         "must be a finite number, or None where the function does not apply"
     )
-
-
-def overlong_penalty(
-    lengths: Sequence[int],
-    max_completion_length: int,
-    overlong_buffer_len: int,
-    penalty_factor: float = 1.0,
-) -> list[float]:
-    """DAPO's soft overlong punishment, added to the reward of each completion of length |o|.
-
-    With Lmax = max_completion_length and Lc = overlong_buffer_len: 0 if |o| <= Lmax - Lc,
-    ((Lmax - Lc) - |o|) / Lc inside the buffer (linear from 0 down to -1 at |o| = Lmax), -1 beyond;
-    all times penalty_factor.
-    """
-    if not 0 < overlong_buffer_len <= max_completion_length:
-        raise ValueError(
-            f"overlong_buffer_len must be in (0, max_completion_length={max_completion_length}], "
-            f"got {overlong_buffer_len}"
-        )
-    expected = max_completion_length - overlong_buffer_len
-    return [penalty_factor * max(min(0.0, (expected - int(n)) / overlong_buffer_len), -1.0) for n in lengths]

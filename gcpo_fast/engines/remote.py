@@ -8,7 +8,7 @@
     engine = launch_server(model_path, tokenizer, engine="hf")     # the trainer's own server, on a free port
     ...; engine.close()                                            # also stops the server
 
-It is an engine like the others (gcpo_fast/rollout.py). generate() is thread-safe (each call is its own HTTP
+It is an engine like the others (gcpo_fast/engines/base.py). generate() is thread-safe (each call is its own HTTP
 request; the server runs one engine call at a time), so a background thread may sample while the main
 thread syncs. With send_weights=False (every rank but 0 of a torchrun trainer) sync_weights consumes the
 iterable (FSDP gathers each parameter on every rank) and sends nothing; under torch.distributed every rank
@@ -36,9 +36,9 @@ from urllib.parse import urlparse
 import torch.distributed as dist
 
 from gcpo_fast.distributed.parallel import free_port
+from gcpo_fast.engines.base import Rows, Sampling
 from gcpo_fast.engines.weight_transport import WeightGroup, device_uuid, pick_backend
 from gcpo_fast.errors import TrainingError
-from gcpo_fast.rollout import Rows, Sampling
 
 SHORT_TIMEOUT_S = 10.0  # health, info, communicator calls
 

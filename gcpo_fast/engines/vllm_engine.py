@@ -59,10 +59,10 @@ import torch
 from transformers import GenerationConfig
 
 from gcpo_fast.distributed.parallel import free_port
+from gcpo_fast.engines.base import Rows, cut_at_eos, eos_token_ids
 from gcpo_fast.errors import require
 from gcpo_fast.kernels import SAMPLING_MODES
 from gcpo_fast.options import check_options, option
-from gcpo_fast.rollout import Rows, cut_at_eos, eos_token_ids
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
     python -m gcpo_fast.train --use_peft --lora_r 16 --lora_alpha 32           # TRL's option names
     python -m gcpo_fast.train --use_peft --lora_target_modules all-linear --lora_modules_to_save lm_head
-    python -m gcpo_fast.eval --model runs/gcpo/checkpoint-300                  # an adapter checkpoint scores too
+    python -m gcpo_fast.eval --model runs/gcpo/checkpoint-300                  # an adapter checkpoint evaluates too
     python -m gcpo_fast.lora merge --adapter runs/gcpo/checkpoint-300 --out merged/   # a full Hugging Face folder
 
 Each adapted linear layer computes y = W x + (alpha / r) B A x (alpha / sqrt(r) with --use_rslora; DoRA with

@@ -1,7 +1,5 @@
-"""GCPO golden rows, advantages (group / batch / none), rollout-only metrics.
-
-References are hand-computed or taken from Python's `statistics` (an implementation independent of torch).
-"""
+"""GCPO's golden rows (gcpo_fast/golden/rows.py): which groups get one, append / replace / off, and the advantage a
+golden row gets (hand-computed; the std from Python's `statistics`, an implementation independent of torch)."""
 
 import math
 import statistics
@@ -9,7 +7,8 @@ import statistics
 import pytest
 import torch
 
-from gcpo_fast import groups as grp
+from gcpo_fast.golden.rows import add_golden_rows
+from gcpo_fast.methods.advantages import group_advantages
 
 EPS = 1e-4
 
@@ -33,15 +32,15 @@ def golden_advantage_append(g):
 
 def test_append_one_golden_row_exact_advantage():
     rewards = torch.tensor([[0.0] * 8, [1, 0, 0, 1, 0, 0, 0, 0], [0.0] * 8])
-    g = grp.add_golden_rows(rewards, has_golden=[True, True, False], mode="append")
+    g = add_golden_rows(rewards, has_golden=[True, True, False], mode="append")
     # prompt 0 gets exactly one golden row (row 8); prompt 1 is not all wrong; prompt 2 has no golden answer
-    assert g.rewards.numel() == 25 and g.is_golden.nonzero().flatten().tolist() == [8]
+    assert g.rewards.numel() == 25 and g.golden.nonzero().flatten().tolist() == [8]
     assert torch.bincount(g.group_index).tolist() == [9, 8, 8]
     assert g.golden_prompts.tolist() == [True, False, False] and g.all_wrong.tolist() == [True, False, True]
     assert g.rollout_index.tolist() == list(range(8)) + [-1] + list(range(8, 24))
     assert g.rewards[8] == 1.0 and torch.equal(g.rewards[g.rollout_index >= 0], rewards.flatten())
 
-    adv = grp.group_advantages(g.rewards, g.group_index, "group")
+    adv = group_advantages(g.rewards, g.group_index, "group")
     assert adv[8].item() == pytest.approx(golden_advantage_append(8), rel=1e-6)
     assert adv[8].item() == pytest.approx(8 / 3, abs=1e-3)  # G / sqrt(G+1) for G = 8
     assert adv[:8].tolist() == pytest.approx([-(1 / 9) / (1 / 3 + EPS)] * 8, rel=1e-6)  # -1/sqrt(G+1)
@@ -52,8 +51,8 @@ def test_append_one_golden_row_exact_advantage():
 
 @pytest.mark.parametrize("num_rollouts", [2, 4, 16])
 def test_append_golden_advantage_formula(num_rollouts):
-    g = grp.add_golden_rows(torch.zeros(1, num_rollouts), torch.tensor([True]), mode="append")
-    adv = grp.group_advantages(g.rewards, g.group_index)
+    g = add_golden_rows(torch.zeros(1, num_rollouts), torch.tensor([True]), mode="append")
+    adv = group_advantages(g.rewards, g.group_index)
     assert adv[-1].item() == pytest.approx(golden_advantage_append(num_rollouts), rel=1e-6)
     assert adv[-1].item() == pytest.approx(num_rollouts / math.sqrt(num_rollouts + 1), rel=1e-3)
 
@@ -61,48 +60,25 @@ def test_append_golden_advantage_formula(num_rollouts):
 def test_replace_and_off():
     rewards = torch.tensor([[0.0, 0, 0, 0], [0, 1, 0, 0]])
     has = torch.tensor([True, True])
-    r = grp.add_golden_rows(rewards, has, mode="replace")
+    r = add_golden_rows(rewards, has, mode="replace")
     assert r.rewards.tolist() == [0, 0, 0, 1, 0, 1, 0, 0]  # last rollout of prompt 0 overwritten
-    assert r.is_golden.nonzero().flatten().tolist() == [3] and r.rollout_index.tolist() == [0, 1, 2, -1, 4, 5, 6, 7]
-    adv = grp.group_advantages(r.rewards, r.group_index)
+    assert r.golden.nonzero().flatten().tolist() == [3] and r.rollout_index.tolist() == [0, 1, 2, -1, 4, 5, 6, 7]
+    adv = group_advantages(r.rewards, r.group_index)
     assert adv[3].item() == pytest.approx((3 / 4) / (1 / 2 + EPS), rel=1e-6)  # (G-1)/sqrt(G) for G = 4
-    off = grp.add_golden_rows(rewards, has, mode="off")
-    assert not off.is_golden.any() and off.golden_prompts.tolist() == [False, False]
+    off = add_golden_rows(rewards, has, mode="off")
+    assert not off.golden.any() and off.golden_prompts.tolist() == [False, False]
     assert off.all_wrong.tolist() == [True, False] and torch.equal(off.rewards, rewards.flatten())
-    assert grp.group_advantages(off.rewards, off.group_index)[:4].abs().max() == 0
+    assert group_advantages(off.rewards, off.group_index)[:4].abs().max() == 0
     with pytest.raises(ValueError, match="golden_answer mode"):
-        grp.add_golden_rows(rewards, has, mode="prepend")
+        add_golden_rows(rewards, has, mode="prepend")
 
 
 def test_correct_threshold_and_signed_rewards():
     partial = torch.tensor([[0.0, 0.5, 0.5], [0.0, 0.0, 0.0]])
     has = torch.tensor([True, True])
     # default threshold = correct_reward = 1: partial credit is still "wrong"
-    assert grp.add_golden_rows(partial, has).golden_prompts.tolist() == [True, True]
-    assert grp.add_golden_rows(partial, has, correct_threshold=0.5).golden_prompts.tolist() == [False, True]
+    assert add_golden_rows(partial, has).golden_prompts.tolist() == [True, True]
+    assert add_golden_rows(partial, has, correct_threshold=0.5).golden_prompts.tolist() == [False, True]
     # DAPO-style +1/-1 rewards
-    signed = grp.add_golden_rows(torch.tensor([[-1.0, -1.0]]), torch.tensor([True]), correct_reward=1.0)
+    signed = add_golden_rows(torch.tensor([[-1.0, -1.0]]), torch.tensor([True]), correct_reward=1.0)
     assert signed.rewards.tolist() == [-1.0, -1.0, 1.0]
-
-
-def test_batch_and_none_scaling():
-    rewards = torch.tensor([1.0, 0, 0, 1, 1, 1, 0.5, 0, 2])
-    index = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])  # unequal groups
-    groups = [[1.0, 0, 0], [1.0, 1], [1.0, 0.5, 0, 2]]
-    for scale in ("group", "batch", "none"):
-        got = grp.group_advantages(rewards, index, scale).tolist()
-        assert got == pytest.approx(reference_advantages(groups, scale), rel=1e-5, abs=1e-7), scale
-    assert grp.group_advantages(torch.tensor([3.0]), torch.tensor([0])).tolist() == [0.0]  # one-row group
-    with pytest.raises(ValueError, match="scale_rewards"):
-        grp.group_advantages(rewards, index, "std")
-
-
-def test_metrics_use_rollouts_only():
-    rewards = torch.tensor([[0.0, 0, 0, 0], [1, 0, 1, 1], [1, 1, 1, 1]])
-    g = grp.add_golden_rows(rewards, torch.tensor([True, True, True]), mode="append")
-    m = grp.group_metrics(rewards, g)
-    # prompt 0's group gains variance from its golden row, but the metric sees its rollouts: zero std
-    assert m["frac_reward_zero_std"] == pytest.approx(2 / 3)
-    assert m["gcpo/golden_rows"] == 1 and m["gcpo/frac_all_wrong"] == pytest.approx(1 / 3)
-    assert m["reward"] == pytest.approx(7 / 12)  # the golden row's 1.0 is not counted
-    assert m["reward_std"] == pytest.approx(statistics.stdev([1, 0, 1, 1]) / 3)
