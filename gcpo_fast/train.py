@@ -253,7 +253,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step on the next prepared step (a generation round first when none is left), then its
         metrics, and the evaluation and checkpoint when due."""
-        cfg, state, world = self.cfg, self.state, self.dist.world_size
+        cfg, state = self.cfg, self.state
         start = time.perf_counter()
         if not state.buffer:
             self.generate_round()
@@ -267,10 +267,10 @@ class Trainer:
         if self.producer and state.step % cfg.asynchronous.weight_sync_steps == 0:
             self.sync_engine()  # the producer may now sample further ahead
         tokens = sum(mb.input_ids.numel() for mb in micro_batches)  # prompt + completion tokens
-        metrics = parallel.mean_over_ranks({**state.round_metrics, **metrics, **self.timer.pop(), "tokens": tokens})
+        metrics = parallel.reduce_over_ranks({**state.round_metrics, **metrics, **self.timer.pop(), "tokens": tokens})
         metrics["step_time"] = time.perf_counter() - start
-        state.num_tokens += metrics["tokens"] * world
-        metrics["tokens_per_second"] = metrics.pop("tokens") * world / metrics["step_time"]
+        state.num_tokens += metrics["tokens"]  # every rank's
+        metrics["tokens_per_second"] = metrics.pop("tokens") / metrics["step_time"]
         metrics["num_tokens"] = state.num_tokens
         metrics["num_generated_tokens"] = state.num_generated_tokens
         try:

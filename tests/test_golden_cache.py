@@ -138,7 +138,7 @@ def test_two_processes_share_one_cache(golden_models, tmp_path, one_thread):
     entries = cache_lines(run)
     assert len(entries) == 8 and len({e["prompt_key"] for e in entries}) == 8  # 2 steps x 2 ranks x 2 prompts
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(m["step"], m["gcpo/golden_from_teacher"]) for m in lines] == [(1, 2.0), (2, 2.0)]  # mean over ranks
+    assert [(m["step"], m["gcpo/golden_from_teacher"]) for m in lines] == [(1, 4.0), (2, 4.0)]  # summed over ranks
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@
     with policy.no_sync(last=False): loss.backward()   # DDP: gradients all-reduced on the last micro-batch only
     grad_norm = policy.clip_grad_norm(max_norm)        # the global norm, over every rank's shards
     parallel.all_reduce([tokens, rows])                # sums over ranks (a no-op in one process)
-    parallel.mean_over_ranks(metrics)                  # metric dicts averaged over ranks
+    parallel.reduce_over_ranks(metrics)                # metric dicts: means, extremes, sums over ranks
     state_dict = policy.full_state_dict()              # every rank calls it; what rank 0 saves
     policy.optimizer_state(optimizer), policy.save_optimizer(optimizer, folder)   # checkpoints (below)
     policy.load_optimizer(optimizer, checkpoint_folder, trainer_state)
@@ -180,10 +180,40 @@ def side_group():
     return torch_dist.new_group(backend="gloo") if torch_dist.is_initialized() else None
 
 
-def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
+# Per-rank counts whose total over ranks is the figure (the rest of the metrics are means, extremes or the same
+# on every rank).
+SUMMED_METRICS = (
+    "tokens",
+    "gcpo/golden_rows",
+    "gcpo/golden_truncated",
+    "gcpo/golden_from_teacher",
+    "gcpo/golden_cache_hits",
+    "gcpo/teacher_no_correct",
+    "gcpo/teacher_errors",
+)
+
+
+def metric_reduction(name: str) -> str:
+    """How a metric combines over ranks: a minimum as the minimum ("/min", "_min", "min_length"), a maximum as the
+    maximum, a count in SUMMED_METRICS as the sum, anything else as the mean."""
+    if name.endswith(("/min", "_min", "min_length")):
+        return "min"
+    if name.endswith(("/max", "_max", "max_length")):
+        return "max"
+    return "sum" if name in SUMMED_METRICS else "mean"
+
+
+def reduce_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """Every rank's metrics as one dict (sorted by name, floats), each reduced by its kind (metric_reduction)."""
     keys = sorted(metrics)
+    kinds = {k: metric_reduction(k) for k in keys}
     world = rank_and_world()[1]
-    return {k: v / world for k, v in zip(keys, all_reduce([metrics[k] for k in keys]))}
+    reduced = {}
+    for op in ("sum", "min", "max"):  # a mean is a sum divided by the world size
+        names = [k for k in keys if kinds[k] == op or (op == "sum" and kinds[k] == "mean")]
+        if names:
+            reduced.update(zip(names, all_reduce([metrics[k] for k in names], op)))
+    return {k: reduced[k] / world if kinds[k] == "mean" else float(reduced[k]) for k in keys}
 
 
 def all_gather_objects(obj) -> list:
