@@ -18,6 +18,9 @@ WHEELS=(
     antlr4-python3-runtime==4.13.2  # latex2sympy2_extended's runtime (its bound: >=4.9.3,<=4.13.2)
     liger-kernel==0.8.5             # bench_loss --variants liger
     cut-cross-entropy==25.1.1       # bench_loss --variants cce
+    trl==1.16.0                     # bench_loss --variants trl: trl.kernels.chunked_logprob (torch, triton, transformers)
+    pytest-xdist==3.8.0             # the tests stage's -n 8
+    execnet==2.1.2                  # pytest-xdist's worker transport
 )
 mkdir -p "$DIR"
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
