@@ -4,9 +4,10 @@
 #   bash benchmarks/gpu_carry.sh gpu_carry          # -> gpu_carry/*.whl (git-ignored: /gpu_carry/ in .gitignore)
 #
 # The image (Python 3.12, torch 2.11.0+cu130, transformers 5.17.0, triton 3.6.0, sympy, numpy, safetensors,
-# peft, pytest, matplotlib; no network) has no math-verify (the trainer's reward imports it), Liger-Kernel or
-# Cut Cross-Entropy (bench_loss's peers). All of these are pure-Python wheels; --no-deps because their other
-# requirements (torch, triton, sympy) are the image's own. The folder must stay under the 64 MiB that may be
+# pytest; no network; no PEFT, flash-attn, vLLM) has no math-verify (the trainer's reward imports it),
+# Liger-Kernel, Cut Cross-Entropy or TRL (bench_loss's peers; TRL's fused LM head imports only torch, triton and
+# transformers) and no pytest-xdist (the tests stage's workers). All of these are pure-Python wheels; --no-deps
+# because their other requirements (torch, triton, sympy, pytest) are the image's own. The folder must stay under the 64 MiB that may be
 # carried; the script checks that and prints the size. On the GPU machine (benchmarks/README.md):
 #   pip install --no-index --no-deps --find-links gpu_carry gpu_carry/*.whl
 set -euo pipefail
