@@ -7,8 +7,9 @@
     python -m benchmarks.bench_loss --aot                         # also print the Triton AOT compile report
 
 Variants: naive (materialised [N, V] logits, then `policy_loss`), torch and triton (our
-`linear_policy_loss` backends), liger (LigerFusedLinearGRPOLoss), cce (Cut Cross-Entropy, an
-advantage-weighted cross-entropy: the floor of a linear loss, not a policy loss) and gemm-floor
+`linear_policy_loss` backends), liger (LigerFusedLinearGRPOLoss), trl (TRL's fused LM head, then the
+same policy loss), cce (Cut Cross-Entropy, an advantage-weighted cross-entropy: the floor of a linear
+loss, not a policy loss) and gemm-floor
 (the bare GEMM triplet X W^T, dZ W, dZ^T X). Cases: onpolicy-token (dapo, old_logp=None) and
 offpolicy-seq (gcpo, sequence-level ratios, one row longer than the torch backend's chunk).
 
