@@ -7,8 +7,9 @@
     python -m benchmarks.bench_loss --aot                         # also print the Triton AOT compile report
 
 Variants: naive (materialised [N, V] logits, then `policy_loss`), torch and triton (our
-`linear_policy_loss` backends), liger (LigerFusedLinearGRPOLoss), cce (Cut Cross-Entropy, an
-advantage-weighted cross-entropy: the floor of a linear loss, not a policy loss) and gemm-floor
+`linear_policy_loss` backends), liger (LigerFusedLinearGRPOLoss), trl (TRL's fused LM head, then the
+same policy loss), cce (Cut Cross-Entropy, an advantage-weighted cross-entropy: the floor of a linear
+loss, not a policy loss) and gemm-floor
 (the bare GEMM triplet X W^T, dZ W, dZ^T X). Cases: onpolicy-token (dapo, old_logp=None) and
 offpolicy-seq (gcpo, sequence-level ratios, one row longer than the torch backend's chunk).
 
@@ -287,7 +288,7 @@ def machine_info(dev):
         python=platform.python_version(),
         platform=platform.platform(),
     )
-    for pkg in ("torch", "triton", "liger-kernel", "cut-cross-entropy"):
+    for pkg in ("torch", "triton", "liger-kernel", "cut-cross-entropy", "trl"):
         try:
             info[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -317,6 +318,40 @@ def run_worker(a, case, variant, wdir):
         return dict(case=case, variant=variant, status="error", reason=" | ".join(tail)[-400:], notes=[])
     with open(path) as f:
         return json.load(f)
+
+
+def run_config(a, lengths, entropy, paths, inputs_s) -> dict:
+    """The configuration block of bench_loss.json."""
+    return dict(
+        model=a.label,
+        n=a.n,
+        d=a.d,
+        v=a.v,
+        rows=a.rows,
+        lengths=lengths,
+        dtype=a.dtype,
+        device=str(a.device),
+        inputs_s=round(inputs_s, 2),
+        repeats=a.repeats,
+        warmup=a.warmup,
+        temperature=a.temperature,
+        workspace_bytes=a.workspace_bytes,
+        rtol=a.rtol,
+        seed=a.seed,
+        entropy=entropy,
+        torch_paths=paths,
+        cases={c: CASES[c] for c in a.cases},
+        flops_fwdbwd=6 * a.n * a.v * a.d,
+        flops_fwd=2 * a.n * a.v * a.d,
+    )
+
+
+def write_json(out_dir, info, config, results, aot) -> None:
+    """bench_loss.json, whole, through a temporary file (a reader never sees half of it)."""
+    path = os.path.join(out_dir, "bench_loss.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(dict(machine=info, config=config, results=results, aot=aot), f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def main(argv=None):
@@ -353,9 +388,9 @@ def main(argv=None):
         inp = make_inputs(
             a.n, a.d, a.v, a.rows, a.torch_dtype, a.device, a.temperature, a.target_entropy, a.old_noise, chunk, a.seed
         )
-        ent = inp["entropy"]
+        ent, inputs_s = inp["entropy"], time.perf_counter() - t0
         print(
-            f"inputs ({time.perf_counter() - t0:.1f} s): entropy per token over {ent['rows_sampled']} rows: "
+            f"inputs ({inputs_s:.1f} s, built on {a.device}): entropy per token over {ent['rows_sampled']} rows: "
             f"mean {ent['mean']:.3f} nats (p10 {ent['p10']:.3f}, p50 {ent['p50']:.3f}, p90 {ent['p90']:.3f}); "
             f"target {a.target_entropy}; row lengths {inp['lengths']}"
         )
@@ -367,10 +402,13 @@ def main(argv=None):
                     "  WARNING: no row is longer than the chunk, so offpolicy-seq does not exercise the recompute "
                     "path (raise --n or lower --workspace-mib)"
                 )
-        torch.save(inp, os.path.join(wdir, "inputs.pt"))
+        torch.save(to_device(inp, "cpu"), os.path.join(wdir, "inputs.pt"))
         lengths, entropy = inp["lengths"], inp["entropy"]
         del inp
         gc.collect()
+        if a.device.type == "cuda":
+            torch.cuda.empty_cache()  # the workers get the device's memory
+        config = run_config(a, lengths, entropy, paths, inputs_s)
         results = []
         order = ["naive"] + [v for v in a.variant_list if v != "naive"] if "naive" in a.variant_list else a.variant_list
         for case in a.cases:
@@ -378,6 +416,7 @@ def main(argv=None):
                 t1 = time.perf_counter()
                 r = run_worker(a, case, variant, wdir)
                 results.append(r)
+                write_json(out_dir, info, config, results, aot)  # a cut run keeps every finished variant
                 state = r["status"] if r["status"] != "ok" else f"{r['fwdbwd_med']:.4f} s fwd+bwd"
                 print(
                     f"  [{case} / {variant}] {state} ({time.perf_counter() - t1:.1f} s)"
@@ -391,29 +430,7 @@ def main(argv=None):
     flagged = [f"{r['case']}/{r['variant']}" for r in results if r.get("ok") is False]
     if flagged:
         print(f"\nDISAGREE WITH NAIVE (rtol {a.rtol:g}): {', '.join(flagged)}")
-    config = dict(
-        model=a.label,
-        n=a.n,
-        d=a.d,
-        v=a.v,
-        rows=a.rows,
-        lengths=lengths,
-        dtype=a.dtype,
-        device=str(a.device),
-        repeats=a.repeats,
-        warmup=a.warmup,
-        temperature=a.temperature,
-        workspace_bytes=a.workspace_bytes,
-        rtol=a.rtol,
-        seed=a.seed,
-        entropy=entropy,
-        torch_paths=paths,
-        cases={c: CASES[c] for c in a.cases},
-        flops_fwdbwd=6 * a.n * a.v * a.d,
-        flops_fwd=2 * a.n * a.v * a.d,
-    )
-    with open(os.path.join(out_dir, "bench_loss.json"), "w") as f:
-        json.dump(dict(machine=info, config=config, results=results, aot=aot), f, indent=1)
+    write_json(out_dir, info, config, results, aot)
     with open(os.path.join(out_dir, "bench_loss.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()

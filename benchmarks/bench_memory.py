@@ -11,16 +11,19 @@ tokens. Measured: the process's peak resident memory (ru_maxrss) minus its resid
 before the model exists, twice: with glibc's default malloc, whose heap keeps freed blocks (fragmentation adds
 to the peak, as a caching allocator's would), and with MALLOC_MMAP_THRESHOLD_=65536, which returns every large
 block at once, so the peak is that of the live tensors, what the estimate counts. The estimate is
-plan_memory(config, device="cpu", bf16=False, ...) for the same tokens and gradient checkpointing. A `+loraR`
+plan_memory(config, device="cpu", bf16=False, ...) for the same tokens, gradient checkpointing and attention
+(packed_sdpa, which keeps K/V repeated to every query head: repeated_kv). A `+loraR`
 shape trains PEFT's LoRA adapters of rank R (alpha 2R, dropout 0.05, the attention and MLP projections; base and
 lm_head frozen, gcpo_fast.models.lora.attach), AdamW over the adapters only, against plan_memory(..., lora=PeftOptions).
 
 --plan_7b prints plan_memory for Qwen2.5-7B (its config values written below, nothing downloaded) on one 80 GB
 GPU: bf16, gradient checkpointing, 8 rows of 512 prompt + 1024 completion tokens per micro-batch, the colocated
-vLLM engine at 0.3 of the device; LoRA r=16 beside full fine-tuning.
+vLLM engine at 0.3 of the device; LoRA r=16 beside full fine-tuning (without peft installed, full fine-tuning
+alone: PEFT counts the adapters).
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -63,6 +66,7 @@ def child(shape) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from gcpo_fast.kernels import PolicyLossConfig
+    from gcpo_fast.models.attention import repeats_kv
     from gcpo_fast.models.loading import enable_checkpointing
     from gcpo_fast.models.lora import PeftOptions, attach
     from gcpo_fast.models.memory import plan_memory
@@ -109,6 +113,7 @@ def child(shape) -> dict:
         bf16=False,
         gradient_checkpointing=ckpt,
         lora=lora,
+        repeated_kv=repeats_kv(model.config._attn_implementation, "cpu"),  # packed_sdpa: forward_hidden's choice
     )
     return {
         "name": name,
@@ -137,7 +142,11 @@ def plan_7b() -> None:
         vllm_gpu_memory_utilization=0.3,
     )
     print(f"Qwen2.5-7B, one 80 GiB GPU, {rows} rows x ({prompt} + {completion}) tokens, bf16, checkpointing, vLLM 0.3")
-    for name, lora in (("LoRA r=16", PeftOptions(use_peft=True, lora_r=16)), ("full fine-tuning", None)):
+    for name, rank in (("LoRA r=16", 16), ("full fine-tuning", 0)):
+        if rank and importlib.util.find_spec("peft") is None:  # the adapters are counted by PEFT itself
+            print(f"{name}: no estimate: the adapters are counted with peft, which is not installed")
+            continue
+        lora = PeftOptions(use_peft=True, lora_r=rank) if rank else None
         plan = plan_memory(config, device_memory=80 * GIB, lora=lora, **options)
         print(f"{name}: {plan.summary()}")
         print(f"  {fit_warning(config, device_memory=80 * GIB, lora=lora, **options) or 'fits'}")

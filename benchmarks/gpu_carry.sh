@@ -4,9 +4,10 @@
 #   bash benchmarks/gpu_carry.sh gpu_carry          # -> gpu_carry/*.whl (git-ignored: /gpu_carry/ in .gitignore)
 #
 # The image (Python 3.12, torch 2.11.0+cu130, transformers 5.17.0, triton 3.6.0, sympy, numpy, safetensors,
-# peft, pytest, matplotlib; no network) has no math-verify (the trainer's reward imports it), Liger-Kernel or
-# Cut Cross-Entropy (bench_loss's peers). All of these are pure-Python wheels; --no-deps because their other
-# requirements (torch, triton, sympy) are the image's own. The folder must stay under the 64 MiB that may be
+# pytest; no network; no PEFT, flash-attn, vLLM) has no math-verify (the trainer's reward imports it),
+# Liger-Kernel, Cut Cross-Entropy or TRL (bench_loss's peers; TRL's fused LM head imports only torch, triton and
+# transformers) and no pytest-xdist (the tests stage's workers). All of these are pure-Python wheels; --no-deps
+# because their other requirements (torch, triton, sympy, pytest) are the image's own. The folder must stay under the 64 MiB that may be
 # carried; the script checks that and prints the size. On the GPU machine (benchmarks/README.md):
 #   pip install --no-index --no-deps --find-links gpu_carry gpu_carry/*.whl
 set -euo pipefail
@@ -18,6 +19,9 @@ WHEELS=(
     antlr4-python3-runtime==4.13.2  # latex2sympy2_extended's runtime (its bound: >=4.9.3,<=4.13.2)
     liger-kernel==0.8.5             # bench_loss --variants liger
     cut-cross-entropy==25.1.1       # bench_loss --variants cce
+    trl==1.16.0                     # bench_loss --variants trl: trl.kernels.chunked_logprob (torch, triton, transformers)
+    pytest-xdist==3.8.0             # the tests stage's -n 8
+    execnet==2.1.2                  # pytest-xdist's worker transport
 )
 mkdir -p "$DIR"
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -1,16 +1,21 @@
 """Inputs and variants of the loss benchmark (`python -m benchmarks.bench_loss`).
 
 `make_inputs` builds one realistic batch (peaked logits, targets sampled from the softmax, packed
-rows of mixed lengths). Each `build_<variant>(inp, case, ...)` returns a `Built`: a fwd+bwd
-callable (loss.backward(), leaving gradients on its leaves), a forward-only callable (per-token
-log-probs, as for old log-probs) and a `grads()` that reads dX (packed [N, d]) and dW back.
+rows of mixed lengths) on the device it will run on (`device_inputs`: at Qwen2.5-7B's head, N=16384,
+sampling the targets with the CPU's single-threaded multinomial took ~80 s of a GPU stage). Each
+`build_<variant>(inp, case, ...)` returns a `Built`: a fwd+bwd callable (loss.backward(), leaving
+gradients on its leaves), a forward-only callable (per-token log-probs, as for old log-probs) and a
+`grads()` that reads dX (packed [N, d]) and dW back.
 A variant that cannot run here raises `Skip(reason)`; one with a fallback (a peer's other
 implementation) names it in `Built.fallback`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -54,7 +59,7 @@ def case_config(case, **run) -> PolicyLossConfig:
     return PolicyLossConfig(**CASES[case]["config"], **run)
 
 
-VARIANTS = ("naive", "torch", "triton", "liger", "cce", "gemm-floor")
+VARIANTS = ("naive", "torch", "triton", "liger", "cce", "trl", "gemm-floor")
 
 
 class Skip(Exception):
@@ -98,50 +103,78 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def make_inputs(n, d, v, rows, dtype, device, temperature, target_entropy, old_noise, chunk_tokens, seed=0):
-    """One batch: hidden [N, d] and weight [V, d] (dtype) scaled so the mean per-token entropy of
-    softmax(hidden @ weight.T / T) is target_entropy nats; targets sampled from that softmax;
-    old log-probs = true log-probs + N(0, old_noise); advantages ~ N(0, 1) per row."""
-    gen = torch.Generator().manual_seed(seed)
-    w = (0.02 * torch.randn(v, d, generator=gen)).to(device)
-    h0 = torch.randn(n, d, generator=gen).to(device)
-    spread = torch.exp(0.5 * torch.randn(n, 1, generator=gen)).to(device)  # per-token confidence varies
-    h0 = h0 * spread
-    sample = torch.randperm(n, generator=gen)[: min(n, 128)].to(device)
-    base = h0[sample] @ w.T / temperature  # logits scale linearly with the hidden states
-    lo, hi = math.log(1e-3), math.log(1e4)  # bisect log(scale): entropy falls as the scale grows
-    for _ in range(40):
+def _log_scale_for_entropy(base: torch.Tensor, target_entropy: float, steps: int = 40) -> torch.Tensor:
+    """log(scale) such that the mean entropy of softmax(base * scale) is target_entropy, by bisection on the
+    device (entropy falls as the scale grows; no host round trip per step)."""
+    lo = torch.full((), math.log(1e-3), device=base.device)
+    hi = torch.full((), math.log(1e4), device=base.device)
+    for _ in range(steps):
         mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if _entropy(base * math.exp(mid)).mean() > target_entropy else (lo, mid)
-    hidden32 = h0 * math.exp(0.5 * (lo + hi))
-    hidden, weight = hidden32.to(dtype), w.to(dtype)
-    targets = torch.empty(n, dtype=torch.long, device=device)
-    true_logp = torch.empty(n, device=device)
-    for n0 in range(0, n, 256):  # sample targets from the softmax, 256 rows at a time
-        logp = torch.log_softmax((hidden[n0 : n0 + 256].float() @ weight.float().T) / temperature, -1)
-        targets[n0 : n0 + 256] = torch.multinomial(logp.exp().cpu(), 1, generator=gen).squeeze(1).to(device)
-        true_logp[n0 : n0 + 256] = logp.gather(1, targets[n0 : n0 + 256, None]).squeeze(1)
-    check = torch.randperm(n, generator=gen)[: min(n, 256)].to(device)  # entropy of the final inputs
-    ent = _entropy((hidden[check].float() @ weight.float().T) / temperature).cpu()
-    lengths = _lengths(n, rows, chunk_tokens, gen)
-    cu = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
+        above = _entropy(base * mid.exp()).mean() > target_entropy
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+SAMPLE_ROWS = 1024  # rows of [rows, V] fp32 logits at a time while sampling targets (600 MiB at V=152k)
+
+
+def device_inputs(n, d, v, rows, dtype, device, temperature, target_entropy, old_noise, chunk_tokens, seed=0):
+    """make_inputs' tensors, every one of size N, V or d drawn and computed on `device` (seeded there: CUDA's
+    random stream differs from the CPU's, so a seed gives other numbers on another device), with no host
+    round trip; the row layout (B lengths) is drawn on the CPU. Returns them on `device`, and the per-token
+    entropy of 256 sampled rows (`entropy_sample`)."""
+    device = torch.device(device)
+    layout = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        w = 0.02 * torch.randn(v, d, device=device)
+        h0 = torch.randn(n, d, device=device) * torch.exp(0.5 * torch.randn(n, 1, device=device))  # confidence varies
+        sample = torch.randperm(n, device=device)[: min(n, 128)]
+        base = h0[sample] @ w.T / temperature  # logits scale linearly with the hidden states
+        hidden, weight = (h0 * _log_scale_for_entropy(base, target_entropy).exp()).to(dtype), w.to(dtype)
+        del w, h0, base
+        weight32 = weight.float()
+        targets = torch.empty(n, dtype=torch.long, device=device)
+        true_logp = torch.empty(n, device=device)
+        for n0 in range(0, n, SAMPLE_ROWS):  # targets sampled from the softmax, SAMPLE_ROWS rows at a time
+            logp = torch.log_softmax((hidden[n0 : n0 + SAMPLE_ROWS].float() @ weight32.T) / temperature, -1)
+            targets[n0 : n0 + SAMPLE_ROWS] = torch.multinomial(logp.exp(), 1).squeeze(1)
+            true_logp[n0 : n0 + SAMPLE_ROWS] = logp.gather(1, targets[n0 : n0 + SAMPLE_ROWS, None]).squeeze(1)
+        check = torch.randperm(n, device=device)[: min(n, 256)]  # entropy of the final inputs
+        entropy_sample = _entropy((hidden[check].float() @ weight32.T) / temperature)
+        del weight32, logp
+        old_logp = true_logp + old_noise * torch.randn(n, device=device)
+        advantages = torch.randn(rows, device=device)
+    lengths = _lengths(n, rows, chunk_tokens, layout)
+    cu = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(torch.int32).to(device)
     return dict(
-        hidden=hidden.cpu(),
-        weight=weight.cpu(),
-        targets=targets.cpu(),
+        hidden=hidden,
+        weight=weight,
+        targets=targets,
         cu_seqlens=cu,
-        advantages=torch.randn(rows, generator=gen),
-        old_logp=(true_logp.cpu() + old_noise * torch.randn(n, generator=gen)),
+        advantages=advantages,
+        old_logp=old_logp,
         temperature=temperature,
         lengths=lengths,
-        entropy=dict(
-            mean=ent.mean().item(),
-            p10=ent.quantile(0.1).item(),
-            p50=ent.median().item(),
-            p90=ent.quantile(0.9).item(),
-            rows_sampled=len(check),
-        ),
+        entropy_sample=entropy_sample,
     )
+
+
+def make_inputs(n, d, v, rows, dtype, device, temperature, target_entropy, old_noise, chunk_tokens, seed=0):
+    """One batch on `device`: hidden [N, d] and weight [V, d] (dtype) scaled so the mean per-token entropy of
+    softmax(hidden @ weight.T / T) is target_entropy nats; targets sampled from that softmax; old log-probs =
+    true log-probs + N(0, old_noise); advantages ~ N(0, 1) per row; `entropy`: the measured entropy of the
+    final inputs (mean, p10, p50, p90 over 256 rows). Built where it runs (device_inputs)."""
+    inp = device_inputs(n, d, v, rows, dtype, device, temperature, target_entropy, old_noise, chunk_tokens, seed)
+    ent = inp.pop("entropy_sample").cpu()
+    inp["entropy"] = dict(
+        mean=ent.mean().item(),
+        p10=ent.quantile(0.1).item(),
+        p50=ent.median().item(),
+        p90=ent.quantile(0.9).item(),
+        rows_sampled=len(ent),
+    )
+    return inp
 
 
 def torch_path(inp, case, workspace_bytes) -> str:
@@ -350,6 +383,51 @@ def build_cce(inp, case, impl=None, **_):
     return built
 
 
+TRL_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE: the vocabulary width of GRPOTrainer's tiles
+
+
+def _trl_backward_helper() -> list[str]:
+    """ChunkedLogProbFunction's backward imports maybe_gather_lm_head_ctx from trl.trainer.utils, a module that
+    needs pandas, accelerate and datasets (pyarrow: ~60 MB, more than the GPU machine may be carried). Where it
+    does not import, a module of that name holding only that function, as TRL's returns it without DeepSpeed
+    ZeRO-3 (a null context), lets the kernel's backward run as it is; the note says so."""
+    try:
+        import trl.trainer.utils  # noqa: F401
+    except ImportError as e:
+        module = types.ModuleType("trl.trainer.utils")
+        module.maybe_gather_lm_head_ctx = lambda *params: contextlib.nullcontext()
+        sys.modules["trl.trainer.utils"] = module
+        return [f"trl.trainer.utils not importable ({e}): its maybe_gather_lm_head_ctx is a null context here, "
+                "as TRL's is without DeepSpeed ZeRO-3"]  # fmt: skip
+    return []
+
+
+def build_trl(inp, case, **_):
+    """TRL's fused LM head, what its GRPOTrainer calls for the log-probs (trl >= 1.15:
+    trl.kernels.chunked_logprob.ChunkedLogProbFunction, [4096, 32768] tiles through cuBLAS, a Triton kernel
+    folding each into log-sum-exp statistics on CUDA, torch ops elsewhere; the backward recomputes the tiles),
+    then the case's loss on those log-probs (gcpo_fast.kernels.policy_loss, as naive)."""
+    try:
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    except ImportError as e:
+        raise Skip(f"trl not importable: {e}") from None
+    notes = [f"trl ChunkedLogProbFunction, chunk_size={TRL_CHUNK} (GRPOTrainer's), log-probs only (no entropy)"]
+    notes += _trl_backward_helper()
+    x, w = _leaves(inp)
+    t, temp = inp["targets"], inp["temperature"]
+
+    def logp():
+        return ChunkedLogProbFunction.apply(x, w, None, t, temp, TRL_CHUNK, None, 1.0, ("log_probs",))[0]
+
+    def fwd_bwd():
+        loss = policy_loss(logp(), _inputs(inp, case), case_config(case))[0]
+        loss.backward()
+        return loss
+
+    return Built(fwd_bwd, logp, lambda: (x.grad, w.grad), [x, w], "vocab tiles, recompute in the backward (8NVd)",
+                 notes, x.shape[0])  # fmt: skip
+
+
 def build_gemm_floor(inp, case, **_):
     """The bare GEMM triplet X W^T, dZ W, dZ^T X (torch.matmul): 6NVd, the floor of any fused loss."""
     x, w = inp["hidden"], inp["weight"]
@@ -377,5 +455,6 @@ BUILDERS = {
     "triton": build_triton,
     "liger": build_liger,
     "cce": build_cce,
+    "trl": build_trl,
     "gemm-floor": build_gemm_floor,
 }

@@ -77,12 +77,19 @@ def load_teacher(cfg: TrainConfig, cache: GoldenCache | None, reward_funcs: list
     )  # fmt: skip
 
 
-def report_memory(cfg: TrainConfig, model_path, dist) -> None:
-    """Print the per-device memory estimate (gcpo_fast/models/memory.py) on rank 0, and a one-line warning naming the
-    options that would fit when it exceeds the device (CUDA; on the CPU the host's memory is not checked)."""
+def report_memory(cfg: TrainConfig, model_path, dist):
+    """Print the per-device memory estimate (gcpo_fast/models/memory.py) on rank 0: the worst case at the run's budgets
+    (memory.run_options: every row of a micro-batch, golden rows on top, at max_prompt_length +
+    max_completion_length), and a one-line warning naming the options that would fit when it exceeds the device
+    (CUDA; on the CPU the host's memory is not checked). Returns a function to call with the first round's packed
+    micro-batches, which prints the estimate at the lengths the run sees (its largest micro-batch); None on other
+    ranks or without an estimate."""
     if dist.rank != 0:
-        return
+        return None
     from transformers import AutoConfig
+
+    from gcpo_fast.models.attention import repeats_kv
+    from gcpo_fast.models.memory import run_options, worst_case_rows
 
     trust = cfg.model.trust_remote_code
     try:
@@ -90,29 +97,30 @@ def report_memory(cfg: TrainConfig, model_path, dist) -> None:
         shape = model_shape(config, trust_remote_code=trust)
     except (AttributeError, TypeError, ValueError) as e:  # a model of another layout: no estimate, the run goes on
         print(f"memory per device: no estimate for this model ({type(e).__name__}: {e})", file=sys.stderr)
-        return
+        return None
     cuda = dist.device.type == "cuda"
-    colocated = cfg.vllm.use_vllm and cfg.vllm.vllm_mode == "colocate"  # a server's memory is not this device's
     memory = torch.cuda.get_device_properties(dist.device).total_memory if cuda else None
-    options = dict(
-        tokens_per_micro_batch=cfg.batch.per_device_train_batch_size
-        * (cfg.rollout.max_prompt_length + cfg.rollout.max_completion_length),
-        completion_tokens=cfg.batch.per_device_train_batch_size * cfg.rollout.max_completion_length,
-        parallelism=cfg.parallel.parallelism,
-        world_size=dist.world_size,
-        cpu_offload=cfg.parallel.fsdp_cpu_offload,
-        bf16=cfg.model.bf16,
-        device=dist.device.type,
-        gradient_checkpointing=cfg.model.gradient_checkpointing,
-        reference_model=cfg.method.beta > 0,
-        vllm_gpu_memory_utilization=cfg.vllm.vllm_gpu_memory_utilization if colocated and cuda else 0.0,
-        lora=cfg.lora if cfg.lora.use_peft else None,
-        shape=shape,
-    )
-    print(plan_memory(config, device_memory=memory, **options).summary(), file=sys.stderr, flush=True)
+    attention = resolve_attn_implementation(cfg.model.attn_implementation, dist.device, cfg.model.bf16)
+    repeated = repeats_kv(attention, dist.device)
+    options = dict(run_options(cfg, world_size=dist.world_size, device=dist.device, repeated_kv=repeated), shape=shape)
+    worst = plan_memory(config, device_memory=memory, **options)
+    r = cfg.rollout
+    budget = f"{worst_case_rows(cfg)} rows x ({r.max_prompt_length} + {r.max_completion_length}) tokens a micro-batch"
+    print(worst.summary(f"estimate, worst case at these budgets: {budget}"), file=sys.stderr, flush=True)
     warning = fit_warning(config, device_memory=memory, **options) if cuda else None
     if warning:
         print(warning, file=sys.stderr, flush=True)
+
+    def at_round_lengths(micro_batches) -> None:
+        largest = max(micro_batches, key=lambda mb: mb.input_ids.numel())
+        tokens, scored = largest.input_ids.numel(), largest.targets.numel()
+        plan = plan_memory(
+            config, device_memory=memory, **dict(options, tokens_per_micro_batch=tokens, completion_tokens=scored)
+        )
+        what = f"estimate at the first round's lengths: {largest.num_rows} rows, {tokens} tokens, {scored} scored"
+        print(f"{plan.summary(what)}; worst case {worst.total() / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+
+    return at_round_lengths
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
@@ -133,7 +141,8 @@ class Trainer:
         # a chat template that refuses a record: one line; prompts longer than max_prompt_length: counted
         records = {cfg.data.dataset: prepared.records, "the held-out set": prepared.eval_records or []}
         check_prompts(self.tokenizer, records, cfg.rollout.max_prompt_length)
-        report_memory(cfg, model_path, self.dist)  # the estimate, and a warning naming what fits, before any weight
+        # the worst-case estimate, and a warning naming what fits, before any weight; then the first round's
+        self.memory_at_round_lengths = report_memory(cfg, model_path, self.dist)
         adapter = prepared.resume if cfg.lora.use_peft else None
         self.model = lora.attach(
             self.load_model(model_path), cfg.lora, base_path=cfg.model.model, adapter=adapter, seed=cfg.run.seed
@@ -318,6 +327,9 @@ class Trainer:
             state.num_generated_tokens += parallel.all_reduce([state.round_metrics.pop("completions/num_tokens")])[0]
             rows, state.samples, row_metrics = build_rows(self.round, sampled)
             micro_batches = pack_micro_batches(rows, cfg.batch, cfg.rollout.mask_truncated_completions)
+            if self.memory_at_round_lengths:  # once, rank 0
+                self.memory_at_round_lengths(micro_batches)
+                self.memory_at_round_lengths = None
             scoring = ScoringOptions(reused=cfg.batch.reused, temperature=cfg.rollout.temperature, bf16=cfg.model.bf16)
             micro_batches = score_micro_batches(micro_batches, self.model, self.ref_model, scoring, self.timer)
         state.round_metrics.update(row_metrics)

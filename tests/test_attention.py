@@ -5,7 +5,8 @@ with and without gradient checkpointing, rows of very different lengths and a on
 reference runs each row alone through a copy of the model with transformers' sdpa attention. The
 varlen_attn adapter runs here over CPU stand-ins with the signatures of torch 2.10, 2.11 and 2.12+ (a loop
 of SDPA over cu_seqlens, honouring the window the way the real kernel does), so on a GPU only the kernel
-differs; the real kernel is checked against per-row SDPA when CUDA is present.
+differs; the real kernel is checked against per-row SDPA when CUDA is present, and whether it takes grouped
+K/V as they are (torch 2.9-2.11, no enable_gqa).
 """
 
 import copy
@@ -164,12 +165,12 @@ def test_varlen_adapter_is_causal_within_rows_with_gqa(version):
     assert not torch.allclose(want, _standin_rows(q, *kv, cu, causal=False, scale=0.3))  # the window matters
 
 
-@pytest.mark.parametrize("version", ["2.10", "2.12"])
+@pytest.mark.parametrize("version", sorted(STANDINS))  # 2.11: the GPU machine's torch (window, K/V repeated)
 @pytest.mark.parametrize("make_model", [qwen2_tied, llama_untied])
 def test_packed_varlen_model_equals_per_row(make_model, version, one_thread):
     name = f"packed_varlen_standin_{version}"
     register(name, make_packed_varlen_forward(STANDINS[version]))
-    check_packed_equals_per_row(make_model(), name, checkpointing=version == "2.12")
+    check_packed_equals_per_row(make_model(), name, checkpointing=version != "2.10")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the real varlen_attn needs CUDA (sm80+)")
@@ -190,6 +191,47 @@ def test_real_varlen_attn_equals_per_row_sdpa_forward_and_backward():
     want = [ref, *torch.autograd.grad(ref, (qf, kf, vf), grad.double())]
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the real varlen_attn needs CUDA (sm80+)")
+def test_does_the_real_varlen_kernel_take_grouped_kv():
+    """torch 2.9-2.11's varlen_attn has no enable_gqa and hands K/V to FlashAttention-2 as they are: whether the
+    kernel takes 8 query heads over 2 K/V heads and gives, forward and backward, what repeating them gives.
+    The answer decides whether the trainer repeats K/V there (takes_grouped_kv); a skip says which it is."""
+    from gcpo_fast.models.attention import _parameters, takes_grouped_kv, torch_varlen_attn
+
+    varlen = torch_varlen_attn()
+    if varlen is None or torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("torch.nn.attention.varlen needs torch >= 2.9 and an sm80+ GPU")
+    if "enable_gqa" in _parameters(varlen):
+        pytest.skip(f"torch {torch.__version__}: varlen_attn takes enable_gqa; nothing to probe")
+    causal = {"window_size": (-1, 0)} if "window_size" in _parameters(varlen) else {"is_causal": True}
+    torch.manual_seed(3)
+    cu = torch.tensor([0, 1, 300, 317, 1000], dtype=torch.int32, device="cuda")
+    q = torch.randn(1000, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1000, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    try:
+        grouped = varlen(q, k, v, cu, cu, 683, 683, **causal)
+    except RuntimeError as e:
+        assert not takes_grouped_kv(varlen, q.device)
+        pytest.skip(f"torch {torch.__version__}: FlashAttention-2 refuses grouped K/V ({str(e)[:120]}): repeated")
+    grad = torch.randn_like(grouped)
+    got = [grouped, *torch.autograd.grad(grouped, (q, k, v), grad)]
+    repeated = varlen(q, *(x.repeat_interleave(4, dim=1) for x in (k, v)), cu, cu, 683, 683, **causal)
+    want = [repeated, *torch.autograd.grad(repeated, (q, k, v), grad)]
+    same = all(torch.allclose(g.float(), w.float(), rtol=2e-2, atol=2e-2) for g, w in zip(got, want))
+    assert takes_grouped_kv(varlen, q.device) == same  # the trainer's probe agrees with this check
+    assert same, f"torch {torch.__version__}: FlashAttention-2 runs grouped K/V but gives another answer"
+
+
+def test_which_attention_keeps_kv_repeated():
+    from gcpo_fast.models.attention import FLASH, PACKED_VARLEN, repeats_kv, torch_varlen_attn
+
+    assert repeats_kv(PACKED_SDPA, "cpu") and not repeats_kv(FLASH, "cuda")
+    if torch_varlen_attn() is not None:  # no GPU to probe here: repeated unless the signature takes enable_gqa
+        from gcpo_fast.models.attention import _parameters
+
+        assert repeats_kv(PACKED_VARLEN, "cpu") == ("enable_gqa" not in _parameters(torch_varlen_attn()))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="packed_varlen runs on CUDA (sm80+) only")

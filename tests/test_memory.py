@@ -84,3 +84,51 @@ def test_fit_warning_names_what_fits(shape):
     assert f"tokens per micro-batch (now {TOKENS})" in small
     nothing = fit_warning(QWEN_7B, device_memory=1 * GIB, **options)
     assert "no option tried fits" in nothing
+
+
+def test_repeated_kv_counts_key_and_value_at_every_query_head(shape):
+    base = dict(tokens_per_micro_batch=TOKENS, shape=shape)
+    grouped, repeated = plan_memory(QWEN_7B, **base), plan_memory(QWEN_7B, repeated_kv=True, **base)
+    h, kv, layers = 3584, 512, 28
+    assert repeated.activations - grouped.activations == layers * TOKENS * 2 * (2 * h - 2 * kv)  # bf16 k and v
+    ckpt = dict(base, gradient_checkpointing=True)
+    one_layer = plan_memory(QWEN_7B, repeated_kv=True, **ckpt).activations - plan_memory(QWEN_7B, **ckpt).activations
+    assert one_layer == TOKENS * 2 * (2 * h - 2 * kv)  # checkpointing keeps one layer's at a time
+
+
+def test_worst_case_rows_and_run_options_count_golden_rows_on_top():
+    from gcpo_fast.config import parse_config
+    from gcpo_fast.models.memory import run_options, worst_case_rows
+
+    argv = ["--per_device_train_batch_size", "16", "--num_generations", "8", "--max_prompt_length", "24"]
+    gcpo, grpo = parse_config(argv), parse_config(argv + ["--loss_type", "grpo"])
+    assert worst_case_rows(gcpo) == 18 and worst_case_rows(grpo) == 16  # gcpo appends one golden row per group
+    options = run_options(gcpo, world_size=1, device="cuda", repeated_kv=True)
+    assert options["tokens_per_micro_batch"] == 18 * (24 + 128) and options["completion_tokens"] == 18 * 128
+    assert options["repeated_kv"] and options["bf16"] and options["device"] == "cuda"
+
+
+def test_the_trainer_prints_the_worst_case_then_the_first_rounds_lengths(capsys):
+    import re
+    from types import SimpleNamespace
+
+    import torch
+
+    from gcpo_fast.config import parse_config
+    from gcpo_fast.models.loading import DEFAULT_MODEL
+    from gcpo_fast.packing import pack_rows
+    from gcpo_fast.train import report_memory
+
+    cpu = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
+    at_round_lengths = report_memory(parse_config([]), DEFAULT_MODEL, cpu)
+    worst = capsys.readouterr().err
+    # the shipped default: 64 rollouts and up to 8 golden rows a micro-batch, at the budgets
+    assert worst.startswith("memory per device (estimate, worst case at these budgets: 72 rows x (256 + 128) tokens")
+    at_round_lengths([pack_rows([[1, 2, 3]] * 5, [[4] * 10] * 5), pack_rows([[1, 2, 3]] * 6, [[4] * 20] * 6)])
+    seen = capsys.readouterr().err
+    assert "(estimate at the first round's lengths: 6 rows, 138 tokens, 120 scored)" in seen  # the largest one
+    worst_gib, seen_gib = (float(re.search(r"\): ([\d.]+) GiB", text).group(1)) for text in (worst, seen))
+    assert seen_gib < worst_gib and seen.rstrip().endswith(f"worst case {worst_gib:.2f} GiB")
+    assert (
+        report_memory(parse_config([]), DEFAULT_MODEL, SimpleNamespace(rank=1, world_size=2, device=cpu.device)) is None
+    )

@@ -12,7 +12,10 @@ import platform
 import subprocess
 from importlib import metadata
 
-PACKAGES = ("torch", "triton", "transformers", "math-verify", "liger-kernel", "cut-cross-entropy", "flash-attn", "peft")
+PACKAGES = (
+    "torch", "triton", "transformers", "numpy", "math-verify", "liger-kernel", "cut-cross-entropy", "trl",
+    "pytest-xdist", "flash-attn", "peft", "vllm",
+)  # fmt: skip
 
 
 def collect() -> dict:

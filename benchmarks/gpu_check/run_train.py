@@ -10,12 +10,15 @@ Everything after `--` goes to `gcpo_fast.train.main` unchanged. Written to --jso
 - `params`: the model's parameter count (tied embeddings once), read from its config on the meta device;
 - `fused_op`: the dtypes and shapes of the hidden states and lm_head weight the fused loss received, and
   how many calls (see `watch_fused_op`);
+- `fused_op` also holds the backend the op resolved to and its config; `attention`: the attention
+  implementation the policy was loaded with;
 - `exit`, `error`: the trainer's exit status, and its error line or exception (an out-of-memory error keeps
-  the peak memory it reached).
+  the peak memory it reached; SIGTERM, the GPU check's time limit, ends the run with an error too, so a cut
+  stage still writes what it had).
 With --skip_final_checkpoint the run writes no checkpoint (the trainer always saves at max_steps; for a
 1.5 B model that is 18 GB of weights and AdamW state and tens of seconds that measure the disk).
 
-The two patches below name internals of the trainer; after a restructure, fix the import paths there only.
+The patches below name internals of the trainer; after a restructure, fix the import paths there only.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -31,13 +35,15 @@ import torch
 
 
 def watch_fused_op(record: dict) -> None:
-    """Wrap the fused loss where the update calls it (`gcpo_fast.update.linear_policy_loss`), recording the dtypes
-    and shapes of its first two arguments (hidden [N, d], weight [V, d]) into `record`."""
+    """Wrap the fused loss where the update calls it (`gcpo_fast.update.linear_policy_loss(hidden, weight, targets,
+    inputs, config, ...)`), recording the dtypes and shapes of hidden [N, d] and weight [V, d], the backend its
+    config resolves to on that device and the config's switches into `record`."""
     from gcpo_fast import update
+    from gcpo_fast.kernels.options import resolve_backend
 
     op = update.linear_policy_loss
 
-    def watched(hidden, weight, *args, **kwargs):
+    def watched(hidden, weight, targets, inputs, config, *args, **kwargs):
         record.update(
             hidden_dtype=str(hidden.dtype),
             weight_dtype=str(weight.dtype),
@@ -45,10 +51,36 @@ def watch_fused_op(record: dict) -> None:
             weight_shape=list(weight.shape),
             calls=record.get("calls", 0) + 1,
             autocast=torch.is_autocast_enabled("cuda") if hidden.is_cuda else False,
+            backend=resolve_backend(config.backend, hidden.device).value,
+            config={k: str(v) for k, v in vars(config).items()},
         )
-        return op(hidden, weight, *args, **kwargs)
+        return op(hidden, weight, targets, inputs, config, *args, **kwargs)
 
     update.linear_policy_loss = watched
+
+
+def watch_attention(record: dict) -> None:
+    """Record the attention implementation the trainer loads its policy with (`gcpo_fast.train.
+    resolve_attn_implementation`, the name train.py calls) into record["attention"]."""
+    from gcpo_fast import train
+
+    resolve = train.resolve_attn_implementation
+
+    def watched(*args, **kwargs):
+        record["attention"] = resolve(*args, **kwargs)
+        return record["attention"]
+
+    train.resolve_attn_implementation = watched
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (the GPU check's time limit) ends the trainer with an exception, so that the result is still
+    written from what it has: the steps metrics.jsonl holds so far and the peak memory."""
+
+    def stop(signum, frame):
+        raise TimeoutError("stopped by SIGTERM (the stage's time limit)")
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def skip_final_checkpoint() -> None:
@@ -117,7 +149,10 @@ def main(argv=None) -> None:
     from gcpo_fast.models.loading import DEFAULT_MODEL
 
     fused: dict = {}
+    seen: dict = {}
     watch_fused_op(fused)
+    watch_attention(seen)
+    stop_on_sigterm()
     if a.skip_final_checkpoint:
         skip_final_checkpoint()
     if torch.cuda.is_available():
@@ -145,6 +180,7 @@ def main(argv=None) -> None:
             mem_method=method,
             params=parameter_count(model),
             fused_op=fused,
+            attention=seen.get("attention"),
         )
         Path(a.json).write_text(json.dumps(result, indent=1))
     sys.exit(status)

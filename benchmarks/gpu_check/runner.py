@@ -3,7 +3,8 @@
 A stage runs as `Popen(..., start_new_session=True)` with timeout min(its cap, budget left - KILL_GRACE_S);
 past it the whole process group (torchrun's workers, bench_loss's workers) gets SIGTERM, then SIGKILL, and
 the runner waits until none of it is left, so no stage keeps the GPU busy past the budget. A stage that
-would start with under MIN_STAGE_S left is reported as skipped. After every stage the report
+would start with under MIN_STAGE_S left is reported as skipped. `incomplete` names the stages that neither
+passed nor were skipped by design: the check's exit status is 1 when there is one. After every stage the report
 (OUT/gpu_report.md and OUT/gpu_report.json) is written again whole, and the stage's full output is
 appended to OUT/gpu_check.log, so a run cut at any point returns what it measured.
 """
@@ -152,18 +153,24 @@ def _write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def run_all(plan: list[Stage], out: Path, work: Path, budget: float, report: Report, peak: float | None, start=None):
-    """Every stage of `plan` within `budget` seconds from `start` (time.monotonic(); default now)."""
+def run_all(
+    plan: list[Stage], out: Path, work: Path, budget: float, report: Report, peak: float | None, start=None
+) -> list[dict]:
+    """Every stage of `plan` within `budget` seconds from `start` (time.monotonic(); default now); returns the
+    stages' results (as the report holds them)."""
     start = time.monotonic() if start is None else start
     passed: set[str] = set()
+    planned = {s.name for s in plan}
     for stage in plan:
         left = budget - (time.monotonic() - start)
         skip = stage.skip
-        if skip is None and stage.needs and stage.needs not in passed:
-            skip = f"needs stage {stage.needs}, which did not pass"
+        missing = [n for n in stage.needs if n in planned and n not in passed]
+        if skip is None and missing:
+            skip = f"needs stage {', '.join(missing)}, which did not pass"
         if skip is None and left - KILL_GRACE_S < MIN_STAGE_S:
             skip = f"budget spent ({left:.0f} s left of {budget:.0f})"
         result = dict(name=stage.name, title=stage.title, cmd=stage.cmd, cap_s=stage.cap_s, figures={}, lines=[])
+        result["by_design"] = stage.skip is not None
         if skip:
             result.update(status=f"skipped: {skip}", seconds=0.0, tail=[])
             print(f"[{stage.name}] skipped: {skip}", flush=True)
@@ -187,3 +194,10 @@ def run_all(plan: list[Stage], out: Path, work: Path, budget: float, report: Rep
         report.add(result)
         if stage.name == "loss_7b" and (work / "loss_7b" / "bench_loss.json").exists():
             shutil.copy(work / "loss_7b" / "bench_loss.json", out / "bench_loss.json")
+    return report.stages
+
+
+def incomplete(results: list[dict]) -> list[str]:
+    """'name: status' of every stage that neither passed nor was skipped by design (it cannot run on this
+    machine): failed, timed out, or skipped because the budget ran out or a stage it needs did not pass."""
+    return [f"{r['name']}: {r['status']}" for r in results if r["status"] != "passed" and not r["by_design"]]

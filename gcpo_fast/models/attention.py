@@ -16,7 +16,8 @@ the kwargs transformers' decoders forward to the attention function (cu_seq_lens
 - "packed_varlen": torch.nn.attention.varlen.varlen_attn, PyTorch's bundled FlashAttention (CUDA sm80+,
   fp16/bf16; torch >= 2.9), with the causal window and GQA adapted to the installed torch's signature:
   2.9/2.10 take is_causal=True; 2.11 takes window_size=(-1, 0) (its default (-1, -1) is NOT causal) and no
-  enable_gqa, so the key/value heads are repeated; 2.12+ take window_size and enable_gqa;
+  enable_gqa: there the key/value heads go as they are when a probe on the device shows the kernel takes
+  them (takes_grouped_kv), else they are repeated; 2.12+ take window_size and enable_gqa;
 - "packed_sdpa": anything else (the CPU, fp32): scaled_dot_product_attention row by row over the spans,
   is_causal within each row.
 Both packed names are registered in transformers' AttentionInterface (model code untouched) with sdpa's
@@ -166,9 +167,50 @@ def varlen_causal(varlen_attn, query, key, value, cu_seqlens, max_seqlen: int, s
     groups = query.shape[1] // key.shape[1]
     if groups > 1 and "enable_gqa" in params:  # 2.12+
         kwargs["enable_gqa"] = True
-    elif groups > 1:
+    elif groups > 1 and not (query.is_cuda and takes_grouped_kv(varlen_attn, query.device)):
         key, value = (x.repeat_interleave(groups, dim=1) for x in (key, value))
     return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+
+
+@cache
+def takes_grouped_kv(varlen_attn, device: torch.device) -> bool:
+    """Whether `varlen_attn` (a torch without enable_gqa: 2.9-2.11) takes fewer K/V heads than query heads on
+    `device` and gives what repeating them gives, forward and backward (FlashAttention-2's own kernel handles
+    grouped heads; torch passes K/V to it as they are). Probed once per device on a tiny packed batch: a
+    refusal or a different answer means repeat."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(12, h, 64, device=device, generator=gen, dtype=torch.bfloat16) for h in (4, 2, 2))
+    causal = {"window_size": (-1, 0)} if "window_size" in _parameters(varlen_attn) else {"is_causal": True}
+
+    def run(kv_groups: int):
+        leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+        kk, vv = (x.repeat_interleave(kv_groups, dim=1) for x in leaves[1:])
+        out = varlen_attn(leaves[0], kk, vv, cu, cu, 7, 7, **causal)
+        out.float().square().sum().backward()
+        return [out, *(x.grad for x in leaves)]
+
+    try:  # it may first run inside a no_grad scoring pass or under autocast: its own settings
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            grouped, repeated = run(1), run(2)
+    except (RuntimeError, ValueError):  # a kernel that checks the head counts refuses
+        return False
+    return all(torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2) for a, b in zip(grouped, repeated))
+
+
+def repeats_kv(attn_implementation: str, device) -> bool:
+    """Whether this attention keeps key and value repeated to every query head for the backward (what the memory
+    planner counts): packed_sdpa does (row by row SDPA on repeated heads); packed_varlen does on a torch without
+    enable_gqa whose kernel takes no grouped K/V (takes_grouped_kv); flash_attention_2 never does."""
+    if attn_implementation == PACKED_SDPA:
+        return True
+    if attn_implementation != PACKED_VARLEN:
+        return False
+    varlen_attn = torch_varlen_attn()
+    if "enable_gqa" in _parameters(varlen_attn):
+        return False
+    device = torch.device(device)
+    return not (device.type == "cuda" and takes_grouped_kv(varlen_attn, device))
 
 
 def _half(x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ Inputs of plan_memory (all keyword, the run's options):
 - parallelism "ddp" | "fsdp", world_size (processes), cpu_offload (--fsdp_cpu_offload).
 - bf16 and device ("cuda" | "cpu"): --bf16 on CUDA runs the fp32 model under bf16 autocast (DDP) or FSDP's
   bf16 mixed precision; elsewhere everything is fp32.
+- repeated_kv: the attention keeps K/V repeated to every query head (gcpo_fast.attention.repeats_kv).
 - gradient_checkpointing; reference_model (beta > 0: a frozen copy, bf16 under --bf16 on CUDA);
   vllm_gpu_memory_utilization (the colocated engine's share of the device; 0 without vLLM); device_memory
   (bytes; only for the summary's "of ..." and the warning); lora: the run's PeftOptions (None: full
@@ -43,7 +44,10 @@ FSDP, else 1):
                         autocast)
               + a * (3h          q/k/v and MLP projection inputs, o_proj input
                      + 2h + 2kv  RoPE (q, k and their rotate_half)
-                     + 2h + 2kv  attention (q, k, v, output; the log-sum-exp is per head, negligible)
+                     + 2h + 2kv  attention (q, k, v, output; the log-sum-exp is per head, negligible);
+                                 2h + 2h where the attention repeats k and v to every query head
+                                 (repeated_kv: packed_sdpa, and packed_varlen on a torch whose varlen_attn
+                                 takes no grouped K/V: gcpo_fast.attention.repeats_kv)
                      + 4I)       SwiGLU: gate, silu(gate), up, their product
   all layers: L * T * A_layer. With gradient checkpointing only each layer's input is kept (T * h * 4,
   the fp32 residual stream) plus one layer's A_layer recomputed during the backward.
@@ -97,15 +101,16 @@ class MemoryPlan:
     def total(self) -> float:
         return sum(getattr(self, f.name) for f in fields(self) if f.name != "device_memory")
 
-    def summary(self) -> str:
-        """One line: the total and its parts in GiB, and the device's memory when known."""
+    def summary(self, what: str = "estimate") -> str:
+        """One line: the total and its parts in GiB, and the device's memory when known; `what` says which
+        estimate it is (the trainer's: the worst case at its budgets, or at the lengths a round had)."""
         parts = " + ".join(
             f"{f.name.replace('_', ' ')} {getattr(self, f.name) / GIB:.2f}"
             for f in fields(self)
             if f.name != "device_memory" and getattr(self, f.name) > 0
         )
         of = "" if self.device_memory is None else f" of {self.device_memory / GIB:.1f} GiB"
-        return f"memory per device (estimate): {self.total() / GIB:.2f} GiB = {parts} GiB{of}"
+        return f"memory per device ({what}): {self.total() / GIB:.2f} GiB = {parts} GiB{of}"
 
 
 @dataclass(frozen=True)
@@ -203,10 +208,12 @@ def adapter_activation_bytes_per_token_layer(adapters: AdapterShape, element: in
     return element * adapters.layer_ranks + (element + 1) * adapters.layer_inputs * adapters.dropout
 
 
-def activation_bytes_per_token_layer(shape: ModelShape, element: int) -> int:
-    """A_layer of the module docstring: bytes autograd keeps per token in one decoder layer."""
+def activation_bytes_per_token_layer(shape: ModelShape, element: int, repeated_kv: bool = False) -> int:
+    """A_layer of the module docstring: bytes autograd keeps per token in one decoder layer; with repeated_kv the
+    attention keeps key and value repeated to every query head (h each instead of kv)."""
     h, kv, i = shape.hidden, shape.kv, shape.intermediate
-    return 4 * 4 * h + element * (3 * h + 2 * h + 2 * kv + 2 * h + 2 * kv + 4 * i)
+    attention_kv = 2 * h if repeated_kv else 2 * kv
+    return 4 * 4 * h + element * (3 * h + 2 * h + 2 * kv + 2 * h + attention_kv + 4 * i)
 
 
 def fused_op_bytes(
@@ -239,6 +246,7 @@ def plan_memory(
     lora=None,
     shape: ModelShape | None = None,
     adapters: AdapterShape | None = None,
+    repeated_kv: bool = False,
 ) -> MemoryPlan:
     """The per-device estimate for these options (see the module docstring for each input and part); lora: the
     run's gcpo_fast.models.lora.PeftOptions (LoRA when lora.use_peft), None for full fine-tuning."""
@@ -266,7 +274,7 @@ def plan_memory(
     else:
         autocast_copies = 2 * p if half else 0
     t, h = tokens_per_micro_batch, shape.hidden
-    per_layer = activation_bytes_per_token_layer(shape, element)
+    per_layer = activation_bytes_per_token_layer(shape, element, repeated_kv)
     if adapters:
         per_layer += adapter_activation_bytes_per_token_layer(adapters, element)
     if gradient_checkpointing:
@@ -287,6 +295,36 @@ def plan_memory(
         reference=(element * p) if reference_model else 0,
         vllm=vllm_gpu_memory_utilization * (device_memory or 0),
         device_memory=device_memory,
+    )
+
+
+def worst_case_rows(cfg) -> int:
+    """Rows of a micro-batch at most: per_device_train_batch_size completions, and with golden answers appended at
+    most one golden row per group of num_generations on top (a round's rows are spread evenly over its
+    micro-batches). cfg: a gcpo_fast.config.TrainConfig."""
+    rows, g = cfg.batch.per_device_train_batch_size, cfg.rollout.num_generations
+    return -(-rows * (g + 1) // g) if cfg.golden.golden_answer == "append" else rows
+
+
+def run_options(cfg, *, world_size: int, device, repeated_kv: bool, device_memory: float | None = None) -> dict:
+    """plan_memory's inputs (less the model) for a run of the trainer's config cfg (gcpo_fast.config.TrainConfig)
+    at its worst case: worst_case_rows rows, each at max_prompt_length + max_completion_length."""
+    rows, r = worst_case_rows(cfg), cfg.rollout
+    cuda = torch.device(device).type == "cuda"
+    colocated = cfg.vllm.use_vllm and cfg.vllm.vllm_mode == "colocate"  # a server's memory is not this device's
+    return dict(
+        tokens_per_micro_batch=rows * (r.max_prompt_length + r.max_completion_length),
+        completion_tokens=rows * r.max_completion_length,
+        parallelism=cfg.parallel.parallelism,
+        world_size=world_size,
+        cpu_offload=cfg.parallel.fsdp_cpu_offload,
+        bf16=cfg.model.bf16,
+        device=torch.device(device).type,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        reference_model=cfg.method.beta > 0,
+        vllm_gpu_memory_utilization=cfg.vllm.vllm_gpu_memory_utilization if colocated and cuda else 0.0,
+        lora=cfg.lora if cfg.lora.use_peft else None,
+        repeated_kv=repeated_kv,
     )
 
 
