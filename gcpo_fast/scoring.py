@@ -43,6 +43,18 @@ class SamplingCorrection:
     clip_min: float | None = None
     clip_max: float | None = 3.0
 
+    @classmethod
+    def of(cls, vllm) -> "SamplingCorrection | None":
+        """The correction a run's --vllm_importance_sampling_* options ask for (vllm: engines.vllm_engine.VLLMConfig);
+        None when it is switched off."""
+        if not vllm.vllm_importance_sampling_correction:
+            return None
+        return cls(
+            vllm.vllm_importance_sampling_mode,
+            vllm.vllm_importance_sampling_clip_min,
+            vllm.vllm_importance_sampling_clip_max,
+        )
+
     def weight(self, packed: PackedBatch, old_logp: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The weight [N] of a micro-batch and its sampling/* metrics (0-d tensors), from the trainer's log-probs."""
         return sampling_weights(

@@ -159,16 +159,7 @@ class Trainer:
             self.ref_model = reference.eval().requires_grad_(False)
         self.teacher = load_teacher(cfg, prepared.golden_cache, prepared.reward_funcs, self.dist.device)
         self.loss_config = cfg.loss_config()
-        v = cfg.vllm
-        self.correction = (
-            SamplingCorrection(
-                v.vllm_importance_sampling_mode,
-                v.vllm_importance_sampling_clip_min,
-                v.vllm_importance_sampling_clip_max,
-            )
-            if v.vllm_importance_sampling_correction
-            else None
-        )
+        self.correction = SamplingCorrection.of(cfg.vllm)  # None: no engine samples elsewhere, or switched off
         self.policy = parallel.parallelize(
             ModelWithLoss(self.model, self.loss_config, self.correction),
             cfg.parallel.parallelism,
@@ -181,12 +172,7 @@ class Trainer:
         )
         self.state = RunState()
         if prepared.resume:
-            shared, own = load_checkpoint(prepared.resume, reshards=self.policy.reshards)
-            self.policy.load_optimizer(self.optimizer, prepared.resume, shared)
-            self.scheduler.load_state_dict(shared["scheduler"])
-            resume_policy.apply(cfg.optim, self.optimizer, self.scheduler)  # a new --learning_rate wins over the saved
-            self.sampler.load_state_dict(shared["sampler"])
-            self.state.restore(shared, own)
+            self.restore(prepared.resume)
         self.state.engine_stale |= cfg.lora.use_peft  # an engine loaded from --model lacks the adapters
         self.state.engine_stale |= cfg.vllm.use_vllm and cfg.vllm.vllm_mode == "server"  # its weights: anyone's
         self.log = None
@@ -202,15 +188,29 @@ class Trainer:
         self.round = RoundContext.of(
             cfg, self.engine, self.tokenizer, prepared.reward_funcs, self.timer, teacher=self.teacher
         )
-        self.producer = self.taken_cursor = None  # --async_rollouts: rounds sampled ahead, on a thread of its own
-        if cfg.asynchronous.async_rollouts:
-            self.producer = RolloutProducer(
-                dataclasses.replace(self.round, group=parallel.side_group()),
-                self.sampler,
-                max_staleness=cfg.asynchronous.max_staleness,
-                steps_per_round=len(cfg.batch.optimizer_steps(range(cfg.batch.steps_per_generation))),
-                start_step=self.state.step,
-            )
+        self.taken_cursor = None  # --async_rollouts: the data cursor after the rounds the loop took
+        # --async_rollouts: rounds sampled ahead, on a thread of its own
+        self.producer = self.make_producer() if cfg.asynchronous.async_rollouts else None
+
+    def restore(self, checkpoint) -> None:
+        """Optimizer, scheduler, data cursor and loop state from a checkpoint (a new --learning_rate wins)."""
+        shared, own = load_checkpoint(checkpoint, reshards=self.policy.reshards)
+        self.policy.load_optimizer(self.optimizer, checkpoint, shared)
+        self.scheduler.load_state_dict(shared["scheduler"])
+        resume_policy.apply(self.cfg.optim, self.optimizer, self.scheduler)
+        self.sampler.load_state_dict(shared["sampler"])
+        self.state.restore(shared, own)
+
+    def make_producer(self) -> RolloutProducer:
+        """The producer of --async_rollouts, sampling rounds on a process group of its own (parallel.side_group)."""
+        batch = self.cfg.batch
+        return RolloutProducer(
+            dataclasses.replace(self.round, group=parallel.side_group()),
+            self.sampler,
+            max_staleness=self.cfg.asynchronous.max_staleness,
+            steps_per_round=len(batch.optimizer_steps(range(batch.steps_per_generation))),
+            start_step=self.state.step,
+        )
 
     def load_model(self, path, dtype=None):
         model = self.cfg.model
