@@ -160,7 +160,13 @@ def main(argv=None) -> None:
         help="local Hugging Face causal LM folder, or the hub id of one in "
         "the local Hugging Face cache (default: the shipped model)",
     )
-    ap.add_argument("--dataset", default="builtin", help="'builtin' (its held-out split) or a .jsonl/.parquet file")
+    ap.add_argument(
+        "--dataset",
+        default="builtin",
+        help="'builtin' (its held-out split), a .jsonl/.parquet file, or a hub dataset in the local cache "
+        "(its test split)",
+    )
+    ap.add_argument("--dataset_config", default=None, help="a hub dataset's configuration (main for openai/gsm8k)")
     ap.add_argument("--num_problems", type=int, default=500, help="problems to evaluate (the first ones of a file)")
     ap.add_argument(
         "--levels", type=int, nargs="+", default=None, help="builtin only: the difficulty levels to draw (default: all)"
@@ -194,6 +200,7 @@ def main(argv=None) -> None:
         records = load_records(
             args.dataset,
             split="test",
+            dataset_config=args.dataset_config,
             num_problems=args.num_problems,
             levels=args.levels,
             prompt_column=args.prompt_column,

@@ -318,8 +318,12 @@ def main(argv=None) -> None:
     ap = ArgumentParser(prog="python -m gcpo_fast.golden", description=main.__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="the teacher: a local Hugging Face causal LM folder")
     ap.add_argument(
-        "--dataset", required=True, help="'builtin' (its training split) or a .jsonl/.parquet file or folder"
+        "--dataset",
+        required=True,
+        help="'builtin' (its training split), a .jsonl/.parquet file or folder, or a hub dataset in the local cache "
+        "(its train split)",
     )
+    ap.add_argument("--dataset_config", default=None, help="a hub dataset's configuration (main for openai/gsm8k)")
     ap.add_argument(
         "--out", required=True, help="the cache file (JSONL; appended to); pass it to the trainer as --golden_cache"
     )
@@ -368,6 +372,7 @@ def main(argv=None) -> None:
         records = load_records(
             args.dataset,
             split="train",
+            dataset_config=args.dataset_config,
             num_problems=args.builtin_num_problems,
             seed=args.seed,
             levels=args.builtin_levels,

@@ -247,8 +247,7 @@ def test_update_matches_a_naive_reference(files, loss_type, objective):
         "4",
         "--golden_objective",
         objective,
-        "--golden_shaping_gamma",
-        "0.3",
+        *(["--golden_shaping_gamma", "0.3"] if objective == "shaped" else []),  # (ignored by the other objective)
     )
     _, rows, _, _ = one_round(cfg, model, tokenizer, sampler, funcs)
     rows.advantages = torch.randn(len(rows.advantages))
@@ -330,7 +329,7 @@ def test_a_correction_weight_from_the_updates_own_forward_equals_a_separate_pass
     """Rows an engine sampled elsewhere, trained once: the update takes the sampling weight from its own forward's
     log-probs (no second decoder pass), which must give the step and the sampling/* metrics of a weight computed
     beforehand from a separate forward-only pass, as a reused round does."""
-    cfg, model, tokenizer, sampler, funcs = setup(files, "--vllm_importance_sampling_mode", mode)
+    cfg, model, tokenizer, sampler, funcs = setup(files)  # the correction below is built with `mode`
     torch.manual_seed(1)
     _, rows, _, _ = one_round(cfg, model, tokenizer, sampler, funcs)
     (micro_batches,) = split_steps(cfg, rows, model)
