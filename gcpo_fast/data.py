@@ -269,7 +269,13 @@ def read_hub_dataset(name: str, config: str | None, split: str) -> Iterator[tupl
     try:
         with _offline(datasets):
             table = datasets.load_dataset(source, config, split=split)
-    except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError):
+    except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
+        if source != name:  # the hub cache has the repository, without the files of this split
+            raise ValueError(
+                f"{name}: its files in the Hugging Face cache ({source}) hold no data for it "
+                f"({' '.join(str(e).split())[:200]}): `hf download --repo-type dataset {name}` again (nothing is "
+                "downloaded at run time)"
+            ) from None
         raise ValueError(
             f"{name}: no such file or folder, nor a dataset in the local Hugging Face cache (nothing is downloaded "
             f"at run time: `hf download --repo-type dataset {name}` first, or pass a .jsonl/.parquet file)"

@@ -180,3 +180,18 @@ def test_the_learning_rates_help_names_the_shipped_models_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert f"AdamW learning rate (default: {SHIPPED_MODEL_LR:g} for the shipped" in text
     assert parse_config([]).optim.learning_rate == SHIPPED_MODEL_LR
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("run.json", '{"max_steps": ' + "9" * 5000 + "}", "not valid JSON: Exceeds the limit (4300 digits)"),
+        ("run.yaml", "max_steps: " + "9" * 5000, "not valid YAML: Exceeds the limit (4300 digits)"),
+        ("run.yaml", "output_dir: !!binary aGVsbG8=", "option output_dir: a value of YAML type bytes is no option's"),
+        ("run.yaml", "help: true", "unknown options help"),
+        ("run.yaml", "reward_funcs: [accuracy_reward, null]", "option reward_funcs: null is not a single value"),
+        ("run.yaml", "# " + "x" * (1 << 20), "larger than 1024 KiB (a file of options is a few)"),
+    ],
+)
+def test_what_else_a_config_file_may_hold_is_one_line(tmp_path, name, text, message):
+    assert message in config_error(tmp_path, text, name)

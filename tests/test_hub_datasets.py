@@ -134,3 +134,11 @@ def test_a_hub_dataset_without_the_datasets_library_is_one_line(caches, monkeypa
         r'library: pip install -e "\.\[data\]"$',
     ):
         load_records("someone/math", **GSM8K_COLUMNS)
+
+
+def test_a_hub_cache_snapshot_without_its_data_files_says_so(caches):
+    hub_cache(caches)  # then the data files go (`hf download --include README.md`, or a download cut short)
+    for parquet in (caches / "hub").rglob("*.parquet"):
+        parquet.unlink()
+    with pytest.raises(ValueError, match=r"^someone/math: its files in the Hugging Face cache \(.*\) hold no data for"):
+        load_records("someone/math", dataset_config="main", **GSM8K_COLUMNS)
