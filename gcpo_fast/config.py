@@ -17,14 +17,21 @@ the command line is transformers' HfArgumentParser, as in TRL, and the other com
 the same names (gcpo_fast/cli.py, add_options). `resolve` fills what depends on several parts (the `--loss_type`
 recipe, the learning rate for the shipped model) and checks the combinations. A bad option raises ConfigError naming
 it, before any data or model is loaded.
+
+A --config file is read with yaml's safe loader (or json) within bounds: at most MAX_CONFIG_VALUES values as
+aliases expand them, MAX_CONFIG_DEPTH levels deep, MAX_VALUE_CHARS characters a value; an error quotes at most
+SHOWN characters of a value. A null is the option's default, or None for an option that takes `none`
+(TRL's `top_k: null`: no top-k). An option set away from its default whose enabling flag is missing (it would be
+ignored) is refused naming that flag (refuse_ignored_options).
 """
 
 import argparse
 import dataclasses
+import datetime
 import json
 import sys
+import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import get_type_hints
 
 import yaml
@@ -32,6 +39,7 @@ from transformers import HfArgumentParser
 
 from gcpo_fast.async_rollouts import AsyncConfig
 from gcpo_fast.cli import HelpFormatter
+from gcpo_fast.data.files import names_hub_dataset
 from gcpo_fast.data.rewards import RewardConfig
 from gcpo_fast.data.sources import DataConfig
 from gcpo_fast.distributed.parallel import ParallelConfig
@@ -131,26 +139,104 @@ def float_or_none(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected a number or none, got {text!r}") from None
 
 
+MAX_CONFIG_DEPTH = 8  # an option's value is a scalar or a list of them; a deeper file is a mistake or an attack
+MAX_CONFIG_VALUES = 10_000  # values a file may expand to: YAML aliases repeat a list without its bytes
+SHOWN = 60  # characters of a value quoted in an error line
+MAX_CONFIG_BYTES = 1 << 20
+MAX_VALUE_CHARS = 4096  # a path's limit (PATH_MAX): every value, echoed by the checks after, stays a line
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """yaml's safe loader, refusing a file nested deeper than MAX_CONFIG_DEPTH while it composes it (its composer
+    recurses once per level: a few thousand levels exhaust Python's stack)."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_CONFIG_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_CONFIG_DEPTH} levels", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def shown(value) -> str:
+    """A value of a config file as an error line quotes it: its repr, cut to SHOWN characters (never expanded
+    further: a YAML alias bomb's repr is gigabytes)."""
+    if isinstance(value, (list, dict)):
+        return f"a {'list' if isinstance(value, list) else 'mapping'}"
+    text = repr(value)
+    return text if len(text) <= SHOWN else text[: SHOWN - 3] + "..."
+
+
+def check_expansion(path: str, values) -> None:
+    """ConfigError unless the loaded file holds at most MAX_CONFIG_VALUES values, nested at most MAX_CONFIG_DEPTH
+    deep, as aliases expand them (walked without recursion, stopping at the first bound passed)."""
+    todo, count = [(values, 1)], 0
+    while todo:
+        value, depth = todo.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES or depth > MAX_CONFIG_DEPTH:
+            what = f"more than {MAX_CONFIG_VALUES} values" if count > MAX_CONFIG_VALUES else "deeper nesting"
+            raise ConfigError(
+                f"--config {path}: expands to {what} than a file of options holds (YAML aliases?); "
+                f"at most {MAX_CONFIG_VALUES} values, {MAX_CONFIG_DEPTH} levels deep"
+            )
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        todo.extend((child, depth + 1) for child in children)
+
+
+def nullable_options() -> set[str]:
+    """The options whose type admits None (YAML null, the command line's `none`)."""
+    return {
+        name
+        for part in PARTS.values()
+        for name, tp in get_type_hints(part).items()
+        if type(None) in typing.get_args(tp)
+    }
+
+
 def load_config_file(path: str, parser: ArgumentParser) -> dict:
-    """The options of a YAML or JSON file, each read by its flag's own type (so `8.9` or `yes` is no integer)."""
+    """The options of a YAML or JSON file, each read by its flag's own type (so `8.9` or `yes` is no integer).
+    A null is None for an option that takes none, else the option's default (as if the line were absent)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"--config {path}: {getattr(e, 'strerror', None) or e}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"--config {path}: larger than {MAX_CONFIG_BYTES // 1024} KiB (a file of options is a few)")
     kind = "JSON" if path.endswith(".json") else "YAML"
     try:
-        values = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"--config {path}: not valid {kind}: {e}") from None
+        values = json.loads(text) if kind == "JSON" else yaml.load(text, Loader=BoundedLoader)  # a SafeLoader
+    except RecursionError:  # json's decoder recurses per level
+        raise ConfigError(f"--config {path}: not valid {kind}: nested deeper than {MAX_CONFIG_DEPTH} levels") from None
+    except (ValueError, yaml.YAMLError) as e:  # ValueError: also an integer of more than 4300 digits
+        raise ConfigError(f"--config {path}: not valid {kind}: {' '.join(str(e).split())[:200]}") from None
     values = {} if values is None else values
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option names to values")
+    check_expansion(path, values)
     # each option's own flag (not its --no_ complement)
-    actions = {a.dest: a for a in parser._actions if f"--{a.dest}" in a.option_strings and a.dest != "config"}
-    unknown = sorted(set(values) - set(actions))
+    actions = {
+        a.dest: a for a in parser._actions if f"--{a.dest}" in a.option_strings and a.dest not in ("config", "help")
+    }
+    unknown = sorted(map(str, set(values) - set(actions)))
     if unknown:
-        raise ConfigError(f"--config {path}: unknown options {', '.join(unknown)} (see --help)")
-    return {name: _read(path, actions[name], value) for name, value in values.items()}
+        names = ", ".join(name[:SHOWN] for name in unknown[:5]) + (
+            f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        )
+        raise ConfigError(f"--config {path}: unknown options {names} (see --help)")
+    nullable = nullable_options()
+    return {
+        name: _read(path, actions[name], value)
+        for name, value in values.items()
+        if value is not None or name in nullable
+    }
 
 
 def _read(path: str, action: argparse.Action, value):
@@ -162,16 +248,33 @@ def _read(path: str, action: argparse.Action, value):
         raise ConfigError(f"--config {path}: option {action.dest} takes one value, got a list")
     out = []
     for item in items:
-        if isinstance(item, (dict, list)):
-            raise ConfigError(f"--config {path}: option {action.dest}: {item!r} is not a single value")
+        if isinstance(item, (dict, list)) or item is None:
+            what = "null" if item is None else shown(item)
+            raise ConfigError(f"--config {path}: option {action.dest}: {what} is not a single value")
+        if not isinstance(item, (str, int, float, datetime.date)):  # YAML's !!binary, !!set, ...: no option's type
+            raise ConfigError(
+                f"--config {path}: option {action.dest}: a value of YAML type {type(item).__name__} is no option's "
+                "value"
+            )
+        if isinstance(item, bool) and action.type in (None, str):  # YAML reads yes, no, on, off as booleans
+            raise ConfigError(
+                f"--config {path}: option {action.dest} takes text, got the YAML boolean {str(item).lower()} "
+                "(quote it to mean the word)"
+            )
         text = str(item).lower() if isinstance(item, bool) else str(item)
+        if len(text) > MAX_VALUE_CHARS:
+            raise ConfigError(
+                f"--config {path}: option {action.dest}: a value of {len(text)} characters (at most {MAX_VALUE_CHARS})"
+            )
         try:
             converted = action.type(text) if action.type else text
         except (TypeError, ValueError, argparse.ArgumentTypeError):
             kind = getattr(action.type, "__name__", "value").replace("string_to_bool", "bool")
-            raise ConfigError(f"--config {path}: option {action.dest}: cannot read {item!r} as {kind}") from None
+            raise ConfigError(f"--config {path}: option {action.dest}: cannot read {shown(item)} as {kind}") from None
         if action.choices is not None and converted not in action.choices:
-            raise ConfigError(f"{action.dest} must be one of {', '.join(map(str, action.choices))}, got {converted!r}")
+            raise ConfigError(
+                f"{action.dest} must be one of {', '.join(map(str, action.choices))}, got {shown(converted)}"
+            )
         out.append(converted)
     return out if many else out[0]
 
@@ -203,6 +306,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.optim.learning_rate is None:
         # a 1M-parameter model needs a far larger step than the billion-parameter models TRL's 1e-6 is for
         cfg.optim = dataclasses.replace(cfg.optim, learning_rate=SHIPPED_MODEL_LR if cfg.model.is_shipped else 1e-6)
+    refuse_ignored_options(cfg)
     cfg.golden = cfg.golden.resolved(cfg.method.method.golden_answer, cfg.method.loss_type, budget)
     G, rows = cfg.rollout.num_generations, cfg.batch.completions_per_round
     require(
@@ -226,3 +330,96 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         "or --vllm_mode server, not the colocated vLLM engine",
     )
     return cfg
+
+
+LORA_OPTIONS = [f.name for f in dataclasses.fields(PeftOptions) if f.name != "use_peft"]
+SERVER_OPTIONS = ["vllm_server_host", "vllm_server_port", "vllm_server_base_url", "vllm_group_port"]
+CORRECTION_OPTIONS = [f.name for f in dataclasses.fields(VLLMConfig) if f.name.startswith("vllm_importance_sampling")]
+
+
+def refuse_ignored_options(cfg: TrainConfig) -> None:
+    """ConfigError naming the options set away from their defaults whose enabling flag is missing: each would be
+    ignored without a word. (A value equal to the default is no sign of intent, and a run's own
+    train_config.yaml, given back as --config, holds every option.) `cfg.method` is resolved."""
+    v, method, golden, data = cfg.vllm, cfg.method, cfg.golden, cfg.data
+    server = v.use_vllm and v.vllm_mode == "server"
+    teacher_budget = (
+        []
+        if golden.golden_max_completion_length in (None, cfg.rollout.max_completion_length)
+        else ["golden_max_completion_length"]
+    )
+    builtin = "builtin" in (data.dataset, cfg.eval.eval_dataset)
+    train_hub, eval_hub = (
+        name is not None and names_hub_dataset(name) for name in (data.dataset, cfg.eval.eval_dataset)
+    )
+    files = data.dataset != "builtin" or cfg.eval.eval_dataset not in (None, "builtin")
+    rules = [  # (the options, whether what enables them is on, what enables them)
+        (_changed(cfg.lora, LORA_OPTIONS), cfg.lora.use_peft, "--use_peft"),
+        (_changed(v, ["vllm_mode"]), v.use_vllm, "--use_vllm"),
+        (
+            _changed(v, ["vllm_gpu_memory_utilization", "vllm_enable_sleep_mode", "vllm_max_model_length"]),
+            v.use_vllm and v.vllm_mode == "colocate",
+            "--use_vllm in colocate mode (a generation server has its own)",
+        ),
+        (_changed(v, SERVER_OPTIONS), server, "--use_vllm --vllm_mode server"),
+        (
+            _changed(v, ["vllm_server_timeout"]),
+            server or cfg.asynchronous.async_rollouts,
+            "--vllm_mode server or --async_rollouts",
+        ),
+        (
+            _changed(v, CORRECTION_OPTIONS),
+            v.use_vllm or cfg.asynchronous.async_rollouts,
+            "--use_vllm or --async_rollouts (an engine that samples elsewhere, with log-probs of its own)",
+        ),
+        (
+            _changed(cfg.asynchronous, ["max_staleness", "weight_sync_steps"]),
+            cfg.asynchronous.async_rollouts,
+            "--async_rollouts",
+        ),
+        (
+            _changed(golden, ["golden_num_candidates", "golden_temperature"]) + teacher_budget,
+            golden.golden_model is not None,
+            "--golden_model (a teacher that samples candidates)",
+        ),
+        (_changed(golden, ["golden_shaping_gamma"]), golden.golden_objective == "shaped", "--golden_objective shaped"),
+        (
+            _changed(method, ["max_num_gen_batches"]),
+            method.dynamic_sampling or method.min_inverse_alpha > 0,
+            "--dynamic_sampling or --min_inverse_alpha > 0 (DAPO's or GPG's sampling rule)",
+        ),
+        (_changed(method, ["overlong_penalty_factor"]), method.overlong_buffer_len > 0, "--overlong_buffer_len > 0"),
+        (_changed(data, ["builtin_num_problems"]), data.dataset == "builtin", "--dataset builtin"),
+        (_changed(data, ["dataset_split"]), train_hub, "a --dataset that names a hub dataset"),
+        (
+            _changed(data, ["dataset_config"]),
+            train_hub or eval_hub,
+            "a --dataset or --eval_dataset that names a hub dataset",
+        ),
+        (_changed(data, ["builtin_levels"]), builtin, "--dataset builtin or --eval_dataset builtin"),
+        (
+            _changed(data, ["prompt_column", "golden_column", "answer_column"]),
+            files,
+            "a --dataset or --eval_dataset that is not builtin",
+        ),
+        (
+            _changed(cfg.eval, ["eval_dataset", "eval_num_problems", "eval_num_samples"]),
+            cfg.eval.eval_steps > 0,
+            "--eval_steps > 0",
+        ),
+    ]
+    for names, enabled, flag in rules:
+        require(
+            enabled or not names,
+            f"{', '.join(f'--{n}' for n in names)} take{'s' if len(names) == 1 else ''} effect only with {flag}, "
+            "which is not given: add it, or leave the option out",
+        )
+
+
+def _changed(options, names: list[str]) -> list[str]:
+    """The named options whose value differs from the component's default."""
+    defaults = {
+        f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(options)
+    }
+    return [name for name in names if getattr(options, name) != defaults[name]]

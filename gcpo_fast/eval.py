@@ -143,7 +143,7 @@ def build_parser() -> ArgumentParser:
     ap = ArgumentParser(prog="python -m gcpo_fast.eval", description="mean@k and pass@k on held-out problems")
     add_options(ap, ModelConfig, "model", "trust_remote_code")
     add_options(ap, EvalConfig, "eval_dataset", "eval_num_problems", "eval_num_samples")
-    add_options(ap, DataConfig, "builtin_levels", "prompt_column", "answer_column", "golden_column")
+    add_options(ap, DataConfig, "dataset_config", "builtin_levels", "prompt_column", "answer_column", "golden_column")
     add_options(ap, RolloutConfig, "max_prompt_length", "max_completion_length", "temperature", "top_p", "top_k")
     add_options(ap, RunConfig, "seed")
     ap.add_argument("--batch_size", type=int, default=32, help="problems per generate call")
@@ -169,10 +169,12 @@ def main(argv=None) -> None:
         adapter = is_adapter_folder(model_cfg.model)  # a --use_peft checkpoint: the adapter on its base model
         base = adapter_base(model_cfg.model) if adapter else model_cfg.model
         check_model_folder(base, trust_remote_code=trust)
-        k = evaluation.eval_num_problems
+        n, levels = evaluation.eval_num_problems, sorted(set(data.builtin_levels))
+        config = data.dataset_config
         records = load_records(
-            dataset, split="test", num_problems=k, levels=sorted(set(data.builtin_levels)), **data.columns
-        )[:k]
+            dataset, split="test", dataset_config=config, num_problems=n, levels=levels, **data.columns
+        )
+        records = records[:n]
     except ValueError as e:
         ap.fail(str(e))
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -6,7 +6,8 @@
 Everything a user can get wrong about the data, the run directory or `--resume` fails here, in seconds,
 before the minutes a model takes to load: records loaded and checked, golden answers present where the method
 needs them, reward functions importable, the run directory writable and locked, the checkpoint whole and its
-run-defining options unchanged (gcpo_fast/run/resume_policy.py), enough prompts for a round on every rank.
+run-defining options unchanged (gcpo_fast/run/resume_policy.py; the base model's files too, for a run that reads
+--model again: --use_peft, --beta > 0), enough prompts for a round on every rank.
 """
 
 import os
@@ -19,6 +20,7 @@ from gcpo_fast.data.sources import load_records
 from gcpo_fast.distributed import parallel
 from gcpo_fast.golden.sources import check_dataset_answers, open_cache
 from gcpo_fast.golden.teacher import GoldenCache
+from gcpo_fast.models.identity import base_identity
 from gcpo_fast.models.loading import check_model_folder
 from gcpo_fast.run import lock, resume_policy
 from gcpo_fast.run.checkpoint import check_checkpoint, checkpoint_step, find_checkpoint, list_checkpoints
@@ -34,6 +36,7 @@ class Prepared:
     resume: Path | None  # the checkpoint to continue from
     golden_cache: GoldenCache | None  # GCPO's teacher cache, when golden answers come from a teacher
     dataset_sha256: str  # the training records' fingerprint, recorded in every checkpoint (resume_policy)
+    base_identity: str | None = None  # --model's files, when a resume reads them again (resume_policy)
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
@@ -43,7 +46,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
     data = cfg.data
     records = load_records(
         data.dataset,
-        split="train",
+        split=data.dataset_split,
+        dataset_config=data.dataset_config,
         num_problems=data.builtin_num_problems,
         seed=cfg.run.seed,
         levels=data.builtin_levels,
@@ -55,8 +59,13 @@ def prepare(cfg: TrainConfig) -> Prepared:
     eval_records = load_eval_records(cfg)
     funcs = [load_reward_function(spec) for spec in cfg.rewards.reward_funcs]
     resume = find_resume(cfg)
-    dataset_sha256 = resume_policy.check(cfg, resume, records)  # refuses a changed model, loss, data, G, ...
-    golden_cache = open_cache(cfg.golden, cfg.run.output_dir, trust_remote_code=cfg.model.trust_remote_code)
+    # a checkpoint that holds an adapter (or a run with a reference model) needs the very base it trained on
+    trust = cfg.model.trust_remote_code
+    base = None
+    if resume_policy.reads_base_on_resume(cfg):
+        base = base_identity(check_model_folder(cfg.model.model, trust_remote_code=trust))
+    dataset_sha256 = resume_policy.check(cfg, resume, records, base)  # a changed model, loss, data, G, ...
+    golden_cache = open_cache(cfg.golden, cfg.run.output_dir, trust_remote_code=trust)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.prompts_per_round * world > len(records):
         raise ValueError(
@@ -65,7 +74,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         )
     # a causal decoder with weights and a tokenizer, or one line saying why not
     check_model_folder(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
-    return Prepared(records, eval_records, funcs, resume, golden_cache, dataset_sha256)
+    return Prepared(records, eval_records, funcs, resume, golden_cache, dataset_sha256, base)
 
 
 def load_eval_records(cfg: TrainConfig) -> list[dict] | None:
@@ -75,7 +84,10 @@ def load_eval_records(cfg: TrainConfig) -> list[dict] | None:
         return None
     n = cfg.eval.eval_num_problems
     levels = sorted(set(cfg.data.builtin_levels))  # python -m gcpo_fast.eval evaluates any level
-    return load_records(dataset, split="test", num_problems=n, levels=levels, **cfg.data.columns)[:n]
+    config = cfg.data.dataset_config
+    return load_records(
+        dataset, split="test", dataset_config=config, num_problems=n, levels=levels, **cfg.data.columns
+    )[:n]
 
 
 def find_resume(cfg: TrainConfig) -> Path | None:

@@ -387,6 +387,7 @@ class Trainer:
             optimizer_state=policy.optimizer_state(self.optimizer), scheduler=self.scheduler, sampler_state=cursor
         )
         shared["dataset_sha256"] = self.prepared.dataset_sha256
+        shared[resume_policy.BASE_IDENTITY] = self.prepared.base_identity
         save_checkpoint(
             self.cfg.run.output_dir,
             state.step,

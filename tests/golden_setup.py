@@ -118,10 +118,9 @@ RUN_OPTIONS = [
     "--answer_column", "answer",
     "--reward_funcs", "golden_setup:boxed_answer",
     "--max_completion_length", "24",
-    "--golden_max_completion_length", "40",
-    "--golden_temperature", "0.3",
     "--eval_steps", "0",
 ]  # fmt: skip
+TEACHER_OPTIONS = ["--golden_max_completion_length", "40", "--golden_temperature", "0.3"]  # with --golden_model
 
 
 def setup(golden_models, tmp_path, *argv, data=None):
@@ -131,7 +130,7 @@ def setup(golden_models, tmp_path, *argv, data=None):
         [
             *["--model", str(policy), "--dataset", str(data), "--output_dir", str(tmp_path / "run"), *RUN_OPTIONS],
             *["--num_generations", "4", "--per_device_train_batch_size", "8", "--learning_rate", "1e-2"],
-            *(["--golden_model", str(teacher)] if "--golden_cache" not in argv else []),
+            *(["--golden_model", str(teacher), *TEACHER_OPTIONS] if "--golden_cache" not in argv else []),
             *argv,
         ]
     )

@@ -345,7 +345,10 @@ def test_vllm_options_are_checked_before_anything_loads():
         parse_config(["--vllm_gpu_memory_utilization", "1.5"])
     with pytest.raises(ConfigError, match="vllm_importance_sampling_clip_min/_max"):
         parse_config(["--vllm_importance_sampling_clip_min", "4", "--vllm_importance_sampling_clip_max", "3"])
-    cfg = parse_config(["--vllm_importance_sampling_clip_max", "none", "--vllm_importance_sampling_mode", "token_mask"])
+    server = ["--use_vllm", "--vllm_mode", "server"]
+    cfg = parse_config(
+        [*server, "--vllm_importance_sampling_clip_max", "none", "--vllm_importance_sampling_mode", "token_mask"]
+    )
     assert (cfg.vllm.vllm_importance_sampling_clip_max, cfg.vllm.vllm_importance_sampling_mode) == (None, "token_mask")
     if importlib.util.find_spec("vllm") is None:  # the main environment; CI's vLLM one runs it for real
         with pytest.raises(ConfigError, match="--use_vllm: vLLM is not installed"):

@@ -222,6 +222,33 @@ def test_verifiable_answers_load_without_a_warning(tmp_path, recwarn):
     assert not [w for w in recwarn if "verified" in str(w.message)]
 
 
+def test_an_answer_column_that_disagrees_with_the_solutions_answer_is_warned_and_kept(tmp_path):
+    rows = [
+        {"prompt": "q0", "solution": r"so \boxed{7}", "answer": "7"},
+        {"prompt": "q1", "solution": r"so \boxed{\frac{1}{2}}", "answer": "0.5"},  # the same number: no word
+        {"prompt": "q2", "solution": r"so \boxed{9}", "answer": "8"},
+        {"prompt": "q3", "solution": "#### 12", "answer": 13},
+    ]
+    with pytest.warns(UserWarning) as caught:
+        records = load_prompts(write_jsonl(tmp_path / "d.jsonl", rows))
+    [message] = [str(w.message) for w in caught]
+    assert message.startswith(
+        "2 of 4 rows have an answer column that disagrees with the answer the reward checks, from column 'solution': "
+    )
+    assert "d.jsonl, line 3: '8' against '9'; " in message and "d.jsonl, line 4: '13' against '12'." in message
+    assert message.endswith("Pass answer_column='answer' (--answer_column answer) to check the dataset's own")
+    assert [r["answer"] for r in records] == ["7", "\\frac{1}{2}", "9", "12"]  # the reward checks the solution's
+    assert [r.get("dataset_answer") for r in records] == [None, "0.5", "8", 13]  # the dataset's, kept beside it
+
+
+def test_an_answer_column_that_is_the_checked_or_golden_one_is_not_compared(tmp_path, recwarn):
+    rows = [{"prompt": "q", "solution": r"so \boxed{9}", "answer": "8"}]
+    assert load_prompts(write_jsonl(tmp_path / "a.jsonl", rows), answer_column="answer")[0]["answer"] == "8"
+    gsm8k = [{"question": "q", "answer": "4 + 4 = 8\n#### 8"}]
+    load_prompts(write_jsonl(tmp_path / "g.jsonl", gsm8k), prompt_column="question", golden_column="answer")
+    assert not [w for w in recwarn if "disagrees" in str(w.message)]
+
+
 def export(argv, capsys):
     from gcpo_fast.data.export import main
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from golden_setup import RUN_OPTIONS, N, answers_only, cache_lines, one_round, setup
+from golden_setup import RUN_OPTIONS, TEACHER_OPTIONS, N, answers_only, cache_lines, one_round, setup
 from tiny_model import child_env
 
 from gcpo_fast.config import parse_config
@@ -24,7 +24,8 @@ def run_args(golden_models, data, run, *extra):
     return parse_config(
         [
             *["--model", str(policy), "--dataset", str(data), "--output_dir", str(run), *RUN_OPTIONS],
-            *["--golden_model", str(teacher), "--num_generations", "2", "--per_device_train_batch_size", "4"],
+            *["--golden_model", str(teacher), *TEACHER_OPTIONS],
+            *["--num_generations", "2", "--per_device_train_batch_size", "4"],
             *["--save_steps", "2", *extra],
         ]
     )

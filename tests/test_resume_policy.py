@@ -10,6 +10,7 @@ import yaml
 from tiny_model import make_tiny_model, write_jsonl
 
 from gcpo_fast.config import TrainConfig, parse_config
+from gcpo_fast.data.rewards import extract_answer
 from gcpo_fast.prepare import prepare
 from gcpo_fast.run.resume_policy import MAY_CHANGE, RUN_DEFINING
 from gcpo_fast.train import train
@@ -58,3 +59,19 @@ def test_resume_applies_what_may_change_and_refuses_what_defines_the_run(tmp_pat
 
 def test_every_option_has_a_resume_rule():
     assert not MAY_CHANGE & RUN_DEFINING and MAY_CHANGE | RUN_DEFINING == set(TrainConfig().to_dict())
+
+
+def test_an_edit_of_the_datasets_own_answer_column_is_seen_on_resume(tmp_path):
+    """The reward checks the answer extracted from the solution; the dataset's own answer column, which that
+    replaces, still belongs to the data a run trained on."""
+    make_tiny_model(tmp_path / "model")
+    write_jsonl(tmp_path / "train.jsonl", n=8)
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    write_jsonl(tmp_path / "train.jsonl", rows=[{**r, "answer": extract_answer(r["solution"])} for r in rows])
+    train(config(tmp_path))
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    rows[0]["answer"] = "1000"
+    write_jsonl(tmp_path / "train.jsonl", rows=rows)
+    with pytest.warns(UserWarning, match="1 of 8 rows have an answer column that disagrees"):
+        with pytest.raises(ValueError, match="the dataset's content"):
+            prepare(config(tmp_path, "--resume", "--max_steps", "4"))

@@ -149,8 +149,7 @@ def test_update_matches_a_naive_reference(files, loss_type, objective):
         "4",
         "--golden_objective",
         objective,
-        "--golden_shaping_gamma",
-        "0.3",
+        *(["--golden_shaping_gamma", "0.3"] if objective == "shaped" else []),  # (ignored by the other objective)
     )
     _, rows, _, _ = one_round(cfg, model, tokenizer, sampler, funcs)
     rows.advantages = torch.randn(len(rows.advantages))
@@ -172,7 +171,7 @@ def test_a_correction_weight_from_the_updates_own_forward_equals_one_from_old_lo
     """Rows an engine sampled elsewhere: the update is the one place their sampling weight is computed. Trained
     once, it takes the log-probs of its own forward (no second decoder pass); given a reused round's old log-probs
     (a separate forward-only pass, the same weights), it takes those: the same step and sampling/* metrics."""
-    cfg, model, tokenizer, sampler, funcs = setup(files, "--vllm_importance_sampling_mode", mode)
+    cfg, model, tokenizer, sampler, funcs = setup(files)  # the correction below is built with `mode`
     torch.manual_seed(1)
     _, rows, _, _ = one_round(cfg, model, tokenizer, sampler, funcs)
     (micro_batches,) = split_steps(cfg, rows, model)

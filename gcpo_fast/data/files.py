@@ -1,9 +1,11 @@
-"""Prompt datasets: local JSONL / Parquet files in TRL's or verl's layout, and a resumable sampler.
+"""Prompt datasets: local JSONL / Parquet files or cached hub datasets in TRL's or verl's layout, and a resumable
+sampler.
 
     from gcpo_fast.data.files import load_prompts, PromptSampler
 
     records = load_prompts("data/train.jsonl")           # a .jsonl or .parquet file, or a directory of them
     records = load_prompts("gsm8k/", prompt_column="question", golden_column="answer", require_golden=True)
+    records = load_prompts("openai/gsm8k", dataset_config="main", prompt_column="question", golden_column="answer")
     sampler = PromptSampler(records, batch_size=8, seed=0)
     batch = next(sampler)                                # a list of 8 records
     state = sampler.state_dict()                         # save with the checkpoint; later:
@@ -19,7 +21,14 @@ Every record is a plain dict:
   extra_info[golden column] (pass golden_column="extra_info.answer" for verl's GSM8K files), else None.
 Column names are arguments (prompt_column, golden_column, answer_column); a dotted name reads a nested
 field. The row's other columns are kept (TRL reward functions receive them); the keys "prompt",
-"golden" and "answer" are ours and replace columns of the same name.
+"golden" and "answer" are ours and replace columns of the same name. A row's own `answer` column that the
+answer the reward checks replaced (it came from another column) and that differs from it is kept as
+"dataset_answer", so the dataset's fingerprint sees it, and warned about unless math-verify reads the two as
+equal (warn_disagreeing_answers).
+
+A name that is no local path but a hub repository id (openai/gsm8k) is a hub dataset, read with the datasets
+library (the `data` extra; imported only then) from the local Hugging Face cache only, never downloaded
+(read_hub_dataset): split `dataset_split` of configuration `dataset_config`, rows named "NAME (split), row i".
 
 Bad data raises ValueError naming the file, the line (JSONL, counted from 1) or row (Parquet, counted
 from 0), and the column. Answers the accuracy reward can never verify as meant (math-verify cannot parse
@@ -34,12 +43,13 @@ import json
 import re
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from gcpo_fast.data.rewards import extract_answer, unverifiable_reason
+from gcpo_fast.data.rewards import extract_answer, math_reward, unverifiable_reason
 
 SUFFIXES = (".jsonl", ".parquet")
 _MISSING = object()
@@ -140,15 +150,18 @@ def _golden(row: dict, where: str, column: str, require: bool) -> str | None:
     return _text(value, where, column)
 
 
-def _answer(row: dict, where: str, answer_column: str | None, golden_column: str, golden: str | None) -> str:
+def _answer(
+    row: dict, where: str, answer_column: str | None, golden_column: str, golden: str | None
+) -> tuple[str, str]:
+    """The answer the reward checks and the column it comes from."""
     if answer_column is not None:
         value = _lookup(row, answer_column)
         if value is _MISSING or value is None:
             raise ValueError(f"{where}: missing answer column {answer_column!r}")
-        return _text(value, where, answer_column)
+        return _text(value, where, answer_column), answer_column
     reward_model = row.get("reward_model")
     if isinstance(reward_model, dict) and reward_model.get("ground_truth") is not None:
-        return _text(reward_model["ground_truth"], where, "reward_model.ground_truth")
+        return _text(reward_model["ground_truth"], where, "reward_model.ground_truth"), "reward_model.ground_truth"
     if golden is None:
         raise ValueError(
             f"{where}: no ground-truth answer: column {golden_column!r} and reward_model.ground_truth are "
@@ -160,7 +173,7 @@ def _answer(row: dict, where: str, answer_column: str | None, golden_column: str
             f"{where}: column {golden_column!r}: no final answer found (no \\boxed{{}}, no '####', nothing "
             "math-verify can parse); pass answer_column=..."
         )
-    return answer
+    return answer, golden_column
 
 
 def load_prompts(
@@ -170,23 +183,122 @@ def load_prompts(
     golden_column: str = "solution",
     answer_column: str | None = None,
     require_golden: bool = False,
+    dataset_config: str | None = None,
+    dataset_split: str = "train",
 ) -> list[dict]:
-    """Read every row of a .jsonl / .parquet file (or of the sorted files of a directory) as a record."""
-    records, wheres = [], []
-    files = _files(Path(path))
-    for file in files:
-        rows = _read_parquet(file) if file.suffix == ".parquet" else _read_jsonl(file)
-        for where, row in rows:
-            prompt = _prompt(row, where, prompt_column)
-            golden = _golden(row, where, golden_column, require_golden)
-            answer = _answer(row, where, answer_column, golden_column, golden)
-            others = {k: v for k, v in row.items() if k != prompt_column}
-            records.append({**others, "prompt": prompt, "golden": golden, "answer": answer})
-            wheres.append(where)
+    """Read every row of a .jsonl / .parquet file (or of the sorted files of a directory), or of split
+    `dataset_split` of a hub dataset in the local Hugging Face cache (`dataset_config`: its configuration), as a
+    record."""
+    records, wheres, own_answers = [], [], []
+    if not names_hub_dataset(str(path)):
+        files = _files(Path(path))
+        label = ", ".join(map(str, files))
+        rows = (
+            row for file in files for row in (_read_parquet(file) if file.suffix == ".parquet" else _read_jsonl(file))
+        )
+    else:
+        label = f"{path} ({dataset_split})"
+        rows = read_hub_dataset(str(path), dataset_config, dataset_split)
+    for where, row in rows:
+        prompt = _prompt(row, where, prompt_column)
+        golden = _golden(row, where, golden_column, require_golden)
+        answer, source = _answer(row, where, answer_column, golden_column, golden)
+        others = {k: v for k, v in row.items() if k != prompt_column}
+        record = {**others, "prompt": prompt, "golden": golden, "answer": answer}
+        own = row.get("answer") if "answer" not in (source, golden_column) else None
+        if own is not None and str(own).strip() != answer:  # the row's own answer, replaced: kept, compared below
+            record["dataset_answer"] = own
+            own_answers.append((where, str(own).strip(), answer, source))
+        records.append(record)
+        wheres.append(where)
     if not records:
-        raise ValueError(f"{', '.join(map(str, files))}: empty dataset (no rows)")
+        raise ValueError(f"{label}: empty dataset (no rows)")
     warn_unverifiable([r["answer"] for r in records], wheres)
+    warn_disagreeing_answers(own_answers, len(records))
     return records
+
+
+def warn_disagreeing_answers(own_answers: list[tuple[str, str, str, str]], num_rows: int, shown: int = 3) -> int:
+    """Warn once about rows whose own `answer` column differs from the answer the reward checks (taken from
+    another column), unless math-verify reads the two as equal ("0.5" and "\\frac{1}{2}"); returns their count.
+    own_answers: (where, the row's answer, the checked answer, its column); each distinct pair is verified once."""
+    pairs = list(dict.fromkeys((own, ours) for _, own, ours, _ in own_answers))
+    equal = dict(zip(pairs, math_reward([f"\\boxed{{{own}}}" for own, _ in pairs], [ours for _, ours in pairs])))
+    bad = [(where, own, ours, source) for where, own, ours, source in own_answers if not equal[own, ours]]
+    if bad:
+        examples = "; ".join(f"{where}: {own[:40]!r} against {ours[:40]!r}" for where, own, ours, _ in bad[:shown])
+        warnings.warn(
+            f"{len(bad)} of {num_rows} rows have an answer column that disagrees with the answer the reward checks, "
+            f"from column {bad[0][3]!r}: {examples}{'; ...' if len(bad) > shown else ''}. Pass "
+            "answer_column='answer' (--answer_column answer) to check the dataset's own",
+            stacklevel=3,
+        )
+    return len(bad)
+
+
+def names_hub_dataset(name: str) -> bool:
+    """Whether a dataset name is a hub dataset's: no local path, and a hub repository id (namespace/name) that is
+    not a data file's name (data/x.jsonl is a file that is missing)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name == "builtin" or Path(name).expanduser().exists() or Path(name).suffix in SUFFIXES:
+        return False
+    try:
+        validate_repo_id(name)
+        return True
+    except HFValidationError:
+        return False
+
+
+def read_hub_dataset(name: str, config: str | None, split: str) -> Iterator[tuple[str, dict]]:
+    """The rows of split `split` of hub dataset `name`, read by the datasets library from the local Hugging Face
+    cache only: the repository's files in the hub cache (`hf download --repo-type dataset NAME`), else what
+    `datasets.load_dataset(NAME)` left in the datasets cache. Nothing is downloaded: a dataset in neither is one
+    line saying so. (TRL's scripts call load_dataset(name, config, split=...), which downloads.)"""
+    try:
+        import datasets
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ValueError(
+            f'{name}: no such file or folder; as a hub dataset it needs the datasets library: pip install -e ".[data]"'
+        ) from None
+    try:
+        source = snapshot_download(name, repo_type="dataset", local_files_only=True)
+    except OSError:  # not in the hub cache (LocalEntryNotFoundError)
+        source = name
+    try:
+        with _offline(datasets):
+            table = datasets.load_dataset(source, config, split=split)
+    except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
+        if source != name:  # the hub cache has the repository, without the files of this split
+            raise ValueError(
+                f"{name}: its files in the Hugging Face cache ({source}) hold no data for it "
+                f"({' '.join(str(e).split())[:200]}): `hf download --repo-type dataset {name}` again (nothing is "
+                "downloaded at run time)"
+            ) from None
+        raise ValueError(
+            f"{name}: no such file or folder, nor a dataset in the local Hugging Face cache (nothing is downloaded "
+            f"at run time: `hf download --repo-type dataset {name}` first, or pass a .jsonl/.parquet file)"
+        ) from None
+    except ValueError as e:  # an unknown configuration or split, with the ones there are
+        raise ValueError(f"{name}: {' '.join(str(e).split())[:300]}") from None
+    for i, row in enumerate(table):
+        yield f"{name} ({split}), row {i}", row
+
+
+@contextmanager
+def _offline(datasets):
+    """The datasets library in offline mode for the call: it reads HF_HUB_OFFLINE once, at import, and would
+    otherwise ask the hub (or wait for it) before it looks in its cache. Its warning that the hub could not be
+    reached (we did not ask it) is silenced for the call."""
+    saved, verbosity = datasets.config.HF_HUB_OFFLINE, datasets.logging.get_verbosity()
+    datasets.config.HF_HUB_OFFLINE = True
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = saved
+        datasets.logging.set_verbosity(verbosity)
 
 
 # An integer, decimal or fraction of integers (as text or \frac): what most math datasets' answers are, and what

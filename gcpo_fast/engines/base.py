@@ -53,6 +53,8 @@ class RolloutConfig:
 
     def __post_init__(self):
         check_options(self)
+        if self.top_k is None:  # TRL's GRPOConfig default: no top-k (transformers' generate would read None as 50)
+            self.top_k = 0
         require(
             self.num_generations >= 2,
             "num_generations must be >= 2 (group advantages need at least two completions), "

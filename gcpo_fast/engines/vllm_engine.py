@@ -54,6 +54,7 @@ import os
 import types
 from collections.abc import Iterable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import torch
 from transformers import GenerationConfig
@@ -120,6 +121,11 @@ class VLLMConfig:
         for name in ("vllm_server_port", "vllm_group_port"):
             require(0 < getattr(self, name) < 65536, f"{name} must be a TCP port (1-65535), got {getattr(self, name)}")
         require(
+            self.vllm_server_base_url is None or is_http_url(self.vllm_server_base_url),
+            "vllm_server_base_url must be a URL with its scheme and host, as http://HOST:PORT, got "
+            f"{self.vllm_server_base_url!r}",
+        )
+        require(
             0 < self.vllm_gpu_memory_utilization <= 1,
             f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}",
         )
@@ -137,6 +143,17 @@ class VLLMConfig:
     def server_url(self) -> str:
         """The generation server's base URL (server mode)."""
         return self.vllm_server_base_url or f"http://{self.vllm_server_host}:{self.vllm_server_port}"
+
+
+def is_http_url(text: str) -> bool:
+    """Whether text is an http(s) URL with a host and, if it has one, a valid port (a URL without its scheme,
+    "localhost:8000", would otherwise be retried until the server timeout)."""
+    url = urlsplit(text)
+    try:
+        url.port  # noqa: B018 (raises ValueError for a port out of range)
+    except ValueError:
+        return False
+    return url.scheme in ("http", "https") and bool(url.hostname)
 
 
 def _import_vllm():

@@ -23,7 +23,8 @@ from gcpo_fast.engines.base import RolloutConfig
 from gcpo_fast.engines.factory import make_teacher_engine
 from gcpo_fast.engines.vllm_engine import VLLMConfig
 from gcpo_fast.golden.options import GoldenConfig
-from gcpo_fast.golden.teacher import GoldenCache, Teacher, prompt_key, teacher_identity
+from gcpo_fast.golden.teacher import GoldenCache, Teacher, prompt_key
+from gcpo_fast.models.identity import model_identity
 from gcpo_fast.models.loading import ModelConfig, check_model_folder, load_tokenizer
 from gcpo_fast.run.state import RunConfig
 
@@ -39,7 +40,8 @@ def build_parser() -> ArgumentParser:
         "golden_max_completion_length",
     )
     add_options(ap, GoldenConfig, *golden)
-    data = "dataset", "prompt_column", "answer_column", "golden_column", "builtin_num_problems", "builtin_levels"
+    data = "dataset", "dataset_config", "prompt_column", "answer_column", "golden_column"
+    data += ("builtin_num_problems", "builtin_levels")
     add_options(ap, DataConfig, *data)
     add_options(ap, RewardConfig, "reward_funcs", "reward_weights", "correct_reward")
     add_options(ap, RolloutConfig, "max_prompt_length", "max_completion_length")
@@ -64,6 +66,7 @@ def main(argv=None) -> None:
         records = load_records(
             data.dataset,
             split="train",
+            dataset_config=data.dataset_config,
             num_problems=data.builtin_num_problems,
             seed=run.seed,
             levels=data.builtin_levels,
@@ -72,7 +75,7 @@ def main(argv=None) -> None:
         funcs = [load_reward_function(spec) for spec in rewards.reward_funcs]
         if not Path(golden.golden_cache).resolve().parent.is_dir():
             raise ValueError(f"--golden_cache {golden.golden_cache}: its folder does not exist")
-        cache = GoldenCache(golden.golden_cache, teacher_identity(folder))
+        cache = GoldenCache(golden.golden_cache, model_identity(folder))
     except (ValueError, OSError) as e:
         ap.fail(str(e))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

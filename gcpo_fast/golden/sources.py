@@ -14,7 +14,8 @@ import warnings
 from pathlib import Path
 
 from gcpo_fast.golden.options import GoldenConfig
-from gcpo_fast.golden.teacher import CACHE_NAME, GoldenCache, Teacher, teacher_identity
+from gcpo_fast.golden.teacher import CACHE_NAME, GoldenCache, Teacher
+from gcpo_fast.models.identity import model_identity
 from gcpo_fast.models.loading import check_model_folder
 from gcpo_fast.run.timing import PhaseTimer
 
@@ -47,7 +48,7 @@ def open_cache(options: GoldenConfig, output_dir, *, trust_remote_code: bool) ->
     if not options.uses_teacher:
         return None
     folder = options.golden_model
-    teacher = teacher_identity(check_model_folder(folder, trust_remote_code=trust_remote_code)) if folder else None
+    teacher = model_identity(check_model_folder(folder, trust_remote_code=trust_remote_code)) if folder else None
     prefilled = [options.golden_cache] if options.golden_cache else []
     return GoldenCache(Path(output_dir) / CACHE_NAME, teacher, prefilled=prefilled)
 

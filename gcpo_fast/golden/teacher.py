@@ -5,8 +5,8 @@
         --golden_cache cache.jsonl                                                                   # offline
     python -m gcpo_fast.train --dataset answers.jsonl --answer_column answer --golden_cache cache.jsonl  # no teacher
 
-    from gcpo_fast.golden.teacher import GoldenCache, Teacher, teacher_identity
-    cache = GoldenCache(run_dir / "golden_cache.jsonl", teacher_identity(folder), prefilled=["cache.jsonl"])
+    from gcpo_fast.golden.teacher import GoldenCache, Teacher, model_identity
+    cache = GoldenCache(run_dir / "golden_cache.jsonl", model_identity(folder), prefilled=["cache.jsonl"])
     teacher = Teacher(cache, reward_funcs, engine=HFEngine(model, tok), tokenizer=tok, num_candidates=4,
                       sampling=Sampling(256, temperature=0.7), max_prompt_length=256, correct_reward=1.0)
     texts, metrics = teacher.answers(records)     # one golden text (or None) per record
@@ -25,7 +25,7 @@ run's seed and the prompt, so whether it runs (or the cache answers) never shift
 
 The cache: one JSONL file, `output_dir/golden_cache.jsonl`, a line per golden answer found:
 {"prompt_key", "teacher", "golden", "prompt"}. prompt_key is the SHA-256 of the prompt (text or messages,
-as JSON); teacher is teacher_identity(folder): a hash of the folder's config, generation config, tokenizer
+as JSON); teacher is model_identity(folder): a hash of the folder's config, generation config, tokenizer
 files and weight files (name, size, first and last MiB), so a copied folder keeps its identity and
 retrained weights get a new one. It is read at the start (and the --golden_cache files with it), appended to
 as answers are found (never rewritten; a partial last line from a crash is skipped), so a prompt's answer is
@@ -50,44 +50,9 @@ from gcpo_fast.engines.base import Sampling
 CACHE_NAME = "golden_cache.jsonl"
 
 
-IDENTITY_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-)
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
-
-
-MIB = 1 << 20
-
-
 def prompt_key(prompt) -> str:
     """SHA-256 of a prompt (text or chat messages)."""
     return hashlib.sha256(json.dumps(prompt, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def teacher_identity(folder) -> str:
-    """A 16-hex-digit hash of what makes a teacher: its config, tokenizer and weights. Weight files count by
-    name, size and their first and last MiB, so that a 100 GB teacher is identified in milliseconds."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(folder).iterdir()):
-        if path.name in IDENTITY_FILES:
-            digest.update(path.name.encode() + path.read_bytes())
-        elif path.suffix in WEIGHT_SUFFIXES:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                head = f.read(MIB)
-                f.seek(max(size - MIB, 0))
-                digest.update(path.name.encode() + str(size).encode() + head + f.read(MIB))
-    return digest.hexdigest()[:16]
 
 
 class GoldenCache:

@@ -41,6 +41,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from gcpo_fast.options import check_options, option
+from gcpo_fast.run.checkpoint import ADAPTER_CONFIG
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "assets" / "default_model")
 
@@ -147,6 +148,11 @@ def check_model_folder(path, *, trust_remote_code: bool = False) -> Path:
         )
     if not any(folder.iterdir()):
         raise ValueError(f"model folder {path} is empty")
+    if (folder / ADAPTER_CONFIG).is_file():  # transformers would load its base, and the adapter onto it, unasked
+        raise ValueError(
+            f"{path} is a LoRA adapter (a --use_peft checkpoint), not a whole model: merge it onto its base first, "
+            f"`python -m gcpo_fast.lora merge --adapter {path} --out DIR`, and pass DIR"
+        )
     if not (folder / "config.json").is_file():
         raise ValueError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
     if not any((folder / name).is_file() for name in WEIGHT_FILES):

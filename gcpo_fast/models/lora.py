@@ -4,18 +4,25 @@
     python -m gcpo_fast.train --use_peft --lora_target_modules all-linear --lora_modules_to_save lm_head
     python -m gcpo_fast.eval --model runs/gcpo/checkpoint-300                  # an adapter checkpoint evaluates too
     python -m gcpo_fast.lora merge --adapter runs/gcpo/checkpoint-300 --out merged/   # a full Hugging Face folder
+    python -m gcpo_fast.lora merge --adapter runs/gcpo/checkpoint-300 --out merged/ --overwrite   # replace it
 
 Each adapted linear layer computes y = W x + (alpha / r) B A x (alpha / sqrt(r) with --use_rslora; DoRA with
 --use_dora), W [out, in] frozen, A [r, in] and B [out, r] trained in fp32 (B starts at 0, so step 0 is the base
 model). Everything else is frozen, the lm_head included unless named in --lora_modules_to_save, so the fused op
-gets a weight that needs no gradient and skips its dW GEMM (2NVd of its 8NVd). PEFT is an optional dependency
-(`pip install -e ".[lora]"`), imported only when --use_peft is given.
+gets a weight that needs no gradient and skips its dW GEMM (2NVd of its 8NVd). The lm_head itself is no LoRA
+target: the fused op reads its weight, never the adapter's output, so an adapter there would never train (it is
+refused; --lora_modules_to_save lm_head trains it whole). PEFT is an optional dependency (`pip install -e
+".[lora]"`), imported only when --use_peft is given.
 
 A checkpoint holds the adapter in PEFT's layout (adapter_config.json, adapter_model.safetensors: what
 `PeftModel.from_pretrained(base, folder)` loads) beside the trainer's state; the base model is --model. A rollout
 engine with weights of its own (vLLM) gets the merged weights W + delta under the base model's parameter names
 (`merged_named_parameters`), computed layer by layer (PEFT's merge, the copy, then the base weight restored
 bit for bit: the trained base never drifts through merge/unmerge rounding).
+
+`lora merge` writes a new or empty folder, replaces the model in an existing one only with --overwrite, never
+writes into the adapter's base or the adapter, and turns what PEFT raises on a damaged adapter (weights missing
+or cut short, a config it cannot read, an adapter of other shapes than its base) into one line (load_adapted).
 """
 
 import argparse
@@ -26,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from gcpo_fast.errors import ConfigError, require
 from gcpo_fast.options import check_options, option
@@ -58,6 +66,9 @@ class PeftOptions:
     def __post_init__(self):
         check_options(self)
         require(self.lora_r >= 1, f"lora_r must be >= 1, got {self.lora_r}")
+        require(
+            self.lora_alpha > 0, f"lora_alpha must be > 0 (the adapter's scale is alpha / r), got {self.lora_alpha}"
+        )
         require(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.use_peft:
             import_peft()
@@ -111,7 +122,35 @@ def target_modules(model, options: PeftOptions) -> list[str] | str:
         f"lora_target_modules {' '.join(unknown)}: no such linear module; the model's linear modules: "
         f"{' '.join(linear)} (or all-linear)",
     )
+    head = output_layer_name(model)
+    require(
+        head not in given,
+        f"lora_target_modules {head}: the fused loss reads the output layer's weight itself, so an adapter there "
+        f"would never train; train the layer whole with --lora_modules_to_save {head}",
+    )
     return list(given)
+
+
+def output_layer_name(model) -> str | None:
+    """The last name component of the model's output layer (lm_head), None if it has none."""
+    head = model.get_output_embeddings()
+    return next((name.rsplit(".", 1)[-1] for name, m in model.named_modules() if m is head), None)
+
+
+def check_modules_to_save(model, options: PeftOptions) -> None:
+    """Each of --lora_modules_to_save names a module of the model (as PEFT matches it: the whole name or its end):
+    PEFT ignores a name that matches nothing."""
+    names = [name for name, _ in model.named_modules() if name]
+    unknown = [
+        given
+        for given in options.lora_modules_to_save or []
+        if not any(n == given or n.endswith("." + given) for n in names)
+    ]
+    children = sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
+    require(
+        not unknown,
+        f"lora_modules_to_save {' '.join(unknown)}: no such module; the model's modules: {' '.join(children)}",
+    )
 
 
 def attach(model, options: PeftOptions, *, base_path, adapter=None, seed: int = 0):
@@ -126,7 +165,10 @@ def attach(model, options: PeftOptions, *, base_path, adapter=None, seed: int = 
     folder = Path(base_path)
     model.config.name_or_path = str(folder.resolve()) if folder.exists() else str(base_path)
     if adapter is not None:
-        return peft.PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        adapted = peft.PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        check_adapter_complete(adapted, adapter)
+        return adapted
+    check_modules_to_save(model, options)
     config = peft.LoraConfig(
         task_type="CAUSAL_LM",
         r=options.lora_r,
@@ -205,28 +247,81 @@ def _merged_weight(layer, base) -> torch.Tensor:
 # ---- python -m gcpo_fast.lora merge ---------------------------------------------------------------------------
 
 
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
 def load_adapted(adapter, *, device="cpu", dtype=torch.float32, trust_remote_code: bool = False):
-    """(PeftModel, tokenizer) of an adapter folder: its base model (adapter_config.json) with the adapter on it."""
+    """(PeftModel, tokenizer) of an adapter folder: its base model (adapter_config.json) with the adapter on it.
+    ValueError (one line) for a folder PEFT cannot load on that base: no adapter weights (PEFT would take the
+    folder for a hub id), weights cut short or lacking tensors (PEFT would warn and go on with fresh ones), a
+    config PEFT cannot read, an adapter of other shapes."""
     from gcpo_fast.models.loading import load_causal_lm, load_tokenizer
 
     peft = import_peft()
+    if not any((Path(adapter) / name).is_file() for name in ADAPTER_WEIGHTS):
+        raise ValueError(f"adapter folder {adapter}: no adapter weights (none of {', '.join(ADAPTER_WEIGHTS)})")
     base_path = adapter_base(adapter)
     base = load_causal_lm(base_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    model = peft.PeftModel.from_pretrained(base, str(adapter))
+    try:
+        model = peft.PeftModel.from_pretrained(base, str(adapter))
+        check_adapter_complete(model, adapter)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as e:
+        raise ValueError(f"adapter folder {adapter}: cannot load it on its base {base_path}: {_gist(e)}") from None
     return model, load_tokenizer(base_path, trust_remote_code=trust_remote_code)
 
 
-def merge(adapter, out, *, trust_remote_code: bool = False) -> Path:
-    """Write the base model with the adapter merged in as a Hugging Face folder (weights, config, tokenizer)."""
+def check_adapter_complete(model, adapter) -> None:
+    """ValueError unless the adapter folder's weights hold every tensor of the adapter built on the model:
+    PEFT only warns about missing ones and keeps them as initialised (lora_B = 0: the base, unadapted)."""
+    peft = import_peft()
+    saved = set(peft.utils.load_peft_weights(str(adapter), device="cpu"))
+    missing = sorted(set(peft.get_peft_model_state_dict(model)) - saved)
+    if missing:
+        raise ValueError(f"its weights lack {len(missing)} of the adapter's tensors (e.g. {missing[0]})")
+
+
+def _gist(error: Exception, limit: int = 300) -> str:
+    """One line of a loading error: torch's first size mismatch rather than its header line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    line = next((line for line in lines if line.startswith("size mismatch")), lines[0])
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def merge(adapter, out, *, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
+    """Write the base model with the adapter merged in as a Hugging Face folder (weights, config, tokenizer).
+    An existing folder is replaced only with overwrite (its weight files first, so that no stale shard stays),
+    and never when it is the adapter's base or the adapter itself."""
     if not is_adapter_folder(adapter):
         raise ValueError(f"--adapter {adapter}: not an adapter folder (no {ADAPTER_CONFIG})")
-    model, tokenizer = load_adapted(adapter, trust_remote_code=trust_remote_code)
-    merged = model.merge_and_unload()
     out = Path(out)
+    check_merge_target(adapter, out, overwrite)
+    model, tokenizer = load_adapted(adapter, trust_remote_code=trust_remote_code)
+    kind = model.peft_config[model.active_adapter].peft_type
+    if kind != "LORA":  # prompt tuning and its kind add no weights to merge
+        raise ValueError(f"adapter folder {adapter}: a {kind} adapter; only LoRA adapters merge into the weights")
+    merged = model.merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)
+    # files of what the folder held that would mix with the merged model: stale shards, an adapter's config
+    for stale in [*out.glob("*.safetensors"), *out.glob("*.bin"), *out.glob("*.index.json"), *out.glob(ADAPTER_CONFIG)]:
+        stale.unlink()
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def check_merge_target(adapter, out: Path, overwrite: bool) -> None:
+    """ValueError unless `out` may receive the merged model: absent or an empty folder, or, with overwrite, a
+    folder that is neither the adapter's base (its weights would be replaced by the merged ones) nor the adapter."""
+    from gcpo_fast.models.loading import check_model_folder
+
+    base = check_model_folder(adapter_base(adapter))
+    for folder, what in ((base, "the adapter's base model"), (Path(adapter), "the adapter folder")):
+        if out.resolve() == folder.resolve():
+            raise ValueError(f"--out {out} is {what}: write the merged model to another folder")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--out {out} already exists and is not empty: pass --overwrite to replace the model in it")
 
 
 def main(argv=None) -> None:
@@ -237,10 +332,17 @@ def main(argv=None) -> None:
     )
     command.add_argument("--adapter", required=True, help="adapter folder (a --use_peft checkpoint)")
     command.add_argument("--out", required=True, help="folder to write the merged model to")
+    command.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the model in an existing --out folder (never the adapter's base or the adapter)",
+    )
     command.add_argument("--trust_remote_code", action="store_true")
     args = parser.parse_args(argv)
     try:
-        out = merge(args.adapter, args.out, trust_remote_code=args.trust_remote_code)
+        out = merge(args.adapter, args.out, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         sys.exit(f"python -m gcpo_fast.lora: error: {e}")
+    except OSError as e:  # writing --out: a read-only place, a full disk, a path through a file
+        sys.exit(f"python -m gcpo_fast.lora: error: --out {args.out}: cannot write there ({e.strerror or e})")
     print(f"merged model written to {out}")

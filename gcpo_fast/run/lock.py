@@ -11,15 +11,20 @@ The lock is `fcntl.flock` on an open file: the kernel drops it when the process 
 crashed run is never in the way (its file stays, with the dead holder's line, and is taken over). The file
 holds the holder's pid, host and start time, for the message the second run gets. The file is never
 deleted, only emptied on release: deleting it would let a third process lock a new file while a second
-still waits on the old one. Under torchrun only rank 0 (RANK) takes the lock; the other ranks write
-nothing that another run could mix with. On a network file system flock is only as good as the server's
-lock support (NFSv4 has it).
+still waits on the old one. It is opened without following a symbolic link (a link planted there would
+have its target truncated); a lock that is a link (symbolic or hard), a folder or not writable is a one-line
+RunDirInUse naming it. Every process that writes the run directory takes the lock: a single process always (whatever
+RANK a stray environment holds), and under torchrun (WORLD_SIZE > 1) rank 0 for the job, whose other
+ranks write only their own files of the checkpoints rank 0 writes. On a network file system flock is only
+as good as the server's lock support (NFSv4 has it).
 """
 
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 
@@ -32,13 +37,24 @@ class RunDirInUse(ValueError):
 
 
 def acquire(output_dir) -> None:
-    """Lock output_dir for this process (rank 0 only; a no-op on other ranks and when already held here)."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    """Lock output_dir for this process (a no-op on the ranks other than 0 of a torchrun job, and when already
+    held here)."""
+    if not holds_the_job_lock():
         return
     folder = Path(output_dir).resolve()
     if folder in _held:
         return
-    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    path = folder / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        _refuse(
+            output_dir, path, "is a symbolic link" if e.errno == errno.ELOOP else f"cannot be opened ({e.strerror})"
+        )
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:  # a hard link's other name would be emptied too
+        os.close(fd)
+        _refuse(output_dir, path, "is not a plain file of its own (a hard link, a pipe, a device)")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -52,6 +68,21 @@ def acquire(output_dir) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(holder).encode(), 0)
     _held[folder] = fd
+
+
+def _refuse(output_dir, path: Path, what: str):
+    raise RunDirInUse(
+        f"output_dir {output_dir}: the run lock {path} {what}; remove it (a run recreates it) or choose another "
+        "--output_dir"
+    ) from None
+
+
+def holds_the_job_lock() -> bool:
+    """Whether this process locks for its job: any single process, and rank 0 of a torchrun job (RANK alone,
+    without WORLD_SIZE > 1, is a stray variable: this process still writes the run directory alone)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def release(output_dir) -> None:

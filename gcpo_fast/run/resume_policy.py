@@ -7,8 +7,13 @@
     resume_policy.apply(cfg.optim, optimizer, scheduler)          # the new learning rate / AdamW values take effect
     state["dataset_sha256"] = fingerprint                         # recorded in trainer_state.pt at every save
 
-A checkpoint records the options it ran with (train_config.yaml) and the sha256 of its training records
-(`dataset_sha256` in trainer_state.pt: every record's columns, in order, as JSON). On resume each option is
+A checkpoint records the options it ran with (train_config.yaml), the sha256 of its training records
+(`dataset_sha256` in trainer_state.pt: every record's columns, in order, as JSON) and, for a run that reads
+--model again when it resumes (--use_peft: the frozen base and its tokenizer; beta > 0: the reference model),
+the identity of --model's files (`base_model_identity`, base_identity: a hash of the config, generation config
+and tokenizer files, of each weight file's name, size and first and last MiB, and of the start of every tensor).
+A base whose files changed under the same path (replaced weights, another tokenizer, a hub id whose cached
+snapshot moved) is refused like a changed option. On resume each option is
 one of two kinds (every option of TrainConfig is in exactly one set; tests/test_resume_policy.py checks it):
 - MAY_CHANGE: how the run is carried out, observed or stopped: the learning rate, its schedule and the other
   AdamW values, max_steps, logging, evaluation, save cadence, report_to, the rollout engine's settings, the
@@ -56,7 +61,7 @@ RUN_DEFINING = {
     "overlong_buffer_len", "overlong_penalty_factor", "min_inverse_alpha", "golden_source", "golden_model",
 }  # fmt: skip
 MAY_CHANGE = {
-    "dataset", "eval_dataset", "trust_remote_code", "attn_implementation",
+    "dataset", "dataset_config", "dataset_split", "eval_dataset", "trust_remote_code", "attn_implementation",
     "async_rollouts", "max_staleness", "weight_sync_steps",
     "use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode", "vllm_max_model_length",
     "vllm_server_host", "vllm_server_port", "vllm_server_base_url", "vllm_group_port", "vllm_server_timeout",
@@ -69,6 +74,13 @@ MAY_CHANGE = {
     "eval_num_samples", "sample_steps", "num_samples_to_log", "report_to", "resume",
 }  # fmt: skip
 PATH_OPTIONS = ("model", "golden_model")  # compared as the folders they name, not as spelled
+BASE_IDENTITY = "base_model_identity"  # trainer_state.pt: what --model's files were, for a run that reads them again
+
+
+def reads_base_on_resume(cfg) -> bool:
+    """Whether a resumed run reads --model's files again, not only the checkpoint's: the frozen base and the
+    tokenizer of --use_peft, the reference model of beta > 0."""
+    return cfg.lora.use_peft or cfg.method.beta > 0
 
 
 def dataset_fingerprint(records: list[dict]) -> str:
@@ -80,9 +92,10 @@ def dataset_fingerprint(records: list[dict]) -> str:
     return digest.hexdigest()
 
 
-def check(cfg, checkpoint, records: list[dict]) -> str:
-    """The records' fingerprint; with a checkpoint, ValueError (one line) naming every run-defining option and
-    the dataset content that differ from the checkpoint's."""
+def check(cfg, checkpoint, records: list[dict], base_identity: str | None = None) -> str:
+    """The records' fingerprint; with a checkpoint, ValueError (one line) naming every run-defining option, the
+    dataset content and the base model's files (gcpo_fast.models.identity.base_identity of --model, for
+    a run that reads --model when it resumes) that differ from the checkpoint's."""
     fingerprint = dataset_fingerprint(records)
     if checkpoint is None:
         return fingerprint
@@ -101,6 +114,11 @@ def check(cfg, checkpoint, records: list[dict]) -> str:
     if state.get("dataset_sha256") not in (None, fingerprint):
         differences.append(
             f"the dataset's content (sha256 {fingerprint[:12]}, the checkpoint's {state['dataset_sha256'][:12]})"
+        )
+    if base_identity is not None and state.get(BASE_IDENTITY) not in (None, base_identity):
+        differences.append(
+            f"the base model --model {cfg.model.model}: its config, tokenizer or weight files are not those the "
+            f"checkpoint was trained on (identity {base_identity}, the checkpoint's {state[BASE_IDENTITY]})"
         )
     if differences:
         raise ValueError(
