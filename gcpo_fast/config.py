@@ -9,9 +9,9 @@
 
 Each component owns its options and checks them itself (gcpo_fast/options.py): the model (models/loading.py), LoRA
 (models/lora.py), the data (data/sources.py), the rewards (data/rewards.py), generation (engines/base.py), vLLM and
-the generation server (engines/vllm_engine.py), async rollouts (async_rollouts.py), the batch (rounds.py), the
-optimizer (update.py), parallelism (distributed/parallel.py), the method and its loss (methods/recipes.py), golden
-answers (golden/options.py), evaluation (eval.py), logging (run/logger.py), checkpoints (run/checkpoint.py) and the
+the generation server (engines/vllm_engine.py), tools (tools/options.py), async rollouts (async_rollouts.py), the
+batch (rounds.py), the optimizer (update.py), parallelism (distributed/parallel.py), the method and its loss
+(methods/recipes.py), golden answers (golden/options.py), evaluation (eval.py), logging (run/logger.py), checkpoints (run/checkpoint.py) and the
 run (run/state.py); each function is handed only the parts it reads. Flag names are TRL's where TRL has the concept;
 the command line is transformers' HfArgumentParser, as in TRL, and the other commands take the same options under
 the same names (gcpo_fast/cli.py, add_options). `resolve` fills what depends on several parts (the `--loss_type`
@@ -48,6 +48,7 @@ from gcpo_fast.rounds import BatchConfig
 from gcpo_fast.run.checkpoint import CheckpointConfig
 from gcpo_fast.run.logger import LogConfig
 from gcpo_fast.run.state import RunConfig
+from gcpo_fast.tools.options import ToolsConfig
 from gcpo_fast.update import SHIPPED_MODEL_LR, OptimizerConfig
 
 
@@ -61,6 +62,7 @@ class TrainConfig:
     rewards: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
     asynchronous: AsyncConfig = field(default_factory=AsyncConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
