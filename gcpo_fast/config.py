@@ -11,12 +11,12 @@ Each component owns its options and checks them itself (gcpo_fast/options.py): t
 (models/lora.py), the data (data/sources.py), the rewards (data/rewards.py), generation (engines/base.py), vLLM and
 the generation server (engines/vllm_engine.py), tools (tools/options.py), async rollouts (async_rollouts.py), the
 batch (rounds.py), the optimizer (update.py), parallelism (distributed/parallel.py), the method and its loss
-(methods/recipes.py), golden answers (golden/options.py), evaluation (eval.py), logging (run/logger.py), checkpoints (run/checkpoint.py) and the
-run (run/state.py); each function is handed only the parts it reads. Flag names are TRL's where TRL has the concept;
-the command line is transformers' HfArgumentParser, as in TRL, and the other commands take the same options under
-the same names (gcpo_fast/cli.py, add_options). `resolve` fills what depends on several parts (the `--loss_type`
-recipe, the learning rate for the shipped model) and checks the combinations. A bad option raises ConfigError naming
-it, before any data or model is loaded.
+(methods/recipes.py), golden answers (golden/options.py), evaluation (eval.py), logging (run/logger.py), checkpoints
+(run/checkpoint.py) and the run (run/state.py); each function is handed only the parts it reads. Flag names are
+TRL's where TRL has the concept; the command line is transformers' HfArgumentParser, as in TRL, and the other
+commands take the same options under the same names (gcpo_fast/cli.py, add_options). `resolve` fills what depends on
+several parts (the `--loss_type` recipe, the learning rate for the shipped model) and checks the combinations. A bad
+option raises ConfigError naming it, before any data or model is loaded.
 """
 
 import argparse
