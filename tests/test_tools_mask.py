@@ -70,7 +70,9 @@ def test_loss_gradient_entropy_and_kl_equal_the_fp64_reference_with_the_mask_by_
         expected.backward()
         torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-6)
         for name, p in model.named_parameters():
-            torch.testing.assert_close(fused[name], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(
+                fused[name], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+            )
         entropy = -(logq.exp() * logq).sum(-1)
         torch.testing.assert_close(stats["entropy"].double(), entropy[mask].mean().detach(), rtol=1e-5, atol=1e-6)
         diff = (ref.double() - lp.detach())[mask]
@@ -112,4 +114,3 @@ def test_changing_a_tool_output_changes_the_gradient_only_through_attention(tmp_
     assert torch.all(state_grad[3:6] == 0) and torch.any(state_grad[6:] != 0)
     tool_positions = slice(2 + 3, 2 + 6)  # the prompt's 2 tokens, then A's 3
     assert torch.any(emb_grad[tool_positions] != 0)  # T's inputs get a gradient: through attention alone
-

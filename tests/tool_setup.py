@@ -5,8 +5,6 @@ trajectories by supervised fine-tuning, with the tool tokens masked as the train
     model = teach(model, tokenizer, [(prompt_ids, completion_ids, tool_mask), ...], steps=150)
 """
 
-import torch
-
 # A Hermes / Qwen2.5-style chat template over the shipped model's byte-level tokenizer: tool schemas in a system
 # turn, calls as <tool_call> JSON, results in a user turn as <tool_response>, eos ending every turn.
 HERMES_TEMPLATE = (
@@ -42,7 +40,10 @@ def fail(reason: str) -> str:
 
 def teach(model, tokenizer, examples, steps: int = 200, lr: float = 3e-3, seed: int = 0):
     """Teacher-forced cross-entropy on each example's completion tokens where the mask is 1 (tool tokens are
-    context), AdamW, full batch; the model in eval mode after."""
+    context), AdamW, full batch; the model in eval mode after. (torch is imported here: the sandbox imports this
+    module for its tools, and an import of torch there would take seconds.)"""
+    import torch
+
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()

@@ -54,6 +54,9 @@ def main() -> None:
     sys.stdout.reconfigure(errors="backslashreplace")
     try:
         run(request)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # done: no interpreter teardown (a library's exit hooks) to wait for
     except SystemExit as e:  # its own status; a failing one says so, as an exception would
         if e.code not in (None, 0):
             sys.stdout.flush()
