@@ -8,13 +8,16 @@
     python -m benchmarks.golden_teacher teacher runs/teacher              # then how the golden row enters:
     python -m benchmarks.compare_methods --methods gcpo,gcpo_replace,gcpo_shaped,gcpo_teacher,gcpo_no_golden \
         --golden_model runs/teacher --max_steps 300
+    python -m benchmarks.compare_methods --methods gcpo_tools,grpo_tools,gcpo --runs_dir runs/tools \
+        --out benchmarks/results/tools -- --builtin_levels 8    # the python tool on level 8 (docs/results.md)
 
 Each (method, seed) is one `python -m gcpo_fast.train --loss_type METHOD --seed SEED` run in its own process
 (OMP_NUM_THREADS=--threads, --jobs at a time) with every other option at the trainer's default, so each
 method runs with its paper's recipe (gcpo_fast/methods.py, METHODS); anything after `--` goes to every run.
 GCPO's variants (VARIANTS) change one option: token-level ratios, no golden answer, the golden row in place
 of a rollout, LUFFY's shaped objective, golden answers from a teacher (--golden_model) instead of the
-dataset. Every run starts from the same shipped model, sees the same prompts in the same order for a given
+dataset; with the python tool (--tools python: golden answers are one-line calls, gcpo_fast/tools/task.py) for
+GCPO and GRPO. Every run starts from the same shipped model, sees the same prompts in the same order for a given
 seed and evaluates on the same held-out problems. DAPO runs without a cap on its prompt batches, GPG with a
 cap of 3 (METHOD_ARGS). The budget is optimizer steps; DAPO's dynamic sampling and GPG's resampling draw
 extra prompt batches to fill a step, so the table also gives each run's generated tokens and its held-out
@@ -58,6 +61,9 @@ VARIANTS = {
     "gcpo_replace": ("gcpo", ["--golden_answer", "replace"]),
     "gcpo_shaped": ("gcpo", ["--golden_objective", "shaped"]),
     "gcpo_teacher": ("gcpo", ["--golden_source", "teacher", "--golden_model", "{golden_model}"]),
+    # tool-integrated reasoning: the python tool, golden answers that call it (GCPO) or none (GRPO)
+    "gcpo_tools": ("gcpo", ["--tools", "python"]),
+    "grpo_tools": ("grpo", ["--tools", "python"]),
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

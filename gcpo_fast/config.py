@@ -9,14 +9,14 @@
 
 Each component owns its options and checks them itself (gcpo_fast/options.py): the model (models/loading.py), LoRA
 (models/lora.py), the data (data/sources.py), the rewards (data/rewards.py), generation (engines/base.py), vLLM and
-the generation server (engines/vllm_engine.py), async rollouts (async_rollouts.py), the batch (rounds.py), the
-optimizer (update.py), parallelism (distributed/parallel.py), the method and its loss (methods/recipes.py), golden
-answers (golden/options.py), evaluation (eval.py), logging (run/logger.py), checkpoints (run/checkpoint.py) and the
-run (run/state.py); each function is handed only the parts it reads. Flag names are TRL's where TRL has the concept;
-the command line is transformers' HfArgumentParser, as in TRL, and the other commands take the same options under
-the same names (gcpo_fast/cli.py, add_options). `resolve` fills what depends on several parts (the `--loss_type`
-recipe, the learning rate for the shipped model) and checks the combinations. A bad option raises ConfigError naming
-it, before any data or model is loaded.
+the generation server (engines/vllm_engine.py), tools (tools/options.py), async rollouts (async_rollouts.py), the
+batch (rounds.py), the optimizer (update.py), parallelism (distributed/parallel.py), the method and its loss
+(methods/recipes.py), golden answers (golden/options.py), evaluation (eval.py), logging (run/logger.py), checkpoints
+(run/checkpoint.py) and the run (run/state.py); each function is handed only the parts it reads. Flag names are
+TRL's where TRL has the concept; the command line is transformers' HfArgumentParser, as in TRL, and the other
+commands take the same options under the same names (gcpo_fast/cli.py, add_options). `resolve` fills what depends on
+several parts (the `--loss_type` recipe, the learning rate for the shipped model) and checks the combinations. A bad
+option raises ConfigError naming it, before any data or model is loaded.
 
 A --config file is read with yaml's safe loader (or json) within bounds: at most MAX_CONFIG_VALUES values as
 aliases expand them, MAX_CONFIG_DEPTH levels deep, MAX_VALUE_CHARS characters a value; an error quotes at most
@@ -56,6 +56,7 @@ from gcpo_fast.rounds import BatchConfig
 from gcpo_fast.run.checkpoint import CheckpointConfig
 from gcpo_fast.run.logger import LogConfig
 from gcpo_fast.run.state import RunConfig
+from gcpo_fast.tools.options import ToolsConfig
 from gcpo_fast.update import SHIPPED_MODEL_LR, OptimizerConfig
 
 
@@ -69,6 +70,7 @@ class TrainConfig:
     rewards: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
     asynchronous: AsyncConfig = field(default_factory=AsyncConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -401,6 +403,12 @@ def refuse_ignored_options(cfg: TrainConfig) -> None:
             _changed(data, ["prompt_column", "golden_column", "answer_column"]),
             files,
             "a --dataset or --eval_dataset that is not builtin",
+        ),
+        (
+            _changed(cfg.tools, ["max_tool_calling_iterations", "tool_timeout", "tool_memory_mb"])
+            + _changed(cfg.tools, ["tool_max_output_bytes", "tool_workers"]),
+            cfg.tools.enabled,
+            "--tools",
         ),
         (
             _changed(cfg.eval, ["eval_dataset", "eval_num_problems", "eval_num_samples"]),

@@ -117,7 +117,8 @@ def count_correct(
         torch.manual_seed(seed)
         for start in range(0, len(records), batch_size):
             batch = records[start : start + batch_size]
-            prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in batch], max_prompt_length)
+            tools = getattr(engine, "tool_schemas", None)  # a ToolEngine's user tools (gcpo_fast/tools/loop.py)
+            prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in batch], max_prompt_length, tools)
             out = engine.generate(prompt_ids, num_samples, sampling)
             rewards = math_reward(out.texts, [r["answer"] for r in batch for _ in range(num_samples)])
             correct += [int(sum(rewards[i * num_samples : (i + 1) * num_samples])) for i in range(len(batch))]

@@ -56,7 +56,7 @@ class PackedBatch:
     cu_seqlens: torch.Tensor  # [B+1] int32, row spans in the stream
     max_seqlen: int  # longest row (prompt + completion)
     completion_index: torch.Tensor  # [N] long, stream positions whose next-token prediction is a completion token
-    targets: torch.Tensor  # [N] long, the completion tokens, row by row (IGNORE_INDEX: not counted)
+    targets: torch.Tensor  # [N] long, the completion tokens, row by row (IGNORE_INDEX: not counted: truncated, tool)
     completion_cu_seqlens: torch.Tensor  # [B+1] int32, row spans in completion_index / targets
     advantages: torch.Tensor | None = None  # [B]
     golden: torch.Tensor | None = None  # [B] bool: a golden answer, not a rollout
@@ -90,12 +90,17 @@ torch.serialization.add_safe_globals([PackedBatch])
 
 def pack(rows, mask_truncated: bool) -> PackedBatch:
     """A micro-batch (gcpo_fast.engines.base.Rows with advantages) as one packed batch on the CPU, once; the targets
-    of truncated rows are IGNORE_INDEX when mask_truncated."""
+    of truncated rows are IGNORE_INDEX when mask_truncated, and those of tool-output tokens (Rows.tool_mask 0)
+    always: the fused op then leaves them out of every ratio, length, normaliser, entropy and KL term, and the
+    sampling correction leaves out their engine log-probs."""
     layout = _layout(rows.prompt_ids, rows.completion_ids)
     if mask_truncated and any(rows.truncated):
         lengths = torch.tensor([len(c) for c in rows.completion_ids])
         drop = torch.repeat_interleave(torch.tensor(rows.truncated), lengths)
         layout["targets"] = layout["targets"].masked_fill(drop, IGNORE_INDEX)
+    if rows.tool_mask is not None:  # a tool's output is context: attended, never a target
+        model = torch.tensor([m for row in rows.tool_mask for m in row], dtype=torch.bool)
+        layout["targets"] = layout["targets"].masked_fill(~model, IGNORE_INDEX)
     engine_logp = None
     if rows.sampling_logp is not None:  # a golden row was never sampled: it has none
         engine_logp = torch.tensor(

@@ -24,6 +24,9 @@ from gcpo_fast.models.identity import base_identity
 from gcpo_fast.models.loading import check_model_folder
 from gcpo_fast.run import lock, resume_policy
 from gcpo_fast.run.checkpoint import check_checkpoint, checkpoint_step, find_checkpoint, list_checkpoints
+from gcpo_fast.tools.formats import load_user_tool
+from gcpo_fast.tools.sandbox import Sandbox
+from gcpo_fast.tools.task import with_python_golden
 
 
 @dataclass
@@ -53,6 +56,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
         levels=data.builtin_levels,
         **data.columns,
     )
+    if cfg.tools.enabled and data.dataset == "builtin" and "python" in cfg.tools.tools:
+        records = with_python_golden(records)  # the task's tool-enabled variant: golden answers call the tool
     check_dataset_answers(
         cfg.golden, records, dataset=data.dataset, golden_column=data.golden_column, loss_type=cfg.method.loss_type
     )
@@ -72,6 +77,10 @@ def prepare(cfg: TrainConfig) -> Prepared:
             f"a generation round takes {cfg.prompts_per_round} prompts x {world} processes, but the dataset has "
             f"only {len(records)}"
         )
+    if cfg.tools.enabled:  # the sandbox runs here, and each user tool imports and has a schema
+        Sandbox(cfg.tools.limits)
+        for spec in (t for t in cfg.tools.tools if t != "python"):
+            load_user_tool(spec)
     # a causal decoder with weights and a tokenizer, or one line saying why not
     check_model_folder(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
     return Prepared(records, eval_records, funcs, resume, golden_cache, dataset_sha256, base)

@@ -33,6 +33,8 @@ from gcpo_fast.options import at_least, check_options, option
 from gcpo_fast.packing import PackedBatch, pack
 from gcpo_fast.run.timing import PhaseTimer
 from gcpo_fast.scoring import score_logprobs
+from gcpo_fast.tools.formats import ToolSet, trajectory_messages
+from gcpo_fast.tools.loop import ToolEngine
 
 
 @dataclass
@@ -96,13 +98,15 @@ class RoundContext:
     teacher: Teacher | None = None  # golden answers from a teacher (--golden_source teacher / dataset_then_teacher)
     num_samples_to_log: int = 4
     group: object = None  # the process group of the sampling rule's all-reduce (None: the default group)
+    tools: ToolSet | None = None  # --tools: the prompts' tool schemas, golden answers' calls re-run
 
     @classmethod
     def of(cls, cfg, engine, tokenizer, reward_funcs: list, timer: PhaseTimer | None = None, teacher=None):
         """The context of a run's rounds from its gcpo_fast.config.TrainConfig."""
+        tools = engine.tools if isinstance(engine, ToolEngine) else None
         return cls(
             cfg.rollout, cfg.method, cfg.golden, cfg.rewards, cfg.prompts_per_round, engine, tokenizer, reward_funcs,
-            timer or PhaseTimer(), teacher, cfg.log.num_samples_to_log,
+            timer or PhaseTimer(), teacher, cfg.log.num_samples_to_log, tools=tools,
         )  # fmt: skip
 
 
@@ -132,7 +136,10 @@ def sample_groups(ctx: RoundContext, sampler) -> tuple[SampledGroups, dict]:
     for num_batches in itertools.count(1):
         batch = next(sampler)
         with ctx.timer("generate"):
-            prompt_ids = encode_prompts(ctx.tokenizer, [r["prompt"] for r in batch], ctx.rollout.max_prompt_length)
+            schemas = ctx.tools.schemas if ctx.tools else None
+            prompt_ids = encode_prompts(
+                ctx.tokenizer, [r["prompt"] for r in batch], ctx.rollout.max_prompt_length, schemas
+            )
             out = ctx.engine.generate(prompt_ids, G, ctx.rollout.sampling)
         with ctx.timer("reward"):
             rewards, per_func = reward_rollouts(ctx, batch, out)
@@ -151,12 +158,19 @@ def sample_groups(ctx: RoundContext, sampler) -> tuple[SampledGroups, dict]:
 
 def reward_rollouts(ctx: RoundContext, batch: list[dict], out: Rows) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards [P * G] of a batch's rollouts (shaped by the method: DAPO's overlong penalty) and each function's
-    [P * G, F]."""
+    [P * G, F]. A function sees the whole trajectory, tool outputs included (TRL's signature): the text after the
+    prompt, or for conversational prompts the assistant's and the tools' messages."""
     records = [r for r in batch for _ in range(ctx.rollout.num_generations)]
+    completions = as_completions(records, out.texts)
+    if out.tool_mask is not None:
+        completions = [
+            c if isinstance(c, str) else trajectory_messages(ctx.tokenizer, ids, mask)
+            for c, ids, mask in zip(completions, out.completion_ids, out.tool_mask, strict=True)
+        ]
     rewards, per_func = compute_rewards(
         ctx.reward_funcs,
         [r["prompt"] for r in records],
-        as_completions(records, out.texts),
+        completions,
         records,
         ctx.rewards.reward_weights,
         completion_ids=out.completion_ids,
@@ -167,9 +181,10 @@ def reward_rollouts(ctx: RoundContext, batch: list[dict], out: Rows) -> tuple[to
 
 
 def rollout_metrics(ctx: RoundContext, rows: Rows, grid: torch.Tensor, per_func, num_batches: int) -> dict:
-    """TRL's completion and reward-function metrics over every sampled rollout of the round."""
+    """TRL's completion and reward-function metrics over every sampled rollout of the round (and its tools/*)."""
     lengths = torch.tensor([len(c) for c in rows.completion_ids], dtype=torch.float)
     return {
+        **tool_metrics(rows),
         "completions/mean_length": lengths.mean().item(),
         "completions/min_length": lengths.min().item(),
         "completions/max_length": lengths.max().item(),
@@ -182,6 +197,22 @@ def rollout_metrics(ctx: RoundContext, rows: Rows, grid: torch.Tensor, per_func,
             f"rewards/{reward_function_name(f)}/mean": per_func[:, j].nanmean().nan_to_num().item()
             for j, f in enumerate(ctx.reward_funcs)
         },
+    }
+
+
+def tool_metrics(rows: Rows) -> dict[str, float]:
+    """tools/* over the sampled rollouts: calls and model turns per rollout, the errors and timeouts counted, and
+    the fraction of completion tokens that are tool output ({} without tools)."""
+    if rows.tool_use is None:
+        return {}
+    use, n = rows.tool_use, len(rows.tool_use)
+    tokens = sum(len(m) for m in rows.tool_mask)
+    return {
+        "tools/calls_per_rollout": sum(u.calls for u in use) / n,
+        "tools/turns": sum(u.turns for u in use) / n,
+        "tools/errors": sum(u.errors for u in use),
+        "tools/timeouts": sum(u.timeouts for u in use),
+        "tools/token_fraction": sum(len(m) - sum(m) for m in rows.tool_mask) / max(tokens, 1),
     }
 
 
@@ -199,16 +230,19 @@ def build_rows(ctx: RoundContext, sampled: SampledGroups) -> tuple[Rows, list[di
         max_completion_length=ctx.rollout.max_completion_length,
         correct_reward=ctx.rewards.correct_reward,
         timer=ctx.timer,
+        tools=ctx.tools,
     )
     advantages, method_metrics = ctx.method.method.advantages(g.rewards, g.group_index, ctx.method.scale_rewards)
     rows = dataclasses.replace(rows, advantages=advantages)
     # reward_*: every sampled rollout; gcpo/*: the kept groups
     metrics = {**method_metrics, **reward_metrics(sampled.rewards), **golden_metrics}
-    return rows, log_samples(records, rows, g, ctx.rollout.num_generations, ctx.num_samples_to_log), metrics
+    samples = log_samples(records, rows, g, ctx.rollout.num_generations, ctx.num_samples_to_log, ctx.tokenizer)
+    return rows, samples, metrics
 
 
-def log_samples(records: list[dict], rows: Rows, g: Groups, G: int, num_groups: int) -> list[dict]:
-    """The first rollout and the golden row (if any) of the first groups, for samples.jsonl."""
+def log_samples(records: list[dict], rows: Rows, g: Groups, G: int, num_groups: int, tokenizer=None) -> list[dict]:
+    """The first rollout and the golden row (if any) of the first groups, for samples.jsonl; with tools, each
+    trajectory's runs of model and tool text too ("trajectory": assistant / tool messages)."""
     samples = []
     for k, (p, r) in enumerate(zip(g.group_index.tolist(), g.rollout_index.tolist())):
         if p < num_groups and (rows.golden[k] or r % G == 0):
@@ -225,6 +259,8 @@ def log_samples(records: list[dict], rows: Rows, g: Groups, G: int, num_groups: 
                     truncated=rows.truncated[k],
                 )
             )
+            if rows.tool_mask is not None:
+                samples[-1]["trajectory"] = trajectory_messages(tokenizer, rows.completion_ids[k], rows.tool_mask[k])
     return samples
 
 

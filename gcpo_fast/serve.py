@@ -8,7 +8,8 @@ Endpoints (JSON; a bad request is HTTP 400 with a one-line "error"):
 - GET /health/ -> {"status": "ok"};  GET /get_world_size/ -> {"world_size": 1}
 - GET /info/ -> {"eos_token_ids", "policy_version", "engine", "model", "device", "device_uuid"}
 - POST /generate/ {prompts: [[token ids]...], n, temperature (0: greedy), top_p, top_k (-1 or 0: off),
-  max_tokens, logprobs (0 or null)} -> {prompt_ids (per prompt), completion_ids, logprobs ([row][token][1]),
+  max_tokens, logprobs (0 or null), stop (strings that end a completion, kept)} -> {prompt_ids (per prompt),
+  completion_ids, logprobs ([row][token][1]),
   truncated (per row), policy_version (the weights that sampled them)}. Completions are cut after their first
   EOS (kept); logprobs are the sampling log-probs (after temperature / top-k / top-p, vLLM's processed_logprobs).
 - POST /init_communicator/ {host, port, world_size: 2, backend: "gloo"|"nccl"} hosts a weight group (see
@@ -198,6 +199,7 @@ def field(request: dict, name: str, kind: type, default=None):
 
 GENERATE_FIELDS = {"prompts", "n", "temperature", "top_p", "top_k", "max_tokens", "logprobs", "repetition_penalty"}
 GENERATE_FIELDS |= {"min_p", "images", "structured_outputs_regex", "generation_kwargs"}  # TRL's, at their defaults
+GENERATE_FIELDS |= {"stop"}  # vLLM's name: strings that end a completion (a tool call's end), kept in it
 
 
 def parse_generate(request: dict, vocab_size: int) -> tuple[list[list[int]], int, Sampling]:
@@ -221,8 +223,11 @@ def parse_generate(request: dict, vocab_size: int) -> tuple[list[list[int]], int
         raise BadRequest("logprobs: only 0 (the sampled token's log-prob) is supported")
     if n < 1 or max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1 or top_k < -1:
         raise BadRequest("n and max_tokens must be >= 1, temperature >= 0, top_p in (0, 1], top_k >= -1")
+    stop = request.get("stop") or []
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise BadRequest("stop must be a list of non-empty strings")
     greedy = temperature == 0
-    sampling = Sampling(max_tokens, 1.0 if greedy else temperature, top_p, max(top_k, 0), greedy=greedy)
+    sampling = Sampling(max_tokens, 1.0 if greedy else temperature, top_p, max(top_k, 0), greedy, tuple(stop))
     return prompts, n, sampling
 
 

@@ -56,6 +56,7 @@ from gcpo_fast.run.logger import RunLogger
 from gcpo_fast.run.state import RunState
 from gcpo_fast.run.timing import PhaseTimer
 from gcpo_fast.scoring import SamplingCorrection
+from gcpo_fast.tools.loop import with_tools
 from gcpo_fast.update import ModelWithLoss, build_optimizer, optimizer_step, weights_finite
 
 
@@ -71,6 +72,7 @@ def load_teacher(cfg: TrainConfig, cache: GoldenCache | None, reward_funcs: list
             cfg.vllm, folder, tokenizer, device=device, bf16=cfg.model.bf16, seed=cfg.run.seed,
             max_model_len=cfg.rollout.max_prompt_length + budget, trust_remote_code=cfg.model.trust_remote_code,
         )  # fmt: skip
+        engine = with_tools(engine, cfg.tools, tokenizer)  # its candidates are trajectories, re-run by the round
     return Teacher.of(
         cfg.golden, cache, reward_funcs, engine, tokenizer, cfg.rewards, budget, cfg.rollout.max_prompt_length,
         cfg.run.seed,
@@ -153,6 +155,7 @@ class Trainer:
             max_model_len=max_model_len, rank=rank, trust_remote_code=cfg.model.trust_remote_code,
             own_process=cfg.asynchronous.async_rollouts,
         )  # fmt: skip
+        self.engine = with_tools(self.engine, cfg.tools, self.tokenizer)  # --tools: multi-turn rollouts
         self.ref_model = None
         if cfg.method.beta > 0:  # the reference is the initial policy, also when resuming
             reference = self.load_model(cfg.model.model, frozen_dtype(cfg.model.bf16, self.dist.device))

@@ -136,6 +136,7 @@ def run_config(tmp_path, output_dir, *extra):
     [
         ["--loss_type", "gcpo", "--reward_funcs", "tiny_model:zero_reward"],
         ["--loss_type", "dapo", "--dynamic_sampling", "false", "--num_iterations", "2"],
+        ["--loss_type", "gcpo", "--reward_funcs", "tiny_model:zero_reward", "--tools", "python"],  # the tool loop
     ],
 )
 def test_resume_gives_the_uninterrupted_weights(tmp_path, extra):

@@ -151,6 +151,7 @@ def test_a_yaml_boolean_is_no_folder_name(tmp_path):
         (["--prompt_column", "question"], "--prompt_column takes effect only with a --dataset or --eval_dataset that"),
         (["--dataset_config", "main"], "--dataset_config takes effect only with a --dataset or --eval_dataset that"),
         (["--eval_steps", "0", "--eval_num_problems", "9"], "--eval_num_problems takes effect only with --eval_steps"),
+        (["--tool_timeout", "3"], "--tool_timeout takes effect only with --tools"),
     ],
 )
 def test_an_option_without_its_enabling_flag_is_refused_naming_it(argv, named):

@@ -22,18 +22,19 @@ LAYER = {
     "engines": 5,
     "packing": 5,
     "scoring": 6,
-    "golden": 6,
-    "rounds": 7,
-    "update": 7,
-    "async_rollouts": 8,
-    "eval": 8,
-    "config": 9,
-    "prepare": 10,
-    "train": 11,  # the commands and the integrations on top
-    "serve": 11,
-    "lora": 11,
-    "make_default_model": 11,
-    "integrations": 11,
+    "tools": 6,  # the sandbox, the tool formats, the multi-turn loop around an engine
+    "golden": 7,
+    "rounds": 8,
+    "update": 8,
+    "async_rollouts": 9,
+    "eval": 9,
+    "config": 10,
+    "prepare": 11,
+    "train": 12,  # the commands and the integrations on top
+    "serve": 12,
+    "lora": 12,
+    "make_default_model": 12,
+    "integrations": 12,
 }
 
 
@@ -93,7 +94,8 @@ def test_the_wings_rules():
             f"{m} -> {d}" for m, deps in GRAPH.items() if m.startswith(prefix) for d in deps if wing(d) in forbidden
         ]
 
-    assert not reaches("gcpo_fast.engines", "rounds", "update", "golden", "methods", "train", "config")
+    assert not reaches("gcpo_fast.engines", "rounds", "update", "golden", "methods", "train", "config", "tools")
+    assert not reaches("gcpo_fast.tools", "rounds", "update", "golden", "methods", "models", "packing", "scoring")
     assert not reaches("gcpo_fast.data", "models", "engines", "packing", "scoring", "distributed", "run")
     assert not reaches("gcpo_fast.methods", "models", "engines", "data", "golden")
     assert not [m for m, deps in GRAPH.items() if "gcpo_fast.train" in deps]  # nothing imports the loop

@@ -222,3 +222,15 @@ def test_torchrun_ranks_sample_from_one_server_and_rank_0_sends(tokenizer, tmp_p
     assert all(m["sampling/sampling_logp_difference/max"] < LOGP_TOL for m in lines), lines
     log = open(engine.log_path).read()
     assert log.count("POST /update_weights/") == 2 and log.count("POST /init_communicator/") == 1
+
+
+def test_stop_strings_end_completions_as_in_process(engine, hf, tokenizer, prompt_ids):
+    """Sampling.stop reaches the server (/generate/'s "stop"): the greedy rows end where the in-process engine's
+    do, at the token that completes the first stop string (kept), not truncated."""
+    sampling = Sampling(32, greedy=True, stop=(". ", "=7"))
+    local = HFEngine(hf, tokenizer).generate(prompt_ids, 1, sampling)
+    served = engine.generate(prompt_ids, 1, sampling)
+    assert served.completion_ids == local.completion_ids and served.truncated == local.truncated
+    assert not any(local.truncated) and all(". " in t or "=7" in t for t in local.texts)
+    whole = HFEngine(hf, tokenizer).generate(prompt_ids, 1, Sampling(32, greedy=True))
+    assert all(len(a) < len(b) for a, b in zip(local.completion_ids, whole.completion_ids))

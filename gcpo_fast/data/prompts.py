@@ -15,12 +15,15 @@ the cost).
 from jinja2 import TemplateError
 
 
-def encode_prompts(tokenizer, prompts, max_prompt_length: int) -> list[list[int]]:
-    """Token ids of each prompt (text or chat messages), chat template applied when the tokenizer has one."""
+def encode_prompts(tokenizer, prompts, max_prompt_length: int, tools: list[dict] | None = None) -> list[list[int]]:
+    """Token ids of each prompt (text or chat messages), chat template applied when the tokenizer has one; tools:
+    the JSON schemas of the tools the model may call, which the template writes into the prompt."""
+    if tools and tokenizer.chat_template is None:
+        raise ValueError("user tools need a tokenizer with a chat template that writes their schemas into the prompt")
     out = []
     for prompt in prompts:
         if tokenizer.chat_template is not None:
-            text = render_prompt(tokenizer, messages_of(prompt), f"prompt {str(prompt)[:60]!r}")
+            text = render_prompt(tokenizer, messages_of(prompt), f"prompt {str(prompt)[:60]!r}", tools)
             # the template wrote any BOS itself
             ids = tokenizer(_tail(text, max_prompt_length), add_special_tokens=False).input_ids
         elif isinstance(prompt, str):
@@ -47,9 +50,9 @@ def messages_of(prompt) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
-def render_prompt(tokenizer, messages: list[dict], where: str) -> str:
+def render_prompt(tokenizer, messages: list[dict], where: str, tools: list[dict] | None = None) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
     except TemplateError as e:
         roles = ", ".join(m["role"] for m in messages)
         raise ValueError(f"{where}: the tokenizer's chat template refuses its messages (roles {roles}): {e}") from None

@@ -190,6 +190,9 @@ SUMMED_METRICS = (
     "gcpo/golden_cache_hits",
     "gcpo/teacher_no_correct",
     "gcpo/teacher_errors",
+    "gcpo/golden_tool_mismatch",
+    "tools/errors",
+    "tools/timeouts",
 )
 
 

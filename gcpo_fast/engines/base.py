@@ -35,6 +35,9 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     greedy: bool = False
+    # strings that end a completion like an EOS (kept in the ids, the completion not truncated): the end of a tool
+    # call (gcpo_fast/tools/). Matched in the generated text only, never across the prompt
+    stop: tuple[str, ...] = ()
 
 
 @dataclass
@@ -70,6 +73,17 @@ class RolloutConfig:
         return Sampling(self.max_completion_length, self.temperature, self.top_p, self.top_k)
 
 
+@dataclass(frozen=True)
+class ToolUse:
+    """One row's tool calls: how many ran, how many failed (an error, a malformed call) or hit the time limit,
+    and the model's turns (1 + the calls whose output it went on from)."""
+
+    calls: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    turns: int = 1
+
+
 @dataclass
 class Rows:
     """Rows, each a prompt and a completion: an engine's output, then a generation round's training rows.
@@ -90,6 +104,10 @@ class Rows:
     # per row: the policy version (the trainer's optimizer step) whose weights sampled it, when the engine
     # samples elsewhere (a server, ahead of the trainer); None for a golden row
     policy_version: list[int | None] | None = None
+    # per row and completion token: 1 where the model wrote it, 0 for a tool's output appended between its turns
+    # (attended as context, never trained: gcpo_fast/packing.py masks it); None: every token is the model's
+    tool_mask: list[list[int]] | None = None
+    tool_use: "list[ToolUse] | None" = None  # per row: its tool calls (gcpo_fast/tools/loop.py); None: no tools
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -109,6 +127,8 @@ class Rows:
             if self.advantages is None or other.advantages is None
             else torch.cat([self.advantages, other.advantages]),
             join(self.policy_version, other.policy_version),
+            join(self.tool_mask, other.tool_mask),
+            join(self.tool_use, other.tool_use),
         )
 
     def select(self, rows: list[int]) -> "Rows":
@@ -126,6 +146,8 @@ class Rows:
             pick(self.golden),
             None if self.advantages is None else self.advantages[rows],
             pick(self.policy_version),
+            pick(self.tool_mask),
+            pick(self.tool_use),
         )
 
 
@@ -150,6 +172,26 @@ def cut_at_eos(ids: list[int], eos: set[int]) -> tuple[list[int], bool]:
         if t in eos:
             return ids[: j + 1], False
     return ids, True
+
+
+def cut_at_stop(ids: list[int], eos: set[int], stop: tuple[str, ...], tokenizer) -> tuple[list[int], bool]:
+    """(ids up to and including the first EOS or the token that completes the first stop string, whether neither
+    came): the cut an engine makes when Sampling.stop is set. The stop strings are looked for in the text of these
+    ids alone (an engine that stops on them matches the generated text only)."""
+    ids, truncated = cut_at_eos(ids, eos)
+    if not stop or not any(s in tokenizer.decode(ids) for s in stop):
+        return ids, truncated
+
+    def holds_stop(n: int) -> bool:
+        text = tokenizer.decode(ids[:n])
+        return any(s in text for s in stop)
+
+    # the shortest prefix whose text holds a stop string (a longer prefix holds it too): a binary search
+    low, high = 1, len(ids)
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if holds_stop(mid) else (mid + 1, high)
+    return ids[:low], False
 
 
 def adopt_model_eos(tokenizer, model) -> None:

@@ -11,9 +11,9 @@ sampled with (as the generation server's HF backend uses it, for a model that is
 """
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
-from gcpo_fast.engines.base import Rows, Sampling, cut_at_eos, eos_token_ids
+from gcpo_fast.engines.base import Rows, Sampling, cut_at_stop, eos_token_ids
 from gcpo_fast.models.loading import autocast
 
 
@@ -66,11 +66,17 @@ class HFEngine:
             return_dict_in_generate=True,
             **options,
         )
+        stopping = StoppingCriteriaList(
+            [GeneratedStopStrings(tokenizer, sampling.stop, width)] if sampling.stop else []
+        )
         was_training = model.training
         model.eval()
         try:
             with autocast(self.bf16, device):
-                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+                out = model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                    stopping_criteria=stopping,
+                )  # fmt: skip
         except RuntimeError as e:
             if "probability tensor contains" not in str(e):  # torch.multinomial's words for NaN/inf probabilities
                 raise
@@ -82,12 +88,23 @@ class HFEngine:
         eos_set = set(eos)
         completions, truncated = [], []
         for ids in out.sequences[:, width:].tolist():
-            ids, cut = cut_at_eos(ids, eos_set)
+            ids, cut = cut_at_stop(ids, eos_set, sampling.stop, tokenizer)  # a finished row is padded after its end
             completions.append(ids)
             truncated.append(cut)
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
         logp = _sampled_logprobs(out.scores, out.sequences[:, width:], completions) if out.scores else None
         return Rows(rows, completions, truncated, texts, logp)
+
+
+class GeneratedStopStrings(StoppingCriteria):
+    """transformers' stop-string criterion over the generated tokens only (after the prompt's `width` columns), so
+    that a row stops exactly where cut_at_stop cuts it, never on a stop string that spans the prompt's end."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...], width: int):
+        self.inner, self.width = StopStringCriteria(tokenizer, list(stop)), width
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return self.inner(input_ids[:, self.width :], scores, **kwargs)
 
 
 def _sampled_logprobs(scores, sampled: torch.Tensor, completions: list[list[int]]) -> list[list[float]]:

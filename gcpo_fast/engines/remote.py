@@ -95,6 +95,7 @@ class RemoteEngine:
             top_k=0 if sampling.greedy else sampling.top_k,
             max_tokens=sampling.max_completion_length,
             logprobs=0,
+            **({"stop": list(sampling.stop)} if sampling.stop else {}),
         )
         out = self._call("POST", "/generate/", request, self.request_timeout)
         completions = out["completion_ids"]

@@ -60,7 +60,7 @@ import torch
 from transformers import GenerationConfig
 
 from gcpo_fast.distributed.parallel import free_port
-from gcpo_fast.engines.base import Rows, cut_at_eos, eos_token_ids
+from gcpo_fast.engines.base import Rows, cut_at_stop, eos_token_ids
 from gcpo_fast.errors import require
 from gcpo_fast.kernels import SAMPLING_MODES
 from gcpo_fast.options import check_options, option
@@ -264,7 +264,7 @@ class VLLMEngine:
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling) -> Rows:
         """n completions of every prompt (token ids in, token ids out), prompt-major rows, with their
-        sampling log-probs. `sampling` has max_completion_length, temperature, top_p, top_k (0: off), greedy."""
+        sampling log-probs. `sampling` has max_completion_length, temperature, top_p, top_k (0: off), greedy, stop."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -283,7 +283,10 @@ class VLLMEngine:
             # and leave the ids alone: the texts are decoded below, like rollout.generate's
             stop_token_ids=self.eos_ids,
             logprobs=0,
-            detokenize=False,
+            # stop strings (a tool call's end) are matched on the text vLLM decodes; kept in the output, as EOS is
+            stop=list(sampling.stop) or None,
+            include_stop_str_in_output=True,
+            detokenize=bool(sampling.stop),
             skip_special_tokens=False,
         )
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
@@ -291,7 +294,7 @@ class VLLMEngine:
         rows, completions, truncated, logprobs = [], [], [], []
         for ids, request in zip(prompt_ids, outputs, strict=True):
             for sample in sorted(request.outputs, key=lambda s: s.index):
-                tokens, cut = cut_at_eos(list(sample.token_ids), eos)
+                tokens, cut = cut_at_stop(list(sample.token_ids), eos, sampling.stop, self.tokenizer)
                 rows.append(ids)
                 completions.append(tokens)
                 truncated.append(cut)

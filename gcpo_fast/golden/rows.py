@@ -19,7 +19,8 @@ left out) the golden row gets G / sqrt(G+1) (8/3 for G = 8) and each wrong rollo
 the group is G-1 zeros and one 1 and the golden row gets (G-1)/sqrt(G).
 
 The golden text (the dataset's or a teacher's: gcpo_fast/golden/sources.py) is encoded with the policy's
-tokenizer after the prompt's ids; one longer than max_completion_length is not used (cut, it would lose its final
+tokenizer after the prompt's ids (with --tools a trajectory, its calls re-run: gcpo_fast/golden/trajectories.py);
+one longer than max_completion_length is not used (cut, it would lose its final
 answer yet still be trained on as correct): gcpo/golden_truncated counts the groups left without one.
 """
 
@@ -34,6 +35,7 @@ from gcpo_fast.engines.base import Rows
 from gcpo_fast.golden.options import GOLDEN_MODES, GoldenConfig
 from gcpo_fast.golden.sources import golden_texts
 from gcpo_fast.golden.teacher import Teacher
+from gcpo_fast.golden.trajectories import Encoded, encode_trajectory
 
 
 @dataclass
@@ -101,18 +103,22 @@ def add_golden(
     max_completion_length: int,
     correct_reward: float,
     timer=None,
+    tools=None,
 ) -> tuple[Groups, Rows, dict[str, float]]:
     """The round's golden step, whole: golden texts for the all-wrong groups (options.golden_source), encoded and
     checked against the budget, golden rows added (options.golden_answer). Returns (the groups, the round's rows
-    in group order with `golden` set, the gcpo/* metrics). records, rollouts [P * G, prompt-major], rewards [P, G]."""
+    in group order with `golden` set, the gcpo/* metrics). records, rollouts [P * G, prompt-major], rewards [P, G].
+    tools (gcpo_fast.tools.formats.ToolSet, with --tools): golden texts are trajectories in the tools' layout, their
+    calls re-run (gcpo_fast/golden/trajectories.py)."""
     texts, from_teacher, metrics = [None] * len(records), set(), {}
     if options.golden_answer != "off":
         all_wrong = all_wrong_groups(rewards, correct_reward).tolist()
         texts, from_teacher, metrics = golden_texts(options.golden_source, records, all_wrong, teacher, timer)
-    encoded = {p: encode_completion(tokenizer, t, max_completion_length) for p, t in enumerate(texts) if t is not None}
-    fits = [p in encoded and not encoded[p][1] for p in range(len(records))]
+    encoded = encode_golden(texts, all_wrong_groups(rewards, correct_reward).tolist(), tokenizer, tools,
+                            max_completion_length)  # fmt: skip
+    fits = [p in encoded and not encoded[p].truncated and not encoded[p].mismatch for p in range(len(records))]
     g = add_golden_rows(rewards, fits, mode=options.golden_answer, correct_reward=correct_reward)
-    too_long = sum(1 for p, (_, cut) in encoded.items() if cut and g.all_wrong[p])
+    too_long = sum(1 for p, e in encoded.items() if e.truncated and g.all_wrong[p])
     metrics.update(
         {
             "gcpo/golden_rows": int(g.golden.sum()),
@@ -120,6 +126,8 @@ def add_golden(
             "gcpo/golden_truncated": too_long,
         }
     )
+    if tools is not None:
+        metrics["gcpo/golden_tool_mismatch"] = sum(1 for e in encoded.values() if e.mismatch)
     if teacher is not None:
         metrics["gcpo/golden_from_teacher"] = sum(bool(g.golden_prompts[p]) for p in from_teacher)
     if too_long:  # the same text from the same line: Python's default filter shows it once
@@ -129,23 +137,34 @@ def add_golden(
             "--max_completion_length to use them",
             stacklevel=2,
         )
-    golden = {p: (encoded[p][0], texts[p]) for p in g.golden_prompts.nonzero().flatten().tolist()}
+    golden = {p: (encoded[p], texts[p]) for p in g.golden_prompts.nonzero().flatten().tolist()}
     return g, in_group_order(rollouts, g, golden, rewards.shape[1]), metrics
 
 
-def in_group_order(rollouts: Rows, g: Groups, golden: dict[int, tuple[list[int], str]], G: int) -> Rows:
+def encode_golden(texts: list[str | None], all_wrong: list[bool], tokenizer, tools, budget: int) -> dict[int, Encoded]:
+    """{prompt: its golden text encoded}: plain text, or with tools a trajectory whose calls are re-run (only for
+    the all-wrong prompts, the only ones that can get a golden row: each re-run is a sandboxed process)."""
+    if tools is None:
+        plain = {p: encode_completion(tokenizer, t, budget) for p, t in enumerate(texts) if t is not None}
+        return {p: Encoded(ids, [1] * len(ids), cut) for p, (ids, cut) in plain.items()}
+    return {p: encode_trajectory(tools, t, budget) for p, t in enumerate(texts) if t is not None and all_wrong[p]}
+
+
+def in_group_order(rollouts: Rows, g: Groups, golden: dict[int, tuple[Encoded, str]], G: int) -> Rows:
     """The rows of g (rollouts and golden rows, in group order): the rollouts and one row per golden answer
-    ({prompt: (completion ids, text)}) joined, then selected. A golden row was never sampled: no engine log-probs,
-    no policy version, never truncated."""
+    ({prompt: (encoded, text)}) joined, then selected. A golden row was never sampled: no engine log-probs, no
+    policy version, no tool use of its own, never truncated; its tool mask is its trajectory's."""
     prompts = sorted(golden)
     n = len(prompts)
     extra = Rows(
         [rollouts.prompt_ids[p * G] for p in prompts],
-        [golden[p][0] for p in prompts],
+        [golden[p][0].ids for p in prompts],
         [False] * n,
         [golden[p][1] for p in prompts],
         sampling_logp=None if rollouts.sampling_logp is None else [None] * n,
         policy_version=None if rollouts.policy_version is None else [None] * n,
+        tool_mask=None if rollouts.tool_mask is None else [golden[p][0].tool_mask for p in prompts],
+        tool_use=None if rollouts.tool_use is None else [None] * n,
     )
     slot = {p: len(rollouts) + i for i, p in enumerate(prompts)}
     order = [
