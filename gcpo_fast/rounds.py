@@ -25,7 +25,14 @@ from gcpo_fast.options import at_least, check_options, option
 from gcpo_fast.packing import PackedBatch, pack
 from gcpo_fast.parallel import all_reduce
 from gcpo_fast.prompt_checks import warn_if_mostly_truncated
-from gcpo_fast.rewards import RewardConfig, as_completions, compute_rewards, overlong_penalty, reward_function_name
+from gcpo_fast.rewards import (
+    RewardConfig,
+    as_completions,
+    compute_rewards,
+    overlong_penalty,
+    reward_function_name,
+    take_checker_timeouts,
+)
 from gcpo_fast.rollout import RolloutConfig, Rows, encode_completion, encode_prompts
 from gcpo_fast.scoring import SamplingCorrection, score_logprobs
 from gcpo_fast.timing import PhaseTimer
@@ -177,6 +184,7 @@ def rollout_metrics(ctx: RoundContext, rows: Rows, grid: torch.Tensor, per_func,
         "num_gen_batches": num_batches,
         # every sampled group, kept or not (gcpo/frac_all_wrong counts the kept ones: none under DAPO's filter)
         "frac_reward_all_wrong": groups.all_wrong_groups(grid, ctx.rewards.correct_reward).float().mean().item(),
+        "rewards/checker_timeouts": take_checker_timeouts(),  # answers math-verify ran out of time on (scored 0)
         **{
             f"rewards/{reward_function_name(f)}/mean": per_func[:, j].nanmean().nan_to_num().item()
             for j, f in enumerate(ctx.reward_funcs)

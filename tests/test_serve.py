@@ -28,6 +28,7 @@ from gcpo_fast.models import DEFAULT_MODEL
 from gcpo_fast.parallel import free_port
 from gcpo_fast.remote_engine import RemoteEngine, launch_server
 from gcpo_fast.rollout import HFEngine, Sampling
+from gcpo_fast.serve_http import API_KEY_ENV
 
 LOGP_TOL = 1e-3
 
@@ -40,8 +41,11 @@ def engine(tokenizer):
 
 
 def post(engine, path, body):
-    """(HTTP status, JSON body) of a raw request."""
-    request = urllib.request.Request(engine.base_url + path, data=json.dumps(body).encode(), method="POST")
+    """(HTTP status, JSON body) of a raw request, with the server's API key."""
+    headers = {"Authorization": f"Bearer {engine.api_key}"}
+    request = urllib.request.Request(
+        engine.base_url + path, data=json.dumps(body).encode(), method="POST", headers=headers
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -166,7 +170,7 @@ def test_a_second_client_takes_over_the_weight_group(tokenizer, hf, prompt_ids):
     try:
         first.sync_weights(hf.named_parameters(), version=1)
         first.group = None  # a trainer that died without closing: its group is left on the server
-        second = RemoteEngine(first.base_url, tokenizer, timeout=10, group_port=first.group_port)
+        second = RemoteEngine(first.base_url, tokenizer, timeout=10, group_port=first.group_port, api_key=first.api_key)
         assert second.version == 1  # what the server holds
         halved = {n: t * 0.5 if n.endswith("norm.weight") else t for n, t in hf.named_parameters()}
         second.sync_weights(halved.items(), version=7)
@@ -212,7 +216,8 @@ def test_torchrun_ranks_sample_from_one_server_and_rank_0_sends(tokenizer, tmp_p
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     try:
-        done = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+        env = {**env, "OMP_NUM_THREADS": "1", API_KEY_ENV: engine.api_key}  # the key launch_server gave the server
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     finally:
         engine.close()
     assert done.returncode == 0, done.stderr[-3000:]

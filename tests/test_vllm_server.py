@@ -25,6 +25,7 @@ from trainer_steps import check_policy_lag  # noqa: E402
 from gcpo_fast.models import DEFAULT_MODEL  # noqa: E402
 from gcpo_fast.remote_engine import launch_server  # noqa: E402
 from gcpo_fast.rollout import Sampling  # noqa: E402
+from gcpo_fast.serve_http import API_KEY_ENV  # noqa: E402
 
 LOGP_TOL = 1e-3
 ENV = {"OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB of host memory for vLLM's KV cache
@@ -91,7 +92,8 @@ def test_the_trainer_samples_from_the_server(engine, tmp_path):
         "--max_steps", "2", "--output_dir", str(out), "--learning_rate", "3e-3", "--eval_steps", "0",
         "--save_steps", "0", "--per_device_train_batch_size", "32",
     ]  # fmt: skip
-    done = subprocess.run(cmd, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, **ENV, API_KEY_ENV: engine.api_key}  # the key launch_server gave the server
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]
@@ -109,6 +111,6 @@ def test_async_rounds_from_the_server_carry_the_true_policy_lag(engine, tmp_path
     small = ["--num_generations", "4", "--per_device_train_batch_size", "16", "--max_completion_length", "48"]
     small += ["--eval_steps", "0", "--save_steps", "0", "--output_dir", str(tmp_path / "run")]
     with pytest.MonkeyPatch.context() as mp:
-        for name, value in ENV.items():
+        for name, value in {**ENV, API_KEY_ENV: engine.api_key}.items():
             mp.setenv(name, value)
         check_policy_lag([*server, *small])
