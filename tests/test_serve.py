@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -226,3 +227,85 @@ def test_torchrun_ranks_sample_from_one_server_and_rank_0_sends(tokenizer, tmp_p
     assert all(m["sampling/sampling_logp_difference/max"] < LOGP_TOL for m in lines), lines
     log = open(engine.log_path).read()
     assert log.count("POST /update_weights/") == 2 and log.count("POST /init_communicator/") == 1
+
+
+def test_the_trainers_own_server_wants_its_key(engine):
+    request = urllib.request.Request(engine.base_url + "/info/")
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(request, timeout=10)
+    command_line = open(f"/proc/{engine.process.pid}/cmdline").read()
+    assert engine.api_key not in command_line and "127.0.0.1" in command_line  # the key travels in its environment
+
+
+def test_a_stalled_update_never_blocks_generation(engine, hf, prompt_ids):
+    """A client that sends one tensor of an update and goes silent: generations go on meanwhile (the stream arrives
+    off the engine lock); the update, when it ends without the rest, is refused and nothing of it is loaded."""
+    resume = threading.Event()
+    errors = []
+
+    def stalling(named):
+        for i, item in enumerate(named):
+            if i == 1:
+                resume.wait(120)
+                return  # the stream ends without the rest
+            yield item
+
+    def update():
+        try:
+            engine.sync_weights(stalling((n, t * 0) for n, t in hf.named_parameters()), version=99)
+        except TrainingError as e:
+            errors.append(str(e))
+
+    updating = threading.Thread(target=update)
+    updating.start()
+    try:
+        time.sleep(2)  # the first tensor has gone; the update waits for the rest
+        start = time.monotonic()
+        status, out = post(engine, "/generate/", dict(prompts=prompt_ids[:2], n=2, max_tokens=8))
+        assert status == 200 and out["policy_version"] != 99
+        assert time.monotonic() - start < 10, "a generation waited for a stalled update"
+    finally:
+        resume.set()
+        updating.join(60)
+    assert len(errors) == 1 and re.search(r"HTTP 400: the update does not match .* it lacks \d+ of", errors[0])
+    sampling = Sampling(max_completion_length=16, temperature=1.0)
+    assert worst_gap(hf, engine.generate(prompt_ids[:2], 2, sampling), 1.0) < LOGP_TOL  # nothing was loaded
+    engine.sync_weights(hf.named_parameters(), version=100)  # the next sync forms a new group and goes through
+
+
+@pytest.fixture(scope="module")
+def five_layers(tmp_path_factory, tokenizer):
+    """The shipped model's architecture with one layer more (random weights): names and shapes that include the
+    shipped model's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("five_layers")
+    config = AutoConfig.from_pretrained(DEFAULT_MODEL)
+    config.num_hidden_layers, config.layer_types = 5, ["full_attention"] * 5
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_server_of_another_model_refuses_the_trainers_weights(five_layers, tokenizer, hf, prompt_ids):
+    engine = launch_server(five_layers, tokenizer, engine="hf", timeout=120)
+    try:
+        greedy = Sampling(max_completion_length=8, greedy=True)
+        before = engine.generate(prompt_ids[:2], 1, greedy).completion_ids
+        with pytest.raises(TrainingError) as error:
+            engine.sync_weights(hf.named_parameters(), version=1)
+        message = one_line(error)
+        assert re.search(r"HTTP 400: the update does not match this server's model .* it lacks 12 of", message)
+        assert "of this server's 62 parameters (model.layers.4." in message, message
+        assert "model.layers.4." in message, message
+        after = engine.generate(prompt_ids[:2], 1, greedy)
+        assert after.completion_ids == before and after.policy_version == [0, 0]  # none of it was loaded
+        sixth = {**dict(hf.named_parameters()), "model.layers.9.mlp.up_proj.weight": torch.zeros(512, 128)}
+        with pytest.raises(TrainingError, match=r"has no parameter 'model.layers.9.mlp.up_proj.weight'"):
+            engine.sync_weights(sixth.items(), version=2)
+        reshaped = {n: t[:, :64] if n.endswith("layers.0.mlp.up_proj.weight") else t for n, t in hf.named_parameters()}
+        with pytest.raises(TrainingError, match=r"has 'model.layers.0.mlp.up_proj.weight' of shape \[512, 128\], not"):
+            engine.sync_weights(reshaped.items(), version=3)
+    finally:
+        engine.close()
