@@ -71,8 +71,17 @@ from http import HTTPStatus
 
 import torch
 
-from gcpo_fast.rollout import HFEngine, Sampling
-from gcpo_fast.serve_http import API_KEY_ENV, Limits, RequestError, bind_server, is_loopback, read_api_key
+from gcpo_fast.rollout import HFEngine
+from gcpo_fast.serve_http import (
+    API_KEY_ENV,
+    Limits,
+    RequestError,
+    bind_server,
+    field,
+    is_loopback,
+    parse_generate,
+    read_api_key,
+)
 from gcpo_fast.weight_transport import CONNECT_TIMEOUT_S, WeightGroup, device_uuid, host_store
 
 GROUP_TIMEOUT_S = 600.0  # each broadcast of a weight stream (a tensor of GBs over a slow link fits)
@@ -260,15 +269,21 @@ class GenerationServer:
 
     def _receive(self, group: WeightGroup) -> list:
         """The client's whole stream in host memory, in the engine's dtype; RequestError naming what does not
-        match this server's parameters (names and shapes)."""
+        match this server's parameters (names and shapes, refused from a tensor's header, before its bytes)."""
         received = {}
-        for name, tensor in group.receive():
+
+        def accept(name: str, shape: tuple) -> None:
             expected = self.parameters.get(name)
-            if expected is None or tuple(tensor.shape) != expected or name in received:
+            if expected is None or shape != expected or name in received:
                 why = "has no parameter" if expected is None else "was sent twice" if name in received else "has"
-                shapes = f" of shape {list(expected)}, not {list(tensor.shape)}" if why == "has" else ""
+                shapes = f" of shape {list(expected)}, not {list(shape)}" if why == "has" else ""
                 raise RequestError(f"{self._mismatch()}: this server's model {why} {name[:200]!r}{shapes}")
-            received[name] = tensor.to("cpu", self.dtype if tensor.is_floating_point() else tensor.dtype)
+
+        try:
+            for name, tensor in group.receive(accept):
+                received[name] = tensor.to("cpu", self.dtype if tensor.is_floating_point() else tensor.dtype)
+        except ValueError as e:  # a header this protocol does not write
+            raise RequestError(str(e)) from None
         missing = [name for name in self.parameters if name not in received]
         if missing:
             raise RequestError(
@@ -300,61 +315,6 @@ class GenerationServer:
             return False
         self.engine.close()
         return True
-
-
-def field(request: dict, name: str, kind: type, default=None):
-    value = request.get(name, default)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise RequestError(f"{name} must be {kind.__name__}, got {str(value)[:40]!r}")
-    if kind is float and not math.isfinite(value):
-        raise RequestError(f"{name} must be a finite number, got {value}")
-    return value
-
-
-GENERATE_FIELDS = {"prompts", "n", "temperature", "top_p", "top_k", "max_tokens", "logprobs", "repetition_penalty"}
-GENERATE_FIELDS |= {"min_p", "images", "structured_outputs_regex", "generation_kwargs"}  # TRL's, at their defaults
-
-
-def parse_generate(
-    request: dict, vocab_size: int, context: int | None, max_rows: int
-) -> tuple[list[list[int]], int, Sampling]:
-    unknown = sorted(set(request) - GENERATE_FIELDS)
-    if unknown:
-        raise RequestError(f"unknown fields {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
-    unsupported = [
-        k for k, default in (("repetition_penalty", 1.0), ("min_p", 0.0)) if request.get(k, default) != default
-    ] + [k for k in ("images", "structured_outputs_regex", "generation_kwargs") if request.get(k)]
-    if unsupported:
-        raise RequestError(f"not supported by this server: {unsupported}")
-    prompts = request.get("prompts")
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, list) and p for p in prompts):
-        raise RequestError("prompts must be a non-empty list of non-empty token-id lists")
-    n, max_tokens = field(request, "n", int, 1), field(request, "max_tokens", int, 16)
-    temperature, top_p = field(request, "temperature", float, 1.0), field(request, "top_p", float, 1.0)
-    top_k = field(request, "top_k", int, -1)
-    if request.get("logprobs", 0) not in (0, None):
-        raise RequestError("logprobs: only 0 (the sampled token's log-prob) is supported")
-    if n < 1 or max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1 or top_k < -1:
-        raise RequestError("n and max_tokens must be >= 1, temperature >= 0, top_p in (0, 1], top_k >= -1")
-    if len(prompts) * n > max_rows:
-        raise RequestError(
-            f"{len(prompts)} prompts x n {n} = {len(prompts) * n} rows: this server takes at most {max_rows} per "
-            "request (its --max_request_rows)",
-            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-        )
-    longest = max(len(p) for p in prompts)
-    if context is not None and longest + max_tokens > context:
-        raise RequestError(
-            f"a prompt of {longest} tokens + max_tokens {max_tokens} exceed this server's context of {context} "
-            "tokens (its --max_model_len)"
-        )
-    if not all(type(t) is int and 0 <= t < vocab_size for p in prompts for t in p):
-        raise RequestError(f"prompts: every token id must be an int in [0, {vocab_size})")
-    greedy = temperature == 0
-    sampling = Sampling(max_tokens, 1.0 if greedy else temperature, top_p, max(top_k, 0), greedy=greedy)
-    return prompts, n, sampling
 
 
 def routes(server: GenerationServer) -> dict:

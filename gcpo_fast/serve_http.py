@@ -14,7 +14,9 @@ What a request meets, in order (each refusal is one JSON line, {"error": ...}, a
   (vLLM's --api-key header): 401 otherwise, compared in constant time;
 - the body: Content-Length only (no chunked bodies), ASCII digits: 400 otherwise, 411 on a POST without one,
   413 past max_request_bytes (refused before a byte of it is read); a JSON object, with no NaN or Infinity
-  (json.loads would take them): 400.
+  (json.loads would take them): 400;
+- POST /generate/ (parse_generate): TRL's fields, finite numbers, every prompt + max_tokens within the model's
+  context (400), prompts x n within the server's --max_request_rows (413), token ids within the vocabulary.
 A refused request whose body was not read closes its connection, so that its bytes are never read as a
 request. The API key comes from a file (--api_key_file) or the environment (GCPO_SERVE_API_KEY), never from
 the command line, where every user of the machine sees it (ps).
@@ -25,6 +27,7 @@ import hmac
 import io
 import ipaddress
 import json
+import math
 import os
 import re
 import socket
@@ -34,6 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from gcpo_fast.rollout import Sampling
 
 API_KEY_ENV = "GCPO_SERVE_API_KEY"
 MIN_API_KEY_CHARS = 16  # a key shorter than this is a password, not a secret
@@ -106,6 +111,61 @@ def parse_json_object(data: bytes) -> dict:
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object")
     return body
+
+
+def field(request: dict, name: str, kind: type, default=None):
+    value = request.get(name, default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise RequestError(f"{name} must be {kind.__name__}, got {str(value)[:40]!r}")
+    if kind is float and not math.isfinite(value):
+        raise RequestError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+GENERATE_FIELDS = {"prompts", "n", "temperature", "top_p", "top_k", "max_tokens", "logprobs", "repetition_penalty"}
+GENERATE_FIELDS |= {"min_p", "images", "structured_outputs_regex", "generation_kwargs"}  # TRL's, at their defaults
+
+
+def parse_generate(
+    request: dict, vocab_size: int, context: int | None, max_rows: int
+) -> tuple[list[list[int]], int, Sampling]:
+    unknown = sorted(set(request) - GENERATE_FIELDS)
+    if unknown:
+        raise RequestError(f"unknown fields {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    unsupported = [
+        k for k, default in (("repetition_penalty", 1.0), ("min_p", 0.0)) if request.get(k, default) != default
+    ] + [k for k in ("images", "structured_outputs_regex", "generation_kwargs") if request.get(k)]
+    if unsupported:
+        raise RequestError(f"not supported by this server: {unsupported}")
+    prompts = request.get("prompts")
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, list) and p for p in prompts):
+        raise RequestError("prompts must be a non-empty list of non-empty token-id lists")
+    n, max_tokens = field(request, "n", int, 1), field(request, "max_tokens", int, 16)
+    temperature, top_p = field(request, "temperature", float, 1.0), field(request, "top_p", float, 1.0)
+    top_k = field(request, "top_k", int, -1)
+    if request.get("logprobs", 0) not in (0, None):
+        raise RequestError("logprobs: only 0 (the sampled token's log-prob) is supported")
+    if n < 1 or max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1 or top_k < -1:
+        raise RequestError("n and max_tokens must be >= 1, temperature >= 0, top_p in (0, 1], top_k >= -1")
+    if len(prompts) * n > max_rows:
+        raise RequestError(
+            f"{len(prompts)} prompts x n {n} = {len(prompts) * n} rows: this server takes at most {max_rows} per "
+            "request (its --max_request_rows)",
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        )
+    longest = max(len(p) for p in prompts)
+    if context is not None and longest + max_tokens > context:
+        raise RequestError(
+            f"a prompt of {longest} tokens + max_tokens {max_tokens} exceed this server's context of {context} "
+            "tokens (its --max_model_len)"
+        )
+    if not all(type(t) is int and 0 <= t < vocab_size for p in prompts for t in p):
+        raise RequestError(f"prompts: every token id must be an int in [0, {vocab_size})")
+    greedy = temperature == 0
+    sampling = Sampling(max_tokens, 1.0 if greedy else temperature, top_p, max(top_k, 0), greedy=greedy)
+    return prompts, n, sampling
 
 
 class _DeadlineReader(io.RawIOBase):

@@ -121,14 +121,18 @@ class WeightGroup:
         self._cast(_header(None, self.device))
         return count
 
-    def receive(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) as each arrives, until the client's end mark."""
+    def receive(self, accept=None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) as each arrives, until the client's end mark. accept(name, shape), when given, sees each
+        header before its tensor is allocated (it raises to refuse one: a hostile shape costs no memory); a
+        header that is not one this module writes is a ValueError."""
         while True:
             header = torch.zeros(HEADER_BYTES, dtype=torch.uint8, device=self.device)
             self._cast(header)
             meta = _parse(header)
             if meta is None:
                 return
+            if accept is not None:
+                accept(meta["name"], tuple(meta["shape"]))
             tensor = torch.empty(meta["shape"], dtype=DTYPES[meta["dtype"]], device=self.device)
             self._cast(tensor)
             yield meta["name"], tensor
@@ -186,8 +190,19 @@ def _header(meta: dict | None, device) -> torch.Tensor:
 
 
 def _parse(header: torch.Tensor) -> dict | None:
+    """A tensor's header (None: the end mark); ValueError unless it has a name, a dtype we send and a shape."""
     data = bytes(header.cpu().tolist()).rstrip(b"\0")
-    return json.loads(data) if data else None
+    if not data:
+        return None
+    try:
+        meta = json.loads(data)
+        ok = isinstance(meta["name"], str) and meta["dtype"] in DTYPES
+        ok = ok and isinstance(meta["shape"], list) and all(type(d) is int and d >= 0 for d in meta["shape"])
+    except (ValueError, TypeError, KeyError):
+        ok = False
+    if not ok:
+        raise ValueError(f"a tensor header that is not one this stream writes: {_gist(data[:100])}")
+    return meta
 
 
 def _gist(error: BaseException) -> str:
