@@ -324,7 +324,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):  # noqa: A002 (the base class's name); quiet for health polls
         if "/health/" not in str(getattr(self, "path", "")):
-            super().log_message(format, *args)
+            line = format % args
+            if self.server.api_key:  # a client that put the key where it does not belong (a URL) is not echoed
+                line = line.replace(self.server.api_key, "<API key>")
+            super().log_message("%s", line)
 
 
 class BoundedHTTPServer(ThreadingHTTPServer):

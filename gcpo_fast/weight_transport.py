@@ -43,7 +43,7 @@ class WeightGroup:
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         self.timeout = timedelta(seconds=timeout)
         self.group = None
-        self.error: BaseException | None = None
+        self.error: str | None = None
         self.ready = threading.Event()
         self.busy = threading.Lock()  # one stream at a time over a group
 
@@ -87,14 +87,16 @@ class WeightGroup:
                 ]
                 self.group = dist.ProcessGroupGloo(self.store, self.rank, 2, options)
         except Exception as e:  # surfaced by wait_ready, in the thread that asks
-            self.error = e
-        self.ready.set()
+            self.error = _gist(e)  # not the exception: its traceback would hold this side, and the store, alive
+        finally:
+            self.store = None  # the group keeps what it needs of it; a group that did not form lets it close
+            self.ready.set()
 
     def wait_ready(self) -> None:
         if not self.ready.wait(CONNECT_TIMEOUT_S + 5):
             raise TimeoutError(f"the weight group's peer did not join within {CONNECT_TIMEOUT_S:.0f} s")
         if self.error is not None:
-            raise ConnectionError(f"the weight group could not form: {_gist(self.error)}")
+            raise ConnectionError(f"the weight group could not form: {self.error}")
 
     def _cast(self, tensor: torch.Tensor) -> None:
         group = self.group

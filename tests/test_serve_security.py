@@ -10,11 +10,13 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 from server_process import KEY, ServerProcess, listening, this_machines_address
 
+from gcpo_fast import weight_transport
 from gcpo_fast.config import parse_config
 from gcpo_fast.errors import ConfigError, TrainingError
 from gcpo_fast.models import DEFAULT_MODEL
@@ -23,6 +25,7 @@ from gcpo_fast.remote_engine import RemoteEngine
 from gcpo_fast.rollout import Sampling
 from gcpo_fast.serve import parse_args
 from gcpo_fast.serve_http import API_KEY_ENV
+from gcpo_fast.weight_transport import WeightGroup, _header, host_store
 
 STATE_CHANGING = [
     ("POST", "/generate/", {"prompts": [[1, 2]], "max_tokens": 2}),
@@ -74,6 +77,7 @@ def test_an_api_key_guards_every_endpoint_but_health(server):
     # refused before the body is read: a huge announced body costs nothing
     head = b"POST /update_weights/ HTTP/1.1\r\nContent-Length: 1000000000\r\n\r\n"
     assert server.raw(head, timeout=10).startswith(b"HTTP/1.1 401")
+    assert server.request("GET", f"/info/?key={KEY}")[0] == 404  # a key put in a URL is not logged either
     assert KEY not in server.log.read_text()
 
 
@@ -129,3 +133,38 @@ def test_the_trainer_sends_the_key(server, tokenizer, tmp_path):
     key_file.write_text("short")
     with pytest.raises(ConfigError, match="at least 16 characters"):
         parse_config([*server_mode, "--vllm_server_api_key_file", str(key_file)])
+
+
+def test_a_hostile_tensor_header_costs_no_memory(server):
+    """A client with the key that announces a 4 TB tensor under a parameter's name is refused from the header,
+    before anything is allocated."""
+    port, version = free_port(), server.request("GET", "/info/", key=KEY)[1]["policy_version"]
+    status, reply = server.request("POST", "/init_communicator/", {"port": port, "world_size": 2}, key=KEY)
+    assert status == 200, reply
+    group = WeightGroup.join("127.0.0.1", port, reply["key"], backend="gloo", timeout=30)
+    answers = []
+    update = {"version": 5}
+    updating = threading.Thread(
+        target=lambda: answers.append(server.request("POST", "/update_weights/", update, key=KEY))
+    )
+    updating.start()
+    group._cast(_header({"name": "model.norm.weight", "dtype": "torch.float32", "shape": [10**6, 10**6]}, "cpu"))
+    updating.join(30)
+    assert answers and answers[0][0] == 400, answers
+    assert "has 'model.norm.weight' of shape [128], not [1000000, 1000000]" in answers[0][1]["error"]
+    assert server.request("GET", "/info/", key=KEY)[1]["policy_version"] == version
+
+
+def test_a_group_whose_client_never_came_closes_its_sockets(monkeypatch):
+    """Its store and gloo's listening socket close once the server lets go of the group (no garbage collection)."""
+    monkeypatch.setattr(weight_transport, "CONNECT_TIMEOUT_S", 2)
+    before, port = listening(os.getpid()), free_port()
+    store = host_store("127.0.0.1", port, timeout=2)  # as the server holds it
+    group = WeightGroup.host(store, "k", backend="gloo", timeout=600, address="127.0.0.1")
+    time.sleep(0.5)
+    assert len(listening(os.getpid()) - before) == 2  # the store and gloo's own
+    group.close()  # replaced by another client's, or /close_communicator/: the server lets go of both
+    del store
+    with pytest.raises(ConnectionError, match="the weight group could not form: wait timeout"):
+        group.wait_ready()
+    assert listening(os.getpid()) == before
