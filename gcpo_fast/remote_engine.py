@@ -103,7 +103,8 @@ class RemoteEngine:
         try:
             return request_json(method, url, payload, timeout, self.api_key)
         except urllib.error.HTTPError as e:
-            raise TrainingError(f"generation server {url}: HTTP {e.code}: {_error_of(e)}") from None
+            hint = f" (the trainer sends --vllm_server_api_key_file's key, or ${API_KEY_ENV})" if e.code == 401 else ""
+            raise TrainingError(f"generation server {url}: HTTP {e.code}: {_error_of(e)}{hint}") from None
         except (OSError, ValueError, http.client.HTTPException) as e:  # refused, reset, timed out, or not JSON
             gone = isinstance(e, (ConnectionError, http.client.HTTPException)) or isinstance(
                 getattr(e, "reason", None), ConnectionError

@@ -205,7 +205,8 @@ def _check_elsewhere(texts: list[str], answers: list[str]) -> tuple[list[float],
         with _pool_lock:
             if _pool is pool:
                 _pool = None
-        pool.terminate()
+        # terminate() waits for the worker to go: not on this thread, whatever state the worker is in
+        threading.Thread(target=pool.terminate, daemon=True, name="checker-terminate").start()
         warnings.warn(f"math_reward: checking {len(texts)} completions took over {limit} s; they score 0", stacklevel=3)
         return [0.0] * len(texts), len(texts)
 

@@ -61,11 +61,10 @@ class Limits:
     max_connections: int = 64
 
 
-def read_api_key(path: str | None, env: dict | None = None) -> str | None:
-    """The API key from the file at `path`, else from $GCPO_SERVE_API_KEY, else None; ValueError (one line,
-    without the key) for a file that cannot be read, or a key that is empty or too short."""
-    env = os.environ if env is None else env
-    source, key = (f"--api_key_file {path}", None) if path else (API_KEY_ENV, env.get(API_KEY_ENV))
+def read_api_key(path: str | None, option: str = "--api_key_file") -> str | None:
+    """The API key from the file at `path` (given by `option`), else from $GCPO_SERVE_API_KEY, else None;
+    ValueError (one line, without the key) for a file that cannot be read, or a key that is empty or too short."""
+    source, key = (f"{option} {path}", None) if path else (API_KEY_ENV, os.environ.get(API_KEY_ENV))
     if path:
         try:
             with open(path, encoding="utf-8") as f:

@@ -154,7 +154,7 @@ class VLLMConfig:
         from gcpo_fast.serve_http import read_api_key
 
         try:
-            return read_api_key(self.vllm_server_api_key_file)
+            return read_api_key(self.vllm_server_api_key_file, "--vllm_server_api_key_file")
         except ValueError as e:
             raise ConfigError(str(e)) from None
 

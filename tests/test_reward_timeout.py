@@ -5,8 +5,13 @@ process of its own, where a completion that would hold sympy for minutes costs t
 """
 
 import logging
+import os
+import signal
 import threading
 import time
+from pathlib import Path
+
+import pytest
 
 from gcpo_fast import rewards
 from gcpo_fast.rewards import math_reward, take_checker_timeouts
@@ -41,3 +46,43 @@ def test_the_main_thread_counts_its_timeouts_too(monkeypatch):
     start = time.monotonic()
     assert math_reward([SLOW, r"\boxed{3}"], ["3", "3"]) == [0.0, 1.0]
     assert time.monotonic() - start < 10 and take_checker_timeouts() == 1
+
+
+def test_a_check_no_signal_reaches_is_cut_by_the_batch_limit(monkeypatch):
+    """The checking process stopped dead (as in a sympy call that never returns to Python): the batch scores 0
+    after its whole limit, every completion counted, and the next batch gets a fresh process."""
+    monkeypatch.setattr(rewards, "MATH_VERIFY_TIMEOUT_S", 1)
+    monkeypatch.setattr(rewards, "BATCH_SLACK_S", 3)
+    out = []
+
+    def check(completions):
+        out.append((math_reward(completions, ["3"] * len(completions)), take_checker_timeouts()))
+
+    first = threading.Thread(target=check, args=([r"\boxed{3}"],))
+    first.start()
+    first.join(90)
+    worker = checking_process()
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with pytest.warns(UserWarning, match="checking 2 completions took over 8 s; they score 0"):
+            stuck = threading.Thread(target=check, args=([r"\boxed{3}", "4"],))
+            stuck.start()
+            stuck.join(60)
+        assert 8 <= time.monotonic() - start < 30
+    finally:
+        os.kill(worker, signal.SIGKILL)
+    fresh = threading.Thread(target=check, args=([r"\boxed{3}"],))
+    fresh.start()
+    fresh.join(90)
+    assert out == [([1.0], 0), ([0.0, 0.0], 2), ([1.0], 0)]
+    assert checking_process() != worker
+
+
+def checking_process() -> int:
+    """The pid of this process's answer-checking child (multiprocessing's spawned worker)."""
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"multiprocessing.spawn" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    raise AssertionError("no checking process")

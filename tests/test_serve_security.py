@@ -121,7 +121,9 @@ def test_a_reachable_host_without_a_key_is_refused_before_the_model_loads(tmp_pa
 
 
 def test_the_trainer_sends_the_key(server, tokenizer, tmp_path):
-    with pytest.raises(TrainingError, match=r"/info/: HTTP 401: missing or wrong API key") as error:
+    with pytest.raises(
+        TrainingError, match=r"/info/: HTTP 401: missing or wrong API key.* --vllm_server_api_key_file"
+    ) as error:
         RemoteEngine(server.base_url, tokenizer)
     assert "\n" not in str(error.value)
     engine = RemoteEngine(server.base_url, tokenizer, api_key=KEY)
@@ -131,7 +133,7 @@ def test_the_trainer_sends_the_key(server, tokenizer, tmp_path):
     server_mode = ["--use_vllm", "--vllm_mode", "server"]
     assert parse_config([*server_mode, "--vllm_server_api_key_file", str(key_file)]).vllm.server_api_key() == KEY
     key_file.write_text("short")
-    with pytest.raises(ConfigError, match="at least 16 characters"):
+    with pytest.raises(ConfigError, match="--vllm_server_api_key_file .*: the API key must be one word of at least 16"):
         parse_config([*server_mode, "--vllm_server_api_key_file", str(key_file)])
 
 
