@@ -63,7 +63,7 @@ SERVER_CLOSE_S = 45.0  # the server's shutdown grace (serve.SHUTDOWN_GRACE_S) an
 
 
 class ServerUnreachable(TrainingError):
-    """No answer at all: the server is not there (refused, reset, closed mid-reply)."""
+    """No answer, or 503: the server is not there (refused, reset, closed mid-reply) or is going away."""
 
 
 class RemoteEngine:
@@ -104,7 +104,8 @@ class RemoteEngine:
             return request_json(method, url, payload, timeout, self.api_key)
         except urllib.error.HTTPError as e:
             hint = f" (the trainer sends --vllm_server_api_key_file's key, or ${API_KEY_ENV})" if e.code == 401 else ""
-            raise TrainingError(f"generation server {url}: HTTP {e.code}: {_error_of(e)}{hint}") from None
+            error = ServerUnreachable if e.code == 503 else TrainingError  # 503: shutting down, or full
+            raise error(f"generation server {url}: HTTP {e.code}: {_error_of(e)}{hint}") from None
         except (OSError, ValueError, http.client.HTTPException) as e:  # refused, reset, timed out, or not JSON
             gone = isinstance(e, (ConnectionError, http.client.HTTPException)) or isinstance(
                 getattr(e, "reason", None), ConnectionError

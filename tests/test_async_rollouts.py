@@ -162,10 +162,12 @@ def test_the_trainers_own_server_dies_with_the_trainer(tmp_path, signum):
             trainer.wait()
 
 
-def test_a_restarted_server_costs_a_round_not_the_run(tmp_path, monkeypatch):
-    """A server (the HF engine standing in for vLLM's) killed after step 2 and started again on its port: the
-    trainer waits for it, drops the round it samples with its initial weights, sends the weights again, and
-    finishes every step within the bound."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_restarted_server_costs_a_round_not_the_run(tmp_path, monkeypatch, signum):
+    """A server (the HF engine standing in for vLLM's) stopped after step 2 (SIGTERM: its generation in flight
+    answered 503; SIGKILL: its connections reset) and started again on its port: the trainer waits for it, drops
+    the round it samples with its initial weights, sends the weights again, and finishes every step within the
+    bound."""
     port, out = free_port(), tmp_path / "run"
     monkeypatch.setenv(API_KEY_ENV, KEY)
     server_mode = ["--use_vllm", "--vllm_mode", "server", "--vllm_server_base_url", f"http://127.0.0.1:{port}"]
@@ -179,7 +181,7 @@ def test_a_restarted_server_costs_a_round_not_the_run(tmp_path, monkeypatch):
             if time.monotonic() > deadline:
                 return
             time.sleep(0.2)
-        servers[0].process.kill()
+        servers[0].process.send_signal(signum)
         servers[0].process.wait()
         servers.append(ServerProcess(port, api_key=KEY, log=tmp_path / "server-2.log").__enter__())
 
