@@ -18,21 +18,18 @@ Endpoints (JSON; a refusal is one line, {"error": ...}, HTTP 400 unless said oth
   truncated (per row), policy_version (the weights that sampled them)}. Completions are cut after their first
   EOS (kept); logprobs are the sampling log-probs (after temperature / top-k / top-p, vLLM's processed_logprobs).
   Every prompt + max_tokens must fit the context (--max_model_len; the model's own by default); prompts x n at
-  most --max_request_rows (413); numbers finite.
+  most --max_request_rows (413); numbers finite; what the engine itself refuses (vLLM: temperature > 2) is 400.
 - POST /init_communicator/ {port, world_size: 2, backend: "gloo"|"nccl"} hosts a weight group (see
   gcpo_fast/weight_transport.py) for the client to join, its store on this server's --host and that port (TRL's
   `host` field is not read: nothing listens where the server was not told to); a second call replaces the first
   client's group, and its store too when the port differs (409 when that port cannot be bound).
   POST /close_communicator/ closes the group and its store.
-- POST /update_weights/ {version} receives the client's tensors one at a time into host memory (one copy of the
-  weights, in the engine's dtype), checked against this server's model as they come: a name it lacks, another
-  shape, or a stream that misses some of its parameters is refused, naming them, and nothing is loaded (a server
-  of another model never takes a trainer's weights). Then an idle engine loads them at once ({"staged": false});
-  one that is generating (rounds sampled ahead of the trainer, --async_rollouts) keeps its version and loads them
-  as soon as the generation in flight ends, before any later one ({"staged": true}), so the trainer never waits
-  for a generation. The engine lock is never held while bytes arrive: a client that stalls mid-update costs its
-  own update only (its stream times out after GROUP_TIMEOUT_S per tensor), never a generation. One update at a
-  time per group (409).
+- POST /update_weights/ {version} receives the client's tensors into host memory (one copy of the weights, in the
+  engine's dtype), never under the engine lock: a client that stalls mid-update stalls its own update only (up to
+  GROUP_TIMEOUT_S a tensor), never a generation. Each header is checked against this server's model: a name it
+  lacks, another shape, or a stream that misses some is refused by name, and nothing loads. An idle engine then
+  loads them ({"staged": false}); a generating one (--async_rollouts) keeps its version until the generation in
+  flight ends and loads them before the next ({"staged": true}). One update at a time per group (409).
 
 Security. The server binds 127.0.0.1 by default. With an API key (--api_key_file FILE, or $GCPO_SERVE_API_KEY;
 never a flag: the command line is visible to every user) every endpoint but /health/ wants `Authorization:
@@ -79,6 +76,7 @@ from gcpo_fast.serve_http import (
     bind_server,
     field,
     is_loopback,
+    one_line,
     parse_generate,
     read_api_key,
 )
@@ -124,7 +122,8 @@ class HFServeEngine(HFEngine):
 
 
 def build_engine(args, tokenizer, stopping: threading.Event):
-    """(the engine, its context length, the dtype it holds its weights in)."""
+    """(the engine, its context length, the dtype it holds its weights in, the errors by which it refuses a
+    request's parameters)."""
     if args.engine == "hf":
         torch.set_num_threads(args.num_threads)
         engine = HFServeEngine(
@@ -132,7 +131,9 @@ def build_engine(args, tokenizer, stopping: threading.Event):
         )
         config = engine.model.config.get_text_config()
         context = args.max_model_len or getattr(config, "max_position_embeddings", None)
-        return engine, context, engine.dtype
+        return engine, context, engine.dtype, (ValueError,)
+    from vllm.exceptions import VLLMClientError  # vLLM's request errors (its temperature <= 2, say)
+
     from gcpo_fast.vllm_engine import VLLMEngine
 
     engine = VLLMEngine(
@@ -140,7 +141,7 @@ def build_engine(args, tokenizer, stopping: threading.Event):
         max_model_len=args.max_model_len, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
     model_config = engine.llm.llm_engine.model_config
-    return engine, model_config.max_model_len, model_config.dtype
+    return engine, model_config.max_model_len, model_config.dtype, (ValueError, VLLMClientError)
 
 
 def model_parameters(model_path: str, trust_remote_code: bool) -> dict[str, tuple[int, ...]]:
@@ -161,10 +162,11 @@ class GenerationServer:
     """The engine, the version of its weights, and the weight group of the current client."""
 
     def __init__(self, engine, *, name: str, model: str, vocab_size: int, context: int | None, max_rows: int,
-                 parameters: dict, dtype: torch.dtype, bind_host: str, stopping: threading.Event):  # fmt: skip
+                 parameters: dict, dtype: torch.dtype, client_errors: tuple, bind_host: str,
+                 stopping: threading.Event):  # fmt: skip
         self.engine, self.name, self.model, self.vocab_size = engine, name, model, vocab_size
         self.context, self.max_rows, self.parameters, self.dtype = context, max_rows, parameters, dtype
-        self.bind_host, self.stopping = bind_host, stopping
+        self.client_errors, self.bind_host, self.stopping = client_errors, bind_host, stopping
         self.lock = threading.Lock()  # engine calls: generate, weight loads
         self.staged_lock = threading.Lock()
         self.staged: tuple[list, int] | None = None  # (tensors, version) received while the engine generated
@@ -192,6 +194,8 @@ class GenerationServer:
                 version = self.version
         except ShuttingDown:
             raise RequestError("the server is shutting down", HTTPStatus.SERVICE_UNAVAILABLE) from None
+        except self.client_errors as e:  # the engine's own bounds: the request's fault
+            raise RequestError(f"the {self.name} engine refuses the request: {one_line(e)}") from None
         return dict(
             prompt_ids=prompts,
             completion_ids=rows.completion_ids,
@@ -455,14 +459,14 @@ def main(argv=None) -> int:
 
         tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
         parameters = model_parameters(args.model, args.trust_remote_code)
-        engine, context, dtype = build_engine(args, tokenizer, stopping)
+        engine, context, dtype, client_errors = build_engine(args, tokenizer, stopping)
     except (OSError, ValueError, ImportError) as e:
         print(f"{prog}: cannot load {args.model}: {' '.join(str(e).split())[:400]}", file=sys.stderr)
         return 1
     vocab = getattr(engine, "vocab_size", None) or len(tokenizer)
     server = GenerationServer(
         engine, name=args.engine, model=args.model, vocab_size=vocab, context=context, max_rows=args.max_request_rows,
-        parameters=parameters, dtype=dtype, bind_host=args.host, stopping=stopping,
+        parameters=parameters, dtype=dtype, client_errors=client_errors, bind_host=args.host, stopping=stopping,
     )  # fmt: skip
     httpd.routes = routes(server)
     reason = []

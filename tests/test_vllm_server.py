@@ -14,6 +14,8 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -114,3 +116,19 @@ def test_async_rounds_from_the_server_carry_the_true_policy_lag(engine, tmp_path
         for name, value in {**ENV, API_KEY_ENV: engine.api_key}.items():
             mp.setenv(name, value)
         check_policy_lag([*server, *small])
+
+
+def test_what_vllm_refuses_is_a_400_and_the_context_is_vllms(engine):
+    """vLLM's own request errors (its temperature is at most 2) are the client's: 400 in one line, not 500; a prompt
+    past vLLM's context (--max_model_len 384) is refused before it reaches vLLM."""
+    for body, reason in [
+        ({"prompts": [[1, 2]], "temperature": 3.0}, "the vllm engine refuses the request: temperature must be in"),
+        ({"prompts": [[1] * 300], "max_tokens": 100}, "exceed this server's context of 384 tokens"),
+    ]:
+        request = urllib.request.Request(
+            engine.base_url + "/generate/", data=json.dumps(body).encode(), method="POST",
+            headers={"Authorization": f"Bearer {engine.api_key}"},
+        )  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(request, timeout=60)
+        assert error.value.code == 400 and reason in json.loads(error.value.read())["error"]
