@@ -1,6 +1,6 @@
 """Helpers for the tests that run `python -m gcpo_fast.serve` as a real process and talk to it over raw HTTP.
 
-with ServerProcess(port, "--read_timeout", "2", api_key=KEY) as server:
+with ServerProcess(port, "--read_timeout", "2", api_key=KEY, log=tmp_path / "server.log") as server:
     status, body = server.request("POST", "/generate/", {"prompts": [[1, 2]]}, key=KEY)
     server.raw(b"GET /health/ HTTP/1.1\\r\\n\\r\\n")       # the bytes the server answered
 listening(server.process.pid)                              # {(address, port)} it listens on
@@ -23,13 +23,13 @@ KEY = "test-key-0123456789abcdef"
 
 
 class ServerProcess:
-    """The hf engine on the shipped model, on `host`:`port` (host None: the server's default), its output in `log`
-    (a file)."""
+    """The hf engine on the shipped model, on `host`:`port` (host None: the server's default), its output in the
+    file `log`."""
 
-    def __init__(self, port: int, *args: str, host: str | None = None, api_key: str | None = None, log=None):
+    def __init__(self, port: int, *args: str, log: Path, host: str | None = None, api_key: str | None = None):
         self.port, self.host = port, host or "127.0.0.1"
         self.base_url = f"http://[{self.host}]:{port}" if ":" in self.host else f"http://{self.host}:{port}"
-        self.log = Path(log or f"/tmp/gcpo_test_serve_{port}.log")
+        self.log = Path(log)
         env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
         env = {**env, "OMP_NUM_THREADS": "1", **({API_KEY_ENV: api_key} if api_key else {})}
         cmd = [sys.executable, "-m", "gcpo_fast.serve", "--model", DEFAULT_MODEL, "--engine", "hf"]

@@ -26,8 +26,9 @@ LIMITS = ["--read_timeout", "2", "--max_connections", "4", "--max_request_bytes"
 
 
 @pytest.fixture(scope="module")
-def server():
-    with ServerProcess(free_port(), *LIMITS, api_key=KEY) as server:
+def server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with ServerProcess(free_port(), *LIMITS, api_key=KEY, log=log) as server:
         yield server
 
 
@@ -101,10 +102,10 @@ def test_slow_clients_are_cut_off_and_connections_capped(server):
     assert server.request("GET", "/health/") == (200, {"status": "ok"})
 
 
-def test_sigterm_during_a_generation_closes_cleanly():
+def test_sigterm_during_a_generation_closes_cleanly(tmp_path):
     """On ::1 (a host the stdlib server could not bind before): a long generation is stopped at its next token,
     its client gets 503, and the server exits 0 in seconds."""
-    with ServerProcess(free_port(), host="::1") as server:
+    with ServerProcess(free_port(), host="::1", log=tmp_path / "server.log") as server:
         replies = []
         long_one = {"prompts": [[1, 2, 3]], "n": 64, "max_tokens": 500, "temperature": 3.0}
         client = threading.Thread(target=lambda: replies.append(server.request("POST", "/generate/", long_one)))

@@ -38,8 +38,9 @@ STATE_CHANGING = [
 
 
 @pytest.fixture(scope="module")
-def server():
-    with ServerProcess(free_port(), api_key=KEY) as server:  # no --host: the default
+def server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with ServerProcess(free_port(), api_key=KEY, log=log) as server:  # no --host: the default
         yield server
 
 
