@@ -19,9 +19,12 @@ The bound. Let s be the optimizer steps taken when the trainer starts a round an
 count of the weights) that sampled its rows: the round's staleness is s - v. The trainer sends its weights every
 weight_sync_steps steps (<= max_staleness = K), and the producer starts the round planned for step s only once the
 engine holds version >= s - K, so no round is older than K when it trains (0 is today's synchronous loop). A round
-that is (a server restarted under the run and sampled with its initial weights) is dropped, counted in
-async/dropped_rounds, and the engine is synced again. The producer runs at most K // steps_per_round + 1 rounds
-ahead.
+that is (a vLLM server restarted under the run and sampled with its initial weights: RemoteEngine waits up to
+--vllm_server_timeout for it to come back, retries the generate, and gives up the sync the restart broke) is
+dropped, counted in async/dropped_rounds, and the engine is synced again. The producer runs at most
+K // steps_per_round + 1 rounds ahead. The trainer's own HF server dies with the trainer and is never restarted:
+its death stops the run. Off the main thread math-verify's time limit holds only in a process of its own, which
+gcpo_fast.data.rewards uses (rewards/checker_timeouts counts what ran out of time).
 
 The gap is corrected per row: each row keeps the engine's sampling log-probs, and the trainer's own log-probs at
 training time are the old log-probs as in synchronous training, so the sampling weight exp(old - sampling)

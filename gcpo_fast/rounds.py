@@ -20,7 +20,13 @@ import torch
 
 from gcpo_fast.data.prompt_checks import warn_if_mostly_truncated
 from gcpo_fast.data.prompts import encode_prompts
-from gcpo_fast.data.rewards import RewardConfig, as_completions, compute_rewards, reward_function_name
+from gcpo_fast.data.rewards import (
+    RewardConfig,
+    as_completions,
+    compute_rewards,
+    reward_function_name,
+    take_checker_timeouts,
+)
 from gcpo_fast.distributed.parallel import all_reduce
 from gcpo_fast.engines.base import RolloutConfig, Rows
 from gcpo_fast.errors import require
@@ -193,6 +199,7 @@ def rollout_metrics(ctx: RoundContext, rows: Rows, grid: torch.Tensor, per_func,
         "num_gen_batches": num_batches,
         # every sampled group, kept or not (gcpo/frac_all_wrong counts the kept ones: none under DAPO's filter)
         "frac_reward_all_wrong": all_wrong_groups(grid, ctx.rewards.correct_reward).float().mean().item(),
+        "rewards/checker_timeouts": take_checker_timeouts(),  # answers math-verify ran out of time on (0 reward)
         **{
             f"rewards/{reward_function_name(f)}/mean": per_func[:, j].nanmean().nan_to_num().item()
             for j, f in enumerate(ctx.reward_funcs)

@@ -4,51 +4,102 @@
     python -m gcpo_fast.serve --model gcpo_fast/assets/default_model --engine hf --port 8000   # HF generate
     python -m gcpo_fast.train --use_vllm --vllm_mode server --vllm_server_base_url http://127.0.0.1:8000 ...
 
-Endpoints (JSON; a bad request is HTTP 400 with a one-line "error"):
+    # reachable from other machines: only with an API key, which the trainer sends
+    python -c 'import secrets; print(secrets.token_urlsafe())' > key && chmod 600 key
+    python -m gcpo_fast.serve --model ... --host 0.0.0.0 --api_key_file key
+    python -m gcpo_fast.train ... --vllm_server_base_url http://gpu-box:8000 --vllm_server_api_key_file key
+
+Endpoints (JSON; a refusal is one line, {"error": ...}, HTTP 400 unless said otherwise):
 - GET /health/ -> {"status": "ok"};  GET /get_world_size/ -> {"world_size": 1}
-- GET /info/ -> {"eos_token_ids", "policy_version", "engine", "model", "device", "device_uuid"}
+- GET /info/ -> {"eos_token_ids", "policy_version", "engine", "model", "device", "device_uuid", "max_model_len",
+  "instance" (random per process: a client tells a restarted server by it)}
 - POST /generate/ {prompts: [[token ids]...], n, temperature (0: greedy), top_p, top_k (-1 or 0: off),
   max_tokens, logprobs (0 or null), stop (strings that end a completion, kept)} -> {prompt_ids (per prompt),
   completion_ids, logprobs ([row][token][1]),
   truncated (per row), policy_version (the weights that sampled them)}. Completions are cut after their first
   EOS (kept); logprobs are the sampling log-probs (after temperature / top-k / top-p, vLLM's processed_logprobs).
-- POST /init_communicator/ {host, port, world_size: 2, backend: "gloo"|"nccl"} hosts a weight group (see
-  gcpo_fast/engines/weight_transport.py) for the client to join; a second call replaces the first client's group.
-- POST /update_weights/ {version} receives the client's tensors one at a time and answers {"policy_version",
-  "tensors", "staged"}. An idle engine loads them as they arrive. An engine that is generating (rounds sampled
-  ahead of the trainer, --async_rollouts) keeps its version: the tensors are staged in host memory (one copy of
-  the weights) and loaded as soon as the generation in flight ends, before any later one, so the trainer never
-  waits for a generation to finish. POST /close_communicator/ drops the group.
-Engine calls hold one lock: a generate and a weight load never interleave. SIGTERM / SIGINT close the engine.
+  Every prompt + max_tokens must fit the context (--max_model_len; the model's own by default); prompts x n at
+  most --max_request_rows (413); numbers finite; what the engine itself refuses (vLLM: temperature > 2) is 400.
+- POST /init_communicator/ {port, world_size: 2, backend: "gloo"|"nccl"} hosts a weight group (see
+  gcpo_fast/engines/weight_transport.py) for the client to join, its store on this server's --host and that port (TRL's
+  `host` field is not read: nothing listens where the server was not told to); a second call replaces the first
+  client's group, and its store too when the port differs (409 when that port cannot be bound).
+  POST /close_communicator/ closes the group and its store.
+- POST /update_weights/ {version, key (optional: the group's, from /init_communicator/)} receives the client's
+  tensors into host memory (one copy of the weights, in the engine's dtype), never under the engine lock: a client
+  that stalls mid-update stalls its own update only (up to GROUP_TIMEOUT_S a tensor), never a generation. Each
+  header is checked against this server's model: a name it lacks, another shape, or a stream that misses some is
+  refused by name, and nothing loads. An idle engine then loads them ({"staged": false}); a generating one
+  (--async_rollouts) keeps its version until the generation in flight ends and loads them before the next
+  ({"staged": true}). One update at a time per group (409). An update whose key names a group that a later
+  /init_communicator/ replaced is refused, 409 "another trainer took this server", before anything is read: two
+  trainers on one server fail with that line, not with gloo's.
+
+Security. The server binds 127.0.0.1 by default. With an API key (--api_key_file FILE, or $GCPO_SERVE_API_KEY;
+never a flag: the command line is visible to every user) every endpoint but /health/ wants `Authorization:
+Bearer <key>` (vLLM's header), 401 otherwise; the key is never printed. Without one the server answers every
+local user (said at start), and a --host that other machines reach is refused: anyone who reaches
+/update_weights/ replaces the policy. HTTP is plain: across machines use a private network or an SSH tunnel.
+
+Limits (gcpo_fast/engines/server_http.py): --max_request_bytes (413 before reading), --read_timeout for a whole request
+to arrive (slow clients are cut off, 408), --max_connections open at once (503), Content-Length checked (400 /
+411), JSON without NaN / Infinity. Why the stdlib http.server and not FastAPI + uvicorn (what TRL's vllm-serve and
+vLLM run): this server makes one engine call at a time behind a lock, so an event loop buys nothing, and the two
+limits a server on a network needs most are not in uvicorn: it has no deadline for a request to arrive (its
+keep-alive timer restarts on every byte, so a trickling client holds its connection forever) and no body size
+limit; both would have to be written against its private protocol classes. Here each is a few tested lines
+(tests/test_serve_limits.py), and the trainer's own server (--async_rollouts) needs no dependency beyond torch.
+
+Shutdown. SIGTERM / SIGINT (or, with --exit_on_stdin_close, the end of standard input: the trainer that launched
+the server holds its other end, so the server ends with the trainer however that dies) stop accepting, stop the
+HF engine's generation in flight at its next token (its client gets 503), wait up to SHUTDOWN_GRACE_S for the
+requests being answered and the engine, close it and exit 0 (1 if the grace ran out). A second signal exits at
+once. Mistakes in the command line (a port in use or out of range, a --dtype, --num_threads 0, a host that does
+not resolve, a missing API key) are one line, exit status 2, before the model loads.
 The vllm engine is gcpo_fast.engines.vllm_engine.VLLMEngine (a world of one); the hf engine is HFEngine on a model of
 its own (fp32 on the CPU, --dtype on CUDA, bf16 by default there), which reports its sampling log-probs too.
 """
 
 import argparse
-import json
+import math
+import os
 import signal
+import socket
 import sys
 import threading
+import uuid
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from gcpo_fast.engines.base import Sampling
 from gcpo_fast.engines.hf import HFEngine
-from gcpo_fast.engines.weight_transport import WeightGroup, device_uuid, host_store
+from gcpo_fast.engines.server_http import (
+    API_KEY_ENV,
+    Limits,
+    RequestError,
+    bind_server,
+    field,
+    is_loopback,
+    one_line,
+    parse_generate,
+    read_api_key,
+)
+from gcpo_fast.engines.weight_transport import CONNECT_TIMEOUT_S, WeightGroup, device_uuid, host_store
 
-GROUP_TIMEOUT_S = 1800.0  # a weight stream's every broadcast, and the wait for the client to join
+GROUP_TIMEOUT_S = 600.0  # each broadcast of a weight stream (a tensor of GBs over a slow link fits)
+SHUTDOWN_GRACE_S = 30.0  # SIGTERM: the longest wait for the requests being answered
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float", "half")
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 
 
-class BadRequest(ValueError):
-    """A request the server cannot serve: HTTP 400 with this message."""
+class ShuttingDown(Exception):
+    """Raised inside the HF engine's forward once the server stops: its generation ends there."""
 
 
 class HFServeEngine(HFEngine):
-    """HFEngine on a model of its own, reporting sampling log-probs; sync_weights copies tensors in by name."""
+    """HFEngine on a model of its own, reporting sampling log-probs; its generation stops when `stopping` is set."""
 
-    def __init__(self, model_path: str, tokenizer, *, dtype: str, trust_remote_code: bool):
+    def __init__(self, model_path: str, tokenizer, *, dtype: str, trust_remote_code: bool, stopping: threading.Event):
         from gcpo_fast.models.loading import load_causal_lm
 
         cuda = torch.cuda.is_available()
@@ -59,56 +110,97 @@ class HFServeEngine(HFEngine):
         )  # fmt: skip
         super().__init__(model.eval().requires_grad_(False), tokenizer, sampling_logprobs=True)
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
+        self.dtype = torch_dtype
+        model.register_forward_pre_hook(lambda *_: self._stop_if(stopping))
+
+    @staticmethod
+    def _stop_if(stopping: threading.Event) -> None:
+        if stopping.is_set():
+            raise ShuttingDown()
 
     @torch.no_grad()
     def sync_weights(self, named_tensors) -> None:
-        params = dict(self.model.named_parameters())
+        params = dict(self.model.named_parameters())  # the names and shapes were checked on arrival
         for name, tensor in named_tensors:
-            if name not in params:
-                raise BadRequest(f"the model has no parameter {name!r}")
-            if params[name].shape != tensor.shape:
-                raise BadRequest(f"{name}: shape {list(tensor.shape)}, the model's is {list(params[name].shape)}")
             params[name].copy_(tensor)
 
 
-def build_engine(args, tokenizer):
+def build_engine(args, tokenizer, stopping: threading.Event):
+    """(the engine, its context length, the dtype it holds its weights in, the errors by which it refuses a
+    request's parameters)."""
     if args.engine == "hf":
         torch.set_num_threads(args.num_threads)
-        return HFServeEngine(args.model, tokenizer, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        engine = HFServeEngine(
+            args.model, tokenizer, dtype=args.dtype, trust_remote_code=args.trust_remote_code, stopping=stopping
+        )
+        config = engine.model.config.get_text_config()
+        context = args.max_model_len or getattr(config, "max_position_embeddings", None)
+        return engine, context, engine.dtype, (ValueError,)
+    from vllm.exceptions import VLLMClientError  # vLLM's request errors (its temperature <= 2, say)
+
     from gcpo_fast.engines.vllm_engine import VLLMEngine
 
-    return VLLMEngine(
+    engine = VLLMEngine(
         args.model, tokenizer, seed=args.seed, gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.max_model_len, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
+    model_config = engine.llm.llm_engine.model_config
+    return engine, model_config.max_model_len, model_config.dtype, (ValueError, VLLMClientError)
+
+
+def model_parameters(model_path: str, trust_remote_code: bool) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of the folder's Hugging Face model (built on the meta device: no memory), which is
+    what a trainer of that model sends, whatever layout the engine keeps (vLLM fuses some of them)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from gcpo_fast.models.loading import check_model_folder
+
+    folder = check_model_folder(model_path, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
 class GenerationServer:
     """The engine, the version of its weights, and the weight group of the current client."""
 
-    def __init__(self, engine, *, name: str, model: str, vocab_size: int):
+    def __init__(self, engine, *, name: str, model: str, vocab_size: int, context: int | None, max_rows: int,
+                 parameters: dict, dtype: torch.dtype, client_errors: tuple, bind_host: str,
+                 stopping: threading.Event):  # fmt: skip
         self.engine, self.name, self.model, self.vocab_size = engine, name, model, vocab_size
+        self.context, self.max_rows, self.parameters, self.dtype = context, max_rows, parameters, dtype
+        self.client_errors, self.bind_host, self.stopping = client_errors, bind_host, stopping
         self.lock = threading.Lock()  # engine calls: generate, weight loads
         self.staged_lock = threading.Lock()
         self.staged: tuple[list, int] | None = None  # (tensors, version) received while the engine generated
-        self.group_lock = threading.Lock()  # the current weight group
+        self.group_lock = threading.Lock()  # the current weight group and its store
         self.group: WeightGroup | None = None
-        self.store, self.store_address, self.connections = None, None, 0  # the rendezvous store, hosted once
+        self.group_key: str | None = None  # the newest client's (its updates carry it; an older client's are refused)
+        self.store, self.connections = None, 0  # one rendezvous store at a time
         self.version = 0
+        self.instance = uuid.uuid4().hex
 
     def info(self) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         return dict(
             eos_token_ids=self.engine.eos_ids, policy_version=self.version, engine=self.name, model=self.model,
-            device=device, device_uuid=device_uuid(),
+            device=device, device_uuid=device_uuid(), max_model_len=self.context, instance=self.instance,
         )  # fmt: skip
 
     def generate(self, request: dict) -> dict:
-        prompts, n, sampling = parse_generate(request, self.vocab_size)
-        with self.lock:
-            self._load_staged()
-            rows = self.engine.generate(prompts, n, sampling)
-            version = self.version
+        prompts, n, sampling = parse_generate(request, self.vocab_size, self.context, self.max_rows)
+        try:
+            with self.lock:
+                if self.stopping.is_set():
+                    raise ShuttingDown()
+                self._load_staged()
+                rows = self.engine.generate(prompts, n, sampling)
+                version = self.version
+        except ShuttingDown:
+            raise RequestError("the server is shutting down", HTTPStatus.SERVICE_UNAVAILABLE) from None
+        except self.client_errors as e:  # the engine's own bounds: the request's fault
+            raise RequestError(f"the {self.name} engine refuses the request: {one_line(e)}") from None
         return dict(
             prompt_ids=prompts,
             completion_ids=rows.completion_ids,
@@ -118,226 +210,308 @@ class GenerationServer:
         )
 
     def init_communicator(self, request: dict) -> dict:
-        host, port = field(request, "host", str), field(request, "port", int)
+        port = field(request, "port", int)
+        if not 0 < port < 65536:
+            raise RequestError(f"port must be a TCP port (1-65535), got {port}")
         if field(request, "world_size", int) != 2:
-            raise BadRequest("world_size must be 2 (this server and one client)")
+            raise RequestError("world_size must be 2 (this server and one client)")
         backend = request.get("backend", "gloo")
         if backend not in ("gloo", "nccl") or (backend == "nccl" and not torch.cuda.is_available()):
-            raise BadRequest(f"backend {backend!r}: use gloo, or nccl when the server is on CUDA")
+            raise RequestError(f"backend {str(backend)[:20]!r}: use gloo, or nccl when the server is on CUDA")
         with self.group_lock:
-            if self.store is None or self.store_address != (host, port):
-                self.store, self.store_address = host_store(host, port, timeout=GROUP_TIMEOUT_S), (host, port)
+            self._close_group()  # a new client (a restarted trainer) replaces the previous one
+            if self.store is None or self.store.port != port:
+                self.store = None  # the previous store closes once no group of it is left
+                try:
+                    self.store = host_store(self.bind_host, port, timeout=CONNECT_TIMEOUT_S)
+                except OSError as e:
+                    raise RequestError(
+                        f"cannot host the weight group on {self.bind_host}:{port}: {e.strerror or e}",
+                        HTTPStatus.CONFLICT,
+                    ) from None
             self.connections += 1
-            key = f"client-{self.connections}"  # a new group replaces the previous client's (a restarted trainer)
-            self.group = WeightGroup.host(self.store, key, backend=backend, timeout=GROUP_TIMEOUT_S)
-        return {"message": f"waiting for the client on port {port} ({backend})", "key": key}
+            key = f"client-{self.connections}"
+            address = None if self.bind_host in WILDCARD_HOSTS else self.bind_host
+            self.group = WeightGroup.host(self.store, key, backend=backend, timeout=GROUP_TIMEOUT_S, address=address)
+            self.group_key = key
+        return {"message": f"waiting for the client on port {port} ({backend})", "key": key, "instance": self.instance}
 
     def close_communicator(self) -> dict:
         with self.group_lock:
-            self.group = None
+            self._close_group()
+            self.store = None
         return {"message": "closed"}
+
+    def _close_group(self) -> None:
+        if self.group is not None:
+            self.group.close()
+            self.group = None
 
     def update_weights(self, request: dict) -> dict:
         version = field(request, "version", int)
         with self.group_lock:
-            group = self.group
+            group, key = self.group, self.group_key
+        sender = request.get("key")  # the group this client formed (ours always send it; TRL's never do)
+        if sender is not None and sender != key:
+            raise RequestError(
+                "another trainer took this server: its /init_communicator/ replaced this client's weight group "
+                "(one trainer sends weights to a server; a restarted trainer takes it over)",
+                HTTPStatus.CONFLICT,
+            )
         if group is None:
-            raise BadRequest("no weight group: call /init_communicator/ first")
-        group.wait_ready()
-        if self.lock.acquire(blocking=False):  # idle: straight into the engine, one tensor at a time
+            raise RequestError("no weight group: call /init_communicator/ first")
+        if not group.busy.acquire(blocking=False):
+            raise RequestError("an update is already streaming over this weight group", HTTPStatus.CONFLICT)
+        try:
+            group.wait_ready()
+            tensors = self._receive(group)
+        except BaseException:
+            with self.group_lock:  # out of step with its client: the client's next sync forms a new group
+                if self.group is group:
+                    self._close_group()
+            group.close()
+            raise
+        finally:
+            group.busy.release()
+        with self.staged_lock:
+            self.staged = (tensors, version)  # a newer whole update replaces one not yet loaded
+        if self.lock.acquire(blocking=False):  # idle: into the engine now
             try:
-                self._load_staged()  # an older staged update would otherwise land after this one
-                count = self._load(group.receive(), version)
+                self._load_staged()
             finally:
                 self.lock.release()
-            return {"policy_version": version, "tensors": count, "staged": False}
-        staged = [(name, tensor.cpu()) for name, tensor in group.receive()]
-        with self.staged_lock:
-            self.staged = (staged, version)  # a newer whole update replaces one not yet loaded
+            return {"policy_version": version, "tensors": len(tensors), "staged": False}
         threading.Thread(target=self._load_staged_when_idle, daemon=True).start()
-        return {"policy_version": version, "tensors": len(staged), "staged": True}
+        return {"policy_version": version, "tensors": len(tensors), "staged": True}
 
-    def _load(self, received, version: int) -> int:
-        """Feed the engine (the lock held); the number of tensors."""
-        count = 0
+    def _receive(self, group: WeightGroup) -> list:
+        """The client's whole stream in host memory, in the engine's dtype; RequestError naming what does not
+        match this server's parameters (names and shapes, refused from a tensor's header, before its bytes)."""
+        received = {}
 
-        def counted():
-            nonlocal count
-            for item in received:
-                count += 1
-                yield item
+        def accept(name: str, shape: tuple) -> None:
+            expected = self.parameters.get(name)
+            if expected is None or shape != expected or name in received:
+                why = "has no parameter" if expected is None else "was sent twice" if name in received else "has"
+                shapes = f" of shape {list(expected)}, not {list(shape)}" if why == "has" else ""
+                raise RequestError(f"{self._mismatch()}: this server's model {why} {name[:200]!r}{shapes}")
 
-        stream = counted()
         try:
-            self.engine.sync_weights(stream)
-        finally:
-            for _ in stream:  # what the engine left (it stopped on an error): keep the client's stream in step
-                pass
-        self.version = version
-        return count
+            for name, tensor in group.receive(accept):
+                received[name] = tensor.to("cpu", self.dtype if tensor.is_floating_point() else tensor.dtype)
+        except ValueError as e:  # a header this protocol does not write
+            raise RequestError(str(e)) from None
+        missing = [name for name in self.parameters if name not in received]
+        if missing:
+            raise RequestError(
+                f"{self._mismatch()}: it lacks {len(missing)} of this server's {len(self.parameters)} parameters "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+            )
+        return list(received.items())
+
+    def _mismatch(self) -> str:
+        return f"the update does not match this server's model ({self.model}; another model than the trainer's?)"
 
     def _load_staged(self) -> None:
         """Load the staged update, if any (the lock held)."""
         with self.staged_lock:
             staged, self.staged = self.staged, None
         if staged is not None:
-            self._load(iter(staged[0]), staged[1])
+            self.engine.sync_weights(iter(staged[0]))
+            self.version = staged[1]
 
     def _load_staged_when_idle(self) -> None:
         with self.lock:
             self._load_staged()
 
-
-def field(request: dict, name: str, kind: type, default=None):
-    value = request.get(name, default)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise BadRequest(f"{name} must be {kind.__name__}, got {value!r}")
-    return value
-
-
-GENERATE_FIELDS = {"prompts", "n", "temperature", "top_p", "top_k", "max_tokens", "logprobs", "repetition_penalty"}
-GENERATE_FIELDS |= {"min_p", "images", "structured_outputs_regex", "generation_kwargs"}  # TRL's, at their defaults
-GENERATE_FIELDS |= {"stop"}  # vLLM's name: strings that end a completion (a tool call's end), kept in it
+    def close(self, in_flight, grace: float) -> bool:
+        """After the HTTP server stopped: wait up to `grace` s for the requests being answered (serve_http's
+        InFlight) and the engine, then close the engine; False if the grace ran out (the engine left as it is)."""
+        self.stopping.set()
+        if not (in_flight.wait_idle(grace) and self.lock.acquire(timeout=grace)):
+            return False
+        self.engine.close()
+        return True
 
 
-def parse_generate(request: dict, vocab_size: int) -> tuple[list[list[int]], int, Sampling]:
-    unknown = sorted(set(request) - GENERATE_FIELDS)
-    if unknown:
-        raise BadRequest(f"unknown fields {unknown}")
-    unsupported = [
-        k for k, default in (("repetition_penalty", 1.0), ("min_p", 0.0)) if request.get(k, default) != default
-    ] + [k for k in ("images", "structured_outputs_regex", "generation_kwargs") if request.get(k)]
-    if unsupported:
-        raise BadRequest(f"not supported by this server: {unsupported}")
-    prompts = request.get("prompts")
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, list) and p for p in prompts):
-        raise BadRequest("prompts must be a non-empty list of non-empty token-id lists")
-    if not all(isinstance(t, int) and 0 <= t < vocab_size for p in prompts for t in p):
-        raise BadRequest(f"prompts: every token id must be an int in [0, {vocab_size})")
-    n, max_tokens = field(request, "n", int, 1), field(request, "max_tokens", int, 16)
-    temperature, top_p = field(request, "temperature", float, 1.0), field(request, "top_p", float, 1.0)
-    top_k = field(request, "top_k", int, -1)
-    if request.get("logprobs", 0) not in (0, None):
-        raise BadRequest("logprobs: only 0 (the sampled token's log-prob) is supported")
-    if n < 1 or max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1 or top_k < -1:
-        raise BadRequest("n and max_tokens must be >= 1, temperature >= 0, top_p in (0, 1], top_k >= -1")
-    stop = request.get("stop") or []
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise BadRequest("stop must be a list of non-empty strings")
-    greedy = temperature == 0
-    sampling = Sampling(max_tokens, 1.0 if greedy else temperature, top_p, max(top_k, 0), greedy, tuple(stop))
-    return prompts, n, sampling
-
-
-def make_handler(server: GenerationServer):
-    routes = {
-        ("GET", "/health/"): lambda _: {"status": "ok"},
-        ("GET", "/get_world_size/"): lambda _: {"world_size": 1},
-        ("GET", "/info/"): lambda _: server.info(),
-        ("POST", "/generate/"): server.generate,
-        ("POST", "/init_communicator/"): server.init_communicator,
-        ("POST", "/update_weights/"): server.update_weights,
-        ("POST", "/close_communicator/"): lambda _: server.close_communicator(),
+def routes(server: GenerationServer) -> dict:
+    """(method, path) -> (whether shutdown waits for it, handler). A stalled weight stream is not waited for."""
+    return {
+        ("GET", "/health/"): (True, lambda _: {"status": "ok"}),
+        ("GET", "/get_world_size/"): (True, lambda _: {"world_size": 1}),
+        ("GET", "/info/"): (True, lambda _: server.info()),
+        ("POST", "/generate/"): (True, server.generate),
+        ("POST", "/init_communicator/"): (True, server.init_communicator),
+        ("POST", "/update_weights/"): (False, server.update_weights),
+        ("POST", "/close_communicator/"): (True, lambda _: server.close_communicator()),
     }
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
 
-        def do_GET(self):
-            self.serve("GET")
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as the trainer's: --help shows the usage
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
-        def do_POST(self):
-            self.serve("POST")
 
-        def serve(self, method: str):
-            route = routes.get((method, self.path if self.path.endswith("/") else self.path + "/"))
-            try:
-                if route is None:
-                    raise LookupError(f"no endpoint {method} {self.path}")
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}") if method == "POST" else {}
-                if not isinstance(body, dict):
-                    raise BadRequest("the body must be a JSON object")
-                self.reply(HTTPStatus.OK, route(body))
-            except LookupError as e:
-                self.reply(HTTPStatus.NOT_FOUND, {"error": str(e)})
-            except (BadRequest, json.JSONDecodeError) as e:
-                self.reply(HTTPStatus.BAD_REQUEST, {"error": f"{type(e).__name__}: {e}"})
-            except Exception as e:  # the engine or the weight stream failed: one line to the client, the trace here
-                self.log_error("%s %s failed: %r", method, self.path, e)
-                self.reply(
-                    HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(e).__name__}: {' '.join(str(e).split())}"}
-                )
+def number(kind, low, high=math.inf, what="a number"):
+    """An argparse type: `kind` within [low, high]."""
 
-        def reply(self, status: HTTPStatus, payload: dict):
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
 
-        def log_message(self, format, *args):  # noqa: A002 (the base class's name); quiet for health polls
-            if "/health/" not in self.path:
-                super().log_message(format, *args)
-
-    return Handler
+    return parse
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m gcpo_fast.serve", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m gcpo_fast.serve", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="model folder or hub id")
-    p.add_argument("--engine", choices=("vllm", "hf"), default="vllm", help="vLLM (default) or Hugging Face generate")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="auto", help="auto: bf16 on CUDA, fp32 on the CPU (hf); vLLM's choice (vllm)")
-    p.add_argument("--gpu_memory_utilization", type=float, default=0.9, help="vllm: the fraction it reserves")
-    p.add_argument("--max_model_len", type=int, default=None, help="vllm: context length")
+    p.add_argument(
+        "--engine", choices=("vllm", "hf"), default="vllm", help="vLLM or Hugging Face generate (%(default)s)"
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (%(default)s: this machine only; another needs an "
+        "API key)",
+    )  # fmt: skip
+    p.add_argument("--port", type=number(int, 1, 65535, "a TCP port (1-65535)"), default=8000, help="(%(default)s)")
+    p.add_argument(
+        "--api_key_file", default=None, help=f"file holding the API key clients must send (or ${API_KEY_ENV})"
+    )
+    p.add_argument("--seed", type=int, default=0, help="(%(default)s)")
+    p.add_argument(
+        "--dtype", choices=DTYPES, default="auto", help="auto: bf16 on CUDA, fp32 on the CPU (hf); vLLM's choice (vllm)"
+    )
+    p.add_argument(
+        "--gpu_memory_utilization", type=number(float, 1e-6, 1.0, "a fraction in (0, 1]"), default=0.9,
+        help="vllm: the fraction of the device it reserves (%(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max_model_len", type=number(int, 1, what="a positive integer"), default=None,
+        help="context length: every prompt + max_tokens must fit (default: the model's)",
+    )  # fmt: skip
     p.add_argument("--trust_remote_code", action="store_true")
-    p.add_argument("--num_threads", type=int, default=None, help="torch threads (hf; default: 1 on the CPU)")
+    p.add_argument(
+        "--num_threads", type=number(int, 1, what="a positive integer"), default=None,
+        help="torch threads (hf; default: 1 on the CPU)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max_request_rows", type=number(int, 1, what="a positive integer"), default=4096,
+        help="prompts x n of one /generate/ (%(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max_request_bytes", type=number(int, 1024, what="an integer >= 1024"), default=Limits.max_request_bytes,
+        help="the largest request body (%(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--read_timeout", type=number(float, 0.1, 86400.0, "seconds in [0.1, 86400]"), default=Limits.read_timeout,
+        help="seconds a client has to send a whole request, and to take its reply (%(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max_connections", type=number(int, 1, 100000, "an integer in [1, 100000]"),
+        default=Limits.max_connections, help="connections served at once; more get 503 (%(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--exit_on_stdin_close", action="store_true",
+        help="shut down when standard input closes (a launching process holds its other end)",
+    )  # fmt: skip
     p.add_argument("--tensor_parallel_size", type=int, default=1, help="1 only, for now")
     p.add_argument("--data_parallel_size", type=int, default=1, help="1 only, for now")
     args = p.parse_args(argv)
     for name in ("tensor_parallel_size", "data_parallel_size"):
         if getattr(args, name) != 1:
             p.error(f"--{name} {getattr(args, name)} is not supported yet: one engine per server (run more servers)")
+    try:
+        socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        args.api_key = read_api_key(args.api_key_file)
+    except socket.gaierror as e:
+        p.error(f"--host {args.host}: cannot resolve it ({e.strerror})")
+    except ValueError as e:
+        p.error(str(e))
+    if args.api_key is None and not is_loopback(args.host):
+        p.error(
+            f"--host {args.host} is reachable from other machines, and anyone who reaches the server can replace "
+            f"its weights: give an API key (--api_key_file FILE or ${API_KEY_ENV}), or listen on 127.0.0.1"
+        )
     if args.num_threads is None:
         args.num_threads = torch.get_num_threads() if torch.cuda.is_available() else 1
     return args
 
 
+def url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def watch_stdin(stop) -> None:
+    """Call stop("standard input closed") once standard input ends (its writer exited, however it died)."""
+
+    def read_to_end():
+        while os.read(sys.stdin.fileno(), 4096):
+            pass
+        stop("standard input closed")
+
+    threading.Thread(target=read_to_end, daemon=True, name="stdin-watch").start()
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # a mistake: one line, exit status 2, before anything loads
+    prog = "gcpo_fast.serve"
+    limits = Limits(args.max_request_bytes, args.read_timeout, args.max_connections)
+    try:  # the port first, so that a port in use is said before the model loads
+        httpd = bind_server(args.host, args.port, {}, limits, args.api_key)
+    except OSError as e:
+        print(f"{prog}: error: cannot listen on {url(args.host, args.port)}: {e.strerror or e}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
+    stopping = threading.Event()
     try:
         from gcpo_fast.models.loading import load_tokenizer
 
         tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-        engine = build_engine(args, tokenizer)
+        parameters = model_parameters(args.model, args.trust_remote_code)
+        engine, context, dtype, client_errors = build_engine(args, tokenizer, stopping)
     except (OSError, ValueError, ImportError) as e:
-        print(f"gcpo_fast.serve: cannot load {args.model}: {' '.join(str(e).split())[:400]}", file=sys.stderr)
+        print(f"{prog}: cannot load {args.model}: {' '.join(str(e).split())[:400]}", file=sys.stderr)
         return 1
     vocab = getattr(engine, "vocab_size", None) or len(tokenizer)
-    server = GenerationServer(engine, name=args.engine, model=args.model, vocab_size=vocab)
-    httpd = ThreadingHTTPServer((args.host, args.port), make_handler(server))
-    httpd.daemon_threads = True
+    server = GenerationServer(
+        engine, name=args.engine, model=args.model, vocab_size=vocab, context=context, max_rows=args.max_request_rows,
+        parameters=parameters, dtype=dtype, client_errors=client_errors, bind_host=args.host, stopping=stopping,
+    )  # fmt: skip
+    httpd.routes = routes(server)
+    reason = []
 
-    def stop(signum, _frame):
-        threading.Thread(target=httpd.shutdown, daemon=True).start()  # shutdown() waits for serve_forever
+    def stop(why: str) -> None:
+        if not reason:
+            reason.append(why)
+            stopping.set()  # the HF engine's generation in flight ends at its next token
+            threading.Thread(target=httpd.shutdown, daemon=True).start()  # shutdown() waits for serve_forever
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    print(f"gcpo_fast.serve: {args.engine} engine for {args.model} on http://{args.host}:{args.port}", flush=True)
-    try:
-        httpd.serve_forever()
-    finally:
-        httpd.server_close()
-        engine.close()
-    return 0
+    def on_signal(signum, _frame) -> None:
+        if reason:  # a second signal: at once
+            os._exit(128 + signum)
+        stop(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    if args.exit_on_stdin_close:
+        watch_stdin(stop)
+    guard = "an API key guards it" if args.api_key else "no API key: every user of this machine may change its weights"
+    print(f"{prog}: {args.engine} engine for {args.model} on {url(args.host, args.port)} ({guard})", flush=True)
+    httpd.serve_forever()
+    httpd.server_close()
+    closed = server.close(httpd.in_flight, SHUTDOWN_GRACE_S)
+    print(f"{prog}: {reason[0]}: " + ("closed" if closed else f"requests still running after {SHUTDOWN_GRACE_S:.0f} s"))
+    return 0 if closed else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # not sys.exit: a thread may still be inside a native call (a weight stream waiting on its peer), which the
+    # interpreter's teardown would abort (exit status -6)
+    os._exit(status)

@@ -153,7 +153,7 @@ class Trainer:
         self.engine = make_engine(
             cfg.vllm, self.model, self.tokenizer, model_path, bf16=cfg.model.bf16, seed=cfg.run.seed,
             max_model_len=max_model_len, rank=rank, trust_remote_code=cfg.model.trust_remote_code,
-            own_process=cfg.asynchronous.async_rollouts,
+            own_process=cfg.asynchronous.async_rollouts, log_dir=cfg.run.output_dir,
         )  # fmt: skip
         self.engine = with_tools(self.engine, cfg.tools, self.tokenizer)  # --tools: multi-turn rollouts
         self.ref_model = None

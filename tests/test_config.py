@@ -340,7 +340,7 @@ def test_vllm_options_are_checked_before_anything_loads():
     with pytest.raises(ConfigError, match="vllm_group_port must be a TCP port"):
         parse_config(["--vllm_mode", "server", "--vllm_group_port", "0"])
     cfg = parse_config(["--use_vllm", "--vllm_mode", "server", "--vllm_server_port", "8123"])  # no vLLM needed here
-    assert cfg.vllm.server_url == "http://0.0.0.0:8123"
+    assert cfg.vllm.server_url == "http://127.0.0.1:8123"  # the server listens there by default
     with pytest.raises(ConfigError, match="vllm_gpu_memory_utilization must be in"):
         parse_config(["--vllm_gpu_memory_utilization", "1.5"])
     with pytest.raises(ConfigError, match="vllm_importance_sampling_clip_min/_max"):

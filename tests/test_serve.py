@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +28,7 @@ from gcpo_fast.distributed.parallel import free_port
 from gcpo_fast.engines.base import Sampling
 from gcpo_fast.engines.hf import HFEngine
 from gcpo_fast.engines.remote import RemoteEngine, launch_server
+from gcpo_fast.engines.server_http import API_KEY_ENV
 from gcpo_fast.errors import TrainingError
 from gcpo_fast.models.loading import DEFAULT_MODEL
 
@@ -41,8 +43,11 @@ def engine(tokenizer):
 
 
 def post(engine, path, body):
-    """(HTTP status, JSON body) of a raw request."""
-    request = urllib.request.Request(engine.base_url + path, data=json.dumps(body).encode(), method="POST")
+    """(HTTP status, JSON body) of a raw request, with the server's API key."""
+    headers = {"Authorization": f"Bearer {engine.api_key}"}
+    request = urllib.request.Request(
+        engine.base_url + path, data=json.dumps(body).encode(), method="POST", headers=headers
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -167,7 +172,7 @@ def test_a_second_client_takes_over_the_weight_group(tokenizer, hf, prompt_ids):
     try:
         first.sync_weights(hf.named_parameters(), version=1)
         first.group = None  # a trainer that died without closing: its group is left on the server
-        second = RemoteEngine(first.base_url, tokenizer, timeout=10, group_port=first.group_port)
+        second = RemoteEngine(first.base_url, tokenizer, timeout=10, group_port=first.group_port, api_key=first.api_key)
         assert second.version == 1  # what the server holds
         halved = {n: t * 0.5 if n.endswith("norm.weight") else t for n, t in hf.named_parameters()}
         second.sync_weights(halved.items(), version=7)
@@ -213,7 +218,8 @@ def test_torchrun_ranks_sample_from_one_server_and_rank_0_sends(tokenizer, tmp_p
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     try:
-        done = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+        env = {**env, "OMP_NUM_THREADS": "1", API_KEY_ENV: engine.api_key}  # the key launch_server gave the server
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     finally:
         engine.close()
     assert done.returncode == 0, done.stderr[-3000:]
@@ -234,3 +240,102 @@ def test_stop_strings_end_completions_as_in_process(engine, hf, tokenizer, promp
     assert not any(local.truncated) and all(". " in t or "=7" in t for t in local.texts)
     whole = HFEngine(hf, tokenizer).generate(prompt_ids, 1, Sampling(32, greedy=True))
     assert all(len(a) < len(b) for a, b in zip(local.completion_ids, whole.completion_ids))
+
+
+def test_the_trainers_own_server_wants_its_key(engine):
+    request = urllib.request.Request(engine.base_url + "/info/")
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(request, timeout=10)
+    command_line = open(f"/proc/{engine.process.pid}/cmdline").read()
+    assert engine.api_key not in command_line and "127.0.0.1" in command_line  # the key travels in its environment
+
+
+def test_a_stalled_update_never_blocks_generation(engine, hf, prompt_ids):
+    """A client that sends one tensor of an update and goes silent: generations go on meanwhile (the stream arrives
+    off the engine lock); the update, when it ends without the rest, is refused and nothing of it is loaded."""
+    resume = threading.Event()
+    errors = []
+
+    def stalling(named):
+        for i, item in enumerate(named):
+            if i == 1:
+                resume.wait(120)
+                return  # the stream ends without the rest
+            yield item
+
+    def update():
+        try:
+            engine.sync_weights(stalling((n, t * 0) for n, t in hf.named_parameters()), version=99)
+        except TrainingError as e:
+            errors.append(str(e))
+
+    updating = threading.Thread(target=update)
+    updating.start()
+    try:
+        time.sleep(2)  # the first tensor has gone; the update waits for the rest
+        start = time.monotonic()
+        status, out = post(engine, "/generate/", dict(prompts=prompt_ids[:2], n=2, max_tokens=8))
+        assert status == 200 and out["policy_version"] != 99
+        assert time.monotonic() - start < 10, "a generation waited for a stalled update"
+    finally:
+        resume.set()
+        updating.join(60)
+    assert len(errors) == 1 and re.search(r"HTTP 400: the update does not match .* it lacks \d+ of", errors[0])
+    sampling = Sampling(max_completion_length=16, temperature=1.0)
+    assert worst_gap(hf, engine.generate(prompt_ids[:2], 2, sampling), 1.0) < LOGP_TOL  # nothing was loaded
+    engine.sync_weights(hf.named_parameters(), version=100)  # the next sync forms a new group and goes through
+
+
+@pytest.fixture(scope="module")
+def five_layers(tmp_path_factory, tokenizer):
+    """The shipped model's architecture with one layer more (random weights): names and shapes that include the
+    shipped model's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("five_layers")
+    config = AutoConfig.from_pretrained(DEFAULT_MODEL)
+    config.num_hidden_layers, config.layer_types = 5, ["full_attention"] * 5
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_server_of_another_model_refuses_the_trainers_weights(five_layers, tokenizer, hf, prompt_ids):
+    engine = launch_server(five_layers, tokenizer, engine="hf", timeout=120)
+    try:
+        greedy = Sampling(max_completion_length=8, greedy=True)
+        before = engine.generate(prompt_ids[:2], 1, greedy).completion_ids
+        with pytest.raises(TrainingError) as error:
+            engine.sync_weights(hf.named_parameters(), version=1)
+        message = one_line(error)
+        assert re.search(r"HTTP 400: the update does not match this server's model .* it lacks 12 of", message)
+        assert "of this server's 62 parameters (model.layers.4." in message, message
+        assert "model.layers.4." in message, message
+        after = engine.generate(prompt_ids[:2], 1, greedy)
+        assert after.completion_ids == before and after.policy_version == [0, 0]  # none of it was loaded
+        sixth = {**dict(hf.named_parameters()), "model.layers.9.mlp.up_proj.weight": torch.zeros(512, 128)}
+        with pytest.raises(TrainingError, match=r"has no parameter 'model.layers.9.mlp.up_proj.weight'"):
+            engine.sync_weights(sixth.items(), version=2)
+        reshaped = {n: t[:, :64] if n.endswith("layers.0.mlp.up_proj.weight") else t for n, t in hf.named_parameters()}
+        with pytest.raises(TrainingError, match=r"has 'model.layers.0.mlp.up_proj.weight' of shape \[512, 128\], not"):
+            engine.sync_weights(reshaped.items(), version=3)
+    finally:
+        engine.close()
+
+
+def test_a_second_trainer_takes_the_server_and_the_first_is_told_in_one_line(engine, hf, tokenizer):
+    """Two trainers sending weights to one server: the newest /init_communicator/ wins (a restarted trainer takes
+    its server back), and the first trainer's next update is refused with the reason, not gloo's words."""
+    first, second = engine, RemoteEngine(engine.base_url, tokenizer, api_key=engine.api_key, group_port=free_port())
+    try:
+        first.sync_weights(hf.named_parameters(), version=1)
+        second.sync_weights(hf.named_parameters(), version=2)  # takes the server
+        with pytest.raises(TrainingError) as refused:
+            first.sync_weights(hf.named_parameters(), version=3)
+        assert "another trainer took this server" in str(refused.value) and "\n" not in str(refused.value)
+        second.sync_weights(hf.named_parameters(), version=4)  # the second goes on
+        assert first.group is None  # and the first, told, would form a new group only if asked again
+    finally:
+        second.close()
+        first.sync_weights(hf.named_parameters(), version=5)  # the module's engine takes its server back

@@ -14,6 +14,8 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -24,6 +26,7 @@ from trainer_steps import check_policy_lag  # noqa: E402
 
 from gcpo_fast.engines.base import Sampling  # noqa: E402
 from gcpo_fast.engines.remote import launch_server  # noqa: E402
+from gcpo_fast.engines.server_http import API_KEY_ENV  # noqa: E402
 from gcpo_fast.models.loading import DEFAULT_MODEL  # noqa: E402
 
 LOGP_TOL = 1e-3
@@ -91,7 +94,8 @@ def test_the_trainer_samples_from_the_server(engine, tmp_path):
         "--max_steps", "2", "--output_dir", str(out), "--learning_rate", "3e-3", "--eval_steps", "0",
         "--save_steps", "0", "--per_device_train_batch_size", "32",
     ]  # fmt: skip
-    done = subprocess.run(cmd, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, **ENV, API_KEY_ENV: engine.api_key}  # the key launch_server gave the server
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]
@@ -109,6 +113,22 @@ def test_async_rounds_from_the_server_carry_the_true_policy_lag(engine, tmp_path
     small = ["--num_generations", "4", "--per_device_train_batch_size", "16", "--max_completion_length", "48"]
     small += ["--eval_steps", "0", "--save_steps", "0", "--output_dir", str(tmp_path / "run")]
     with pytest.MonkeyPatch.context() as mp:
-        for name, value in ENV.items():
+        for name, value in {**ENV, API_KEY_ENV: engine.api_key}.items():
             mp.setenv(name, value)
         check_policy_lag([*server, *small])
+
+
+def test_what_vllm_refuses_is_a_400_and_the_context_is_vllms(engine):
+    """vLLM's own request errors (its temperature is at most 2) are the client's: 400 in one line, not 500; a prompt
+    past vLLM's context (--max_model_len 384) is refused before it reaches vLLM."""
+    for body, reason in [
+        ({"prompts": [[1, 2]], "temperature": 3.0}, "the vllm engine refuses the request: temperature must be in"),
+        ({"prompts": [[1] * 300], "max_tokens": 100}, "exceed this server's context of 384 tokens"),
+    ]:
+        request = urllib.request.Request(
+            engine.base_url + "/generate/", data=json.dumps(body).encode(), method="POST",
+            headers={"Authorization": f"Bearer {engine.api_key}"},
+        )  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(request, timeout=60)
+        assert error.value.code == 400 and reason in json.loads(error.value.read())["error"]

@@ -26,18 +26,26 @@ ground-truth answer as it is meant: math-verify cannot parse it at all (e.g. "\\
 word as a product of one-letter variables ("yes" -> E*s*y, "sin(x)" -> i*s*n(x); \\text{yes} and \\sin(x)
 are read as meant). The data loader reports such answers when the dataset loads (gcpo_fast/data/files.py).
 
-math-verify bounds each parse/verify with SIGALRM, which only works on the main thread. Off the main
-thread (rollout or reward workers) we pass `None` to its timeouts, math-verify's own switch for
-running without signals; such calls then have no time limit, so run untrusted completions from the
-main thread or in a process pool when a pathological expression could hang sympy.
+math-verify bounds each parse/verify with SIGALRM (MATH_VERIFY_TIMEOUT_S), which only works on a main thread.
+Off the main thread (the rollout producer of --async_rollouts, a user's reward worker) math_reward sends the
+checking to a process of its own (a spawned pool of one, started at the first such call, as verl and
+torchtitan check answers): there, on its main thread, each parse and verify has the same limit, and a
+completion that hangs sympy costs MATH_VERIFY_TIMEOUT_S, not the run. A check that sympy holds inside C code,
+where no signal reaches, is cut by a limit on the whole batch (the worker is then replaced, every completion of
+the batch scores 0). A completion whose check timed out scores 0 and is counted: take_checker_timeouts() gives
+this thread's count since it last asked (the trainer logs it per round as rewards/checker_timeouts).
+extract_answer and unverifiable_reason (the data loader, on the main thread) run in the calling thread.
 """
 
+import atexit
 import copy
 import importlib
 import math
+import multiprocessing
 import numbers
 import re
 import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,6 +58,11 @@ from gcpo_fast.options import check_options, option
 
 # Seconds math-verify may spend parsing or comparing one expression (its own default).
 MATH_VERIFY_TIMEOUT_S = 5
+BATCH_SLACK_S = 60  # the checking process's own start, on top of a batch's limits
+
+_checker = threading.local()  # this thread's count of checks that timed out
+_pool_lock = threading.Lock()
+_pool = None  # the checking process, off the main thread
 
 
 @dataclass
@@ -134,24 +147,73 @@ def math_reward(completions: Sequence, answers: Sequence[str]) -> list[float]:
 
     answers are final answers ("0.5", "\\frac{1}{2}", "\\boxed{(1, 2)}") or texts holding one; the gold is
     parsed first (once per distinct answer), then the completion, then `verify(gold, completion)`.
-    An unparseable gold answer gives every completion for it 0.0.
+    An unparseable gold answer gives every completion for it 0.0; so does a check that timed out
+    (counted: take_checker_timeouts). Off the main thread the checks run in a process of their own.
     """
     if len(completions) != len(answers):
         raise ValueError(f"math_reward: {len(completions)} completions but {len(answers)} answers")
-    timeout = math_verify_timeout()
+    texts, golds = [_completion_text(c) for c in completions], [str(a) for a in answers]
+    if threading.current_thread() is threading.main_thread():
+        rewards, timed_out = check_answers(texts, golds, MATH_VERIFY_TIMEOUT_S)
+    else:
+        rewards, timed_out = _check_elsewhere(texts, golds)
+    _checker.timeouts = getattr(_checker, "timeouts", 0) + timed_out
+    return rewards
+
+
+def take_checker_timeouts() -> int:
+    """The checks of this thread that timed out (scored 0) since it last asked."""
+    count, _checker.timeouts = getattr(_checker, "timeouts", 0), 0
+    return count
+
+
+def check_answers(texts: list[str], answers: list[str], timeout: int) -> tuple[list[float], int]:
+    """(math_reward's rewards, how many completions' checks timed out), on this (main) thread. math-verify scores
+    a timeout like a miss (in every version since 0.7): a check that returns nothing after its whole time limit
+    is the one that timed out."""
     gold_cache: dict[str, list] = {}
-    rewards = []
-    for completion, answer in zip(completions, answers):
-        answer = str(answer)
+    rewards, timed_out = [], 0
+    for text, answer in zip(texts, answers):
         if answer not in gold_cache:
             gold_cache[answer] = _parse_gold(answer, timeout)
         gold = gold_cache[answer]
-        if not gold:
-            rewards.append(0.0)
-            continue
-        predicted = parse(_completion_text(completion), parsing_timeout=timeout)
-        rewards.append(1.0 if predicted and verify(gold, predicted, timeout_seconds=timeout) else 0.0)
-    return rewards
+        start = time.monotonic()
+        correct = bool(gold) and _verified(gold, text, timeout)
+        rewards.append(1.0 if correct else 0.0)
+        timed_out += bool(gold) and not correct and time.monotonic() - start >= timeout
+    return rewards, timed_out
+
+
+def _verified(gold: list, text: str, timeout: int) -> bool:
+    predicted = parse(text, parsing_timeout=timeout)
+    return bool(predicted) and verify(gold, predicted, timeout_seconds=timeout)
+
+
+def _check_elsewhere(texts: list[str], answers: list[str]) -> tuple[list[float], int]:
+    """check_answers in the checking process, on its main thread, where math-verify's limits work; a batch past
+    its whole limit (a check stuck in C code) scores 0 throughout, and the process is replaced."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = multiprocessing.get_context("spawn").Pool(1)  # not fork: the trainer runs threads
+        pool = _pool
+    limit = MATH_VERIFY_TIMEOUT_S * (2 * len(texts) + len(set(answers))) + BATCH_SLACK_S
+    try:
+        return pool.apply_async(check_answers, (texts, answers, MATH_VERIFY_TIMEOUT_S)).get(limit)
+    except multiprocessing.TimeoutError:
+        with _pool_lock:
+            if _pool is pool:
+                _pool = None
+        # terminate() waits for the worker to go: not on this thread, whatever state the worker is in
+        threading.Thread(target=pool.terminate, daemon=True, name="checker-terminate").start()
+        warnings.warn(f"math_reward: checking {len(texts)} completions took over {limit} s; they score 0", stacklevel=3)
+        return [0.0] * len(texts), len(texts)
+
+
+@atexit.register
+def _stop_checker() -> None:
+    if _pool is not None:
+        _pool.terminate()
 
 
 # A word of three or more letters that is not a LaTeX command (\\frac) nor its argument (\\text{odd}, \\begin{pmatrix}).

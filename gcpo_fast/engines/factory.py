@@ -8,6 +8,8 @@
 vLLM and the server client are imported only when a run asks for them.
 """
 
+from pathlib import Path
+
 import torch
 
 from gcpo_fast.engines.base import adopt_model_eos
@@ -17,22 +19,26 @@ from gcpo_fast.models.loading import frozen_dtype, load_causal_lm
 
 def make_engine(
     vllm, model, tokenizer, model_path, *, bf16: bool, seed: int, max_model_len: int, rank: int = 0,
-    trust_remote_code: bool = False, own_process: bool = False,
+    trust_remote_code: bool = False, own_process: bool = False, log_dir=None,
 ):  # fmt: skip
     """The run's rollout engine: Hugging Face generate on the training model, or with vllm.use_vllm (a
     gcpo_fast.engines.vllm_engine.VLLMConfig) a vLLM engine in this process (imported only then), seeded per rank and
     loaded from model_path (the checkpoint when resuming), so that its first weights are the trainer's; with
     vllm_mode server, a RemoteEngine of the generation server (rank 0 sends the weights). own_process (rounds
     sampled ahead of the trainer): Hugging Face generate in a server process of this rank's own (gcpo_fast.serve
-    --engine hf, one thread on the CPU), so that generation and training run at once. A tokenizer without an EOS
-    token takes the model's (adopt_model_eos)."""
+    --engine hf, one thread on the CPU, its log in log_dir), so that generation and training run at once; a
+    vLLM server then waits up to vllm_server_timeout for a server that restarts (its round is dropped, not the
+    run). A tokenizer without an EOS token takes the model's (adopt_model_eos)."""
     adopt_model_eos(tokenizer, model)
     if not vllm.use_vllm and own_process:
         from gcpo_fast.engines.remote import launch_server
 
         options = ["--seed", str(seed + rank), "--max_model_len", str(max_model_len)]
         options += ["--trust_remote_code"] * trust_remote_code
-        return launch_server(model_path, tokenizer, engine="hf", timeout=vllm.vllm_server_timeout, server_args=options)
+        log = None if log_dir is None else str(Path(log_dir) / f"generation_server{f'-rank{rank}' if rank else ''}.log")
+        return launch_server(
+            model_path, tokenizer, engine="hf", timeout=vllm.vllm_server_timeout, server_args=options, log_path=log
+        )
     if not vllm.use_vllm:
         return HFEngine(model, tokenizer, bf16=bf16)
     if vllm.vllm_mode == "server":  # every rank samples from the server; rank 0 sends it the weights
@@ -40,7 +46,8 @@ def make_engine(
 
         return RemoteEngine(
             vllm.server_url, tokenizer, timeout=vllm.vllm_server_timeout, group_port=vllm.vllm_group_port,
-            send_weights=rank == 0,
+            send_weights=rank == 0, api_key=vllm.server_api_key(),
+            reconnect_timeout=vllm.vllm_server_timeout if own_process else 0.0,
         )  # fmt: skip
     from gcpo_fast.engines.vllm_engine import VLLMEngine
 

@@ -61,7 +61,7 @@ from transformers import GenerationConfig
 
 from gcpo_fast.distributed.parallel import free_port
 from gcpo_fast.engines.base import Rows, cut_at_stop, eos_token_ids
-from gcpo_fast.errors import require
+from gcpo_fast.errors import ConfigError, require
 from gcpo_fast.kernels import SAMPLING_MODES
 from gcpo_fast.options import check_options, option
 
@@ -83,13 +83,22 @@ class VLLMConfig:
         "`python -m gcpo_fast.serve`, reached over HTTP; the trainer sends it the weights)",
         choices=("colocate", "server"),
     )
-    vllm_server_host: str = option("0.0.0.0", "server mode: the generation server's host (without a base URL)")
+    vllm_server_host: str = option("127.0.0.1", "server mode: the generation server's host (without a base URL)")
     vllm_server_port: int = option(8000, "server mode: the generation server's port (without a base URL)")
     vllm_server_base_url: str | None = option(
         None, "server mode: the generation server's URL (default: http://HOST:PORT from the two options above)"
     )
     vllm_group_port: int = option(51216, "server mode: the port of the weight-update group the server hosts")
-    vllm_server_timeout: float = option(240.0, "server mode: seconds to wait for the server to answer at start")
+    vllm_server_timeout: float = option(
+        240.0,
+        "server mode: seconds to wait for the server to answer at start (and, with --async_rollouts, to come back "
+        "after a restart)",
+    )
+    vllm_server_api_key_file: str | None = option(
+        None,
+        "server mode: file holding the generation server's API key (its --api_key_file; default: "
+        "$GCPO_SERVE_API_KEY, if set)",
+    )
     vllm_gpu_memory_utilization: float = option(
         0.3, "fraction of the accelerator's memory vLLM reserves for weights and KV cache (on the CPU: of host memory)"
     )
@@ -118,6 +127,8 @@ class VLLMConfig:
     def __post_init__(self):
         check_options(self)
         require(self.vllm_server_timeout > 0, f"vllm_server_timeout must be > 0, got {self.vllm_server_timeout}")
+        if self.use_vllm and self.vllm_mode == "server":
+            self.server_api_key()  # a key file that cannot be read, or a key too short: refused now, in one line
         for name in ("vllm_server_port", "vllm_group_port"):
             require(0 < getattr(self, name) < 65536, f"{name} must be a TCP port (1-65535), got {getattr(self, name)}")
         require(
@@ -143,6 +154,15 @@ class VLLMConfig:
     def server_url(self) -> str:
         """The generation server's base URL (server mode)."""
         return self.vllm_server_base_url or f"http://{self.vllm_server_host}:{self.vllm_server_port}"
+
+    def server_api_key(self) -> str | None:
+        """The key the trainer sends the generation server (server mode); ConfigError if it cannot be read."""
+        from gcpo_fast.engines.server_http import read_api_key
+
+        try:
+            return read_api_key(self.vllm_server_api_key_file, "--vllm_server_api_key_file")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def is_http_url(text: str) -> bool:

@@ -65,6 +65,7 @@ MAY_CHANGE = {
     "async_rollouts", "max_staleness", "weight_sync_steps",
     "use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode", "vllm_max_model_length",
     "vllm_server_host", "vllm_server_port", "vllm_server_base_url", "vllm_group_port", "vllm_server_timeout",
+    "vllm_server_api_key_file",
     "learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
     "max_grad_norm", "max_steps", "max_skipped_steps", "gradient_checkpointing", "bf16",
     "parallelism", "fsdp_cpu_offload",
