@@ -33,8 +33,11 @@ def _worker(rank, world, port, out):
     from gcpo_fast.distributed.parallel import init_distributed
 
     init_distributed()
+    import torch.distributed as dist
+
     got = reduce_over_ranks(RANK_METRICS[rank])
     (out / f"rank{rank}.txt").write_text(repr(sorted(got.items())))
+    dist.destroy_process_group()  # a gloo group left open aborts the process at exit
 
 
 def test_two_ranks_reduce_each_metric_by_its_kind(tmp_path):

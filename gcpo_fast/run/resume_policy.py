@@ -59,6 +59,8 @@ RUN_DEFINING = {
     "loss_type", "importance_sampling_level", "epsilon", "epsilon_high", "delta", "beta", "loss_agg_mode",
     "scale_rewards", "golden_answer", "golden_objective", "golden_shaping_gamma", "dynamic_sampling",
     "overlong_buffer_len", "overlong_penalty_factor", "min_inverse_alpha", "golden_source", "golden_model",
+    # tools: what the model may call and what a call can return into its context
+    "tools", "max_tool_calling_iterations", "tool_max_output_bytes",
 }  # fmt: skip
 MAY_CHANGE = {
     "dataset", "dataset_config", "dataset_split", "eval_dataset", "trust_remote_code", "attn_implementation",
@@ -73,6 +75,7 @@ MAY_CHANGE = {
     "golden_max_completion_length",
     "output_dir", "logging_steps", "save_steps", "save_total_limit", "eval_steps", "eval_num_problems",
     "eval_num_samples", "sample_steps", "num_samples_to_log", "report_to", "resume",
+    "tool_timeout", "tool_memory_mb", "tool_workers",  # the sandbox's resources, as the machine's
 }  # fmt: skip
 PATH_OPTIONS = ("model", "golden_model")  # compared as the folders they name, not as spelled
 BASE_IDENTITY = "base_model_identity"  # trainer_state.pt: what --model's files were, for a run that reads them again
