@@ -142,6 +142,9 @@ def read_run(method: str, seed: int, args) -> dict:
         "prompt_batches_per_step": statistics.mean(s["num_gen_batches"] for s in steps),
         "generated_tokens": steps[-1]["num_generated_tokens"],
         "wall_time_s": json.loads((out / "wall_time.json").read_text())["wall_time_s"],
+        # --tools runs: tool calls per sampled rollout ("" for a run without tools)
+        "tool_calls_first_20": mean_of(steps[:20], "tools/calls_per_rollout"),
+        "tool_calls_last_20": mean_of(steps[-20:], "tools/calls_per_rollout"),
     }
     curves = [
         {
@@ -152,6 +155,7 @@ def read_run(method: str, seed: int, args) -> dict:
             "frac_reward_all_wrong": s["frac_reward_all_wrong"],
             "eval_mean@1": s.get("eval/mean@1", ""),
             "generated_tokens": s["num_generated_tokens"],
+            "tool_calls_per_rollout": s.get("tools/calls_per_rollout", ""),
         }
         for s in steps
     ]
@@ -165,9 +169,16 @@ def read_run(method: str, seed: int, args) -> dict:
             "frac_reward_all_wrong": "",
             "eval_mean@1": first["eval/mean@1"],
             "generated_tokens": 0,
+            "tool_calls_per_rollout": "",
         },
     )
     return {"row": row, "curves": curves}
+
+
+def mean_of(steps: list[dict], key: str) -> float | str:
+    """The mean of a per-step metric over these steps, or "" when the run did not log it."""
+    values = [s[key] for s in steps if key in s]
+    return statistics.mean(values) if values else ""
 
 
 def eval_at_tokens(curves: list[dict], tokens: float) -> float:
@@ -180,7 +191,9 @@ def eval_at_tokens(curves: list[dict], tokens: float) -> float:
 
 
 def mean_spread(values: list[float]) -> str:
-    """'mean ± sample std' over seeds (just the value for one seed)."""
+    """'mean ± sample std' over seeds (just the value for one seed; "-" for a metric the runs did not log)."""
+    if any(v == "" for v in values):
+        return "-"
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
@@ -206,6 +219,9 @@ def table(rows: list[dict], budget: float) -> str:
         "prompt batches / step",
         "generated tokens (M)",
         "wall time (s)",
+        "held-out after [min, max]",
+        "tool calls / rollout (first 20)",
+        "tool calls / rollout (last 20)",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
@@ -230,6 +246,9 @@ def table(rows: list[dict], budget: float) -> str:
             col("prompt_batches_per_step"),
             f"{statistics.mean(r['generated_tokens'] for r in rs) / 1e6:.2f}",
             f"{statistics.mean(r['wall_time_s'] for r in rs):.0f}",
+            f"[{min(r['eval_after'] for r in rs):.3f}, {max(r['eval_after'] for r in rs):.3f}]",
+            col("tool_calls_first_20"),
+            col("tool_calls_last_20"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     problems = rows[0]["eval_problems"]
@@ -270,8 +289,9 @@ def plot(curves: list[dict], path: Path, smooth: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(21, 4.8))
-    ax_reward, ax_wrong, ax_eval, ax_tokens = axes
+    tools = any(c["tool_calls_per_rollout"] != "" for c in curves)  # a panel of tool calls when a run had tools
+    fig, axes = plt.subplots(1, 4 + tools, figsize=(21 + 5 * tools, 4.8))
+    ax_reward, ax_wrong, ax_eval, ax_tokens = axes[:4]
     for method in dict.fromkeys(c["method"] for c in curves):
         runs = {}
         for c in curves:
@@ -280,7 +300,10 @@ def plot(curves: list[dict], path: Path, smooth: int) -> None:
         trained = [[c for c in run if c["reward"] != ""] for run in runs.values()]
         n = min(len(run) for run in trained)  # a run stopped early shortens the band to the steps all have
         steps = [c["step"] for c in trained[0][:n]]
-        for ax, key in ((ax_reward, "reward"), (ax_wrong, "frac_reward_all_wrong")):
+        panels = [(ax_reward, "reward"), (ax_wrong, "frac_reward_all_wrong")]
+        if tools and trained[0][0]["tool_calls_per_rollout"] != "":
+            panels.append((axes[4], "tool_calls_per_rollout"))
+        for ax, key in panels:
             band(ax, steps, [smoothed([c[key] for c in run[:n]], smooth) for run in trained], method)
         evals = [[c for c in run if c["eval_mean@1"] != ""] for run in runs.values()]
         k = min(len(e) for e in evals)
@@ -292,6 +315,8 @@ def plot(curves: list[dict], path: Path, smooth: int) -> None:
     ax_wrong.set(title=f"all-wrong groups (moving mean of {smooth} steps)", xlabel="step")
     ax_eval.set(title="held-out accuracy (greedy mean@1)", xlabel="step")
     ax_tokens.set(title="held-out accuracy against generation", xlabel="generated tokens (M, mean over seeds)")
+    if tools:
+        axes[4].set(title=f"tool calls per rollout (moving mean of {smooth} steps)", xlabel="step")
     for ax in axes:
         ax.grid(alpha=0.3)
     ax_tokens.legend(fontsize=8)

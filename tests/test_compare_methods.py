@@ -9,8 +9,9 @@ import pytest
 from benchmarks.compare_methods import main
 
 
-def fake_run(root, method, seed, evals, rewards, wall):
-    """A finished run folder as gcpo_fast.train leaves it: metrics.jsonl (+ per-level eval) and wall_time.json."""
+def fake_run(root, method, seed, evals, rewards, wall, tool_calls=None):
+    """A finished run folder as gcpo_fast.train leaves it: metrics.jsonl (+ per-level eval, + tool calls per rollout
+    when given) and wall_time.json."""
     out = root / f"{method}_seed{seed}"
     out.mkdir(parents=True)
     lines = []
@@ -23,6 +24,7 @@ def fake_run(root, method, seed, evals, rewards, wall):
                 "num_gen_batches": 1 + seed,
                 "gcpo/golden_rows": 2 if method == "gcpo" else 0,
                 "num_generated_tokens": step * (300 if method == "dapo" else 100),
+                **({} if tool_calls is None else {"tools/calls_per_rollout": tool_calls[step - 1]}),
             }
         )
     for step, (acc, acc5) in evals.items():
@@ -81,3 +83,37 @@ def test_report_from_finished_runs(tmp_path, capsys):
 def test_unknown_method_is_an_error(tmp_path):
     with pytest.raises(SystemExit):
         main(["--report_only", "--methods", "gcpo,ppo", "--runs_dir", str(tmp_path)])
+
+
+def test_tool_runs_report_their_calls_per_rollout_and_the_seeds_min_max(tmp_path):
+    runs = tmp_path / "runs"
+    calls = [0.0] * 20 + [0.5] * 10 + [1.0] * 20
+    fake_run(runs, "gcpo_tools", 0, {0: (0.0, 0.0), 50: (0.6, 0.6)}, [0.1] * 50, 100.0, tool_calls=calls)
+    fake_run(runs, "gcpo_tools", 1, {0: (0.0, 0.0), 50: (0.2, 0.2)}, [0.1] * 50, 100.0, tool_calls=calls[::-1])
+    fake_run(runs, "gcpo", 0, {0: (0.0, 0.0), 50: (0.1, 0.1)}, [0.1] * 50, 100.0)
+    out = tmp_path / "out"
+    main(
+        [
+            "--report_only",
+            "--methods",
+            "gcpo_tools,gcpo",
+            "--seeds",
+            "0",
+            "1",
+            "--runs_dir",
+            str(runs),
+            "--out",
+            str(out),
+        ]
+    )
+    rows = list(csv.DictReader(open(out / "compare_methods.csv")))
+    assert [float(rows[0]["tool_calls_first_20"]), float(rows[0]["tool_calls_last_20"])] == [0.0, 1.0]
+    assert [float(rows[1]["tool_calls_first_20"]), float(rows[1]["tool_calls_last_20"])] == [1.0, 0.0]
+    assert rows[2]["tool_calls_first_20"] == ""  # no tools
+    lines = (out / "compare_methods.md").read_text().splitlines()
+    tools, plain = (next(line for line in lines if line.startswith(f"| {m} |")) for m in ("gcpo_tools", "gcpo"))
+    assert tools.endswith(f"| [0.200, 0.600] | 0.500 ± {statistics.stdev([0.0, 1.0]):.3f} | 0.500 ± 0.707 |")
+    assert plain.endswith("| [0.100, 0.100] | - | - |")
+    curves = list(csv.DictReader(open(out / "compare_methods_curves.csv")))
+    assert [c["tool_calls_per_rollout"] for c in curves if c["method"] == "gcpo_tools"][1:4] == ["0.0"] * 3
+    assert (out / "compare_methods.png").stat().st_size > 0

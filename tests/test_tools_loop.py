@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from tool_setup import HERMES_TEMPLATE, teach
+from tool_setup import HERMES_TEMPLATE, taught_python_caller, teach
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gcpo_fast.data.prompts import encode_prompts
@@ -17,12 +17,10 @@ from gcpo_fast.data.rewards import math_reward
 from gcpo_fast.data.tasks import train_split
 from gcpo_fast.engines.base import Sampling, ToolUse
 from gcpo_fast.engines.hf import HFEngine
-from gcpo_fast.golden.trajectories import encode_trajectory
 from gcpo_fast.models.loading import DEFAULT_MODEL
 from gcpo_fast.tools.formats import ToolSet, tool_suffix_ids
 from gcpo_fast.tools.loop import ToolEngine
 from gcpo_fast.tools.sandbox import Limits, Sandbox
-from gcpo_fast.tools.task import with_python_golden
 
 pytestmark = pytest.mark.skipif(
     shutil.which("bwrap") is None and not os.environ.get("CI"), reason="bubblewrap (bwrap) is not installed"
@@ -38,14 +36,7 @@ def sandbox():
 @pytest.fixture(scope="module")
 def python_model(sandbox):
     """The shipped model taught the python-tool trajectories of three level-8 problems."""
-    torch.set_num_threads(1)
-    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
-    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32)
-    tools = ToolSet(["python"], tokenizer, sandbox)
-    prompts = encode_prompts(tokenizer, [r["prompt"] for r in RECORDS], 64)
-    encoded = [encode_trajectory(tools, r["golden"], 128) for r in with_python_golden(RECORDS)]
-    teach(model, tokenizer, [(p, e.ids, e.tool_mask) for p, e in zip(prompts, encoded)], steps=150)
-    return model, tokenizer, tools, prompts
+    return taught_python_caller(RECORDS, sandbox)
 
 
 def test_the_python_tool_runs_between_turns_and_its_tokens_are_masked(python_model):

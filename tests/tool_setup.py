@@ -1,8 +1,9 @@
 """Models that call tools, for the tool tests (a helper module, not conftest): the shipped model taught a few
 trajectories by supervised fine-tuning, with the tool tokens masked as the trainer masks them.
 
-    from tool_setup import HERMES_TEMPLATE, multiply, teach
+    from tool_setup import HERMES_TEMPLATE, multiply, teach, taught_python_caller
     model = teach(model, tokenizer, [(prompt_ids, completion_ids, tool_mask), ...], steps=150)
+    model, tokenizer, tools, prompts = taught_python_caller(records, sandbox)   # calls the python tool on records
 """
 
 # A Hermes / Qwen2.5-style chat template over the shipped model's byte-level tokenizer: tool schemas in a system
@@ -58,3 +59,26 @@ def teach(model, tokenizer, examples, steps: int = 200, lr: float = 3e-3, seed: 
         (loss / len(examples)).backward()
         optimizer.step()
     return model.eval()
+
+
+def taught_python_caller(records, sandbox, steps: int = 150):
+    """The shipped model taught, by `teach`, the python-tool trajectories of these level-8 records (their golden
+    answers as one-line calls, gcpo_fast/tools/task.py): it calls the tool on their prompts. Returns the model, its
+    tokenizer, the python ToolSet and the records' prompt ids."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gcpo_fast.data.prompts import encode_prompts
+    from gcpo_fast.golden.trajectories import encode_trajectory
+    from gcpo_fast.models.loading import DEFAULT_MODEL
+    from gcpo_fast.tools.formats import ToolSet
+    from gcpo_fast.tools.task import with_python_golden
+
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32)
+    tools = ToolSet(["python"], tokenizer, sandbox)
+    prompts = encode_prompts(tokenizer, [r["prompt"] for r in records], 64)
+    encoded = [encode_trajectory(tools, r["golden"], 128) for r in with_python_golden(records)]
+    teach(model, tokenizer, [(p, e.ids, e.tool_mask) for p, e in zip(prompts, encoded)], steps=steps)
+    return model, tokenizer, tools, prompts
