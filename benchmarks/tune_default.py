@@ -19,6 +19,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -26,15 +27,61 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RECIPES = {  # name: options on top of the trainer's defaults
-    "base": [],
-    "lr6e-4": ["--learning_rate", "6e-4"],
-    "lr1e-3": ["--learning_rate", "1e-3"],
-    "lr2e-3": ["--learning_rate", "2e-3"],
-    "lr6e-4_500steps": ["--learning_rate", "6e-4", "--max_steps", "500"],
+OLD_DEFAULT = ["--learning_rate", "6e-4", "--max_steps", "500"]  # the default this search started from
+LR3E4_WARMUP = ["--learning_rate", "3e-4", "--max_steps", "500", "--warmup_ratio", "0.1"]
+RECIPES = {  # name: options on top of the trainer's defaults, pinned so that a table stays reproducible
+    # the first search (the trainer's defaults then: lr 3e-4, 300 steps)
+    "base": ["--learning_rate", "3e-4", "--max_steps", "300"],
+    "lr6e-4": ["--learning_rate", "6e-4", "--max_steps", "300"],
+    "lr1e-3": ["--learning_rate", "1e-3", "--max_steps", "300"],
+    "lr2e-3": ["--learning_rate", "2e-3", "--max_steps", "300"],
+    "lr6e-4_500steps": OLD_DEFAULT,
     "lr1e-3_500steps": ["--learning_rate", "1e-3", "--max_steps", "500"],
-    "lr1e-3_constant": ["--learning_rate", "1e-3", "--lr_scheduler_type", "constant"],
-    "lr1e-3_G16": ["--learning_rate", "1e-3", "--num_generations", "16"],
+    "lr1e-3_constant": ["--learning_rate", "1e-3", "--max_steps", "300", "--lr_scheduler_type", "constant"],
+    "lr1e-3_G16": ["--learning_rate", "1e-3", "--max_steps", "300", "--num_generations", "16"],
+    # why two-digit subtraction (level 4) falls: the old default with one suspect taken away
+    "no_word_problems": [*OLD_DEFAULT, "--builtin_levels", "3", "4"],
+    "level4_only": [*OLD_DEFAULT, "--builtin_levels", "4"],
+    "no_golden": [*OLD_DEFAULT, "--golden_answer", "off"],
+    "no_subtraction_golden": [*OLD_DEFAULT, "--dataset", "{no_subtraction_golden}", "--answer_column", "answer"],
+    "lr3e-4_500steps": ["--learning_rate", "3e-4", "--max_steps", "500"],
+    # what might hold level 4 at the old default's learning rate
+    "kl0.04": [*OLD_DEFAULT, "--beta", "0.04"],
+    "kl0.3": [*OLD_DEFAULT, "--beta", "0.3"],
+    "kl1": [*OLD_DEFAULT, "--beta", "1.0"],
+    "temperature0.7": [*OLD_DEFAULT, "--temperature", "0.7"],
+    "mix3445": [*OLD_DEFAULT, "--builtin_levels", "3", "4", "4", "5"],
+    "no_std": [*OLD_DEFAULT, "--scale_rewards", "none"],
+    "G16": [*OLD_DEFAULT, "--num_generations", "16", "--per_device_train_batch_size", "128"],
+    "batch128": [*OLD_DEFAULT, "--per_device_train_batch_size", "128"],
+    "word_problems_only": [*OLD_DEFAULT, "--builtin_levels", "5"],
+    "mix3455": [*OLD_DEFAULT, "--builtin_levels", "3", "4", "5", "5"],
+    "eps1e-5": [*OLD_DEFAULT, "--adam_epsilon", "1e-5"],
+    "eps1e-4": [*OLD_DEFAULT, "--adam_epsilon", "1e-4"],
+    # a smaller step, warmed up (Adam's first steps move every weight by about the full learning rate)
+    "lr3e-4_warmup": ["--learning_rate", "3e-4", "--max_steps", "500", "--warmup_ratio", "0.1"],
+    "lr1e-4_warmup": ["--learning_rate", "1e-4", "--max_steps", "500", "--warmup_ratio", "0.1"],
+    "lr2e-4_warmup": ["--learning_rate", "2e-4", "--max_steps", "500", "--warmup_ratio", "0.1"],
+    "lr3e-4_warmup_mix3445": [
+        *["--learning_rate", "3e-4", "--max_steps", "500", "--warmup_ratio", "0.1"],
+        *["--builtin_levels", "3", "4", "4", "5"],
+    ],
+    "lr3e-4_warmup_kl0.04": [
+        "--learning_rate",
+        "3e-4",
+        "--max_steps",
+        "500",
+        "--warmup_ratio",
+        "0.1",
+        "--beta",
+        "0.04",
+    ],
+    "lr3e-4_warmup_temperature0.7": [*LR3E4_WARMUP, "--temperature", "0.7"],
+    "lr3e-4_warmup_temperature0.5": [*LR3E4_WARMUP, "--temperature", "0.5"],
+    "lr3e-4_warmup_constant": [
+        *["--learning_rate", "3e-4", "--max_steps", "500", "--warmup_ratio", "0.1"],
+        *["--lr_scheduler_type", "constant"],
+    ],
 }
 
 
@@ -48,6 +95,18 @@ def write_validation(path: Path, seed: int, levels: list[int], n: int = 500) -> 
     if len(kept) < n:
         raise SystemExit(f"only {len(kept)} validation problems outside the training set")
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def write_without_subtraction_golden(path: Path, seed: int) -> None:
+    """The default run's own training problems (builtin, levels 3-5, this seed, the same order) in a file, the
+    word problems that subtract without their worked solution: GCPO gives those prompts no golden row."""
+    from gcpo_fast.data import tasks
+
+    records = tasks.train_split(5000, seed=seed, levels=[3, 4, 5])
+    for r in records:
+        if r["level"] == 5 and "-" in r["solution"]:
+            del r["solution"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def train(out: Path, options: list[str], threads: int | None) -> float:
@@ -70,82 +129,221 @@ def train(out: Path, options: list[str], threads: int | None) -> float:
     return wall
 
 
-def evaluations(out: Path) -> tuple[dict, dict]:
-    """The first and the last evaluation line of a run."""
-    lines = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    evals = [x for x in lines if "eval/mean@1" in x]
-    return evals[0], evals[-1]
+def metric_lines(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def evaluations(out: Path) -> list[dict]:
+    """The run's evaluation lines, first to last."""
+    return [x for x in metric_lines(out) if "eval/mean@1" in x]
+
+
+def levels_of(line: dict) -> list[str]:
+    """The level names of an evaluation line (level_3, level_4, ...)."""
+    return sorted({k.split("/")[1] for k in line if k.startswith("eval/level_")}, key=lambda v: (len(v), v))
 
 
 def summary_row(name: str, seed: int, out: Path, wall: float) -> dict:
-    first, last = evaluations(out)
+    """Accuracy before and after, overall and per level, the worst level's change, the wall time."""
+    evals = evaluations(out)
+    first, last = evals[0], evals[-1]
+    levels = levels_of(first)
+    change = {lv: last[f"eval/{lv}/mean@1"] - first[f"eval/{lv}/mean@1"] for lv in levels}
     return dict(
         recipe=name,
         seed=seed,
         steps=last["step"],
         before=first["eval/mean@1"],
         after=last["eval/mean@1"],
-        level5_before=first.get("eval/level_5/mean@1"),
-        level5_after=last.get("eval/level_5/mean@1"),
+        **{f"{lv}_before": first[f"eval/{lv}/mean@1"] for lv in levels},
+        **{f"{lv}_after": last[f"eval/{lv}/mean@1"] for lv in levels},
+        worst_level_change=min(change.values()),
         wall_time_s=round(wall, 1),
     )
 
 
-def write_table(rows: list[dict], stem: str, out: Path, note: str) -> str:
-    with open(out / f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
+def curve_rows(name: str, seed: int, out: Path) -> list[dict]:
+    """Per evaluation: accuracy overall and per level, and the training steps since the last one (entropy,
+    reward, golden rows, completion length averaged over them)."""
+    lines = metric_lines(out)
+    steps = [x for x in lines if "reward" in x]
+    rows, previous = [], 0
+    for e in (x for x in lines if "eval/mean@1" in x):
+        window = [x for x in steps if previous < x["step"] <= e["step"]]
+        previous = e["step"]
+        mean = lambda key, w=window: statistics.mean(x[key] for x in w) if w else ""  # noqa: E731
+        rows.append(
+            dict(
+                recipe=name,
+                seed=seed,
+                step=e["step"],
+                mean=e["eval/mean@1"],
+                **{lv: e[f"eval/{lv}/mean@1"] for lv in levels_of(e)},
+                entropy=mean("entropy"),
+                reward=mean("reward"),
+                golden_rows=mean("gcpo/golden_rows"),
+                completion_length=mean("completions/mean_length"),
+            )
+        )
+    return rows
+
+
+def spread(values: list[float], signed: bool = False) -> str:
+    """mean [min, max] over seeds (the value alone for one seed)."""
+    f = "{:+.3f}" if signed else "{:.3f}"
+    if len(values) == 1:
+        return f.format(values[0])
+    return f"{f.format(statistics.mean(values))} [{f.format(min(values))}, {f.format(max(values))}]"
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, keys)
         writer.writeheader()
         writer.writerows(rows)
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += [
-        "| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |" for r in rows
-    ]
-    if len({r["recipe"] for r in rows}) == 1 and len(rows) > 1:
-        mean = {k: statistics.mean(r[k] for r in rows) for k in ("after", "level5_after", "wall_time_s")}
-        spread = {k: (min(r[k] for r in rows), max(r[k] for r in rows)) for k in mean}
-        lines.append(
-            "| mean [min, max] | | | | "
-            + " | ".join(f"{mean[k]:.3f} [{spread[k][0]:.3f}, {spread[k][1]:.3f}]" for k in ("after",))
-            + " | | "
-            + f"{mean['level5_after']:.3f} [{spread['level5_after'][0]:.3f}, {spread['level5_after'][1]:.3f}] | "
-            + f"{mean['wall_time_s']:.0f} [{spread['wall_time_s'][0]:.0f}, {spread['wall_time_s'][1]:.0f}] |"
-        )
+
+
+def write_table(rows: list[dict], stem: str, out: Path, note: str) -> str:
+    """rows (one per run) to stem.csv; per recipe, mean [min, max] over its seeds to stem.md."""
+    write_csv(rows, out / f"{stem}.csv")
+    levels = [k[: -len("_after")] for k in rows[0] if k.startswith("level_") and k.endswith("_after")]
+    head = ["recipe", "seeds", "steps", "all", *[f"{lv} (change)" for lv in levels], "worst level's change"]
+    lines = ["| " + " | ".join([*head, "wall time (s)"]) + " |", "|" + "---|" * (len(head) + 1)]
+    for name in dict.fromkeys(r["recipe"] for r in rows):
+        rs = [r for r in rows if r["recipe"] == name]
+        cells = [name, ", ".join(str(r["seed"]) for r in rs), str(rs[0]["steps"]), spread([r["after"] for r in rs])]
+        for lv in levels:
+            after = [r[f"{lv}_after"] for r in rs]
+            change = statistics.mean(r[f"{lv}_after"] - r[f"{lv}_before"] for r in rs)
+            cells.append(f"{spread(after)} ({change:+.3f})")
+        cells.append(spread([r["worst_level_change"] for r in rs], signed=True))
+        cells.append(f"{statistics.mean(r['wall_time_s'] for r in rs):.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n\n" + note + "\n"
     (out / f"{stem}.md").write_text(text)
     return text
 
 
+def recipe_options(name: str, seed: int, runs: Path) -> list[str]:
+    """The recipe's options, any file it names written for this seed."""
+    files = {"no_subtraction_golden": runs / f"train_no_subtraction_golden_seed{seed}.jsonl"}
+    if any("{no_subtraction_golden}" in o for o in RECIPES[name]):
+        write_without_subtraction_golden(files["no_subtraction_golden"], seed)
+    return [o.format(**files) for o in RECIPES[name]]
+
+
 def search(args) -> None:
     runs = Path(args.runs_dir)
     runs.mkdir(parents=True, exist_ok=True)
-    validation = runs / f"validation_seed{args.seed}.jsonl"
-    write_validation(validation, args.seed, [3, 4, 5])
     jobs = []
-    for name in args.recipes:
-        options = [*RECIPES[name], "--seed", str(args.seed), "--eval_dataset", str(validation), "--save_steps", "0"]
-        jobs.append((name, runs / f"{name}_seed{args.seed}", options))
+    for seed in args.seeds:
+        validation = runs / f"validation_seed{seed}.jsonl"
+        write_validation(validation, seed, [3, 4, 5])
+        for name in args.recipes:
+            options = [*recipe_options(name, seed, runs), "--seed", str(seed), "--eval_dataset", str(validation)]
+            options += ["--save_steps", "0", "--sample_steps", "1", "--num_samples_to_log", "8", *args.train_args]
+            jobs.append((name, seed, runs / f"{name}_seed{seed}", options))
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        walls = list(pool.map(lambda job: train(job[1], job[2], 1), jobs))
-    rows = [summary_row(name, args.seed, out, wall) for (name, out, _), wall in zip(jobs, walls, strict=True)]
-    note = (
-        f"Validation: 500 training-side problems of levels 3-5 outside seed {args.seed}'s training set; "
-        f"OMP_NUM_THREADS=1, {args.jobs} runs at a time (wall times compare only within this table)."
+        walls = list(pool.map(lambda job: train(job[2], job[3], 1), jobs))
+    rows = [summary_row(name, seed, out, wall) for (name, seed, out, _), wall in zip(jobs, walls, strict=True)]
+    write_csv(
+        [c for name, seed, out, _ in jobs for c in curve_rows(name, seed, out)],
+        Path(args.out) / f"{args.stem}_curves.csv",
     )
-    print(write_table(rows, "tune_default_search", Path(args.out), note))
+    note = (
+        f"Validation: per seed, 500 training-side problems of levels 3-5 outside that seed's training set; "
+        f"OMP_NUM_THREADS=1, {args.jobs} runs at a time (wall times compare only within this table). "
+        "Cells: mean [min, max] over the seeds; (change): the mean change from the run's start."
+    )
+    print(write_table(rows, args.stem, Path(args.out), note))
+    plot_frontier(rows, Path(args.out) / f"{args.stem}.png")
+
+
+def plot_frontier(rows: list[dict], path: Path) -> None:
+    """Each recipe's mean accuracy at the end against its worst level's change (mean over seeds, min-max bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for name in dict.fromkeys(r["recipe"] for r in rows):
+        rs = [r for r in rows if r["recipe"] == name]
+        x, y = [r["worst_level_change"] for r in rs], [r["after"] for r in rs]
+        mx, my = statistics.mean(x), statistics.mean(y)
+        ax.errorbar(mx, my, xerr=[[mx - min(x)], [max(x) - mx]], yerr=[[my - min(y)], [max(y) - my]], fmt="o")
+        ax.annotate(name, (mx, my), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.axvline(-0.02, color="grey", linestyle="--", linewidth=1)
+    ax.set(xlabel="worst trained level's change (end - start)", ylabel="accuracy at the end, all levels")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def check(args) -> None:
     runs = Path(args.runs_dir)
-    rows = []
+    rows, curves = [], []
+    name = args.recipe or "default"
     for seed in args.seeds:
-        out = runs / f"check_seed{seed}"
-        wall = train(out, ["--seed", str(seed)], None)
-        rows.append(summary_row("default", seed, out, wall))
+        out = runs / f"check_{name}_seed{seed}"
+        wall = train(out, [*RECIPES.get(args.recipe, []), "--seed", str(seed)], None)
+        rows.append(summary_row(name, seed, out, wall))
+        curves += curve_rows(name, seed, out)
+    write_csv(curves, Path(args.out) / f"{args.stem}_curves.csv")
     note = "Held-out: the trainer's own evaluation (500 distinct held-out problems, levels 3-5); one run at a time."
-    print(write_table(rows, "tune_default_check", Path(args.out), note))
+    print(write_table(rows, args.stem, Path(args.out), note))
+
+
+WINDOWS = ((1, 10), (11, 50), (51, 100), (101, 200), (201, 300), (301, 500))
+STEP = re.compile(r"(\d+)([-+*])(\d+)=(\d+)\.")
+
+
+def level_of(prompt: str) -> int:
+    """Level 3, 4 or 5 of a builtin prompt of those levels (gcpo_fast/tasks.py's formats)."""
+    if re.fullmatch(r"Q: \d+\+\d+=\?\n", prompt):
+        return 3
+    return 4 if re.fullmatch(r"Q: \d+-\d+=\?\n", prompt) else 5
+
+
+def subtraction_outcome(prompt: str, completion: str) -> str:
+    """What a two-digit subtraction rollout did: correct, a wrong first (tens) or second (ones) step, fewer steps
+    than the worked solution's two, or something else."""
+    x, y = map(int, re.match(r"Q: (\d+)-(\d+)", prompt).groups())
+    boxed = re.search(r"\\boxed\{(-?\d+)\}", completion)
+    if boxed and int(boxed.group(1)) == x - y:
+        return "correct"
+    steps = STEP.findall(completion)
+    if len(steps) < 2:
+        return "skipped a step"
+    for k, (a, op, b, c) in enumerate(steps[:2]):
+        if {"-": int(a) - int(b), "+": int(a) + int(b), "*": int(a) * int(b)}[op] != int(c):
+            return ("wrong first step", "wrong second step")[k]
+    return "other"
+
+
+def failures(args) -> None:
+    """Per window of steps: the level-4 rollouts' outcomes and the golden rows by level, from samples.jsonl
+    (the search's runs log every group's first rollout and golden row at every step)."""
+    outcomes = ("correct", "wrong first step", "wrong second step", "skipped a step", "other")
+    head = ["run", "steps", "level-4 rollouts", *outcomes, "golden rows: level 3 / 4 / 5"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in args.runs:
+        samples = [json.loads(x) for x in (Path(run) / "run" / "samples.jsonl").read_text().splitlines() if x]
+        for lo, hi in WINDOWS:
+            window = [x for x in samples if lo <= x["step"] <= hi]
+            if not window:
+                continue
+            rollouts = [x for x in window if not x["golden"] and level_of(x["prompt"]) == 4]
+            seen = [subtraction_outcome(x["prompt"], x["completion"]) for x in rollouts]
+            golden = [sum(x["golden"] and level_of(x["prompt"]) == lv for x in window) for lv in (3, 4, 5)]
+            shares = [f"{seen.count(o) / max(len(seen), 1):.2f}" for o in outcomes]
+            cells = [Path(run).name, f"{lo}-{hi}", str(len(seen)), *shares, " / ".join(map(str, golden))]
+            lines.append("| " + " | ".join(cells) + " |")
+    print("\n".join(lines))
 
 
 def main(argv=None) -> None:
@@ -153,15 +351,23 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("search")
     s.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seeds", nargs="+", type=int, default=[0])
     s.add_argument("--jobs", type=int, default=2)
+    s.add_argument("--stem", default="tune_default_search", help="name of the tables written to --out")
     c = sub.add_parser("check")
     c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    c.add_argument("--stem", default="tune_default_check", help="name of the tables written to --out")
+    c.add_argument("--recipe", choices=list(RECIPES), help="a recipe's options instead of the trainer's defaults")
     for p in (s, c):
         p.add_argument("--runs_dir", default="/tmp/tune_default")
         p.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args(argv)
-    search(args) if args.command == "search" else check(args)
+    f = sub.add_parser("failures")
+    f.add_argument("runs", nargs="+", help="search run folders (RUNS_DIR/RECIPE_seedS)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    args.train_args = argv[split + 1 :]  # after --: options for every run, after the recipe's (so they win)
+    {"search": search, "check": check, "failures": failures}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import set_seed
 
 from gcpo_fast.async_rollouts import RolloutProducer, take_round
@@ -53,6 +52,7 @@ from gcpo_fast.run.checkpoint import (
     save_checkpoint,
 )
 from gcpo_fast.run.logger import RunLogger
+from gcpo_fast.run.progress import ProgressBar
 from gcpo_fast.run.state import RunState
 from gcpo_fast.run.timing import PhaseTimer
 from gcpo_fast.scoring import SamplingCorrection
@@ -230,14 +230,16 @@ class Trainer:
 
     def fit(self) -> Path:
         cfg, state = self.cfg, self.state
+        metrics = {}
         if self.prepared.eval_records and state.step == 0:
             metrics = self.evaluate()
             metrics.update(self.timer.pop())  # on every rank, so that no phase leaks into step 1's reduction
             if self.log:
                 self.log.metrics(0, metrics)
-        bar = tqdm(
-            total=cfg.run.max_steps, initial=state.step, desc="train", disable=self.dist.rank != 0, dynamic_ncols=True
-        )
+        bar = ProgressBar(
+            cfg.run.max_steps, state.step, disable=self.dist.rank != 0, logging_steps=cfg.log.logging_steps,
+            start_metrics=metrics,
+        )  # fmt: skip
         try:
             self.model.train()
             if self.producer:
@@ -245,8 +247,7 @@ class Trainer:
                 self.producer.start()
             while state.step < cfg.run.max_steps:
                 metrics = self.train_step()
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.4f}")
+                bar.step(state.step, metrics)
         finally:  # also on an error: vLLM's own teardown at exit would fail once the process group is gone
             bar.close()
             if self.producer:

@@ -98,6 +98,12 @@ def test_command_line_run(tmp_path, files):
     assert str(out / "metrics.jsonl") in done.stdout and str(out / "checkpoint-3") in done.stdout
     first, last = lines[0]["eval/mean@1"], lines[3]["eval/mean@1"]
     assert f"held-out mean@1 on 3 problems: {first:.3f} at step 0 -> {last:.3f} at step 3" in done.stdout
+    # a quiet terminal: one line per evaluation (steps 0, 2, 3), none per step; the picture named at the end
+    printed = done.stdout.splitlines()
+    evaluations = [line.split(":")[0] for line in printed if line.startswith("step ") and "held-out" in line]
+    assert evaluations == ["step 0", "step 2", "step 3"]
+    assert not [line for line in printed if line.startswith("step 1:")]
+    assert f"curves: {out / 'curves.png'}" in printed and (out / "curves.png").stat().st_size > 0
     assert (
         "s in phases: " in done.stdout
         and f"step 1 took {lines[1]['step_time']:.2f} s (warm-up included)" in done.stdout

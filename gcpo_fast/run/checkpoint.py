@@ -39,6 +39,7 @@ archives whole. "latest" skips a damaged checkpoint for the newest complete one,
 and why; a checkpoint named explicitly must be whole or it is an error.
 """
 
+import contextlib
 import errno
 import json
 import os
@@ -56,6 +57,7 @@ import numpy as np
 import torch
 import yaml
 from safetensors import safe_open
+from transformers.utils import logging as hf_logging
 
 from gcpo_fast.distributed.parallel import barrier, rank_and_world
 from gcpo_fast.errors import TrainingError
@@ -222,6 +224,18 @@ def _write_manifest(folder: Path, step: int, world: int) -> None:
     (folder / MANIFEST).write_text(text, encoding="utf-8")
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """save_pretrained draws a "Writing model shards" bar: at every checkpoint, two more lines in a captured log."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def save_checkpoint(
     output_dir,
     step: int,
@@ -253,7 +267,8 @@ def save_checkpoint(
             save_sharded(tmp)
         barrier()
         if rank == 0:
-            model.save_pretrained(tmp, state_dict=model_state)
+            with _no_progress_bars():
+                model.save_pretrained(tmp, state_dict=model_state)
             tokenizer.save_pretrained(tmp)
             torch.save({**state, "world_size": world}, tmp / STATE_FILE)
             (tmp / "train_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")

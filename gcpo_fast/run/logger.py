@@ -1,5 +1,6 @@
 """Run logging: one JSON line per step in metrics.jsonl, sample rollouts in samples.jsonl, optional
-TensorBoard / W&B, and a compact console line every logging_steps.
+TensorBoard / W&B every logging_steps, one console line per evaluation, and curves.png (gcpo_fast/run/curves.py)
+drawn at each evaluation and at the end.
 
     from gcpo_fast.run.logger import RunLogger
 
@@ -8,6 +9,10 @@ TensorBoard / W&B, and a compact console line every logging_steps.
     log.samples(step, [{"prompt": ..., "completion": ..., "reward": 1.0, "golden": False}, ...])
     log.close()
     print(log.summary())           # held-out accuracy at the first and last evaluation, where the files are
+
+The console stays short (the progress bar, gcpo_fast/run/progress.py, carries the reward and the latest held-out
+figure): one line per evaluation, `step 50: held-out mean@1 0.712 (level 3 0.983, level 4 0.900, ...)`, and the
+closing summary.
 
 Only rank 0 logs (the trainer creates a RunLogger there only). On resume, lines of steps after the
 checkpoint (written before the run stopped) are dropped from both files, so each step appears once, and
@@ -27,6 +32,7 @@ from tqdm.auto import tqdm
 
 from gcpo_fast.errors import require
 from gcpo_fast.options import at_least, check_options, option
+from gcpo_fast.run import curves
 from gcpo_fast.run.checkpoint import list_checkpoints
 
 REPORTERS = ("none", "tensorboard", "wandb")
@@ -39,7 +45,9 @@ class LogConfig:
     _argument_group_name = "logging"
 
     logging_steps: int = option(
-        1, "print and report to TensorBoard/W&B every this many steps (metrics.jsonl gets every step)"
+        10,
+        "report to TensorBoard/W&B and refresh the progress bar's reward every this many steps (metrics.jsonl "
+        "gets every step)",
     )
     sample_steps: int = option(10, "write a few rollouts to samples.jsonl every this many steps (0: never)")
     num_samples_to_log: int = option(4, "groups written each time (their first rollout, and golden row if any)")
@@ -56,16 +64,7 @@ class LogConfig:
             )
 
 
-CONSOLE_KEYS = (
-    "reward",
-    "reward_std",
-    "gcpo/golden_rows",
-    "completions/mean_length",
-    "loss",
-    "grad_norm",
-    "entropy",
-    "step_time",
-)
+TITLE = (("loss_type", ""), ("learning_rate", "lr"), ("seed", "seed"))  # curves.png's title: "gcpo, lr 0.0006, seed 42"
 
 
 def _truncate_after(path: Path, step: int) -> None:
@@ -116,6 +115,8 @@ def _time_summary(steps: list[dict]) -> list[str]:
 class RunLogger:
     def __init__(self, output_dir, *, report_to: list[str], config: dict, logging_steps: int, resume_step: int | None):
         self.dir, self.logging_steps = Path(output_dir), logging_steps
+        self.title = ", ".join(f"{name} {config[k]:g}" if name else str(config[k]) for k, name in TITLE if k in config)
+        self.last_step = self.drawn_step = None  # the last step logged; the step curves.png was last drawn at
         self.dir.mkdir(parents=True, exist_ok=True)
         for name in ("metrics.jsonl", "samples.jsonl"):
             if resume_step is None:
@@ -135,12 +136,13 @@ class RunLogger:
     def metrics(self, step: int, values: dict[str, float]) -> None:
         with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
-        if step % self.logging_steps:
+        self.last_step = step
+        evaluated = any(k.startswith("eval/mean@") for k in values)
+        if evaluated:
+            tqdm.write(evaluation_line(step, values))
+            self.draw_curves(step)
+        if step % self.logging_steps and not evaluated:
             return
-        shown = [k for k in CONSOLE_KEYS if k in values] + [
-            k for k in values if k.startswith("eval/") and not k.startswith("eval/level_")
-        ]
-        tqdm.write(f"step {step}: " + "  ".join(f"{k} {values[k]:.4g}" for k in shown))
         if self.tensorboard is not None:
             for k, v in values.items():
                 self.tensorboard.add_scalar(k, v, step)
@@ -153,7 +155,12 @@ class RunLogger:
         with open(self.dir / "samples.jsonl", "a", encoding="utf-8") as f:
             f.writelines(json.dumps({"step": step, **{k: _clip(v) for k, v in row.items()}}) + "\n" for row in rows)
 
+    def draw_curves(self, step: int) -> None:
+        self.drawn_step = step if curves.write_curves(self.dir, self.title) else None
+
     def close(self) -> None:
+        if self.last_step is not None and self.last_step != self.drawn_step:  # the last step had no evaluation
+            self.draw_curves(self.last_step)
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb is not None:
@@ -173,6 +180,10 @@ class RunLogger:
         checkpoints = list_checkpoints(self.dir)  # checkpoint-<step> folders only (not a stray checkpoint-best/)
         if checkpoints:
             out.append(f"model: {checkpoints[-1]}")
+        if (self.dir / curves.FILENAME).exists():
+            out.append(f"curves: {self.dir / curves.FILENAME}")
+        elif not curves.available():
+            out.append(curves.MISSING)
         out += _time_summary([line for line in lines if "step_time" in line])
         if not evals:
             return "\n".join(out)
@@ -192,6 +203,19 @@ class RunLogger:
                 + (f"   ({int(count)} problems)" if count is not None else "")
             )
         return "\n".join(out)
+
+
+def evaluation_line(step: int, values: dict) -> str:
+    """One console line per evaluation: the overall figure, then each level's."""
+    mean = next(k for k in values if k.startswith("eval/mean@"))
+    suffix = "/" + mean[len("eval/") :]
+    levels = [
+        (k[len("eval/") : -len(suffix)], v)
+        for k, v in values.items()
+        if k.startswith("eval/level_") and k.endswith(suffix)
+    ]
+    per_level = ", ".join(f"{name.replace('_', ' ')} {v:.3f}" for name, v in levels)
+    return f"step {step}: held-out {mean[len('eval/') :]} {values[mean]:.3f}" + (f" ({per_level})" if per_level else "")
 
 
 SAMPLE_CHARS = 4000  # at most this many characters of each text in samples.jsonl
