@@ -27,7 +27,10 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# the trainer's defaults when this search began, under every recipe, so that a later default changes no recipe
+PINNED = ["--warmup_ratio", "0", "--lr_scheduler_type", "linear", "--builtin_levels", "3", "4", "5"]
 OLD_DEFAULT = ["--learning_rate", "6e-4", "--max_steps", "500"]  # the default this search started from
+MIX_3445 = ["--builtin_levels", "3", "4", "4", "5"]  # two-digit subtraction drawn twice as often
 LR3E4_WARMUP = ["--learning_rate", "3e-4", "--max_steps", "500", "--warmup_ratio", "0.1"]
 RECIPES = {  # name: options on top of the trainer's defaults, pinned so that a table stays reproducible
     # the first search (the trainer's defaults then: lr 3e-4, 300 steps)
@@ -66,6 +69,8 @@ RECIPES = {  # name: options on top of the trainer's defaults, pinned so that a 
         *["--learning_rate", "3e-4", "--max_steps", "500", "--warmup_ratio", "0.1"],
         *["--builtin_levels", "3", "4", "4", "5"],
     ],
+    "lr1e-4_warmup_mix3445": ["--learning_rate", "1e-4", "--max_steps", "500", "--warmup_ratio", "0.1", *MIX_3445],
+    "lr2e-4_warmup_mix3445": ["--learning_rate", "2e-4", "--max_steps", "500", "--warmup_ratio", "0.1", *MIX_3445],
     "lr3e-4_warmup_kl0.04": [
         "--learning_rate",
         "3e-4",
@@ -78,6 +83,17 @@ RECIPES = {  # name: options on top of the trainer's defaults, pinned so that a 
     ],
     "lr3e-4_warmup_temperature0.7": [*LR3E4_WARMUP, "--temperature", "0.7"],
     "lr3e-4_warmup_temperature0.5": [*LR3E4_WARMUP, "--temperature", "0.5"],
+    # Adam's noise: weights whose gradient changes sign each step still move by a fraction of the rate; a longer
+    # momentum might average those signs away
+    "lr6e-4_warmup_beta1_0.98": [*OLD_DEFAULT, "--warmup_ratio", "0.1", "--adam_beta1", "0.98"],
+    "lr3e-4_warmup_mix34455": [*LR3E4_WARMUP, "--builtin_levels", "3", "4", "4", "5", "5"],
+    "lr3e-4_warmup_no_word_problems": [*LR3E4_WARMUP, "--builtin_levels", "3", "4"],
+    # levels 3's groups are nearly all right (no advantage, no gradient): fewer of them, more of levels 4 and 5
+    "lr3e-4_warmup_mix3444555": [*LR3E4_WARMUP, "--builtin_levels", "3", "4", "4", "4", "5", "5", "5"],
+    "lr4e-4_warmup_mix34455": [
+        *["--learning_rate", "4e-4", "--max_steps", "500", "--warmup_ratio", "0.1"],
+        *["--builtin_levels", "3", "4", "4", "5", "5"],
+    ],
     "lr3e-4_warmup_constant": [
         *["--learning_rate", "3e-4", "--max_steps", "500", "--warmup_ratio", "0.1"],
         *["--lr_scheduler_type", "constant"],
@@ -230,7 +246,7 @@ def recipe_options(name: str, seed: int, runs: Path) -> list[str]:
     files = {"no_subtraction_golden": runs / f"train_no_subtraction_golden_seed{seed}.jsonl"}
     if any("{no_subtraction_golden}" in o for o in RECIPES[name]):
         write_without_subtraction_golden(files["no_subtraction_golden"], seed)
-    return [o.format(**files) for o in RECIPES[name]]
+    return [*PINNED, *(o.format(**files) for o in RECIPES[name])]
 
 
 def search(args) -> None:
@@ -276,7 +292,9 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
         mx, my = statistics.mean(x), statistics.mean(y)
         ax.errorbar(mx, my, xerr=[[mx - min(x)], [max(x) - mx]], yerr=[[my - min(y)], [max(y) - my]], fmt="o")
         ax.annotate(name, (mx, my), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.axvline(-0.02, color="grey", linestyle="--", linewidth=1)
+    ax.axvline(-0.02, color="grey", linestyle="--", linewidth=1, label="2 points below the start")
+    ax.set_xlim(right=max(0.01, ax.get_xlim()[1]))
+    ax.legend(fontsize=8, loc="lower left")
     ax.set(xlabel="worst trained level's change (end - start)", ylabel="accuracy at the end, all levels")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -290,7 +308,8 @@ def check(args) -> None:
     name = args.recipe or "default"
     for seed in args.seeds:
         out = runs / f"check_{name}_seed{seed}"
-        wall = train(out, [*RECIPES.get(args.recipe, []), "--seed", str(seed)], None)
+        options = [*PINNED, *RECIPES[args.recipe]] if args.recipe else []  # none: the defaults as they ship
+        wall = train(out, [*options, "--seed", str(seed)], args.threads)
         rows.append(summary_row(name, seed, out, wall))
         curves += curve_rows(name, seed, out)
     write_csv(curves, Path(args.out) / f"{args.stem}_curves.csv")
@@ -358,6 +377,7 @@ def main(argv=None) -> None:
     c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     c.add_argument("--stem", default="tune_default_check", help="name of the tables written to --out")
     c.add_argument("--recipe", choices=list(RECIPES), help="a recipe's options instead of the trainer's defaults")
+    c.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the runs (default: unset, as a newcomer runs it)")
     for p in (s, c):
         p.add_argument("--runs_dir", default="/tmp/tune_default")
         p.add_argument("--out", default=str(RESULTS))

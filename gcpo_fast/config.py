@@ -57,7 +57,7 @@ from gcpo_fast.run.checkpoint import CheckpointConfig
 from gcpo_fast.run.logger import LogConfig
 from gcpo_fast.run.state import RunConfig
 from gcpo_fast.tools.options import ToolsConfig
-from gcpo_fast.update import SHIPPED_MODEL_LR, OptimizerConfig
+from gcpo_fast.update import SHIPPED_MODEL_LR, SHIPPED_MODEL_WARMUP, OptimizerConfig
 
 
 @dataclass
@@ -301,13 +301,15 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Fill what depends on several components (the method's recipe, the shipped model's learning rate, the
-    teacher's budget) and check the combinations; each component has already checked itself."""
+    """Fill what depends on several components (the method's recipe, the shipped model's learning rate and
+    warm-up, the teacher's budget) and check the combinations; each component has already checked itself."""
     budget = cfg.rollout.max_completion_length
     cfg.method = cfg.method.resolved(max_completion_length=budget)
     if cfg.optim.learning_rate is None:
         # a 1M-parameter model needs a far larger step than the billion-parameter models TRL's 1e-6 is for
         cfg.optim = dataclasses.replace(cfg.optim, learning_rate=SHIPPED_MODEL_LR if cfg.model.is_shipped else 1e-6)
+    if cfg.optim.warmup_ratio is None:
+        cfg.optim = dataclasses.replace(cfg.optim, warmup_ratio=SHIPPED_MODEL_WARMUP if cfg.model.is_shipped else 0.0)
     refuse_ignored_options(cfg)
     cfg.golden = cfg.golden.resolved(cfg.method.method.golden_answer, cfg.method.loss_type, budget)
     G, rows = cfg.rollout.num_generations, cfg.batch.completions_per_round

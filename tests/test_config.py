@@ -12,7 +12,7 @@ from gcpo_fast.config import TrainConfig, build_parser, parse_config
 from gcpo_fast.errors import ConfigError
 from gcpo_fast.models.loading import DEFAULT_MODEL
 from gcpo_fast.train import main
-from gcpo_fast.update import SHIPPED_MODEL_LR
+from gcpo_fast.update import SHIPPED_MODEL_LR, SHIPPED_MODEL_WARMUP
 
 
 @pytest.mark.parametrize(
@@ -104,6 +104,12 @@ def test_learning_rate_default_depends_on_the_model(tmp_path):
     assert parse_config(["--model", os.path.relpath(DEFAULT_MODEL)]).optim.learning_rate == SHIPPED_MODEL_LR
     assert parse_config(["--model", str(tmp_path)]).optim.learning_rate == 1e-6  # any other model: TRL's default
     assert parse_config(["--learning_rate", "2e-5"]).optim.learning_rate == 2e-5
+
+
+def test_warmup_default_depends_on_the_model(tmp_path):
+    assert parse_config([]).optim.warmup_ratio == SHIPPED_MODEL_WARMUP > 0
+    assert parse_config(["--model", str(tmp_path)]).optim.warmup_ratio == 0.0  # any other model: TRL's default
+    assert parse_config(["--warmup_ratio", "0"]).optim.warmup_ratio == 0.0  # set, even to TRL's value, it wins
 
 
 def test_builtin_levels_are_checked():
