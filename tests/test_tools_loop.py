@@ -18,7 +18,7 @@ from gcpo_fast.data.tasks import train_split
 from gcpo_fast.engines.base import Sampling, ToolUse
 from gcpo_fast.engines.hf import HFEngine
 from gcpo_fast.models.loading import DEFAULT_MODEL
-from gcpo_fast.tools.formats import ToolSet, tool_suffix_ids
+from gcpo_fast.tools.formats import ToolSet, load_user_tool, tool_suffix_ids
 from gcpo_fast.tools.loop import ToolEngine
 from gcpo_fast.tools.sandbox import Limits, Sandbox
 
@@ -120,3 +120,17 @@ def test_malformed_and_failing_calls_are_errors_returned_as_output(sandbox):
     )
     with pytest.raises(ValueError, match="does not render a tool result"):
         ToolSet(["tool_setup:multiply"], tokenizer, sandbox)  # a template that drops tool messages
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root each call runs as a uid of its own; otherwise as the trainer's")
+def test_a_user_tool_others_cannot_read_is_refused_in_one_line(tmp_path, monkeypatch):
+    (tmp_path / "closed_tools.py").write_text(
+        'def add(a: int) -> int:\n    """Add.\n\n    Args:\n        a: a.\n    """\n'
+    )
+    tmp_path.chmod(0o700)  # pytest's own folders are; a umask of 077 makes every checkout so
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=f"{tmp_path} is not readable by other users") as e:
+        load_user_tool("closed_tools:add")
+    assert "\n" not in str(e.value)
+    tmp_path.chmod(0o755)
+    assert load_user_tool("closed_tools:add").root == str(tmp_path)

@@ -35,6 +35,15 @@ def test_a_call_runs_and_prints(sandbox):
     assert run(sandbox, "print(23*47)").output == "1081\n"
 
 
+def test_a_user_tool_under_tmp_is_found(sandbox, tmp_path):
+    # the call's /tmp is a fresh tmpfs: an import root below it (a checkout or a venv in /tmp) is bound on top
+    (tmp_path / "tmp_tools.py").write_text("def add(a: int, b: int) -> int:\n    return a + b\n")
+    tmp_path.chmod(0o755)  # readable as a checkout is (the call runs as a uid of its own)
+    result = sandbox.call("tmp_tools", "add", {"a": 2, "b": 3}, roots=(str(tmp_path),))
+    assert (result.status, result.output) == ("ok", "5\n")
+    assert "No module named" in sandbox.call("tmp_tools", "add", {"a": 2, "b": 3}).output  # not bound: not there
+
+
 def test_infinite_loop_is_killed_at_the_limit(sandbox):
     result = run(sandbox, "while True: pass")
     assert result.status == "timeout" and "TimeoutError" in result.output

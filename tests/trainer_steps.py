@@ -124,7 +124,8 @@ def check_policy_lag(argv: list[str]) -> None:
     own weights (staleness 0: the engine's log-probs are the trainer's up to rounding), round 1 by the weights
     before step 1 (staleness 1): its logged sampling_logp_difference is the gap between the two policies,
     computed from each policy's fp64 forward of every row alone."""
-    cfg = parse_config([*argv, "--max_steps", "3", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant"])
+    options = ["--max_steps", "3", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--warmup_ratio", "0"]
+    cfg = parse_config([*argv, *options])  # no warm-up: step 1 must move the policy
     trainer = Trainer(cfg)
     try:
         trainer.resync_engine()

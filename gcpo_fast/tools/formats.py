@@ -25,6 +25,7 @@ object) is not run: its error goes back to the model as the output and counts as
 
 import importlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,25 @@ def load_user_tool(spec: str) -> UserTool:
             f"--tools {spec!r}: its signature and docstring must give a JSON schema (type hints, and a Google-style "
             f"docstring with an Args section): {e}"
         ) from None
-    return UserTool(module_name, attr, schema, import_root(module))
+    root = import_root(module)
+    if os.geteuid() == 0:  # the call runs as an unprivileged uid of its own (gcpo_fast/tools/sandbox.py)
+        closed = _closed_to_others(Path(root), Path(module.__file__).resolve())
+        if closed:
+            raise ValueError(
+                f"--tools {spec!r}: {closed} is not readable by other users, and each call runs as an unprivileged "
+                f"uid of its own: chmod o+rX the module's folders and file (under {root})"
+            )
+    return UserTool(module_name, attr, schema, root)
+
+
+def _closed_to_others(root: Path, file: Path) -> str | None:
+    """The first folder from the import root down to the module, or the module's file, that other users cannot
+    read (a folder: list and enter), else None."""
+    folders = [root, *reversed([p for p in file.parents if p.is_relative_to(root) and p != root])]
+    for folder in folders:
+        if folder.stat().st_mode & 0o005 != 0o005:
+            return str(folder)
+    return None if file.stat().st_mode & 0o004 else str(file)
 
 
 def import_root(module) -> str:

@@ -166,8 +166,8 @@ class Sandbox:
         return out
 
     def _command(self, roots: tuple[str, ...]) -> list[str]:
-        """bwrap's arguments: namespaces, the read-only binds (with world-readable parent folders), the call's
-        tmpfs folders, a clear environment, then the runner."""
+        """bwrap's arguments: namespaces, the call's tmpfs folders, the read-only binds (with world-readable parent
+        folders), a clear environment, then the runner."""
         cmd = [self.bwrap, "--die-with-parent", "--new-session", "--unshare-ipc", "--unshare-pid", "--unshare-net"]
         cmd += ["--unshare-uts", "--unshare-cgroup-try"]
         if self.root:  # no user namespace: the runner needs these two to drop to its uid, and nothing else
@@ -176,12 +176,14 @@ class Sandbox:
             cmd += ["--unshare-user"]
         for name in SYSTEM_DIRS:  # /bin -> usr/bin on merged-/usr systems: the ELF loader's path must resolve
             cmd += ["--symlink", os.readlink(name), name] if os.path.islink(name) else []
-        real = [p for p in SYSTEM_DIRS if not os.path.islink(p)]
-        cmd += _binds([*real, os.path.dirname(os.path.dirname(self.python)), *self.library, *roots])
         size = str(self.limits.disk_mb << 20)
         cmd += ["--proc", "/proc", "--dev", "/dev"]
         cmd += ["--perms", "1777", "--size", size, "--tmpfs", WORKDIR, "--perms", "1777", "--size", size, "--tmpfs"]
-        cmd += ["/tmp", "--ro-bind", str(RUNNER), RUNNER_PATH, "--chdir", WORKDIR, "--clearenv"]
+        cmd += ["/tmp"]
+        # the binds after the tmpfs folders: a tool's import root or a venv under /tmp stays visible on top of them
+        real = [p for p in SYSTEM_DIRS if not os.path.islink(p)]
+        cmd += _binds([*real, os.path.dirname(os.path.dirname(self.python)), *self.library, *roots])
+        cmd += ["--ro-bind", str(RUNNER), RUNNER_PATH, "--chdir", WORKDIR, "--clearenv"]
         for name, value in ENV.items():
             cmd += ["--setenv", name, value]
         return [*cmd, "--", self.python, "-I", "-S", RUNNER_PATH]
