@@ -214,7 +214,8 @@ def test_torchrun_ranks_sample_from_one_server_and_rank_0_sends(tokenizer, tmp_p
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gcpo_fast.train",
         "--use_vllm", "--vllm_mode", "server", "--vllm_server_base_url", engine.base_url,
         "--vllm_group_port", str(engine.group_port), "--max_steps", "2", "--output_dir", str(out),
-        "--learning_rate", "3e-3", "--eval_steps", "0", "--save_steps", "0", "--per_device_train_batch_size", "16",
+        "--learning_rate", "3e-3", "--warmup_ratio", "0", "--eval_steps", "0", "--save_steps", "0",
+        "--per_device_train_batch_size", "16",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     try:

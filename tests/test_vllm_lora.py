@@ -25,7 +25,8 @@ def test_vllm_samples_from_the_merged_adapters(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     cmd = [sys.executable, "-m", "gcpo_fast.train", "--use_vllm", "--use_peft", "--lora_dropout", "0"]
-    cmd += ["--max_steps", "3", "--output_dir", str(out), "--learning_rate", "3e-2", "--eval_steps", "0"]
+    cmd += ["--max_steps", "3", "--output_dir", str(out), "--learning_rate", "3e-2", "--warmup_ratio", "0"]
+    cmd += ["--eval_steps", "0"]
     cmd += ["--save_steps", "0", "--per_device_train_batch_size", "32"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -91,7 +91,8 @@ def test_the_trainer_samples_from_the_server(engine, tmp_path):
     cmd = [
         sys.executable, "-m", "gcpo_fast.train", "--use_vllm", "--vllm_mode", "server",
         "--vllm_server_base_url", engine.base_url, "--vllm_group_port", str(engine.group_port),
-        "--max_steps", "2", "--output_dir", str(out), "--learning_rate", "3e-3", "--eval_steps", "0",
+        "--max_steps", "2", "--output_dir", str(out), "--learning_rate", "3e-3", "--warmup_ratio", "0",
+        "--eval_steps", "0",
         "--save_steps", "0", "--per_device_train_batch_size", "32",
     ]  # fmt: skip
     env = {**os.environ, **ENV, API_KEY_ENV: engine.api_key}  # the key launch_server gave the server

@@ -32,6 +32,8 @@ def test_a_short_vllm_run_leaves_the_sampling_metrics(tmp_path):
         str(out),
         "--learning_rate",
         "3e-3",
+        "--warmup_ratio",
+        "0",
         "--eval_steps",
         "3",
         "--eval_num_problems",
