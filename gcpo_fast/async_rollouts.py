@@ -23,7 +23,7 @@ that is (a vLLM server restarted under the run and sampled with its initial weig
 --vllm_server_timeout for it to come back, retries the generate, and gives up the sync the restart broke) is
 dropped, counted in async/dropped_rounds, and the engine is synced again. The producer runs at most
 K // steps_per_round + 1 rounds ahead. The trainer's own HF server dies with the trainer and is never restarted:
-its death stops the run. Off the main thread math-verify's time limit holds only in a process of its own, which
+its death stops the run. Off the main thread the answer checks' time limit holds only in a process of its own, which
 gcpo_fast.data.rewards uses (rewards/checker_timeouts counts what ran out of time).
 
 The gap is corrected per row: each row keeps the engine's sampling log-probs, and the trainer's own log-probs at

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gcpo_fast.data import rewards
-from gcpo_fast.data.rewards import math_reward, take_checker_timeouts
+from gcpo_fast.data.rewards import math_reward, take_checker_timeouts, within_limit
 
 # verify() against 3 expands this for ~100 s on a 2-core machine, in Python code a signal interrupts
 SLOW = r"\boxed{(x+y+z+1)^{40}}"
@@ -48,6 +48,29 @@ def test_the_main_thread_counts_its_timeouts_too(monkeypatch):
     assert time.monotonic() - start < 10 and take_checker_timeouts() == 1
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped exception, printed
+def test_a_limit_whose_alarm_python_drops_still_ends_the_check():
+    """The limit's first alarm lands in a __del__, where Python prints and drops what it raises (as it did inside
+    math-verify in a weakref callback, and sympy ran on for 33 s): the alarm rings again and ends the check."""
+
+    class SlowToGo:
+        def __del__(self):
+            time.sleep(1)
+
+    def check():
+        SlowToGo()
+        start = time.monotonic()
+        while time.monotonic() - start < 20:
+            pass
+        return "ran on"
+
+    start = time.monotonic()
+    assert within_limit(0.3, check) == (None, True)
+    assert time.monotonic() - start < 5
+    assert within_limit(0.3, lambda: 7) == (7, False)
+    time.sleep(0.5)  # no alarm is left armed
+
+
 def test_a_check_no_signal_reaches_is_cut_by_the_batch_limit(monkeypatch):
     """The checking process stopped dead (as in a sympy call that never returns to Python): the batch scores 0
     after its whole limit, every completion counted, and the next batch gets a fresh process."""
@@ -65,11 +88,11 @@ def test_a_check_no_signal_reaches_is_cut_by_the_batch_limit(monkeypatch):
     os.kill(worker, signal.SIGSTOP)
     try:
         start = time.monotonic()
-        with pytest.warns(UserWarning, match="checking 2 completions took over 8 s; they score 0"):
+        with pytest.warns(UserWarning, match="checking 2 completions took over 6 s; they score 0"):
             stuck = threading.Thread(target=check, args=([r"\boxed{3}", "4"],))
             stuck.start()
             stuck.join(60)
-        assert 8 <= time.monotonic() - start < 30
+        assert 6 <= time.monotonic() - start < 30
     finally:
         os.kill(worker, signal.SIGKILL)
     fresh = threading.Thread(target=check, args=([r"\boxed{3}"],))

@@ -13,7 +13,6 @@ from gcpo_fast.data.rewards import (
     extract_answer,
     load_reward_function,
     math_reward,
-    math_verify_timeout,
     unverifiable_reason,
 )
 
@@ -42,11 +41,10 @@ def test_math_reward_forms_of_the_same_answer():
 
 def test_math_reward_from_worker_thread():
     completions, answers, expected = zip(*CASES)
-    out, timeouts, errors = [], [], []
+    out, errors = [], []
 
     def work():
         try:
-            timeouts.append(math_verify_timeout())
             out.append(math_reward(list(completions), list(answers)))
         except Exception as e:  # surfaced below: a signal-based timeout raises ValueError off the main thread
             errors.append(e)
@@ -55,7 +53,6 @@ def test_math_reward_from_worker_thread():
     t.start()
     t.join()
     assert not errors, errors
-    assert timeouts == [None] and math_verify_timeout() == 5
     assert out == [list(expected)]
 
 

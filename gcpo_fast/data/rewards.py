@@ -26,26 +26,30 @@ ground-truth answer as it is meant: math-verify cannot parse it at all (e.g. "\\
 word as a product of one-letter variables ("yes" -> E*s*y, "sin(x)" -> i*s*n(x); \\text{yes} and \\sin(x)
 are read as meant). The data loader reports such answers when the dataset loads (gcpo_fast/data/files.py).
 
-math-verify bounds each parse/verify with SIGALRM (MATH_VERIFY_TIMEOUT_S), which only works on a main thread.
-Off the main thread (the rollout producer of --async_rollouts, a user's reward worker) math_reward sends the
-checking to a process of its own (a spawned pool of one, started at the first such call, as verl and
-torchtitan check answers): there, on its main thread, each parse and verify has the same limit, and a
-completion that hangs sympy costs MATH_VERIFY_TIMEOUT_S, not the run. A check that sympy holds inside C code,
-where no signal reaches, is cut by a limit on the whole batch (the worker is then replaced, every completion of
-the batch scores 0). A completion whose check timed out scores 0 and is counted: take_checker_timeouts() gives
-this thread's count since it last asked (the trainer logs it per round as rewards/checker_timeouts).
-extract_answer and unverifiable_reason (the data loader, on the main thread) run in the calling thread.
+Each parse and verify has a time limit of MATH_VERIFY_TIMEOUT_S, set by SIGALRM, which only works on a main thread.
+math-verify's own limit raises once; where that exception lands in a weakref callback or a __del__, Python prints
+and drops it and sympy runs on for minutes. So math_reward passes math-verify no limit and sets its own, an alarm
+that rings again every RING_AGAIN_S until the check ends. Off the main thread (the rollout producer of
+--async_rollouts, a user's reward worker) math_reward sends the checking to a process of its own (a spawned pool of
+one, started at the first such call, as verl and torchtitan check answers): there, on its main thread, each check
+has the same limit, and a completion that hangs sympy costs MATH_VERIFY_TIMEOUT_S, not the run. A check that sympy
+holds inside C code, where no signal reaches, is cut by a limit on the whole batch (the worker is then replaced,
+every completion of the batch scores 0). A completion whose check timed out scores 0 and is counted:
+take_checker_timeouts() gives this thread's count since it last asked (the trainer logs it per round as
+rewards/checker_timeouts). extract_answer and unverifiable_reason (the data loader) run in the calling thread,
+with the limit where it is the main thread.
 """
 
 import atexit
 import copy
 import importlib
+import logging
 import math
 import multiprocessing
 import numbers
 import re
+import signal
 import threading
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,6 +63,7 @@ from gcpo_fast.options import check_options, option
 # Seconds math-verify may spend parsing or comparing one expression (its own default).
 MATH_VERIFY_TIMEOUT_S = 5
 BATCH_SLACK_S = 60  # the checking process's own start, on top of a batch's limits
+RING_AGAIN_S = 0.1  # the limit's alarm repeats until the check ends (a dropped exception does not end it)
 
 _checker = threading.local()  # this thread's count of checks that timed out
 _pool_lock = threading.Lock()
@@ -89,9 +94,47 @@ class RewardConfig:
         )
 
 
-def math_verify_timeout() -> int | None:
-    """math-verify's timeout for this thread: its SIGALRM timer on the main thread, None (off) elsewhere."""
-    return MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+class _CheckTimedOut(BaseException):
+    """The limit's alarm; a BaseException, so the `except Exception` of math-verify and sympy lets it through."""
+
+
+class _NoTimeoutWarning(logging.Filter):
+    """math-verify warns that a check without its limit can hang: math_reward sets the limit itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timeout is disabled")
+
+
+for _name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_name).addFilter(_NoTimeoutWarning())
+
+
+def within_limit(seconds: float, check: Callable, *args) -> tuple[object, bool]:
+    """(check(*args), False), or (None, True) when it ran past `seconds`. On the main thread an alarm raises
+    _CheckTimedOut at the limit and every RING_AGAIN_S after it until the check ends; elsewhere no signal can be
+    used and the check runs unlimited (math_reward sends those checks to a process of its own)."""
+    if threading.current_thread() is not threading.main_thread():
+        return check(*args), False
+    live = [True]
+
+    def ring(signum, frame):
+        if live[0]:
+            raise _CheckTimedOut
+
+    previous = signal.signal(signal.SIGALRM, ring)
+    try:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, seconds, RING_AGAIN_S)
+            return check(*args), False
+        finally:
+            live[0] = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _CheckTimedOut:
+        return None, True
+    finally:  # again: a ring that came just as the check ended raised in the inner finally, before it disarmed
+        live[0] = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _last_boxed(text: str) -> str | None:
@@ -118,7 +161,8 @@ def extract_answer(solution: str) -> str | None:
         tail = solution.rsplit("####", 1)[1].strip()
         if tail:
             return tail
-    parsed = parse(solution, parsing_timeout=math_verify_timeout())
+    parsed, _ = within_limit(MATH_VERIFY_TIMEOUT_S, _parse, solution)
+    parsed = parsed or []
     # parse returns [sympy object, extracted string] on success
     return parsed[-1] if len(parsed) == 2 and isinstance(parsed[-1], str) and parsed[-1].strip() else None
 
@@ -132,14 +176,24 @@ def _completion_text(completion) -> str:
     raise TypeError(f"a completion must be a string or a list of chat messages, got {type(completion).__name__}")
 
 
-def _parse_gold(answer: str, timeout: int | None) -> list:
+def _parse_gold(answer: str) -> list:
+    """The ground truth as math-verify reads it, [] when it cannot (nor within the limit)."""
+    gold, _ = within_limit(MATH_VERIFY_TIMEOUT_S, _parse_answer, answer)
+    return gold or []
+
+
+def _parse_answer(answer: str) -> list:
     # A bare answer such as "\sqrt{2}" or "(1, 2)" has no LaTeX delimiters, and math-verify's
     # anchor-free parsing then misses it or reads only part of it ("(1, 2)" -> 2): box it (as verl does).
     if "\\boxed" not in answer and "$" not in answer:
-        gold = parse("\\boxed{" + answer + "}", parsing_timeout=timeout)
+        gold = _parse("\\boxed{" + answer + "}")
         if gold:
             return gold
-    return parse(answer, parsing_timeout=timeout)
+    return _parse(answer)
+
+
+def _parse(text: str) -> list:
+    return parse(text, parsing_timeout=None)  # the limit is within_limit's
 
 
 def math_reward(completions: Sequence, answers: Sequence[str]) -> list[float]:
@@ -154,7 +208,7 @@ def math_reward(completions: Sequence, answers: Sequence[str]) -> list[float]:
         raise ValueError(f"math_reward: {len(completions)} completions but {len(answers)} answers")
     texts, golds = [_completion_text(c) for c in completions], [str(a) for a in answers]
     if threading.current_thread() is threading.main_thread():
-        rewards, timed_out = check_answers(texts, golds, MATH_VERIFY_TIMEOUT_S)
+        rewards, timed_out = check_answers(texts, golds)
     else:
         rewards, timed_out = _check_elsewhere(texts, golds)
     _checker.timeouts = getattr(_checker, "timeouts", 0) + timed_out
@@ -167,26 +221,23 @@ def take_checker_timeouts() -> int:
     return count
 
 
-def check_answers(texts: list[str], answers: list[str], timeout: int) -> tuple[list[float], int]:
-    """(math_reward's rewards, how many completions' checks timed out), on this (main) thread. math-verify scores
-    a timeout like a miss (in every version since 0.7): a check that returns nothing after its whole time limit
-    is the one that timed out."""
+def check_answers(texts: list[str], answers: list[str]) -> tuple[list[float], int]:
+    """(math_reward's rewards, how many completions' checks timed out), on this (main) thread."""
     gold_cache: dict[str, list] = {}
     rewards, timed_out = [], 0
     for text, answer in zip(texts, answers):
         if answer not in gold_cache:
-            gold_cache[answer] = _parse_gold(answer, timeout)
+            gold_cache[answer] = _parse_gold(answer)
         gold = gold_cache[answer]
-        start = time.monotonic()
-        correct = bool(gold) and _verified(gold, text, timeout)
+        correct, late = within_limit(MATH_VERIFY_TIMEOUT_S, _verified, gold, text) if gold else (False, False)
         rewards.append(1.0 if correct else 0.0)
-        timed_out += bool(gold) and not correct and time.monotonic() - start >= timeout
+        timed_out += late
     return rewards, timed_out
 
 
-def _verified(gold: list, text: str, timeout: int) -> bool:
-    predicted = parse(text, parsing_timeout=timeout)
-    return bool(predicted) and verify(gold, predicted, timeout_seconds=timeout)
+def _verified(gold: list, text: str) -> bool:
+    predicted = _parse(text)
+    return bool(predicted) and verify(gold, predicted, timeout_seconds=None)
 
 
 def _check_elsewhere(texts: list[str], answers: list[str]) -> tuple[list[float], int]:
@@ -197,9 +248,9 @@ def _check_elsewhere(texts: list[str], answers: list[str]) -> tuple[list[float],
         if _pool is None:
             _pool = multiprocessing.get_context("spawn").Pool(1)  # not fork: the trainer runs threads
         pool = _pool
-    limit = MATH_VERIFY_TIMEOUT_S * (2 * len(texts) + len(set(answers))) + BATCH_SLACK_S
+    limit = MATH_VERIFY_TIMEOUT_S * (len(texts) + len(set(answers))) + BATCH_SLACK_S
     try:
-        return pool.apply_async(check_answers, (texts, answers, MATH_VERIFY_TIMEOUT_S)).get(limit)
+        return pool.apply_async(check_answers, (texts, answers)).get(limit)
     except multiprocessing.TimeoutError:
         with _pool_lock:
             if _pool is pool:
@@ -224,7 +275,7 @@ _COMMAND_ARGUMENT = re.compile(r"\\[A-Za-z]+\{[^{}]*\}")
 def unverifiable_reason(answer: str) -> str | None:
     """Why math_reward can never reward a completion as correct against this ground-truth answer as it is
     meant, or None when math-verify reads it as mathematics. Parses the way math_reward does."""
-    gold = _parse_gold(str(answer), math_verify_timeout())
+    gold = _parse_gold(str(answer))
     if not gold:
         return "math-verify cannot parse it"
     # math-verify strips units and joins ("10 meters" -> 10, "1 and 2" -> {1, 2}); a word still in the
