@@ -55,16 +55,13 @@ the server holds its other end, so the server ends with the trainer however that
 HF engine's generation in flight at its next token (its client gets 503), wait up to SHUTDOWN_GRACE_S for the
 requests being answered and the engine, close it and exit 0 (1 if the grace ran out). A second signal exits at
 once. Mistakes in the command line (a port in use or out of range, a --dtype, --num_threads 0, a host that does
-not resolve, a missing API key) are one line, exit status 2, before the model loads.
+not resolve, a missing API key) are one line, exit status 2, before the model loads (gcpo_fast/serve_options.py).
 The vllm engine is gcpo_fast.engines.vllm_engine.VLLMEngine (a world of one); the hf engine is HFEngine on a model of
 its own (fp32 on the CPU, --dtype on CUDA, bf16 by default there), which reports its sampling log-probs too.
 """
 
-import argparse
-import math
 import os
 import signal
-import socket
 import sys
 import threading
 import uuid
@@ -74,21 +71,18 @@ import torch
 
 from gcpo_fast.engines.hf import HFEngine
 from gcpo_fast.engines.server_http import (
-    API_KEY_ENV,
     Limits,
     RequestError,
     bind_server,
     field,
-    is_loopback,
     one_line,
     parse_generate,
-    read_api_key,
 )
 from gcpo_fast.engines.weight_transport import CONNECT_TIMEOUT_S, WeightGroup, device_uuid, host_store
+from gcpo_fast.serve_options import parse_args
 
 GROUP_TIMEOUT_S = 600.0  # each broadcast of a weight stream (a tensor of GBs over a slow link fits)
 SHUTDOWN_GRACE_S = 30.0  # SIGTERM: the longest wait for the requests being answered
-DTYPES = ("auto", "float32", "bfloat16", "float16", "float", "half")
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 
 
@@ -345,100 +339,6 @@ def routes(server: GenerationServer) -> dict:
         ("POST", "/update_weights/"): (False, server.update_weights),
         ("POST", "/close_communicator/"): (True, lambda _: server.close_communicator()),
     }
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, as the trainer's: --help shows the usage
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def number(kind, low, high=math.inf, what="a number"):
-    """An argparse type: `kind` within [low, high]."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{text} is not {what}")
-        return value
-
-    return parse
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(prog="python -m gcpo_fast.serve", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="model folder or hub id")
-    p.add_argument(
-        "--engine", choices=("vllm", "hf"), default="vllm", help="vLLM or Hugging Face generate (%(default)s)"
-    )
-    p.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (%(default)s: this machine only; another needs an "
-        "API key)",
-    )  # fmt: skip
-    p.add_argument("--port", type=number(int, 1, 65535, "a TCP port (1-65535)"), default=8000, help="(%(default)s)")
-    p.add_argument(
-        "--api_key_file", default=None, help=f"file holding the API key clients must send (or ${API_KEY_ENV})"
-    )
-    p.add_argument("--seed", type=int, default=0, help="(%(default)s)")
-    p.add_argument(
-        "--dtype", choices=DTYPES, default="auto", help="auto: bf16 on CUDA, fp32 on the CPU (hf); vLLM's choice (vllm)"
-    )
-    p.add_argument(
-        "--gpu_memory_utilization", type=number(float, 1e-6, 1.0, "a fraction in (0, 1]"), default=0.9,
-        help="vllm: the fraction of the device it reserves (%(default)s)",
-    )  # fmt: skip
-    p.add_argument(
-        "--max_model_len", type=number(int, 1, what="a positive integer"), default=None,
-        help="context length: every prompt + max_tokens must fit (default: the model's)",
-    )  # fmt: skip
-    p.add_argument("--trust_remote_code", action="store_true")
-    p.add_argument(
-        "--num_threads", type=number(int, 1, what="a positive integer"), default=None,
-        help="torch threads (hf; default: 1 on the CPU)",
-    )  # fmt: skip
-    p.add_argument(
-        "--max_request_rows", type=number(int, 1, what="a positive integer"), default=4096,
-        help="prompts x n of one /generate/ (%(default)s)",
-    )  # fmt: skip
-    p.add_argument(
-        "--max_request_bytes", type=number(int, 1024, what="an integer >= 1024"), default=Limits.max_request_bytes,
-        help="the largest request body (%(default)s)",
-    )  # fmt: skip
-    p.add_argument(
-        "--read_timeout", type=number(float, 0.1, 86400.0, "seconds in [0.1, 86400]"), default=Limits.read_timeout,
-        help="seconds a client has to send a whole request, and to take its reply (%(default)s)",
-    )  # fmt: skip
-    p.add_argument(
-        "--max_connections", type=number(int, 1, 100000, "an integer in [1, 100000]"),
-        default=Limits.max_connections, help="connections served at once; more get 503 (%(default)s)",
-    )  # fmt: skip
-    p.add_argument(
-        "--exit_on_stdin_close", action="store_true",
-        help="shut down when standard input closes (a launching process holds its other end)",
-    )  # fmt: skip
-    p.add_argument("--tensor_parallel_size", type=int, default=1, help="1 only, for now")
-    p.add_argument("--data_parallel_size", type=int, default=1, help="1 only, for now")
-    args = p.parse_args(argv)
-    for name in ("tensor_parallel_size", "data_parallel_size"):
-        if getattr(args, name) != 1:
-            p.error(f"--{name} {getattr(args, name)} is not supported yet: one engine per server (run more servers)")
-    try:
-        socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        args.api_key = read_api_key(args.api_key_file)
-    except socket.gaierror as e:
-        p.error(f"--host {args.host}: cannot resolve it ({e.strerror})")
-    except ValueError as e:
-        p.error(str(e))
-    if args.api_key is None and not is_loopback(args.host):
-        p.error(
-            f"--host {args.host} is reachable from other machines, and anyone who reaches the server can replace "
-            f"its weights: give an API key (--api_key_file FILE or ${API_KEY_ENV}), or listen on 127.0.0.1"
-        )
-    if args.num_threads is None:
-        args.num_threads = torch.get_num_threads() if torch.cuda.is_available() else 1
-    return args
 
 
 def url(host: str, port: int) -> str:

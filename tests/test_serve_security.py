@@ -25,7 +25,7 @@ from gcpo_fast.engines.server_http import API_KEY_ENV
 from gcpo_fast.engines.weight_transport import WeightGroup, _header, host_store
 from gcpo_fast.errors import ConfigError, TrainingError
 from gcpo_fast.models.loading import DEFAULT_MODEL
-from gcpo_fast.serve import parse_args
+from gcpo_fast.serve_options import parse_args
 
 STATE_CHANGING = [
     ("POST", "/generate/", {"prompts": [[1, 2]], "max_tokens": 2}),
@@ -63,7 +63,7 @@ def test_the_server_listens_on_loopback_by_default(server):
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection((outside, server.port), timeout=5)
     shown = subprocess.run([sys.executable, "-m", "gcpo_fast.serve", "--help"], capture_output=True, text=True)
-    assert "(127.0.0.1: this machine only" in " ".join(shown.stdout.split())
+    assert "(default: 127.0.0.1, this machine only" in " ".join(shown.stdout.split())
 
 
 def test_an_api_key_guards_every_endpoint_but_health(server):
