@@ -30,6 +30,7 @@ LAYER = {
     "eval": 9,
     "config": 10,
     "prepare": 11,
+    "serve_options": 11,  # the generation server's command line, checked before any model
     "train": 12,  # the commands and the integrations on top
     "serve": 12,
     "lora": 12,
