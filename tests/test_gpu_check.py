@@ -10,10 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks import bench_loss
-from benchmarks.gpu_check import plan, runner
+from benchmarks.gpu_check import plan, run_train, runner
 from gcpo_fast.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,6 +224,25 @@ def test_a_stage_cut_by_sigterm_still_writes_its_json(tmp_path):
     saved = json.loads(result.read_text())
     assert saved["exit"] == 1 and "SIGTERM" in saved["error"] and 1 <= len(saved["steps"]) < 200
     assert saved["attention"] == "packed_sdpa" and saved["fused_op"]["backend"] == "torch"  # what ran, on the CPU
+
+
+def test_the_time_limit_passes_an_except_exception_on_its_way(monkeypatch):
+    """SIGTERM while math-verify parses (its parse catches every Exception and returns []): the stage still ends."""
+    import math_verify.parser
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises here
+        return ["not reached"]
+
+    monkeypatch.setattr(math_verify.parser, "extract_target_from_pred", interrupted)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        run_train.stop_on_sigterm()
+        with pytest.raises(run_train.StoppedBySigterm, match="SIGTERM"):
+            math_verify.parser.parse("3", parsing_timeout=None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_plan_7b_without_peft():

@@ -73,12 +73,17 @@ def watch_attention(record: dict) -> None:
     train.resolve_attn_implementation = watched
 
 
+class StoppedBySigterm(BaseException):
+    """The stage's time limit. A BaseException: an `except Exception` on its way (math-verify's parse has one, and a
+    run of this size spends much of its time there) would turn it into a wrong answer and let the run go on."""
+
+
 def stop_on_sigterm() -> None:
     """SIGTERM (the GPU check's time limit) ends the trainer with an exception, so that the result is still
     written from what it has: the steps metrics.jsonl holds so far and the peak memory."""
 
     def stop(signum, frame):
-        raise TimeoutError("stopped by SIGTERM (the stage's time limit)")
+        raise StoppedBySigterm("stopped by SIGTERM (the stage's time limit)")
 
     signal.signal(signal.SIGTERM, stop)
 
@@ -165,7 +170,7 @@ def main(argv=None) -> None:
         error = None if status == 0 else str(e.code)
         if error:
             print(error, file=sys.stderr)
-    except Exception as e:  # noqa: BLE001 - an out-of-memory error's peak memory is a figure too
+    except (Exception, StoppedBySigterm) as e:  # noqa: BLE001 - an out-of-memory error's peak memory is a figure too
         traceback.print_exc()
         status, error = 1, f"{type(e).__name__}: {str(e)[:500]}"
     peak, method = peak_memory()
