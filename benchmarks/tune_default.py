@@ -95,8 +95,8 @@ RECIPES = {  # name: options on top of the trainer's defaults, pinned so that a 
     # levels 3's groups are nearly all right (no advantage, no gradient): fewer of them, more of levels 4 and 5
     "lr3e-4_warmup_mix3444555": [*LR3E4_WARMUP, "--builtin_levels", "3", "4", "4", "4", "5", "5", "5"],
     "lr4e-4_warmup_mix34455": LR4E4_MIX34455,
-    # what might hold level 4 at the shipped default: a rate that falls sooner, no std scaling (a nearly-right
-    # group's one wrong rollout gets -2.6 with it, -0.9 without), a longer warm-up
+    # what might hold level 4 at the shipped default: a cosine schedule, no std scaling (a nearly-right
+    # group's one wrong rollout of 8 gets -2.5 with it, -0.875 without), a longer warm-up
     "lr4e-4_warmup_mix34455_cosine": [*LR4E4_MIX34455, "--lr_scheduler_type", "cosine"],
     "lr4e-4_warmup_mix34455_no_std": [*LR4E4_MIX34455, "--scale_rewards", "none"],
     "lr4e-4_warmup0.2_mix34455": [*LR4E4_MIX34455, "--warmup_ratio", "0.2"],
