@@ -33,7 +33,7 @@ setup(
     python_requires=">=3.10",
     packages=["gcpo_fast", "gcpo_fast.integrations", "gcpo_fast.kernels"],
     package_dir={"gcpo_fast": "gcpo_fast", "gcpo_fast.kernels": "kernels"},
-    package_data={"gcpo_fast": ["assets/default_model/*"]},
+    package_data={"gcpo_fast": ["assets/default_model/*", "assets/tool_model/*"]},
     install_requires=[
         "torch>=2.11",
         "triton>=3.6",

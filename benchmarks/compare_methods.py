@@ -8,8 +8,9 @@
     python -m benchmarks.golden_teacher teacher runs/teacher              # then how the golden row enters:
     python -m benchmarks.compare_methods --methods gcpo,gcpo_replace,gcpo_shaped,gcpo_teacher,gcpo_no_golden \
         --golden_model runs/teacher --max_steps 300
-    python -m benchmarks.compare_methods --methods gcpo_tools,grpo_tools,gcpo --runs_dir runs/tools \
-        --out benchmarks/results/tools -- --builtin_levels 8    # the python tool on level 8 (docs/results.md)
+    python -m benchmarks.compare_methods --methods gcpo_tools,grpo_tools,gcpo --max_steps 150 --runs_dir runs/tools \
+        --out benchmarks/results/tools -- --builtin_levels 8 --model gcpo_fast/assets/tool_model \
+        --learning_rate 1e-3 --eval_steps 50 --eval_num_problems 200    # the python tool on level 8 (docs/results.md)
 
 Each (method, seed) is one `python -m gcpo_fast.train --loss_type METHOD --seed SEED` run in its own process
 (OMP_NUM_THREADS=--threads, --jobs at a time) with every other option at the trainer's default, so each
@@ -17,8 +18,9 @@ method runs with its paper's recipe (gcpo_fast/methods.py, METHODS); anything af
 GCPO's variants (VARIANTS) change one option: token-level ratios, no golden answer, the golden row in place
 of a rollout, LUFFY's shaped objective, golden answers from a teacher (--golden_model) instead of the
 dataset; with the python tool (--tools python: golden answers are one-line calls, gcpo_fast/tools/task.py) for
-GCPO and GRPO. Every run starts from the same shipped model, sees the same prompts in the same order for a given
-seed and evaluates on the same held-out problems. DAPO runs without a cap on its prompt batches, GPG with a
+GCPO and GRPO (the tool demo passes `--model gcpo_fast/assets/tool_model`, whose warm start wrote the tool's
+layout). Every run starts from the same model, sees the same prompts in the same order for a given seed and
+evaluates on the same held-out problems. DAPO runs without a cap on its prompt batches, GPG with a
 cap of 3 (METHOD_ARGS). The budget is optimizer steps; DAPO's dynamic sampling and GPG's resampling draw
 extra prompt batches to fill a step, so the table also gives each run's generated tokens and its held-out
 accuracy at the generated-token count the thriftiest run reached (read off its evaluations).

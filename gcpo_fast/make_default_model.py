@@ -1,6 +1,7 @@
-"""Build the small model that ships in gcpo_fast/assets/default_model: tokenizer, causal LM, SFT warm start.
+"""Build the small models that ship in gcpo_fast/assets: tokenizer, causal LM, SFT warm start.
 
     python -m gcpo_fast.make_default_model [--out gcpo_fast/assets/default_model] [--seed 0]
+    python -m gcpo_fast.make_default_model --tool-levels 3 7 --out gcpo_fast/assets/tool_model   # the tool demo's
 
 1. Tokenizer: byte-level BPE trained with the `tokenizers` library on text of the task (gcpo_fast/data/tasks.py):
    371 tokens (256 bytes, 3 specials, 112 merges: BPE runs out of pairs below the 384 asked for). Its
@@ -21,6 +22,14 @@
    golden answers teach and GRPO-style methods get no signal (README, "The shipped default").
 4. Held-out evaluation: greedy decoding of distinct heldout_split problems, math_reward, per level; written to
    README.md and build_info.json beside the weights.
+5. The tool model (`--tool-levels 3 7`): the same build, except that the warm start solves the arithmetic
+   problems of levels 3 and 7 with the python tool in its layout (gcpo_fast/tools/task.py), the tool's output
+   block tokenised apart and left out of the loss, as the tool loop appends it. Why a second model: the default
+   model's warm start never wrote a byte of that layout, so a level-8 golden call ("```python\nprint(27*41)...")
+   costs it about 900 nats, and GCPO on level 8 never sampled one (docs/results.md, "Tools on level 8"). With
+   level 7 alone (one-digit operands) GCPO taught the call but not the copying of two-digit operands and
+   four-digit outputs in 300 steps; level 3 (two-digit sums) gives the copying. The tool model calls the tool
+   on levels 3 and 7 (98-100% of samples) and seldom on level 8 (4% of samples, every call wrong at the start).
 
 Seeded end to end (tokenizer training is deterministic; torch, the data stream and the batch order are
 seeded; one torch thread by default): a rerun on the same machine and torch gives the same weights
@@ -53,8 +62,11 @@ from gcpo_fast.data.rewards import math_reward
 from gcpo_fast.data.tasks import LEVELS, generate_problems, heldout_split, train_split
 from gcpo_fast.engines.base import Sampling
 from gcpo_fast.engines.hf import HFEngine
+from gcpo_fast.tools.formats import OUTPUT_OPEN, PYTHON_OUTPUT
+from gcpo_fast.tools.task import python_golden
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "assets" / "default_model"
+REPO = DEFAULT_OUT.parents[2]
 
 EOS, PAD, BOS = "<|endoftext|>", "<|pad|>", "<|bos|>"
 VOCAB_SIZE = 384  # an upper bound: BPE stops when no pair is left to merge (the task has few distinct words)
@@ -149,22 +161,39 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen2ForCausal
     return model
 
 
-def sft_records(n: int, seed: int, mix: dict[int, float]) -> list[dict]:
-    """n train_split problems with levels in proportion to mix (level -> weight), in a seeded order."""
+def sft_records(n: int, seed: int, mix: dict[int, float], tool_levels: tuple[int, ...] = ()) -> list[dict]:
+    """n train_split problems with levels in proportion to mix (level -> weight), in a seeded order; the
+    arithmetic problems of tool_levels solved with the python tool instead (gcpo_fast/tools/task.py)."""
     total = sum(mix.values())
     records = []
     for level, weight in mix.items():
         if weight > 0:
             records += train_split(math.ceil(n * weight / total), seed=seed * 100 + level, levels=[level])
+    for r in records:
+        if r["level"] in tool_levels:
+            r["solution"] = python_golden(r) or r["solution"]
     random.Random(seed).shuffle(records)
     return records[:n]
 
 
+def solution_parts(solution: str) -> list[tuple[str, bool]]:
+    """[(text, trained)]: a python tool's output block is context the model reads, never text it writes, and
+    is tokenised apart, as the tool loop appends it (gcpo_fast/tools/loop.py)."""
+    head, found, tail = solution.partition(OUTPUT_OPEN)
+    block = PYTHON_OUTPUT.match(tail) if found else None
+    if block is None:
+        return [(solution, True)]
+    return [(head + OUTPUT_OPEN, True), (block.group(0), False), *solution_parts(tail[block.end() :])]
+
+
 def encode(tokenizer, record: dict) -> tuple[list[int], list[int]]:
-    """Input ids (prompt, solution, eos) and labels (-100 on the prompt)."""
-    p = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
-    s = tokenizer(record["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return p + s, [-100] * len(p) + s
+    """Input ids (prompt, solution, eos) and labels (-100 on the prompt and on tool outputs)."""
+    ids = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
+    labels = [-100] * len(ids)
+    for text, trained in solution_parts(record["solution"]):
+        part = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids, labels = ids + part, labels + (part if trained else [-100] * len(part))
+    return ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]
 
 
 def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
@@ -177,8 +206,10 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def train(model, tokenizer, seed: int, steps: int, batch_size: int, lr: float, mix: dict[int, float]) -> list[float]:
-    data = [encode(tokenizer, r) for r in sft_records(steps * batch_size, seed, mix)]
+def train(
+    model, tokenizer, seed: int, steps: int, batch_size: int, lr: float, mix: dict[int, float], tool_levels=()
+) -> list[float]:
+    data = [encode(tokenizer, r) for r in sft_records(steps * batch_size, seed, mix, tool_levels)]
     # batches of similar lengths (less padding): sort each window of 16 batches by length, shuffle the batches
     batches = []
     for w in range(0, len(data), 16 * batch_size):
@@ -271,19 +302,18 @@ def accuracy_table(results: dict[int, tuple[int, int]]) -> str:
     return "\n".join(rows)
 
 
-README = """# gcpo_fast default model
+README = """# gcpo_fast {title}
 
-The small causal LM that `python -m gcpo_fast.train` trains when given no `--model`, warm-started by
-supervised fine-tuning on part of the math task of `gcpo_fast/data/tasks.py`. Built by
-`python -m gcpo_fast.make_default_model` (seed {seed}); see that module for every choice.
+{purpose}, warm-started by supervised fine-tuning on part of the math task of `gcpo_fast/data/tasks.py`.
+Built by `python -m gcpo_fast.make_default_model{build_args}` (seed {seed}); see that module for every choice.
 
 - Model: Qwen2 architecture, {params:.2f}M parameters: hidden {hidden_size}, {num_hidden_layers} layers,
   {num_attention_heads} heads, MLP {intermediate_size}, tied embeddings, fp32; model.safetensors {size_mb:.1f} MB.
 - Tokenizer: {vocab}-token byte-level BPE with Qwen2's pre-tokenizer (digits one by one).
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained("gcpo_fast/assets/default_model")
-    model = AutoModelForCausalLM.from_pretrained("gcpo_fast/assets/default_model")
+    tok = AutoTokenizer.from_pretrained("{path}")
+    model = AutoModelForCausalLM.from_pretrained("{path}")
     ids = tok(["Q: 23+48=?\\n"], return_tensors="pt")
     print(tok.decode(model.generate(**ids)[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
 
@@ -294,14 +324,15 @@ supervised fine-tuning on part of the math task of `gcpo_fast/data/tasks.py`. Bu
 - Warm start: {steps} AdamW steps of {batch_size} problems (lr {lr}, cosine), teacher-forced cross-entropy
   on the solution tokens, all drawn from `train_split`, levels weighted
   {mix}
-  (levels never seen: {unseen}). Final training loss {final_loss:.3f}.
+  (levels never seen: {unseen}); arithmetic solved with the python tool at levels: {tool_levels}.
+  Final training loss {final_loss:.3f}.
 - Build time: {build_s:.0f} s ({train_s:.0f} s tokenizer + SFT, the rest evaluation) on a 2-core CPU
   machine shared with other jobs, {threads} torch thread, torch {torch}.
 
 ## Held-out accuracy before RL
 
 Greedy decoding, `math_reward` against the answer, on distinct `heldout_split` problems of each level
-(seed {seed}; levels 1 and 2 hold only {n1} and {n2} distinct held-out problems, all used):
+(seed {seed}; levels 1 and 2 hold only {n1} and {n2} distinct held-out problems, all used){tool_note}:
 
 {table}
 
@@ -320,7 +351,20 @@ word problems), 8 two-digit times two-digit.
 
 
 def write_readme(out: Path, model, tokenizer, info: dict, results: dict, rollouts: dict) -> None:
+    tools = " ".join(map(str, info["tool_levels"]))
+    path = out.resolve().relative_to(REPO) if out.resolve().is_relative_to(REPO) else out
     text = README.format(
+        title="tool model" if tools else "default model",
+        purpose=(
+            f"The small causal LM of the tool demo (`python -m gcpo_fast.train --tools python --builtin_levels 8 "
+            f"--model {path}`): the default model's recipe with the arithmetic of levels {tools.replace(' ', ', ')} "
+            "solved by the python tool"
+            if tools
+            else "The small causal LM that `python -m gcpo_fast.train` trains when given no `--model`"
+        ),
+        build_args=f" --tool-levels {tools} --out {path}" if tools else "",
+        tool_note=", no tool run: a call is scored as the text it is, so the tool levels score near 0" if tools else "",
+        path=path,
         rollouts=rollout_table(rollouts),
         group=rollouts[1]["group"],
         prompts=rollouts[1]["prompts"],
@@ -337,6 +381,7 @@ def write_readme(out: Path, model, tokenizer, info: dict, results: dict, rollout
         mix=", ".join(f"{k}: {v:g}" for k, v in info["sft_mix"].items()),
         final_loss=info["final_loss"],
         unseen=", ".join(str(k) for k, v in info["sft_mix"].items() if v == 0) or "none",
+        tool_levels=", ".join(map(str, info["tool_levels"])) or "none",
         build_s=info["build_seconds"],
         train_s=info["train_seconds"],
         threads=info["torch_threads"],
@@ -394,6 +439,16 @@ def main(argv=None) -> None:
         + ",".join(f"{k}:{v:g}" for k, v in SFT_MIX.items())
         + "; levels left out get 0)",
     )
+    ap.add_argument(
+        "--tool-levels",
+        type=int,
+        nargs="*",
+        default=[],
+        choices=LEVELS,
+        metavar="LEVEL",
+        help="levels whose arithmetic problems the warm start solves with the python tool, in its layout "
+        "(gcpo_fast/tools/task.py); default none. The tool model (assets/tool_model) is built with 7",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -402,7 +457,7 @@ def main(argv=None) -> None:
     model = build_model(tokenizer, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"tokenizer: {len(tokenizer)} tokens; model: {n_params / 1e6:.2f}M parameters")
-    losses = train(model, tokenizer, args.seed, args.steps, args.batch_size, args.lr, args.sft_mix)
+    losses = train(model, tokenizer, args.seed, args.steps, args.batch_size, args.lr, args.sft_mix, args.tool_levels)
     train_s = time.time() - start
     results = evaluate(model, tokenizer, args.seed, args.eval_per_level)
     rollouts = rollout_stats(model, tokenizer, args.seed)
@@ -419,6 +474,7 @@ def main(argv=None) -> None:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "sft_mix": args.sft_mix,
+        "tool_levels": args.tool_levels,
         "parameters": n_params,
         "final_loss": sum(losses[-20:]) / len(losses[-20:]),
         "build_seconds": round(total_s),

@@ -10,7 +10,7 @@ from tiny_model import write_jsonl
 
 from gcpo_fast.config import TrainConfig, build_parser, parse_config
 from gcpo_fast.errors import ConfigError
-from gcpo_fast.models.loading import DEFAULT_MODEL
+from gcpo_fast.models.loading import DEFAULT_MODEL, TOOL_MODEL
 from gcpo_fast.train import main
 from gcpo_fast.update import SHIPPED_MODEL_LR, SHIPPED_MODEL_WARMUP
 
@@ -102,6 +102,7 @@ def test_explicit_options_override_the_recipe():
 def test_learning_rate_default_depends_on_the_model(tmp_path):
     assert parse_config([]).optim.learning_rate == SHIPPED_MODEL_LR  # the shipped model, however its path is written
     assert parse_config(["--model", os.path.relpath(DEFAULT_MODEL)]).optim.learning_rate == SHIPPED_MODEL_LR
+    assert parse_config(["--model", os.path.relpath(TOOL_MODEL)]).optim.learning_rate == SHIPPED_MODEL_LR
     assert parse_config(["--model", str(tmp_path)]).optim.learning_rate == 1e-6  # any other model: TRL's default
     assert parse_config(["--learning_rate", "2e-5"]).optim.learning_rate == 2e-5
 

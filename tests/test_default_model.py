@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from gcpo_fast.config import TrainConfig
 from gcpo_fast.data.rewards import math_reward
 from gcpo_fast.data.tasks import generate_problems, heldout_split
-from gcpo_fast.make_default_model import DEFAULT_OUT
+from gcpo_fast.make_default_model import DEFAULT_OUT, encode, sft_records
+from gcpo_fast.models.loading import TOOL_MODEL
+from gcpo_fast.tools.task import python_golden
 
 
 def test_the_shipped_model_is_in_the_repository():
@@ -86,6 +89,31 @@ def test_generates_and_stops_at_eos(shipped):
     assert sum(math_reward(texts, [r["answer"] for r in records])) >= 1  # easy levels: mostly right
 
 
+def test_the_tool_model_calls_the_tool_where_its_warm_start_did_and_seldom_on_level_8():
+    """The tool demo's start (docs/results.md, "Tools on level 8"): the tool model writes the python tool's call on
+    the levels its warm start solved with it, and on level 8 seldom (GCPO's golden rows must teach it)."""
+    tok, model = AutoTokenizer.from_pretrained(TOOL_MODEL), AutoModelForCausalLM.from_pretrained(TOOL_MODEL).eval()
+    tool_levels = json.loads((Path(TOOL_MODEL) / "build_info.json").read_text())["tool_levels"]
+    assert (
+        tool_levels
+        and 8 not in tool_levels
+        and tok.get_vocab() == AutoTokenizer.from_pretrained(DEFAULT_OUT).get_vocab()
+    )
+
+    def calls(level: int, **sampling) -> float:
+        prompts = [r["prompt"] for r in heldout_split(200, seed=2, levels=[level]) if python_golden(r)][:16]
+        enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=4, pad_token_id=tok.pad_token_id, **sampling)
+        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        return sum(t.startswith("```") for t in texts) / len(texts)
+
+    assert all(calls(level, do_sample=False) == 1.0 for level in tool_levels)
+    assert calls(8, do_sample=False) <= 2 / 16  # 0 of these 16 when built; a flip or two across torch builds
+    assert calls(8, do_sample=True, temperature=1.0, num_return_sequences=8) < 0.1  # 1 of 128 when built
+
+
 def test_two_step_run_from_the_shipped_defaults(tmp_path):
     """`python -m gcpo_fast.train` exactly as the README runs it, cut to two steps: it finishes, evaluates on
     the builtin held-out split of the levels it trains on, before and after (per level too), saves the model
@@ -115,3 +143,25 @@ def test_two_step_run_from_the_shipped_defaults(tmp_path):
         assert generated[step] - generated[step - 1] == pytest.approx(lines[step]["completions/mean_length"] * rollouts)
     assert AutoModelForCausalLM.from_pretrained(out / "checkpoint-2").num_parameters() > 0
     assert f"held-out mean@1 on 500 problems: {lines[0]['eval/mean@1']:.3f} at step 0 -> " in done.stdout
+
+
+def test_the_warm_start_trains_on_a_tool_s_call_never_on_its_output(shipped):
+    """make_default_model --tool-levels: a plain solution is encoded whole (the shipped model's data, unchanged);
+    a python-tool solution is cut where the tool loop cuts it, and its output block carries no label."""
+    _, tokenizer = shipped
+    ids_of = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    record = heldout_split(1, seed=3, levels=[8])[0]
+    ids, labels = encode(tokenizer, record)
+    prompt, solution = ids_of(record["prompt"]), ids_of(record["solution"]) + [tokenizer.eos_token_id]
+    assert (ids, labels) == (prompt + solution, [-100] * len(prompt) + solution)
+
+    tool = {**record, "solution": python_golden(record)}
+    ids, labels = encode(tokenizer, tool)
+    call, output = f"```python\nprint({record['prompt'][3:-3]})\n```\n```output", f"\n{record['answer']}\n```\n"
+    boxed = ids_of(f"\\boxed{{{record['answer']}}}") + [tokenizer.eos_token_id]
+    assert ids == prompt + ids_of(call) + ids_of(output) + boxed
+    assert labels == [-100] * len(prompt) + ids_of(call) + [-100] * len(ids_of(output)) + boxed
+
+    mixed = sft_records(400, seed=0, mix={7: 1.0, 8: 1.0}, tool_levels=(7,))
+    assert {r["level"] for r in mixed if r["solution"].startswith("```python")} == {7}
+    assert any(r["level"] == 7 and not r["solution"].startswith("```python") for r in mixed)  # word problems

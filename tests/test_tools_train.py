@@ -24,6 +24,7 @@ from tool_setup import taught_python_caller
 
 from gcpo_fast.config import parse_config
 from gcpo_fast.data.tasks import train_split
+from gcpo_fast.models.loading import TOOL_MODEL
 from gcpo_fast.tools.sandbox import Limits, Sandbox
 from gcpo_fast.tools.task import with_python_golden
 from gcpo_fast.train import train
@@ -146,3 +147,20 @@ def test_fsdp_on_two_ranks_under_torchrun_with_tools(tmp_path, caller):
     weights = final_weights(out)
     taught = load_file(caller / "model" / "model.safetensors")
     assert any(not torch.equal(weights[k], taught[k]) for k in taught)
+
+
+def test_golden_trajectories_teach_the_tool_model_a_call_it_does_not_make(tmp_path):
+    """The tool demo in four steps (docs/results.md, "Tools on level 8"): on level 8 the tool model seldom calls the
+    python tool and every rollout is wrong; GCPO's golden rows are the call, and within a few updates most rollouts
+    make it. GRPO with the tool has nothing to learn from (every group all wrong: no gradient)."""
+    calls = {}
+    for method in ("gcpo", "grpo"):
+        out = tmp_path / method
+        args = ["--loss_type", method, "--model", TOOL_MODEL, "--tools", "python", "--builtin_levels", "8"]
+        args += ["--learning_rate", "1e-3", "--warmup_ratio", "0", "--max_steps", "4", "--eval_steps", "0"]
+        train(parse_config([*args, "--save_steps", "0", "--sample_steps", "0", "--output_dir", str(out)]))
+        steps = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward" in m]
+        calls[method] = [m["tools/calls_per_rollout"] for m in steps]
+        assert steps[0]["reward"] == 0.0 and calls[method][0] <= 0.2, steps[0]
+    assert calls["gcpo"][-1] >= 0.5, calls
+    assert max(calls["grpo"]) <= 0.2, calls

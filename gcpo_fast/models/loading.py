@@ -44,6 +44,9 @@ from gcpo_fast.options import check_options, option
 from gcpo_fast.run.checkpoint import ADAPTER_CONFIG
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "assets" / "default_model")
+# the same model, its warm start given python-tool solutions at levels 3 and 7 (make_default_model --tool-levels 3 7):
+# the model of the tool demo on level 8 (docs/results.md, "Tools on level 8")
+TOOL_MODEL = str(Path(__file__).resolve().parents[1] / "assets" / "tool_model")
 
 
 @dataclass
@@ -74,8 +77,8 @@ class ModelConfig:
 
     @property
     def is_shipped(self) -> bool:
-        """Whether this is the model that ships in the repository (however its path is written)."""
-        return Path(self.model).resolve() == Path(DEFAULT_MODEL)
+        """Whether this is one of the models that ship in the repository (however its path is written)."""
+        return str(Path(self.model).resolve()) in (DEFAULT_MODEL, TOOL_MODEL)
 
 
 def autocast(bf16: bool, device: torch.device):
