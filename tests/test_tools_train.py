@@ -2,7 +2,8 @@
 (--async_rollouts, the HF engine in a process of its own), LoRA adapters (--use_peft) and FSDP2 on two gloo ranks
 under torchrun. Each is a real run of a few steps of a model that calls the tool (the shipped model taught three
 level-8 trajectories, tests/tool_setup.py), and each checks that rollouts called the tool, that the outputs they
-read came from the sandbox, and that the weights moved.
+read came from the sandbox, and that the weights moved. Last, the tool demo's start: GCPO's golden calls teach the
+tool model (gcpo_fast/assets/tool_model) a call it does not make on level 8, where GRPO gets no gradient.
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_tools_train.py
 
