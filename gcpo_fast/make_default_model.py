@@ -62,7 +62,7 @@ from gcpo_fast.data.rewards import math_reward
 from gcpo_fast.data.tasks import LEVELS, generate_problems, heldout_split, train_split
 from gcpo_fast.engines.base import Sampling
 from gcpo_fast.engines.hf import HFEngine
-from gcpo_fast.tools.formats import OUTPUT_OPEN, PYTHON_OUTPUT
+from gcpo_fast.tools.formats import python_output_text, split_python_trajectory
 from gcpo_fast.tools.task import python_golden
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "assets" / "default_model"
@@ -176,23 +176,18 @@ def sft_records(n: int, seed: int, mix: dict[int, float], tool_levels: tuple[int
     return records[:n]
 
 
-def solution_parts(solution: str) -> list[tuple[str, bool]]:
-    """[(text, trained)]: a python tool's output block is context the model reads, never text it writes, and
-    is tokenised apart, as the tool loop appends it (gcpo_fast/tools/loop.py)."""
-    head, found, tail = solution.partition(OUTPUT_OPEN)
-    block = PYTHON_OUTPUT.match(tail) if found else None
-    if block is None:
-        return [(solution, True)]
-    return [(head + OUTPUT_OPEN, True), (block.group(0), False), *solution_parts(tail[block.end() :])]
-
-
 def encode(tokenizer, record: dict) -> tuple[list[int], list[int]]:
-    """Input ids (prompt, solution, eos) and labels (-100 on the prompt and on tool outputs)."""
-    ids = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
+    """Input ids (prompt, solution, eos) and labels (-100 on the prompt and on tool outputs). A python tool's
+    output block is context the model reads, never text it writes, and is tokenised apart, as the tool loop
+    appends it (gcpo_fast/tools/loop.py)."""
+    ids_of = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids = ids_of(record["prompt"])
     labels = [-100] * len(ids)
-    for text, trained in solution_parts(record["solution"]):
-        part = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids, labels = ids + part, labels + (part if trained else [-100] * len(part))
+    for model_text, _, output in split_python_trajectory(record["solution"]) or [(record["solution"], None, None)]:
+        ids, labels = ids + ids_of(model_text), labels + ids_of(model_text)
+        if output is not None:
+            output_ids = ids_of(python_output_text(output))
+            ids, labels = ids + output_ids, labels + [-100] * len(output_ids)
     return ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]
 
 
@@ -351,18 +346,18 @@ word problems), 8 two-digit times two-digit.
 
 
 def write_readme(out: Path, model, tokenizer, info: dict, results: dict, rollouts: dict) -> None:
-    tools = " ".join(map(str, info["tool_levels"]))
+    tools = ", ".join(map(str, info["tool_levels"]))
     path = out.resolve().relative_to(REPO) if out.resolve().is_relative_to(REPO) else out
     text = README.format(
         title="tool model" if tools else "default model",
         purpose=(
             f"The small causal LM of the tool demo (`python -m gcpo_fast.train --tools python --builtin_levels 8 "
-            f"--model {path}`): the default model's recipe with the arithmetic of levels {tools.replace(' ', ', ')} "
+            f"--model {path}`): the default model's recipe with the arithmetic of levels {tools} "
             "solved by the python tool"
             if tools
             else "The small causal LM that `python -m gcpo_fast.train` trains when given no `--model`"
         ),
-        build_args=f" --tool-levels {tools} --out {path}" if tools else "",
+        build_args=f" --tool-levels {tools.replace(',', '')} --out {path}" if tools else "",
         tool_note=", no tool run: a call is scored as the text it is, so the tool levels score near 0" if tools else "",
         path=path,
         rollouts=rollout_table(rollouts),
@@ -381,7 +376,7 @@ def write_readme(out: Path, model, tokenizer, info: dict, results: dict, rollout
         mix=", ".join(f"{k}: {v:g}" for k, v in info["sft_mix"].items()),
         final_loss=info["final_loss"],
         unseen=", ".join(str(k) for k, v in info["sft_mix"].items() if v == 0) or "none",
-        tool_levels=", ".join(map(str, info["tool_levels"])) or "none",
+        tool_levels=tools or "none",
         build_s=info["build_seconds"],
         train_s=info["train_seconds"],
         threads=info["torch_threads"],
@@ -447,7 +442,7 @@ def main(argv=None) -> None:
         choices=LEVELS,
         metavar="LEVEL",
         help="levels whose arithmetic problems the warm start solves with the python tool, in its layout "
-        "(gcpo_fast/tools/task.py); default none. The tool model (assets/tool_model) is built with 7",
+        "(gcpo_fast/tools/task.py); default none. The tool model (assets/tool_model) is built with 3 7",
     )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

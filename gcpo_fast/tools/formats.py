@@ -65,6 +65,21 @@ def python_call(turn_text: str) -> Call:
     return Call(PYTHON, (body[:end] if end >= 0 else body).strip("\n"))
 
 
+def split_python_trajectory(text: str) -> list[tuple[str, Call | None, str | None]] | None:
+    """A trajectory written out in the python tool's layout (a golden answer, a warm start's solution) as [(the
+    model's text, the call it ends with or None, the output written after it)], or None when a "```output" block
+    is not closed. Without a call, the whole text is the model's."""
+    parts, start = [], 0
+    while (end := text.find(OUTPUT_OPEN, start)) >= 0:
+        model = text[start : end + len(OUTPUT_OPEN)]
+        block = PYTHON_OUTPUT.match(text, end + len(OUTPUT_OPEN))
+        if block is None:
+            return None
+        parts.append((model, python_call(model), block.group(1)))
+        start = block.end()
+    return [*parts, (text[start:], None, None)]
+
+
 @dataclass(frozen=True)
 class UserTool:
     """A user's function as a tool: where it lives (imported again inside the sandbox) and its JSON schema."""
@@ -179,18 +194,8 @@ class ToolSet:
         return None
 
     def split_trajectory(self, text: str) -> list[tuple[str, Call | None, str | None]] | None:
-        """A trajectory written out in the python tool's layout (a golden answer) as [(the model's text, the call
-        it ends with or None, the output written after it)], or None when a "```output" block is not closed.
-        Without the python tool, or without a call, the whole text is the model's."""
-        parts, start = [], 0
-        while self.python and (end := text.find(OUTPUT_OPEN, start)) >= 0:
-            model = text[start : end + len(OUTPUT_OPEN)]
-            block = PYTHON_OUTPUT.match(text, end + len(OUTPUT_OPEN))
-            if block is None:
-                return None
-            parts.append((model, python_call(model), block.group(1)))
-            start = block.end()
-        return [*parts, (text[start:], None, None)]
+        """split_python_trajectory with this run's tools: without the python tool the whole text is the model's."""
+        return split_python_trajectory(text) if self.python else [(text, None, None)]
 
     def run(self, call: Call) -> Result:
         """One call in the sandbox (a malformed one is not run: its error is its output)."""
