@@ -28,7 +28,10 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # the trainer's defaults when this search began, under every recipe, so that a later default changes no recipe
-PINNED = ["--warmup_ratio", "0", "--lr_scheduler_type", "linear", "--builtin_levels", "3", "4", "5"]
+PINNED = [
+    *["--warmup_ratio", "0", "--lr_scheduler_type", "linear", "--builtin_levels", "3", "4", "5"],
+    *["--all_right_advantage", "0"],
+]
 OLD_DEFAULT = ["--learning_rate", "6e-4", "--max_steps", "500"]  # the default this search started from
 MIX_3445 = ["--builtin_levels", "3", "4", "4", "5"]  # two-digit subtraction drawn twice as often
 LR3E4_WARMUP = ["--learning_rate", "3e-4", "--max_steps", "500", "--warmup_ratio", "0.1"]
@@ -100,6 +103,29 @@ RECIPES = {  # name: options on top of the trainer's defaults, pinned so that a 
     "lr4e-4_warmup_mix34455_cosine": [*LR4E4_MIX34455, "--lr_scheduler_type", "cosine"],
     "lr4e-4_warmup_mix34455_no_std": [*LR4E4_MIX34455, "--scale_rewards", "none"],
     "lr4e-4_warmup0.2_mix34455": [*LR4E4_MIX34455, "--warmup_ratio", "0.2"],
+    # groups whose rollouts are all right get no advantage from a group baseline: a small positive one keeps them
+    "lr4e-4_warmup_mix34455_all_right0.2": [*LR4E4_MIX34455, "--all_right_advantage", "0.2"],
+    "lr4e-4_warmup_mix34455_all_right0.5": [*LR4E4_MIX34455, "--all_right_advantage", "0.5"],
+    "lr4e-4_warmup_mix34455_all_right1": [*LR4E4_MIX34455, "--all_right_advantage", "1.0"],
+    "lr4e-4_warmup_mix34455_all_right2": [*LR4E4_MIX34455, "--all_right_advantage", "2.0"],
+    # Adam moves a weight by about the rate whatever its gradient's noise: half the steps of twice the rollouts
+    # halve that drift for the same compute and give each step a less noisy gradient
+    "lr4e-4_warmup_mix34455_batch128_250steps": [
+        *LR4E4_MIX34455,
+        "--per_device_train_batch_size",
+        "128",
+        "--max_steps",
+        "250",
+    ],
+    "lr6e-4_warmup_mix34455_batch128_250steps": [
+        *LR4E4_MIX34455,
+        "--per_device_train_batch_size",
+        "128",
+        "--max_steps",
+        "250",
+        "--learning_rate",
+        "6e-4",
+    ],
     "lr3e-4_warmup_constant": [
         *["--learning_rate", "3e-4", "--max_steps", "500", "--warmup_ratio", "0.1"],
         *["--lr_scheduler_type", "constant"],

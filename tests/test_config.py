@@ -155,6 +155,7 @@ def test_config_file_then_flags(tmp_path):
         (["--top_p", "0"], "top_p must be in"),
         (["--adam_beta2", "1"], r"adam_beta2 must be in \[0, 1\)"),  # AdamW would refuse it after the model loaded
         (["--weight_decay", "-0.1"], "weight_decay must be >= 0"),
+        (["--all_right_advantage", "-0.1"], "all_right_advantage must be >= 0"),
     ],
 )
 def test_bad_options(argv, message):

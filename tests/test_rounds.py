@@ -1,6 +1,6 @@
 """A generation round (gcpo_fast/rounds.py) on a tiny random model: golden rows for all-wrong groups (and not for
-golden answers that do not fit), the builtin data, masked truncated rows, old log-probs only for a reused round,
-DAPO's and GPG's sampling rules."""
+golden answers that do not fit), solved groups' --all_right_advantage, the builtin data, masked truncated rows,
+old log-probs only for a reused round, DAPO's and GPG's sampling rules."""
 
 import pytest
 import torch
@@ -38,6 +38,17 @@ def test_golden_rows_for_all_wrong_groups(files, mode):
     assert metrics["gcpo/golden_truncated"] == 0
     short = encode_completion(tokenizer, "\\boxed{2}", 64)
     assert short == (tokenizer("\\boxed{2}", add_special_tokens=False).input_ids + [tokenizer.eos_token_id], False)
+
+
+def test_all_right_groups_get_the_all_right_advantage(files, one_thread):
+    """A group baseline leaves solved groups at 0; --all_right_advantage gives each of their rollouts that much."""
+    for value in ("0", "0.3"):
+        cfg, model, tokenizer, sampler, funcs = setup(
+            files, "--reward_funcs", "tiny_model:one_reward", "--all_right_advantage", value
+        )
+        sampled, rows, metrics, samples = one_round(cfg, model, tokenizer, sampler, funcs)
+        assert len(rows) == 2 * 4 and metrics["gcpo/golden_rows"] == 0 and metrics["frac_reward_all_right"] == 1.0
+        assert rows.advantages.tolist() == pytest.approx([float(value)] * 8), value
 
 
 def test_golden_answers_that_do_not_fit_are_not_used(files, one_thread):

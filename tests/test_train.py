@@ -59,6 +59,7 @@ def test_command_line_run(tmp_path, files):
         "reward_std",
         "frac_reward_zero_std",
         "frac_reward_all_wrong",
+        "frac_reward_all_right",
         "completions/mean_length",
         "completions/clipped_ratio",
         "entropy",

@@ -95,6 +95,11 @@ def zero_reward(prompts, completions, **columns):
     return [0.0] * len(completions)
 
 
+def one_reward(prompts, completions, **columns):
+    """A reward function that says every completion is right (every group solved, none gets a golden row)."""
+    return [1.0] * len(completions)
+
+
 def even_answer_reward(prompts, completions, answer, **columns):
     """Varied rewards (1, 0, 1, 0, ...) for prompts whose answer is even, all 0 for odd ones: half the groups
     carry a signal (for DAPO's dynamic sampling and GPG's valid-row counting)."""

@@ -65,6 +65,12 @@ class MethodConfig:
     scale_rewards: str | None = option(
         None, f"divide advantages by the group std, the batch std, or not at all {RECIPE}", choices=SCALE_REWARDS
     )
+    all_right_advantage: float = option(
+        0.0,
+        "advantage added to every rollout of a group whose rollouts are all right (each reward >= correct_reward): "
+        "group baselines give such groups none, so what a model already solves gets no signal to keep it "
+        "(RL-ZVP's positive side, without its entropy weight; 0: off, as GRPO)",
+    )
     dynamic_sampling: bool | None = option(
         None, f"DAPO: drop groups whose rewards are all equal and sample more prompts until the batch is full {RECIPE}"
     )
@@ -88,6 +94,7 @@ class MethodConfig:
     def __post_init__(self):
         check_options(self)
         require(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
+        require(self.all_right_advantage >= 0, f"all_right_advantage must be >= 0, got {self.all_right_advantage}")
         require(
             self.overlong_penalty_factor >= 0,
             f"overlong_penalty_factor must be >= 0, got {self.overlong_penalty_factor}",

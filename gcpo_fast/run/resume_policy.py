@@ -57,8 +57,9 @@ RUN_DEFINING = {
     "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation", "num_iterations", "seed",
     # the loss and the method
     "loss_type", "importance_sampling_level", "epsilon", "epsilon_high", "delta", "beta", "loss_agg_mode",
-    "scale_rewards", "golden_answer", "golden_objective", "golden_shaping_gamma", "dynamic_sampling",
-    "overlong_buffer_len", "overlong_penalty_factor", "min_inverse_alpha", "golden_source", "golden_model",
+    "scale_rewards", "all_right_advantage", "golden_answer", "golden_objective", "golden_shaping_gamma",
+    "dynamic_sampling", "overlong_buffer_len", "overlong_penalty_factor", "min_inverse_alpha", "golden_source",
+    "golden_model",
     # tools: what the model may call and what a call can return into its context
     "tools", "max_tool_calling_iterations", "tool_max_output_bytes",
 }  # fmt: skip
