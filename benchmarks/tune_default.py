@@ -126,6 +126,18 @@ RECIPES = {  # name: options on top of the trainer's defaults, pinned so that a 
         "--learning_rate",
         "6e-4",
     ],
+    # subtraction recovers as the rate decays: a decay that falls sooner, (1 - progress) ** 2, at the default's
+    # peak and at the peak that gives it the linear schedule's area (6e-4 / 3 = 4e-4 / 2)
+    "lr4e-4_warmup_mix34455_poly2": [*LR4E4_MIX34455, "--lr_scheduler_type", "polynomial", "--lr_scheduler_power", "2"],
+    "lr6e-4_warmup_mix34455_poly2": [
+        *LR4E4_MIX34455,
+        "--lr_scheduler_type",
+        "polynomial",
+        "--lr_scheduler_power",
+        "2",
+        "--learning_rate",
+        "6e-4",
+    ],
     "lr3e-4_warmup_constant": [
         *["--learning_rate", "3e-4", "--max_steps", "500", "--warmup_ratio", "0.1"],
         *["--lr_scheduler_type", "constant"],

@@ -361,6 +361,11 @@ def refuse_ignored_options(cfg: TrainConfig) -> None:
         (_changed(cfg.lora, LORA_OPTIONS), cfg.lora.use_peft, "--use_peft"),
         (_changed(v, ["vllm_mode"]), v.use_vllm, "--use_vllm"),
         (
+            _changed(cfg.optim, ["lr_scheduler_power"]),
+            cfg.optim.lr_scheduler_type == "polynomial",
+            "--lr_scheduler_type polynomial",
+        ),
+        (
             _changed(v, ["vllm_gpu_memory_utilization", "vllm_enable_sleep_mode", "vllm_max_model_length"]),
             v.use_vllm and v.vllm_mode == "colocate",
             "--use_vllm in colocate mode (a generation server has its own)",

@@ -31,7 +31,12 @@ from gcpo_fast.options import check_options, option
 from gcpo_fast.packing import PackedBatch, forward_hidden, head_inputs
 from gcpo_fast.scoring import SamplingCorrection
 
-SCHEDULER_NAMES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
+SCHEDULER_NAMES = {
+    "constant": "constant_with_warmup",
+    "cosine": "cosine",
+    "linear": "linear",
+    "polynomial": "polynomial",  # (1 - progress) ** lr_scheduler_power, to 0
+}
 # The shipped model's learning rate and warm-up, searched on validation problems (benchmarks/tune_default.py,
 # docs/results.md): without warm-up Adam's first steps move every weight by about the learning rate, and two-digit
 # subtraction loses a third of its accuracy in 10 steps
@@ -51,6 +56,9 @@ class OptimizerConfig:
         "--model, as TRL)",
     )
     lr_scheduler_type: str = option("linear", "learning-rate schedule after warm-up", choices=tuple(SCHEDULER_NAMES))
+    lr_scheduler_power: float = option(
+        1.0, "--lr_scheduler_type polynomial: the decay's power (1: linear; 2 falls sooner, to a quarter at half-way)"
+    )
     warmup_ratio: float | None = option(
         None,
         f"fraction of max_steps spent warming the learning rate up from 0 (default: {SHIPPED_MODEL_WARMUP:g} for the "
@@ -73,6 +81,7 @@ class OptimizerConfig:
             require(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
         for name in ("adam_epsilon", "weight_decay"):
             require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        require(self.lr_scheduler_power > 0, f"lr_scheduler_power must be > 0, got {self.lr_scheduler_power}")
         require(
             self.warmup_ratio is None or 0 <= self.warmup_ratio <= 1,
             f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}",
@@ -147,6 +156,10 @@ def build_optimizer(model, cfg: "OptimizerConfig", max_steps: int):
         optimizer,
         num_warmup_steps=math.ceil((cfg.warmup_ratio or 0.0) * max_steps),  # None (not resolved by a run): TRL's 0
         num_training_steps=max_steps,
+        # transformers' polynomial decays to lr_end (its default 1e-7 would be above a small learning rate)
+        scheduler_specific_kwargs=dict(power=cfg.lr_scheduler_power, lr_end=0.0)
+        if cfg.lr_scheduler_type == "polynomial"
+        else None,
     )
     return optimizer, scheduler
 

@@ -113,6 +113,27 @@ def test_warmup_default_depends_on_the_model(tmp_path):
     assert parse_config(["--warmup_ratio", "0"]).optim.warmup_ratio == 0.0  # set, even to TRL's value, it wins
 
 
+def test_polynomial_schedule_follows_its_power():
+    """Warm-up, then (1 - progress) ** power down to 0 (not to transformers' default lr_end of 1e-7)."""
+    import torch
+
+    from gcpo_fast.update import build_optimizer
+
+    cfg = parse_config(["--lr_scheduler_type", "polynomial", "--lr_scheduler_power", "2", "--warmup_ratio", "0.1"])
+    optimizer, scheduler = build_optimizer(torch.nn.Linear(2, 2), cfg.optim, max_steps=100)
+    lrs = []
+    for _ in range(101):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    peak = cfg.optim.learning_rate
+    want = [peak * t / 10 if t < 10 else peak * (1 - (t - 10) / 90) ** 2 for t in range(101)]
+    assert lrs == pytest.approx(want, rel=1e-6, abs=1e-12)
+    assert lrs[55] == pytest.approx(peak / 4)  # half-way through the decay: a quarter, where linear has a half
+    with pytest.raises(ConfigError, match="lr_scheduler_power takes effect only with --lr_scheduler_type polynomial"):
+        parse_config(["--lr_scheduler_power", "2"])
+
+
 def test_builtin_levels_are_checked():
     assert parse_config(["--builtin_levels", "3", "5", "5"]).data.builtin_levels == [3, 5, 5]
     with pytest.raises(ConfigError, match="builtin_levels must be levels 1 to 8"):
@@ -156,6 +177,7 @@ def test_config_file_then_flags(tmp_path):
         (["--adam_beta2", "1"], r"adam_beta2 must be in \[0, 1\)"),  # AdamW would refuse it after the model loaded
         (["--weight_decay", "-0.1"], "weight_decay must be >= 0"),
         (["--all_right_advantage", "-0.1"], "all_right_advantage must be >= 0"),
+        (["--lr_scheduler_type", "polynomial", "--lr_scheduler_power", "0"], "lr_scheduler_power must be > 0"),
     ],
 )
 def test_bad_options(argv, message):
