@@ -31,9 +31,9 @@ from gcpo_fast.distributed.parallel import all_reduce
 from gcpo_fast.engines.base import RolloutConfig, Rows
 from gcpo_fast.errors import require
 from gcpo_fast.golden.options import GoldenConfig
-from gcpo_fast.golden.rows import Groups, add_golden, all_wrong_groups
+from gcpo_fast.golden.rows import Groups, add_golden, all_right_groups, all_wrong_groups
 from gcpo_fast.golden.teacher import Teacher
-from gcpo_fast.methods.advantages import all_right_rows, reward_metrics
+from gcpo_fast.methods.advantages import reward_metrics
 from gcpo_fast.methods.recipes import MethodConfig
 from gcpo_fast.options import at_least, check_options, option
 from gcpo_fast.packing import PackedBatch, pack
@@ -199,7 +199,7 @@ def rollout_metrics(ctx: RoundContext, rows: Rows, grid: torch.Tensor, per_func,
         "num_gen_batches": num_batches,
         # every sampled group, kept or not (gcpo/frac_all_wrong counts the kept ones: none under DAPO's filter)
         "frac_reward_all_wrong": all_wrong_groups(grid, ctx.rewards.correct_reward).float().mean().item(),
-        "frac_reward_all_right": (grid >= ctx.rewards.correct_reward).all(dim=1).float().mean().item(),
+        "frac_reward_all_right": all_right_groups(grid, ctx.rewards.correct_reward).float().mean().item(),
         "rewards/checker_timeouts": take_checker_timeouts(),  # answers math-verify ran out of time on (0 reward)
         **{
             f"rewards/{reward_function_name(f)}/mean": per_func[:, j].nanmean().nan_to_num().item()
@@ -242,7 +242,7 @@ def build_rows(ctx: RoundContext, sampled: SampledGroups) -> tuple[Rows, list[di
     )
     advantages, method_metrics = ctx.method.method.advantages(g.rewards, g.group_index, ctx.method.scale_rewards)
     if ctx.method.all_right_advantage:  # solved groups: a push to keep what the model already gets right
-        right = all_right_rows(g.rewards, g.group_index, ctx.rewards.correct_reward)
+        right = all_right_groups(rewards, ctx.rewards.correct_reward)[g.group_index]  # golden rows: never in one
         advantages = advantages + ctx.method.all_right_advantage * right
     rows = dataclasses.replace(rows, advantages=advantages)
     # reward_*: every sampled rollout; gcpo/*: the kept groups

@@ -1,6 +1,5 @@
-"""Group advantages (group / batch / none scaling, groups of unequal size), the rollout-only reward metrics and the
-rows of solved groups (gcpo_fast/methods/advantages.py), against Python's `statistics` and lists (implementations
-independent of torch)."""
+"""Group advantages (group / batch / none scaling, groups of unequal size) and the rollout-only reward metrics
+(gcpo_fast/methods/advantages.py), against Python's `statistics` (an implementation independent of torch)."""
 
 import statistics
 
@@ -8,7 +7,7 @@ import pytest
 import torch
 from test_golden_rows import reference_advantages
 
-from gcpo_fast.methods.advantages import all_right_rows, group_advantages, reward_metrics
+from gcpo_fast.methods.advantages import group_advantages, reward_metrics
 
 
 def test_batch_and_none_scaling():
@@ -29,12 +28,3 @@ def test_reward_metrics_use_rollouts_only():
     assert m["frac_reward_zero_std"] == pytest.approx(2 / 3)
     assert m["reward"] == pytest.approx(7 / 12)
     assert m["reward_std"] == pytest.approx(statistics.stdev([1, 0, 1, 1]) / 3)
-
-
-def test_all_right_rows_are_those_of_groups_whose_every_reward_reaches_the_threshold():
-    rewards = torch.tensor([1.0, 1, 1, 0, 2, 1, 0.5, 0.5, 0, 0])
-    index = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
-    for threshold in (1.0, 0.5, 0.0):
-        want = [min(rewards[index == g].tolist()) >= threshold for g in index.tolist()]
-        assert all_right_rows(rewards, index, threshold).tolist() == want, threshold
-    assert all_right_rows(rewards, index, 1.0).tolist() == [True, True, False, False, True, True] + [False] * 4

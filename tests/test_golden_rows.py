@@ -7,7 +7,7 @@ import statistics
 import pytest
 import torch
 
-from gcpo_fast.golden.rows import add_golden_rows
+from gcpo_fast.golden.rows import add_golden_rows, all_right_groups, all_wrong_groups
 from gcpo_fast.methods.advantages import group_advantages
 
 EPS = 1e-4
@@ -82,3 +82,12 @@ def test_correct_threshold_and_signed_rewards():
     # DAPO-style +1/-1 rewards
     signed = add_golden_rows(torch.tensor([[-1.0, -1.0]]), torch.tensor([True]), correct_reward=1.0)
     assert signed.rewards.tolist() == [-1.0, -1.0, 1.0]
+
+
+def test_all_right_groups_are_those_whose_every_reward_reaches_the_threshold():
+    rewards = torch.tensor([[1.0, 1], [1, 0], [2, 1], [0.5, 0.5], [0, 0]])
+    for threshold in (1.0, 0.5, 0.0):
+        want = [min(r) >= threshold for r in rewards.tolist()]
+        assert all_right_groups(rewards, threshold).tolist() == want, threshold
+    assert all_right_groups(rewards, 1.0).tolist() == [True, False, True, False, False]
+    assert not (all_right_groups(rewards, 1.0) & all_wrong_groups(rewards, 1.0)).any()  # never both

@@ -55,6 +55,12 @@ def all_wrong_groups(rewards: torch.Tensor, threshold: float) -> torch.Tensor:
     return (rewards < threshold).all(dim=1)
 
 
+def all_right_groups(rewards: torch.Tensor, threshold: float) -> torch.Tensor:
+    """[P] bool from [P, G] rewards: every rollout of the prompt reaches threshold (a solved group, which a group
+    baseline gives no advantage; --all_right_advantage gives it one)."""
+    return (rewards >= threshold).all(dim=1)
+
+
 def add_golden_rows(
     rewards: torch.Tensor,
     has_golden: torch.Tensor | list[bool],

@@ -45,14 +45,6 @@ def group_advantages(
     return advantages
 
 
-def all_right_rows(rewards: torch.Tensor, group_index: torch.Tensor, correct_reward: float) -> torch.Tensor:
-    """[N] bool: rows of groups whose every reward is >= correct_reward (the groups a model already solves)."""
-    num_groups = int(group_index.max()) + 1 if group_index.numel() else 0
-    rewards = rewards.float()
-    lowest = rewards.new_full((num_groups,), float("inf")).scatter_reduce(0, group_index, rewards, "amin")
-    return (lowest >= correct_reward)[group_index]
-
-
 def zero_std_groups(rewards: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
     """[num_groups] bool: groups whose rewards are all equal (TRL's isclose(std, 0)); they carry no signal."""
     _, std = _group_stats(rewards.float(), group_index)
